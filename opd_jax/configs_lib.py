@@ -1,0 +1,118 @@
+"""Building blocks for ``configs/*.py`` (``get_config(arg)`` files).
+
+Every field a run reads exists in :func:`base_config`, so command-line
+overrides of locked configs catch typos. Loss hyperparameters sit beside the
+loss name (``config.loss.name = "jsd"``, ``config.loss.beta = 0.5``): choose
+the loss in the config argument (``--config=configs/opd.py:loss=jsd``) and its
+keyword arguments appear with their registry defaults, ready to override.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import ml_collections
+
+from opd_jax import losses as losses_lib
+
+# Keys of config.loss that configure the step, not the loss function.
+LOSS_STEP_KEYS = ("name", "aggregation", "normalizer", "chunk")
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """``"a=1,b=x"`` -> ConfigDict over ``defaults`` (values cast to the
+  defaults' types); unknown keys are an error listing the valid ones."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    if "=" not in item:
+      raise ValueError(f"config argument {item!r} is not key=value")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      value = value.lower() in ("1", "true", "yes", "on")
+    elif isinstance(default, int):
+      value = int(value)
+    elif isinstance(default, float):
+      value = float(value)
+    out[key] = value
+  return ml_collections.ConfigDict(out)
+
+
+def loss_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """``config.loss`` for loss ``name``: its registry kwargs with defaults,
+  plus aggregation settings."""
+  fn = losses_lib.LOSSES.get(name)
+  kwargs = {p.name: p.default for p in inspect.signature(fn).parameters.values()
+            if p.kind == p.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
+  cfg = dict(name=name, aggregation="token_mean", normalizer=0.0, chunk=64, **kwargs)
+  for k, v in overrides.items():
+    if k not in cfg:
+      raise ValueError(f"loss {name!r} has no setting {k!r}; valid: {sorted(cfg)}")
+    cfg[k] = v
+  return ml_collections.ConfigDict(cfg)
+
+
+def loss_kwargs(loss_cfg: Any) -> dict[str, Any]:
+  return {k: v for k, v in dict(loss_cfg).items() if k not in LOSS_STEP_KEYS}
+
+
+def model_config(path: str = "", **kw) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      path=path, dtype="float32", param_dtype="float32", remat=False,
+      vocab_pad_multiple=1, **kw))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every setting a run reads, with defaults (a generic OPD run)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.student = model_config()
+  c.teacher = model_config()
+  c.tokenizer = ""                  # default: the student's directory
+  c.mesh = ml_collections.ConfigDict(dict(
+      shape=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
+      rules=ml_collections.ConfigDict()))   # logical axis -> mesh axes overrides
+  c.data = ml_collections.ConfigDict(dict(
+      train_files="", prompt_field="prompt", completion_field="", answer_field="answer",
+      source_field="", use_chat_template=False, max_prompt_len=64,
+      max_completion_len=0,           # 0: sampling.max_new_tokens
+      overlong="drop", on_error="raise", num_epochs=0,   # 0: repeat forever
+      mixture=ml_collections.ConfigDict()))
+  c.batch_size = 8                  # prompts per step (global)
+  c.sampling = ml_collections.ConfigDict(dict(
+      max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, num_samples=1))
+  c.teacher_sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0))
+  c.on_policy_fraction = 1.0        # GKD λ
+  c.off_policy_source = "dataset"   # or "teacher"
+  c.loss = loss_config("reverse_kl")
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-6, schedule="constant", warmup_steps=0, total_steps=0,
+      end_lr_factor=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0,
+      decay_matrices_only=False))
+  c.metrics = ml_collections.ConfigDict(dict(enabled=True, top_k=16, position_chunk=64))
+  c.total_steps = 100
+  c.log_every = 1
+  c.checkpoint_every = 50
+  c.keep_checkpoints = 3
+  c.eval_every = 0                  # 0: only at the end
+  c.evals = ml_collections.ConfigDict()
+  c.export_hf = False               # write the final student to workdir/export_hf
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address="", num_processes=1, process_id=-1, local_device_ids=""))
+  c.progress_bar = True
+  c.prepare = ""                    # PREPARERS entry that makes assets first
+  c.eval_at_start = False
+  return c
+
+
+def eval_config(task: str = "arithmetic", **kw) -> ml_collections.ConfigDict:
+  """One entry of ``config.evals`` (an evaluator run every ``eval_every`` steps)."""
+  d = dict(evaluator="accuracy", task=task, data_file="", num_examples=64, levels="",
+           pattern="A", num_samples=1, temperature=0.0, top_p=1.0, max_new_tokens=0,
+           batch_size=32, seed=1234)
+  d.update(kw)
+  return ml_collections.ConfigDict(d)

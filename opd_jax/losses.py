@@ -1,0 +1,529 @@
+"""Per-token divergences for on-policy distillation, behind a name registry.
+
+Every loss scores one chunk of positions and has the signature
+
+  fn(student_logits [B, C, V] f32, teacher_logits [B, C, V] f32 | None,
+     tokens [B, C] int32, *, student_temperature=1.0, teacher_temperature=1.0,
+     **loss_kwargs) -> per_token_loss [B, C] f32
+
+with p = softmax(s / τ_s) the student and q = softmax(t / τ_t) the teacher at
+each position, and ``tokens`` the token y_t scored at each position (already
+aligned by the caller). No τ² rescaling is applied. Masking and reduction are
+the caller's, through :func:`aggregate_weights` / :func:`aggregate`.
+
+Conventions:
+  * Gradients flow into ``student_logits`` only; teacher logits are
+    stop-gradient'ed here again.
+  * Padded vocabulary entries arrive as finite logits of -1e30: they get
+    probability exactly 0 and every 0·log 0 is taken as 0 (double ``where``
+    guards, so neither values nor gradients NaN).
+  * Hyperparameters are Python numbers / strings (static under jit): e.g. JSD
+    special-cases β ∈ {0, 1} in Python, as TRL does.
+  * ``tokens`` outside [0, V) are clipped (so masked positions may hold any
+    id); they should not point at padded vocabulary columns where the
+    estimator losses (k2, k3) could overflow.
+
+Notation in docstrings: KL(a‖b) = Σ_v a(v)(log a(v) − log b(v)); sg = stop
+gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from opd_jax.registry import Registry
+
+LOSSES = Registry("loss")
+
+_TOPK_STRATEGIES = ("student", "teacher", "union", "intersection")
+_TOPK_WEIGHTS = ("student", "teacher", "none")
+_ESTIMATOR_MODES = ("direct", "reward")
+AGGREGATE_MODES = ("token_mean", "sequence_mean", "constant")
+
+
+# ----------------------------------------------------------------------------
+# Validation helpers (run at trace time; hyperparameters are static).
+# ----------------------------------------------------------------------------
+
+
+def _check_choice(arg: str, value: Any, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ValueError(f"{arg}={value!r} is not valid; valid: {list(choices)}")
+
+
+def _check_range(arg: str, value: Any, lo: float, hi: float,
+                 lo_open: bool = False, hi_open: bool = False) -> None:
+  """Checks lo ≤ value ≤ hi (or open ends) for concrete Python numbers."""
+  if not isinstance(value, numbers.Real):
+    return  # a traced value: cannot check here.
+  bad = (value < lo or value > hi or (lo_open and value == lo)
+         or (hi_open and value == hi))
+  if bad:
+    interval = (("(" if lo_open else "[") + f"{lo}, {hi}"
+                + (")" if hi_open else "]"))
+    raise ValueError(f"{arg}={value!r} must lie in {interval}")
+
+
+def _check_temperatures(student_temperature, teacher_temperature) -> None:
+  _check_range("student_temperature", student_temperature, 0.0, math.inf,
+               lo_open=True, hi_open=True)
+  _check_range("teacher_temperature", teacher_temperature, 0.0, math.inf,
+               lo_open=True, hi_open=True)
+
+
+# ----------------------------------------------------------------------------
+# Numerics.
+# ----------------------------------------------------------------------------
+
+
+def _log_softmax(logits: jax.Array, temperature: float) -> jax.Array:
+  """log softmax(logits / τ) over the last axis, in f32. [..., V]."""
+  return jax.nn.log_softmax(jnp.asarray(logits, jnp.float32) / temperature,
+                            axis=-1)
+
+
+def _log_probs(student_logits, teacher_logits, student_temperature,
+               teacher_temperature) -> tuple[jax.Array, jax.Array]:
+  """(log p, log q), each [B, C, V]; q carries no gradient."""
+  _check_temperatures(student_temperature, teacher_temperature)
+  if teacher_logits is None:
+    raise ValueError("this loss needs teacher_logits (got None)")
+  logp = _log_softmax(student_logits, student_temperature)
+  logq = _log_softmax(jax.lax.stop_gradient(teacher_logits),
+                      teacher_temperature)
+  return logp, jax.lax.stop_gradient(logq)
+
+
+def _kl(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
+  """KL(a‖b) = Σ_v a(v)(log a(v) − log b(v)) over the last axis, 0·log0 := 0.
+
+  Args:
+    log_a: [..., V] log-probabilities of a.
+    log_b: [..., V] log-probabilities of b.
+
+  Returns:
+    [...] KL divergence. Terms with a(v) = 0 are exactly 0 in value and
+    gradient (the difference itself is guarded, so no 0·inf either).
+  """
+  a = jnp.exp(log_a)
+  live = a > 0
+  diff = jnp.where(live, log_a - log_b, 0.0)
+  return jnp.sum(jnp.where(live, a * diff, 0.0), axis=-1)
+
+
+def _log_mixture(log_a: jax.Array, log_b: jax.Array,
+                 weight_a: float) -> jax.Array:
+  """log(w·a + (1 − w)·b) elementwise for a static weight w ∈ [0, 1]."""
+  if weight_a == 0:
+    return log_b
+  if weight_a == 1:
+    return log_a
+  return jnp.logaddexp(log_a + math.log(weight_a),
+                       log_b + math.log1p(-weight_a))
+
+
+def _gather(logp: jax.Array, tokens: jax.Array) -> jax.Array:
+  """logp[b, c, tokens[b, c]] -> [B, C]; out-of-range ids are clipped."""
+  idx = jnp.asarray(tokens, jnp.int32)[..., None]
+  return jnp.take_along_axis(logp, idx, axis=-1, mode="clip")[..., 0]
+
+
+def _topk_mask(scores: jax.Array, k: int) -> jax.Array:
+  """Boolean [..., V] mask of the k largest entries of ``scores`` per row.
+
+  Fixed shapes: ``lax.top_k`` indices scattered into a [N, V] mask (k is
+  clipped to V; k ≥ V selects everything).
+  """
+  v = scores.shape[-1]
+  if k >= v:
+    return jnp.ones(scores.shape, bool)
+  flat = scores.reshape(-1, v)
+  _, idx = jax.lax.top_k(flat, k)  # [N, k]
+  rows = jnp.arange(flat.shape[0])[:, None]
+  mask = jnp.zeros(flat.shape, bool).at[rows, idx].set(True)
+  return mask.reshape(scores.shape)
+
+
+# ----------------------------------------------------------------------------
+# Full-vocabulary divergences.
+# ----------------------------------------------------------------------------
+
+
+@LOSSES.register("forward_kl")
+def forward_kl(student_logits, teacher_logits, tokens=None, *,
+               student_temperature: float = 1.0,
+               teacher_temperature: float = 1.0) -> jax.Array:
+  """Forward KL(q‖p) = Σ_v q(v)(log q(v) − log p(v)) per position. [B, C].
+
+  Mass-covering supervised KD objective (Hinton et al. 2015; GKD, Agarwal et
+  al. 2024, β = 0). ``tokens`` is unused.
+  """
+  del tokens
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
+                          teacher_temperature)
+  return _kl(logq, logp)
+
+
+@LOSSES.register("reverse_kl")
+def reverse_kl(student_logits, teacher_logits, tokens=None, *,
+               student_temperature: float = 1.0,
+               teacher_temperature: float = 1.0) -> jax.Array:
+  """Reverse KL(p‖q) = Σ_v p(v)(log p(v) − log q(v)) over the full vocabulary.
+
+  Full-vocabulary OPD (arXiv 2604.13016 §2; MiniLLM, Gu et al. 2024;
+  GKD β = 1). Differentiated directly (exact gradient, not a surrogate).
+  [B, C]. ``tokens`` is unused.
+  """
+  del tokens
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
+                          teacher_temperature)
+  return _kl(logp, logq)
+
+
+@LOSSES.register("jsd")
+def jsd(student_logits, teacher_logits, tokens=None, *, beta: float = 0.5,
+        student_temperature: float = 1.0,
+        teacher_temperature: float = 1.0) -> jax.Array:
+  """Generalised JSD of GKD (Agarwal et al. 2024, Eq. 1), TRL convention.
+
+  JSD_β = β·KL(q‖m) + (1 − β)·KL(p‖m),  m = β·q + (1 − β)·p,
+
+  exactly as TRL's ``GKDTrainer.generalized_jsd_loss`` (mixture
+  ``logsumexp([log p + log(1 − β), log q + log β])``, ``jsd = β·kl_teacher +
+  (1 − β)·kl_student``). The endpoints are special-cased like TRL:
+  β = 0 → forward KL(q‖p), β = 1 → reverse KL(p‖q). (The formula itself tends
+  to 0 at both ends, so the family is discontinuous there by construction.)
+  [B, C]. ``tokens`` is unused.
+  """
+  del tokens
+  _check_range("beta", beta, 0.0, 1.0)
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
+                          teacher_temperature)
+  if beta == 0:
+    return _kl(logq, logp)
+  if beta == 1:
+    return _kl(logp, logq)
+  logm = _log_mixture(logq, logp, beta)
+  return beta * _kl(logq, logm) + (1.0 - beta) * _kl(logp, logm)
+
+
+@LOSSES.register("skew_kl")
+def skew_kl(student_logits, teacher_logits, tokens=None, *,
+            alpha: float = 0.1, student_temperature: float = 1.0,
+            teacher_temperature: float = 1.0) -> jax.Array:
+  """Skew KL(q ‖ α·q + (1 − α)·p) (DistiLLM, Ko et al. 2024). [B, C].
+
+  α = 0 is forward KL(q‖p); α = 1 is identically 0. ``tokens`` is unused.
+  """
+  del tokens
+  _check_range("alpha", alpha, 0.0, 1.0)
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
+                          teacher_temperature)
+  return _kl(logq, _log_mixture(logq, logp, alpha))
+
+
+@LOSSES.register("skew_rkl")
+def skew_rkl(student_logits, teacher_logits, tokens=None, *,
+             alpha: float = 0.1, student_temperature: float = 1.0,
+             teacher_temperature: float = 1.0) -> jax.Array:
+  """Skew reverse KL(p ‖ α·p + (1 − α)·q) (DistiLLM, Ko et al. 2024). [B, C].
+
+  α = 0 is reverse KL(p‖q); α = 1 is identically 0. ``tokens`` is unused.
+  """
+  del tokens
+  _check_range("alpha", alpha, 0.0, 1.0)
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
+                          teacher_temperature)
+  return _kl(logp, _log_mixture(logp, logq, alpha))
+
+
+@LOSSES.register("tvd")
+def tvd(student_logits, teacher_logits, tokens=None, *,
+        student_temperature: float = 1.0,
+        teacher_temperature: float = 1.0) -> jax.Array:
+  """Total variation ½·Σ_v |p(v) − q(v)| (e.g. Wen et al. 2023, f-DISTILL).
+
+  [B, C]. ``tokens`` is unused.
+  """
+  del tokens
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
+                          teacher_temperature)
+  return 0.5 * jnp.sum(jnp.abs(jnp.exp(logp) - jnp.exp(logq)), axis=-1)
+
+
+# ----------------------------------------------------------------------------
+# Sampled-token estimators (Schulman, "Approximating KL divergence", 2020).
+# ----------------------------------------------------------------------------
+
+
+def _estimator(k_value: jax.Array, logp_y: jax.Array, mode: str) -> jax.Array:
+  """'direct': k itself; 'reward': sg(k)·log p(y) (policy-gradient form)."""
+  _check_choice("mode", mode, _ESTIMATOR_MODES)
+  if mode == "direct":
+    return k_value
+  return jax.lax.stop_gradient(k_value) * logp_y
+
+
+def _sampled_log_probs(student_logits, teacher_logits, tokens,
+                       student_temperature, teacher_temperature):
+  """(log p(y), log q(y)), each [B, C]."""
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
+                          teacher_temperature)
+  return _gather(logp, tokens), _gather(logq, tokens)
+
+
+@LOSSES.register("k1")
+@LOSSES.register("sampled_reverse_kl")
+def k1(student_logits, teacher_logits, tokens, *, mode: str = "reward",
+       student_temperature: float = 1.0,
+       teacher_temperature: float = 1.0) -> jax.Array:
+  """k1 = −log r = log p(y) − log q(y), r = q(y)/p(y), y ~ p (Schulman). [B, C].
+
+  Sampled-token OPD (arXiv 2604.13016 §2; the "reverse KL as per-token
+  reward" recipe). Also registered as ``sampled_reverse_kl``.
+    mode="reward" (default): loss = sg(k1)·log p(y), i.e. −sg(reward)·log p(y)
+      with reward = −k1. E_{y~p}[∇loss] = Σ_y p(y)(log p(y) − log q(y))∇log p(y)
+      = ∇KL(p‖q): an unbiased full-KL gradient. The loss VALUE is a surrogate.
+    mode="direct": loss = k1; E_{y~p}[∇k1] = E_p[∇log p] = 0 (no signal in
+      expectation; for completeness / ablations).
+  """
+  logp_y, logq_y = _sampled_log_probs(student_logits, teacher_logits, tokens,
+                                      student_temperature, teacher_temperature)
+  return _estimator(logp_y - logq_y, logp_y, mode)
+
+
+@LOSSES.register("k2")
+def k2(student_logits, teacher_logits, tokens, *, mode: str = "direct",
+       student_temperature: float = 1.0,
+       teacher_temperature: float = 1.0) -> jax.Array:
+  """k2 = ½(log r)², log r = log q(y) − log p(y), y ~ p (Schulman). [B, C].
+
+  mode="direct" (default): ∇k2 = (log p(y) − log q(y))∇log p(y), so
+    E_{y~p}[∇k2] = ∇KL(p‖q) (same expected gradient as k1 in reward form).
+  mode="reward": loss = sg(k2)·log p(y).
+  """
+  logp_y, logq_y = _sampled_log_probs(student_logits, teacher_logits, tokens,
+                                      student_temperature, teacher_temperature)
+  log_r = logq_y - logp_y
+  return _estimator(0.5 * jnp.square(log_r), logp_y, mode)
+
+
+@LOSSES.register("k3")
+def k3(student_logits, teacher_logits, tokens, *, mode: str = "direct",
+       student_temperature: float = 1.0,
+       teacher_temperature: float = 1.0) -> jax.Array:
+  """k3 = (r − 1) − log r, r = q(y)/p(y), y ~ p (Schulman; GRPO's KL term).
+
+  mode="direct" (default): ∇k3 = (1 − r)∇log p(y), so E_{y~p}[∇k3] =
+    −Σ_v q(v)∇log p(v) = ∇KL(q‖p): the FORWARD-KL gradient, although the
+    value estimates KL(p‖q).
+  mode="reward": loss = sg(k3)·log p(y).
+  [B, C].
+  """
+  logp_y, logq_y = _sampled_log_probs(student_logits, teacher_logits, tokens,
+                                      student_temperature, teacher_temperature)
+  log_r = logq_y - logp_y
+  return _estimator(jnp.expm1(log_r) - log_r, logp_y, mode)
+
+
+# ----------------------------------------------------------------------------
+# Top-k OPD (arXiv 2604.13016, Eq. 5).
+# ----------------------------------------------------------------------------
+
+
+def _support(logp_sg: jax.Array, logq: jax.Array, k: int,
+             strategy: str) -> jax.Array:
+  """S_t as a [..., V] bool mask from (sg) student and teacher log-probs."""
+  if strategy == "student":
+    return _topk_mask(logp_sg, k)
+  if strategy == "teacher":
+    return _topk_mask(logq, k)
+  if strategy == "union":
+    return _topk_mask(logp_sg, k) | _topk_mask(logq, k)
+  return _topk_mask(logp_sg, k) & _topk_mask(logq, k)
+
+
+def topk_support_mask(student_logits, teacher_logits, *, k: int = 16,
+                      strategy: str = "student",
+                      student_temperature: float = 1.0,
+                      teacher_temperature: float = 1.0) -> jax.Array:
+  """Candidate set S_t of top-k OPD as a boolean [B, C, V] mask (no gradient).
+
+  S_stu = TopK(p_t, k) of the pre-update student (sg of the student logits),
+  T = TopK(q_t, k); strategy "student" → S_stu, "teacher" → T, "union" →
+  S_stu ∪ T, "intersection" → S_stu ∩ T (arXiv 2604.13016 Eq. 5 and the
+  official code's only_stu / only_tch / union / intersection). k is clipped to
+  V. Ties are broken by ``lax.top_k`` (lowest index first). Also usable for
+  the overlap metrics (Eq. 6: |S_t ∩ T_t| / k).
+  """
+  _check_choice("strategy", strategy, _TOPK_STRATEGIES)
+  if not isinstance(k, numbers.Integral) or k < 1:
+    raise ValueError(f"k={k!r} must be an integer ≥ 1 for a candidate set")
+  logp, logq = _log_probs(jax.lax.stop_gradient(student_logits),
+                          teacher_logits, student_temperature,
+                          teacher_temperature)
+  return _support(logp, logq, k, strategy)
+
+
+@LOSSES.register("topk_opd")
+def topk_opd(student_logits, teacher_logits, tokens=None, *, k: int = 16,
+             strategy: str = "student", weight: str = "student",
+             student_temperature: float = 1.0,
+             teacher_temperature: float = 1.0) -> jax.Array:
+  """Top-k OPD as policy gradient (arXiv 2604.13016 Eq. 5 + official code).
+
+  S_t from :func:`topk_support_mask` (pre-update student = sg(student));
+  per-candidate reward with FULL-vocabulary log-probs
+    r_t(v) = −w_t(v)·(log p_t(v) − log q_t(v)),  v ∈ S_t,
+  w_t(v) = p_t(v)/Σ_{u∈S_t} p_t(u) (weight="student"), q_t renormalised on
+  S_t ("teacher"), or 1/|S_t| ("none"); and
+    loss_t = −Σ_{v∈S_t} sg(r_t(v))·log p_t(v).   [B, C]
+  The value is the policy-gradient surrogate, NOT a divergence. With k ≥ V,
+  strategy="student", weight="student": ∇loss = Σ_v p(v)(log p − log q)∇log p
+  = ∇KL(p‖q) exactly (full-vocabulary OPD), though the value differs from KL.
+  k = 0 is the official code's sampled-token mode on ``tokens`` y:
+  loss = sg(log p(y) − log q(y))·log p(y) (= ``k1`` in reward form).
+  Entries with p(v) = q(v) = 0 (padded vocabulary) never enter S_t. If S_t is
+  empty (possible for "intersection") the loss is 0.
+  """
+  _check_choice("strategy", strategy, _TOPK_STRATEGIES)
+  _check_choice("weight", weight, _TOPK_WEIGHTS)
+  if not isinstance(k, numbers.Integral) or k < 0:
+    raise ValueError(f"k={k!r} must be an integer ≥ 0 (0 = sampled token)")
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
+                          teacher_temperature)
+  if k == 0:
+    if tokens is None:
+      raise ValueError("topk_opd with k=0 (sampled-token mode) needs tokens")
+    logp_y, logq_y = _gather(logp, tokens), _gather(logq, tokens)
+    return jax.lax.stop_gradient(logp_y - logq_y) * logp_y
+
+  logp_sg = jax.lax.stop_gradient(logp)
+  p_sg, q = jnp.exp(logp_sg), jnp.exp(logq)
+  support = _support(logp_sg, logq, k, strategy) & ((p_sg > 0) | (q > 0))
+  if weight == "student":
+    raw = jnp.where(support, p_sg, 0.0)
+  elif weight == "teacher":
+    raw = jnp.where(support, q, 0.0)
+  else:
+    raw = support.astype(jnp.float32)
+  total = jnp.sum(raw, axis=-1, keepdims=True)
+  w = raw / jnp.where(total > 0, total, 1.0)
+  # coef = −sg(r) = sg(w·(log p − log q)), guarded off the support.
+  coef = jax.lax.stop_gradient(
+      jnp.where(support, w * jnp.where(support, logp_sg - logq, 0.0), 0.0))
+  return jnp.sum(jnp.where(support, coef * logp, 0.0), axis=-1)
+
+
+# ----------------------------------------------------------------------------
+# Supervised cross-entropy.
+# ----------------------------------------------------------------------------
+
+
+@LOSSES.register("sft")
+def sft(student_logits, teacher_logits=None, tokens=None, *,
+        student_temperature: float = 1.0,
+        teacher_temperature: float = 1.0) -> jax.Array:
+  """Cross-entropy −log p(y) on given tokens (e.g. the off-policy cold start).
+
+  p = softmax(s/τ_s); teacher_logits and teacher_temperature are ignored
+  (teacher_logits may be None). [B, C].
+  """
+  del teacher_logits
+  _check_temperatures(student_temperature, teacher_temperature)
+  if tokens is None:
+    raise ValueError("sft needs tokens")
+  return -_gather(_log_softmax(student_logits, student_temperature), tokens)
+
+
+NEEDS_TEACHER: dict[str, bool] = {
+    "forward_kl": True,
+    "reverse_kl": True,
+    "jsd": True,
+    "skew_kl": True,
+    "skew_rkl": True,
+    "tvd": True,
+    "k1": True,
+    "sampled_reverse_kl": True,
+    "k2": True,
+    "k3": True,
+    "topk_opd": True,
+    "sft": False,
+}
+
+
+def needs_teacher(name: str) -> bool:
+  """Whether loss ``name`` reads teacher logits (ValueError if unknown)."""
+  LOSSES.get(name)
+  return NEEDS_TEACHER[name]
+
+
+def get_loss(name: str,
+             kwargs: Mapping[str, Any] | None = None) -> Callable[..., Any]:
+  """The per-token loss ``name`` with its keyword hyperparameters bound.
+
+  Raises ValueError for an unknown name (listing valid names), an unknown
+  keyword (listing valid keys), or a bad value (the function is traced once
+  abstractly on a [1, 1, 2] input, so value checks fire here, not at step 1).
+  """
+  fn = LOSSES.build(name, kwargs)
+  logits = jax.ShapeDtypeStruct((1, 1, 2), jnp.float32)
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  jax.eval_shape(fn, logits, logits if NEEDS_TEACHER[name] else None, tokens)
+  return fn
+
+
+# ----------------------------------------------------------------------------
+# Aggregation.
+# ----------------------------------------------------------------------------
+
+
+def aggregate_weights(mask: jax.Array, mode: str = "token_mean",
+                      normalizer: float | None = None) -> jax.Array:
+  """Weights w [B, T] with aggregate(l) = Σ_{b,t} w[b,t]·l[b,t].
+
+  mode:
+    "token_mean": w = m / max(Σ m, 1)  (TRL GKD / the paper's mean over
+      tokens).
+    "sequence_mean": mean over sequences with Σ_t m > 0 of per-sequence token
+      means: w[b] = m[b] / Σ_t m[b] / #{b : Σ_t m[b] > 0}.
+    "constant": w = m / normalizer (Dr. GRPO, Liu et al. 2025; e.g. batch
+      size × max length), normalizer required.
+  Being linear in the per-token loss, the weights can be sliced to weight
+  sequence chunks computed separately. Fully masked inputs give w = 0.
+  """
+  _check_choice("mode", mode, AGGREGATE_MODES)
+  m = jnp.asarray(mask, jnp.float32)
+  if m.ndim != 2:
+    raise ValueError(f"mask must be [B, T], got shape {m.shape}")
+  if mode == "token_mean":
+    return m / jnp.maximum(jnp.sum(m), 1.0)
+  if mode == "sequence_mean":
+    per_seq = jnp.sum(m, axis=1, keepdims=True)  # [B, 1]
+    has_tokens = per_seq > 0
+    num_seqs = jnp.maximum(jnp.sum(has_tokens.astype(jnp.float32)), 1.0)
+    return jnp.where(has_tokens, m / jnp.where(has_tokens, per_seq, 1.0),
+                     0.0) / num_seqs
+  if normalizer is None:
+    raise ValueError("aggregate mode 'constant' needs a normalizer")
+  _check_range("normalizer", normalizer, 0.0, math.inf, lo_open=True,
+               hi_open=True)
+  return m / normalizer
+
+
+def aggregate(per_token: jax.Array, mask: jax.Array, mode: str = "token_mean",
+              normalizer: float | None = None) -> jax.Array:
+  """Scalar Σ_{b,t} w[b,t]·l[b,t] with w = aggregate_weights(mask, ...).
+
+  Positions with zero weight contribute exactly 0 even if their loss is
+  non-finite.
+  """
+  w = aggregate_weights(mask, mode, normalizer)
+  per_token = jnp.asarray(per_token, jnp.float32)
+  return jnp.sum(jnp.where(w != 0, w * per_token, 0.0))

@@ -1,0 +1,284 @@
+"""Decoder-only transformer (Llama / Qwen2 / Qwen3) in Flax NNX.
+
+Shapes: B batch, T query length, S key/cache length, D hidden, H query heads,
+K kv heads (GQA, G = H / K), Dh head dim, F mlp width, V padded vocab.
+
+Every parameter carries ``logical_axes`` metadata; activations are constrained
+through :meth:`opd_jax.sharding.Sharder.constrain`. Logits and softmax math are
+float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from opd_jax.models.config import ModelConfig
+from opd_jax.sharding import Sharder
+
+NEG_INF = -1e30  # finite "minus infinity": masked rows stay NaN-free
+
+
+class KVCache(NamedTuple):
+  """Fixed-size decoding cache.
+
+  k, v: per-layer lists of ``[B, S, K, Dh]``; ``valid``: ``[B, S]`` bool, which
+  slots hold real tokens; ``index``: scalar int32, the next slot to write (all
+  rows share it: prompts are left-padded to a common length).
+  """
+  k: list[jax.Array]
+  v: list[jax.Array]
+  valid: jax.Array
+  index: jax.Array
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal", scale=0.02):
+  if init == "normal":
+    value = scale * jax.random.normal(rngs.params(), shape, jnp.float32)
+  elif init == "ones":
+    value = jnp.ones(shape, jnp.float32)
+  else:
+    value = jnp.zeros(shape, jnp.float32)
+  return nnx.Param(value.astype(dtype), logical_axes=tuple(axes))
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+  """Left-padded mask ``[B, T]`` -> positions ``[B, T]`` (pads get 0), as HF."""
+  mask = mask.astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0) * mask
+
+
+class RMSNorm(nnx.Module):
+  """y = w * x / sqrt(mean(x^2) + eps), statistics in float32 (Zhang & Sennrich 2019)."""
+
+  def __init__(self, dim: int, eps: float, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.eps = eps
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.weight = _param(rngs, (dim,), ("norm",), cfg.param_dtype, init="ones")
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(self.dtype) * xf.astype(self.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotary embedding, HF "rotate_half" layout. x ``[B,T,N,Dh]``, positions ``[B,T]``."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  xf = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query causal self-attention with optional KV cache."""
+
+  def __init__(self, cfg: ModelConfig, sharder: Sharder, *, rngs: nnx.Rngs):
+    d, h, k, dh, pd = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+                       cfg.head_dim, cfg.param_dtype)
+    self.cfg, self.sharder = cfg, sharder
+    self.inv_freq = tuple(float(f) for f in cfg.inv_freq())
+    self.q = _param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), pd)
+    self.k = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), pd)
+    self.v = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), pd)
+    self.o = _param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), pd)
+    if cfg.qkv_bias:
+      self.q_bias = _param(rngs, (h, dh), ("heads", "head_dim"), pd, init="zeros")
+      self.k_bias = _param(rngs, (k, dh), ("kv_heads", "head_dim"), pd, init="zeros")
+      self.v_bias = _param(rngs, (k, dh), ("kv_heads", "head_dim"), pd, init="zeros")
+    if cfg.o_bias:
+      self.o_bias = _param(rngs, (d,), ("embed",), pd, init="zeros")
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(dh, cfg.rms_norm_eps, cfg, rngs=rngs)
+      self.k_norm = RMSNorm(dh, cfg.rms_norm_eps, cfg, rngs=rngs)
+
+  def __call__(self, x, positions, key_valid, q_start, cache_kv=None):
+    """x ``[B,T,D]``; positions ``[B,T]``; key_valid ``[B,S]``; q_start: slot of
+    the first query (0 without cache). Returns (out ``[B,T,D]``, new (k, v))."""
+    cfg, dt, sh = self.cfg, jnp.dtype(self.cfg.dtype), self.sharder
+
+    def proj(w, b):
+      y = jnp.einsum("btd,dnh->btnh", x, w[...].astype(dt))
+      return y if b is None else y + b[...].astype(dt)
+
+    q = proj(self.q, getattr(self, "q_bias", None))
+    k = proj(self.k, getattr(self, "k_bias", None))
+    v = proj(self.v, getattr(self, "v_bias", None))
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    inv_freq = np.asarray(self.inv_freq)
+    q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
+    q = sh.constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
+    k = sh.constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
+    v = sh.constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
+
+    if cache_kv is not None:
+      ck, cv = cache_kv
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, q_start, 0, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, q_start, 0, 0))
+      cache_axes = ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
+      ck, cv = sh.constrain(ck, cache_axes), sh.constrain(cv, cache_axes)
+      keys, values, new_kv = ck.astype(dt), cv.astype(dt), (ck, cv)
+    else:
+      keys, values, new_kv = k, v, None
+
+    b, t, h, dh = q.shape
+    kh = keys.shape[2]
+    s = keys.shape[1]
+    qg = q.reshape(b, t, kh, h // kh, dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys,
+                        preferred_element_type=jnp.float32) / np.sqrt(dh)
+    q_slot = q_start + jnp.arange(t)
+    allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]
+    scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, dh)
+    out = sh.constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
+    y = jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dt))
+    if cfg.o_bias:
+      y = y + self.o_bias[...].astype(dt)
+    return y, new_kv
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x)) (Shazeer 2020)."""
+
+  def __init__(self, cfg: ModelConfig, sharder: Sharder, *, rngs: nnx.Rngs):
+    d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
+    self.cfg, self.sharder = cfg, sharder
+    self.gate = _param(rngs, (d, f), ("embed", "mlp"), pd)
+    self.up = _param(rngs, (d, f), ("embed", "mlp"), pd)
+    self.down = _param(rngs, (f, d), ("mlp", "embed"), pd)
+    if cfg.mlp_bias:
+      self.gate_bias = _param(rngs, (f,), ("mlp",), pd, init="zeros")
+      self.up_bias = _param(rngs, (f,), ("mlp",), pd, init="zeros")
+      self.down_bias = _param(rngs, (d,), ("embed",), pd, init="zeros")
+
+  def __call__(self, x):
+    dt = jnp.dtype(self.cfg.dtype)
+    g = x @ self.gate[...].astype(dt)
+    u = x @ self.up[...].astype(dt)
+    if self.cfg.mlp_bias:
+      g, u = g + self.gate_bias[...].astype(dt), u + self.up_bias[...].astype(dt)
+    hidden = self.sharder.constrain(jax.nn.silu(g) * u,
+                                    ("activation_batch", "activation_length", "activation_mlp"))
+    y = hidden @ self.down[...].astype(dt)
+    if self.cfg.mlp_bias:
+      y = y + self.down_bias[...].astype(dt)
+    return y
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm block: h += attn(norm(h)); h += mlp(norm(h))."""
+
+  def __init__(self, cfg: ModelConfig, sharder: Sharder, *, rngs: nnx.Rngs):
+    self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs=rngs)
+    self.attn = Attention(cfg, sharder, rngs=rngs)
+    self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs=rngs)
+    self.mlp = MLP(cfg, sharder, rngs=rngs)
+    self.sharder = sharder
+
+  def __call__(self, h, positions, key_valid, q_start, cache_kv=None):
+    a, new_kv = self.attn(self.input_norm(h), positions, key_valid, q_start, cache_kv)
+    h = h + a
+    h = h + self.mlp(self.post_attn_norm(h))
+    h = self.sharder.constrain(h, ("activation_batch", "activation_length", "activation_embed"))
+    return h, new_kv
+
+
+class Transformer(nnx.Module):
+  """Causal LM. ``model(ids, mask, positions)`` -> float32 logits ``[B, T, V]``."""
+
+  def __init__(self, cfg: ModelConfig, *, sharder: Sharder = Sharder(),
+               rngs: nnx.Rngs):
+    self.cfg, self.sharder = cfg, sharder
+    v, d, pd = cfg.padded_vocab_size, cfg.hidden_size, cfg.param_dtype
+    self.embed = _param(rngs, (v, d), ("vocab", "embed"), pd)
+    self.layers = nnx.List([DecoderLayer(cfg, sharder, rngs=rngs)
+                            for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(d, cfg.rms_norm_eps, cfg, rngs=rngs)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _param(rngs, (d, v), ("embed", "vocab"), pd)
+
+  # -- pieces used by the sampler and the chunked losses --------------------
+
+  def unembedding(self) -> jax.Array:
+    """Output projection ``[D, V]`` in the compute dtype."""
+    w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+    return w.astype(jnp.dtype(self.cfg.dtype))
+
+  def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+    """Final hidden ``[..., D]`` -> float32 logits ``[..., V]``; padded rows masked."""
+    logits = jnp.einsum("...d,dv->...v", h, self.unembedding(),
+                        preferred_element_type=jnp.float32)
+    if self.cfg.padded_vocab_size > self.cfg.vocab_size:
+      real = jnp.arange(self.cfg.padded_vocab_size) < self.cfg.vocab_size
+      logits = jnp.where(real, logits, NEG_INF)
+    return logits
+
+  def hidden(self, input_ids, attention_mask=None, positions=None,
+             cache: KVCache | None = None):
+    """Final normed hidden states ``[B, T, D]`` (and the updated cache).
+
+    Without a cache, ``attention_mask`` ``[B, T]`` marks real tokens (left
+    padding allowed). With a cache the T new tokens are written at slots
+    ``cache.index ... index+T-1``; ``attention_mask`` marks which of them are
+    real, and attention covers every valid slot up to each query's own.
+    """
+    cfg, sh = self.cfg, self.sharder
+    b, t = input_ids.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), jnp.bool_)
+    attention_mask = attention_mask.astype(jnp.bool_)
+    if positions is None:
+      positions = positions_from_mask(attention_mask)
+    h = jnp.take(self.embed[...], input_ids, axis=0).astype(jnp.dtype(cfg.dtype))
+    h = sh.constrain(h, ("activation_batch", "activation_length", "activation_embed"))
+    if cache is None:
+      key_valid, q_start = attention_mask, 0
+    else:
+      key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
+      q_start = cache.index
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      if cfg.remat and cache is None:
+        h, _ = nnx.remat(lambda l, x: l(x, positions, key_valid, 0))(layer, h)
+        out_kv = None
+      else:
+        h, out_kv = layer(h, positions, key_valid, q_start, kv)
+      if out_kv is not None:
+        new_k.append(out_kv[0])
+        new_v.append(out_kv[1])
+    h = self.final_norm(h)
+    new_cache = None if cache is None else KVCache(new_k, new_v, key_valid, cache.index + t)
+    return h, new_cache
+
+  def __call__(self, input_ids, attention_mask=None, positions=None):
+    h, _ = self.hidden(input_ids, attention_mask, positions)
+    logits = self.logits_from_hidden(h)
+    return self.sharder.constrain(
+        logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+    """Empty cache of ``max_len`` slots, sharded by the cache rules."""
+    cfg = self.cfg
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    axes = ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
+    zeros = lambda: self.sharder.constrain(jnp.zeros(shape, dtype), axes)
+    return KVCache([zeros() for _ in range(cfg.num_layers)],
+                   [zeros() for _ in range(cfg.num_layers)],
+                   jnp.zeros((batch, max_len), jnp.bool_), jnp.zeros((), jnp.int32))
+
+  def decode(self, input_ids, attention_mask, positions, cache: KVCache):
+    """Runs T new tokens through the cache -> (float32 logits ``[B,T,V]``, cache)."""
+    h, cache = self.hidden(input_ids, attention_mask, positions, cache)
+    return self.logits_from_hidden(h), cache

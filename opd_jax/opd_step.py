@@ -1,0 +1,370 @@
+"""The compiled OPD step: sample, score, per-token divergence, update.
+
+One XLA program per step (no host round trip):
+
+1. the student samples ``num_samples`` completions per prompt (KV cache,
+   ``lax.while_loop``; no gradient) for a fraction λ of the rows; the other
+   rows take off-policy completions (dataset, or teacher samples = sequence-
+   level KD) — GKD's on/off-policy mix, per sample (Agarwal et al. 2024);
+2. the teacher scores prompt + completion (stop-gradient);
+3. the student recomputes its hidden states with gradient; logits and the
+   per-token divergence are formed chunk by chunk over the sequence inside a
+   rematerialised ``lax.scan`` so no ``[B, T, V]`` array of either model is
+   ever live; token-level alignment metrics ride along in the same chunks;
+4. an optax update is applied to the student only.
+
+Shapes: R = B·n rows, P prompt length, N completion length, C loss chunk,
+V common vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from opd_jax import losses as losses_lib
+from opd_jax import metrics as metrics_lib
+from opd_jax.models.config import ModelConfig
+from opd_jax.models.transformer import NEG_INF, positions_from_mask
+from opd_jax.sampling import SamplingConfig, sample
+from opd_jax.sharding import Sharder
+
+OFF_POLICY_SOURCES = ("dataset", "teacher")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training (the teacher is not in here)."""
+  step: jax.Array          # int32 scalar
+  params: Any              # nnx.State of the student's parameters
+  opt_state: Any           # optax state (student only)
+  rng: jax.Array           # PRNG key
+
+
+@dataclasses.dataclass(frozen=True)
+class OPDConfig:
+  """Static settings of the compiled step (hashable)."""
+  sampling: SamplingConfig
+  loss: str = "reverse_kl"
+  loss_kwargs: tuple[tuple[str, Any], ...] = ()
+  aggregation: str = "token_mean"
+  normalizer: float | None = None
+  on_policy_fraction: float = 1.0            # GKD λ
+  off_policy_source: str = "dataset"         # or "teacher"
+  teacher_sampling: SamplingConfig | None = None
+  loss_chunk: int = 64
+  vocab_size: int = 0                        # common vocabulary (0: from models)
+  metrics: bool = True
+  metrics_top_k: int = 16
+  position_chunk: int = 64
+
+  def __post_init__(self):
+    if isinstance(self.loss_kwargs, Mapping):
+      object.__setattr__(self, "loss_kwargs", tuple(sorted(self.loss_kwargs.items())))
+    if not 0.0 <= self.on_policy_fraction <= 1.0:
+      raise ValueError(f"on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
+    if self.off_policy_source not in OFF_POLICY_SOURCES:
+      raise ValueError(f"unknown off_policy_source {self.off_policy_source!r}; "
+                       f"valid: {OFF_POLICY_SOURCES}")
+    if self.loss_chunk <= 0:
+      raise ValueError(f"loss_chunk must be positive, got {self.loss_chunk}")
+    losses_lib.get_loss(self.loss, dict(self.loss_kwargs))  # fail fast, clear error
+
+
+def common_vocab_size(student: ModelConfig, teacher: ModelConfig,
+                      tokenizer_size: int | None = None) -> int:
+  """Vocabulary the divergence is taken over.
+
+  Checkpoints pad their embedding rows differently (Qwen2.5-1.5B: 151,936,
+  -7B: 152,064, one tokenizer of 151,665); rows past the tokenizer are never
+  sampled. With ``tokenizer_size`` the common vocabulary is the tokenizer's;
+  without it both checkpoints must agree. Raises before anything compiles.
+  """
+  if tokenizer_size is not None:
+    small = min(student.vocab_size, teacher.vocab_size)
+    if tokenizer_size > small:
+      raise ValueError(
+          f"vocab mismatch: tokenizer has {tokenizer_size} tokens but the "
+          f"student has {student.vocab_size} and the teacher {teacher.vocab_size} "
+          "embedding rows")
+    return int(tokenizer_size)
+  if student.vocab_size != teacher.vocab_size:
+    raise ValueError(
+        f"vocab mismatch: student vocab_size={student.vocab_size}, teacher "
+        f"vocab_size={teacher.vocab_size}; if they share a tokenizer, pass its "
+        "size (tokenizer_size=len(tokenizer)) so the padded rows can be ignored")
+  return int(student.vocab_size)
+
+
+def split_rows(num_rows: int, fraction: float) -> int:
+  """Number of on-policy rows: round(λ·R), the rest off-policy."""
+  return int(round(fraction * num_rows))
+
+
+def _project(h: jax.Array, w: jax.Array, vocab: int) -> jax.Array:
+  """Hidden ``[..., D]`` x unembedding ``[D, V']`` -> float32 logits over the
+  first ``V' `` rows with rows >= ``vocab`` masked to -1e30."""
+  logits = jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+  if w.shape[-1] > vocab:
+    logits = jnp.where(jnp.arange(w.shape[-1]) < vocab, logits, NEG_INF)
+  return logits
+
+
+def _to_chunks(x: jax.Array, chunk: int) -> jax.Array:
+  """``[R, N, ...]`` (N a multiple of chunk) -> ``[N/chunk, R, chunk, ...]``."""
+  r, n = x.shape[:2]
+  x = x.reshape((r, n // chunk, chunk) + x.shape[2:])
+  return jnp.moveaxis(x, 1, 0)
+
+
+def _pad_time(x: jax.Array, n: int) -> jax.Array:
+  pad = n - x.shape[1]
+  if pad == 0:
+    return x
+  return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+
+
+def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
+                       loss_fn, vocab: int, chunk: int, metrics: bool,
+                       top_k: int, position_chunk: int, sharder: Sharder):
+  """Σ_t weights·loss_t over a sequence, in chunks, plus metric sums.
+
+  h_s ``[R, N, Ds]`` (differentiable), h_t ``[R, N, Dt]`` (teacher, constant),
+  w_s ``[Ds, Vs]``, w_t ``[Dt, Vt]``, tokens/weights/metric_mask ``[R, N]``.
+  Each chunk's ``[R, C, V]`` logits are recomputed in the backward pass
+  (``jax.checkpoint``), so peak memory scales with C, not N.
+  """
+  r, n = tokens.shape
+  n_pad = int(math.ceil(n / chunk) * chunk)
+  has_teacher = h_t is not None
+  if metrics and not has_teacher:
+    raise ValueError("token metrics need a teacher")
+  vmin = min(w_s.shape[-1], w_t.shape[-1]) if has_teacher else w_s.shape[-1]
+  w_s = w_s[:, :vmin]
+  if has_teacher:
+    w_t = jax.lax.stop_gradient(w_t[:, :vmin])
+  else:
+    h_t = jnp.zeros(h_s.shape[:2] + (0,), h_s.dtype)   # placeholder, unused
+  positions = jnp.broadcast_to(jnp.arange(n_pad, dtype=jnp.int32), (r, n_pad))
+  xs = tuple(_to_chunks(_pad_time(a, n_pad), chunk) for a in
+             (h_s, jax.lax.stop_gradient(h_t), tokens, weights, metric_mask, positions))
+  num_pos_chunks = max(1, int(math.ceil(n / position_chunk)))
+  logit_axes = ("activation_batch", "activation_length", "activation_vocab")
+
+  def body(carry, x):
+    hs, ht, y, w, mm, pos = x
+    ls = sharder.constrain(_project(hs, w_s, vocab), logit_axes)
+    lt = sharder.constrain(_project(ht, w_t, vocab), logit_axes) if has_teacher else None
+    total = carry[0] + jnp.sum(w * loss_fn(ls, lt, y))
+    sums = carry[1]
+    if metrics:
+      per_tok = metrics_lib.token_metrics(jax.lax.stop_gradient(ls), lt, y, k=top_k)
+      sums = metrics_lib.merge_sums(sums, metrics_lib.accumulate(
+          per_tok, mm, pos, chunk_len=position_chunk, num_chunks=num_pos_chunks))
+    return (total, sums), None
+
+  body = jax.checkpoint(body, prevent_cse=False)
+  sums0 = {}
+  if metrics:
+    shapes = jax.eval_shape(
+        lambda: metrics_lib.accumulate(
+            metrics_lib.token_metrics(jnp.zeros((1, 1, 2)), jnp.zeros((1, 1, 2)),
+                                      jnp.zeros((1, 1), jnp.int32), k=top_k),
+            jnp.ones((1, 1)), jnp.zeros((1, 1), jnp.int32), chunk_len=position_chunk,
+            num_chunks=num_pos_chunks))
+    sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  (total, sums), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), sums0), xs)
+  return total, sums
+
+
+def _repeat(x: jax.Array, n: int) -> jax.Array:
+  return x if n == 1 else jnp.repeat(x, n, axis=0)
+
+
+def build_completions(student, teacher, batch, rng, cfg: OPDConfig):
+  """Chooses and produces each row's completion (steps 1 and the λ mix).
+
+  Returns a dict of ``[R, ...]`` arrays: prompt_ids, prompt_mask, tokens,
+  mask (completion), on_policy (bool rows), lengths, truncated.
+  """
+  n = cfg.sampling.num_samples
+  prompt_ids = _repeat(batch["prompt_ids"], n)
+  prompt_mask = _repeat(batch["prompt_mask"], n).astype(jnp.bool_)
+  rows, big_n = prompt_ids.shape[0], cfg.sampling.max_new_tokens
+  n_on = split_rows(rows, cfg.on_policy_fraction)
+  k_sample, k_perm, k_teacher = jax.random.split(rng, 3)
+  one = dataclasses.replace(cfg.sampling, num_samples=1)
+  if n_on == rows:   # pure on-policy: rows keep prompt-grouped order
+    out = sample(student, prompt_ids, prompt_mask, k_sample, one)
+    return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, tokens=out.tokens,
+                mask=out.mask.astype(jnp.bool_), on_policy=jnp.ones((rows,), jnp.bool_),
+                lengths=out.lengths, truncated=out.truncated)
+
+  perm = jax.random.permutation(k_perm, rows)
+  on_rows, off_rows = perm[:n_on], perm[n_on:]
+  tokens = jnp.zeros((rows, big_n), jnp.int32)
+  mask = jnp.zeros((rows, big_n), jnp.bool_)
+  lengths = jnp.zeros((rows,), jnp.int32)
+  truncated = jnp.zeros((rows,), jnp.bool_)
+  if n_on:
+    out = sample(student, prompt_ids[on_rows], prompt_mask[on_rows], k_sample, one)
+    tokens = tokens.at[on_rows].set(out.tokens)
+    mask = mask.at[on_rows].set(out.mask.astype(jnp.bool_))
+    lengths = lengths.at[on_rows].set(out.lengths)
+    truncated = truncated.at[on_rows].set(out.truncated)
+  if cfg.off_policy_source == "teacher":
+    tcfg = dataclasses.replace(cfg.teacher_sampling or cfg.sampling, num_samples=1,
+                               max_new_tokens=big_n)
+    out = sample(teacher, prompt_ids[off_rows], prompt_mask[off_rows], k_teacher, tcfg)
+    off_tokens, off_mask = out.tokens, out.mask.astype(jnp.bool_)
+  else:
+    if "completion_ids" not in batch:
+      raise ValueError("on_policy_fraction < 1 with off_policy_source='dataset' needs "
+                       "batch['completion_ids'] and batch['completion_mask']")
+    comp = _pad_time(_repeat(batch["completion_ids"], n), big_n)[:, :big_n]
+    comp_mask = _pad_time(_repeat(batch["completion_mask"], n), big_n)[:, :big_n]
+    off_tokens, off_mask = comp[off_rows], comp_mask[off_rows].astype(jnp.bool_)
+  tokens = tokens.at[off_rows].set(off_tokens.astype(jnp.int32))
+  mask = mask.at[off_rows].set(off_mask)
+  lengths = lengths.at[off_rows].set(off_mask.sum(-1).astype(jnp.int32))
+  on_policy = jnp.zeros((rows,), jnp.bool_).at[on_rows].set(True)
+  return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, tokens=tokens, mask=mask,
+              on_policy=on_policy, lengths=lengths, truncated=truncated)
+
+
+def full_sequence(prompt_ids, prompt_mask, tokens, mask):
+  """Prompt ``[R,P]`` + completion ``[R,N]`` -> ids, mask, positions ``[R,P+N]``.
+
+  Completion positions continue from each row's prompt length; pads (left
+  and after EOS) get position 0, as in the sampler.
+  """
+  ids = jnp.concatenate([prompt_ids, tokens], axis=1).astype(jnp.int32)
+  m = jnp.concatenate([prompt_mask.astype(jnp.bool_), mask.astype(jnp.bool_)], axis=1)
+  return ids, m, positions_from_mask(m)
+
+
+def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransformation,
+                  schedule: optax.Schedule, cfg: OPDConfig, *, vocab_size: int,
+                  sharder: Sharder, state_shardings=None, teacher_shardings=None,
+                  batch_shardings=None, donate: bool = True):
+  """Returns ``step(state, teacher_params, batch) -> (state, metrics)``, jitted
+  once with explicit shardings, the train state donated.
+
+  ``step.trace_count()`` says how often it was traced (1 in steady state);
+  the token metrics come back as one vector ``metrics["token_metrics"]`` named
+  by ``step.token_metric_names()`` (see :func:`host_metrics`).
+  """
+  loss_fn = losses_lib.get_loss(cfg.loss, dict(cfg.loss_kwargs))
+  traces = [0]
+  metric_names: list[tuple[str, ...]] = [()]
+
+  def step(state: TrainState, teacher_params, batch):
+    traces[0] += 1
+    student = nnx.merge(student_graphdef, state.params)
+    teacher = None if teacher_graphdef is None else nnx.merge(teacher_graphdef, teacher_params)
+    rng, k_roll = jax.random.split(state.rng)
+    comp = build_completions(student, teacher, batch, k_roll, cfg)
+    comp = jax.tree.map(jax.lax.stop_gradient, comp)
+    p = comp["prompt_ids"].shape[1]
+    ids, mask, pos = full_sequence(comp["prompt_ids"], comp["prompt_mask"],
+                                   comp["tokens"], comp["mask"])
+    n = comp["tokens"].shape[1]
+    # Position P-1+i predicts completion token i.
+    h_t = w_t = None
+    if teacher is not None:
+      h_t, _ = teacher.hidden(ids, mask, pos)
+      h_t = jax.lax.stop_gradient(h_t[:, p - 1:p - 1 + n])
+      w_t = jax.lax.stop_gradient(teacher.unembedding())
+    weights = losses_lib.aggregate_weights(comp["mask"].astype(jnp.float32),
+                                           cfg.aggregation, cfg.normalizer)
+    metric_mask = (comp["mask"] & comp["on_policy"][:, None]).astype(jnp.float32)
+
+    def loss_of(params):
+      model = nnx.merge(student_graphdef, params)
+      h_s, _ = model.hidden(ids, mask, pos)
+      return chunked_divergence(
+          h_s[:, p - 1:p - 1 + n], model.unembedding(), h_t, w_t, comp["tokens"],
+          weights, metric_mask, loss_fn=loss_fn, vocab=vocab_size, chunk=cfg.loss_chunk,
+          metrics=cfg.metrics, top_k=cfg.metrics_top_k,
+          position_chunk=cfg.position_chunk, sharder=sharder)
+
+    (loss, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    on = comp["on_policy"].astype(jnp.float32)
+    n_on = jnp.maximum(on.sum(), 1.0)
+    out = {
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "lr": jnp.asarray(schedule(state.step), jnp.float32),
+        "num_tokens": comp["mask"].sum().astype(jnp.float32),
+        "mean_response_length": (comp["lengths"] * on).sum() / n_on,
+        "truncated_frac": (comp["truncated"] * on).sum() / n_on,
+        "on_policy_frac": on.mean(),
+    }
+    if cfg.metrics:
+      # One vector (fast to compile); names are static. See `host_metrics`.
+      out["token_metrics"] = metrics_lib.finalize_array(sums)
+      metric_names[0] = metrics_lib.finalize_names(sums)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+    return new_state, out
+
+  jit_kwargs = {}
+  if sharder.mesh is not None:
+    rep = sharder.replicated()
+    jit_kwargs = dict(in_shardings=(state_shardings, teacher_shardings, batch_shardings),
+                      out_shardings=(state_shardings, rep))
+  jitted = jax.jit(step, donate_argnums=(0,) if donate else (), **jit_kwargs)
+  jitted.trace_count = lambda: traces[0]
+  jitted.token_metric_names = lambda: metric_names[0]
+  return jitted
+
+
+def host_metrics(metrics: Mapping[str, Any], token_metric_names=()) -> dict[str, float]:
+  """Step metrics -> flat dict of Python floats (unpacks ``token_metrics``)."""
+  out = {}
+  for k, v in metrics.items():
+    v = np.asarray(jax.device_get(v))
+    if k == "token_metrics":
+      out.update({n: float(x) for n, x in zip(token_metric_names, v)})
+    else:
+      out[k] = v.item()
+  return out
+
+
+def init_train_state(student, tx: optax.GradientTransformation, seed: int,
+                     sharder: Sharder):
+  """TrainState for an NNX student plus its sharding tree (for jit).
+
+  The optimizer state is created directly on the parameters' shardings
+  (``optax.tree_map_params`` maps the param shardings onto the moments;
+  counters are replicated).
+  """
+  from opd_jax.models.factory import param_shardings
+  params = nnx.state(student, nnx.Param)
+  rng = jax.random.PRNGKey(seed)
+  if sharder.mesh is None:
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=jax.jit(tx.init)(params), rng=rng)
+    return state, None
+  rep = sharder.replicated()
+  p_shard = param_shardings(params, sharder)
+  params = jax.device_put(params, p_shard)
+  abstract_opt = jax.eval_shape(tx.init, params)
+  opt_shard = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, p_shard,
+      transform_non_params=lambda _: rep)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
+  shardings = TrainState(step=rep, params=p_shard, opt_state=opt_shard, rng=rep)
+  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
+                     opt_state=opt_state, rng=jax.device_put(rng, rep))
+  return state, shardings

@@ -1,0 +1,62 @@
+"""Name -> callable registries (big_vision style) with clear errors.
+
+``config.loss.name = "jsd"`` with kwargs beside it resolves through
+:meth:`Registry.build`, which rejects unknown names and unknown keyword
+arguments with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+class Registry:
+  """A named table of factories / functions."""
+
+  def __init__(self, kind: str):
+    self.kind = kind
+    self._items: dict[str, Callable[..., Any]] = {}
+
+  def register(self, name: str | None = None):
+    def deco(fn):
+      key = name or fn.__name__
+      if key in self._items:
+        raise ValueError(f"{self.kind} {key!r} registered twice")
+      self._items[key] = fn
+      return fn
+    return deco
+
+  def names(self) -> list[str]:
+    return sorted(self._items)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._items
+
+  def get(self, name: str) -> Callable[..., Any]:
+    if name not in self._items:
+      raise ValueError(f"unknown {self.kind} {name!r}; valid {self.kind}s: "
+                       f"{', '.join(self.names())}")
+    return self._items[name]
+
+  def valid_kwargs(self, name: str, exclude: tuple[str, ...] = ()) -> list[str]:
+    sig = inspect.signature(self.get(name))
+    return [p.name for p in sig.parameters.values()
+            if p.kind == p.KEYWORD_ONLY and p.name not in exclude]
+
+  def check_kwargs(self, name: str, kwargs: Mapping[str, Any],
+                   exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    valid = self.valid_kwargs(name, exclude)
+    bad = sorted(set(kwargs) - set(valid))
+    if bad:
+      raise ValueError(f"{self.kind} {name!r} got unknown argument(s) {bad}; "
+                       f"valid: {valid}")
+    return dict(kwargs)
+
+  def build(self, name: str, kwargs: Mapping[str, Any] | None = None,
+            exclude: tuple[str, ...] = ()) -> Callable[..., Any]:
+    """``get(name)`` with keyword-only ``kwargs`` bound (validated)."""
+    kwargs = self.check_kwargs(name, kwargs or {}, exclude)
+    return functools.partial(self.get(name), **kwargs)

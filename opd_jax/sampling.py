@@ -1,0 +1,284 @@
+"""Autoregressive sampling from the NNX :class:`~opd_jax.models.Transformer`.
+
+:func:`sample` is a pure function meant to run *inside* a jitted step (e.g. the
+OPD training step, with the student merged from ``(graphdef, state)``):
+
+1. repeat every prompt ``num_samples`` times (rows ``b*n .. b*n+n-1`` belong to
+   prompt ``b``);
+2. prefill the left-padded prompts ``[B, P]`` in one call into a fixed cache of
+   ``P + N`` slots (``N = max_new_tokens``);
+3. decode one token per step with ``jax.lax.while_loop``; each step attends over
+   the cache only (the prefix is never re-run) and the loop stops as soon as
+   every row has emitted an EOS.
+
+Positions: prompt tokens get ``cumsum(mask) - 1`` (left pads 0); generated token
+``i`` of a row with ``L`` real prompt tokens gets position ``L + i``.
+
+Randomness: token ``i`` is drawn with ``jax.random.fold_in(rng, i)`` over the
+whole ``[B*n, V]`` batch. With JAX's partitionable threefry (the default) the
+bits do not depend on how the batch / vocab are sharded, so a key gives the same
+samples on any mesh (up to float reduction-order ties in the logits).
+
+Logit processing follows Hugging Face ``generate``: temperature, then top-k
+(``TopKLogitsWarper``: keep logits >= the k-th largest), then top-p
+(``TopPLogitsWarper``: keep the smallest set of most likely tokens whose mass
+is >= ``top_p``; the most likely token is always kept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from opd_jax.models.transformer import positions_from_mask
+from opd_jax.sharding import Sharder
+
+_BATCH = "activation_batch"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Static sampling settings (hashable; pass as a static / closed-over arg).
+
+  Attributes:
+    max_new_tokens: N, completion buffer length (static shape).
+    temperature: logits are divided by it (ignored when ``greedy``).
+    top_k: keep the k most likely tokens (ties at the k-th value kept); 0 = off.
+    top_p: nucleus mass in (0, 1]; 1 = off.
+    greedy: argmax decoding (temperature / top-k / top-p ignored).
+    eos_ids: tokens that end a row (may be empty: every row runs N tokens).
+    pad_id: written after a row's EOS.
+    num_samples: completions per prompt.
+  """
+
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+  eos_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+  num_samples: int = 1
+
+  def __post_init__(self):
+    eos = self.eos_ids
+    if isinstance(eos, int):
+      eos = (eos,)
+    object.__setattr__(self, "eos_ids", tuple(int(e) for e in eos))
+    if int(self.max_new_tokens) != self.max_new_tokens or self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+    if not self.greedy and not self.temperature > 0:
+      raise ValueError(f"temperature must be > 0 when sampling (use greedy=True for "
+                       f"argmax), got {self.temperature!r}")
+    if int(self.top_k) != self.top_k or self.top_k < 0:
+      raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+    if int(self.num_samples) != self.num_samples or self.num_samples < 1:
+      raise ValueError(f"num_samples must be a positive int, got {self.num_samples!r}")
+    if self.pad_id < 0 or any(e < 0 for e in self.eos_ids):
+      raise ValueError(f"pad_id / eos_ids must be >= 0, got {self.pad_id}, {self.eos_ids}")
+
+
+class SampleOutput(NamedTuple):
+  """Sampler result; ``R = B * num_samples`` rows, ``N = max_new_tokens``.
+
+  tokens: ``[R, N]`` int32, ``pad_id`` after EOS.
+  logprobs: ``[R, N]`` f32, log pi(token) under the sampling distribution
+    (after temperature / top-k / top-p; 0 for greedy; 0 where masked).
+  logprobs_t1: ``[R, N]`` f32, log softmax(raw logits)[token] (0 where masked).
+  mask: ``[R, N]`` int32, 1 up to and including EOS.
+  lengths: ``[R]`` int32, completion lengths (= ``mask.sum(-1)``).
+  truncated: ``[R]`` bool, reached N tokens without EOS.
+  prompt_ids, prompt_mask: ``[R, P]`` the repeated prompts.
+  steps: scalar int32, tokens sampled per row before the loop stopped (<= N).
+  """
+
+  tokens: jax.Array
+  logprobs: jax.Array
+  logprobs_t1: jax.Array
+  mask: jax.Array
+  lengths: jax.Array
+  truncated: jax.Array
+  prompt_ids: jax.Array
+  prompt_mask: jax.Array
+  steps: jax.Array
+
+
+# ----------------------------------------------------------------------------
+# Logit processing.
+
+
+def process_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+  """Raw logits ``[..., V]`` -> sampling logits (``-inf`` = filtered out).
+
+  z = logits / T; top-k keeps z >= (k-th largest z); top-p keeps tokens whose
+  exclusive descending cumulative probability is < top_p (HF semantics). The
+  argmax always survives, so every row keeps >= 1 finite entry.
+  """
+  z = logits.astype(jnp.float32) / jnp.float32(config.temperature)
+  v = z.shape[-1]
+  k = min(config.top_k, v) if config.top_k > 0 else 0
+  if k == 0 and config.top_p >= 1.0:
+    return z
+  if k > 0:
+    desc = jax.lax.top_k(z, k)[0]                     # [..., k] descending
+    z = jnp.where(z >= desc[..., -1:], z, -jnp.inf)
+  else:
+    desc = -jnp.sort(-z, axis=-1)                     # [..., V] descending
+  if config.top_p < 1.0:
+    p = jax.nn.softmax(desc, axis=-1)
+    exclusive = jnp.cumsum(p, axis=-1) - p            # mass strictly above
+    keep = exclusive < config.top_p
+    keep = keep.at[..., 0].set(True)
+    threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+    z = jnp.where(z >= threshold, z, -jnp.inf)
+  return z
+
+
+def _token_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  """log softmax(logits ``[R, V]``)[tokens ``[R]``] -> ``[R]``."""
+  picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+  return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def sample_token(logits: jax.Array, key: jax.Array, config: SamplingConfig):
+  """One step: raw logits ``[R, V]`` -> (tokens ``[R]`` int32, logprobs, logprobs_t1).
+
+  ``logprobs`` is under the processed distribution (0 for greedy),
+  ``logprobs_t1`` under softmax(raw logits).
+  """
+  logits = logits.astype(jnp.float32)
+  if config.greedy:
+    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    lp = jnp.zeros(tok.shape, jnp.float32)
+  else:
+    z = process_logits(logits, config)
+    tok = jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
+    lp = _token_logprob(z, tok)
+  return tok, lp, _token_logprob(logits, tok)
+
+
+# ----------------------------------------------------------------------------
+# Sampler.
+
+
+def _check_inputs(model, prompt_ids, prompt_mask, config: SamplingConfig):
+  if not isinstance(config, SamplingConfig):
+    raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
+  if prompt_ids.ndim != 2:
+    raise ValueError(f"prompt_ids must be [B, P], got shape {tuple(prompt_ids.shape)}")
+  if tuple(prompt_mask.shape) != tuple(prompt_ids.shape):
+    raise ValueError(f"prompt_mask shape {tuple(prompt_mask.shape)} != prompt_ids shape "
+                     f"{tuple(prompt_ids.shape)}")
+  if not jnp.issubdtype(prompt_ids.dtype, jnp.integer):
+    raise ValueError(f"prompt_ids must be integers, got {prompt_ids.dtype}")
+  if prompt_ids.shape[0] < 1 or prompt_ids.shape[1] < 1:
+    raise ValueError(f"empty prompt batch {tuple(prompt_ids.shape)}")
+  cfg = model.cfg
+  p, n = prompt_ids.shape[1], config.max_new_tokens
+  if p + n > cfg.max_position_embeddings:
+    raise ValueError(
+        f"prompt length {p} + max_new_tokens {n} = {p + n} exceeds the model's "
+        f"max_position_embeddings {cfg.max_position_embeddings}; prompts may be at "
+        f"most {cfg.max_position_embeddings - n} tokens")
+  bad = [t for t in (config.pad_id,) + config.eos_ids if t >= cfg.vocab_size]
+  if bad:
+    raise ValueError(f"pad_id / eos_ids {bad} out of range for vocab_size {cfg.vocab_size}")
+
+
+def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
+           config: SamplingConfig) -> SampleOutput:
+  """Samples ``config.num_samples`` completions per left-padded prompt.
+
+  Args:
+    model: a :class:`~opd_jax.models.Transformer` (``init_cache`` / ``hidden`` /
+      ``logits_from_hidden``), possibly merged from (graphdef, state) under jit.
+    prompt_ids: ``[B, P]`` int, left-padded.
+    prompt_mask: ``[B, P]``, 1 on real prompt tokens.
+    rng: PRNG key; token ``i`` uses ``fold_in(rng, i)``.
+    config: static :class:`SamplingConfig`.
+
+  Returns:
+    :class:`SampleOutput` with ``R = B * num_samples`` rows.
+  """
+  _check_inputs(model, prompt_ids, prompt_mask, config)
+  sh: Sharder = getattr(model, "sharder", None) or Sharder()
+  n_new, reps = config.max_new_tokens, config.num_samples
+  eos = jnp.asarray(config.eos_ids or (-1,), jnp.int32)
+  pad = jnp.int32(config.pad_id)
+
+  ids = jnp.repeat(prompt_ids.astype(jnp.int32), reps, axis=0)
+  pmask = jnp.repeat(prompt_mask.astype(jnp.int32), reps, axis=0)
+  ids = sh.constrain(ids, (_BATCH, None))
+  pmask = sh.constrain(pmask, (_BATCH, None))
+  rows, p = ids.shape
+  prompt_len = sh.constrain(jnp.sum(pmask, axis=-1), (_BATCH,))     # [R]
+
+  def is_eos(tok):
+    return jnp.any(tok[:, None] == eos[None, :], axis=-1) if config.eos_ids else \
+        jnp.zeros(tok.shape, jnp.bool_)
+
+  # Prefill: the whole prompt in one call; logits only at the last slot (left
+  # padding puts every row's last real token there).
+  cache = model.init_cache(rows, p + n_new)
+  h, cache = model.hidden(ids, pmask.astype(jnp.bool_), positions_from_mask(pmask), cache)
+  logits = model.logits_from_hidden(h[:, -1])                         # [R, V]
+  tok, lp, lp1 = sample_token(logits, jax.random.fold_in(rng, 0), config)
+
+  def buf(dtype, fill):
+    return sh.constrain(jnp.full((rows, n_new), fill, dtype), (_BATCH, None))
+
+  tokens = buf(jnp.int32, config.pad_id).at[:, 0].set(tok)
+  logprobs = buf(jnp.float32, 0.0).at[:, 0].set(lp)
+  logprobs_t1 = buf(jnp.float32, 0.0).at[:, 0].set(lp1)
+  done = sh.constrain(is_eos(tok), (_BATCH,))
+  lengths = jnp.ones((rows,), jnp.int32)
+  state = (jnp.int32(1), cache, tok, done, lengths, tokens, logprobs, logprobs_t1)
+
+  def cond(state):
+    step, _, _, done = state[:4]
+    return (step < n_new) & ~jnp.all(done)
+
+  def body(state):
+    step, cache, prev, done, lengths, tokens, logprobs, logprobs_t1 = state
+    # Feed token step-1 (position L + step - 1); sample token `step`.
+    pos = (prompt_len + step - 1)[:, None]
+    h, cache = model.hidden(prev[:, None], jnp.ones((rows, 1), jnp.bool_), pos, cache)
+    logits = model.logits_from_hidden(h[:, 0])
+    tok, lp, lp1 = sample_token(logits, jax.random.fold_in(rng, step), config)
+    live = ~done
+    tok = sh.constrain(jnp.where(live, tok, pad), (_BATCH,))
+    col = lambda buf, x: sh.constrain(
+        jax.lax.dynamic_update_slice(buf, x[:, None], (0, step)), (_BATCH, None))
+    tokens = col(tokens, tok)
+    logprobs = col(logprobs, jnp.where(live, lp, 0.0))
+    logprobs_t1 = col(logprobs_t1, jnp.where(live, lp1, 0.0))
+    lengths = lengths + live.astype(jnp.int32)
+    done = done | is_eos(tok)
+    return (step + 1, cache, tok, done, lengths, tokens, logprobs, logprobs_t1)
+
+  state = jax.lax.while_loop(cond, body, state)
+  steps, _, _, done, lengths, tokens, logprobs, logprobs_t1 = state
+  mask = (jnp.arange(n_new)[None, :] < lengths[:, None]).astype(jnp.int32)
+  return SampleOutput(
+      tokens=tokens, logprobs=logprobs, logprobs_t1=logprobs_t1,
+      mask=sh.constrain(mask, (_BATCH, None)), lengths=lengths, truncated=~done,
+      prompt_ids=ids, prompt_mask=pmask, steps=steps)
+
+
+def concat_prompt_completion(out: SampleOutput):
+  """Full sequences for teacher scoring / student re-scoring.
+
+  Returns ``(ids [R, P+N] int32, mask [R, P+N] int32, positions [R, P+N] int32)``:
+  left pads and post-EOS pads have mask 0 and position 0; completion token ``i``
+  has position ``L + i``. Logits at column ``P - 1 + i`` predict completion token
+  ``i``.
+  """
+  ids = jnp.concatenate([out.prompt_ids, out.tokens], axis=1)
+  mask = jnp.concatenate([out.prompt_mask.astype(jnp.int32),
+                          out.mask.astype(jnp.int32)], axis=1)
+  return ids, mask, positions_from_mask(mask)

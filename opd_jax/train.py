@@ -1,0 +1,343 @@
+"""Experiment driver.
+
+    python -m opd_jax.train --config=configs/<name>.py[:arg=value,...] \
+        --config.<key>=<value> --workdir=DIR
+
+(also installed as ``opd-train``). Configs are locked: an override of a key
+that does not exist is an error. The resolved config is saved in the workdir;
+the latest checkpoint there is restored automatically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from opd_jax import checkpointing, configs_lib, data as data_lib, evaluation
+from opd_jax import losses as losses_lib, optim, organisms
+from opd_jax.logging_utils import MetricWriter
+from opd_jax.opd_step import (OPDConfig, common_vocab_size, host_metrics,
+                              init_train_state, make_opd_step)
+from opd_jax.registry import Registry
+from opd_jax.sampling import SamplingConfig
+from opd_jax.sharding import Sharder, make_mesh, rules_from_config
+
+# Functions that create a run's assets (tokenizer, data, models) before it
+# starts, selected by ``config.prepare``; each takes (config, workdir) and
+# fills the config's paths in place.
+PREPARERS = Registry("preparer")
+PREPARERS.register("quickstart")(organisms.prepare_quickstart)
+
+BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+
+
+def expand_paths(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Replaces ``$WORKDIR`` in every string field (in place)."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      expand_paths(value, workdir)
+    elif isinstance(value, str) and "$WORKDIR" in value:
+      config[key] = value.replace("$WORKDIR", workdir)
+
+
+def init_distributed(cfg: ml_collections.ConfigDict) -> None:
+  """``jax.distributed.initialize`` from config (or JAX's own env detection)."""
+  if int(cfg.num_processes) <= 1:
+    return
+  if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
+    return
+  pid = int(cfg.process_id)
+  if pid < 0:
+    pid = int(os.environ.get("OPD_PROCESS_ID", "-1"))
+  kwargs: dict[str, Any] = dict(num_processes=int(cfg.num_processes))
+  if cfg.coordinator_address:
+    kwargs["coordinator_address"] = cfg.coordinator_address
+  if pid >= 0:
+    kwargs["process_id"] = pid
+  if cfg.local_device_ids:
+    kwargs["local_device_ids"] = [int(x) for x in str(cfg.local_device_ids).split(",")]
+  jax.distributed.initialize(**kwargs)
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  for name, text in (("config.json", config.to_json_best_effort(indent=2, sort_keys=True)),
+                     ("config.txt", str(config))):
+    tmp = os.path.join(workdir, name + ".tmp")
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(workdir, name))
+
+
+def _tokenizer(config):
+  from transformers import AutoTokenizer
+  path = config.tokenizer or config.student.path
+  if not path:
+    raise ValueError("no tokenizer: set config.tokenizer or config.student.path")
+  return AutoTokenizer.from_pretrained(path)
+
+
+def _load(model_cfg, sharder: Sharder):
+  from opd_jax.models import from_hf
+  if not model_cfg.path:
+    raise ValueError("model path is empty (config.student.path / config.teacher.path)")
+  return from_hf(model_cfg.path, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
+                 mesh=sharder.mesh, rules=sharder.rules,
+                 vocab_pad_multiple=int(model_cfg.vocab_pad_multiple),
+                 remat=bool(model_cfg.remat))
+
+
+def eos_ids_of(tokenizer, model_cfg) -> tuple[int, ...]:
+  ids = set(model_cfg.eos_token_ids)
+  if tokenizer.eos_token_id is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  return tuple(sorted(ids))
+
+
+def pad_id_of(tokenizer) -> int:
+  if tokenizer.pad_token_id is not None:
+    return int(tokenizer.pad_token_id)
+  return int(tokenizer.eos_token_id or 0)
+
+
+def sampling_config(config, tokenizer, student_cfg) -> SamplingConfig:
+  s = config.sampling
+  return SamplingConfig(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
+                        top_k=int(s.top_k), top_p=float(s.top_p),
+                        eos_ids=eos_ids_of(tokenizer, student_cfg),
+                        pad_id=pad_id_of(tokenizer), num_samples=int(s.num_samples))
+
+
+def opd_config(config, sampling: SamplingConfig) -> OPDConfig:
+  ts = config.teacher_sampling
+  teacher_sampling = dataclasses.replace(sampling, temperature=float(ts.temperature),
+                                         top_k=int(ts.top_k), top_p=float(ts.top_p))
+  return OPDConfig(
+      sampling=sampling, loss=config.loss.name,
+      loss_kwargs=tuple(sorted(configs_lib.loss_kwargs(config.loss).items())),
+      aggregation=config.loss.aggregation,
+      normalizer=float(config.loss.normalizer) or None,
+      on_policy_fraction=float(config.on_policy_fraction),
+      off_policy_source=config.off_policy_source, teacher_sampling=teacher_sampling,
+      loss_chunk=int(config.loss.chunk), metrics=bool(config.metrics.enabled),
+      metrics_top_k=int(config.metrics.top_k),
+      position_chunk=int(config.metrics.position_chunk))
+
+
+def needs_teacher(config) -> bool:
+  return (losses_lib.needs_teacher(config.loss.name) or bool(config.metrics.enabled)
+          or (float(config.on_policy_fraction) < 1 and config.off_policy_source == "teacher"))
+
+
+def build_data(config, tokenizer):
+  d = config.data
+  if not d.train_files:
+    raise ValueError("config.data.train_files is empty")
+  n_new = int(d.max_completion_len) or int(config.sampling.max_new_tokens)
+  data = data_lib.PromptData.build(
+      d.train_files, tokenizer, max_prompt_len=int(d.max_prompt_len),
+      max_completion_len=n_new if d.completion_field else None,
+      prompt_field=d.prompt_field, completion_field=d.completion_field or None,
+      answer_field=d.answer_field or None, source_field=d.source_field or None,
+      use_chat_template=bool(d.use_chat_template), overlong=d.overlong,
+      on_error=d.on_error)
+  mixture = d.mixture.to_dict() if len(d.mixture) else None
+  it = data.iterator(int(config.batch_size), seed=int(config.seed),
+                     num_epochs=int(d.num_epochs) or None, mixture=mixture)
+  return data, it
+
+
+def global_batch(local: dict[str, np.ndarray], sharder: Sharder, global_batch_size: int):
+  """Per-process numpy rows -> global jax arrays sharded over the data axes."""
+  out = {}
+  for key in BATCH_KEYS:
+    if key in local:
+      x = np.asarray(local[key])
+      shape = (global_batch_size,) + x.shape[1:]
+      sharding = sharder.named(("activation_batch",) + (None,) * (x.ndim - 1), shape)
+      out[key] = jax.make_array_from_process_local_data(sharding, x, shape)
+  return out
+
+
+def eval_examples(cfg, task) -> list[dict]:
+  if cfg.data_file:
+    return data_lib.read_jsonl(cfg.data_file)[: int(cfg.num_examples) or None]
+  levels = [int(x) for x in str(cfg.levels).split("+") if x] or None
+  return task.generate(int(cfg.num_examples), seed=int(cfg.seed), levels=levels,
+                       pattern=cfg.pattern, split="eval")
+
+
+def run_evals(config, model, tokenizer, cache: dict) -> dict[str, float]:
+  """Every entry of ``config.evals``, logged as ``eval/<name>/<metric>``."""
+  from opd_jax.tasks import get_task
+  out = {}
+  for name, cfg in config.evals.items():
+    if name not in cache:
+      task = get_task(cfg.task)
+      cache[name] = (task, eval_examples(cfg, task))
+    task, examples = cache[name]
+    fn = evaluation.EVALUATORS.get(cfg.evaluator)
+    res = fn(model, tokenizer, examples, task, num_samples=int(cfg.num_samples),
+             temperature=float(cfg.temperature) or 1.0, greedy=float(cfg.temperature) == 0.0,
+             top_p=float(cfg.top_p),
+             max_new_tokens=int(cfg.max_new_tokens) or int(config.sampling.max_new_tokens),
+             batch_size=int(cfg.batch_size), seed=int(cfg.seed),
+             max_prompt_len=int(config.data.max_prompt_len),
+             use_chat_template=bool(config.data.use_chat_template))
+    out.update({f"eval/{name}/{k}": float(v) for k, v in res.items()})
+  return out
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) a training run; returns the final logged metrics."""
+  workdir = os.path.abspath(workdir)
+  init_distributed(config.distributed)
+  expand_paths(config, workdir)
+  if config.get("prepare"):
+    PREPARERS.get(config.prepare)(config, workdir)
+  save_config(config, workdir)
+  is_main = jax.process_index() == 0
+
+  mesh = make_mesh(config.mesh.shape.to_dict())
+  sharder = Sharder(mesh, rules_from_config(config.mesh.rules))
+  tokenizer = _tokenizer(config)
+  student = _load(config.student, sharder)
+  teacher = _load(config.teacher, sharder) if needs_teacher(config) else None
+  vocab = (common_vocab_size(student.cfg, teacher.cfg, len(tokenizer)) if teacher is not None
+           else min(len(tokenizer), student.cfg.vocab_size))
+  sampling = sampling_config(config, tokenizer, student.cfg)
+  step_cfg = opd_config(config, sampling)
+  data, it = build_data(config, tokenizer)
+
+  opt_cfg = config.optimizer.to_dict()
+  opt_cfg["total_steps"] = int(opt_cfg["total_steps"]) or int(config.total_steps)
+  tx, schedule = optim.make_optimizer(opt_cfg)
+  state, state_shardings = init_train_state(student, tx, int(config.seed), sharder)
+  student_graphdef = nnx.graphdef(student)
+  del student
+  teacher_graphdef = teacher_params = teacher_shardings = None
+  if teacher is not None:
+    teacher_graphdef, teacher_params = nnx.split(teacher)
+    teacher_shardings = sharder.tree_shardings(teacher_params)
+
+  ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), save_every=int(config.checkpoint_every),
+      max_to_keep=int(config.keep_checkpoints))
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, data_state, _ = ckpt.restore(checkpointing.abstract_like(state))
+    data_lib.restore_iterator_state(it, data_state)
+    start = int(state.step)
+  writer = MetricWriter(workdir)
+  writer.truncate_after(start)
+  if is_main and start == 0:
+    writer.write(0, {f"data/{k}": v for k, v in data.stats.items()})
+
+  b = int(config.batch_size)
+  example = global_batch(next(iter(data.iterator(b, seed=0))), sharder, b)
+  batch_shardings = {k: v.sharding for k, v in example.items()}
+  step_fn = make_opd_step(student_graphdef, teacher_graphdef, tx, schedule, step_cfg,
+                          vocab_size=vocab, sharder=sharder, state_shardings=state_shardings,
+                          teacher_shardings=teacher_shardings,
+                          batch_shardings=batch_shardings)
+  t0 = time.time()
+  compiled = step_fn.lower(state, teacher_params, example).compile()
+  compile_s = time.time() - t0
+
+  preempt = checkpointing.PreemptionFlag()
+  eval_cache: dict = {}
+  total = int(config.total_steps)
+  last: dict[str, Any] = {"step": start}
+
+  def student_model(state):
+    return nnx.merge(student_graphdef, state.params)
+
+  def checkpoint(step, force=False):
+    ckpt.save(step, state, data_lib.save_iterator_state(it),
+              {"step": step, "time": time.time()}, force=force)
+
+  from tqdm import tqdm
+  bar = tqdm(total=total, initial=start, disable=not (is_main and config.progress_bar),
+             desc="opd", dynamic_ncols=True)
+  if config.evals and start == 0 and config.get("eval_at_start", False):
+    res = run_evals(config, student_model(state), tokenizer, eval_cache)
+    writer.write(0, res)
+  status = "finished"
+  for step in range(start + 1, total + 1):
+    batch = global_batch(next(it), sharder, b)
+    t0 = time.time()
+    state, metrics = compiled(state, teacher_params, batch)
+    metrics = host_metrics(metrics, step_fn.token_metric_names())
+    dt = time.time() - t0
+    metrics.update(step_time_s=dt, tokens_per_sec=metrics["num_tokens"] / dt)
+    if step == start + 1:
+      metrics["compile_time_s"] = compile_s
+    evals_now = config.evals and (step == total or (
+        int(config.eval_every) and step % int(config.eval_every) == 0))
+    if evals_now:
+      metrics.update(run_evals(config, student_model(state), tokenizer, eval_cache))
+    if step % int(config.log_every) == 0 or step == total or evals_now:
+      writer.write(step, metrics)
+    last = {"step": step, **metrics}
+    bar.update(1)
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_sec']:.0f}",
+                    len=f"{metrics['mean_response_length']:.1f}")
+    if ckpt.should_save(step) or step == total:
+      checkpoint(step)
+    if preempt.requested():
+      checkpoint(step, force=True)
+      status = "preempted"
+      break
+  bar.close()
+  preempt.restore_handler()
+  if status == "finished" and config.export_hf:
+    from opd_jax.models import to_hf
+    to_hf(student_model(state), os.path.join(workdir, "export_hf"))
+    if is_main:
+      tokenizer.save_pretrained(os.path.join(workdir, "export_hf"))
+  ckpt.close()
+  writer.close()
+  last["status"] = status
+  last["trace_count"] = step_fn.trace_count()
+  return last
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  config = flags.FLAGS.config
+  workdir = flags.FLAGS.workdir
+  result = train(config, workdir)
+  if jax.process_index() == 0:
+    keys = [k for k in ("step", "status", "loss", "tokens_per_sec") if k in result]
+    print(json.dumps({k: result[k] for k in keys}))
+    for k, v in sorted(result.items()):
+      if k.startswith("eval/") and ("avg@" in k or "accuracy" in k):
+        print(f"{k}: {v:.4f}")
+
+
+def run():
+  """Console-script entry point (``opd-train``)."""
+  from absl import app, flags
+  from ml_collections import config_flags
+  if "config" not in flags.FLAGS:
+    config_flags.DEFINE_config_file("config", None, "config file (get_config(arg))",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs)")
+    flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,491 @@
+"""Tests for opd_jax.losses against independent float64 numpy references."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from opd_jax import losses
+
+B, C, V = 2, 5, 11
+PAD = (4, 10)  # padded vocabulary columns (logit -1e30 in both models)
+REAL = tuple(v for v in range(V) if v not in PAD)
+TEMPS = [(1.0, 1.0), (0.7, 1.6)]
+
+
+def _inputs(seed: int = 0, pad: bool = True):
+  rng = np.random.default_rng(seed)
+  s = rng.normal(size=(B, C, V)) * 2.0
+  t = rng.normal(size=(B, C, V)) * 2.0
+  if pad:
+    s[..., PAD] = -1e30
+    t[..., PAD] = -1e30
+  tokens = rng.choice(np.array(REAL), size=(B, C))
+  return s.astype(np.float32), t.astype(np.float32), tokens.astype(np.int32)
+
+
+# ---------------------------------------------------------------------------
+# float64 numpy references. Each takes (s_sg, s, t, tokens, ts, tt, **kw):
+# s_sg supplies the stop-gradient parts, s the differentiated ones.
+# ---------------------------------------------------------------------------
+
+
+def np_log_softmax(x, tau):
+  z = np.asarray(x, np.float64) / tau
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def np_kl(la, lb):
+  a = np.exp(la)
+  with np.errstate(invalid="ignore"):
+    return np.where(a > 0, a * (la - lb), 0.0).sum(-1)
+
+
+def np_log(x):
+  with np.errstate(divide="ignore"):
+    return np.log(x)
+
+
+def np_take(lp, tokens):
+  return np.take_along_axis(lp, tokens[..., None], -1)[..., 0]
+
+
+def ref_forward_kl(s_sg, s, t, tok, ts, tt):
+  return np_kl(np_log_softmax(t, tt), np_log_softmax(s, ts))
+
+
+def ref_reverse_kl(s_sg, s, t, tok, ts, tt):
+  return np_kl(np_log_softmax(s, ts), np_log_softmax(t, tt))
+
+
+def ref_jsd(s_sg, s, t, tok, ts, tt, beta=0.5):
+  lp, lq = np_log_softmax(s, ts), np_log_softmax(t, tt)
+  if beta == 0:
+    return np_kl(lq, lp)
+  if beta == 1:
+    return np_kl(lp, lq)
+  lm = np_log(beta * np.exp(lq) + (1 - beta) * np.exp(lp))
+  return beta * np_kl(lq, lm) + (1 - beta) * np_kl(lp, lm)
+
+
+def ref_skew_kl(s_sg, s, t, tok, ts, tt, alpha=0.1):
+  p, q = np.exp(np_log_softmax(s, ts)), np.exp(np_log_softmax(t, tt))
+  return np_kl(np_log(q), np_log(alpha * q + (1 - alpha) * p))
+
+
+def ref_skew_rkl(s_sg, s, t, tok, ts, tt, alpha=0.1):
+  p, q = np.exp(np_log_softmax(s, ts)), np.exp(np_log_softmax(t, tt))
+  return np_kl(np_log(p), np_log(alpha * p + (1 - alpha) * q))
+
+
+def ref_tvd(s_sg, s, t, tok, ts, tt):
+  p, q = np.exp(np_log_softmax(s, ts)), np.exp(np_log_softmax(t, tt))
+  return 0.5 * np.abs(p - q).sum(-1)
+
+
+def _ref_estimator(which, s_sg, s, t, tok, ts, tt, mode):
+  lp_y = np_take(np_log_softmax(s, ts), tok)
+  lp_y_sg = np_take(np_log_softmax(s_sg, ts), tok)
+  lq_y = np_take(np_log_softmax(t, tt), tok)
+
+  def k(lp):
+    log_r = lq_y - lp
+    return {"k1": -log_r, "k2": 0.5 * log_r**2,
+            "k3": np.exp(log_r) - 1 - log_r}[which]
+
+  return k(lp_y) if mode == "direct" else k(lp_y_sg) * lp_y
+
+
+def ref_k1(*args, mode="reward"):
+  return _ref_estimator("k1", *args, mode=mode)
+
+
+def ref_k2(*args, mode="direct"):
+  return _ref_estimator("k2", *args, mode=mode)
+
+
+def ref_k3(*args, mode="direct"):
+  return _ref_estimator("k3", *args, mode=mode)
+
+
+def np_topk_sets(s, t, k, strategy, ts, tt):
+  """Python sets per position, from sorted probabilities (no ties)."""
+  p, q = np.exp(np_log_softmax(s, ts)), np.exp(np_log_softmax(t, tt))
+  out = np.empty(p.shape[:-1], object)
+  for idx in np.ndindex(*p.shape[:-1]):
+    sp = set(np.argsort(-p[idx], kind="stable")[:k].tolist())
+    sq = set(np.argsort(-q[idx], kind="stable")[:k].tolist())
+    out[idx] = {"student": sp, "teacher": sq, "union": sp | sq,
+                "intersection": sp & sq}[strategy]
+  return out
+
+
+def ref_topk_opd(s_sg, s, t, tok, ts, tt, k=16, strategy="student",
+                 weight="student"):
+  lp, lq = np_log_softmax(s, ts), np_log_softmax(t, tt)
+  lp_sg = np_log_softmax(s_sg, ts)
+  if k == 0:
+    return (np_take(lp_sg, tok) - np_take(lq, tok)) * np_take(lp, tok)
+  sets = np_topk_sets(s_sg, t, k, strategy, ts, tt)
+  out = np.zeros(lp.shape[:-1])
+  for idx in np.ndindex(*lp.shape[:-1]):
+    cand = [v for v in sorted(sets[idx]) if v not in PAD]
+    if not cand:
+      continue
+    p_s, q_s = np.exp(lp_sg[idx][cand]), np.exp(lq[idx][cand])
+    w = {"student": p_s / p_s.sum(), "teacher": q_s / q_s.sum(),
+         "none": np.full(len(cand), 1.0 / len(cand))}[weight]
+    r = -w * (lp_sg[idx][cand] - lq[idx][cand])
+    out[idx] = -(r * lp[idx][cand]).sum()
+  return out
+
+
+def ref_sft(s_sg, s, t, tok, ts, tt):
+  return -np_take(np_log_softmax(s, ts), tok)
+
+
+REFS = {
+    "forward_kl": ref_forward_kl, "reverse_kl": ref_reverse_kl,
+    "jsd": ref_jsd, "skew_kl": ref_skew_kl, "skew_rkl": ref_skew_rkl,
+    "tvd": ref_tvd, "k1": ref_k1, "sampled_reverse_kl": ref_k1,
+    "k2": ref_k2, "k3": ref_k3, "topk_opd": ref_topk_opd, "sft": ref_sft,
+}
+
+CASES = [
+    ("forward_kl", {}), ("reverse_kl", {}),
+    ("jsd", {}), ("jsd", {"beta": 0.0}), ("jsd", {"beta": 0.2}),
+    ("jsd", {"beta": 1.0}),
+    ("skew_kl", {}), ("skew_kl", {"alpha": 0.4}), ("skew_kl", {"alpha": 0.0}),
+    ("skew_rkl", {}), ("skew_rkl", {"alpha": 0.4}),
+    ("tvd", {}),
+    ("k1", {}), ("k1", {"mode": "direct"}), ("sampled_reverse_kl", {}),
+    ("k2", {}), ("k2", {"mode": "reward"}),
+    ("k3", {}), ("k3", {"mode": "reward"}),
+    ("topk_opd", {"k": 0}), ("topk_opd", {"k": 3}), ("topk_opd", {"k": V}),
+    ("topk_opd", {"k": 3, "strategy": "teacher", "weight": "teacher"}),
+    ("topk_opd", {"k": 3, "strategy": "union", "weight": "none"}),
+    ("topk_opd", {"k": 4, "strategy": "intersection", "weight": "student"}),
+    ("topk_opd", {"k": 2, "strategy": "intersection", "weight": "none"}),
+    ("topk_opd", {"k": 3, "strategy": "union", "weight": "teacher"}),
+    ("sft", {}),
+]
+CASE_IDS = [f"{n}-{kw}" for n, kw in CASES]
+
+
+def _call(name, kwargs, s, t, tok, ts, tt):
+  fn = losses.get_loss(name, dict(kwargs, student_temperature=ts,
+                                  teacher_temperature=tt))
+  return fn(jnp.asarray(s), None if name == "sft" else jnp.asarray(t),
+            jnp.asarray(tok))
+
+
+def _ref(name, kwargs, s_sg, s, t, tok, ts, tt):
+  return REFS[name](s_sg, s, t, tok, ts, tt, **kwargs)
+
+
+@pytest.mark.parametrize("temps", TEMPS, ids=str)
+@pytest.mark.parametrize("name,kwargs", CASES, ids=CASE_IDS)
+def test_value_and_grad_match_numpy(name, kwargs, temps):
+  """Values vs the f64 reference; jax gradients vs its central differences.
+
+  The reference freezes its stop-gradient parts at the base point, so the
+  surrogate (reward / top-k) gradients are checked too. Padded columns must
+  get an exactly-zero, finite gradient; teacher logits must get none.
+  """
+  s, t, tok = _inputs(2)
+  c = np.random.default_rng(3).normal(size=(B, C))
+  ts, tt = temps
+
+  got, vjp = jax.vjp(lambda s_, t_: _call(name, kwargs, s_, t_, tok, ts, tt),
+                     jnp.asarray(s), jnp.asarray(t))
+  got = np.asarray(got)
+  assert got.shape == (B, C) and got.dtype == np.float32
+  np.testing.assert_allclose(got, _ref(name, kwargs, s, s, t, tok, ts, tt),
+                             rtol=2e-5, atol=2e-5)
+
+  g_s, g_t = (np.asarray(g) for g in vjp(jnp.asarray(c, jnp.float32)))
+  assert np.all(np.isfinite(g_s))
+  assert np.all(g_t == 0)
+  assert np.all(g_s[..., PAD] == 0)
+  # Positions are independent, so one vocab column is perturbed at every
+  # position at once and differenced per position.
+  s64 = s.astype(np.float64)
+  h = 1e-5
+  fd = np.zeros_like(s64)
+  f = lambda x: c * _ref(name, kwargs, s64, x, t, tok, ts, tt)
+  for v in REAL:
+    e = np.zeros_like(s64)
+    e[..., v] = h
+    fd[..., v] = (f(s64 + e) - f(s64 - e)) / (2 * h)
+  np.testing.assert_allclose(g_s, fd, rtol=1e-4, atol=1e-4)
+
+
+def test_no_nan_extreme_temperatures():
+  s, t, _ = _inputs(4)
+  s, t = jnp.asarray(s), jnp.asarray(t)
+  tok = jnp.argmax(s, -1).astype(jnp.int32)  # a likely student sample
+  for name, kwargs in CASES:
+    for ts, tt in [(0.05, 3.0), (3.0, 0.05)]:
+      fn = losses.get_loss(name, dict(kwargs, student_temperature=ts,
+                                      teacher_temperature=tt))
+      val, g = jax.value_and_grad(lambda x: jnp.sum(fn(x, t, tok)))(s)
+      assert np.isfinite(val), (name, kwargs, ts, tt)
+      assert np.all(np.isfinite(g)), (name, kwargs, ts, tt)
+
+
+def test_under_jit_and_chunked():
+  """Inside jit, per-chunk losses weighted by aggregate_weights slices."""
+  s, t, tok = _inputs(13)
+  mask = np.ones((B, C), bool)
+  mask[0, 3:] = False
+  fn = losses.get_loss("reverse_kl", {"student_temperature": 0.9})
+
+  def step(s_):
+    w = losses.aggregate_weights(mask, "sequence_mean")
+    return sum(jnp.sum(w[:, i:i + 2] * fn(s_[:, i:i + 2], t[:, i:i + 2],
+                                           tok[:, i:i + 2]))
+               for i in range(0, C, 2))
+
+  whole = lambda s_: losses.aggregate(fn(s_, t, tok), mask, "sequence_mean")
+  val, g = jax.jit(jax.value_and_grad(step))(jnp.asarray(s))
+  val_ref, g_ref = jax.value_and_grad(whole)(jnp.asarray(s))
+  np.testing.assert_allclose(val, val_ref, rtol=1e-6)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Gradients in expectation over y ~ p.
+# ---------------------------------------------------------------------------
+
+
+def _per_token_grads(fn, s, t):
+  """[V_real, B, C, V]: ∇_s Σ_{b,c} loss(y at every position)."""
+  def grad_for(y):
+    tok = jnp.full((B, C), y, jnp.int32)
+    return jax.grad(lambda x: jnp.sum(fn(x, t, tok)))(s)
+  return jax.jit(jax.vmap(grad_for))(jnp.asarray(REAL))
+
+
+def _full_grad(name, s, t, ts, tt):
+  fn = losses.get_loss(name, {"student_temperature": ts,
+                              "teacher_temperature": tt})
+  return np.asarray(jax.grad(lambda x: jnp.sum(fn(x, t)))(s))
+
+
+@pytest.mark.parametrize("temps", [(0.7, 1.6)], ids=str)
+@pytest.mark.parametrize("name,kwargs,target", [
+    ("k1", {"mode": "reward"}, "reverse_kl"),
+    ("k2", {"mode": "direct"}, "reverse_kl"),
+    ("k3", {"mode": "direct"}, "forward_kl"),
+    ("topk_opd", {"k": 0}, "reverse_kl"),
+    ("k1", {"mode": "direct"}, None),  # E_p[∇ log p] = 0
+])
+def test_estimator_exact_expectation(name, kwargs, target, temps):
+  s, t, _ = _inputs(5)
+  s, t = jnp.asarray(s), jnp.asarray(t)
+  ts, tt = temps
+  fn = losses.get_loss(name, dict(kwargs, student_temperature=ts,
+                                  teacher_temperature=tt))
+  grads = _per_token_grads(fn, s, t)
+  p = np.exp(np_log_softmax(s, ts))[..., list(REAL)]  # [B, C, V_real]
+  expect = np.einsum("ybcv,bcy->bcv", np.asarray(grads, np.float64), p)
+  want = (np.zeros_like(expect) if target is None
+          else _full_grad(target, s, t, ts, tt))
+  np.testing.assert_allclose(expect, want, atol=1e-5, rtol=1e-5)
+
+
+def test_k1_reward_monte_carlo():
+  """Monte Carlo mean of the k1 policy gradient vs ∇KL(p‖q), within 5 SE.
+
+  200k draws y ~ p per position; the per-draw gradient depends on y only, so
+  the sample mean / variance are formed exactly from the draw counts.
+  """
+  n = 200_000
+  ts, tt = 0.8, 1.2
+  s, t, _ = _inputs(6)
+  s, t = jnp.asarray(s), jnp.asarray(t)
+  fn = losses.get_loss("k1", {"student_temperature": ts,
+                              "teacher_temperature": tt})
+  p = np.exp(np_log_softmax(s, ts))
+  rng = np.random.default_rng(0)
+  # Counts of n iid draws y ~ p at each position (= sampling, then counting).
+  counts = np.stack([rng.multinomial(n, p[idx] / p[idx].sum())
+                     for idx in np.ndindex(B, C)]).reshape(B, C, V)
+  assert counts[..., PAD].sum() == 0
+  freq = counts[..., list(REAL)] / n
+  g = np.asarray(_per_token_grads(fn, s, t), np.float64)  # [Vr, B, C, V]
+  mean = np.einsum("ybcv,bcy->bcv", g, freq)
+  var = (np.einsum("ybcv,bcy->bcv", g**2, freq) - mean**2) * n / (n - 1)
+  se = np.sqrt(np.maximum(var, 0) / n)
+  want = _full_grad("reverse_kl", s, t, ts, tt)
+  err = np.abs(mean - want)
+  assert np.all(err <= 5 * se + 1e-6), float(np.max(err / (se + 1e-12)))
+  assert np.max(err) > 0  # it really is a Monte Carlo estimate
+
+
+# ---------------------------------------------------------------------------
+# Top-k OPD and JSD specifics.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temps", TEMPS, ids=str)
+@pytest.mark.parametrize("k", [V - len(PAD), V, V + 5])
+def test_topk_full_vocab_grad_equals_reverse_kl(k, temps):
+  s, t, tok = _inputs(7)
+  s, t = jnp.asarray(s), jnp.asarray(t)
+  ts, tt = temps
+  fn = losses.get_loss("topk_opd", {"k": k, "student_temperature": ts,
+                                    "teacher_temperature": tt})
+  g = jax.grad(lambda x: jnp.sum(fn(x, t, tok)))(s)
+  np.testing.assert_allclose(g, _full_grad("reverse_kl", s, t, ts, tt),
+                             atol=1e-6, rtol=1e-5)
+  # The surrogate value is not the KL value.
+  kl = losses.reverse_kl(s, t, student_temperature=ts, teacher_temperature=tt)
+  assert not np.allclose(fn(s, t, tok), kl)
+
+
+@pytest.mark.parametrize("strategy", ["student", "teacher", "union",
+                                      "intersection"])
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_topk_support_mask_matches_numpy_sets(strategy, k):
+  s, t, _ = _inputs(8)
+  ts, tt = 0.9, 1.3
+  mask = np.asarray(losses.topk_support_mask(
+      s, t, k=k, strategy=strategy, student_temperature=ts,
+      teacher_temperature=tt))
+  sets = np_topk_sets(s, t, k, strategy, ts, tt)
+  for idx in np.ndindex(B, C):
+    assert set(np.flatnonzero(mask[idx]).tolist()) == sets[idx], idx
+
+
+def test_topk_intersection_can_be_empty():
+  s, t, tok = _inputs(9)
+  t = -s  # teacher's top-1 is the student's bottom-1
+  t[..., PAD] = -1e30
+  out = losses.topk_opd(jnp.asarray(s), jnp.asarray(t), tok, k=1,
+                        strategy="intersection")
+  assert np.all(np.asarray(out) == 0)
+
+
+def test_jsd_endpoints_equal_kls():
+  s, t, tok = _inputs(10)
+  s, t = jnp.asarray(s), jnp.asarray(t)
+  kw = {"student_temperature": 0.8, "teacher_temperature": 1.1}
+  for beta, other in [(0.0, losses.forward_kl), (1.0, losses.reverse_kl)]:
+    f = functools.partial(losses.jsd, beta=beta, **kw)
+    g = functools.partial(other, **kw)
+    np.testing.assert_array_equal(f(s, t, tok), g(s, t, tok))
+    np.testing.assert_array_equal(
+        jax.grad(lambda x: jnp.sum(f(x, t, tok)))(s),
+        jax.grad(lambda x: jnp.sum(g(x, t, tok)))(s))
+
+
+def test_jsd_half_is_symmetric_js():
+  """β = 0.5 is the ordinary Jensen-Shannon divergence (symmetric, ≤ log 2)."""
+  s, t, tok = _inputs(11)
+  a = np.asarray(losses.jsd(s, t, tok))
+  b = np.asarray(losses.jsd(t, s, tok))
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert np.all(a <= np.log(2) + 1e-6) and np.all(a >= 0)
+  np.testing.assert_allclose(a, ref_jsd(s, s, t, tok, 1.0, 1.0, beta=0.5),
+                             rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Aggregation.
+# ---------------------------------------------------------------------------
+
+
+def _np_aggregate(l, m, mode, normalizer=None):
+  l, m = np.asarray(l, np.float64), np.asarray(m, np.float64)
+  if mode == "token_mean":
+    return (l * m).sum() / max(m.sum(), 1.0)
+  if mode == "constant":
+    return (l * m).sum() / normalizer
+  means = [(l[b] * m[b]).sum() / m[b].sum() for b in range(l.shape[0])
+           if m[b].sum() > 0]
+  return float(np.mean(means)) if means else 0.0
+
+
+@pytest.mark.parametrize("mode,normalizer", [
+    ("token_mean", None), ("sequence_mean", None), ("constant", 7.0)])
+def test_aggregate_matches_numpy(mode, normalizer):
+  rng = np.random.default_rng(12)
+  l = rng.normal(size=(4, 9)).astype(np.float32)
+  m = (rng.random((4, 9)) < 0.6)
+  m[1] = False  # a sequence with no tokens
+  m[2, 0] = True
+  l[~m] = np.nan  # masked positions may hold garbage
+  got = float(losses.aggregate(l, m, mode, normalizer))
+  want = _np_aggregate(np.where(m, l, 0.0), m, mode, normalizer)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  # Σ weights·loss, also chunk by chunk along T.
+  w = np.asarray(losses.aggregate_weights(m, mode, normalizer))
+  lz = np.where(m, l, 0.0)
+  np.testing.assert_allclose((w * lz).sum(), want, rtol=1e-6)
+  chunked = sum((w[:, i:i + 4] * lz[:, i:i + 4]).sum() for i in (0, 4, 8))
+  np.testing.assert_allclose(chunked, want, rtol=1e-6)
+  # All-masked input: 0, not NaN.
+  assert float(losses.aggregate(l, np.zeros_like(m), mode, normalizer)) == 0.0
+
+
+def test_aggregate_gradient_ignores_masked_positions():
+  l = jnp.arange(6.0).reshape(2, 3)
+  m = jnp.array([[1, 1, 0], [0, 0, 0]])
+  g = jax.grad(lambda x: losses.aggregate(x, m, "sequence_mean"))(l)
+  np.testing.assert_allclose(g, [[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])
+
+
+def test_aggregate_errors():
+  m = np.ones((2, 3))
+  with pytest.raises(ValueError, match="normalizer"):
+    losses.aggregate_weights(m, "constant")
+  with pytest.raises(ValueError, match="token_mean"):
+    losses.aggregate_weights(m, "mean")
+
+
+# ---------------------------------------------------------------------------
+# Registry / configuration.
+# ---------------------------------------------------------------------------
+
+
+def test_unknown_loss_lists_names():
+  with pytest.raises(ValueError) as e:
+    losses.get_loss("nope")
+  for name in losses.LOSSES.names():
+    assert name in str(e.value)
+
+
+def test_bad_kwarg_lists_keys():
+  with pytest.raises(ValueError) as e:
+    losses.get_loss("jsd", {"betta": 0.3})
+  for key in ("beta", "student_temperature", "teacher_temperature"):
+    assert key in str(e.value)
+  with pytest.raises(ValueError) as e:
+    losses.get_loss("topk_opd", {"topk": 4})
+  for key in ("k", "strategy", "weight"):
+    assert repr(key) in str(e.value)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("k1", {"mode": "bogus"}), ("topk_opd", {"strategy": "only_stu"}),
+    ("topk_opd", {"weight": "student_p"}), ("topk_opd", {"k": -1}),
+    ("jsd", {"beta": 1.5}), ("skew_kl", {"alpha": -0.1}),
+    ("reverse_kl", {"student_temperature": 0.0}),
+])
+def test_bad_values_fail_at_get_loss(name, kwargs):
+  with pytest.raises(ValueError):
+    losses.get_loss(name, kwargs)
+
+
+def test_needs_teacher():
+  assert set(losses.NEEDS_TEACHER) == set(losses.LOSSES.names())
+  assert not losses.needs_teacher("sft")
+  assert losses.needs_teacher("topk_opd")
+  with pytest.raises(ValueError):
+    losses.needs_teacher("nope")

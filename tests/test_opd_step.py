@@ -1,0 +1,401 @@
+"""Tests for opd_jax.opd_step: the compiled on-policy distillation step.
+
+Compiling the whole step (sampler + teacher + chunked loss + update) takes tens
+of seconds on CPU, so every distinct step is built once in a module-scoped
+fixture and shared between the assertions that need it. The fixtures are:
+
+  base_run       one device, reverse KL, SGD (no clip), metrics on, 3 steps;
+  sharded_run    the same step on a (data=2, fsdp=2, tensor=2) mesh, 1 step;
+  (per test)     λ-mix with dataset / teacher completions, SFT, tokenizer-size
+                 vocabularies, convergence, and a compile-only memory check.
+
+Run with ``-s`` to see each step's first-call (trace + compile + run) time.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from opd_jax import losses as losses_lib
+from opd_jax import metrics as metrics_lib
+from opd_jax import opd_step, optim
+from opd_jax.models import ModelConfig, abstract_model, create_model
+from opd_jax.sampling import SamplingConfig
+from opd_jax.sharding import Sharder, make_mesh
+
+VOCAB = 64
+SCFG = ModelConfig(model_type="qwen3", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True,
+                   max_position_embeddings=64)
+TCFG = SCFG.replace(hidden_size=48, num_layers=3)
+PROMPTS = np.array([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13], [0, 0, 0, 14]], np.int32)
+P = PROMPTS.shape[1]
+N_NEW = 12
+NUM_SAMPLES = 2
+ROWS = PROMPTS.shape[0] * NUM_SAMPLES
+# Several EOS ids (5/64 of the mass at init) so that some rows stop early and
+# some run to N_NEW: both the post-EOS masking and truncation are exercised.
+EOS = (1, 2, 3, 4, 15)
+SEED = 0
+SGD_LR = 0.1
+
+COMPILE_SECONDS: dict[str, float] = {}
+
+
+def _batch(**extra):
+  return {"prompt_ids": jnp.asarray(PROMPTS), "prompt_mask": jnp.asarray(PROMPTS > 0), **extra}
+
+
+def _sampling(**kw) -> SamplingConfig:
+  base = dict(max_new_tokens=N_NEW, eos_ids=EOS, num_samples=NUM_SAMPLES)
+  base.update(kw)
+  return SamplingConfig(**base)
+
+
+def _host(tree):
+  """Copies a pytree to host numpy (before the step donates its buffers)."""
+  return jax.tree.map(lambda x: np.array(x), jax.device_get(tree))
+
+
+def _timed(name: str, step, *args):
+  """First call of a step: trace + compile + run; records the wall time."""
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(step(*args))
+  COMPILE_SECONDS[name] = dt = time.perf_counter() - t0
+  print(f"\n[test_opd_step] {name}: first call (trace+compile+run) {dt:.1f}s")
+  return out
+
+
+def _build(cfg: opd_step.OPDConfig, *, opt=None, mesh=None, student_cfg=SCFG,
+           teacher_cfg=TCFG, teacher_params=None, vocab_size=VOCAB, batch_keys=None):
+  """Student, teacher and jitted step. Returns a dict of the pieces."""
+  sh = Sharder(mesh)
+  student = create_model(student_cfg, seed=SEED, sharder=sh)
+  tx, sched = optim.make_optimizer(opt or {"name": "sgd", "lr": SGD_LR, "grad_clip": 0})
+  state, st_sh = opd_step.init_train_state(student, tx, SEED, sh)
+  gd_s, _ = nnx.split(student)
+  gd_t = t_params = t_sh = b_sh = None
+  if teacher_cfg is not None:
+    if teacher_params is None:
+      gd_t, t_params = nnx.split(create_model(teacher_cfg, seed=1, sharder=sh))
+    else:
+      gd_t, t_params = teacher_params
+    if mesh is not None:
+      t_sh = sh.tree_shardings(t_params)
+  if mesh is not None:
+    b_sh = {k: sh.batch(2, PROMPTS.shape[0]) for k in (batch_keys or _batch())}
+  step = opd_step.make_opd_step(gd_s, gd_t, tx, sched, cfg, vocab_size=vocab_size, sharder=sh,
+                                state_shardings=st_sh, teacher_shardings=t_sh,
+                                batch_shardings=b_sh)
+  return dict(step=step, state=state, gd_s=gd_s, gd_t=gd_t, t_params=t_params, sharder=sh)
+
+
+# ----------------------------------------------------------------------------
+# Independent references (full logits, no chunking, float64 numpy).
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, params, ids, mask, positions):
+  return nnx.merge(graphdef, params)(ids, mask, positions)
+
+
+def _completions(cfg, gd_s, s_params, gd_t, t_params, batch, rng):
+  """The step's completions, re-derived with the step's key derivation."""
+
+  @jax.jit
+  def f(sp, tp, batch, rng):
+    student = nnx.merge(gd_s, sp)
+    teacher = None if gd_t is None else nnx.merge(gd_t, tp)
+    _, k_roll = jax.random.split(rng)
+    return opd_step.build_completions(student, teacher, batch, k_roll, cfg)
+
+  return _host(f(s_params, t_params, batch, rng))
+
+
+def _full_sequence_np(comp):
+  ids = np.concatenate([comp["prompt_ids"], comp["tokens"]], 1).astype(np.int32)
+  mask = np.concatenate([comp["prompt_mask"], comp["mask"]], 1).astype(bool)
+  pos = (np.maximum(np.cumsum(mask, 1) - 1, 0) * mask).astype(np.int32)
+  return ids, mask, pos
+
+
+def _completion_logits(graphdef, params, comp, vocab):
+  """Full-forward logits ``[R, N, vocab]`` predicting each completion token."""
+  ids, mask, pos = _full_sequence_np(comp)
+  logits = np.asarray(_logits(graphdef, params, ids, mask, pos), np.float64)
+  n = comp["tokens"].shape[1]
+  return logits[:, P - 1:P - 1 + n, :vocab]
+
+
+def _log_softmax_np(x):
+  x = np.asarray(x, np.float64)
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _reverse_kl_np(ls, lt):
+  logp, logq = _log_softmax_np(ls), _log_softmax_np(lt)
+  return (np.exp(logp) * (logp - logq)).sum(-1)
+
+
+# ----------------------------------------------------------------------------
+# Shared compiled steps.
+
+
+def _base_cfg(**kw):
+  base = dict(sampling=_sampling(), loss="reverse_kl", loss_chunk=5, position_chunk=4,
+              metrics=True, metrics_top_k=8)
+  base.update(kw)
+  return opd_step.OPDConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def base_run():
+  """Three SGD steps on one device (metrics on); host copies of everything."""
+  cfg = _base_cfg()
+  b = _build(cfg)
+  state, step = b["state"], b["step"]
+  params0, rng0 = _host(state.params), np.array(state.rng)
+  metrics, params, steps, rngs = [], [], [], []
+  for i in range(3):
+    if i == 0:
+      state, m = _timed("base (1 device, metrics on)", step, state, b["t_params"], _batch())
+    else:
+      state, m = step(state, b["t_params"], _batch())
+    metrics.append(_host(m))
+    params.append(_host(state.params))
+    steps.append(int(state.step))
+    rngs.append(np.array(state.rng))
+  return dict(cfg=cfg, b=b, metrics=metrics, params=params, steps=steps, rngs=rngs,
+              params0=params0, rng0=rng0, traces=step.trace_count())
+
+
+@pytest.fixture(scope="module")
+def sharded_run():
+  """One SGD step on a (data=2, fsdp=2, tensor=2) mesh (metrics off)."""
+  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  b = _build(_base_cfg(metrics=False), mesh=mesh)
+  params0 = _host(b["state"].params)
+  state, m = _timed("sharded (2x2x2 mesh, metrics off)", b["step"], b["state"],
+                    b["t_params"], _batch())
+  return dict(metrics=_host(m), params=_host(state.params), params0=params0,
+              traces=b["step"].trace_count())
+
+
+# ----------------------------------------------------------------------------
+# 1. One trace, state advances, metric keys.
+
+
+def test_single_trace_state_advance_and_metric_keys(base_run):
+  assert base_run["traces"] == 1
+  assert base_run["steps"] == [1, 2, 3]
+  rngs = [base_run["rng0"]] + base_run["rngs"]
+  for a, b in zip(rngs[:-1], rngs[1:]):
+    assert not np.array_equal(a, b)
+  expected = {"loss", "grad_norm", "lr", "mean_response_length", "truncated_frac", "num_tokens",
+              "on_policy_frac", "overlap_ratio", "reverse_kl", "k1", "k1_bias", "k1_var",
+              "entropy_student", "entropy_teacher", "topk_kl",
+              "overlap_ratio/pos_0_4", "overlap_ratio/pos_4_8", "overlap_ratio/pos_8_12",
+              "num_tokens/pos_0_4"}
+  for m in base_run["metrics"]:
+    missing = expected - set(m)
+    assert not missing, missing
+    for k, v in m.items():
+      assert np.ndim(v) == 0 and np.isfinite(v), (k, v)
+    assert m["lr"] == pytest.approx(SGD_LR)
+    assert m["on_policy_frac"] == 1.0
+    assert 0.0 <= m["overlap_ratio"] <= 1.0
+  # Parameters move (the loss is not trivially zero).
+  diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), base_run["params0"],
+                      base_run["params"][0])
+  assert max(jax.tree.leaves(diff)) > 0
+
+
+# ----------------------------------------------------------------------------
+# 2. Sharded == single device.
+
+
+def test_sharded_step_matches_single_device(base_run, sharded_run):
+  assert sharded_run["traces"] == 1
+  # Same initial parameters on both layouts.
+  init_diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), base_run["params0"],
+                           sharded_run["params0"])
+  assert max(jax.tree.leaves(init_diff)) == 0.0
+  m1, m8 = base_run["metrics"][0], sharded_run["metrics"]
+  # Same sampled completions (lengths / counts are exact integers).
+  for k in ("num_tokens", "mean_response_length", "truncated_frac", "on_policy_frac"):
+    assert m1[k] == m8[k], (k, m1[k], m8[k])
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
+  diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), base_run["params"][0],
+                      sharded_run["params"])
+  assert max(jax.tree.leaves(diff)) < 1e-6, diff
+
+
+# ----------------------------------------------------------------------------
+# 3. Loss value and gradient against independent full-logits references.
+
+
+def test_loss_equals_exact_reverse_kl_metric(base_run):
+  for m in base_run["metrics"]:
+    # Both are token means of the full-vocabulary KL(p||q) over the same mask.
+    np.testing.assert_allclose(m["loss"], m["reverse_kl"], rtol=1e-5, atol=1e-7)
+
+
+def test_step_loss_and_grad_match_full_logits_reference(base_run):
+  b, cfg = base_run["b"], base_run["cfg"]
+  p0 = jax.tree.map(jnp.asarray, base_run["params0"])
+  comp = _completions(cfg, b["gd_s"], p0, b["gd_t"], b["t_params"], _batch(),
+                      jnp.asarray(base_run["rng0"]))
+  m = base_run["metrics"][0]
+  mask = comp["mask"].astype(bool)
+  lengths = comp["lengths"]
+  # Completions: mask = 1 up to and including the first EOS, pad_id after it.
+  for r in range(ROWS):
+    toks, n = comp["tokens"][r], int(lengths[r])
+    assert mask[r].sum() == n and mask[r, :n].all()
+    is_eos = np.isin(toks[:n], EOS)
+    if comp["truncated"][r]:
+      assert n == N_NEW and not is_eos.any()
+    else:
+      assert is_eos[-1] and not is_eos[:-1].any()
+      assert (toks[n:] == 0).all()
+  assert m["num_tokens"] == mask.sum() == lengths.sum()
+  assert m["mean_response_length"] == pytest.approx(lengths.mean())
+  assert m["truncated_frac"] == pytest.approx(comp["truncated"].mean())
+
+  ls = _completion_logits(b["gd_s"], p0, comp, VOCAB)
+  lt = _completion_logits(b["gd_t"], b["t_params"], comp, VOCAB)
+  kl = _reverse_kl_np(ls, lt)
+  ref = (kl * mask).sum() / mask.sum()
+  np.testing.assert_allclose(m["loss"], ref, rtol=1e-5)
+
+  # Gradient: with plain SGD, params1 = params0 - lr * grad.
+  ids, fmask, pos = _full_sequence_np(comp)
+  weights = jnp.asarray(mask / mask.sum(), jnp.float32)
+  logq = jax.nn.log_softmax(jnp.asarray(lt, jnp.float32), -1)
+
+  def ref_loss(params):
+    logits = nnx.merge(b["gd_s"], params)(ids, fmask, pos)[:, P - 1:P - 1 + N_NEW]
+    logp = jax.nn.log_softmax(logits, -1)
+    return jnp.sum(weights * jnp.sum(jnp.exp(logp) * (logp - logq), -1))
+
+  ref_grad = _host(jax.jit(jax.grad(ref_loss))(p0))
+  step_grad = jax.tree.map(lambda a, b: (a - b) / SGD_LR, base_run["params0"],
+                           base_run["params"][0])
+  err = jax.tree.map(lambda a, b: np.abs(a - b).max(), step_grad, ref_grad)
+  assert max(jax.tree.leaves(err)) < 5e-6, err
+  ref_norm = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in jax.tree.leaves(ref_grad)))
+  np.testing.assert_allclose(m["grad_norm"], ref_norm, rtol=1e-4)
+
+
+def _divergence_inputs(seed=0, r=3, n=10, ds=8, dt=12, vs=20, vt=24):
+  rng = np.random.default_rng(seed)
+  f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  h_s, h_t = f32(r, n, ds), f32(r, n, dt)
+  w_s, w_t = 0.7 * f32(ds, vs), 0.9 * f32(dt, vt)
+  tokens = jnp.asarray(rng.integers(0, 18, (r, n)), jnp.int32)
+  m = rng.random((r, n)) < 0.7
+  m[0, :] = True
+  weights = jnp.asarray(m * rng.uniform(0.5, 1.5, (r, n)), jnp.float32)
+  metric_mask = jnp.asarray(m, jnp.float32)
+  return h_s, w_s, h_t, w_t, tokens, weights, metric_mask
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "k1", "jsd", "sft"])
+def test_chunked_divergence_matches_unchunked_reference(loss):
+  """N=10 in chunks of 4 (padded to 12), padded vocab rows, value and grads."""
+  h_s, w_s, h_t, w_t, tokens, weights, mm = _divergence_inputs()
+  vocab = 18  # < min(Vs=20, Vt=24): columns >= 18 are padding
+  has_teacher = loss != "sft"
+  if not has_teacher:
+    h_t = w_t = None
+  metrics = has_teacher
+  loss_fn = losses_lib.get_loss(loss)
+
+  def chunked(h_s, w_s):
+    return opd_step.chunked_divergence(
+        h_s, w_s, h_t, w_t, tokens, weights, mm, loss_fn=loss_fn, vocab=vocab, chunk=4,
+        metrics=metrics, top_k=4, position_chunk=3, sharder=Sharder())
+
+  def reference(h_s, w_s):
+    ls = jnp.einsum("rnd,dv->rnv", h_s, w_s[:, :vocab])
+    lt = None if not has_teacher else jnp.einsum("rnd,dv->rnv", h_t, w_t[:, :vocab])
+    return jnp.sum(weights * loss_fn(ls, lt, tokens))
+
+  (total, sums), (g_h, g_w) = jax.jit(jax.value_and_grad(chunked, (0, 1), has_aux=True))(
+      h_s, w_s)
+  ref, (r_h, r_w) = jax.jit(jax.value_and_grad(reference, (0, 1)))(h_s, w_s)
+  np.testing.assert_allclose(total, ref, rtol=1e-5)
+  np.testing.assert_allclose(g_h, r_h, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(g_w, r_w, rtol=1e-4, atol=1e-6)
+  assert np.all(np.asarray(g_w)[:, vocab:] == 0)   # padded columns get no gradient
+  if loss == "reverse_kl":   # and an explicit float64 formula
+    ls = np.einsum("rnd,dv->rnv", h_s, w_s[:, :vocab])
+    lt = np.einsum("rnd,dv->rnv", h_t, w_t[:, :vocab])
+    np.testing.assert_allclose(total, (np.asarray(weights) * _reverse_kl_np(ls, lt)).sum(),
+                               rtol=1e-5)
+  if metrics:
+    out = metrics_lib.finalize(sums)
+    ls = np.einsum("rnd,dv->rnv", h_s, w_s[:, :vocab])
+    lt = np.einsum("rnd,dv->rnv", h_t, w_t[:, :vocab])
+    m = np.asarray(mm)
+    kl = _reverse_kl_np(ls, lt)
+    assert float(out["num_tokens"]) == m.sum()
+    np.testing.assert_allclose(out["reverse_kl"], (kl * m).sum() / m.sum(), rtol=1e-5)
+    # Position buckets [0,3) [3,6) [6,9) [9,12): the last one holds position 9 only.
+    np.testing.assert_allclose(out["reverse_kl/pos_9_12"], (kl * m)[:, 9].sum() / m[:, 9].sum(),
+                               rtol=1e-5)
+    assert float(out["num_tokens/pos_3_6"]) == m[:, 3:6].sum()
+
+
+# ----------------------------------------------------------------------------
+# 4. Masking.
+
+
+def test_chunked_divergence_ignores_masked_positions():
+  h_s, w_s, h_t, w_t, tokens, weights, mm = _divergence_inputs(seed=1)
+  loss_fn = losses_lib.get_loss("k1")  # reads the tokens too
+
+  @jax.jit
+  def run(h_s, h_t, tokens):
+    def f(h_s):
+      return opd_step.chunked_divergence(
+          h_s, w_s, h_t, w_t, tokens, weights, mm, loss_fn=loss_fn, vocab=20, chunk=4,
+          metrics=True, top_k=4, position_chunk=4, sharder=Sharder())
+    (total, sums), g = jax.value_and_grad(f, has_aux=True)(h_s)
+    return total, metrics_lib.finalize_array(sums), g
+
+  masked = np.asarray(weights) == 0
+  assert masked.any() and (~masked).any()
+  rng = np.random.default_rng(7)
+  sel = jnp.asarray(masked[..., None])
+  h_s2 = jnp.where(sel, 100.0 * rng.standard_normal(h_s.shape), h_s)
+  h_t2 = jnp.where(sel, -50.0 * rng.standard_normal(h_t.shape), h_t)
+  tokens2 = jnp.where(jnp.asarray(masked), 10_000, tokens)  # even out-of-range ids
+  t1, m1, g1 = run(h_s, h_t, tokens)
+  t2, m2, g2 = run(h_s2.astype(jnp.float32), h_t2.astype(jnp.float32), tokens2)
+  assert np.isfinite(t2)
+  np.testing.assert_allclose(t2, t1, rtol=1e-6)
+  np.testing.assert_allclose(m2, m1, rtol=1e-5, atol=1e-6)  # metric_mask == weights > 0
+  g1, g2 = np.asarray(g1), np.asarray(g2)
+  assert np.all(g1[masked] == 0) and np.all(g2[masked] == 0)
+  np.testing.assert_allclose(g2[~masked], g1[~masked], rtol=1e-5, atol=1e-7)
+
+
+def test_step_masks_prompt_and_post_eos_tokens(base_run):
+  """EOS fires in some rows; num_tokens counts completion tokens only."""
+  for m in base_run["metrics"]:
+    assert m["num_tokens"] == pytest.approx(m["mean_response_length"] * ROWS)
+    assert m["num_tokens"] < ROWS * N_NEW          # some rows stopped at an EOS
+    assert 0.0 < m["truncated_frac"] < 1.0          # ... and some did not
+    assert m["num_tokens/pos_0_4"] + m["num_tokens/pos_4_8"] + m["num_tokens/pos_8_12"] == \
+        m["num_tokens"]
