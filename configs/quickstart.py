@@ -9,7 +9,7 @@ from opd_jax import configs_lib
 
 
 def get_config(arg=None):
-  a = configs_lib.parse_arg(arg, loss="topk_opd", steps=60, lam=1.0)
+  a = configs_lib.parse_arg(arg, loss="reverse_kl", steps=80, lam=1.0, lr=3e-4)
   c = configs_lib.base_config()
   c.prepare = "quickstart"          # fills student / teacher / data paths
   c.batch_size = 16
@@ -18,7 +18,7 @@ def get_config(arg=None):
   c.sampling.temperature = 1.0
   c.on_policy_fraction = a.lam
   c.loss = configs_lib.loss_config(a.loss, chunk=16)
-  c.optimizer.update(dict(lr=1e-3, schedule="constant", weight_decay=0.0, grad_clip=1.0))
+  c.optimizer.update(dict(lr=a.lr, schedule="constant", weight_decay=0.0, grad_clip=1.0))
   c.metrics.position_chunk = 16
   c.total_steps = a.steps
   c.checkpoint_every = 20

@@ -181,10 +181,12 @@ def _check_inputs(model, prompt_ids, prompt_mask, config: SamplingConfig):
   cfg = model.cfg
   p, n = prompt_ids.shape[1], config.max_new_tokens
   if p + n > cfg.max_position_embeddings:
+    room = cfg.max_position_embeddings - n
+    hint = (f"prompts may be at most {room} tokens" if room > 0 else
+            "max_new_tokens alone is too large")
     raise ValueError(
         f"prompt length {p} + max_new_tokens {n} = {p + n} exceeds the model's "
-        f"max_position_embeddings {cfg.max_position_embeddings}; prompts may be at "
-        f"most {cfg.max_position_embeddings - n} tokens")
+        f"max_position_embeddings {cfg.max_position_embeddings}; {hint}")
   bad = [t for t in (config.pad_id,) + config.eos_ids if t >= cfg.vocab_size]
   if bad:
     raise ValueError(f"pad_id / eos_ids {bad} out of range for vocab_size {cfg.vocab_size}")
@@ -222,33 +224,29 @@ def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.A
     return jnp.any(tok[:, None] == eos[None, :], axis=-1) if config.eos_ids else \
         jnp.zeros(tok.shape, jnp.bool_)
 
-  # Prefill: the whole prompt in one call; logits only at the last slot (left
-  # padding puts every row's last real token there).
+  # Prefill: the whole prompt in one call; only the last slot's hidden state is
+  # kept (left padding puts every row's last real token there).
   cache = model.init_cache(rows, p + n_new)
   h, cache = model.hidden(ids, pmask.astype(jnp.bool_), positions_from_mask(pmask), cache)
-  logits = model.logits_from_hidden(h[:, -1])                         # [R, V]
-  tok, lp, lp1 = sample_token(logits, jax.random.fold_in(rng, 0), config)
+  h = sh.constrain(h[:, -1], (_BATCH, "activation_embed"))             # [R, D]
 
   def buf(dtype, fill):
     return sh.constrain(jnp.full((rows, n_new), fill, dtype), (_BATCH, None))
 
-  tokens = buf(jnp.int32, config.pad_id).at[:, 0].set(tok)
-  logprobs = buf(jnp.float32, 0.0).at[:, 0].set(lp)
-  logprobs_t1 = buf(jnp.float32, 0.0).at[:, 0].set(lp1)
-  done = sh.constrain(is_eos(tok), (_BATCH,))
-  lengths = jnp.ones((rows,), jnp.int32)
-  state = (jnp.int32(1), cache, tok, done, lengths, tokens, logprobs, logprobs_t1)
+  done = sh.constrain(jnp.zeros((rows,), jnp.bool_), (_BATCH,))
+  lengths = sh.constrain(jnp.zeros((rows,), jnp.int32), (_BATCH,))
+  state = (jnp.int32(0), cache, h, done, lengths, buf(jnp.int32, config.pad_id),
+           buf(jnp.float32, 0.0), buf(jnp.float32, 0.0))
 
   def cond(state):
     step, _, _, done = state[:4]
     return (step < n_new) & ~jnp.all(done)
 
   def body(state):
-    step, cache, prev, done, lengths, tokens, logprobs, logprobs_t1 = state
-    # Feed token step-1 (position L + step - 1); sample token `step`.
-    pos = (prompt_len + step - 1)[:, None]
-    h, cache = model.hidden(prev[:, None], jnp.ones((rows, 1), jnp.bool_), pos, cache)
-    logits = model.logits_from_hidden(h[:, 0])
+    # Sample token `step` from the hidden state that predicts it, then run it
+    # through the cache (slot P + step, position L + step) for the next step.
+    step, cache, h, done, lengths, tokens, logprobs, logprobs_t1 = state
+    logits = model.logits_from_hidden(h)                              # [R, V] f32
     tok, lp, lp1 = sample_token(logits, jax.random.fold_in(rng, step), config)
     live = ~done
     tok = sh.constrain(jnp.where(live, tok, pad), (_BATCH,))
@@ -259,7 +257,16 @@ def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.A
     logprobs_t1 = col(logprobs_t1, jnp.where(live, lp1, 0.0))
     lengths = lengths + live.astype(jnp.int32)
     done = done | is_eos(tok)
-    return (step + 1, cache, tok, done, lengths, tokens, logprobs, logprobs_t1)
+
+    def advance(h_cache):
+      pos = (prompt_len + step)[:, None]
+      h, cache = model.hidden(tok[:, None], jnp.ones((rows, 1), jnp.bool_), pos, h_cache[1])
+      return sh.constrain(h[:, 0], (_BATCH, "activation_embed")), cache
+
+    # Skip the decode when the loop is about to stop (last token / all done).
+    h, cache = jax.lax.cond((step + 1 < n_new) & ~jnp.all(done), advance,
+                            lambda h_cache: h_cache, (h, cache))
+    return (step + 1, cache, h, done, lengths, tokens, logprobs, logprobs_t1)
 
   state = jax.lax.while_loop(cond, body, state)
   steps, _, _, done, lengths, tokens, logprobs, logprobs_t1 = state

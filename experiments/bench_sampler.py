@@ -1,0 +1,179 @@
+"""Sampler throughput: opd_jax.sampling.sample (jitted) vs transformers.generate.
+
+Builds one random Llama-style model in torch, saves it as a HF checkpoint and
+loads it with ``from_hf``, so both sides run identical weights on the same
+left-padded batch. EOS is disabled so every row generates exactly N tokens.
+For each N the script prints tokens/s and ms per new token (one decode step for
+the whole batch); the jitted compile time is measured separately and excluded.
+
+  python experiments/bench_sampler.py                 # defaults: < 3 min on 2 CPU cores
+  python experiments/bench_sampler.py --layers 4 --hidden 256 --new-tokens 64 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from opd_jax.models.hf_io import from_hf  # noqa: E402
+from opd_jax.sampling import SamplingConfig, sample  # noqa: E402
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--layers", type=int, default=2)
+  p.add_argument("--hidden", type=int, default=128)
+  p.add_argument("--intermediate", type=int, default=384)
+  p.add_argument("--heads", type=int, default=4)
+  p.add_argument("--kv-heads", type=int, default=2)
+  p.add_argument("--vocab", type=int, default=512)
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--prompt-len", type=int, default=32, help="padded prompt length P")
+  p.add_argument("--new-tokens", type=int, nargs="+", default=[64, 256, 1024])
+  p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (best kept)")
+  p.add_argument("--parity-tokens", type=int, default=32,
+                 help="greedy parity check length (0 = skip)")
+  p.add_argument("--seed", type=int, default=0)
+  return p.parse_args(argv)
+
+
+def build_hf_model(args, path: str):
+  """Random float32 LlamaForCausalLM with O(1) logits, saved to ``path``."""
+  import torch
+  import transformers
+
+  config = transformers.LlamaConfig(
+      vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+      num_key_value_heads=args.kv_heads, max_position_embeddings=args.prompt_len +
+      max(args.new_tokens) + 8, rms_norm_eps=1e-6, tie_word_embeddings=False,
+      bos_token_id=None, eos_token_id=None, pad_token_id=0)
+  torch.manual_seed(args.seed)
+  model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
+  gen = torch.Generator().manual_seed(args.seed + 1)
+  with torch.no_grad():
+    for name, w in model.named_parameters():
+      noise = torch.randn(w.shape, generator=gen)
+      if "norm" in name:
+        w.copy_(1.0 + 0.1 * noise)
+      elif "embed_tokens" in name:
+        w.copy_(0.5 * noise)
+      else:  # torch Linear weights are [out, in]
+        w.copy_(noise / np.sqrt(w.shape[-1]))
+  model.save_pretrained(path, safe_serialization=True)
+  model.generation_config.eos_token_id = None
+  model.generation_config.bos_token_id = None
+  return model
+
+
+def make_batch(args):
+  rng = np.random.default_rng(args.seed)
+  lengths = rng.integers(max(1, args.prompt_len // 4), args.prompt_len + 1, size=args.batch)
+  lengths[0] = args.prompt_len
+  ids = np.zeros((args.batch, args.prompt_len), np.int32)
+  mask = np.zeros_like(ids)
+  for i, n in enumerate(lengths):
+    ids[i, args.prompt_len - n:] = rng.integers(1, args.vocab, size=n)
+    mask[i, args.prompt_len - n:] = 1
+  return ids, mask
+
+
+def ours_runner(model, ids, mask, config: SamplingConfig):
+  """Compiles the jitted sampler; returns (compile seconds, run(key) -> tokens)."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, ids, mask, key):
+    return sample(nnx.merge(graphdef, state), ids, mask, key, config)
+
+  ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+  t0 = time.perf_counter()
+  compiled = run.lower(state, ids, mask, jax.random.key(0)).compile()
+  compile_s = time.perf_counter() - t0
+
+  def call(seed):
+    out = compiled(state, ids, mask, jax.random.key(seed))
+    return np.asarray(jax.block_until_ready(out.tokens))
+
+  return compile_s, call
+
+
+def hf_generate(hf, ids, mask, n_new, *, greedy, temperature=1.0):
+  import torch
+
+  kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature,
+                                                 top_k=0, top_p=1.0)
+  with torch.inference_mode():
+    out = hf.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                      attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                      max_new_tokens=n_new, min_new_tokens=0, pad_token_id=0,
+                      eos_token_id=None, **kw)
+  return out[:, ids.shape[1]:].numpy()
+
+
+def best_time(fn, repeats):
+  times = []
+  for i in range(repeats):
+    t0 = time.perf_counter()
+    fn(i)
+    times.append(time.perf_counter() - t0)
+  return min(times)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  import torch
+  import transformers
+
+  print(f"jax {jax.__version__} ({jax.devices()[0].platform} x{jax.device_count()}), "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"transformers {transformers.__version__}, {os.cpu_count()} CPUs")
+  print(f"model: {args.layers} layers x {args.hidden} hidden, {args.heads}/{args.kv_heads} "
+        f"heads, mlp {args.intermediate}, vocab {args.vocab}; batch {args.batch} x prompt "
+        f"{args.prompt_len} (left-padded); float32; sampling T={args.temperature}, no EOS")
+  with tempfile.TemporaryDirectory() as tmp:
+    hf = build_hf_model(args, tmp)
+    model = from_hf(tmp)
+  ids, mask = make_batch(args)
+
+  if args.parity_tokens:
+    config = SamplingConfig(max_new_tokens=args.parity_tokens, greedy=True)
+    _, run = ours_runner(model, ids, mask, config)
+    ours, ref = run(0), hf_generate(hf, ids, mask, args.parity_tokens, greedy=True)
+    print(f"greedy parity over {args.parity_tokens} tokens: "
+          f"{'identical' if np.array_equal(ours, ref) else 'MISMATCH'} "
+          f"({(ours == ref).mean():.3f} of tokens equal)")
+
+  hf_generate(hf, ids, mask, 8, greedy=False)  # warm-up
+  header = (f"{'N':>6} | {'ours tok/s':>11} {'ms/token':>9} {'compile s':>9} | "
+            f"{'HF tok/s':>9} {'ms/token':>9} | {'speedup':>7}")
+  print(header)
+  print("-" * len(header))
+  for n in args.new_tokens:
+    config = SamplingConfig(max_new_tokens=n, temperature=args.temperature)
+    compile_s, run = ours_runner(model, ids, mask, config)
+    assert run(0).shape == (args.batch, n)
+    ours_s = best_time(run, args.repeats)
+    hf_s = best_time(lambda i: hf_generate(hf, ids, mask, n, greedy=False,
+                                           temperature=args.temperature), args.repeats)
+    toks = args.batch * n
+    print(f"{n:>6} | {toks / ours_s:>11.0f} {1e3 * ours_s / n:>9.3f} {compile_s:>9.2f} | "
+          f"{toks / hf_s:>9.0f} {1e3 * hf_s / n:>9.3f} | {hf_s / ours_s:>6.1f}x")
+  print("ms/token = wall time / N: one decode step for the whole batch (prefill included).")
+
+
+if __name__ == "__main__":
+  main()

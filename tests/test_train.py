@@ -1,0 +1,464 @@
+"""End-to-end tests of the experiment driver (``opd_jax/train.py``).
+
+The training runs are real ``python -m opd_jax.train`` subprocesses on CPU
+(tiny random student / teacher, see ``driver_utils``). They are few and run in
+the background while the in-process tests of this module execute:
+
+* the session's reference run (6 steps, malformed prompt file skipped through
+  a command-line override, 2 devices; ``driver_utils.reference_run``);
+* the CLI run: 3 steps with an eval, then ``--config.total_steps=4`` resumes;
+* the kill chain: SIGKILL after step 3, restart; SIGTERM after step 5 (exit
+  0, checkpoint 5), restart; SIGTERM after the last step, which is also a
+  checkpoint step;
+* quick failures: bad overrides, unknown loss, malformed data.
+
+Runs that compile after the reference share its persistent compilation cache,
+so only the reference pays for compiling the step.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+from driver_utils import *  # noqa: F401,F403  (fixtures: assets, reference_run)
+from driver_utils import (REF_DEVICES, REF_STEPS, REQUIRED_STEP_KEYS, Proc,
+                          assert_same_metrics, checkpoint_steps, read_metrics,
+                          start_driver, step_records, tiny_config, wait_for_step,
+                          write_config_file)
+
+FUTURE_TIMEOUT_S = 900
+
+
+# -----------------------------------------------------------------------------
+# Background runs.
+
+
+def _touch(path):
+  with open(path, "w"):
+    pass
+
+
+class _Runs:
+  """Starts every driver subprocess of this module; results are futures."""
+
+  def __init__(self, assets, reference, root):
+    self.assets, self.reference, self.root = assets, reference, root
+    self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
+    # Failures that never reach compilation: start at once.
+    bad = os.path.join(root, "bad")
+    self.bad = {
+        "loss_key": start_driver("configs/opd.py", bad, "--config.loss.nope=1",
+                                 log=os.path.join(root, "bad_loss_key.log")),
+        "typo": start_driver("configs/opd.py", bad, "--config.totl_steps=3",
+                             log=os.path.join(root, "bad_typo.log")),
+        "loss_name": start_driver("configs/opd.py:loss=nope", bad,
+                                  log=os.path.join(root, "bad_loss_name.log")),
+    }
+    cfg = tiny_config(assets)
+    cfg.data.train_files = assets["prompts_malformed"]
+    self.bad["data"] = start_driver(write_config_file(cfg, os.path.join(root, "bad_data.py")),
+                                    os.path.join(root, "bad_data"),
+                                    num_devices=REF_DEVICES)
+    self.cli = self.pool.submit(self._cli_chain)
+    self.kill = self.pool.submit(self._kill_chain)
+
+  def _after_reference_compiled(self):
+    # The step executable is in the compilation cache once step 1 is logged.
+    wait_for_step(self.reference.workdir, 1, self.reference.proc)
+
+  def _cli_chain(self):
+    """3 steps + eval, then resumed to 4 with ``--config.total_steps=4``."""
+    from opd_jax import configs_lib
+    cfg = tiny_config(self.assets, total_steps=3)
+    cfg.evals.small = configs_lib.eval_config(levels="1+2", num_examples=4, batch_size=4,
+                                              max_new_tokens=8, seed=7)
+    config_file = write_config_file(cfg, os.path.join(self.root, "cli_config.py"))
+    workdir = os.path.join(self.root, "cli")
+    self._after_reference_compiled()
+    out = {"workdir": workdir}
+    out["log1"] = start_driver(config_file, workdir, num_devices=REF_DEVICES).check()
+    out["metrics1"] = read_metrics(workdir)
+    out["ckpts1"] = checkpoint_steps(workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+      out["config1"] = json.load(f)
+    out["log2"] = start_driver(config_file, workdir, "--config.total_steps=4",
+                               num_devices=REF_DEVICES).check()
+    out["metrics2"] = read_metrics(workdir)
+    out["ckpts2"] = checkpoint_steps(workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+      out["config2"] = json.load(f)
+    return out
+
+  def _kill_chain(self):
+    """The reference's command, killed and restarted until it finishes."""
+    ref = self.reference
+    workdir = os.path.join(self.root, "killed")
+    out = {"workdir": workdir}
+
+    def start(pause_at, go):
+      return start_driver(ref.config_file, workdir, *ref.flags, num_devices=REF_DEVICES,
+                          pause_at=(pause_at,), go_file=os.path.join(self.root, go))
+
+    self._after_reference_compiled()
+    # 1. SIGKILL once step 3 is logged (checkpoints: every 2 steps).
+    p = start(3, "go1")
+    wait_for_step(workdir, 3, p)
+    out["ckpts_before_kill"] = checkpoint_steps(workdir)
+    p.kill()
+    out["rc_kill"] = p.popen.returncode
+    out["steps_after_kill"] = sorted(step_records(workdir))
+    # 2. Restart; SIGTERM once step 5 is logged.
+    p = start(5, "go2")
+    wait_for_step(workdir, 5, p)
+    out["steps_before_term"] = sorted(step_records(workdir))
+    p.signal(signal.SIGTERM)
+    _touch(os.path.join(self.root, "go2"))
+    out["rc_term"], out["log_term"] = p.wait()
+    out["ckpts_after_term"] = checkpoint_steps(workdir)
+    # 3. Restart; SIGTERM after the last step (also a checkpoint step).
+    p = start(REF_STEPS, "go3")
+    wait_for_step(workdir, REF_STEPS, p)
+    p.signal(signal.SIGTERM)
+    _touch(os.path.join(self.root, "go3"))
+    out["rc_last"], out["log_last"] = p.wait()
+    out["ckpts_final"] = checkpoint_steps(workdir)
+    return out
+
+  def close(self):
+    Proc.kill_all()
+    self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.fixture(scope="module")
+def runs(assets, reference_run, tmp_path_factory):
+  r = _Runs(assets, reference_run, str(tmp_path_factory.mktemp("train_runs")))
+  yield r
+  r.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_runs_early(request):
+  """Starts the background runs with the module's first test when any
+  selected test of the module needs them (so in-process tests overlap)."""
+  items = [i for i in request.session.items if i.module is request.module]
+  if any("runs" in getattr(i, "fixturenames", ()) for i in items):
+    request.getfixturevalue("runs")
+
+
+def _result(future):
+  return future.result(timeout=FUTURE_TIMEOUT_S)
+
+
+def _last_json_line(log: str) -> dict:
+  for line in reversed(log.splitlines()):
+    if line.startswith("{"):
+      return json.loads(line)
+  raise AssertionError(f"no result line in:\n{log[-3000:]}")
+
+
+# -----------------------------------------------------------------------------
+# Configs (in-process, cheap).
+
+
+def _load_config_file(path: str, arg: str | None = None):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "cfg_" + re.sub(r"\W", "_", path), os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _parse_cli(argv: list[str]):
+  """The driver's flag parsing (``ml_collections.config_flags``, locked
+  config) on a fresh FlagValues; returns (config, workdir)."""
+  from absl import flags
+  from ml_collections import config_flags
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
+  flags.DEFINE_string("workdir", None, "", flag_values=fv)
+  fv(["opd_jax.train"] + list(argv))
+  return fv.config, fv.workdir
+
+
+def _step_config(config):
+  """The compiled step's static config (validates loss name and kwargs)."""
+  from opd_jax import train
+  from opd_jax.sampling import SamplingConfig
+  s = config.sampling
+  sampling = SamplingConfig(max_new_tokens=int(s.max_new_tokens),
+                            temperature=float(s.temperature), top_k=int(s.top_k),
+                            top_p=float(s.top_p), eos_ids=(2,), pad_id=0,
+                            num_samples=int(s.num_samples))
+  return train.opd_config(config, sampling)
+
+
+def test_opd_config_builds_with_args():
+  c = _load_config_file("configs/opd.py",
+                        "student=/s,teacher=/t,prompts=/p.jsonl,loss=jsd,steps=7")
+  assert (c.student.path, c.teacher.path, c.data.train_files) == ("/s", "/t", "/p.jsonl")
+  assert c.total_steps == 7
+  assert c.loss.name == "jsd" and "beta" in c.loss
+  step = _step_config(c)
+  assert step.loss == "jsd" and dict(step.loss_kwargs)["beta"] == c.loss.beta
+  with pytest.raises(ValueError, match="unknown config argument 'bogus'"):
+    _load_config_file("configs/opd.py", "bogus=1")
+
+
+def test_quickstart_config_builds():
+  c = _load_config_file("configs/quickstart.py")
+  assert c.prepare == "quickstart"
+  assert c.total_steps > 0 and c.evals and c.loss.name == "reverse_kl"
+  _step_config(c)
+  c = _load_config_file("configs/quickstart.py", "loss=topk_opd,lam=0.5,steps=3")
+  assert (c.loss.name, c.on_policy_fraction, c.total_steps) == ("topk_opd", 0.5, 3)
+
+
+def test_sweep_prints_parseable_commands(tmp_path, monkeypatch):
+  root = str(tmp_path / "sweep_root")
+  out = subprocess.run(
+      [PYTHON, "experiments/sweep.py", "--sweep=configs/sweeps/loss_ablation.py",
+       f"--root={root}"], cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+  lines = [l for l in out.stdout.splitlines() if l.strip()]
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "loss_ablation", os.path.join(REPO, "configs/sweeps/loss_ablation.py"))
+  sweep = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sweep)
+  _, expected = sweep.get_sweep()
+  assert len(lines) == len(expected) > 1
+  monkeypatch.chdir(REPO)
+  workdirs, names = set(), set()
+  for line, (name, _, overrides) in zip(lines, expected):
+    argv = shlex.split(line)
+    assert argv[1:3] == ["-m", "opd_jax.train"], line
+    config, workdir = _parse_cli(argv[3:])
+    assert os.path.dirname(workdir) == root and workdir not in workdirs, line
+    workdirs.add(workdir)
+    names.add(config.loss.name)
+    for key, value in overrides.items():   # overrides landed, with their types
+      node = config
+      for part in key.split("."):
+        node = node[part]
+      assert node == value, (line, key)
+    _step_config(config)                   # loss kwargs valid for the loss
+    assert not os.path.exists(workdir)     # printed, not run
+  assert {"reverse_kl", "jsd", "topk_opd"} <= names
+
+
+def _write_qwen3_config(path, *, hidden, layers, heads, kv_heads, intermediate):
+  os.makedirs(path, exist_ok=True)
+  cfg = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=hidden,
+             num_hidden_layers=layers, num_attention_heads=heads,
+             num_key_value_heads=kv_heads, head_dim=128, intermediate_size=intermediate,
+             vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
+             eos_token_id=151645, bos_token_id=151643, max_position_embeddings=40960,
+             rms_norm_eps=1e-6, hidden_act="silu", attention_bias=False,
+             torch_dtype="bfloat16")
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(cfg, f)
+  return str(path)
+
+
+_ARG_RE = re.compile(r"%arg(\d+): tensor<([^>]*)>\s*(\{[^}]*\})?")
+
+
+def _main_arg_shardings(text: str) -> list[tuple[tuple[int, ...], list[list[str]] | None]]:
+  """(shape, per-dim mesh axes) of every argument of ``@main`` in StableHLO
+  text (Shardy ``sdy.sharding`` attributes)."""
+  head = text[text.index("func.func public @main("):]
+  head = head[:head.index("->")]
+  out = []
+  for m in _ARG_RE.finditer(head):
+    dims = m.group(2).split("x")[:-1]
+    shape = tuple(int(d) for d in dims)
+    attrs = m.group(3) or ""
+    s = re.search(r"#sdy\.sharding<@\w+, \[(.*?)\]>", attrs)
+    axes = None
+    if s is not None:
+      axes = [re.findall(r'"(\w+)"', d) for d in re.findall(r"\{([^}]*)\}", s.group(1))]
+    out.append((shape, axes))
+  return out
+
+
+@pytest.mark.slow
+def test_paper_config_lowers_on_simulated_mesh(tmp_path):
+  """Qwen3-1.7B <- Qwen3-4B at the paper's settings lowers on fsdp=4 x tensor=2."""
+  from opd_jax.train import lower_abstract
+  assert len(jax.devices()) == 8
+  student = _write_qwen3_config(tmp_path / "qwen3-1.7b", hidden=2048, layers=28, heads=16,
+                                kv_heads=8, intermediate=6144)
+  teacher = _write_qwen3_config(tmp_path / "qwen3-4b", hidden=2560, layers=36, heads=32,
+                                kv_heads=8, intermediate=9728)
+  c = _load_config_file("configs/paper_qwen3.py",
+                        f"student={student},teacher={teacher},fsdp=4,tensor=2")
+  # The paper's settings.
+  assert (c.batch_size, c.sampling.num_samples) == (64, 4)
+  assert c.optimizer.lr == 1e-6 and c.optimizer.schedule == "constant"
+  assert c.loss.name == "topk_opd" and c.loss.k == 16
+  assert c.sampling.temperature == 1.0 and c.teacher_sampling.temperature == 1.0
+  assert c.on_policy_fraction == 1.0
+  assert (c.data.max_prompt_len, c.sampling.max_new_tokens) == (1024, 7168)
+  assert (c.optimizer.b1, c.optimizer.b2, c.optimizer.weight_decay,
+          c.optimizer.grad_clip) == (0.9, 0.999, 0.01, 1.0)
+  assert (c.student.dtype, c.student.param_dtype) == ("bfloat16", "float32")
+  assert dict(c.mesh.shape) == dict(data=1, fsdp=4, tensor=2)
+
+  lowered = lower_abstract(c)
+  assert isinstance(lowered, jax.stages.Lowered)
+  state, teacher_params, batch = lowered.args_info[0]
+  flat, _ = jax.tree_util.tree_flatten_with_path(lowered.args_info)
+  args = _main_arg_shardings(lowered.as_text())
+  assert len(args) == len(flat)
+  by_path = {}
+  for (path, info), (shape, axes) in zip(flat, args):
+    assert tuple(info.shape) == shape, jax.tree_util.keystr(path)
+    by_path[jax.tree_util.keystr(path)] = (shape, axes)
+
+  def axes_of(prefix, suffix):
+    keys = [k for k in by_path if k.startswith(prefix) and k.endswith(suffix)]
+    assert keys, (prefix, suffix)
+    return by_path[keys[0]]
+
+  # Student parameters (argument 0 = train state), then teacher (argument 1).
+  shape, axes = axes_of("[0][0].params", "['embed'].value")
+  assert shape == (151936, 2048) and axes == [["tensor"], ["fsdp"]]
+  shape, axes = axes_of("[0][0].params", "[0]['attn']['q'].value")
+  assert shape == (2048, 16, 128) and axes[:2] == [["fsdp"], ["tensor"]]
+  shape, axes = axes_of("[0][0].params", "[0]['mlp']['gate'].value")
+  assert shape == (2048, 6144) and axes == [["fsdp"], ["tensor"]]
+  shape, axes = axes_of("[0][0].params", "[0]['mlp']['down'].value")
+  assert shape == (6144, 2048) and axes == [["tensor"], ["fsdp"]]
+  # Adam moments follow their parameters.
+  mu = [v for k, v in by_path.items() if k.startswith("[0][0].opt_state")
+        and k.endswith("['embed'].value")]
+  assert mu and all(a == [["tensor"], ["fsdp"]] for _, a in mu)
+  shape, axes = axes_of("[0][1]", "['embed'].value")
+  assert shape == (151936, 2560) and axes == [["tensor"], ["fsdp"]]
+  # The batch is split over the data axes (data=1: fsdp).
+  shape, axes = axes_of("[0][2]", "['prompt_ids']")
+  assert shape == (64, 1024) and axes[0] == ["fsdp"]
+  n_layers = {k.split("['layers'][")[1].split("]")[0] for k in by_path
+              if k.startswith("[0][0].params['layers']")}
+  assert len(n_layers) == 28
+
+
+# -----------------------------------------------------------------------------
+# Command-line failures.
+
+
+def test_bad_override_names_the_key(runs):
+  rc, out = runs.bad["loss_key"].wait()
+  assert rc != 0 and "nope" in out, out[-3000:]
+  rc, out = runs.bad["typo"].wait()
+  assert rc != 0 and "totl_steps" in out, out[-3000:]
+  assert "total_steps" in out      # the suggestion
+
+
+def test_unknown_loss_lists_valid_losses(runs):
+  rc, out = runs.bad["loss_name"].wait()
+  assert rc != 0, out[-3000:]
+  assert "unknown loss 'nope'" in out, out[-3000:]
+  for name in ("reverse_kl", "forward_kl", "jsd", "topk_opd"):
+    assert name in out
+
+
+def test_malformed_data_fails_with_file_line(runs, assets):
+  rc, out = runs.bad["data"].wait()
+  assert rc != 0, out[-3000:]
+  assert assets["malformed_line"] in out, out[-3000:]
+
+
+def test_malformed_data_skipped_with_override(runs, reference_run):
+  reference_run.records()
+  step0 = [r for r in read_metrics(reference_run.workdir) if r["step"] == 0]
+  assert len(step0) == 1
+  assert step0[0]["data/num_malformed_skipped"] == 1
+  assert step0[0]["data/num_records"] == 64
+  with open(os.path.join(reference_run.workdir, "config.json")) as f:
+    assert json.load(f)["data"]["on_error"] == "skip"
+
+
+# -----------------------------------------------------------------------------
+# The CLI run.
+
+
+def test_cli_end_to_end_and_resume_with_override(runs, reference_run):
+  r = _result(runs.cli)
+  workdir = r["workdir"]
+  # --- first invocation: 3 steps.
+  assert r["config1"]["total_steps"] == 3
+  assert r["config1"]["student"]["path"] == runs.assets["student"]
+  assert _last_json_line(r["log1"])["status"] == "finished"
+  m1 = r["metrics1"]
+  assert [x["step"] for x in m1] == [0, 1, 2, 3]
+  assert m1[0]["data/num_records"] == 64 and m1[0]["data/num_malformed_skipped"] == 0
+  for rec in m1[1:]:
+    missing = [k for k in REQUIRED_STEP_KEYS if k not in rec]
+    assert not missing, (rec["step"], missing)
+    assert np.isfinite([rec[k] for k in REQUIRED_STEP_KEYS]).all(), rec
+    assert rec["lr"] == pytest.approx(1e-3)
+    assert 0 < rec["mean_response_length"] <= 8 and 0 <= rec["truncated_frac"] <= 1
+    assert rec["tokens_per_sec"] > 0
+  assert "compile_time_s" in m1[1]
+  evals = {k: v for k, v in m1[3].items() if k.startswith("eval/")}
+  assert "eval/small/accuracy" in evals and "eval/small/avg@1" in evals, sorted(evals)
+  assert evals["eval/small/num_problems"] == 4
+  assert not any(k.startswith("eval/") for rec in m1[:3] for k in rec)
+  assert r["ckpts1"] == [2, 3]
+  tb = os.path.join(workdir, "tensorboard")
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tb))
+  assert os.path.exists(os.path.join(workdir, "config.txt"))
+  # --- second invocation: --config.total_steps=4 resumes from checkpoint 3.
+  assert r["config2"]["total_steps"] == 4
+  assert _last_json_line(r["log2"])["step"] == 4
+  m2 = r["metrics2"]
+  assert [x["step"] for x in m2] == [0, 1, 2, 3, 4]
+  assert m2[:4] == m1                       # steps 1..3 not re-run (timings equal)
+  assert "compile_time_s" in m2[4]          # step 4 was the restarted run's first
+  assert any(k.startswith("eval/small/") for k in m2[4])
+  assert r["ckpts2"] == [2, 3, 4]
+  # Same batches and constant lr as the reference: identical numbers.
+  ref = reference_run.records()
+  assert_same_metrics(step_records(workdir), ref, range(1, 5))
+
+
+# -----------------------------------------------------------------------------
+# Kill / preemption and resume.
+
+
+def test_sigkill_and_sigterm_resume_matches_uninterrupted(runs, reference_run):
+  r = _result(runs.kill)
+  # SIGKILL after step 3: only checkpoint 2 exists; step 3 is logged.
+  assert r["rc_kill"] == -signal.SIGKILL
+  assert r["ckpts_before_kill"] == [2]
+  assert r["steps_after_kill"] == [1, 2, 3]
+  # The restart resumed from 2 and re-ran step 3 (logged once).
+  assert r["steps_before_term"] == [1, 2, 3, 4, 5]
+  # SIGTERM after step 5: clean exit with a checkpoint at step 5.
+  assert r["rc_term"] == 0, r["log_term"][-3000:]
+  assert _last_json_line(r["log_term"])["status"] == "preempted"
+  assert max(r["ckpts_after_term"]) == 5
+  # SIGTERM after the last step, which was checkpointed anyway: exit 0.
+  assert r["rc_last"] == 0, r["log_last"][-3000:]
+  assert _last_json_line(r["log_last"])["step"] == REF_STEPS
+  assert max(r["ckpts_final"]) == REF_STEPS
+  # Every step equals the uninterrupted run's, bitwise.
+  got = step_records(r["workdir"])
+  assert sorted(got) == list(range(1, REF_STEPS + 1))
+  assert [x["step"] for x in read_metrics(r["workdir"])].count(0) == 1
+  ref = reference_run.records()
+  assert sorted(ref) == list(range(1, REF_STEPS + 1))
+  assert_same_metrics(got, ref, range(1, REF_STEPS + 1),
+                      keys=["loss", "grad_norm", "mean_response_length", "num_tokens"])
+  assert_same_metrics(got, ref, range(1, REF_STEPS + 1))   # and every other metric
