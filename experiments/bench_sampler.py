@@ -46,6 +46,9 @@ def parse_args(argv=None):
   p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (best kept)")
   p.add_argument("--parity-tokens", type=int, default=32,
                  help="greedy parity check length (0 = skip)")
+  p.add_argument("--torch-threads", type=int, default=1,
+                 help="torch intra-op threads (>1 can be far slower for tiny models on a "
+                 "busy CPU: OpenMP spin-waiting)")
   p.add_argument("--seed", type=int, default=0)
   return p.parse_args(argv)
 
@@ -138,6 +141,7 @@ def main(argv=None):
   import torch
   import transformers
 
+  torch.set_num_threads(args.torch_threads)
   print(f"jax {jax.__version__} ({jax.devices()[0].platform} x{jax.device_count()}), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"transformers {transformers.__version__}, {os.cpu_count()} CPUs")
@@ -158,7 +162,7 @@ def main(argv=None):
           f"({(ours == ref).mean():.3f} of tokens equal)")
 
   hf_generate(hf, ids, mask, 8, greedy=False)  # warm-up
-  header = (f"{'N':>6} | {'ours tok/s':>11} {'ms/token':>9} {'compile s':>9} | "
+  header = (f"{'N':>6} {'cache':>6} | {'ours tok/s':>11} {'ms/token':>9} {'compile s':>9} | "
             f"{'HF tok/s':>9} {'ms/token':>9} | {'speedup':>7}")
   print(header)
   print("-" * len(header))
@@ -170,9 +174,10 @@ def main(argv=None):
     hf_s = best_time(lambda i: hf_generate(hf, ids, mask, n, greedy=False,
                                            temperature=args.temperature), args.repeats)
     toks = args.batch * n
-    print(f"{n:>6} | {toks / ours_s:>11.0f} {1e3 * ours_s / n:>9.3f} {compile_s:>9.2f} | "
+    print(f"{n:>6} {args.prompt_len + n:>6} | {toks / ours_s:>11.0f} {1e3 * ours_s / n:>9.3f} {compile_s:>9.2f} | "
           f"{toks / hf_s:>9.0f} {1e3 * hf_s / n:>9.3f} | {hf_s / ours_s:>6.1f}x")
-  print("ms/token = wall time / N: one decode step for the whole batch (prefill included).")
+  print("ms/token = wall time / N: one decode step for the whole batch (prefill included);\n"
+        "cache = P + N slots that every one of our decode steps attends over.")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,6 @@ class OPDConfig:
   off_policy_source: str = "dataset"         # or "teacher"
   teacher_sampling: SamplingConfig | None = None
   loss_chunk: int = 64
-  vocab_size: int = 0                        # common vocabulary (0: from models)
   metrics: bool = True
   metrics_top_k: int = 16
   position_chunk: int = 64

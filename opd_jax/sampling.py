@@ -7,12 +7,18 @@ OPD training step, with the student merged from ``(graphdef, state)``):
    prompt ``b``);
 2. prefill the left-padded prompts ``[B, P]`` in one call into a fixed cache of
    ``P + N`` slots (``N = max_new_tokens``);
-3. decode one token per step with ``jax.lax.while_loop``; each step attends over
-   the cache only (the prefix is never re-run) and the loop stops as soon as
-   every row has emitted an EOS.
+3. ``jax.lax.while_loop``: each iteration samples token ``i`` from the carried
+   hidden state, then runs that one token through the cache (one decode step,
+   attention over the fixed cache; the prefix is never re-run). The loop stops
+   after N tokens or as soon as every row has emitted an EOS.
+
+The model's parameters enter through ``stop_gradient``: sampled tokens and their
+log-probs are data (the behaviour policy), so a caller may sample inside a
+function it differentiates.
 
 Positions: prompt tokens get ``cumsum(mask) - 1`` (left pads 0); generated token
-``i`` of a row with ``L`` real prompt tokens gets position ``L + i``.
+``i`` of a row with ``L`` real prompt tokens gets position ``L + i``. Prompts must
+be left-padded with >= 1 real token (the last column is every row's last token).
 
 Randomness: token ``i`` is drawn with ``jax.random.fold_in(rng, i)`` over the
 whole ``[B*n, V]`` batch. With JAX's partitionable threefry (the default) the
@@ -32,6 +38,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from opd_jax.models.transformer import positions_from_mask
 from opd_jax.sharding import Sharder
@@ -64,23 +71,28 @@ class SamplingConfig:
   num_samples: int = 1
 
   def __post_init__(self):
-    eos = self.eos_ids
-    if isinstance(eos, int):
-      eos = (eos,)
+    def whole(name, lo):
+      v = getattr(self, name)
+      if isinstance(v, bool) or int(v) != v or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+      object.__setattr__(self, name, int(v))
+
+    whole("max_new_tokens", 1)
+    whole("top_k", 0)
+    whole("num_samples", 1)
+    whole("pad_id", 0)
+    eos = (self.eos_ids,) if isinstance(self.eos_ids, int) else tuple(self.eos_ids)
+    if any(int(e) != e or e < 0 for e in eos):
+      raise ValueError(f"eos_ids must be ints >= 0, got {self.eos_ids!r}")
     object.__setattr__(self, "eos_ids", tuple(int(e) for e in eos))
-    if int(self.max_new_tokens) != self.max_new_tokens or self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+    object.__setattr__(self, "temperature", float(self.temperature))
+    object.__setattr__(self, "top_p", float(self.top_p))
+    object.__setattr__(self, "greedy", bool(self.greedy))
     if not self.greedy and not self.temperature > 0:
       raise ValueError(f"temperature must be > 0 when sampling (use greedy=True for "
                        f"argmax), got {self.temperature!r}")
-    if int(self.top_k) != self.top_k or self.top_k < 0:
-      raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-    if int(self.num_samples) != self.num_samples or self.num_samples < 1:
-      raise ValueError(f"num_samples must be a positive int, got {self.num_samples!r}")
-    if self.pad_id < 0 or any(e < 0 for e in self.eos_ids):
-      raise ValueError(f"pad_id / eos_ids must be >= 0, got {self.pad_id}, {self.eos_ids}")
 
 
 class SampleOutput(NamedTuple):
@@ -208,6 +220,9 @@ def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.A
     :class:`SampleOutput` with ``R = B * num_samples`` rows.
   """
   _check_inputs(model, prompt_ids, prompt_mask, config)
+  if isinstance(model, nnx.Module):  # no gradient flows into the sampler
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
   sh: Sharder = getattr(model, "sharder", None) or Sharder()
   n_new, reps = config.max_new_tokens, config.num_samples
   eos = jnp.asarray(config.eos_ids or (-1,), jnp.int32)
@@ -221,8 +236,9 @@ def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.A
   prompt_len = sh.constrain(jnp.sum(pmask, axis=-1), (_BATCH,))     # [R]
 
   def is_eos(tok):
-    return jnp.any(tok[:, None] == eos[None, :], axis=-1) if config.eos_ids else \
-        jnp.zeros(tok.shape, jnp.bool_)
+    if not config.eos_ids:
+      return jnp.zeros(tok.shape, jnp.bool_)
+    return jnp.any(tok[:, None] == eos[None, :], axis=-1)
 
   # Prefill: the whole prompt in one call; only the last slot's hidden state is
   # kept (left padding puts every row's last real token there).
@@ -246,7 +262,7 @@ def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.A
     # Sample token `step` from the hidden state that predicts it, then run it
     # through the cache (slot P + step, position L + step) for the next step.
     step, cache, h, done, lengths, tokens, logprobs, logprobs_t1 = state
-    logits = model.logits_from_hidden(h)                              # [R, V] f32
+    logits = sh.constrain(model.logits_from_hidden(h), (_BATCH, "activation_vocab"))
     tok, lp, lp1 = sample_token(logits, jax.random.fold_in(rng, step), config)
     live = ~done
     tok = sh.constrain(jnp.where(live, tok, pad), (_BATCH,))

@@ -13,7 +13,9 @@
 * :func:`reference_run` (session fixture): an uninterrupted 6-step run on 2
   CPU devices that the resume and multi-process tests compare against.
 
-Use ``from driver_utils import *`` (tests/ is on ``sys.path`` under pytest).
+Test modules import the fixtures by name (``from driver_utils import assets,
+reference_run``; tests/ is on ``sys.path`` under pytest). Driver subprocesses
+share a persistent JAX compilation cache, so identical programs compile once.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ __all__ = [
     "REF_DEVICES", "REF_STEPS", "Proc", "assets", "build_assets", "tiny_config",
     "write_config_file", "driver_env", "start_driver", "free_port", "read_metrics",
     "step_records", "assert_same_metrics", "max_rel_diff", "wait_for_step",
-    "checkpoint_steps", "reference_run", "reference_command",
+    "checkpoint_steps", "last_json_line", "reference_run", "reference_command",
 ]
 
 
@@ -86,16 +88,31 @@ def build_assets(root: str) -> dict[str, str]:
               prompts=prompts, prompts_malformed=bad, malformed_line=f"{bad}:3")
 
 
+# Persistent compilation cache shared by the driver subprocesses of a session
+# (set by the `assets` fixture): identical programs compile once.
+COMPILE_CACHE_DIR = ""
+
+
+# Session objects, cached here as well: a fixture imported into two test
+# modules is instantiated once per module even when session-scoped.
+_SESSION: dict[str, Any] = {}
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> dict[str, str]:
-  return build_assets(str(tmp_path_factory.mktemp("driver_assets")))
+  global COMPILE_CACHE_DIR
+  if "assets" not in _SESSION:
+    COMPILE_CACHE_DIR = str(tmp_path_factory.mktemp("jax_compile_cache"))
+    _SESSION["assets"] = build_assets(str(tmp_path_factory.mktemp("driver_assets")))
+  return _SESSION["assets"]
 
 
 def tiny_config(assets: dict[str, str], **overrides: Any):
-  """A ``base_config()`` for the tiny models: 3 steps of batch 4, 8 new tokens.
+  """A ``base_config()`` for the tiny models: 3 steps of batch 4, 8 new
+  tokens, constant lr, checkpoint every 2 steps, token metrics on.
 
-  ``overrides`` are flattened keys (``{"loss.beta": 0.5}`` style, given as
-  ``loss__beta=0.5`` or through a dict passed as ``**{"loss.beta": 0.5}``).
+  ``overrides``: config keys, nested ones as ``loss__beta=0.5`` (or
+  ``**{"loss.beta": 0.5}``); unknown keys are an error.
   """
   from opd_jax import configs_lib
   c = configs_lib.base_config()
@@ -183,6 +200,10 @@ def driver_env(num_devices: int = 1, **extra: str) -> dict[str, str]:
   env["XLA_FLAGS"] = " ".join(flags)
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH", "")]))
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if COMPILE_CACHE_DIR:
+    env.update(JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE_DIR,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
   env.update(extra)
   return env
 
@@ -355,6 +376,14 @@ def wait_for_step(workdir: str, step: int, proc: Proc, timeout: float = PROC_TIM
   raise AssertionError(f"step {step} not reached in {timeout} s:\n{proc.output()[-6000:]}")
 
 
+def last_json_line(log: str) -> dict[str, Any]:
+  """The driver's printed result (its last line that is a JSON object)."""
+  for line in reversed(log.splitlines()):
+    if line.startswith("{"):
+      return json.loads(line)
+  raise AssertionError(f"no result line in:\n{log[-3000:]}")
+
+
 def checkpoint_steps(workdir: str) -> list[int]:
   d = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(d):
@@ -401,6 +430,7 @@ class _Reference:
 def reference_run(assets, tmp_path_factory):
   """Starts (in the background) the uninterrupted reference run: 6 steps,
   checkpoint every 2, 2 CPU devices; ``.records()`` waits for it."""
-  ref = _Reference(assets, str(tmp_path_factory.mktemp("reference")))
-  yield ref
+  if "reference" not in _SESSION:
+    _SESSION["reference"] = _Reference(assets, str(tmp_path_factory.mktemp("reference")))
+  yield _SESSION["reference"]
   Proc.kill_all()

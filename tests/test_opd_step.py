@@ -9,7 +9,8 @@ fixture and shared between the assertions that need it. The fixtures are:
   (per test)     λ-mix with dataset / teacher completions, SFT, tokenizer-size
                  vocabularies, convergence, and a compile-only memory check.
 
-Run with ``-s`` to see each step's first-call (trace + compile + run) time.
+Run with ``-s`` to see each step's first-call (trace + compile + run) time
+(a warm persistent compilation cache, see conftest.py, makes them shorter).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -80,7 +80,7 @@ def _timed(name: str, step, *args):
 
 
 def _build(cfg: opd_step.OPDConfig, *, opt=None, mesh=None, student_cfg=SCFG,
-           teacher_cfg=TCFG, teacher_params=None, vocab_size=VOCAB, batch_keys=None):
+           teacher_cfg=TCFG, teacher_params=None, vocab_size=VOCAB):
   """Student, teacher and jitted step. Returns a dict of the pieces."""
   sh = Sharder(mesh)
   student = create_model(student_cfg, seed=SEED, sharder=sh)
@@ -96,7 +96,7 @@ def _build(cfg: opd_step.OPDConfig, *, opt=None, mesh=None, student_cfg=SCFG,
     if mesh is not None:
       t_sh = sh.tree_shardings(t_params)
   if mesh is not None:
-    b_sh = {k: sh.batch(2, PROMPTS.shape[0]) for k in (batch_keys or _batch())}
+    b_sh = {k: sh.batch(2, PROMPTS.shape[0]) for k in _batch()}
   step = opd_step.make_opd_step(gd_s, gd_t, tx, sched, cfg, vocab_size=vocab_size, sharder=sh,
                                 state_shardings=st_sh, teacher_shardings=t_sh,
                                 batch_shardings=b_sh)
@@ -664,22 +664,11 @@ def _temp_bytes(n_new: int, rows: int = 2, prompt_len: int = 8, chunk: int = 8):
 
 
 @pytest.mark.slow
-def test_step_memory_does_not_scale_with_full_logits():
-  """Doubling N must not add anything like an [R, ΔN, V] f32 array.
-
-  An absolute bound (temp < 10% of one [R, N, V] f32 array) cannot hold at this
-  size: one loss chunk of student logits alone is R·C·V·4 = C/N = 25% of it, and
-  the student's [V, D] embedding / unembedding gradients are 2·V·D·4 bytes. The
-  growth with N isolates what scales with the sequence: without chunking it
-  would be >= R·ΔN·V·4 bytes (here 37 MiB); with it only the [R, N, D] hidden
-  states and the O(T²) attention scores grow.
-  """
-  temp_32, full_32 = _temp_bytes(32)
-  temp_64, full_64 = _temp_bytes(64)
-  growth, budget = temp_64 - temp_32, 0.1 * (full_64 - full_32)
-  print(f"[test_opd_step] memory growth N 32->64: {growth / 2**20:.2f} MiB "
-        f"(bound {budget / 2**20:.2f} MiB)")
-  assert growth < budget
-  # Absolute: a few [R, C, V] loss-chunk buffers, [R, V] sampler rows and the
-  # [V, D] gradients (about 1.2x one [R, 64, V] array here, 2.3x at N=32).
-  assert temp_64 < 1.5 * full_64
+def test_step_memory_under_a_tenth_of_full_logits():
+  """Qwen-sized vocabulary, 8 rows x 512 new tokens: the compiled step's
+  temporary memory stays under 10% of ONE float32 [R, N, V] logits array
+  (the step holds neither model's [R, N, V] logits: loss chunks of 4 tokens
+  are recomputed in the backward pass, and attention runs in query blocks so
+  the O(T^2) scores never exist whole)."""
+  temp, full = _temp_bytes(512, rows=8, chunk=4)
+  assert temp < 0.1 * full, (temp / 2**20, full / 2**20)

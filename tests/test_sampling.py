@@ -391,3 +391,22 @@ def test_same_key_same_samples_on_any_mesh_compiled_once(model, weights):
   others = [run(sharded_ids, sharded_mask, jax.random.key(s)) for s in (8, 9)]
   assert len({np.asarray(o.tokens).tobytes() for o in others + [multi]}) == 3
   assert sum(c == config for c in _TRACES) == 2
+
+
+def test_sample_inside_differentiated_function(model):
+  """OPD-style step: sample, re-score with the same params, take the gradient."""
+  graphdef, state = nnx.split(model)
+  ids, mask = prompts(lengths=(3, 2))
+  config = SamplingConfig(max_new_tokens=3, eos_ids=(5,))
+
+  def loss(state):
+    student = nnx.merge(graphdef, state)
+    out = sample(student, ids, mask, jax.random.key(0), config)
+    full, fmask, fpos = concat_prompt_completion(out)
+    logp = jax.nn.log_softmax(student(full, fmask, fpos)[:, ids.shape[1] - 1:-1], -1)
+    logp = jnp.take_along_axis(logp, out.tokens[..., None], -1)[..., 0]
+    return -(logp * out.mask).sum() + out.logprobs.sum()  # sampler logprobs: constants
+
+  grads = jax.jit(jax.grad(loss))(state)
+  norms = [float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)]
+  assert all(np.isfinite(norms)) and sum(norms) > 0

@@ -30,11 +30,11 @@ import jax
 import numpy as np
 import pytest
 
-from driver_utils import *  # noqa: F401,F403  (fixtures: assets, reference_run)
-from driver_utils import (REF_DEVICES, REF_STEPS, REQUIRED_STEP_KEYS, Proc,
-                          assert_same_metrics, checkpoint_steps, read_metrics,
-                          start_driver, step_records, tiny_config, wait_for_step,
-                          write_config_file)
+from driver_utils import assets, reference_run  # noqa: F401  (fixtures)
+from driver_utils import (PYTHON, REF_DEVICES, REF_STEPS, REPO, REQUIRED_STEP_KEYS, Proc,
+                          assert_same_metrics, checkpoint_steps, driver_env,
+                          last_json_line, read_metrics, start_driver, step_records,
+                          tiny_config, wait_for_step, write_config_file)
 
 FUTURE_TIMEOUT_S = 900
 
@@ -53,6 +53,7 @@ class _Runs:
 
   def __init__(self, assets, reference, root):
     self.assets, self.reference, self.root = assets, reference, root
+    self.closed = False
     self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
     # Failures that never reach compilation: start at once.
     bad = os.path.join(root, "bad")
@@ -72,6 +73,11 @@ class _Runs:
     self.cli = self.pool.submit(self._cli_chain)
     self.kill = self.pool.submit(self._kill_chain)
 
+  def _start(self, *args, **kwargs) -> Proc:
+    if self.closed:   # torn down while a chain was waiting
+      raise RuntimeError("test module finished")
+    return start_driver(*args, **kwargs)
+
   def _after_reference_compiled(self):
     # The step executable is in the compilation cache once step 1 is logged.
     wait_for_step(self.reference.workdir, 1, self.reference.proc)
@@ -86,13 +92,13 @@ class _Runs:
     workdir = os.path.join(self.root, "cli")
     self._after_reference_compiled()
     out = {"workdir": workdir}
-    out["log1"] = start_driver(config_file, workdir, num_devices=REF_DEVICES).check()
+    out["log1"] = self._start(config_file, workdir, num_devices=REF_DEVICES).check()
     out["metrics1"] = read_metrics(workdir)
     out["ckpts1"] = checkpoint_steps(workdir)
     with open(os.path.join(workdir, "config.json")) as f:
       out["config1"] = json.load(f)
-    out["log2"] = start_driver(config_file, workdir, "--config.total_steps=4",
-                               num_devices=REF_DEVICES).check()
+    out["log2"] = self._start(config_file, workdir, "--config.total_steps=4",
+                              num_devices=REF_DEVICES).check()
     out["metrics2"] = read_metrics(workdir)
     out["ckpts2"] = checkpoint_steps(workdir)
     with open(os.path.join(workdir, "config.json")) as f:
@@ -106,8 +112,8 @@ class _Runs:
     out = {"workdir": workdir}
 
     def start(pause_at, go):
-      return start_driver(ref.config_file, workdir, *ref.flags, num_devices=REF_DEVICES,
-                          pause_at=(pause_at,), go_file=os.path.join(self.root, go))
+      return self._start(ref.config_file, workdir, *ref.flags, num_devices=REF_DEVICES,
+                         pause_at=(pause_at,), go_file=os.path.join(self.root, go))
 
     self._after_reference_compiled()
     # 1. SIGKILL once step 3 is logged (checkpoints: every 2 steps).
@@ -135,7 +141,11 @@ class _Runs:
     return out
 
   def close(self):
-    Proc.kill_all()
+    """Kills this module's runs (the session's reference run is left alone)."""
+    self.closed = True
+    for p in list(Proc.live):
+      if p is not self.reference.proc:
+        p.kill()
     self.pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -159,13 +169,6 @@ def _result(future):
   return future.result(timeout=FUTURE_TIMEOUT_S)
 
 
-def _last_json_line(log: str) -> dict:
-  for line in reversed(log.splitlines()):
-    if line.startswith("{"):
-      return json.loads(line)
-  raise AssertionError(f"no result line in:\n{log[-3000:]}")
-
-
 # -----------------------------------------------------------------------------
 # Configs (in-process, cheap).
 
@@ -184,10 +187,12 @@ def _parse_cli(argv: list[str]):
   config) on a fresh FlagValues; returns (config, workdir)."""
   from absl import flags
   from ml_collections import config_flags
+  argv = ["opd_jax.train"] + list(argv)
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)   # overrides are found in sys_argv
   flags.DEFINE_string("workdir", None, "", flag_values=fv)
-  fv(["opd_jax.train"] + list(argv))
+  fv(argv)
   return fv.config, fv.workdir
 
 
@@ -228,7 +233,8 @@ def test_sweep_prints_parseable_commands(tmp_path, monkeypatch):
   root = str(tmp_path / "sweep_root")
   out = subprocess.run(
       [PYTHON, "experiments/sweep.py", "--sweep=configs/sweeps/loss_ablation.py",
-       f"--root={root}"], cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+       f"--root={root}"], cwd=REPO, env=driver_env(), capture_output=True, text=True,
+      timeout=120, check=True)
   lines = [l for l in out.stdout.splitlines() if l.strip()]
   import importlib.util
   spec = importlib.util.spec_from_file_location(
@@ -270,24 +276,19 @@ def _write_qwen3_config(path, *, hidden, layers, heads, kv_heads, intermediate):
   return str(path)
 
 
-_ARG_RE = re.compile(r"%arg(\d+): tensor<([^>]*)>\s*(\{[^}]*\})?")
-
-
 def _main_arg_shardings(text: str) -> list[tuple[tuple[int, ...], list[list[str]] | None]]:
   """(shape, per-dim mesh axes) of every argument of ``@main`` in StableHLO
   text (Shardy ``sdy.sharding`` attributes)."""
   head = text[text.index("func.func public @main("):]
-  head = head[:head.index("->")]
+  head = head[:head.index(") -> (")]
   out = []
-  for m in _ARG_RE.finditer(head):
-    dims = m.group(2).split("x")[:-1]
-    shape = tuple(int(d) for d in dims)
-    attrs = m.group(3) or ""
-    s = re.search(r"#sdy\.sharding<@\w+, \[(.*?)\]>", attrs)
+  for part in re.split(r"%arg\d+: ", head)[1:]:
+    dims = re.match(r"tensor<([^>]*)>", part).group(1).split("x")[:-1]
+    s = re.search(r"#sdy\.sharding<@\w+, \[(.*?)\]>", part)
     axes = None
     if s is not None:
       axes = [re.findall(r'"(\w+)"', d) for d in re.findall(r"\{([^}]*)\}", s.group(1))]
-    out.append((shape, axes))
+    out.append((tuple(int(d) for d in dims), axes))
   return out
 
 
@@ -345,9 +346,9 @@ def test_paper_config_lowers_on_simulated_mesh(tmp_path):
   assert mu and all(a == [["tensor"], ["fsdp"]] for _, a in mu)
   shape, axes = axes_of("[0][1]", "['embed'].value")
   assert shape == (151936, 2560) and axes == [["tensor"], ["fsdp"]]
-  # The batch is split over the data axes (data=1: fsdp).
+  # The batch is split over the data axes (data x fsdp, data=1 here).
   shape, axes = axes_of("[0][2]", "['prompt_ids']")
-  assert shape == (64, 1024) and axes[0] == ["fsdp"]
+  assert shape == (64, 1024) and "fsdp" in axes[0] and axes[1] == []
   n_layers = {k.split("['layers'][")[1].split("]")[0] for k in by_path
               if k.startswith("[0][0].params['layers']")}
   assert len(n_layers) == 28
@@ -399,7 +400,7 @@ def test_cli_end_to_end_and_resume_with_override(runs, reference_run):
   # --- first invocation: 3 steps.
   assert r["config1"]["total_steps"] == 3
   assert r["config1"]["student"]["path"] == runs.assets["student"]
-  assert _last_json_line(r["log1"])["status"] == "finished"
+  assert last_json_line(r["log1"])["status"] == "finished"
   m1 = r["metrics1"]
   assert [x["step"] for x in m1] == [0, 1, 2, 3]
   assert m1[0]["data/num_records"] == 64 and m1[0]["data/num_malformed_skipped"] == 0
@@ -421,7 +422,7 @@ def test_cli_end_to_end_and_resume_with_override(runs, reference_run):
   assert os.path.exists(os.path.join(workdir, "config.txt"))
   # --- second invocation: --config.total_steps=4 resumes from checkpoint 3.
   assert r["config2"]["total_steps"] == 4
-  assert _last_json_line(r["log2"])["step"] == 4
+  assert last_json_line(r["log2"])["step"] == 4
   m2 = r["metrics2"]
   assert [x["step"] for x in m2] == [0, 1, 2, 3, 4]
   assert m2[:4] == m1                       # steps 1..3 not re-run (timings equal)
@@ -447,11 +448,11 @@ def test_sigkill_and_sigterm_resume_matches_uninterrupted(runs, reference_run):
   assert r["steps_before_term"] == [1, 2, 3, 4, 5]
   # SIGTERM after step 5: clean exit with a checkpoint at step 5.
   assert r["rc_term"] == 0, r["log_term"][-3000:]
-  assert _last_json_line(r["log_term"])["status"] == "preempted"
+  assert last_json_line(r["log_term"])["status"] == "preempted"
   assert max(r["ckpts_after_term"]) == 5
   # SIGTERM after the last step, which was checkpointed anyway: exit 0.
   assert r["rc_last"] == 0, r["log_last"][-3000:]
-  assert _last_json_line(r["log_last"])["step"] == REF_STEPS
+  assert last_json_line(r["log_last"])["step"] == REF_STEPS
   assert max(r["ckpts_final"]) == REF_STEPS
   # Every step equals the uninterrupted run's, bitwise.
   got = step_records(r["workdir"])

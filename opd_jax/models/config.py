@@ -52,6 +52,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  attention_block: int = 256        # query block of memory-efficient attention (0: off)
   hf_config_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
   def __post_init__(self):

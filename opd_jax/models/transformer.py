@@ -77,6 +77,22 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
   return (xf * cos + rotated * sin).astype(x.dtype)
 
 
+def _attend(qg, keys, values, key_valid, q_slot, dt):
+  """softmax(q k^T / sqrt(Dh) + mask) v for grouped queries.
+
+  qg ``[B, T, K, G, Dh]``; keys/values ``[B, S, K, Dh]``; key_valid ``[B, S]``;
+  q_slot ``[T]`` cache slot of each query (causal: keys at slots <= it).
+  Scores and softmax in float32. Returns ``[B, T, K, G, Dh]``.
+  """
+  s = keys.shape[1]
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys,
+                      preferred_element_type=jnp.float32) / np.sqrt(qg.shape[-1])
+  allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]
+  scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, values)
+
+
 class Attention(nnx.Module):
   """Grouped-query causal self-attention with optional KV cache."""
 
@@ -131,15 +147,23 @@ class Attention(nnx.Module):
 
     b, t, h, dh = q.shape
     kh = keys.shape[2]
-    s = keys.shape[1]
     qg = q.reshape(b, t, kh, h // kh, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys,
-                        preferred_element_type=jnp.float32) / np.sqrt(dh)
     q_slot = q_start + jnp.arange(t)
-    allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]
-    scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, dh)
+    block = cfg.attention_block
+    if block and t > block:
+      # Query blocks under remat: scores are [B, K, G, block, S], never
+      # [B, K, G, T, T], in the forward and the backward pass.
+      nb = -(-t // block)
+      pad = nb * block - t
+      qb = jnp.pad(qg, [(0, 0), (0, pad), (0, 0), (0, 0), (0, 0)])
+      qb = jnp.moveaxis(qb.reshape(b, nb, block, kh, h // kh, dh), 1, 0)
+      sb = jnp.pad(q_slot, (0, pad), mode="edge").reshape(nb, block)
+      attend = jax.checkpoint(lambda x: _attend(x[0], keys, values, key_valid, x[1], dt))
+      out = jnp.moveaxis(jax.lax.map(attend, (qb, sb)), 0, 1)
+      out = out.reshape(b, nb * block, kh, h // kh, dh)[:, :t]
+    else:
+      out = _attend(qg, keys, values, key_valid, q_slot, dt)
+    out = out.reshape(b, t, h, dh)
     out = sh.constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
     y = jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dt))
     if cfg.o_bias:
@@ -239,7 +263,7 @@ class Transformer(nnx.Module):
     attention_mask = attention_mask.astype(jnp.bool_)
     if positions is None:
       positions = positions_from_mask(attention_mask)
-    h = jnp.take(self.embed[...], input_ids, axis=0).astype(jnp.dtype(cfg.dtype))
+    h = jnp.take(self.embed[...], input_ids, axis=0, mode="clip").astype(jnp.dtype(cfg.dtype))
     h = sh.constrain(h, ("activation_batch", "activation_length", "activation_embed"))
     if cache is None:
       key_valid, q_start = attention_mask, 0
