@@ -104,6 +104,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator_address="", num_processes=1, process_id=-1, local_device_ids=""))
   c.progress_bar = True
+  # Off-policy cold start: SFT on verified teacher rollouts for `steps` steps,
+  # then OPD, in one run (one workdir, one checkpoint lineage).
+  c.cold_start = ml_collections.ConfigDict(dict(
+      steps=0, task="arithmetic", prompts_file="",   # default: data.train_files
+      rollouts_file="",                               # default: $WORKDIR/cold_start_rollouts.jsonl
+      attempts=4, keep_per_prompt=1, temperature=1.0, top_p=1.0, max_prompts=0))
   c.prepare = ""                    # PREPARERS entry that makes assets first
   c.eval_at_start = False
   return c

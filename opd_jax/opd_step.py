@@ -263,6 +263,11 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
   by ``step.token_metric_names()`` (see :func:`host_metrics`).
   """
   loss_fn = losses_lib.get_loss(cfg.loss, dict(cfg.loss_kwargs))
+  # Never sample ids outside the common vocabulary (padded embedding rows).
+  run_cfg = dataclasses.replace(
+      cfg, sampling=dataclasses.replace(cfg.sampling, vocab_size=vocab_size),
+      teacher_sampling=None if cfg.teacher_sampling is None else dataclasses.replace(
+          cfg.teacher_sampling, vocab_size=vocab_size))
   traces = [0]
   metric_names: list[tuple[str, ...]] = [()]
 
@@ -271,7 +276,7 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
     student = nnx.merge(student_graphdef, state.params)
     teacher = None if teacher_graphdef is None else nnx.merge(teacher_graphdef, teacher_params)
     rng, k_roll = jax.random.split(state.rng)
-    comp = build_completions(student, teacher, batch, k_roll, cfg)
+    comp = build_completions(student, teacher, batch, k_roll, run_cfg)
     comp = jax.tree.map(jax.lax.stop_gradient, comp)
     p = comp["prompt_ids"].shape[1]
     ids, mask, pos = full_sequence(comp["prompt_ids"], comp["prompt_mask"],
@@ -303,7 +308,7 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
     n_on = jnp.maximum(on.sum(), 1.0)
     out = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": jnp.asarray(schedule(state.step), jnp.float32),
         "num_tokens": comp["mask"].sum().astype(jnp.float32),
         "mean_response_length": (comp["lengths"] * on).sum() / n_on,

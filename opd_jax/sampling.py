@@ -59,6 +59,9 @@ class SamplingConfig:
     eos_ids: tokens that end a row (may be empty: every row runs N tokens).
     pad_id: written after a row's EOS.
     num_samples: completions per prompt.
+    vocab_size: only ids < vocab_size are ever sampled (0: the model's whole
+      output; set it to the tokenizer size when checkpoints pad their
+      embedding rows, so padded ids are never drawn).
   """
 
   max_new_tokens: int
@@ -69,6 +72,7 @@ class SamplingConfig:
   eos_ids: tuple[int, ...] = ()
   pad_id: int = 0
   num_samples: int = 1
+  vocab_size: int = 0
 
   def __post_init__(self):
     def whole(name, lo):
@@ -161,9 +165,12 @@ def sample_token(logits: jax.Array, key: jax.Array, config: SamplingConfig):
   """One step: raw logits ``[R, V]`` -> (tokens ``[R]`` int32, logprobs, logprobs_t1).
 
   ``logprobs`` is under the processed distribution (0 for greedy),
-  ``logprobs_t1`` under softmax(raw logits).
+  ``logprobs_t1`` under softmax(raw logits) (both restricted to ids <
+  ``config.vocab_size`` when it is set).
   """
   logits = logits.astype(jnp.float32)
+  if config.vocab_size and config.vocab_size < logits.shape[-1]:
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < config.vocab_size, logits, -jnp.inf)
   if config.greedy:
     tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     lp = jnp.zeros(tok.shape, jnp.float32)

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging as absl_logging
 import numpy as np
 from flax import nnx
 
@@ -172,6 +173,40 @@ def global_batch(local: dict[str, np.ndarray], sharder: Sharder, global_batch_si
   return out
 
 
+def cold_start_data(config, workdir: str, tokenizer, teacher, sampling: SamplingConfig):
+  """The cold-start SFT set: verified teacher rollouts (made once, cached in
+  ``config.cold_start.rollouts_file``) and its iterator."""
+  from opd_jax.cold_start import make_teacher_rollouts
+  from opd_jax.tasks import get_task
+  cs = config.cold_start
+  path = cs.rollouts_file or os.path.join(workdir, "cold_start_rollouts.jsonl")
+  if not os.path.exists(path):
+    if teacher is None:
+      raise ValueError("cold start needs a teacher (config.teacher.path)")
+    records = []
+    for f in data_lib._expand_paths(cs.prompts_file or config.data.train_files):
+      records += data_lib.read_jsonl(f)
+    records = records[: int(cs.max_prompts) or None]
+    stats = make_teacher_rollouts(
+        teacher, tokenizer, records, get_task(cs.task), out_file=path,
+        attempts=int(cs.attempts), keep_per_prompt=int(cs.keep_per_prompt),
+        temperature=float(cs.temperature), top_p=float(cs.top_p),
+        max_new_tokens=sampling.max_new_tokens, batch_size=int(config.batch_size),
+        seed=int(config.seed), max_prompt_len=int(config.data.max_prompt_len),
+        use_chat_template=bool(config.data.use_chat_template))
+    absl_logging.info("cold-start rollouts: %s", stats)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("cold_start_rollouts")
+  d = config.data
+  sft_data = data_lib.PromptData.build(
+      path, tokenizer, max_prompt_len=int(d.max_prompt_len),
+      max_completion_len=sampling.max_new_tokens, prompt_field=d.prompt_field,
+      completion_field="completion", answer_field=d.answer_field or None,
+      use_chat_template=bool(d.use_chat_template), overlong=d.overlong, on_error=d.on_error)
+  return sft_data, sft_data.iterator(int(config.batch_size), seed=int(config.seed))
+
+
 def eval_examples(cfg, task) -> list[dict]:
   if cfg.data_file:
     return data_lib.read_jsonl(cfg.data_file)[: int(cfg.num_examples) or None]
@@ -236,10 +271,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ckpt = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), save_every=int(config.checkpoint_every),
       max_to_keep=int(config.keep_checkpoints))
-  start = 0
+  start, sft_state = 0, None
   if ckpt.latest_step() is not None:
     state, data_state, _ = ckpt.restore(checkpointing.abstract_like(state))
-    data_lib.restore_iterator_state(it, data_state)
+    data_lib.restore_iterator_state(it, data_state["opd"])
+    sft_state = data_state.get("sft")
     start = int(state.step)
   writer = MetricWriter(workdir)
   writer.truncate_after(start if start else -1)   # a fresh start rewrites step 0 too
@@ -247,14 +283,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer.write(0, {f"data/{k}": v for k, v in data.stats.items()})
 
   b = int(config.batch_size)
-  example = global_batch(next(iter(data.iterator(b, seed=0))), sharder, b)
-  batch_shardings = {k: v.sharding for k, v in example.items()}
-  step_fn = make_opd_step(student_graphdef, teacher_graphdef, tx, schedule, step_cfg,
-                          vocab_size=vocab, sharder=sharder, state_shardings=state_shardings,
-                          teacher_shardings=teacher_shardings,
-                          batch_shardings=batch_shardings)
+
+  def compile_phase(cfg, phase_data, t_graphdef, t_params, t_shardings):
+    example = global_batch(next(iter(phase_data.iterator(b, seed=0))), sharder, b)
+    fn = make_opd_step(student_graphdef, t_graphdef, tx, schedule, cfg, vocab_size=vocab,
+                       sharder=sharder, state_shardings=state_shardings,
+                       teacher_shardings=t_shardings,
+                       batch_shardings={k: v.sharding for k, v in example.items()})
+    return fn, fn.lower(state, t_params, example).compile()
+
   t0 = time.time()
-  compiled = step_fn.lower(state, teacher_params, example).compile()
+  step_fn, compiled = compile_phase(step_cfg, data, teacher_graphdef, teacher_params,
+                                    teacher_shardings)
+  phases = {"opd": (step_fn, compiled, it, teacher_params)}
+  cold_steps = int(config.cold_start.steps)
+  if cold_steps > 0:
+    sft_data, sft_it = cold_start_data(config, workdir, tokenizer, teacher, sampling)
+    if sft_state is not None:
+      data_lib.restore_iterator_state(sft_it, sft_state)
+    sft_cfg = dataclasses.replace(step_cfg, loss="sft", loss_kwargs=(), on_policy_fraction=0.0,
+                                  off_policy_source="dataset", metrics=False)
+    sft_fn, sft_compiled = compile_phase(sft_cfg, sft_data, None, None, None)
+    phases["sft"] = (sft_fn, sft_compiled, sft_it, None)
   compile_s = time.time() - t0
 
   preempt = checkpointing.PreemptionFlag()
@@ -266,8 +316,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return nnx.merge(student_graphdef, state.params)
 
   def checkpoint(step, force=False):
-    ckpt.save(step, state, data_lib.save_iterator_state(it),
-              {"step": step, "time": time.time()}, force=force)
+    data_state = {name: data_lib.save_iterator_state(p[2]) for name, p in phases.items()}
+    ckpt.save(step, state, data_state, {"step": step, "time": time.time()}, force=force)
 
   from tqdm import tqdm
   bar = tqdm(total=total, initial=start, disable=not (is_main and config.progress_bar),
@@ -277,12 +327,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer.write(0, res)
   status = "finished"
   for step in range(start + 1, total + 1):
-    batch = global_batch(next(it), sharder, b)
+    phase = "sft" if step <= cold_steps else "opd"
+    fn, compiled, phase_it, phase_teacher = phases[phase]
+    batch = global_batch(next(phase_it), sharder, b)
     t0 = time.time()
-    state, metrics = compiled(state, teacher_params, batch)
-    metrics = host_metrics(metrics, step_fn.token_metric_names())
+    state, metrics = compiled(state, phase_teacher, batch)
+    metrics = host_metrics(metrics, fn.token_metric_names())
     dt = time.time() - t0
-    metrics.update(step_time_s=dt, tokens_per_sec=metrics["num_tokens"] / dt)
+    metrics.update(step_time_s=dt, tokens_per_sec=metrics["num_tokens"] / dt,
+                   cold_start=float(phase == "sft"))
     if step == start + 1:
       metrics["compile_time_s"] = compile_s
     evals_now = config.evals and (step == total or (
@@ -313,7 +366,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ckpt.close()
   writer.close()
   last["status"] = status
-  last["trace_count"] = step_fn.trace_count()
+  last["trace_count"] = max(p[0].trace_count() for p in phases.values())
   return last
 
 

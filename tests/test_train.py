@@ -463,3 +463,54 @@ def test_sigkill_and_sigterm_resume_matches_uninterrupted(runs, reference_run):
   assert_same_metrics(got, ref, range(1, REF_STEPS + 1),
                       keys=["loss", "grad_norm", "mean_response_length", "num_tokens"])
   assert_same_metrics(got, ref, range(1, REF_STEPS + 1))   # and every other metric
+
+
+# -----------------------------------------------------------------------------
+# Off-policy cold start: SFT on verified teacher rollouts, then OPD, one run.
+
+
+def _cold_config(assets, total):
+  c = tiny_config(assets, total_steps=total, checkpoint_every=1)
+  c.cold_start.steps = 2
+  c.cold_start.attempts = 2
+  c.cold_start.max_prompts = 16
+  return c
+
+
+def _fake_rollouts(assets, path):
+  """Verified 'rollouts' (the reference completions; a random teacher solves
+  nothing) so the test controls the SFT set."""
+  from opd_jax import data as data_lib
+  recs = data_lib.read_jsonl(assets["prompts"])[:16]
+  data_lib.write_jsonl(path, recs)
+  return path
+
+
+def test_cold_start_switches_at_step_and_resumes_across_switch(assets, tmp_path):
+  from opd_jax.train import train
+  rollouts = _fake_rollouts(assets, str(tmp_path / "rollouts.jsonl"))
+  a = _cold_config(assets, 4)
+  a.cold_start.rollouts_file = rollouts
+  train(a, str(tmp_path / "a"))
+  ra = step_records(str(tmp_path / "a"))
+  assert [ra[s]["cold_start"] for s in (1, 2, 3, 4)] == [1.0, 1.0, 0.0, 0.0]
+  assert ra[1]["on_policy_frac"] == 0.0 and ra[2]["on_policy_frac"] == 0.0
+  assert ra[3]["on_policy_frac"] == 1.0 and "overlap_ratio" in ra[3]
+  assert "overlap_ratio" not in ra[2]             # SFT phase: no teacher, no metrics
+  # Interrupted right after the switch (3 steps), then resumed to 4.
+  for total in (3, 4):
+    b = _cold_config(assets, total)
+    b.cold_start.rollouts_file = rollouts
+    train(b, str(tmp_path / "b"))
+  rb = step_records(str(tmp_path / "b"))
+  assert_same_metrics(rb, ra, [1, 2, 3, 4])
+
+
+def test_cold_start_generates_verified_rollouts(assets, tmp_path):
+  """Rollouts come from the teacher with the task verifier as filter: a
+  random teacher solves nothing, so the run refuses to cold-start."""
+  from opd_jax.train import train
+  c = _cold_config(assets, 3)
+  c.cold_start.max_prompts = 4
+  with pytest.raises(ValueError, match="no teacher rollout passed the verifier"):
+    train(c, str(tmp_path / "c"))
