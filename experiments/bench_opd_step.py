@@ -1,46 +1,66 @@
 """Benchmarks the compiled OPD step against Hugging Face TRL on the same checkpoints.
 
-    PYTHONPATH=. python experiments/bench_opd_step.py [--preset small[,medium,...]]
-        [--steps 20] [--warmup 2] [--trl-steps 8] [--no-trl] [--profile]
-        [--mesh data=1,fsdp=1,tensor=1 --num-cpu-devices N]
+    PYTHONPATH=. python experiments/bench_opd_step.py [--preset small[,medium,large]]
+        [--steps N] [--trl-steps N] [--no-trl] [--profile] [--patch invcdf]
+        [--threads 1] [--mesh data=2,fsdp=1,tensor=1 --num-cpu-devices 2] [--json F]
 
 For every preset a Qwen3-architecture student and teacher are created, written
 as Hugging Face checkpoints (``to_hf``) into a temp dir and loaded back
 (``from_hf``); TRL loads the very same directories. Both sides run fully
-on-policy (λ = 1) reverse-KL distillation in float32 on the same prompts, with
-generation forced to the full ``max_new_tokens`` (ours: ``eos_ids=()``; TRL:
-``min_new_tokens = max_new_tokens`` in its generation config, which masks
-every EOS logit until the last token).
+on-policy (λ = 1) reverse-KL distillation in float32 on the same prompts (same
+number, same ids), temperature 1, no top-k / top-p, generation forced to the
+full ``max_new_tokens``: ours with ``eos_ids=()``; TRL with
+``generation_kwargs={"min_new_tokens": max_new_tokens}`` (transformers'
+``MinNewTokensLengthLogitsProcessor`` masks every EOS logit until the last
+token; the script records the completion lengths TRL produced). TRL runs
+without gradient checkpointing, no bf16, AdamW lr 1e-6 / wd 0.01 / clip 1.0
+(our optimizer defaults).
 
-Printed per preset: compile time, steps/s, generated tokens/s, the step's
-FLOP/s as a fraction of a plain jitted f32 matmul's FLOP/s measured in the same
-run, the TRL step time / generated tokens/s / share of its step spent in
-``model.generate``, and ours/TRL ratios. ``--profile`` additionally times the
-pieces of our step as separately jitted functions (sampling, teacher forward,
-student forward+backward with the chunked loss, optimizer update).
+Timing. The CPU is shared (2 cores, other jobs running), so for every step
+both the wall time and this process's CPU time (``time.process_time``, all
+threads) are recorded and medians reported; CPU time is much less sensitive
+to the machine's load. ``--threads 1`` (default) pins both sides to one
+thread (XLA: ``--xla_cpu_multi_thread_eigen=false``; torch:
+``set_num_threads(1)``), so CPU time is single-core time. Under load torch's
+OpenMP threads busy-wait: with 2 threads TRL's step is ~10x slower here.
+Our steps run interleaved with TRL's (a few of ours after each TRL step, from
+a ``TrainerCallback``), so both see the same load. Our step:
+``compiled(state, teacher, batch)`` plus fetching the metrics to the host, as
+``opd_jax.train`` does; warm-up steps excluded. TRL's step: ``on_step_begin``
+to ``on_step_end`` (tokenization, generation, teacher, student
+forward/backward, optimizer step), first ``--trl-warmup`` steps excluded;
+``model.generate`` is wrapped to measure its share.
 
-FLOP accounting (``analytic_flops``), 2 FLOPs per multiply-add, R rows, P
-prompt length, N new tokens, T = P + N. For a model with L layers, hidden D,
-H query / K kv heads of size Dh, MLP width F, vocabulary V:
+FLOPs (``analytic_flops``; 2 FLOPs per multiply-add), R rows, P prompt length,
+N new tokens, T = P + N, for a model with L layers, hidden D, H query / K kv
+heads of size Dh, MLP width F, vocabulary V:
 
-  M  = D·(H + 2K)·Dh + H·Dh·D + 3·D·F     (matmul weights per layer and token)
-  A(S) = 2·H·Dh·S                          (attention MACs per query and layer
-                                            over S keys: QKᵀ and PV)
+  M    = D·(H + 2K)·Dh + H·Dh·D + 3·D·F   matmul weights per layer and token
+  A(S) = 2·H·Dh·S                         attention MACs per query and layer
+                                          over S keys (QKᵀ and PV)
+  fwd(tokens, S) = 2·L·(M + A(S))·tokens
 
-  sampling   prefill 2·L·(M + A(T))·R·P  + decode 2·L·(M + A(T))·R·(N−1)
-             + lm head 2·D·V·R·N     (the KV cache has T slots and the decoder
-                                      attends densely over all of them)
-  teacher    2·L·(M + A(T))·R·T  +  lm head 2·D·V·R·N
-  student    3 × (2·L·(M + A(T))·R·T + 2·D·V·R·N)   (forward + backward)
+  sampling  fwd(R·P, T) + fwd(R·(N−1), T) + 2·D·V·R·N   (prefill, N−1 decode
+            steps, N lm-head rows; the cache has T slots, attended densely)
+  teacher   fwd(R·T, T) + 2·D·V·R·N
+  student   3·(fwd(R·T, T) + 2·D·V·R·N)                  forward + backward
 
-i.e. the usual 2·params·tokens forward / 6·params·tokens forward+backward plus
-attention as XLA executes it (dense masked T×T, no causal skipping). The
-``jax.checkpoint`` recomputation of both heads' logits in the backward pass of
-the chunked loss (2·(Ds + Dt)·V·R·N) is *not* counted as useful work (it is
-reported separately as ``recompute``). XLA's ``cost_analysis()['flops']`` is
-printed next to it: XLA counts a ``while`` body once (the decode loop and the
-chunked-loss ``scan`` are loops), so it under-counts; the analytic number is
-the one used for the FLOP fraction.
+i.e. 2·params·tokens per forward, ×3 for forward+backward, plus attention as
+executed (dense masked T×T, no causal skipping). The ``jax.checkpoint``
+recompute of both heads' logits in the loss's backward pass is executed but
+not counted. XLA's ``compiled.cost_analysis()['flops']`` is printed as well:
+it counts a ``while`` / ``scan`` body once (checked: its total equals the
+analytic one minus N−1 of the N sampling tokens, plus the head recompute), so
+it under-counts the decode loop; the analytic count is used for the FLOP
+fraction = (FLOPs / step time) / (FLOP/s of a jitted square f32 matmul run in
+the same process, same thread setting).
+
+``--profile`` times the step's pieces as separately jitted functions
+(sampling, teacher forward, student forward+backward+loss, optimizer).
+``--patch invcdf`` also times a prototype that is NOT in ``opd_jax``:
+``sampling.sample_token`` monkeypatched to inverse-CDF sampling (one uniform
+per row instead of one Gumbel per vocabulary entry), steps of both variants
+alternating.
 """
 
 from __future__ import annotations
@@ -53,7 +73,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
@@ -76,10 +95,12 @@ if __name__ == "__main__":
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
-from opd_jax import opd_step, optim
 from opd_jax import losses as losses_lib
+from opd_jax import opd_step, optim
+from opd_jax import sampling as sampling_lib
 from opd_jax.models import ModelConfig, create_model, from_hf, to_hf
 from opd_jax.sampling import SamplingConfig, sample
 from opd_jax.sharding import Sharder, make_mesh
@@ -89,7 +110,7 @@ PAD_ID, EOS_ID = 0, 1
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-  """One benchmark configuration (student, teacher, batch shape)."""
+  """One benchmark configuration (student, teacher, batch shape, step counts)."""
   name: str
   student: dict[str, int]
   teacher: dict[str, int]
@@ -97,33 +118,28 @@ class Preset:
   batch: int
   prompt_len: int
   new_tokens: int
-  steps: int          # timed steps (ours)
-  trl_steps: int      # timed steps (TRL)
+  steps: int          # timed steps of ours (spread over TRL's steps)
+  warmup: int
+  trl_steps: int      # timed TRL steps
+
+
+def _arch(layers, hidden, heads, kv_heads, head_dim, mlp):
+  return dict(num_layers=layers, hidden_size=hidden, num_heads=heads,
+              num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=mlp)
 
 
 PRESETS = {
-    # The reference target: TRL is said to take ~0.165 s/step here.
-    "small": Preset(
-        "small",
-        student=dict(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2,
-                     head_dim=32, intermediate_size=384),
-        teacher=dict(num_layers=4, hidden_size=256, num_heads=4, num_kv_heads=2,
-                     head_dim=64, intermediate_size=768),
-        vocab=512, batch=8, prompt_len=16, new_tokens=64, steps=30, trl_steps=10),
-    "medium": Preset(
-        "medium",
-        student=dict(num_layers=4, hidden_size=256, num_heads=4, num_kv_heads=2,
-                     head_dim=64, intermediate_size=768),
-        teacher=dict(num_layers=8, hidden_size=512, num_heads=8, num_kv_heads=4,
-                     head_dim=64, intermediate_size=1536),
-        vocab=4096, batch=16, prompt_len=32, new_tokens=128, steps=8, trl_steps=4),
-    "large": Preset(
-        "large",
-        student=dict(num_layers=8, hidden_size=512, num_heads=8, num_kv_heads=4,
-                     head_dim=64, intermediate_size=1536),
-        teacher=dict(num_layers=12, hidden_size=768, num_heads=12, num_kv_heads=4,
-                     head_dim=64, intermediate_size=2304),
-        vocab=4096, batch=16, prompt_len=32, new_tokens=128, steps=4, trl_steps=3),
+    # The reference target (TRL: ~0.165 s/step, ~60% in generate, elsewhere).
+    "small": Preset("small", student=_arch(2, 128, 4, 2, 32, 384),
+                    teacher=_arch(4, 256, 4, 2, 64, 768), vocab=512, batch=8,
+                    prompt_len=16, new_tokens=64, steps=36, warmup=2, trl_steps=12),
+    # Arithmetic-dominated sizes (~5 min / ~15+ min per preset with TRL here).
+    "medium": Preset("medium", student=_arch(4, 256, 4, 2, 64, 768),
+                     teacher=_arch(8, 512, 8, 4, 64, 1536), vocab=4096, batch=16,
+                     prompt_len=32, new_tokens=128, steps=3, warmup=1, trl_steps=3),
+    "large": Preset("large", student=_arch(8, 512, 8, 4, 64, 1536),
+                    teacher=_arch(12, 768, 12, 4, 64, 2304), vocab=4096, batch=16,
+                    prompt_len=32, new_tokens=128, steps=2, warmup=1, trl_steps=2),
 }
 
 
@@ -132,17 +148,17 @@ PRESETS = {
 # ----------------------------------------------------------------------------
 
 
-def median(xs):
+def median(xs) -> float:
   return statistics.median(xs) if len(xs) else float("nan")
 
 
 def clock() -> np.ndarray:
-  """(wall seconds, this process's CPU seconds over all threads)."""
+  """(wall seconds, this process's CPU seconds summed over its threads)."""
   return np.array([time.perf_counter(), time.process_time()])
 
 
 def summarize(deltas) -> dict[str, float]:
-  """Per-step ``[(wall, cpu), ...]`` -> medians / min / mean."""
+  """Per-step ``[(wall, cpu), ...]`` -> medians, wall min / mean, count."""
   d = np.asarray(deltas, np.float64).reshape(-1, 2)
   return dict(wall=median(d[:, 0]), cpu=median(d[:, 1]), wall_min=float(d[:, 0].min()),
               wall_mean=float(d[:, 0].mean()), n=len(d))
@@ -152,63 +168,7 @@ def machine_load() -> str:
   try:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
   except OSError:
-    return "load: " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def model_config(p: dict[str, int], vocab: int, max_len: int) -> ModelConfig:
-  return ModelConfig(model_type="qwen3", vocab_size=vocab, qk_norm=True,
-                     max_position_embeddings=max(512, max_len), pad_token_id=PAD_ID,
-                     **p)
-
-
-def layer_macs(c: ModelConfig) -> int:
-  """Matmul weights per layer and token (M in the module docstring)."""
-  d, h, k, dh, f = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
-                    c.intermediate_size)
-  return d * (h + 2 * k) * dh + h * dh * d + 3 * d * f
-
-
-def forward_flops(c: ModelConfig, rows: int, queries: int, keys: int) -> int:
-  """2·L·(M + A(S))·tokens (no lm head)."""
-  attn = 2 * c.num_heads * c.head_dim * keys
-  return 2 * c.num_layers * (layer_macs(c) + attn) * rows * queries
-
-
-def analytic_flops(s: ModelConfig, t: ModelConfig, r: int, p: int, n: int,
-                   vocab: int) -> dict[str, float]:
-  """Useful FLOPs of one OPD step (see the module docstring)."""
-  tt = p + n
-  head = lambda c: 2 * c.hidden_size * vocab * r * n
-  out = {
-      "sampling": forward_flops(s, r, p, tt) + forward_flops(s, r, n - 1, tt) + head(s),
-      "teacher": forward_flops(t, r, tt, tt) + head(t),
-      "student_fwd_bwd": 3 * (forward_flops(s, r, tt, tt) + head(s)),
-      "recompute": head(s) + head(t),
-  }
-  out["total"] = out["sampling"] + out["teacher"] + out["student_fwd_bwd"]
-  return out
-
-
-def xla_flops(compiled) -> float | None:
-  try:
-    ca = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if isinstance(ca, (list, tuple)):
-    ca = ca[0] if ca else None
-  if not ca:
-    return None
-  f = ca.get("flops")
-  return None if f is None else float(f)
-
-
-def matmul_flops_per_s(n: int = 2048, repeats: int = 7) -> dict[str, float]:
-  """FLOP/s of a jitted square float32 matmul (``2·n³`` FLOPs), by the median
-  wall time and by the median process CPU time."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-  t = time_fn(jax.jit(lambda x, y: x @ y), a, b, repeats=repeats)
-  return {"wall": 2 * n ** 3 / t["wall"], "cpu": 2 * n ** 3 / t["cpu"]}
+    return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def time_fn(fn, *args, repeats: int = 5) -> dict[str, float]:
@@ -222,28 +182,118 @@ def time_fn(fn, *args, repeats: int = 5) -> dict[str, float]:
   return summarize(ds)
 
 
-def parse_mesh(text: str) -> dict[str, int] | None:
-  if not text:
-    return None
-  out = {}
-  for part in text.split(","):
-    k, v = part.split("=")
-    out[k.strip()] = int(v)
+def matmul_flops_per_s(n: int, repeats: int = 7) -> dict[str, float]:
+  """FLOP/s of a jitted square float32 matmul (``2·n³`` FLOPs) by median wall
+  time and by median process CPU time."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  t = time_fn(jax.jit(lambda x, y: x @ y), a, b, repeats=repeats)
+  return {"n": n, "wall": 2 * n ** 3 / t["wall"], "cpu": 2 * n ** 3 / t["cpu"]}
+
+
+def model_config(arch: dict[str, int], vocab: int, max_len: int) -> ModelConfig:
+  return ModelConfig(model_type="qwen3", vocab_size=vocab, qk_norm=True,
+                     max_position_embeddings=max(512, max_len), pad_token_id=PAD_ID,
+                     **arch)
+
+
+def forward_flops(c: ModelConfig, tokens: int, keys: int) -> int:
+  """fwd(tokens, S) = 2·L·(M + A(S))·tokens (no lm head)."""
+  d, h, k, dh, f = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                    c.intermediate_size)
+  m = d * (h + 2 * k) * dh + h * dh * d + 3 * d * f
+  return 2 * c.num_layers * (m + 2 * h * dh * keys) * tokens
+
+
+def analytic_flops(s: ModelConfig, t: ModelConfig, r: int, p: int, n: int,
+                   vocab: int) -> dict[str, int]:
+  """Useful FLOPs of one OPD step (formula in the module docstring)."""
+  tt = p + n
+  head = lambda c: 2 * c.hidden_size * vocab * r * n
+  out = {
+      "sampling": forward_flops(s, r * p, tt) + forward_flops(s, r * (n - 1), tt) + head(s),
+      "teacher": forward_flops(t, r * tt, tt) + head(t),
+      "student_fwd_bwd": 3 * (forward_flops(s, r * tt, tt) + head(s)),
+      "head_recompute": head(s) + head(t),
+  }
+  out["total"] = out["sampling"] + out["teacher"] + out["student_fwd_bwd"]
   return out
 
 
+def xla_flops(compiled) -> float | None:
+  try:
+    ca = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else None
+  return float(ca["flops"]) if ca and ca.get("flops") is not None else None
+
+
+def parse_mesh(text: str) -> dict[str, int] | None:
+  if not text:
+    return None
+  return {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))}
+
+
 # ----------------------------------------------------------------------------
-# Checkpoints
+# Prototype patches (not in opd_jax; applied while tracing a variant)
+# ----------------------------------------------------------------------------
+
+
+def sample_token_inverse_cdf(logits, key, config: SamplingConfig):
+  """Drop-in for ``sampling.sample_token``: inverse-CDF sampling.
+
+  ``jax.random.categorical`` draws V Gumbels per row (threefry bits + two
+  logs per vocabulary entry, every decode step); this draws one uniform per
+  row and takes the first index whose cumulative probability reaches it: same
+  distribution, O(V) cheap arithmetic. The sampled token's log-prob reuses
+  the logsumexp; without temperature / top-k / top-p the two returned
+  log-probs are the same array.
+  """
+  logits = logits.astype(jnp.float32)
+  if config.greedy:
+    return _ORIG_SAMPLE_TOKEN(logits, key, config)
+  z = sampling_lib.process_logits(logits, config)
+  lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
+  cdf = jnp.cumsum(jnp.exp(z - lse), axis=-1)
+  u = (1.0 - jax.random.uniform(key, (z.shape[0], 1), jnp.float32)) * cdf[:, -1:]
+  tok = jnp.minimum(jnp.sum(cdf < u, axis=-1), z.shape[-1] - 1).astype(jnp.int32)
+  lp = jnp.take_along_axis(z, tok[:, None], axis=-1)[:, 0] - lse[:, 0]
+  unprocessed = config.temperature == 1.0 and config.top_k == 0 and config.top_p >= 1.0
+  lp1 = lp if unprocessed else sampling_lib._token_logprob(logits, tok)  # pylint: disable=protected-access
+  return tok, lp, lp1
+
+
+_ORIG_SAMPLE_TOKEN = sampling_lib.sample_token
+PATCHES = {"invcdf": (sampling_lib, "sample_token", sample_token_inverse_cdf)}
+
+
+@contextlib.contextmanager
+def patched(name: str | None):
+  if not name:
+    yield
+    return
+  module, attr, fn = PATCHES[name]
+  orig = getattr(module, attr)
+  setattr(module, attr, fn)
+  try:
+    yield
+  finally:
+    setattr(module, attr, orig)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints and data
 # ----------------------------------------------------------------------------
 
 
 def make_checkpoints(preset: Preset, root: str) -> tuple[str, str]:
-  """Random student/teacher written as HF checkpoints; returns their dirs."""
+  """Random student / teacher written as HF checkpoints; returns their dirs."""
   max_len = preset.prompt_len + preset.new_tokens
   dirs = []
-  for name, p, seed in (("student", preset.student, 0), ("teacher", preset.teacher, 1)):
-    cfg = model_config(p, preset.vocab, max_len)
-    model = create_model(cfg, seed=seed)
+  for name, arch, seed in (("student", preset.student, 0), ("teacher", preset.teacher, 1)):
+    model = create_model(model_config(arch, preset.vocab, max_len), seed=seed)
     dirs.append(to_hf(model, os.path.join(root, name)))
     del model
   return dirs[0], dirs[1]
@@ -269,7 +319,10 @@ def opd_config(preset: Preset, args) -> opd_step.OPDConfig:
       metrics=not args.no_metrics, metrics_top_k=16, position_chunk=64)
 
 
-def setup_ours(preset: Preset, s_dir: str, t_dir: str, prompts: np.ndarray, args):
+def setup_ours(preset: Preset, s_dir: str, t_dir: str, prompts: np.ndarray, args,
+               patch: str | None = None) -> dict[str, Any]:
+  """Loads the checkpoints, builds and compiles the step (``patch`` active
+  while tracing)."""
   mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
   sharder = Sharder(mesh)
   student = from_hf(s_dir, dtype="float32", mesh=mesh)
@@ -279,69 +332,65 @@ def setup_ours(preset: Preset, s_dir: str, t_dir: str, prompts: np.ndarray, args
   cfg = opd_config(preset, args)
   gd_s, _ = nnx.split(student)
   gd_t, t_params = nnx.split(teacher)
-  b = prompts.shape[0]
   batch = {"prompt_ids": jnp.asarray(prompts),
            "prompt_mask": jnp.ones(prompts.shape, jnp.bool_)}
   t_sh = b_sh = None
   if mesh is not None:
     t_sh = sharder.tree_shardings(t_params)
-    b_sh = {k: sharder.batch(b, prompts.shape[1]) for k in batch}
+    b_sh = {k: sharder.batch(*prompts.shape) for k in batch}
     batch = {k: jax.device_put(v, b_sh[k]) for k, v in batch.items()}
   step = opd_step.make_opd_step(
       gd_s, gd_t, tx, sched, cfg, vocab_size=preset.vocab, sharder=sharder,
       state_shardings=st_sh, teacher_shardings=t_sh, batch_shardings=b_sh)
-  return dict(step=step, state=state, t_params=t_params, batch=batch, cfg=cfg,
-              gd_s=gd_s, gd_t=gd_t, tx=tx, sharder=sharder, student_cfg=student.cfg,
-              teacher_cfg=teacher.cfg)
-
-
-def compile_ours(ctx: dict) -> dict[str, Any]:
   t0 = time.perf_counter()
-  compiled = ctx["step"].lower(ctx["state"], ctx["t_params"], ctx["batch"]).compile()
-  ctx["compiled"] = compiled
-  return {"compile_s": time.perf_counter() - t0, "xla_flops": xla_flops(compiled)}
+  with patched(patch):
+    compiled = step.lower(state, t_params, batch).compile()
+  compile_s = time.perf_counter() - t0
+  return dict(name="ours" + (f" +{patch} (prototype)" if patch else " (opd_jax)"),
+              patch=patch, step=step, compiled=compiled, state=state, t_params=t_params,
+              batch=batch, cfg=cfg, gd_s=gd_s, gd_t=gd_t, tx=tx, sharder=sharder,
+              student_cfg=student.cfg, teacher_cfg=teacher.cfg, compile_s=compile_s,
+              xla_flops=xla_flops(compiled), deltas=[])
 
 
-def bench_ours(ctx: dict, n_steps: int, warmup: int) -> dict[str, Any]:
-  """Times ``n_steps`` compiled steps (after ``warmup``), metrics fetched to host
-  every step as the driver does."""
-  compiled, state = ctx["compiled"], ctx["state"]
-  t_params, batch = ctx["t_params"], ctx["batch"]
-  for _ in range(warmup):
-    state, m = compiled(state, t_params, batch)
-    jax.block_until_ready(m)
-  deltas = []
+def bench_ours(ctxs: list[dict[str, Any]], n_steps: int, warmup: int) -> None:
+  """Runs the variants' steps alternately; appends (wall, CPU) per step to
+  each ``ctx["deltas"]``. A step includes fetching its metrics to the host."""
+  for ctx in ctxs:
+    for _ in range(warmup):
+      ctx["state"], m = ctx["compiled"](ctx["state"], ctx["t_params"], ctx["batch"])
+      jax.block_until_ready(m)
   for _ in range(n_steps):
-    t0 = clock()
-    state, m = compiled(state, t_params, batch)
-    metrics = opd_step.host_metrics(m, ctx["step"].token_metric_names())
-    deltas.append(clock() - t0)
-  ctx["state"] = state
-  return dict(deltas=deltas, num_tokens=metrics["num_tokens"], loss=metrics["loss"],
-              mean_len=metrics["mean_response_length"])
+    for ctx in ctxs:
+      t0 = clock()
+      ctx["state"], m = ctx["compiled"](ctx["state"], ctx["t_params"], ctx["batch"])
+      metrics = opd_step.host_metrics(m, ctx["step"].token_metric_names())
+      ctx["deltas"].append(clock() - t0)
+      ctx["last"] = metrics
 
 
-# -- separately jitted pieces (--profile) -------------------------------------
-
-
-def profile_ours(preset: Preset, ctx: dict, args) -> dict[str, float]:
-  """Times the pieces of the step as separate jitted functions (median s)."""
+def profile_ours(preset: Preset, ctx: dict[str, Any], args,
+                 patches: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
+  """Times the pieces of the step as separately jitted functions."""
   cfg, gd_s, gd_t, tx = ctx["cfg"], ctx["gd_s"], ctx["gd_t"], ctx["tx"]
   params, t_params, batch = ctx["state"].params, ctx["t_params"], ctx["batch"]
-  sharder = ctx["sharder"]
-  opt_state = ctx["state"].opt_state
+  opt_state, sharder = ctx["state"].opt_state, ctx["sharder"]
   rng = jax.random.PRNGKey(0)
   loss_fn = losses_lib.get_loss(cfg.loss, dict(cfg.loss_kwargs))
-  one = dataclasses.replace(cfg.sampling, num_samples=1)
   p, n, vocab = preset.prompt_len, preset.new_tokens, preset.vocab
-  out: dict[str, float] = {}
+  reps = args.profile_repeats
+  out: dict[str, dict[str, float]] = {}
 
-  @jax.jit
   def sample_fn(sp, batch, rng):
-    return sample(nnx.merge(gd_s, sp), batch["prompt_ids"], batch["prompt_mask"], rng, one)
+    return sample(nnx.merge(gd_s, sp), batch["prompt_ids"], batch["prompt_mask"], rng,
+                  cfg.sampling)
 
-  so = sample_fn(params, batch, rng)
-  out["sampling"] = time_fn(sample_fn, params, batch, rng, repeats=args.profile_repeats)
+  so = jax.jit(sample_fn)(params, batch, rng)
+  out["sampling"] = time_fn(jax.jit(sample_fn), params, batch, rng, repeats=reps)
+  for name in patches:
+    with patched(name):   # a fresh function: no cached (unpatched) trace
+      f = jax.jit(lambda *a: sample_fn(*a)).lower(params, batch, rng).compile()
+    out[f"sampling +{name} (prototype)"] = time_fn(f, params, batch, rng, repeats=reps)
   ids, mask, pos = opd_step.full_sequence(batch["prompt_ids"], batch["prompt_mask"],
                                           so.tokens, so.mask)
   tokens, cmask = so.tokens, so.mask.astype(jnp.bool_)
@@ -352,8 +401,8 @@ def profile_ours(preset: Preset, ctx: dict, args) -> dict[str, float]:
     return h[:, p - 1:p - 1 + n]
 
   h_t = teacher_fn(t_params, ids, mask, pos)
-  out["teacher_hidden"] = time_fn(teacher_fn, t_params, ids, mask, pos,
-                                  repeats=args.profile_repeats)
+  out["teacher forward (hidden)"] = time_fn(teacher_fn, t_params, ids, mask, pos,
+                                            repeats=reps)
   w_t = nnx.merge(gd_t, t_params).unembedding()
 
   def make_grad_fn(metrics: bool):
@@ -374,21 +423,25 @@ def profile_ours(preset: Preset, ctx: dict, args) -> dict[str, float]:
       return jax.value_and_grad(loss_of, has_aux=True)(sp)
     return grad_fn
 
+  @jax.jit
+  def student_fwd(sp, ids, mask, pos):
+    return nnx.merge(gd_s, sp).hidden(ids, mask, pos)[0]
+
   g_args = (params, h_t, w_t, tokens, cmask, ids, mask, pos)
-  out["student_fwd_bwd+loss+metrics"] = time_fn(make_grad_fn(True), *g_args,
-                                                repeats=args.profile_repeats)
-  out["student_fwd_bwd+loss(no metrics)"] = time_fn(make_grad_fn(False), *g_args,
-                                                    repeats=args.profile_repeats)
+  out["student forward only (hidden)"] = time_fn(student_fwd, params, ids, mask, pos,
+                                                 repeats=reps)
+  out["student fwd+bwd + chunked loss + metrics"] = time_fn(make_grad_fn(cfg.metrics),
+                                                           *g_args, repeats=reps)
+  out["student fwd+bwd + chunked loss, no metrics"] = time_fn(make_grad_fn(False),
+                                                             *g_args, repeats=reps)
   (_, _), grads = make_grad_fn(False)(*g_args)
 
   @jax.jit
   def update_fn(grads, opt_state, params):
-    import optax
     upd, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, upd), opt_state
 
-  out["optimizer_update"] = time_fn(update_fn, grads, opt_state, params,
-                                    repeats=args.profile_repeats)
+  out["optimizer update"] = time_fn(update_fn, grads, opt_state, params, repeats=reps)
   return out
 
 
@@ -405,19 +458,18 @@ def make_tokenizer(vocab: int):
   words.update({f"t{i}": i for i in range(2, vocab)})
   tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<pad>"))
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                               unk_token="<pad>", padding_side="left")
-  return hf
+  return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                 eos_token="<eos>", unk_token="<pad>", padding_side="left")
 
 
 def bench_trl(preset: Preset, s_dir: str, t_dir: str, prompts: np.ndarray, args,
-              out_root: str) -> dict[str, Any]:
-  """TRL ``DistillationTrainer`` (else ``GKDTrainer``, λ = 1, β = 1) timings.
+              out_root: str, between_steps=None) -> dict[str, Any]:
+  """TRL ``DistillationTrainer`` (else ``GKDTrainer`` with λ = 1, β = 1).
 
-  A step is the time between consecutive ``on_step_end`` callbacks (data,
-  generation, teacher, student forward/backward, optimizer, bookkeeping); the
-  first ``trl_warmup`` steps are dropped. ``model.generate`` is wrapped to time
-  the generation share.
+  A TRL step is timed from ``on_step_begin`` to ``on_step_end`` (generation,
+  teacher, student forward/backward, optimizer). ``between_steps()`` (our
+  steps, so both sides see the same machine load) runs after each timed step,
+  outside the timed span.
   """
   import torch
   import transformers
@@ -427,16 +479,14 @@ def bench_trl(preset: Preset, s_dir: str, t_dir: str, prompts: np.ndarray, args,
 
   n_new, b = preset.new_tokens, preset.batch
   warm = max(1, args.trl_warmup)
-  n_timed = args.trl_steps or preset.trl_steps
-  total = warm + n_timed
+  total = warm + (args.trl_steps or preset.trl_steps)
   if args.threads > 0:
     torch.set_num_threads(args.threads)
   tokenizer = make_tokenizer(preset.vocab)
   text = [" ".join(f"t{i}" for i in row) for row in prompts]
-  ids = tokenizer(text=text)["input_ids"]
-  if [list(r) for r in ids] != prompts.tolist():
+  if [list(r) for r in tokenizer(text=text)["input_ids"]] != prompts.tolist():
     raise RuntimeError("tokenizer does not round-trip the prompts")
-  dataset = Dataset.from_dict({"prompt": text * total})
+  dataset = Dataset.from_dict({"prompt": text * total})   # the same 8 prompts each step
 
   student = AutoModelForCausalLM.from_pretrained(s_dir, dtype=torch.float32)
   teacher = AutoModelForCausalLM.from_pretrained(t_dir, dtype=torch.float32)
@@ -450,13 +500,17 @@ def bench_trl(preset: Preset, s_dir: str, t_dir: str, prompts: np.ndarray, args,
     return out
 
   student.generate = timed_generate
-  step_ends: list[np.ndarray] = []
-  gen_lens: list[int] = []
+  spans: list[tuple[np.ndarray, np.ndarray]] = []
 
   class Timer(TrainerCallback):
 
+    def on_step_begin(self, targs, state, control, **kw):
+      self.t0 = clock()
+
     def on_step_end(self, targs, state, control, **kw):
-      step_ends.append(clock())
+      spans.append((self.t0, clock()))
+      if between_steps is not None and len(spans) > warm:
+        between_steps()
 
   common = dict(
       output_dir=os.path.join(out_root, "trl_out"), per_device_train_batch_size=b,
@@ -465,8 +519,7 @@ def bench_trl(preset: Preset, s_dir: str, t_dir: str, prompts: np.ndarray, args,
       fp16=False, gradient_checkpointing=False, use_cpu=True, report_to="none",
       save_strategy="no", logging_steps=10 ** 6, dataloader_num_workers=0, seed=0,
       disable_dropout=True, temperature=1.0, disable_tqdm=True)
-  # min_new_tokens = max_new_tokens: EOS is masked out until the last token.
-  gen_kwargs = {"min_new_tokens": n_new}
+  gen_kwargs = {"min_new_tokens": n_new}   # EOS masked until max_new_tokens
   if hasattr(trl, "DistillationTrainer"):
     trainer_name = "DistillationTrainer"
     targs = trl.DistillationConfig(
@@ -477,36 +530,33 @@ def bench_trl(preset: Preset, s_dir: str, t_dir: str, prompts: np.ndarray, args,
                                       callbacks=[Timer()])
   else:
     from trl.experimental.gkd import GKDConfig, GKDTrainer  # pylint: disable=g-import-not-at-top
-    trainer_name = "GKDTrainer (lmbda=1, beta=1)"
+    trainer_name = "GKDTrainer(lmbda=1,beta=1)"
     targs = GKDConfig(**common, max_new_tokens=n_new, lmbda=1.0, beta=1.0,
                       generation_kwargs=gen_kwargs)
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=targs,
                          train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[Timer()])
-  # Completion lengths actually produced (checks the full-length forcing).
-  if hasattr(trainer, "_generate_single_turn"):
-    orig_gst = trainer._generate_single_turn
+  gen_lens: list[int] = []
+  if hasattr(trainer, "_generate_single_turn"):   # completion lengths after EOS masking
+    orig_gst = trainer._generate_single_turn  # pylint: disable=protected-access
 
     def gst(*a, **kw):
       comp = orig_gst(*a, **kw)
       gen_lens.extend(len(c) for c in comp)
       return comp
-    trainer._generate_single_turn = gst
-  trainer.train()
-  if len(step_ends) < total:
-    raise RuntimeError(f"TRL ran {len(step_ends)} steps, expected {total}")
-  ends = np.stack(step_ends)
-  deltas = np.diff(ends[warm - 1:], axis=0)
-  lo, hi = ends[warm - 1], ends[-1]
-  gen = np.zeros(2)
-  for s0, s1 in gen_spans:
-    if s0[0] >= lo[0] and s1[0] <= hi[0]:
-      gen += s1 - s0
-  return dict(trainer=trainer_name, version=trl.__version__,
-              transformers=transformers.__version__, torch=torch.__version__,
-              torch_threads=torch.get_num_threads(), deltas=deltas.tolist(),
-              gen_frac_wall=gen[0] / (hi - lo)[0], gen_frac_cpu=gen[1] / (hi - lo)[1],
-              gen_s=(gen / len(deltas)).tolist(),
+    trainer._generate_single_turn = gst  # pylint: disable=protected-access
+  train_out = trainer.train()
+  if len(spans) < total:
+    raise RuntimeError(f"TRL ran {len(spans)} steps, expected {total}")
+  timed = spans[warm:]
+  deltas = np.stack([e - b for b, e in timed])
+  gen = sum((g1 - g0 for g0, g1 in gen_spans
+             if any(b[0] <= g0[0] and g1[0] <= e[0] for b, e in timed)), np.zeros(2))
+  return dict(name=f"TRL {trl.__version__} {trainer_name}", trainer=trainer_name,
+              version=trl.__version__, transformers=transformers.__version__,
+              torch=torch.__version__, torch_threads=torch.get_num_threads(),
+              deltas=deltas.tolist(), gen_frac=(gen / deltas.sum(0)).tolist(),
+              gen_s=(gen / len(deltas)).tolist(), train_loss=train_out.training_loss,
               gen_len=(min(gen_lens), max(gen_lens)) if gen_lens else None)
 
 
@@ -515,141 +565,145 @@ def bench_trl(preset: Preset, s_dir: str, t_dir: str, prompts: np.ndarray, args,
 # ----------------------------------------------------------------------------
 
 
-def run_preset(preset: Preset, args, mm: dict[str, float]) -> dict[str, Any]:
-  """Ours (before and after TRL, to bracket load drift), then TRL."""
+def run_preset(preset: Preset, args) -> dict[str, Any]:
+  """Ours (and prototype variants) before and after TRL, then the report."""
   root = tempfile.mkdtemp(prefix=f"bench_opd_{preset.name}_")
   try:
+    mm = matmul_flops_per_s(args.matmul_size)
     s_dir, t_dir = make_checkpoints(preset, root)
     prompts = make_prompts(preset)
-    ctx = setup_ours(preset, s_dir, t_dir, prompts, args)
-    ours = compile_ours(ctx)
+    ctxs = [setup_ours(preset, s_dir, t_dir, prompts, args, patch)
+            for patch in [None] + args.patch]
     n_steps = args.steps or preset.steps
-    first = bench_ours(ctx, n_steps, args.warmup)
-    ours.update({k: v for k, v in first.items() if k != "deltas"})
-    deltas = list(first["deltas"])
+    warmup = preset.warmup if args.warmup < 0 else args.warmup
+    bench_ours(ctxs, 0, warmup)
     res: dict[str, Any] = {"preset": dataclasses.asdict(preset), "mm": mm,
-                           "gen_tokens": preset.batch * preset.new_tokens}
-    res["flops"] = analytic_flops(ctx["student_cfg"], ctx["teacher_cfg"], preset.batch,
-                                  preset.prompt_len, preset.new_tokens, preset.vocab)
+                           "gen_tokens": preset.batch * preset.new_tokens,
+                           "flops": analytic_flops(ctxs[0]["student_cfg"],
+                                                   ctxs[0]["teacher_cfg"], preset.batch,
+                                                   preset.prompt_len, preset.new_tokens,
+                                                   preset.vocab)}
     if args.profile:
-      res["profile"] = profile_ours(preset, ctx, args)
+      res["profile"] = profile_ours(preset, ctxs[0], args, tuple(args.patch))
     if not args.no_trl:
       try:
         import trl  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
       except ImportError:
-        res["trl_error"] = "trl not importable (pip install the bench extra)"
-      else:
-        res["trl"] = bench_trl(preset, s_dir, t_dir, prompts, args, root)
-        deltas += bench_ours(ctx, n_steps, 0)["deltas"]   # after TRL too
-    ours["deltas"] = deltas
-    res["ours"] = ours
+        res["trl_error"] = "trl not importable (install the bench extra)"
+      else:   # ours interleaved with TRL's steps: the same load for both
+        n_trl = args.trl_steps or preset.trl_steps
+        per = max(1, -(-n_steps // n_trl))
+        res["trl"] = bench_trl(preset, s_dir, t_dir, prompts, args, root,
+                               between_steps=lambda: bench_ours(ctxs, per, 0))
+    if not ctxs[0]["deltas"]:
+      bench_ours(ctxs, n_steps, 0)
+    res["ours"] = [{k: ctx[k] for k in ("name", "compile_s", "xla_flops", "deltas", "last")}
+                   for ctx in ctxs]
     return res
   finally:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def report(res: dict[str, Any]) -> dict[str, Any]:
-  """Prints one preset's table; returns the summary row."""
-  p, o, fl, mm = res["preset"], res["ours"], res["flops"], res["mm"]
+def report(res: dict[str, Any]) -> list[dict[str, Any]]:
+  """Prints one preset's table; returns its summary rows."""
+  p, fl, mm, gen = res["preset"], res["flops"], res["mm"], res["gen_tokens"]
   s, t = p["student"], p["teacher"]
-  gen = res["gen_tokens"]
   print(f"\n=== preset {p['name']}: student {s['num_layers']}L x {s['hidden_size']} "
-        f"(F {s['intermediate_size']}), teacher {t['num_layers']}L x {t['hidden_size']} "
-        f"(F {t['intermediate_size']}), vocab {p['vocab']}, {p['batch']} prompts x "
-        f"{p['prompt_len']} tokens + {p['new_tokens']} new ===")
+        f"(MLP {s['intermediate_size']}), teacher {t['num_layers']}L x {t['hidden_size']} "
+        f"(MLP {t['intermediate_size']}), vocab {p['vocab']}; {p['batch']} prompts x "
+        f"{p['prompt_len']} tokens + {p['new_tokens']} new = {gen} generated tokens/step ===")
   print(f"  analytic GFLOP/step {fl['total'] / 1e9:.3f} = sampling {fl['sampling'] / 1e9:.3f}"
         f" + teacher fwd {fl['teacher'] / 1e9:.3f} + student fwd+bwd "
-        f"{fl['student_fwd_bwd'] / 1e9:.3f}   (head recompute {fl['recompute'] / 1e9:.3f}"
-        " executed, not counted)")
-  xf = o.get("xla_flops")
-  xla = "n/a" if xf is None else (
-      f"{xf / 1e9:.3f} = {xf / fl['total']:.2f}x analytic (XLA counts each while/scan body "
-      "once)")
-  print(f"  XLA cost_analysis GFLOP/step: {xla}")
-  print(f"  plain f32 matmul ({mm['n']}^2): {mm['wall'] / 1e9:.1f} GFLOP/s wall, "
+        f"{fl['student_fwd_bwd'] / 1e9:.3f}  (+{fl['head_recompute'] / 1e9:.3f} head "
+        "recompute, not counted)")
+  xf = res["ours"][0]["xla_flops"]
+  if xf is not None:
+    print(f"  XLA cost_analysis GFLOP/step {xf / 1e9:.3f} = {xf / fl['total']:.2f}x analytic "
+          "(counts each while/scan body once)")
+  print(f"  plain f32 matmul {mm['n']}x{mm['n']}: {mm['wall'] / 1e9:.1f} GFLOP/s wall, "
         f"{mm['cpu'] / 1e9:.1f} GFLOP/s per CPU-second")
+  print(f"  {'':44s}{'wall s':>8s}{'steps/s':>8s}{'tok/s':>7s}{'FLOP%':>6s} |"
+        f"{'CPU s':>8s}{'tok/CPU-s':>10s}{'FLOP%':>6s}")
   rows = []
-  so = summarize(o["deltas"])
-  rows.append(("ours (opd_jax)", so, f"compile {o['compile_s']:.1f}s, {so['n']} steps"))
+  entries = [(o["name"], o["deltas"], f"{len(o['deltas'])} steps, compile "
+              f"{o['compile_s']:.1f}s") for o in res["ours"]]
   tr = res.get("trl")
   if tr:
-    st = summarize(tr["deltas"])
-    rows.append((f"TRL {tr['version']} {tr['trainer']}", st,
-                 f"generate {100 * tr['gen_frac_wall']:.0f}% wall / "
-                 f"{100 * tr['gen_frac_cpu']:.0f}% CPU of step, {st['n']} steps"))
-  print(f"  {'':34s} {'wall s/step':>11s} {'steps/s':>8s} {'gen tok/s':>9s} "
-        f"{'FLOP frac':>9s} | {'CPU s/step':>10s} {'gen tok/CPU-s':>13s} {'FLOP frac':>9s}")
-  for name, d, note in rows:
-    print(f"  {name:34s} {d['wall']:11.4f} {1 / d['wall']:8.2f} {gen / d['wall']:9.0f} "
-          f"{fl['total'] / d['wall'] / mm['wall']:9.3f} | {d['cpu']:10.4f} "
-          f"{gen / d['cpu']:13.0f} {fl['total'] / d['cpu'] / mm['cpu']:9.3f}  {note}")
-  out = {"preset": p["name"], "ours_wall": so["wall"], "ours_cpu": so["cpu"],
-         "flop_frac_wall": fl["total"] / so["wall"] / mm["wall"],
-         "flop_frac_cpu": fl["total"] / so["cpu"] / mm["cpu"]}
+    entries.append((tr["name"], tr["deltas"],
+                    f"{len(tr['deltas'])} steps, generate {100 * tr['gen_frac'][0]:.0f}% "
+                    f"wall / {100 * tr['gen_frac'][1]:.0f}% CPU of the step"))
+  for name, deltas, note in entries:
+    d = summarize(deltas)
+    row = dict(preset=p["name"], name=name, wall=d["wall"], cpu=d["cpu"],
+               frac_wall=fl["total"] / d["wall"] / mm["wall"],
+               frac_cpu=fl["total"] / d["cpu"] / mm["cpu"])
+    rows.append(row)
+    print(f"  {name:44s}{d['wall']:8.4f}{1 / d['wall']:8.2f}{gen / d['wall']:7.0f}"
+          f"{100 * row['frac_wall']:6.1f} |{d['cpu']:8.4f}{gen / d['cpu']:10.0f}"
+          f"{100 * row['frac_cpu']:6.1f}  {note}")
   if tr:
-    out.update(trl_wall=st["wall"], trl_cpu=st["cpu"], ratio_wall=st["wall"] / so["wall"],
-               ratio_cpu=st["cpu"] / so["cpu"], gen_frac=tr["gen_frac_wall"])
-    print(f"  ratio ours/TRL (steps/s = generated tokens/s): {out['ratio_wall']:.2f}x wall, "
-          f"{out['ratio_cpu']:.2f}x CPU time   (target >= 3x)")
-    print(f"  TRL generate {tr['gen_s'][0]:.4f}s/step wall; completion lengths "
-          f"{tr['gen_len']}; torch {tr['torch']} ({tr['torch_threads']} threads), "
-          f"transformers {tr['transformers']}")
+    trl_row = rows[-1]
+    for row in rows[:-1]:
+      row["ratio_wall"] = trl_row["wall"] / row["wall"]
+      row["ratio_cpu"] = trl_row["cpu"] / row["cpu"]
+      print(f"  {row['name']} / TRL, steps/s (= generated tokens/s): "
+            f"{row['ratio_wall']:.2f}x wall, {row['ratio_cpu']:.2f}x CPU time  "
+            "(target >= 3x)")
+    print(f"  TRL: generate {tr['gen_s'][0]:.4f}s wall / {tr['gen_s'][1]:.4f}s CPU per "
+          f"step; completion lengths {tr['gen_len']}; mean loss {tr['train_loss']:.4f}; "
+          f"torch {tr['torch']} ({tr['torch_threads']} threads), transformers "
+          f"{tr['transformers']}")
   elif "trl_error" in res:
     print(f"  TRL: {res['trl_error']}")
-  print(f"  ours: wall min {so['wall_min']:.4f}s mean {so['wall_mean']:.4f}s; tokens/step "
-        f"{o['num_tokens']:.0f} (mean length {o['mean_len']:.1f}); loss {o['loss']:.4f}")
+  last = res["ours"][0]["last"]
+  print(f"  ours: {last['num_tokens']:.0f} completion tokens/step (mean length "
+        f"{last['mean_response_length']:.1f}), loss {last['loss']:.4f}")
   if "profile" in res:
-    prof = res["profile"]
-    print(f"  profile (separately jitted pieces; median wall / CPU s):")
-    for k, v in prof.items():
-      print(f"    {k:40s} {v['wall']:8.4f} {v['cpu']:8.4f}")
-    parts = ("sampling", "teacher_hidden", "student_fwd_bwd+loss+metrics", "optimizer_update")
-    print(f"    {'sum of sampling+teacher+student+opt':40s} "
-          f"{sum(prof[k]['wall'] for k in parts):8.4f} "
-          f"{sum(prof[k]['cpu'] for k in parts):8.4f}   full step {so['wall']:.4f} "
-          f"{so['cpu']:.4f}")
-  return out
+    print("  profile, separately jitted pieces (median wall s, CPU s, % of the step's CPU s):")
+    step_cpu = rows[0]["cpu"]
+    for k, v in res["profile"].items():
+      print(f"    {k:46s}{v['wall']:8.4f}{v['cpu']:8.4f}{100 * v['cpu'] / step_cpu:6.0f}%")
+  return rows
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--preset", default="small",
-                  help=f"comma-separated presets out of {sorted(PRESETS)}")
-  ap.add_argument("--steps", type=int, default=0, help="timed steps (ours; 0: preset's)")
-  ap.add_argument("--warmup", type=int, default=2)
-  ap.add_argument("--trl-steps", type=int, default=0, help="timed TRL steps (0: preset's)")
+                  help=f"comma-separated, out of {sorted(PRESETS)}")
+  ap.add_argument("--steps", type=int, default=0,
+                  help="timed steps of ours per block (0: the preset's)")
+  ap.add_argument("--warmup", type=int, default=-1, help="-1: the preset's")
+  ap.add_argument("--trl-steps", type=int, default=0, help="0: the preset's")
   ap.add_argument("--trl-warmup", type=int, default=2, help=">= 1")
   ap.add_argument("--no-trl", action="store_true")
   ap.add_argument("--profile", action="store_true", help="time the step's pieces")
   ap.add_argument("--profile-repeats", type=int, default=5)
+  ap.add_argument("--patch", action="append", default=[], choices=sorted(PATCHES),
+                  help="also time a prototype variant (repeatable)")
   ap.add_argument("--loss-chunk", type=int, default=64)
   ap.add_argument("--no-metrics", action="store_true", help="OPDConfig(metrics=False)")
   ap.add_argument("--mesh", default="", help="e.g. data=2,fsdp=1,tensor=1")
   ap.add_argument("--num-cpu-devices", type=int, default=0)
   ap.add_argument("--threads", type=int, default=1,
-                  help="CPU threads of both sides (torch.set_num_threads; XLA with single-"
-                  "threaded Eigen when 1); 0: library defaults")
+                  help="CPU threads of both sides (1: XLA single-threaded Eigen, "
+                  "torch.set_num_threads(1)); 0: library defaults")
   ap.add_argument("--matmul-size", type=int, default=2048)
   ap.add_argument("--json", default="", help="also write the raw results here")
   args = ap.parse_args(argv)
 
   print(f"machine: {machine_load()}; {os.cpu_count()} CPUs; jax {jax.__version__} "
-        f"{jax.devices()}; threads {args.threads or 'default'}")
+        f"{jax.devices()}; threads {args.threads or 'library default'}")
   results, rows = [], []
   for name in args.preset.split(","):
-    preset = PRESETS[name.strip()]
-    mm = matmul_flops_per_s(args.matmul_size)
-    mm["n"] = args.matmul_size
-    res = run_preset(preset, args, mm)
-    rows.append(report(res))
+    res = run_preset(PRESETS[name.strip()], args)
+    rows += report(res)
     results.append(res)
-  print("\nsummary (median s/step; ratio = TRL time / our time):")
+  print("\nsummary (median per step; ratio = TRL time / our time):")
   for r in rows:
-    line = (f"  {r['preset']:7s} ours {r['ours_wall']:.4f}s wall {r['ours_cpu']:.4f}s CPU, "
-            f"FLOP frac {r['flop_frac_wall']:.2f} wall / {r['flop_frac_cpu']:.2f} CPU")
-    if "trl_wall" in r:
-      line += (f"; TRL {r['trl_wall']:.4f}s wall {r['trl_cpu']:.4f}s CPU; ours/TRL "
-               f"{r['ratio_wall']:.2f}x wall {r['ratio_cpu']:.2f}x CPU")
+    line = (f"  {r['preset']:7s} {r['name']:44s} {r['wall']:8.4f}s wall {r['cpu']:8.4f}s "
+            f"CPU  FLOP {100 * r['frac_wall']:4.1f}% wall {100 * r['frac_cpu']:4.1f}% CPU")
+    if "ratio_wall" in r:
+      line += f"  vs TRL {r['ratio_wall']:.2f}x wall {r['ratio_cpu']:.2f}x CPU"
     print(line)
   print(f"machine: {machine_load()}")
   if args.json:

@@ -85,6 +85,7 @@ class SamplingConfig:
     whole("top_k", 0)
     whole("num_samples", 1)
     whole("pad_id", 0)
+    whole("vocab_size", 0)
     eos = (self.eos_ids,) if isinstance(self.eos_ids, int) else tuple(self.eos_ids)
     if any(int(e) != e or e < 0 for e in eos):
       raise ValueError(f"eos_ids must be ints >= 0, got {self.eos_ids!r}")
@@ -209,6 +210,13 @@ def _check_inputs(model, prompt_ids, prompt_mask, config: SamplingConfig):
   bad = [t for t in (config.pad_id,) + config.eos_ids if t >= cfg.vocab_size]
   if bad:
     raise ValueError(f"pad_id / eos_ids {bad} out of range for vocab_size {cfg.vocab_size}")
+  if config.vocab_size > cfg.padded_vocab_size:
+    raise ValueError(f"SamplingConfig.vocab_size {config.vocab_size} > the model's "
+                     f"{cfg.padded_vocab_size} logits")
+  unreachable = [t for t in config.eos_ids if config.vocab_size and t >= config.vocab_size]
+  if unreachable:
+    raise ValueError(f"eos_ids {unreachable} can never be sampled with "
+                     f"SamplingConfig.vocab_size={config.vocab_size}")
 
 
 def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array,

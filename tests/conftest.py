@@ -21,6 +21,20 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402
 
+# Parity tests against transformers' PyTorch models (marked `torch`). The test
+# extra installs a CPU torch; where none exists (CI's Python 3.12 leg) .ci/run
+# sets OPD_SKIP_TORCH_TESTS=1 and deselects them with -m "not torch", out loud.
+TORCH_MODULES = ("test_hf_io.py",)
+TORCH_TESTS = ("test_greedy_matches_hf_generate",
+               "test_process_logits_matches_hf_warpers")
+collect_ignore = list(TORCH_MODULES) if os.environ.get("OPD_SKIP_TORCH_TESTS") == "1" else []
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if item.path.name in TORCH_MODULES or item.originalname in TORCH_TESTS:
+      item.add_marker(pytest.mark.torch)
+
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: slower end-to-end tests (still run in CI)")

@@ -162,6 +162,8 @@ def test_bad_inputs_raise_at_trace_time(model):
     sample(model, ids[0], mask[0], key, SamplingConfig(max_new_tokens=4))
   with pytest.raises(ValueError, match="vocab_size"):
     sample(model, ids, mask, key, SamplingConfig(max_new_tokens=4, eos_ids=(VOCAB,)))
+  with pytest.raises(ValueError, match="never be sampled"):
+    sample(model, ids, mask, key, SamplingConfig(max_new_tokens=4, eos_ids=(50,), vocab_size=40))
 
 
 # ----------------------------------------------------------------------------
@@ -220,6 +222,8 @@ def _hf_processed(logits: np.ndarray, config: SamplingConfig) -> np.ndarray:
   from transformers.generation import logits_process as lp
 
   scores = torch.as_tensor(logits, dtype=torch.float32)
+  if config.vocab_size:
+    scores[..., config.vocab_size:] = -float("inf")
   warpers = [lp.TemperatureLogitsWarper(config.temperature)]
   if config.top_k:
     warpers.append(lp.TopKLogitsWarper(config.top_k))
@@ -228,6 +232,30 @@ def _hf_processed(logits: np.ndarray, config: SamplingConfig) -> np.ndarray:
   for w in warpers:
     scores = w(None, scores)
   return torch.log_softmax(scores, dim=-1).numpy()
+
+
+def _np_processed(logits: np.ndarray, config: SamplingConfig) -> np.ndarray:
+  """Numpy re-implementation of HF's warpers (no torch): log-probs ``[..., V]``."""
+  z = np.asarray(logits, np.float64) / config.temperature
+  if config.vocab_size:
+    z = np.where(np.arange(z.shape[-1]) < config.vocab_size, z, -np.inf)
+  if config.top_k:
+    kth = np.sort(z, -1)[..., -min(config.top_k, z.shape[-1]), None]
+    z = np.where(z < kth, -np.inf, z)
+  if config.top_p < 1.0:
+    order = np.argsort(z, -1, kind="stable")                   # ascending, as HF
+    asc = np.take_along_axis(z, order, -1)
+    cum = np.cumsum(np.exp(_log_softmax(asc)), -1)
+    remove = cum <= 1 - config.top_p
+    remove[..., -1] = False
+    z = np.where(_scatter(remove, order), -np.inf, z)
+  return _log_softmax(z)
+
+
+def _scatter(values: np.ndarray, order: np.ndarray) -> np.ndarray:
+  out = np.empty_like(values)
+  np.put_along_axis(out, order, values, -1)
+  return out
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -250,17 +278,19 @@ def _chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
   return float(jax.scipy.stats.chi2.sf(stat, len(exp) - 1))
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8)])
+@pytest.mark.parametrize("kw", [dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8),
+                                dict(temperature=1.5, vocab_size=40)])
 def test_first_token_distribution(model, kw):
   ids, mask = prompts(lengths=(6, 3))
   reps = 10_000
   config = SamplingConfig(max_new_tokens=1, num_samples=reps, **kw)
   out = jit_sampler(model, config)(ids, mask, jax.random.key(42))
   raw = forward(model, ids, mask)[:, -1, :VOCAB].astype(np.float64)
-  ref_logp = _hf_processed(raw, config)                       # [B, V]
-  ref_logp_t1 = _log_softmax(raw)
+  ref_logp = _np_processed(raw, config)  # HF warper semantics (checked against HF below)
+  ref_logp_t1 = _log_softmax(np.where(np.arange(VOCAB) < (config.vocab_size or VOCAB), raw,
+                                      -np.inf))
   tokens = np.asarray(out.tokens)[:, 0].reshape(len(ids), reps)
-  assert (tokens < VOCAB).all()
+  assert (tokens < (config.vocab_size or VOCAB)).all()
   lp = np.asarray(out.logprobs)[:, 0].reshape(len(ids), reps)
   lp1 = np.asarray(out.logprobs_t1)[:, 0].reshape(len(ids), reps)
   for b in range(len(ids)):
@@ -280,6 +310,7 @@ def test_process_logits_matches_hf_warpers():
     config = SamplingConfig(max_new_tokens=1, **kw)
     ours = np.asarray(jax.nn.log_softmax(process_logits(jnp.asarray(logits), config)))
     ref = _hf_processed(logits, config)
+    np.testing.assert_allclose(_np_processed(logits, config), ref, atol=1e-5)  # torch-free ref
     np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
     np.testing.assert_allclose(ours[~np.isinf(ref)], ref[~np.isinf(ref)], atol=1e-5)
 
@@ -310,8 +341,7 @@ def test_logprobs_match_full_forward_over_completion(model):
   np.testing.assert_array_equal(np.asarray(fpos)[:, :p],
                                 positions_from_mask(jnp.asarray(out.prompt_mask)))
   logits = forward(model, full, fmask, fpos)[:, p - 1:-1, :VOCAB]   # predicts token i
-  r, n, v = logits.shape
-  ref = _hf_processed(logits.reshape(r * n, v), config).reshape(r, n, v)
+  ref = _np_processed(logits, config)
   ref_t1 = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
   tok = np.asarray(out.tokens)
   m = np.asarray(out.mask).astype(bool)
