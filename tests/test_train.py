@@ -229,6 +229,14 @@ def test_quickstart_config_builds():
   assert (c.loss.name, c.on_policy_fraction, c.total_steps) == ("topk_opd", 0.5, 3)
 
 
+def test_weak_to_strong_config_builds():
+  c = _load_config_file("configs/weak_to_strong.py", "student=/strong,teacher=/weak,prompts=/p")
+  assert (c.student.path, c.teacher.path) == ("/strong", "/weak")
+  assert c.loss.name == "topk_opd" and c.eval_at_start and "student_task" in c.evals
+  assert c.cold_start.steps == 0
+  _step_config(c)
+
+
 def test_sweep_prints_parseable_commands(tmp_path, monkeypatch):
   root = str(tmp_path / "sweep_root")
   out = subprocess.run(
