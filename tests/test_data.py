@@ -168,8 +168,8 @@ def test_skip_mode_counts(tok, tmp_path):
 
 
 def test_parquet_equals_jsonl(tok, tmp_path):
-  pq = pytest.importorskip("pyarrow.parquet")
-  pa = pytest.importorskip("pyarrow")
+  import pyarrow.parquet as pq
+  import pyarrow as pa
   recs = [{"prompt": f"q{i}", "c": "ab" * i, "answer": str(i)}
           for i in range(5)]
   data.write_jsonl(tmp_path / "d.jsonl", recs)
