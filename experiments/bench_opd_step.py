@@ -1,7 +1,7 @@
 """Benchmarks the compiled OPD step against Hugging Face TRL on the same checkpoints.
 
     PYTHONPATH=. python experiments/bench_opd_step.py [--preset small[,medium,large]]
-        [--steps N] [--trl-steps N] [--no-trl] [--profile] [--patch invcdf]
+        [--steps N] [--trl-steps N] [--no-trl] [--profile] [--patch invcdf+kvcache]
         [--threads 1] [--mesh data=2,fsdp=1,tensor=1 --num-cpu-devices 2] [--json F]
 
 For every preset a Qwen3-architecture student and teacher are created, written
@@ -19,9 +19,11 @@ without gradient checkpointing, no bf16, AdamW lr 1e-6 / wd 0.01 / clip 1.0
 Timing. The CPU is shared (2 cores, other jobs running), so for every step
 both the wall time and this process's CPU time (``time.process_time``, all
 threads) are recorded and medians reported; CPU time is much less sensitive
-to the machine's load. ``--threads 1`` (default) pins both sides to one
-thread (XLA: ``--xla_cpu_multi_thread_eigen=false``; torch:
-``set_num_threads(1)``), so CPU time is single-core time. Under load torch's
+to the machine's load. ``--threads 1`` (default) gives both sides one
+compute thread (XLA: its intra-op pool created under a one-CPU affinity, which
+is restored afterwards, and ``--xla_cpu_multi_thread_eigen=false``; torch:
+``set_num_threads(1)``), so CPU time is single-core time; ``--threads 0``
+leaves both libraries' defaults (here: 2 threads each). Under load torch's
 OpenMP threads busy-wait: with 2 threads TRL's step is ~10x slower here.
 Our steps run interleaved with TRL's (a few of ours after each TRL step, from
 a ``TrainerCallback``), so both see the same load. Our step:
@@ -57,10 +59,11 @@ the same process, same thread setting).
 
 ``--profile`` times the step's pieces as separately jitted functions
 (sampling, teacher forward, student forward+backward+loss, optimizer).
-``--patch invcdf`` also times a prototype that is NOT in ``opd_jax``:
-``sampling.sample_token`` monkeypatched to inverse-CDF sampling (one uniform
-per row instead of one Gumbel per vocabulary entry), steps of both variants
-alternating.
+``--patch`` also times prototype variants that are NOT in ``opd_jax``
+(monkeypatched while tracing; steps of all variants alternate): ``invcdf``,
+``sampling.sample_token`` drawing by inverse CDF (one uniform per row instead
+of one Gumbel per vocabulary entry); ``kvcache``, a ``[B, K, S, Dh]`` KV cache
+layout (no per-step transpose of the cache); combined as ``invcdf+kvcache``.
 """
 
 from __future__ import annotations
@@ -88,9 +91,17 @@ if __name__ == "__main__":
                                " --xla_cpu_multi_thread_eigen=false").strip()
   if _ns.threads > 0:
     os.environ.setdefault("OMP_NUM_THREADS", str(_ns.threads))
+  import jax as _jax
   if _ns.num_cpu_devices:
-    import jax as _jax
     _jax.config.update("jax_num_cpu_devices", _ns.num_cpu_devices)
+  # XLA:CPU sizes its intra-op pool (YNN/XNN dots) from the CPUs schedulable
+  # at client creation: create it under a narrowed affinity, then restore the
+  # affinity so the OS may still place our threads on any idle core.
+  _allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+  if _ns.threads > 0 and _allowed and _ns.threads < len(_allowed):
+    os.sched_setaffinity(0, set(sorted(_allowed)[:_ns.threads]))
+    _jax.devices()
+    os.sched_setaffinity(0, _allowed)
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +113,7 @@ from opd_jax import losses as losses_lib
 from opd_jax import opd_step, optim
 from opd_jax import sampling as sampling_lib
 from opd_jax.models import ModelConfig, create_model, from_hf, to_hf
+from opd_jax.models import transformer as transformer_lib
 from opd_jax.sampling import SamplingConfig, sample
 from opd_jax.sharding import Sharder, make_mesh
 
@@ -266,21 +278,100 @@ def sample_token_inverse_cdf(logits, key, config: SamplingConfig):
 
 
 _ORIG_SAMPLE_TOKEN = sampling_lib.sample_token
-PATCHES = {"invcdf": (sampling_lib, "sample_token", sample_token_inverse_cdf)}
+_CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
+
+
+def attention_kv_major(self, x, positions, key_valid, q_start, cache_kv=None):
+  """Drop-in for ``transformer.Attention.__call__`` with a ``[B, K, S, Dh]``
+  KV cache (``init_cache_kv_major``) instead of ``[B, S, K, Dh]``.
+
+  With ``[B, S, K, Dh]`` the score / value einsums make XLA:CPU transpose the
+  whole cache of every layer at every decode step (``transpose_copy_fusion``
+  ``[B, K, Dh, S]`` in the while body); with the heads before the slots the
+  cache is already in the dot's batch-major layout. Numerics unchanged.
+  """
+  cfg, dt, sh = self.cfg, jnp.dtype(self.cfg.dtype), self.sharder
+
+  def proj(w, b):
+    y = jnp.einsum("btd,dnh->btnh", x, w[...].astype(dt))
+    return y if b is None else y + b[...].astype(dt)
+
+  q = proj(self.q, getattr(self, "q_bias", None))
+  k = proj(self.k, getattr(self, "k_bias", None))
+  v = proj(self.v, getattr(self, "v_bias", None))
+  if cfg.qk_norm:
+    q, k = self.q_norm(q), self.k_norm(k)
+  inv_freq = np.asarray(self.inv_freq)
+  q, k = transformer_lib.rope(q, positions, inv_freq), transformer_lib.rope(k, positions, inv_freq)
+  q = sh.constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
+  kv_axes = ("activation_batch", "activation_kv_heads", "activation_length", None)
+  k = sh.constrain(jnp.swapaxes(k, 1, 2), kv_axes)          # [B, K, T, Dh]
+  v = sh.constrain(jnp.swapaxes(v, 1, 2), kv_axes)
+  if cache_kv is not None:
+    ck, cv = cache_kv
+    ck = sh.constrain(jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, q_start, 0)),
+                      _CACHE_AXES)
+    cv = sh.constrain(jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, q_start, 0)),
+                      _CACHE_AXES)
+    keys, values, new_kv = ck.astype(dt), cv.astype(dt), (ck, cv)
+  else:
+    keys, values, new_kv = k, v, None
+  b, t, h, dh = q.shape
+  kh, s = keys.shape[1], keys.shape[2]
+  qg = q.reshape(b, t, kh, h // kh, dh)
+  scores = jnp.einsum("btkgd,bksd->bkgts", qg, keys,
+                      preferred_element_type=jnp.float32) / np.sqrt(dh)
+  q_slot = q_start + jnp.arange(t)
+  allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]
+  scores = jnp.where(allowed[:, None, None], scores, transformer_lib.NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs, values).reshape(b, t, h, dh)
+  out = sh.constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
+  y = jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dt))
+  if cfg.o_bias:
+    y = y + self.o_bias[...].astype(dt)
+  return y, new_kv
+
+
+def init_cache_kv_major(self, batch: int, max_len: int, dtype=None):
+  """``Transformer.init_cache`` with ``[B, K, S, Dh]`` buffers."""
+  cfg = self.cfg
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+  zeros = lambda: self.sharder.constrain(jnp.zeros(shape, dtype), _CACHE_AXES)
+  return transformer_lib.KVCache([zeros() for _ in range(cfg.num_layers)],
+                                 [zeros() for _ in range(cfg.num_layers)],
+                                 jnp.zeros((batch, max_len), jnp.bool_),
+                                 jnp.zeros((), jnp.int32))
+
+
+# name -> [(module, attribute, replacement)]; combine with "+" (e.g. invcdf+kvcache).
+PATCHES = {
+    "invcdf": [(sampling_lib, "sample_token", sample_token_inverse_cdf)],
+    "kvcache": [(transformer_lib.Attention, "__call__", attention_kv_major),
+                (transformer_lib.Transformer, "init_cache", init_cache_kv_major)],
+}
+
+
+def check_patch(spec: str) -> str:
+  for name in spec.split("+"):
+    if name not in PATCHES:
+      raise argparse.ArgumentTypeError(f"unknown patch {name!r}; valid: {sorted(PATCHES)}")
+  return spec
 
 
 @contextlib.contextmanager
-def patched(name: str | None):
-  if not name:
-    yield
-    return
-  module, attr, fn = PATCHES[name]
-  orig = getattr(module, attr)
-  setattr(module, attr, fn)
+def patched(spec: str | None):
+  """Applies the ``+``-separated prototype patches while tracing."""
+  items = [it for name in (spec.split("+") if spec else ()) for it in PATCHES[name]]
+  origs = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in items]
+  for obj, attr, fn in items:
+    setattr(obj, attr, fn)
   try:
     yield
   finally:
-    setattr(module, attr, orig)
+    for obj, attr, orig in reversed(origs):
+      setattr(obj, attr, orig)
 
 
 # ----------------------------------------------------------------------------
@@ -656,8 +747,9 @@ def report(res: dict[str, Any]) -> list[dict[str, Any]]:
   elif "trl_error" in res:
     print(f"  TRL: {res['trl_error']}")
   last = res["ours"][0]["last"]
+  losses = ", ".join(f"{o['last']['loss']:.4f}" for o in res["ours"])
   print(f"  ours: {last['num_tokens']:.0f} completion tokens/step (mean length "
-        f"{last['mean_response_length']:.1f}), loss {last['loss']:.4f}")
+        f"{last['mean_response_length']:.1f}), last loss {losses}")
   if "profile" in res:
     print("  profile, separately jitted pieces (median wall s, CPU s, % of the step's CPU s):")
     step_cpu = rows[0]["cpu"]
@@ -678,8 +770,9 @@ def main(argv=None):
   ap.add_argument("--no-trl", action="store_true")
   ap.add_argument("--profile", action="store_true", help="time the step's pieces")
   ap.add_argument("--profile-repeats", type=int, default=5)
-  ap.add_argument("--patch", action="append", default=[], choices=sorted(PATCHES),
-                  help="also time a prototype variant (repeatable)")
+  ap.add_argument("--patch", action="append", default=[], type=check_patch,
+                  help="also time a prototype variant, e.g. invcdf or invcdf+kvcache "
+                  f"(repeatable; patches: {sorted(PATCHES)})")
   ap.add_argument("--loss-chunk", type=int, default=64)
   ap.add_argument("--no-metrics", action="store_true", help="OPDConfig(metrics=False)")
   ap.add_argument("--mesh", default="", help="e.g. data=2,fsdp=1,tensor=1")

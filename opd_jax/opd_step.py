@@ -351,7 +351,9 @@ def init_train_state(student, tx: optax.GradientTransformation, seed: int,
 
   The optimizer state is created directly on the parameters' shardings
   (``optax.tree_map_params`` maps the param shardings onto the moments;
-  counters are replicated).
+  counters are replicated). The state shares the student's parameter arrays
+  and the step donates them: do not use ``student`` after the first step
+  (``nnx.merge(graphdef, state.params)`` gives the current model).
   """
   from opd_jax.models.factory import param_shardings
   params = nnx.state(student, nnx.Param)
