@@ -23,8 +23,9 @@ to the machine's load. ``--threads 1`` (default) gives both sides one
 compute thread (XLA: its intra-op pool created under a one-CPU affinity, which
 is restored afterwards, and ``--xla_cpu_multi_thread_eigen=false``; torch:
 ``set_num_threads(1)``), so CPU time is single-core time; ``--threads 0``
-leaves both libraries' defaults (here: 2 threads each). Under load torch's
-OpenMP threads busy-wait: with 2 threads TRL's step is ~10x slower here.
+leaves both libraries' defaults (here: 2 threads each). Under heavy load
+(load average ~8 on the 2 cores) torch's OpenMP threads busy-wait: with 2
+threads TRL's step was ~10x slower than with 1.
 Our steps run interleaved with TRL's (a few of ours after each TRL step, from
 a ``TrainerCallback``), so both see the same load. Our step:
 ``compiled(state, teacher, batch)`` plus fetching the metrics to the host, as
@@ -428,7 +429,7 @@ def setup_ours(preset: Preset, s_dir: str, t_dir: str, prompts: np.ndarray, args
   t_sh = b_sh = None
   if mesh is not None:
     t_sh = sharder.tree_shardings(t_params)
-    b_sh = {k: sharder.batch(*prompts.shape) for k in batch}
+    b_sh = {k: sharder.batch(2, prompts.shape[0]) for k in batch}
     batch = {k: jax.device_put(v, b_sh[k]) for k, v in batch.items()}
   step = opd_step.make_opd_step(
       gd_s, gd_t, tx, sched, cfg, vocab_size=preset.vocab, sharder=sharder,
@@ -669,6 +670,8 @@ def run_preset(preset: Preset, args) -> dict[str, Any]:
     warmup = preset.warmup if args.warmup < 0 else args.warmup
     bench_ours(ctxs, 0, warmup)
     res: dict[str, Any] = {"preset": dataclasses.asdict(preset), "mm": mm,
+                           "devices": (ctxs[0]["sharder"].mesh.size
+                                       if ctxs[0]["sharder"].mesh is not None else 1),
                            "gen_tokens": preset.batch * preset.new_tokens,
                            "flops": analytic_flops(ctxs[0]["student_cfg"],
                                                    ctxs[0]["teacher_cfg"], preset.batch,
@@ -707,10 +710,11 @@ def report(res: dict[str, Any]) -> list[dict[str, Any]]:
         f" + teacher fwd {fl['teacher'] / 1e9:.3f} + student fwd+bwd "
         f"{fl['student_fwd_bwd'] / 1e9:.3f}  (+{fl['head_recompute'] / 1e9:.3f} head "
         "recompute, not counted)")
-  xf = res["ours"][0]["xla_flops"]
+  xf, ndev = res["ours"][0]["xla_flops"], res.get("devices", 1)
   if xf is not None:
-    print(f"  XLA cost_analysis GFLOP/step {xf / 1e9:.3f} = {xf / fl['total']:.2f}x analytic "
-          "(counts each while/scan body once)")
+    per = f" per device (of {ndev})" if ndev > 1 else ""
+    print(f"  XLA cost_analysis GFLOP/step{per} {xf / 1e9:.3f} = {xf / fl['total']:.2f}x "
+          "analytic (counts each while/scan body once)")
   print(f"  plain f32 matmul {mm['n']}x{mm['n']}: {mm['wall'] / 1e9:.1f} GFLOP/s wall, "
         f"{mm['cpu'] / 1e9:.1f} GFLOP/s per CPU-second")
   print(f"  {'':44s}{'wall s':>8s}{'steps/s':>8s}{'tok/s':>7s}{'FLOP%':>6s} |"

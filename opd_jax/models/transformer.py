@@ -21,12 +21,13 @@ from opd_jax.models.config import ModelConfig
 from opd_jax.sharding import Sharder
 
 NEG_INF = -1e30  # finite "minus infinity": masked rows stay NaN-free
+CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
 
 
 class KVCache(NamedTuple):
   """Fixed-size decoding cache.
 
-  k, v: per-layer lists of ``[B, S, K, Dh]``; ``valid``: ``[B, S]`` bool, which
+  k, v: per-layer lists of ``[B, K, S, Dh]`` (kv-head-major); ``valid``: ``[B, S]`` bool, which
   slots hold real tokens; ``index``: scalar int32, the next slot to write (all
   rows share it: prompts are left-padded to a common length).
   """
@@ -80,17 +81,17 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
 def _attend(qg, keys, values, key_valid, q_slot, dt):
   """softmax(q k^T / sqrt(Dh) + mask) v for grouped queries.
 
-  qg ``[B, T, K, G, Dh]``; keys/values ``[B, S, K, Dh]``; key_valid ``[B, S]``;
+  qg ``[B, T, K, G, Dh]``; keys/values ``[B, K, S, Dh]``; key_valid ``[B, S]``;
   q_slot ``[T]`` cache slot of each query (causal: keys at slots <= it).
   Scores and softmax in float32. Returns ``[B, T, K, G, Dh]``.
   """
-  s = keys.shape[1]
-  scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys,
+  s = keys.shape[2]
+  scores = jnp.einsum("btkgd,bksd->bkgts", qg, keys,
                       preferred_element_type=jnp.float32) / np.sqrt(qg.shape[-1])
   allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]
   scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-  return jnp.einsum("bkgts,bskd->btkgd", probs, values)
+  return jnp.einsum("bkgts,bksd->btkgd", probs, values)
 
 
 class Attention(nnx.Module):
@@ -135,18 +136,20 @@ class Attention(nnx.Module):
     k = sh.constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
     v = sh.constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
 
+    # Keys / values kv-head-major [B, K, S, Dh]: the cache is stored so, and
+    # the score / value contractions then need no per-step transpose of it.
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     if cache_kv is not None:
       ck, cv = cache_kv
-      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, q_start, 0, 0))
-      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, q_start, 0, 0))
-      cache_axes = ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
-      ck, cv = sh.constrain(ck, cache_axes), sh.constrain(cv, cache_axes)
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, q_start, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, q_start, 0))
+      ck, cv = sh.constrain(ck, CACHE_AXES), sh.constrain(cv, CACHE_AXES)
       keys, values, new_kv = ck.astype(dt), cv.astype(dt), (ck, cv)
     else:
       keys, values, new_kv = k, v, None
 
     b, t, h, dh = q.shape
-    kh = keys.shape[2]
+    kh = keys.shape[1]
     qg = q.reshape(b, t, kh, h // kh, dh)
     q_slot = q_start + jnp.arange(t)
     block = cfg.attention_block
@@ -295,9 +298,8 @@ class Transformer(nnx.Module):
     """Empty cache of ``max_len`` slots, sharded by the cache rules."""
     cfg = self.cfg
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    axes = ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
-    zeros = lambda: self.sharder.constrain(jnp.zeros(shape, dtype), axes)
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    zeros = lambda: self.sharder.constrain(jnp.zeros(shape, dtype), CACHE_AXES)
     return KVCache([zeros() for _ in range(cfg.num_layers)],
                    [zeros() for _ in range(cfg.num_layers)],
                    jnp.zeros((batch, max_len), jnp.bool_), jnp.zeros((), jnp.int32))
