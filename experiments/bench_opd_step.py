@@ -1,7 +1,7 @@
 """Benchmarks the compiled OPD step against Hugging Face TRL on the same checkpoints.
 
     PYTHONPATH=. python experiments/bench_opd_step.py [--preset small[,medium,large]]
-        [--steps N] [--trl-steps N] [--no-trl] [--profile] [--patch invcdf+kvcache]
+        [--steps N] [--trl-steps N] [--no-trl] [--profile] [--patch invcdf]
         [--threads 1] [--mesh data=2,fsdp=1,tensor=1 --num-cpu-devices 2] [--json F]
 
 For every preset a Qwen3-architecture student and teacher are created, written
@@ -63,8 +63,7 @@ the same process, same thread setting).
 ``--patch`` also times prototype variants that are NOT in ``opd_jax``
 (monkeypatched while tracing; steps of all variants alternate): ``invcdf``,
 ``sampling.sample_token`` drawing by inverse CDF (one uniform per row instead
-of one Gumbel per vocabulary entry); ``kvcache``, a ``[B, K, S, Dh]`` KV cache
-layout (no per-step transpose of the cache); combined as ``invcdf+kvcache``.
+of one Gumbel per vocabulary entry).
 """
 
 from __future__ import annotations
@@ -114,7 +113,6 @@ from opd_jax import losses as losses_lib
 from opd_jax import opd_step, optim
 from opd_jax import sampling as sampling_lib
 from opd_jax.models import ModelConfig, create_model, from_hf, to_hf
-from opd_jax.models import transformer as transformer_lib
 from opd_jax.sampling import SamplingConfig, sample
 from opd_jax.sharding import Sharder, make_mesh
 
@@ -267,6 +265,9 @@ def sample_token_inverse_cdf(logits, key, config: SamplingConfig):
   logits = logits.astype(jnp.float32)
   if config.greedy:
     return _ORIG_SAMPLE_TOKEN(logits, key, config)
+  vocab = getattr(config, "vocab_size", 0)
+  if vocab and vocab < logits.shape[-1]:   # as sample_token: never a padded id
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
   z = sampling_lib.process_logits(logits, config)
   lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
   cdf = jnp.cumsum(jnp.exp(z - lse), axis=-1)
@@ -279,78 +280,10 @@ def sample_token_inverse_cdf(logits, key, config: SamplingConfig):
 
 
 _ORIG_SAMPLE_TOKEN = sampling_lib.sample_token
-_CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
-
-
-def attention_kv_major(self, x, positions, key_valid, q_start, cache_kv=None):
-  """Drop-in for ``transformer.Attention.__call__`` with a ``[B, K, S, Dh]``
-  KV cache (``init_cache_kv_major``) instead of ``[B, S, K, Dh]``.
-
-  With ``[B, S, K, Dh]`` the score / value einsums make XLA:CPU transpose the
-  whole cache of every layer at every decode step (``transpose_copy_fusion``
-  ``[B, K, Dh, S]`` in the while body); with the heads before the slots the
-  cache is already in the dot's batch-major layout. Numerics unchanged.
-  """
-  cfg, dt, sh = self.cfg, jnp.dtype(self.cfg.dtype), self.sharder
-
-  def proj(w, b):
-    y = jnp.einsum("btd,dnh->btnh", x, w[...].astype(dt))
-    return y if b is None else y + b[...].astype(dt)
-
-  q = proj(self.q, getattr(self, "q_bias", None))
-  k = proj(self.k, getattr(self, "k_bias", None))
-  v = proj(self.v, getattr(self, "v_bias", None))
-  if cfg.qk_norm:
-    q, k = self.q_norm(q), self.k_norm(k)
-  inv_freq = np.asarray(self.inv_freq)
-  q, k = transformer_lib.rope(q, positions, inv_freq), transformer_lib.rope(k, positions, inv_freq)
-  q = sh.constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
-  kv_axes = ("activation_batch", "activation_kv_heads", "activation_length", None)
-  k = sh.constrain(jnp.swapaxes(k, 1, 2), kv_axes)          # [B, K, T, Dh]
-  v = sh.constrain(jnp.swapaxes(v, 1, 2), kv_axes)
-  if cache_kv is not None:
-    ck, cv = cache_kv
-    ck = sh.constrain(jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, q_start, 0)),
-                      _CACHE_AXES)
-    cv = sh.constrain(jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, q_start, 0)),
-                      _CACHE_AXES)
-    keys, values, new_kv = ck.astype(dt), cv.astype(dt), (ck, cv)
-  else:
-    keys, values, new_kv = k, v, None
-  b, t, h, dh = q.shape
-  kh, s = keys.shape[1], keys.shape[2]
-  qg = q.reshape(b, t, kh, h // kh, dh)
-  scores = jnp.einsum("btkgd,bksd->bkgts", qg, keys,
-                      preferred_element_type=jnp.float32) / np.sqrt(dh)
-  q_slot = q_start + jnp.arange(t)
-  allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]
-  scores = jnp.where(allowed[:, None, None], scores, transformer_lib.NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-  out = jnp.einsum("bkgts,bksd->btkgd", probs, values).reshape(b, t, h, dh)
-  out = sh.constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
-  y = jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dt))
-  if cfg.o_bias:
-    y = y + self.o_bias[...].astype(dt)
-  return y, new_kv
-
-
-def init_cache_kv_major(self, batch: int, max_len: int, dtype=None):
-  """``Transformer.init_cache`` with ``[B, K, S, Dh]`` buffers."""
-  cfg = self.cfg
-  dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-  zeros = lambda: self.sharder.constrain(jnp.zeros(shape, dtype), _CACHE_AXES)
-  return transformer_lib.KVCache([zeros() for _ in range(cfg.num_layers)],
-                                 [zeros() for _ in range(cfg.num_layers)],
-                                 jnp.zeros((batch, max_len), jnp.bool_),
-                                 jnp.zeros((), jnp.int32))
-
-
-# name -> [(module, attribute, replacement)]; combine with "+" (e.g. invcdf+kvcache).
+# name -> [(module, attribute, replacement)]; several combine with "+". (The
+# kv-head-major KV cache prototyped here as "kvcache" is now in opd_jax.)
 PATCHES = {
     "invcdf": [(sampling_lib, "sample_token", sample_token_inverse_cdf)],
-    "kvcache": [(transformer_lib.Attention, "__call__", attention_kv_major),
-                (transformer_lib.Transformer, "init_cache", init_cache_kv_major)],
 }
 
 
@@ -775,8 +708,8 @@ def main(argv=None):
   ap.add_argument("--profile", action="store_true", help="time the step's pieces")
   ap.add_argument("--profile-repeats", type=int, default=5)
   ap.add_argument("--patch", action="append", default=[], type=check_patch,
-                  help="also time a prototype variant, e.g. invcdf or invcdf+kvcache "
-                  f"(repeatable; patches: {sorted(PATCHES)})")
+                  help="also time a prototype variant ('+' combines patches; "
+                  f"repeatable; patches: {sorted(PATCHES)})")
   ap.add_argument("--loss-chunk", type=int, default=64)
   ap.add_argument("--no-metrics", action="store_true", help="OPDConfig(metrics=False)")
   ap.add_argument("--mesh", default="", help="e.g. data=2,fsdp=1,tensor=1")
