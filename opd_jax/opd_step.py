@@ -345,6 +345,15 @@ def host_metrics(metrics: Mapping[str, Any], token_metric_names=()) -> dict[str,
   return out
 
 
+def optimizer_shardings(tx: optax.GradientTransformation, params, param_shardings,
+                        replicated):
+  """Shardings of ``tx.init(params)``: moments follow their parameters
+  (``optax.tree_map_params``), counters and other state are replicated.
+  ``params`` may be abstract (``jax.ShapeDtypeStruct`` s)."""
+  return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params),
+                               param_shardings, transform_non_params=lambda _: replicated)
+
+
 def init_train_state(student, tx: optax.GradientTransformation, seed: int,
                      sharder: Sharder):
   """TrainState for an NNX student plus its sharding tree (for jit).
@@ -365,10 +374,7 @@ def init_train_state(student, tx: optax.GradientTransformation, seed: int,
   rep = sharder.replicated()
   p_shard = param_shardings(params, sharder)
   params = jax.device_put(params, p_shard)
-  abstract_opt = jax.eval_shape(tx.init, params)
-  opt_shard = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt, p_shard,
-      transform_non_params=lambda _: rep)
+  opt_shard = optimizer_shardings(tx, params, p_shard, rep)
   opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
   shardings = TrainState(step=rep, params=p_shard, opt_state=opt_shard, rng=rep)
   state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,

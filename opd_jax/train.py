@@ -27,7 +27,7 @@ from opd_jax import checkpointing, configs_lib, data as data_lib, evaluation
 from opd_jax import losses as losses_lib, optim, organisms
 from opd_jax.logging_utils import MetricWriter
 from opd_jax.opd_step import (OPDConfig, common_vocab_size, host_metrics,
-                              init_train_state, make_opd_step)
+                              init_train_state, make_opd_step, optimizer_shardings)
 from opd_jax.registry import Registry
 from opd_jax.sampling import SamplingConfig
 from opd_jax.sharding import Sharder, make_mesh, rules_from_config
@@ -381,8 +381,6 @@ def lower_abstract(config: ml_collections.ConfigDict, *, vocab_size: int | None 
   """
   from opd_jax.models import abstract_model
   from opd_jax.models.hf_io import config_from_hf
-  import optax
-
   mesh = make_mesh(config.mesh.shape.to_dict())
   sharder = Sharder(mesh, rules_from_config(config.mesh.rules))
 
@@ -408,8 +406,7 @@ def lower_abstract(config: ml_collections.ConfigDict, *, vocab_size: int | None 
   opt_cfg["total_steps"] = int(opt_cfg["total_steps"]) or int(config.total_steps)
   tx, schedule = optim.make_optimizer(opt_cfg)
   rep = sharder.replicated()
-  opt_shard = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, s_params),
-                                    s_shard, transform_non_params=lambda _: rep)
+  opt_shard = optimizer_shardings(tx, s_params, s_shard, rep)
   opt_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                            jax.eval_shape(tx.init, s_params), opt_shard)
   from opd_jax.opd_step import TrainState
