@@ -108,18 +108,13 @@ def eos_ids_of(tokenizer, model_cfg) -> tuple[int, ...]:
   return tuple(sorted(ids))
 
 
-def pad_id_of(tokenizer) -> int:
-  if tokenizer.pad_token_id is not None:
-    return int(tokenizer.pad_token_id)
-  return int(tokenizer.eos_token_id or 0)
-
-
 def sampling_config(config, tokenizer, student_cfg) -> SamplingConfig:
   s = config.sampling
   return SamplingConfig(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
                         top_k=int(s.top_k), top_p=float(s.top_p),
                         eos_ids=eos_ids_of(tokenizer, student_cfg),
-                        pad_id=pad_id_of(tokenizer), num_samples=int(s.num_samples))
+                        pad_id=evaluation.pad_id_of(tokenizer),
+                        num_samples=int(s.num_samples))
 
 
 def opd_config(config, sampling: SamplingConfig) -> OPDConfig:
