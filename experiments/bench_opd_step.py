@@ -252,39 +252,7 @@ def parse_mesh(text: str) -> dict[str, int] | None:
 # ----------------------------------------------------------------------------
 
 
-def sample_token_inverse_cdf(logits, key, config: SamplingConfig):
-  """Drop-in for ``sampling.sample_token``: inverse-CDF sampling.
-
-  ``jax.random.categorical`` draws V Gumbels per row (threefry bits + two
-  logs per vocabulary entry, every decode step); this draws one uniform per
-  row and takes the first index whose cumulative probability reaches it: same
-  distribution, O(V) cheap arithmetic. The sampled token's log-prob reuses
-  the logsumexp; without temperature / top-k / top-p the two returned
-  log-probs are the same array.
-  """
-  logits = logits.astype(jnp.float32)
-  if config.greedy:
-    return _ORIG_SAMPLE_TOKEN(logits, key, config)
-  vocab = getattr(config, "vocab_size", 0)
-  if vocab and vocab < logits.shape[-1]:   # as sample_token: never a padded id
-    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
-  z = sampling_lib.process_logits(logits, config)
-  lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
-  cdf = jnp.cumsum(jnp.exp(z - lse), axis=-1)
-  u = (1.0 - jax.random.uniform(key, (z.shape[0], 1), jnp.float32)) * cdf[:, -1:]
-  tok = jnp.minimum(jnp.sum(cdf < u, axis=-1), z.shape[-1] - 1).astype(jnp.int32)
-  lp = jnp.take_along_axis(z, tok[:, None], axis=-1)[:, 0] - lse[:, 0]
-  unprocessed = config.temperature == 1.0 and config.top_k == 0 and config.top_p >= 1.0
-  lp1 = lp if unprocessed else sampling_lib._token_logprob(logits, tok)  # pylint: disable=protected-access
-  return tok, lp, lp1
-
-
-_ORIG_SAMPLE_TOKEN = sampling_lib.sample_token
-# name -> [(module, attribute, replacement)]; several combine with "+". (The
-# kv-head-major KV cache prototyped here as "kvcache" is now in opd_jax.)
-PATCHES = {
-    "invcdf": [(sampling_lib, "sample_token", sample_token_inverse_cdf)],
-}
+PATCHES: dict[str, list] = {}
 
 
 def check_patch(spec: str) -> str:

@@ -168,18 +168,27 @@ def sample_token(logits: jax.Array, key: jax.Array, config: SamplingConfig):
   ``logprobs`` is under the processed distribution (0 for greedy),
   ``logprobs_t1`` under softmax(raw logits) (both restricted to ids <
   ``config.vocab_size`` when it is set).
+
+  Draws by inverse CDF: one uniform u ~ U(0, 1] per row, token = the first
+  index whose cumulative probability reaches u·Σp. Same distribution as
+  ``jax.random.categorical`` (Gumbel-max), which needs V random draws and two
+  logs per vocabulary entry at every decode step; zero-probability (filtered)
+  ids can never be drawn, since their CDF step is empty.
   """
   logits = logits.astype(jnp.float32)
   if config.vocab_size and config.vocab_size < logits.shape[-1]:
     logits = jnp.where(jnp.arange(logits.shape[-1]) < config.vocab_size, logits, -jnp.inf)
   if config.greedy:
     tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    lp = jnp.zeros(tok.shape, jnp.float32)
-  else:
-    z = process_logits(logits, config)
-    tok = jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
-    lp = _token_logprob(z, tok)
-  return tok, lp, _token_logprob(logits, tok)
+    return tok, jnp.zeros(tok.shape, jnp.float32), _token_logprob(logits, tok)
+  z = process_logits(logits, config)
+  lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
+  cdf = jnp.cumsum(jnp.exp(z - lse), axis=-1)
+  u = (1.0 - jax.random.uniform(key, (z.shape[0], 1), jnp.float32)) * cdf[:, -1:]
+  tok = jnp.minimum(jnp.sum(cdf < u, axis=-1), z.shape[-1] - 1).astype(jnp.int32)
+  lp = jnp.take_along_axis(z, tok[:, None], axis=-1)[:, 0] - lse[:, 0]
+  unprocessed = config.temperature == 1.0 and config.top_k == 0 and config.top_p >= 1.0
+  return tok, lp, (lp if unprocessed else _token_logprob(logits, tok))
 
 
 # ----------------------------------------------------------------------------

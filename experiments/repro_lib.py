@@ -1,0 +1,250 @@
+"""Shared plumbing of the miniature reproduction (``experiments/f*.py``).
+
+Layout of a reproduction workdir::
+
+  organisms/          tokenizer, data, SFT workdirs of the organisms (+ export_hf)
+  runs/<name>/        one OPD run each (configs/repro.py), resumable
+  results/<fig>.json  the numbers of each figure
+  figures/<fig>.png   the figures
+
+A run is skipped once its ``DONE`` marker exists; an interrupted run resumes
+from its checkpoint (the driver does that), so the whole reproduction is
+resumable at any point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+
+from opd_jax import organisms  # noqa: E402
+from opd_jax.logging_utils import read_metrics  # noqa: E402
+
+REPRO_CONFIG = os.path.join(ROOT, "configs", "repro.py")
+COLORS = {"teacher_new": "tab:green", "teacher_same": "tab:orange", "teacher_b": "tab:red",
+          "student": "tab:blue"}
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--smoke", action="store_true", help="CI-sized: tiny organisms, few steps")
+  return p
+
+
+def setup_jax(workdir: str) -> None:
+  """Persistent compilation cache: runs with the same shapes compile once."""
+  import jax
+  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, ".jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def assets_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "organisms")
+
+
+def organism_workdir(workdir: str, name: str) -> str:
+  return os.path.join(assets_dir(workdir), name)
+
+
+def arch_of(m: organisms.Miniature, name: str) -> str:
+  a = m.student if organisms.ORGANISMS[name][0] == "student" else m.teacher
+  return f"{a.num_layers}x{a.hidden_size}"
+
+
+def setting_dict(m: organisms.Miniature) -> dict[str, Any]:
+  return dataclasses.asdict(m)
+
+
+# -----------------------------------------------------------------------------
+# Runs.
+
+
+def run_name(teacher: str = "teacher_new", loss: str = "reverse_kl", seed: int = 0, student: str = "student",
+             prompts: str = "opd_prompts", cold_start: int = 0, **extra: Any) -> str:
+  parts = [f"{student}-from-{teacher}", loss, prompts]
+  if cold_start:
+    parts.append(f"cold{cold_start}")
+  parts += [f"{k}={v}" for k, v in sorted(extra.items())]
+  parts.append(f"s{seed}")
+  return "_".join(str(p).replace("/", "-").replace(".", "p") for p in parts)
+
+
+def opd_config(workdir: str, smoke: bool, arg: Mapping[str, Any] | None = None,
+               overrides: Mapping[str, Any] | None = None):
+  """configs/repro.py with ``arg`` (its ``key=value`` argument) and dotted
+  ``overrides`` (as ``--config.a.b=v`` on the command line)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("repro_config", REPRO_CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  a = {"assets": assets_dir(workdir), "smoke": smoke, **(arg or {})}
+  config = module.get_config(",".join(f"{k}={v}" for k, v in a.items()))
+  for key, value in (overrides or {}).items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def run_opd(workdir: str, smoke: bool, name: str | None = None,
+            overrides: Mapping[str, Any] | None = None, **arg: Any) -> str:
+  """Runs (or resumes, or skips if done) one OPD run; returns its directory."""
+  from opd_jax.train import train
+  name = name or run_name(**arg)
+  rundir = os.path.join(os.path.abspath(workdir), "runs", name)
+  done = os.path.join(rundir, "DONE")
+  if not os.path.exists(done):
+    print(f"[repro] run {name}", flush=True)
+    last = train(opd_config(workdir, smoke, arg, overrides), rundir)
+    if last.get("status") != "finished":
+      raise SystemExit(f"run {name} stopped ({last.get('status')}); rerun to resume")
+    with open(done, "w") as f:
+      f.write("finished\n")
+  return rundir
+
+
+def seeds_of(m: organisms.Miniature) -> tuple[int, ...]:
+  return tuple(m.seeds)
+
+
+# -----------------------------------------------------------------------------
+# Reading runs.
+
+
+def records(rundir: str) -> list[dict[str, Any]]:
+  return read_metrics(rundir)
+
+
+def eval_records(rundir: str, prefix: str = "eval/all") -> list[dict[str, Any]]:
+  return [r for r in records(rundir) if f"{prefix}/accuracy" in r]
+
+
+def final_eval(rundir: str, prefix: str = "eval/all") -> dict[str, Any]:
+  evals = eval_records(rundir, prefix)
+  if not evals:
+    raise ValueError(f"no {prefix} evaluation in {rundir}/metrics.jsonl")
+  return evals[-1]
+
+
+def level_mean(rec: Mapping[str, Any], levels: Sequence[int], prefix: str = "eval/all") -> float:
+  """Accuracy averaged over ``levels`` (each level has the same count)."""
+  return float(np.mean([rec[f"{prefix}/acc/level_{L}"] for L in levels]))
+
+
+def accuracy_curve(rundir: str, levels: Sequence[int]) -> tuple[list[int], list[float]]:
+  evals = eval_records(rundir)
+  return [int(r["step"]) for r in evals], [level_mean(r, levels) for r in evals]
+
+
+def metric_curve(rundir: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+  rows = [r for r in records(rundir) if key in r and "cold_start" in r and not r["cold_start"]]
+  return (np.array([r["step"] for r in rows], dtype=np.int64),
+          np.array([r[key] for r in rows], dtype=np.float64))
+
+
+def smooth(y: np.ndarray, window: int) -> np.ndarray:
+  """Trailing moving average (window clipped at the start)."""
+  if window <= 1 or len(y) == 0:
+    return y
+  c = np.cumsum(np.insert(y, 0, 0.0))
+  idx = np.arange(1, len(y) + 1)
+  lo = np.maximum(idx - window, 0)
+  return (c[idx] - c[lo]) / (idx - lo)
+
+
+def window_mean(rundir: str, key: str, start_frac: float, end_frac: float) -> float:
+  """Mean of a per-step metric over a fraction of the OPD steps."""
+  steps, y = metric_curve(rundir, key)
+  if not len(y):
+    return float("nan")
+  lo, hi = int(start_frac * len(y)), max(int(end_frac * len(y)), int(start_frac * len(y)) + 1)
+  return float(np.mean(y[lo:hi]))
+
+
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+  v = np.asarray(values, dtype=np.float64)
+  return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+          "n": int(len(v)), "values": [float(x) for x in v]}
+
+
+def fmt(ms: Mapping[str, Any], scale: float = 1.0, digits: int = 1) -> str:
+  return f"{ms['mean'] * scale:.{digits}f} ± {ms['std'] * scale:.{digits}f}"
+
+
+def gap_recovery(after: float, student: float, teacher: float) -> float:
+  """(acc_after − acc_student) / (acc_teacher − acc_student) (paper Fig. 1 left)."""
+  gap = teacher - student
+  return float("nan") if abs(gap) < 1e-9 else (after - student) / gap
+
+
+def organisms_table(workdir: str) -> dict[str, Any]:
+  with open(os.path.join(workdir, "results", "organisms.json")) as f:
+    return json.load(f)["organisms"]
+
+
+# -----------------------------------------------------------------------------
+# Writing results.
+
+
+def save(workdir: str, name: str, data: Mapping[str, Any], fig=None) -> None:
+  for sub in ("results", "figures"):
+    os.makedirs(os.path.join(workdir, sub), exist_ok=True)
+  tmp = os.path.join(workdir, "results", f".{name}.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=2, default=_json_default)
+  os.replace(tmp, os.path.join(workdir, "results", f"{name}.json"))
+  if fig is not None:
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "figures", f"{name}.png"), dpi=120)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def _json_default(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def print_json(data: Any) -> None:
+  print(json.dumps(data, indent=2, default=_json_default))
+
+
+def final_eval_at(rundir: str, step: int, prefix: str = "eval/all") -> dict[str, Any]:
+  """The evaluation logged at ``step`` (0: before any update)."""
+  for r in eval_records(rundir, prefix):
+    if int(r["step"]) == step:
+      return r
+  raise ValueError(f"no {prefix} evaluation at step {step} in {rundir}")
+
+
+def curve_band(ax, curves: Sequence[tuple[np.ndarray, np.ndarray]], color: str, label: str,
+               window: int = 1) -> None:
+  """Mean ± std over seeds of per-step curves (aligned on the first's steps)."""
+  n = min(len(c[1]) for c in curves)
+  steps = np.asarray(curves[0][0][:n])
+  ys = np.array([smooth(np.asarray(c[1][:n], dtype=np.float64), window) for c in curves])
+  mu, sd = ys.mean(0), ys.std(0)
+  ax.plot(steps, mu, color=color, label=label)
+  ax.fill_between(steps, mu - sd, mu + sd, color=color, alpha=0.2)
