@@ -13,7 +13,6 @@ are kept where they scale: temperature 1, top_p 1, AdamW with a constant lr,
 no warmup, weight decay 0.01, clip 1.0, one update per batch, k = 16 metrics.
 """
 
-import os
 
 from opd_jax import configs_lib, organisms
 

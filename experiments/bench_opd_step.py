@@ -384,7 +384,7 @@ def profile_ours(preset: Preset, ctx: dict[str, Any], args,
     with patched(name):   # a fresh function: no cached (unpatched) trace
       f = jax.jit(lambda *a: sample_fn(*a)).lower(params, batch, rng).compile()
     out[f"sampling +{name} (prototype)"] = time_fn(f, params, batch, rng, repeats=reps)
-  ids, mask, pos = opd_step.full_sequence(batch["prompt_ids"], batch["prompt_mask"],
+  ids, mask, pos = sampling_lib.full_sequence(batch["prompt_ids"], batch["prompt_mask"],
                                           so.tokens, so.mask)
   tokens, cmask = so.tokens, so.mask.astype(jnp.bool_)
 

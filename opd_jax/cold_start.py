@@ -13,7 +13,6 @@ checkpoint lineage; see :mod:`opd_jax.train`).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 

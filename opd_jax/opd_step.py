@@ -34,8 +34,8 @@ from flax import nnx
 from opd_jax import losses as losses_lib
 from opd_jax import metrics as metrics_lib
 from opd_jax.models.config import ModelConfig
-from opd_jax.models.transformer import NEG_INF, positions_from_mask
-from opd_jax.sampling import SamplingConfig, sample
+from opd_jax.models.transformer import NEG_INF
+from opd_jax.sampling import SamplingConfig, full_sequence, sample  # noqa: F401 (full_sequence re-exported)
 from opd_jax.sharding import Sharder
 
 OFF_POLICY_SOURCES = ("dataset", "teacher")
@@ -238,17 +238,6 @@ def build_completions(student, teacher, batch, rng, cfg: OPDConfig):
   on_policy = jnp.zeros((rows,), jnp.bool_).at[on_rows].set(True)
   return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, tokens=tokens, mask=mask,
               on_policy=on_policy, lengths=lengths, truncated=truncated)
-
-
-def full_sequence(prompt_ids, prompt_mask, tokens, mask):
-  """Prompt ``[R,P]`` + completion ``[R,N]`` -> ids, mask, positions ``[R,P+N]``.
-
-  Completion positions continue from each row's prompt length; pads (left
-  and after EOS) get position 0, as in the sampler.
-  """
-  ids = jnp.concatenate([prompt_ids, tokens], axis=1).astype(jnp.int32)
-  m = jnp.concatenate([prompt_mask.astype(jnp.bool_), mask.astype(jnp.bool_)], axis=1)
-  return ids, m, positions_from_mask(m)
 
 
 def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransformation,

@@ -120,7 +120,10 @@ def train_organism(workdir: str, config: ml_collections.ConfigDict) -> str:
   from opd_jax.train import train
   export = os.path.join(workdir, "export_hf")
   if not is_done(export):
-    train(config, workdir)
+    last = train(config, workdir)
+    if last.get("status") != "finished":
+      raise SystemExit(f"organism training in {workdir} stopped ({last.get('status')}); "
+                       "rerun to resume")
   return export
 
 
@@ -208,7 +211,7 @@ class Miniature:
   opd_steps: int = 150
   opd_batch: int = 16
   num_samples: int = 2
-  opd_lr: float = 1e-3
+  opd_lr: float = 3e-4
   eval_every: int = 25
   eval_per_level: int = 64
   seeds: tuple[int, ...] = (0, 1, 2)

@@ -34,7 +34,7 @@ from flax import nnx
 
 from opd_jax import data as data_lib
 from opd_jax import evaluation, metrics as metrics_lib, sampling
-from opd_jax.opd_step import full_sequence
+from opd_jax.sampling import full_sequence
 
 SCORES = ("gap", "overlap", "advantage", "neg_kl")
 ROW_METRICS = ("overlap_ratio", "reverse_kl", "k1", "overlap_mass_student",

@@ -317,15 +317,20 @@ def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.A
       prompt_ids=ids, prompt_mask=pmask, steps=steps)
 
 
-def concat_prompt_completion(out: SampleOutput):
-  """Full sequences for teacher scoring / student re-scoring.
+def full_sequence(prompt_ids, prompt_mask, tokens, mask):
+  """Prompt ``[R, P]`` + completion ``[R, N]`` -> (ids int32, mask bool,
+  positions int32), each ``[R, P+N]``, for teacher scoring / student
+  re-scoring.
 
-  Returns ``(ids [R, P+N] int32, mask [R, P+N] int32, positions [R, P+N] int32)``:
-  left pads and post-EOS pads have mask 0 and position 0; completion token ``i``
-  has position ``L + i``. Logits at column ``P - 1 + i`` predict completion token
-  ``i``.
+  Left pads and post-EOS pads have mask 0 and position 0; completion token
+  ``i`` has position ``L + i`` (L = the row's prompt length), as in the
+  sampler. Logits at column ``P - 1 + i`` predict completion token ``i``.
   """
-  ids = jnp.concatenate([out.prompt_ids, out.tokens], axis=1)
-  mask = jnp.concatenate([out.prompt_mask.astype(jnp.int32),
-                          out.mask.astype(jnp.int32)], axis=1)
-  return ids, mask, positions_from_mask(mask)
+  ids = jnp.concatenate([prompt_ids, tokens], axis=1).astype(jnp.int32)
+  m = jnp.concatenate([prompt_mask.astype(jnp.bool_), mask.astype(jnp.bool_)], axis=1)
+  return ids, m, positions_from_mask(m)
+
+
+def concat_prompt_completion(out: SampleOutput):
+  """:func:`full_sequence` of a :class:`SampleOutput`."""
+  return full_sequence(out.prompt_ids, out.prompt_mask, out.tokens, out.mask)

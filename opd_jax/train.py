@@ -108,13 +108,16 @@ def eos_ids_of(tokenizer, model_cfg) -> tuple[int, ...]:
   return tuple(sorted(ids))
 
 
-def sampling_config(config, tokenizer, student_cfg) -> SamplingConfig:
+def sampling_config(config, tokenizer=None, student_cfg=None, *, eos_ids=(),
+                    pad_id: int = 0) -> SamplingConfig:
+  """``config.sampling`` as a :class:`SamplingConfig`; EOS and pad ids from the
+  tokenizer (and the student's config) when given, else ``eos_ids``/``pad_id``."""
   s = config.sampling
+  if tokenizer is not None:
+    eos_ids, pad_id = eos_ids_of(tokenizer, student_cfg), evaluation.pad_id_of(tokenizer)
   return SamplingConfig(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
-                        top_k=int(s.top_k), top_p=float(s.top_p),
-                        eos_ids=eos_ids_of(tokenizer, student_cfg),
-                        pad_id=evaluation.pad_id_of(tokenizer),
-                        num_samples=int(s.num_samples))
+                        top_k=int(s.top_k), top_p=float(s.top_p), eos_ids=tuple(eos_ids),
+                        pad_id=int(pad_id), num_samples=int(s.num_samples))
 
 
 def opd_config(config, sampling: SamplingConfig) -> OPDConfig:
@@ -392,11 +395,7 @@ def lower_abstract(config: ml_collections.ConfigDict, *, vocab_size: int | None 
   s_cfg, s_graphdef, s_params, s_shard = abstract(config.student)
   teacher = abstract(config.teacher) if needs_teacher(config) else None
   vocab = vocab_size or (common_vocab_size(s_cfg, teacher[0]) if teacher else s_cfg.vocab_size)
-  s = config.sampling
-  sampling = SamplingConfig(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
-                            top_k=int(s.top_k), top_p=float(s.top_p),
-                            eos_ids=eos_ids or s_cfg.eos_token_ids, pad_id=pad_id,
-                            num_samples=int(s.num_samples))
+  sampling = sampling_config(config, eos_ids=eos_ids or s_cfg.eos_token_ids, pad_id=pad_id)
   opt_cfg = config.optimizer.to_dict()
   opt_cfg["total_steps"] = int(opt_cfg["total_steps"]) or int(config.total_steps)
   tx, schedule = optim.make_optimizer(opt_cfg)
@@ -415,7 +414,7 @@ def lower_abstract(config: ml_collections.ConfigDict, *, vocab_size: int | None 
     batch[key] = jax.ShapeDtypeStruct((b, p), dt, sharding=sharder.named(
         ("activation_batch", None), (b, p)))
   if float(config.on_policy_fraction) < 1 and config.off_policy_source == "dataset":
-    n = int(config.data.max_completion_len) or int(s.max_new_tokens)
+    n = int(config.data.max_completion_len) or int(config.sampling.max_new_tokens)
     for key, dt in (("completion_ids", jnp.int32), ("completion_mask", jnp.bool_)):
       batch[key] = jax.ShapeDtypeStruct((b, n), dt, sharding=sharder.named(
           ("activation_batch", None), (b, n)))
