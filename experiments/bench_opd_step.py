@@ -1,7 +1,7 @@
 """Benchmarks the compiled OPD step against Hugging Face TRL on the same checkpoints.
 
     PYTHONPATH=. python experiments/bench_opd_step.py [--preset small[,medium,large]]
-        [--steps N] [--trl-steps N] [--no-trl] [--profile] [--patch invcdf]
+        [--steps N] [--trl-steps N] [--no-trl] [--profile] [--patch NAME]
         [--threads 1] [--mesh data=2,fsdp=1,tensor=1 --num-cpu-devices 2] [--json F]
 
 For every preset a Qwen3-architecture student and teacher are created, written
@@ -61,9 +61,8 @@ the same process, same thread setting).
 ``--profile`` times the step's pieces as separately jitted functions
 (sampling, teacher forward, student forward+backward+loss, optimizer).
 ``--patch`` also times prototype variants that are NOT in ``opd_jax``
-(monkeypatched while tracing; steps of all variants alternate): ``invcdf``,
-``sampling.sample_token`` drawing by inverse CDF (one uniform per row instead
-of one Gumbel per vocabulary entry).
+(monkeypatched while tracing; steps of all variants alternate); none is
+pending now (the inverse-CDF sampler prototyped here is ``sampling.sample_token``).
 """
 
 from __future__ import annotations

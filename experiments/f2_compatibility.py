@@ -21,9 +21,7 @@ def main(workdir: str, smoke: bool = False) -> dict:
   out = {"teachers": {}}
   curves = {}
   for teacher in TEACHERS:
-    runs = [R.run_opd(workdir, smoke, teacher=teacher, seed=s) for s in R.seeds_of(m)]
-    first = [R.final_eval_at(r, 0) for r in runs]
-    last = [R.final_eval(r) for r in runs]
+    runs, first, last = R.seed_runs(workdir, smoke, m, teacher=teacher)
     out["teachers"][teacher] = {
         "runs": runs,
         "teacher_hard_accuracy": orgs[teacher]["hard"],
@@ -61,6 +59,4 @@ def main(workdir: str, smoke: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-  args = R.parser(__doc__).parse_args()
-  R.setup_jax(args.workdir)
-  R.print_json(main(args.workdir, args.smoke))
+  R.cli(main, __doc__)

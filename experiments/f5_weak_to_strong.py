@@ -25,10 +25,7 @@ def main(workdir: str, smoke: bool = False) -> dict:
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(5.5, 3.4))
   for weak in WEAK:
-    runs = [R.run_opd(workdir, smoke, student=STRONG, teacher=weak, seed=s)
-            for s in R.seeds_of(m)]
-    first = [R.final_eval_at(r, 0) for r in runs]
-    last = [R.final_eval(r) for r in runs]
+    runs, first, last = R.seed_runs(workdir, smoke, m, student=STRONG, teacher=weak)
     before = [R.level_mean(e, m.hard) for e in first]
     after = [R.level_mean(e, m.hard) for e in last]
     out["weak_teachers"][weak] = {
@@ -51,6 +48,4 @@ def main(workdir: str, smoke: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-  args = R.parser(__doc__).parse_args()
-  R.setup_jax(args.workdir)
-  R.print_json(main(args.workdir, args.smoke))
+  R.cli(main, __doc__)

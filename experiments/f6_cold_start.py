@@ -62,6 +62,4 @@ def main(workdir: str, smoke: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-  args = R.parser(__doc__).parse_args()
-  R.setup_jax(args.workdir)
-  R.print_json(main(args.workdir, args.smoke))
+  R.cli(main, __doc__)

@@ -48,5 +48,4 @@ def main(workdir: str, smoke: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-  args = R.parser(__doc__).parse_args()
-  R.print_json(main(args.workdir, args.smoke))
+  R.cli(main, __doc__)

@@ -248,3 +248,16 @@ def curve_band(ax, curves: Sequence[tuple[np.ndarray, np.ndarray]], color: str, 
   mu, sd = ys.mean(0), ys.std(0)
   ax.plot(steps, mu, color=color, label=label)
   ax.fill_between(steps, mu - sd, mu + sd, color=color, alpha=0.2)
+
+
+def seed_runs(workdir: str, smoke: bool, m: organisms.Miniature, **arg: Any):
+  """One run per seed of ``m``: (run dirs, evals at step 0, final evals)."""
+  runs = [run_opd(workdir, smoke, seed=s, **arg) for s in seeds_of(m)]
+  return runs, [final_eval_at(r, 0) for r in runs], [final_eval(r) for r in runs]
+
+
+def cli(main, doc: str) -> None:
+  """``python experiments/<finding>.py --workdir=DIR [--smoke]``."""
+  args = parser(doc).parse_args()
+  setup_jax(args.workdir)
+  print_json(main(args.workdir, args.smoke))

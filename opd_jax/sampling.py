@@ -273,40 +273,38 @@ def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.A
   def buf(dtype, fill):
     return sh.constrain(jnp.full((rows, n_new), fill, dtype), (_BATCH, None))
 
-  done = sh.constrain(jnp.zeros((rows,), jnp.bool_), (_BATCH,))
-  lengths = sh.constrain(jnp.zeros((rows,), jnp.int32), (_BATCH,))
-  state = (jnp.int32(0), cache, h, done, lengths, buf(jnp.int32, config.pad_id),
-           buf(jnp.float32, 0.0), buf(jnp.float32, 0.0))
-
-  def cond(state):
-    step, _, _, done = state[:4]
-    return (step < n_new) & ~jnp.all(done)
-
-  def body(state):
-    # Sample token `step` from the hidden state that predicts it, then run it
-    # through the cache (slot P + step, position L + step) for the next step.
-    step, cache, h, done, lengths, tokens, logprobs, logprobs_t1 = state
+  def emit(step, h, done, lengths, tokens, logprobs, logprobs_t1):
+    """Samples token ``step`` from the hidden state ``h`` that predicts it and
+    records it (pad, logprob 0 for rows already done)."""
     logits = sh.constrain(model.logits_from_hidden(h), (_BATCH, "activation_vocab"))
     tok, lp, lp1 = sample_token(logits, jax.random.fold_in(rng, step), config)
     live = ~done
     tok = sh.constrain(jnp.where(live, tok, pad), (_BATCH,))
     col = lambda buf, x: sh.constrain(
         jax.lax.dynamic_update_slice(buf, x[:, None], (0, step)), (_BATCH, None))
-    tokens = col(tokens, tok)
-    logprobs = col(logprobs, jnp.where(live, lp, 0.0))
-    logprobs_t1 = col(logprobs_t1, jnp.where(live, lp1, 0.0))
-    lengths = lengths + live.astype(jnp.int32)
-    done = done | is_eos(tok)
+    return (tok, done | is_eos(tok), lengths + live.astype(jnp.int32), col(tokens, tok),
+            col(logprobs, jnp.where(live, lp, 0.0)), col(logprobs_t1, jnp.where(live, lp1, 0.0)))
 
-    def advance(h_cache):
-      pos = (prompt_len + step)[:, None]
-      h, cache = model.hidden(tok[:, None], jnp.ones((rows, 1), jnp.bool_), pos, h_cache[1])
-      return sh.constrain(h[:, 0], (_BATCH, "activation_embed")), cache
+  # Token 0 comes from the prefill; every loop iteration first runs the
+  # previous token through the cache (slot P + step - 1, position
+  # L + step - 1), then samples token `step` — no decode is wasted after the
+  # last token, and the body has no conditional.
+  done = sh.constrain(jnp.zeros((rows,), jnp.bool_), (_BATCH,))
+  lengths = sh.constrain(jnp.zeros((rows,), jnp.int32), (_BATCH,))
+  tok, *rest = emit(jnp.int32(0), h, done, lengths, buf(jnp.int32, config.pad_id),
+                    buf(jnp.float32, 0.0), buf(jnp.float32, 0.0))
+  state = (jnp.int32(1), cache, tok, *rest)
 
-    # Skip the decode when the loop is about to stop (last token / all done).
-    h, cache = jax.lax.cond((step + 1 < n_new) & ~jnp.all(done), advance,
-                            lambda h_cache: h_cache, (h, cache))
-    return (step + 1, cache, h, done, lengths, tokens, logprobs, logprobs_t1)
+  def cond(state):
+    step, _, _, done = state[:4]
+    return (step < n_new) & ~jnp.all(done)
+
+  def body(state):
+    step, cache, tok, *rest = state
+    pos = (prompt_len + step - 1)[:, None]
+    h, cache = model.hidden(tok[:, None], jnp.ones((rows, 1), jnp.bool_), pos, cache)
+    h = sh.constrain(h[:, 0], (_BATCH, "activation_embed"))
+    return (step + 1, cache, *emit(step, h, *rest))
 
   state = jax.lax.while_loop(cond, body, state)
   steps, _, _, done, lengths, tokens, logprobs, logprobs_t1 = state
