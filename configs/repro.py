@@ -6,8 +6,9 @@ The organisms are made by ``experiments/organisms.py`` under ``ASSETS``
   python -m opd_jax.train --workdir=runs/x \
     --config=configs/repro.py:assets=runs/repro/organisms,teacher=teacher_b,loss=reverse_kl,seed=1
 
-``prompts`` is a data key of the assets (``opd_prompts``, ``prompt_pool``) or
-a ``.jsonl`` path; ``cold_start=N`` runs N SFT steps on verified teacher
+Without ``assets`` the run expects the reproduction layout
+(``REPRO/runs/<name>`` beside ``REPRO/organisms``). ``prompts`` is a data key
+of the assets (``opd_prompts``, ``prompt_pool``) or a ``.jsonl`` path; ``cold_start=N`` runs N SFT steps on verified teacher
 rollouts before OPD (same total steps). Paper settings (Sec. "Hyperparameters")
 are kept where they scale: temperature 1, top_p 1, AdamW with a constant lr,
 no warmup, weight decay 0.01, clip 1.0, one update per batch, k = 16 metrics.

@@ -139,8 +139,12 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
 
   h_s ``[R, N, Ds]`` (differentiable), h_t ``[R, N, Dt]`` (teacher, constant),
   w_s ``[Ds, Vs]``, w_t ``[Dt, Vt]``, tokens/weights/metric_mask ``[R, N]``.
-  Each chunk's ``[R, C, V]`` logits are recomputed in the backward pass
-  (``jax.checkpoint``), so peak memory scales with C, not N.
+  Only one chunk's ``[R, C, V]`` logits exist at a time, so peak memory
+  scales with C, not N. The gradient is formed in the same pass (custom VJP):
+  per chunk, ∂loss/∂logits is pulled back through the projection to
+  ∂/∂h_s (kept, ``[R, N, Ds]``) and ∂/∂w_s (accumulated, ``[Ds, Vs]``); the
+  backward pass only scales them by the incoming cotangent, so no logits of
+  either model are recomputed (a rematerialised scan would redo both heads).
   """
   r, n = tokens.shape
   n_pad = int(math.ceil(n / chunk) * chunk)
@@ -148,30 +152,15 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
   if metrics and not has_teacher:
     raise ValueError("token metrics need a teacher")
   vmin = min(w_s.shape[-1], w_t.shape[-1]) if has_teacher else w_s.shape[-1]
-  w_s = w_s[:, :vmin]
   if has_teacher:
     w_t = jax.lax.stop_gradient(w_t[:, :vmin])
   else:
     h_t = jnp.zeros(h_s.shape[:2] + (0,), h_s.dtype)   # placeholder, unused
   positions = jnp.broadcast_to(jnp.arange(n_pad, dtype=jnp.int32), (r, n_pad))
-  xs = tuple(_to_chunks(_pad_time(a, n_pad), chunk) for a in
-             (h_s, jax.lax.stop_gradient(h_t), tokens, weights, metric_mask, positions))
+  consts = tuple(_to_chunks(_pad_time(a, n_pad), chunk) for a in
+                 (jax.lax.stop_gradient(h_t), tokens, weights, metric_mask, positions))
   num_pos_chunks = max(1, int(math.ceil(n / position_chunk)))
   logit_axes = ("activation_batch", "activation_length", "activation_vocab")
-
-  def body(carry, x):
-    hs, ht, y, w, mm, pos = x
-    ls = sharder.constrain(_project(hs, w_s, vocab), logit_axes)
-    lt = sharder.constrain(_project(ht, w_t, vocab), logit_axes) if has_teacher else None
-    total = carry[0] + jnp.sum(w * loss_fn(ls, lt, y))
-    sums = carry[1]
-    if metrics:
-      per_tok = metrics_lib.token_metrics(jax.lax.stop_gradient(ls), lt, y, k=top_k)
-      sums = metrics_lib.merge_sums(sums, metrics_lib.accumulate(
-          per_tok, mm, pos, chunk_len=position_chunk, num_chunks=num_pos_chunks))
-    return (total, sums), None
-
-  body = jax.checkpoint(body, prevent_cse=False)
   sums0 = {}
   if metrics:
     shapes = jax.eval_shape(
@@ -181,8 +170,53 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
             jnp.ones((1, 1)), jnp.zeros((1, 1), jnp.int32), chunk_len=position_chunk,
             num_chunks=num_pos_chunks))
     sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  (total, sums), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), sums0), xs)
-  return total, sums
+
+  def run(h_s, w_s, with_grad: bool):
+    def body(carry, x):
+      total, sums, dw_acc = carry
+      hs, ht, y, w, mm, pos = x
+      lt = sharder.constrain(_project(ht, w_t, vocab), logit_axes) if has_teacher else None
+
+      def chunk_loss(hs, ws):
+        ls = sharder.constrain(_project(hs, ws[:, :vmin], vocab), logit_axes)
+        return jnp.sum(w * loss_fn(ls, lt, y)), ls
+
+      if with_grad:
+        value, pull, ls = jax.vjp(chunk_loss, hs, w_s, has_aux=True)
+        dhs, dws = pull(jnp.ones((), jnp.float32))
+        dw_acc = dw_acc + dws.astype(jnp.float32)
+      else:
+        (value, ls), dhs = chunk_loss(hs, w_s), None
+      if metrics:
+        per_tok = metrics_lib.token_metrics(ls, lt, y, k=top_k)
+        sums = metrics_lib.merge_sums(sums, metrics_lib.accumulate(
+            per_tok, mm, pos, chunk_len=position_chunk, num_chunks=num_pos_chunks))
+      return (total + value, sums, dw_acc), dhs
+
+    hs_chunks = _to_chunks(_pad_time(h_s, n_pad), chunk)
+    dw0 = jnp.zeros(w_s.shape, jnp.float32) if with_grad else jnp.zeros((), jnp.float32)
+    (total, sums, dw), dhs = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), sums0, dw0), (hs_chunks,) + consts)
+    if not with_grad:
+      return total, sums
+    dh = jnp.moveaxis(dhs, 0, 1).reshape((r, n_pad) + h_s.shape[2:])[:, :n]
+    return total, sums, dh, dw.astype(w_s.dtype)
+
+  @jax.custom_vjp
+  def divergence(h_s, w_s):
+    return run(h_s, w_s, with_grad=False)
+
+  def divergence_fwd(h_s, w_s):
+    total, sums, dh, dw = run(h_s, w_s, with_grad=True)
+    return (total, sums), (dh, dw)
+
+  def divergence_bwd(residuals, cotangents):
+    dh, dw = residuals
+    g = cotangents[0]
+    return (g.astype(dh.dtype) * dh, g.astype(dw.dtype) * dw)
+
+  divergence.defvjp(divergence_fwd, divergence_bwd)
+  return divergence(h_s, w_s)
 
 
 def _repeat(x: jax.Array, n: int) -> jax.Array:
