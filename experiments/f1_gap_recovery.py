@@ -6,7 +6,8 @@ recovers far less.
 gap recovery = (acc_after − acc_student) / (acc_teacher − acc_student), on the
 hard levels against teacher_new's accuracy (the capability the student lacks),
 and — the paper's own definition — on all levels against each teacher's own
-accuracy. Reverse KL (full vocabulary), ``seeds`` seeds each.
+accuracy. Reverse KL (full vocabulary), ``seeds`` seeds each; plus one seed
+per teacher at 4x the steps, to see whether the outcome is a matter of budget.
 
   python experiments/f1_gap_recovery.py --workdir=runs/repro [--smoke]
 """
@@ -20,6 +21,7 @@ import repro_lib as R
 from opd_jax import organisms
 
 TEACHERS = ("teacher_new", "teacher_same")
+LONG_BUDGET = 4   # budget sensitivity: one seed at 4x the OPD steps
 
 
 def main(workdir: str, smoke: bool = False) -> dict:
@@ -48,9 +50,20 @@ def main(workdir: str, smoke: bool = False) -> dict:
                                             for a, b in zip(all_after, all_before)]),
     }
     curves[teacher] = [R.accuracy_curve(r, m.hard) for r in runs]
+  long_curves = {}
+  for teacher in TEACHERS:
+    steps = LONG_BUDGET * m.opd_steps
+    run = R.run_opd(workdir, smoke, teacher=teacher, seed=0, steps=steps)
+    before, after = (R.level_mean(R.final_eval_at(run, 0), m.hard),
+                     R.level_mean(R.final_eval(run), m.hard))
+    out.setdefault("long_budget", {})[teacher] = {
+        "run": run, "steps": steps, "seed": 0, "hard_before": before, "hard_after": after,
+        "hard_gap_recovery": R.gap_recovery(after, before, orgs["teacher_new"]["hard"])}
+    long_curves[teacher] = R.accuracy_curve(run, m.hard)
 
   import matplotlib.pyplot as plt
-  fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [2, 1]})
+  fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(13, 3.4),
+                                   gridspec_kw={"width_ratios": [2, 1, 2]})
   for teacher, cs in curves.items():
     steps = np.array(cs[0][0])
     ys = np.array([c[1] for c in cs])
@@ -71,6 +84,12 @@ def main(workdir: str, smoke: bool = False) -> dict:
              color=R.COLORS[teacher], alpha=1.0 if j == 0 else 0.5,
              label=("hard levels vs teacher_new" if j == 0 else "all levels vs own teacher")
              if i == 0 else None)
+  for teacher, (steps, acc) in long_curves.items():
+    cx.plot(steps, acc, "o-", ms=3, color=R.COLORS[teacher], label=f"OPD from {teacher}")
+  cx.axhline(orgs["teacher_new"]["hard"], color=R.COLORS["teacher_new"], ls="--", lw=1)
+  cx.set_xlabel("OPD step")
+  cx.set_title(f"{LONG_BUDGET}x budget, seed 0", fontsize=9)
+  cx.legend(fontsize=7)
   bx.set_xticks([0.2, 1.2], TEACHERS)
   bx.set_ylabel("gap recovery (%)")
   bx.legend(fontsize=7)

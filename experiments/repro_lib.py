@@ -210,13 +210,24 @@ def save(workdir: str, name: str, data: Mapping[str, Any], fig=None) -> None:
     os.makedirs(os.path.join(workdir, sub), exist_ok=True)
   tmp = os.path.join(workdir, "results", f".{name}.json.tmp")
   with open(tmp, "w") as f:
-    json.dump(data, f, indent=2, default=_json_default)
+    json.dump(_finite(data), f, indent=2, default=_json_default, allow_nan=False)
   os.replace(tmp, os.path.join(workdir, "results", f"{name}.json"))
   if fig is not None:
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "figures", f"{name}.png"), dpi=120)
     import matplotlib.pyplot as plt
     plt.close(fig)
+
+
+def _finite(x):
+  """NaN / inf -> None (strict JSON), recursively."""
+  if isinstance(x, dict):
+    return {k: _finite(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_finite(v) for v in x]
+  if isinstance(x, (float, np.floating)) and not np.isfinite(x):
+    return None
+  return x
 
 
 def _json_default(x):

@@ -33,18 +33,24 @@ def num(ms, digits=3):
 
 
 def summarize(res: dict) -> list[dict]:
-  """The results table. Each verdict applies a criterion fixed before any
-  full run was made (see the code), never tuned to the outcome."""
+  """The results table. Each verdict applies a criterion written before the
+  full runs (see the code). One change came after the first finding's runs:
+  a contrast ("X recovers far less than Y") now needs Y itself to succeed
+  (≥ 10 points or 10%), so two negatives cannot "reproduce" a contrast —
+  a stricter rule, not one tuned toward agreement."""
   rows = []
   f1 = res["f1_gap_recovery"]["teachers"]
   new, same = f1["teacher_new"], f1["teacher_same"]
   gain_same = same["hard_accuracy_after"]["mean"] - same["student_hard_accuracy"]["mean"]
+  long = res["f1_gap_recovery"].get("long_budget", {}).get("teacher_new")
+  long_txt = (f"; {long['steps']} steps (1 seed): {100 * long['hard_gap_recovery']:.0f}%"
+              if long else "")
   rows.append(dict(
       finding="1. Gap recovery: new-capability teacher (Fig. 1 left)",
       paper="Qwen3-1.7B ← Qwen3-4B-Math (after RL): 58.6%; DS-1.5B ← Skywork-OR1-7B: 16.9%",
       ours=(f"hard-level gap recovery from teacher_new {pct(new['hard_gap_recovery'])} "
             f"(acc {pct(new['student_hard_accuracy'], 0)} → {pct(new['hard_accuracy_after'], 0)}, "
-            f"teacher {100 * new['teacher_hard_accuracy']:.0f}%)"),
+            f"teacher {100 * new['teacher_hard_accuracy']:.0f}%){long_txt}"),
       verdict=_verdict(new["hard_gap_recovery"]["mean"] >= 0.3)))
   rows.append(dict(
       finding="1. Higher-score teacher with nothing new recovers far less",
@@ -52,8 +58,8 @@ def summarize(res: dict) -> list[dict]:
       ours=(f"teacher_same: all-level gap recovery {pct(same['overall_gap_recovery'])}, "
             f"hard-level gain {100 * gain_same:+.1f} pts; teacher_new all-level "
             f"{pct(new['overall_gap_recovery'])}"),
-      verdict=_verdict(same["overall_gap_recovery"]["mean"]
-                       < 0.5 * new["overall_gap_recovery"]["mean"])))
+      verdict=_contrast(new["overall_gap_recovery"]["mean"],
+                        same["overall_gap_recovery"]["mean"])))
   f2 = res["f2_compatibility"]["teachers"]
   b, n2 = f2["teacher_b"], f2["teacher_new"]
   rows.append(dict(
@@ -61,7 +67,7 @@ def summarize(res: dict) -> list[dict]:
       paper="qualitative (thinking vs non-thinking teachers of one family)",
       ours=(f"teacher_b (hard acc {100 * b['teacher_hard_accuracy']:.0f}%): hard gain "
             f"{pct(b['hard_gain'])} vs {pct(n2['hard_gain'])} from teacher_new"),
-      verdict=_verdict(b["hard_gain"]["mean"] < 0.5 * n2["hard_gain"]["mean"])))
+      verdict=_contrast(n2["hard_gain"]["mean"], b["hard_gain"]["mean"])))
   f3 = res["f3_overlap_dynamics"]["teachers"]
   rows.append(dict(
       finding="3. Overlap ratio rises in successful runs, flat/falls in failing ones (Fig. 1 right)",
@@ -124,6 +130,14 @@ def summarize(res: dict) -> list[dict]:
 
 def _verdict(ok: bool) -> str:
   return "reproduces" if ok else "does not reproduce"
+
+
+def _contrast(success: float, failure: float) -> str:
+  """"failure brings far less than success": needs success >= 0.1 and
+  failure < half of it."""
+  if success < 0.1:
+    return "does not reproduce (the contrasting run does not succeed either)"
+  return _verdict(failure < 0.5 * success)
 
 
 def markdown(rows: list[dict]) -> str:

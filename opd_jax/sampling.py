@@ -170,7 +170,7 @@ def sample_token(logits: jax.Array, key: jax.Array, config: SamplingConfig):
   ``config.vocab_size`` when it is set).
 
   Draws by inverse CDF: one uniform u ~ U(0, 1] per row, token = the first
-  index whose cumulative probability reaches u·Σp. Same distribution as
+  id with p > 0 whose cumulative probability reaches u·Σp. Same distribution as
   ``jax.random.categorical`` (Gumbel-max), which needs V random draws and two
   logs per vocabulary entry at every decode step; zero-probability (filtered)
   ids can never be drawn, since their CDF step is empty.
@@ -183,9 +183,15 @@ def sample_token(logits: jax.Array, key: jax.Array, config: SamplingConfig):
     return tok, jnp.zeros(tok.shape, jnp.float32), _token_logprob(logits, tok)
   z = process_logits(logits, config)
   lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
-  cdf = jnp.cumsum(jnp.exp(z - lse), axis=-1)
+  # Prefix sums by a log-depth scan (XLA:CPU lowers cumsum to a slower
+  # reduce_window). A tree's rounding can lift the CDF by an ulp at a
+  # filtered id, so only ids with p > 0 may be hit; if rounding leaves none
+  # (measure zero), the argmax is taken.
+  cdf = jax.lax.associative_scan(jnp.add, jnp.exp(z - lse), axis=-1)
   u = (1.0 - jax.random.uniform(key, (z.shape[0], 1), jnp.float32)) * cdf[:, -1:]
-  tok = jnp.minimum(jnp.sum(cdf < u, axis=-1), z.shape[-1] - 1).astype(jnp.int32)
+  hit = (cdf >= u) & (z > -jnp.inf)
+  tok = jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1),
+                  jnp.argmax(z, axis=-1)).astype(jnp.int32)
   lp = jnp.take_along_axis(z, tok[:, None], axis=-1)[:, 0] - lse[:, 0]
   unprocessed = config.temperature == 1.0 and config.top_k == 0 and config.top_p >= 1.0
   return tok, lp, (lp if unprocessed else _token_logprob(logits, tok))

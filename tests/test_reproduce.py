@@ -44,8 +44,8 @@ def test_smoke_writes_every_figure_and_number(smoke_repro):
     summary = json.load(f)
   assert summary["smoke"] is True
   assert len(summary["rows"]) == 10
-  assert {r["verdict"] for r in summary["rows"]} <= {"reproduces", "does not reproduce",
-                                                     "descriptive"}
+  for r in summary["rows"]:
+    assert r["verdict"].split(" (")[0] in ("reproduces", "does not reproduce", "descriptive"), r
   table = open(os.path.join(smoke_repro, "results", "results.md")).read()
   assert table.count("\n") == 12 and "| finding | paper |" in table
   # every OPD run finished through the real driver: config, metrics, evals
