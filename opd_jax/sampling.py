@@ -20,10 +20,12 @@ Positions: prompt tokens get ``cumsum(mask) - 1`` (left pads 0); generated token
 ``i`` of a row with ``L`` real prompt tokens gets position ``L + i``. Prompts must
 be left-padded with >= 1 real token (the last column is every row's last token).
 
-Randomness: token ``i`` is drawn with ``jax.random.fold_in(rng, i)`` over the
-whole ``[B*n, V]`` batch. With JAX's partitionable threefry (the default) the
-bits do not depend on how the batch / vocab are sharded, so a key gives the same
-samples on any mesh (up to float reduction-order ties in the logits).
+Randomness: one uniform per row and token, ``u = uniform(rng, [N, B*n])``
+drawn once before the decode loop (token ``i`` of row ``r`` uses ``u[i, r]``,
+by inverse CDF; no random-bit generation inside the loop). With JAX's
+partitionable threefry (the default) the bits do not depend on how the batch
+is sharded, so a key gives the same samples on any mesh (up to float
+reduction-order ties in the logits).
 
 Logit processing follows Hugging Face ``generate``: temperature, then top-k
 (``TopKLogitsWarper``: keep logits >= the k-th largest), then top-p
@@ -167,13 +169,21 @@ def sample_token(logits: jax.Array, key: jax.Array, config: SamplingConfig):
 
   ``logprobs`` is under the processed distribution (0 for greedy),
   ``logprobs_t1`` under softmax(raw logits) (both restricted to ids <
-  ``config.vocab_size`` when it is set).
+  ``config.vocab_size`` when it is set). Draws ``u ~ U[0, 1)`` per row from
+  ``key``; see :func:`sample_token_from_uniform`.
+  """
+  u = jax.random.uniform(key, (logits.shape[0],), jnp.float32)
+  return sample_token_from_uniform(logits, u, config)
 
-  Draws by inverse CDF: one uniform u ~ U(0, 1] per row, token = the first
-  id with p > 0 whose cumulative probability reaches u·Σp. Same distribution as
+
+def sample_token_from_uniform(logits: jax.Array, u: jax.Array, config: SamplingConfig):
+  """:func:`sample_token` with the row uniforms ``u ~ U[0, 1)`` ``[R]`` given.
+
+  Draws by inverse CDF: token = the first id with p > 0 whose cumulative
+  probability reaches (1 − u)·Σp. Same distribution as
   ``jax.random.categorical`` (Gumbel-max), which needs V random draws and two
   logs per vocabulary entry at every decode step; zero-probability (filtered)
-  ids can never be drawn, since their CDF step is empty.
+  ids can never be drawn.
   """
   logits = logits.astype(jnp.float32)
   if config.vocab_size and config.vocab_size < logits.shape[-1]:
@@ -188,7 +198,7 @@ def sample_token(logits: jax.Array, key: jax.Array, config: SamplingConfig):
   # filtered id, so only ids with p > 0 may be hit; if rounding leaves none
   # (measure zero), the argmax is taken.
   cdf = jax.lax.associative_scan(jnp.add, jnp.exp(z - lse), axis=-1)
-  u = (1.0 - jax.random.uniform(key, (z.shape[0], 1), jnp.float32)) * cdf[:, -1:]
+  u = (1.0 - u.astype(jnp.float32)[:, None]) * cdf[:, -1:]
   hit = (cdf >= u) & (z > -jnp.inf)
   tok = jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1),
                   jnp.argmax(z, axis=-1)).astype(jnp.int32)
@@ -243,7 +253,7 @@ def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.A
       ``logits_from_hidden``), possibly merged from (graphdef, state) under jit.
     prompt_ids: ``[B, P]`` int, left-padded.
     prompt_mask: ``[B, P]``, 1 on real prompt tokens.
-    rng: PRNG key; token ``i`` uses ``fold_in(rng, i)``.
+    rng: PRNG key; token ``i`` of row ``r`` uses ``uniform(rng, [N, R])[i, r]``.
     config: static :class:`SamplingConfig`.
 
   Returns:
@@ -279,11 +289,13 @@ def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.A
   def buf(dtype, fill):
     return sh.constrain(jnp.full((rows, n_new), fill, dtype), (_BATCH, None))
 
+  uniforms = sh.constrain(jax.random.uniform(rng, (n_new, rows), jnp.float32), (None, _BATCH))
+
   def emit(step, h, done, lengths, tokens, logprobs, logprobs_t1):
     """Samples token ``step`` from the hidden state ``h`` that predicts it and
     records it (pad, logprob 0 for rows already done)."""
     logits = sh.constrain(model.logits_from_hidden(h), (_BATCH, "activation_vocab"))
-    tok, lp, lp1 = sample_token(logits, jax.random.fold_in(rng, step), config)
+    tok, lp, lp1 = sample_token_from_uniform(logits, uniforms[step], config)
     live = ~done
     tok = sh.constrain(jnp.where(live, tok, pad), (_BATCH,))
     col = lambda buf, x: sh.constrain(
