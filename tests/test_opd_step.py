@@ -240,7 +240,9 @@ def test_sharded_step_matches_single_device(base_run, sharded_run):
   # Same sampled completions (lengths / counts are exact integers).
   for k in ("num_tokens", "mean_response_length", "truncated_frac", "on_policy_frac"):
     assert m1[k] == m8[k], (k, m1[k], m8[k])
-  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-6)
+  # float32 sums over a differently partitioned batch: reduction order moves
+  # the last bits (1.3e-6 relative seen on a loss of 0.015).
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
   np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
   diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), base_run["params"][0],
                       sharded_run["params"])
