@@ -29,10 +29,6 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-
 from opd_jax import organisms  # noqa: E402
 from opd_jax.logging_utils import read_metrics  # noqa: E402
 
@@ -46,6 +42,12 @@ def parser(doc: str) -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True)
   p.add_argument("--smoke", action="store_true", help="CI-sized: tiny organisms, few steps")
   return p
+
+
+def headless() -> None:
+  """Figures to files only (entry points; a notebook keeps its inline backend)."""
+  import matplotlib
+  matplotlib.use("Agg")
 
 
 def setup_jax(workdir: str) -> None:
@@ -270,5 +272,6 @@ def seed_runs(workdir: str, smoke: bool, m: organisms.Miniature, **arg: Any):
 def cli(main, doc: str) -> None:
   """``python experiments/<finding>.py --workdir=DIR [--smoke]``."""
   args = parser(doc).parse_args()
+  headless()
   setup_jax(args.workdir)
   print_json(main(args.workdir, args.smoke))

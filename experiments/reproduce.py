@@ -149,6 +149,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main(workdir: str, smoke: bool = False, stages=STAGES) -> dict:
   os.makedirs(workdir, exist_ok=True)
+  R.headless()
   R.setup_jax(workdir)
   results, timings = {}, {}
   for stage in stages:

@@ -35,7 +35,7 @@ from opd_jax import losses as losses_lib
 from opd_jax import metrics as metrics_lib
 from opd_jax.models.config import ModelConfig
 from opd_jax.models.transformer import NEG_INF
-from opd_jax.sampling import SamplingConfig, full_sequence, sample  # noqa: F401 (full_sequence re-exported)
+from opd_jax.sampling import SamplingConfig, full_sequence, sample
 from opd_jax.sharding import Sharder
 
 OFF_POLICY_SOURCES = ("dataset", "teacher")

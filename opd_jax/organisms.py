@@ -235,7 +235,7 @@ def miniature(smoke: bool = False) -> Miniature:
   return MINIATURE_SMOKE if smoke else MINIATURE
 
 
-# name -> (architecture role, thinking pattern, SFT data key, levels key)
+# name -> (architecture role, thinking pattern, SFT data key of miniature_paths)
 ORGANISMS = {
     "student": ("student", "A", "student_sft"),
     "teacher_new": ("teacher", "A", "teacher_sft"),
@@ -264,8 +264,7 @@ def miniature_eval(m: Miniature, levels: Sequence[int] | None = None) -> ml_coll
                                  max_new_tokens=m.max_new_tokens, batch_size=64)
 
 
-def prepare_miniature(assets: str, m: Miniature = MINIATURE,
-                      only: Sequence[str] | None = None) -> dict[str, str]:
+def prepare_miniature(assets: str, m: Miniature = MINIATURE) -> dict[str, str]:
   """Makes (or finds) the tokenizer, data and organisms of the miniature
   under ``assets``; returns :func:`miniature_paths`."""
   paths = miniature_paths(assets)
@@ -281,8 +280,6 @@ def prepare_miniature(assets: str, m: Miniature = MINIATURE,
   ensure_task_data(paths["prompt_pool"], n=m.pool_examples, seed=4, levels=m.pool_levels)
   evals = {"all": miniature_eval(m, sorted(set(m.levels) | set(m.pool_levels)))}
   for i, (name, (role, _, data_key)) in enumerate(ORGANISMS.items()):
-    if only is not None and name not in only:
-      continue
     arch = m.student if role == "student" else m.teacher
     steps = m.student_steps if role == "student" else m.teacher_steps
     init = ensure_random_model(os.path.join(assets, f"{name}_init"), arch, tokenizer, 10 + i)

@@ -164,20 +164,13 @@ def _token_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-def sample_token(logits: jax.Array, key: jax.Array, config: SamplingConfig):
-  """One step: raw logits ``[R, V]`` -> (tokens ``[R]`` int32, logprobs, logprobs_t1).
+def sample_token(logits: jax.Array, u: jax.Array, config: SamplingConfig):
+  """One step: raw logits ``[R, V]`` and row uniforms ``u ~ U[0, 1)`` ``[R]``
+  -> (tokens ``[R]`` int32, logprobs, logprobs_t1).
 
   ``logprobs`` is under the processed distribution (0 for greedy),
   ``logprobs_t1`` under softmax(raw logits) (both restricted to ids <
-  ``config.vocab_size`` when it is set). Draws ``u ~ U[0, 1)`` per row from
-  ``key``; see :func:`sample_token_from_uniform`.
-  """
-  u = jax.random.uniform(key, (logits.shape[0],), jnp.float32)
-  return sample_token_from_uniform(logits, u, config)
-
-
-def sample_token_from_uniform(logits: jax.Array, u: jax.Array, config: SamplingConfig):
-  """:func:`sample_token` with the row uniforms ``u ~ U[0, 1)`` ``[R]`` given.
+  ``config.vocab_size`` when it is set).
 
   Draws by inverse CDF: token = the first id with p > 0 whose cumulative
   probability reaches (1 − u)·Σp. Same distribution as
@@ -295,7 +288,7 @@ def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.A
     """Samples token ``step`` from the hidden state ``h`` that predicts it and
     records it (pad, logprob 0 for rows already done)."""
     logits = sh.constrain(model.logits_from_hidden(h), (_BATCH, "activation_vocab"))
-    tok, lp, lp1 = sample_token_from_uniform(logits, uniforms[step], config)
+    tok, lp, lp1 = sample_token(logits, uniforms[step], config)
     live = ~done
     tok = sh.constrain(jnp.where(live, tok, pad), (_BATCH,))
     col = lambda buf, x: sh.constrain(
