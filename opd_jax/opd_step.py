@@ -147,7 +147,11 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
   either model are recomputed (a rematerialised scan would redo both heads).
   """
   r, n = tokens.shape
-  n_pad = int(math.ceil(n / chunk) * chunk)
+  # ceil(N / C) chunks of equal length <= C: padding stays < one per chunk
+  # (N=64, C=256 -> one chunk of 64, not 256; N=100, C=64 -> 2 x 50).
+  num_chunks = max(1, math.ceil(n / chunk))
+  chunk = math.ceil(n / num_chunks)
+  n_pad = num_chunks * chunk
   has_teacher = h_t is not None
   if metrics and not has_teacher:
     raise ValueError("token metrics need a teacher")

@@ -36,6 +36,7 @@ is >= ``top_p``; the most likely token is always kept).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -164,6 +165,43 @@ def _token_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def _inclusive_prefix_sum(x: jax.Array) -> jax.Array:
+  """Prefix sums along the last axis of a short ``[..., n]`` as one matmul with
+  the upper-triangular ones (XLA:CPU lowers ``cumsum`` to an O(n²)
+  ``reduce_window``; full float32 precision on every backend)."""
+  n = x.shape[-1]
+  return jnp.matmul(x, jnp.triu(jnp.ones((n, n), x.dtype)),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def _inverse_cdf(p: jax.Array, u: jax.Array) -> jax.Array:
+  """Index drawn from unnormalised probabilities ``p`` ``[R, V]`` (>= 0, each
+  row with some p > 0) by inverse CDF with row uniforms ``u ~ U[0, 1)`` ``[R]``:
+  the first id with p > 0 whose cumulative mass reaches (1 − u)·Σp.
+
+  Two levels, never a length-V scan: the vocabulary is cut into ~√V blocks
+  of ~√V ids; the block is found from the blocks' prefix masses, then the id
+  from the prefix masses inside that block only. Only ids with p > 0 can be
+  returned: a float rounding that leaves no hit (measure zero) falls back to
+  the heaviest block / the block's last id with p > 0.
+  """
+  rows, v = p.shape
+  size = int(math.ceil(math.sqrt(v)))
+  num = -(-v // size)
+  blocks = jnp.pad(p, ((0, 0), (0, num * size - v))).reshape(rows, num, size)
+  mass = jnp.sum(blocks, axis=-1)                                   # [R, nb]
+  upto = _inclusive_prefix_sum(mass)                                # [R, nb]
+  target = (1.0 - u.astype(jnp.float32))[:, None] * upto[:, -1:]
+  hit = (upto >= target) & (mass > 0)
+  block = jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), jnp.argmax(mass, axis=-1))
+  before = jnp.take_along_axis(upto - mass, block[:, None], axis=-1)           # [R, 1]
+  inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]    # [R, size]
+  hit = ((before + _inclusive_prefix_sum(inside)) >= target) & (inside > 0)
+  last = size - 1 - jnp.argmax((inside > 0)[:, ::-1], axis=-1)
+  return (block * size + jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), last)
+          ).astype(jnp.int32)
+
+
 def sample_token(logits: jax.Array, u: jax.Array, config: SamplingConfig):
   """One step: raw logits ``[R, V]`` and row uniforms ``u ~ U[0, 1)`` ``[R]``
   -> (tokens ``[R]`` int32, logprobs, logprobs_t1).
@@ -172,8 +210,7 @@ def sample_token(logits: jax.Array, u: jax.Array, config: SamplingConfig):
   ``logprobs_t1`` under softmax(raw logits) (both restricted to ids <
   ``config.vocab_size`` when it is set).
 
-  Draws by inverse CDF: token = the first id with p > 0 whose cumulative
-  probability reaches (1 − u)·Σp. Same distribution as
+  Draws by inverse CDF (:func:`_inverse_cdf`): same distribution as
   ``jax.random.categorical`` (Gumbel-max), which needs V random draws and two
   logs per vocabulary entry at every decode step; zero-probability (filtered)
   ids can never be drawn.
@@ -185,17 +222,11 @@ def sample_token(logits: jax.Array, u: jax.Array, config: SamplingConfig):
     tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return tok, jnp.zeros(tok.shape, jnp.float32), _token_logprob(logits, tok)
   z = process_logits(logits, config)
-  lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
-  # Prefix sums by a log-depth scan (XLA:CPU lowers cumsum to a slower
-  # reduce_window). A tree's rounding can lift the CDF by an ulp at a
-  # filtered id, so only ids with p > 0 may be hit; if rounding leaves none
-  # (measure zero), the argmax is taken.
-  cdf = jax.lax.associative_scan(jnp.add, jnp.exp(z - lse), axis=-1)
-  u = (1.0 - u.astype(jnp.float32)[:, None]) * cdf[:, -1:]
-  hit = (cdf >= u) & (z > -jnp.inf)
-  tok = jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1),
-                  jnp.argmax(z, axis=-1)).astype(jnp.int32)
-  lp = jnp.take_along_axis(z, tok[:, None], axis=-1)[:, 0] - lse[:, 0]
+  top = jnp.max(z, axis=-1, keepdims=True)
+  p = jnp.exp(z - top)                                  # unnormalised, 0 where filtered
+  tok = _inverse_cdf(p, u)
+  lp = (jnp.take_along_axis(z, tok[:, None], axis=-1)[:, 0]
+        - top[:, 0] - jnp.log(jnp.sum(p, axis=-1)))
   unprocessed = config.temperature == 1.0 and config.top_k == 0 and config.top_p >= 1.0
   return tok, lp, (lp if unprocessed else _token_logprob(logits, tok))
 

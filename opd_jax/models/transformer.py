@@ -86,9 +86,21 @@ def _attend(qg, keys, values, key_valid, q_slot, dt):
   Scores and softmax in float32. Returns ``[B, T, K, G, Dh]``.
   """
   s = keys.shape[2]
+  allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]
+  if qg.shape[1] == 1:
+    # One query per row (a decode step): multiply-and-reduce over Dh and S.
+    # As a dot_general this is B·K matrix-vector products that XLA:CPU runs
+    # one small matmul at a time (~3x slower per decode step); as reductions
+    # it fuses into two loop kernels. Same math, float32 throughout.
+    q = qg[:, 0].astype(jnp.float32)                                   # [B, K, G, Dh]
+    scores = jnp.sum(q[:, :, :, None, :] * keys[:, :, None].astype(jnp.float32),
+                     axis=-1) / np.sqrt(qg.shape[-1])                  # [B, K, G, S]
+    scores = jnp.where(allowed[:, 0, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.sum(probs[..., None] * values[:, :, None].astype(jnp.float32), axis=-2)
+    return out[:, None].astype(dt)                                     # [B, 1, K, G, Dh]
   scores = jnp.einsum("btkgd,bksd->bkgts", qg, keys,
                       preferred_element_type=jnp.float32) / np.sqrt(qg.shape[-1])
-  allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]
   scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1).astype(dt)
   return jnp.einsum("bkgts,bksd->btkgd", probs, values)
