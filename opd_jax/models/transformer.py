@@ -21,13 +21,18 @@ from opd_jax.models.config import ModelConfig
 from opd_jax.sharding import Sharder
 
 NEG_INF = -1e30  # finite "minus infinity": masked rows stay NaN-free
-CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
+# Keys are cached transposed, [B, K, Dh, S]: a decode step's q·k then reduces
+# over a non-minor axis, which XLA:CPU fuses into one loop kernel (the
+# [.., S, Dh] layout's minor-axis reduce went to a ~4x slower library call).
+KEY_CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_head_dim", "cache_length")
+VALUE_CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
 
 
 class KVCache(NamedTuple):
   """Fixed-size decoding cache.
 
-  k, v: per-layer lists of ``[B, K, S, Dh]`` (kv-head-major); ``valid``: ``[B, S]`` bool, which
+  k, v: per-layer lists of keys ``[B, K, Dh, S]`` and values ``[B, K, S, Dh]``
+  (kv-head-major; keys transposed); ``valid``: ``[B, S]`` bool, which
   slots hold real tokens; ``index``: scalar int32, the next slot to write (all
   rows share it: prompts are left-padded to a common length).
   """
@@ -81,11 +86,12 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
 def _attend(qg, keys, values, key_valid, q_slot, dt):
   """softmax(q k^T / sqrt(Dh) + mask) v for grouped queries.
 
-  qg ``[B, T, K, G, Dh]``; keys/values ``[B, K, S, Dh]``; key_valid ``[B, S]``;
+  qg ``[B, T, K, G, Dh]``; keys ``[B, K, Dh, S]`` (transposed), values
+  ``[B, K, S, Dh]``; key_valid ``[B, S]``;
   q_slot ``[T]`` cache slot of each query (causal: keys at slots <= it).
   Scores and softmax in float32. Returns ``[B, T, K, G, Dh]``.
   """
-  s = keys.shape[2]
+  s = keys.shape[3]
   allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]
   if qg.shape[1] == 1:
     # One query per row (a decode step): multiply-and-reduce over Dh and S.
@@ -93,13 +99,13 @@ def _attend(qg, keys, values, key_valid, q_slot, dt):
     # one small matmul at a time (~3x slower per decode step); as reductions
     # it fuses into two loop kernels. Same math, float32 throughout.
     q = qg[:, 0].astype(jnp.float32)                                   # [B, K, G, Dh]
-    scores = jnp.sum(q[:, :, :, None, :] * keys[:, :, None].astype(jnp.float32),
-                     axis=-1) / np.sqrt(qg.shape[-1])                  # [B, K, G, S]
+    scores = jnp.sum(q[..., None] * keys[:, :, None].astype(jnp.float32),
+                     axis=-2) / np.sqrt(qg.shape[-1])                  # [B, K, G, S]
     scores = jnp.where(allowed[:, 0, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.sum(probs[..., None] * values[:, :, None].astype(jnp.float32), axis=-2)
     return out[:, None].astype(dt)                                     # [B, 1, K, G, Dh]
-  scores = jnp.einsum("btkgd,bksd->bkgts", qg, keys,
+  scores = jnp.einsum("btkgd,bksd->bkgts", qg, jnp.swapaxes(keys, 2, 3),
                       preferred_element_type=jnp.float32) / np.sqrt(qg.shape[-1])
   scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1).astype(dt)
@@ -148,14 +154,14 @@ class Attention(nnx.Module):
     k = sh.constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
     v = sh.constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
 
-    # Keys / values kv-head-major [B, K, S, Dh]: the cache is stored so, and
-    # the score / value contractions then need no per-step transpose of it.
-    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    # Kv-head-major keys [B, K, Dh, S] and values [B, K, S, Dh], as cached:
+    # the score / value contractions need no per-step transpose of the cache.
+    k, v = jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2)
     if cache_kv is not None:
       ck, cv = cache_kv
-      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, q_start, 0))
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, q_start))
       cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, q_start, 0))
-      ck, cv = sh.constrain(ck, CACHE_AXES), sh.constrain(cv, CACHE_AXES)
+      ck, cv = sh.constrain(ck, KEY_CACHE_AXES), sh.constrain(cv, VALUE_CACHE_AXES)
       keys, values, new_kv = ck.astype(dt), cv.astype(dt), (ck, cv)
     else:
       keys, values, new_kv = k, v, None
@@ -310,10 +316,12 @@ class Transformer(nnx.Module):
     """Empty cache of ``max_len`` slots, sharded by the cache rules."""
     cfg = self.cfg
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    zeros = lambda: self.sharder.constrain(jnp.zeros(shape, dtype), CACHE_AXES)
-    return KVCache([zeros() for _ in range(cfg.num_layers)],
-                   [zeros() for _ in range(cfg.num_layers)],
+    kv, dh = cfg.num_kv_heads, cfg.head_dim
+    zeros = lambda shape, axes: self.sharder.constrain(jnp.zeros(shape, dtype), axes)
+    return KVCache([zeros((batch, kv, dh, max_len), KEY_CACHE_AXES)
+                    for _ in range(cfg.num_layers)],
+                   [zeros((batch, kv, max_len, dh), VALUE_CACHE_AXES)
+                    for _ in range(cfg.num_layers)],
                    jnp.zeros((batch, max_len), jnp.bool_), jnp.zeros((), jnp.int32))
 
   def decode(self, input_ids, attention_mask, positions, cache: KVCache):
