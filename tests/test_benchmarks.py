@@ -1,0 +1,42 @@
+"""The benchmark scripts still run (numbers are printed, never asserted on
+time): ``experiments/bench_opd_step.py`` without TRL, its per-piece profile
+and its JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_bench_opd_step_small_runs(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "bench_opd_step.py"), "--preset",
+       "small", "--no-trl", "--steps", "2", "--profile", "--profile-repeats", "1",
+       "--json", str(out)],
+      cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
+      timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  (res,) = json.loads(out.read_text())
+  assert res["gen_tokens"] == 8 * 64
+  fl = res["flops"]
+  assert fl["total"] == fl["sampling"] + fl["teacher"] + fl["student_fwd_bwd"] > 0
+  ours = res["ours"][0]
+  # XLA counts the decode loop's body once, so its total sits a little under
+  # the analytic count (all N tokens), never above it.
+  assert 0.85 * fl["total"] < ours["xla_flops"] <= fl["total"]
+  assert len(ours["deltas"]) == 2 and all(w > 0 and c > 0 for w, c in ours["deltas"])
+  last = ours["last"]
+  assert last["num_tokens"] == 512 and last["mean_response_length"] == 64
+  # Reverse-KL loss (token mean) == the in-step exact reverse-KL metric.
+  assert last["loss"] == pytest.approx(last["reverse_kl"], rel=1e-4)
+  assert set(res["profile"]) >= {"sampling", "teacher forward (hidden)", "optimizer update"}
+  assert "(target >= 3x)" not in proc.stdout      # no TRL side: no ratio printed
+  assert "FLOP" in proc.stdout and "steps/s" in proc.stdout
