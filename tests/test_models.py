@@ -14,7 +14,7 @@ from flax import nnx
 from hf_models import left_padded_batch, perturb_params, random_model, tiny_hf_config
 from opd_jax.models.config import ModelConfig
 from opd_jax.models.factory import create_model
-from opd_jax.models.transformer import positions_from_mask
+from opd_jax.models.transformer import dense, positions_from_mask
 from opd_jax.sharding import Sharder, make_mesh
 
 PROMPT, PMASK = left_padded_batch(lengths=(7, 4, 9, 1), seed=1)
@@ -171,3 +171,28 @@ def test_config_transformers4_and_5_styles_agree():
   assert plain.rope_scaling is None
   assert ModelConfig.from_hf_dict(tiny_hf_config("llama", vocab_size=97),
                                   vocab_pad_multiple=64).padded_vocab_size == 128
+
+
+@pytest.mark.parametrize("x_shape,w_shape,n_in,spec", [
+    ((2, 5, 6), (6, 3, 4), 1, "btd,dnh->btnh"),     # q / k / v projection
+    ((2, 5, 3, 4), (3, 4, 6), 2, "btnh,nhd->btd"),  # output projection
+    ((7, 6), (6, 9), 1, "td,df->tf"),               # MLP on flat tokens
+])
+def test_dense_value_and_gradients_match_einsum(x_shape, w_shape, n_in, spec):
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, x_shape, jnp.float32)
+  w = jax.random.normal(kw, w_shape, jnp.float32)
+  ref = lambda x, w: jnp.einsum(spec, x, w, precision="highest")
+  y = dense(x, w, n_in)
+  np.testing.assert_allclose(y, ref(x, w), rtol=1e-5, atol=1e-5)
+  g = jax.random.normal(kg, y.shape, jnp.float32)
+  got = jax.vjp(lambda x, w: dense(x, w, n_in), x, w)[1](g)
+  want = jax.vjp(ref, x, w)[1](g)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # second order and forward mode work (no custom derivative rule)
+  hv = jax.grad(lambda w: jnp.sum(jax.grad(lambda w: jnp.sum(dense(x, w, n_in) ** 2))(w) ** 2))(w)
+  hv_ref = jax.grad(lambda w: jnp.sum(jax.grad(lambda w: jnp.sum(ref(x, w) ** 2))(w) ** 2))(w)
+  np.testing.assert_allclose(hv, hv_ref, rtol=1e-4, atol=1e-4)
+  jv = jax.jvp(lambda x: dense(x, w, n_in), (x,), (x,))[1]
+  np.testing.assert_allclose(jv, ref(x, w), rtol=1e-5, atol=1e-5)   # linear in x
