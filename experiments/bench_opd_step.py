@@ -53,9 +53,9 @@ i.e. 2·params·tokens per forward, ×3 for forward+backward, plus attention as
 executed (dense masked T×T, no causal skipping). The loss's custom VJP forms
 the logit gradient in its forward pass, so neither head is recomputed. XLA's
 ``compiled.cost_analysis()['flops']`` is printed as well: it counts a
-``while`` / ``scan`` body once, so it under-counts the decode loop; the analytic count is used for the FLOP
-fraction = (FLOPs / step time) / (FLOP/s of a jitted square f32 matmul run in
-the same process, same thread setting).
+``while`` / ``scan`` body once, so it under-counts the decode loop; the
+analytic count is used for the FLOP fraction = (FLOPs / step time) / (FLOP/s
+of a jitted square f32 matmul run in the same process, same thread setting).
 
 ``--profile`` times the step's pieces as separately jitted functions
 (sampling, teacher forward, student forward+backward+loss, optimizer).

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from opd_jax.models import ModelConfig, abstract_model, param_shardings, positions_from_mask
 from opd_jax import sampling as sampling_lib
+from opd_jax.models import ModelConfig, abstract_model, param_shardings, positions_from_mask
 from opd_jax.sampling import (SampleOutput, SamplingConfig, concat_prompt_completion,
                               process_logits, sample)
 from opd_jax.sharding import Sharder, make_mesh

@@ -121,6 +121,8 @@ def _attend(qg, keys, values, key_valid, q_slot, dt):
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.sum(probs[..., None] * values[:, :, None].astype(jnp.float32), axis=-2)
     return out[:, None].astype(dt)                                     # [B, 1, K, G, Dh]
+  # Queries in blocks (prefill, training): keys back to [B, K, S, Dh]; on
+  # fresh keys this undoes the caller's transpose and XLA drops the pair.
   scores = jnp.einsum("btkgd,bksd->bkgts", qg, jnp.swapaxes(keys, 2, 3),
                       preferred_element_type=jnp.float32) / np.sqrt(qg.shape[-1])
   scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
