@@ -4,11 +4,13 @@
 OPD with student-probability weights, AdamW lr 1e-6 constant, betas
 (0.9, 0.999), weight decay 0.01, grad clip 1.0, fp32 master weights (bf16
 compute), max prompt 1024 / response 7168 tokens, one epoch (~279 steps) of
-DAPO-Math-17K. Mesh for a TPU pod slice (v5p-64: 32 chips as fsdp=16 x
+DAPO-Math-17K; AIME avg@16 (temperature 0.7, top-p 0.95) every 50 steps when
+``aime=`` names a JSONL file of ``prompt`` / ``answer`` records (without it no
+eval is configured). Mesh for a TPU pod slice (v5p-64: 32 chips as fsdp=16 x
 tensor=2 by default; override ``--config.mesh.shape.*``).
 
   python -m opd_jax.train \
-    --config=configs/paper_qwen3.py:student=/ckpt/Qwen3-1.7B,teacher=/ckpt/Qwen3-4B,prompts=dapo.parquet \
+    --config=configs/paper_qwen3.py:student=/ckpt/Qwen3-1.7B,teacher=/ckpt/Qwen3-4B,prompts=dapo.parquet,aime=aime.jsonl \
     --workdir=gs://bucket/run
 """
 
@@ -16,8 +18,8 @@ from opd_jax import configs_lib
 
 
 def get_config(arg=None):
-  a = configs_lib.parse_arg(arg, student="", teacher="", prompts="", fsdp=16, tensor=2,
-                            data=1, steps=279)
+  a = configs_lib.parse_arg(arg, student="", teacher="", prompts="", aime="", fsdp=16,
+                            tensor=2, data=1, steps=279)
   c = configs_lib.base_config()
   c.student.path = a.student
   c.teacher.path = a.teacher
@@ -46,8 +48,9 @@ def get_config(arg=None):
   c.total_steps = a.steps
   c.checkpoint_every = 20
   c.log_every = 1
-  c.evals.aime = configs_lib.eval_config(task="math", data_file="", num_examples=0,
-                                         num_samples=16, temperature=0.7, top_p=0.95,
-                                         max_new_tokens=7168, batch_size=32)
+  if a.aime:   # the 'math' task only verifies: no file, no AIME eval
+    c.evals.aime = configs_lib.eval_config(task="math", data_file=a.aime, num_examples=0,
+                                           num_samples=16, temperature=0.7, top_p=0.95,
+                                           max_new_tokens=7168, batch_size=32)
   c.eval_every = 50
   return c

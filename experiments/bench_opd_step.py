@@ -35,23 +35,8 @@ to ``on_step_end`` (tokenization, generation, teacher, student
 forward/backward, optimizer step), first ``--trl-warmup`` steps excluded;
 ``model.generate`` is wrapped to measure its share.
 
-FLOPs (``analytic_flops``; 2 FLOPs per multiply-add), R rows, P prompt length,
-N new tokens, T = P + N, for a model with L layers, hidden D, H query / K kv
-heads of size Dh, MLP width F, vocabulary V:
-
-  M    = D·(H + 2K)·Dh + H·Dh·D + 3·D·F   matmul weights per layer and token
-  A(S) = 2·H·Dh·S                         attention MACs per query and layer
-                                          over S keys (QKᵀ and PV)
-  fwd(tokens, S) = 2·L·(M + A(S))·tokens
-
-  sampling  fwd(R·P, T) + fwd(R·(N−1), T) + 2·D·V·R·N   (prefill, N−1 decode
-            steps, N lm-head rows; the cache has T slots, attended densely)
-  teacher   fwd(R·T, T) + 2·D·V·R·N
-  student   3·(fwd(R·T, T) + 2·D·V·R·N)                  forward + backward
-
-i.e. 2·params·tokens per forward, ×3 for forward+backward, plus attention as
-executed (dense masked T×T, no causal skipping). The loss's custom VJP forms
-the logit gradient in its forward pass, so neither head is recomputed. XLA's
+FLOPs: ``opd_jax.flops.opd_step_flops`` (formulas in that module's docstring:
+2·params·tokens per forward, x3 for forward+backward, attention as executed). XLA's
 ``compiled.cost_analysis()['flops']`` is printed as well: it counts a
 ``while`` / ``scan`` body once, so it under-counts the decode loop; the
 analytic count is used for the FLOP fraction = (FLOPs / step time) / (FLOP/s
@@ -110,6 +95,7 @@ from flax import nnx
 from opd_jax import losses as losses_lib
 from opd_jax import opd_step, optim
 from opd_jax import sampling as sampling_lib
+from opd_jax.flops import opd_step_flops
 from opd_jax.models import ModelConfig, create_model, from_hf, to_hf
 from opd_jax.sampling import SamplingConfig, sample
 from opd_jax.sharding import Sharder, make_mesh
@@ -204,28 +190,6 @@ def model_config(arch: dict[str, int], vocab: int, max_len: int) -> ModelConfig:
   return ModelConfig(model_type="qwen3", vocab_size=vocab, qk_norm=True,
                      max_position_embeddings=max(512, max_len), pad_token_id=PAD_ID,
                      **arch)
-
-
-def forward_flops(c: ModelConfig, tokens: int, keys: int) -> int:
-  """fwd(tokens, S) = 2·L·(M + A(S))·tokens (no lm head)."""
-  d, h, k, dh, f = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
-                    c.intermediate_size)
-  m = d * (h + 2 * k) * dh + h * dh * d + 3 * d * f
-  return 2 * c.num_layers * (m + 2 * h * dh * keys) * tokens
-
-
-def analytic_flops(s: ModelConfig, t: ModelConfig, r: int, p: int, n: int,
-                   vocab: int) -> dict[str, int]:
-  """Useful FLOPs of one OPD step (formula in the module docstring)."""
-  tt = p + n
-  head = lambda c: 2 * c.hidden_size * vocab * r * n
-  out = {
-      "sampling": forward_flops(s, r * p, tt) + forward_flops(s, r * (n - 1), tt) + head(s),
-      "teacher": forward_flops(t, r * tt, tt) + head(t),
-      "student_fwd_bwd": 3 * (forward_flops(s, r * tt, tt) + head(s)),
-  }
-  out["total"] = out["sampling"] + out["teacher"] + out["student_fwd_bwd"]
-  return out
 
 
 def xla_flops(compiled) -> float | None:
@@ -571,7 +535,7 @@ def run_preset(preset: Preset, args) -> dict[str, Any]:
                            "devices": (ctxs[0]["sharder"].mesh.size
                                        if ctxs[0]["sharder"].mesh is not None else 1),
                            "gen_tokens": preset.batch * preset.new_tokens,
-                           "flops": analytic_flops(ctxs[0]["student_cfg"],
+                           "flops": opd_step_flops(ctxs[0]["student_cfg"],
                                                    ctxs[0]["teacher_cfg"], preset.batch,
                                                    preset.prompt_len, preset.new_tokens,
                                                    preset.vocab)}

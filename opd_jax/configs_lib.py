@@ -112,6 +112,9 @@ def base_config() -> ml_collections.ConfigDict:
       attempts=4, keep_per_prompt=1, temperature=1.0, top_p=1.0, max_prompts=0))
   c.prepare = ""                    # PREPARERS entry that makes assets first
   c.eval_at_start = False
+  # Peak FLOP/s of one device for the logged MFU; 0: from the device kind
+  # (opd_jax.flops.PEAK_FLOPS_BF16; none on CPU, where mfu is not logged).
+  c.peak_flops = 0.0
   return c
 
 

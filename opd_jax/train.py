@@ -24,10 +24,11 @@ import numpy as np
 from flax import nnx
 
 from opd_jax import checkpointing, configs_lib, data as data_lib, evaluation
+from opd_jax import flops as flops_lib
 from opd_jax import losses as losses_lib, optim, organisms
 from opd_jax.logging_utils import MetricWriter
 from opd_jax.opd_step import (OPDConfig, common_vocab_size, host_metrics,
-                              init_train_state, make_opd_step, optimizer_shardings)
+                              init_train_state, make_opd_step)
 from opd_jax.registry import Registry
 from opd_jax.sampling import SamplingConfig
 from opd_jax.sharding import Sharder, make_mesh, rules_from_config
@@ -91,14 +92,77 @@ def _tokenizer(config):
   return AutoTokenizer.from_pretrained(path)
 
 
-def _load(model_cfg, sharder: Sharder):
+def model_kwargs(model_cfg) -> dict[str, Any]:
+  """``config.student`` / ``config.teacher`` -> the keyword arguments of
+  ``models.from_hf`` and ``hf_io.config_from_hf`` (the one place model knobs
+  are read, for the loading and the abstract path alike)."""
+  return dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
+              vocab_pad_multiple=int(model_cfg.vocab_pad_multiple),
+              remat=bool(model_cfg.remat))
+
+
+def model_config_of(config, name: str, *, num_layers: int = 0):
+  """The ``ModelConfig`` of ``config.<name>`` (student / teacher) from its
+  ``config.json`` alone; ``num_layers > 0`` overrides the depth (compile-only
+  checks at reduced depth)."""
+  from opd_jax.models.hf_io import config_from_hf
+  m = config[name]
+  if not m.path:
+    raise ValueError(f"model path is empty (config.{name}.path)")
+  cfg = config_from_hf(m.path, **model_kwargs(m))
+  return dataclasses.replace(cfg, num_layers=int(num_layers)) if num_layers else cfg
+
+
+def _load(config, name: str, sharder: Sharder):
   from opd_jax.models import from_hf
-  if not model_cfg.path:
-    raise ValueError("model path is empty (config.student.path / config.teacher.path)")
-  return from_hf(model_cfg.path, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
-                 mesh=sharder.mesh, rules=sharder.rules,
-                 vocab_pad_multiple=int(model_cfg.vocab_pad_multiple),
-                 remat=bool(model_cfg.remat))
+  m = config[name]
+  if not m.path:
+    raise ValueError(f"model path is empty (config.{name}.path)")
+  return from_hf(m.path, mesh=sharder.mesh, rules=sharder.rules, **model_kwargs(m))
+
+
+def make_sharder(config) -> Sharder:
+  """``config.mesh`` -> a :class:`Sharder` over all devices."""
+  return Sharder(make_mesh(config.mesh.shape.to_dict()), rules_from_config(config.mesh.rules))
+
+
+def vocab_of(student_cfg, teacher_cfg=None, tokenizer_size: int | None = None) -> int:
+  """The vocabulary the step works over (see ``opd_step.common_vocab_size``)."""
+  if teacher_cfg is not None:
+    return common_vocab_size(student_cfg, teacher_cfg, tokenizer_size)
+  return min(tokenizer_size, student_cfg.vocab_size) if tokenizer_size else (
+      student_cfg.vocab_size)
+
+
+def make_optimizer(config):
+  """``config.optimizer`` -> ``(tx, schedule)``; ``optimizer.total_steps = 0``
+  means ``config.total_steps``."""
+  opt_cfg = config.optimizer.to_dict()
+  opt_cfg["total_steps"] = int(opt_cfg["total_steps"]) or int(config.total_steps)
+  return optim.make_optimizer(opt_cfg)
+
+
+def batch_sharding(sharder: Sharder, shape: tuple[int, ...]):
+  """Rows over the data axes, the rest replicated."""
+  return sharder.named(("activation_batch",) + (None,) * (len(shape) - 1), shape)
+
+
+def batch_specs(config, sharder: Sharder) -> dict[str, jax.ShapeDtypeStruct]:
+  """The step's batch as sharded ``ShapeDtypeStruct`` s: ``[B, P]`` prompts
+  (and ``[B, N]`` dataset completions when off-policy rows read them)."""
+  b, p = int(config.batch_size), int(config.data.max_prompt_len)
+  keys = [("prompt_ids", jnp.int32, p), ("prompt_mask", jnp.bool_, p)]
+  if float(config.on_policy_fraction) < 1 and config.off_policy_source == "dataset":
+    n = int(config.data.max_completion_len) or int(config.sampling.max_new_tokens)
+    keys += [("completion_ids", jnp.int32, n), ("completion_mask", jnp.bool_, n)]
+  return {k: jax.ShapeDtypeStruct((b, w), dt, sharding=batch_sharding(sharder, (b, w)))
+          for k, dt, w in keys}
+
+
+def sft_config(step_cfg: OPDConfig) -> OPDConfig:
+  """The cold-start phase's step: SFT on dataset completions, no teacher."""
+  return dataclasses.replace(step_cfg, loss="sft", loss_kwargs=(), on_policy_fraction=0.0,
+                             off_policy_source="dataset", metrics=False)
 
 
 def eos_ids_of(tokenizer, model_cfg) -> tuple[int, ...]:
@@ -166,7 +230,7 @@ def global_batch(local: dict[str, np.ndarray], sharder: Sharder, global_batch_si
     if key in local:
       x = np.asarray(local[key])
       shape = (global_batch_size,) + x.shape[1:]
-      sharding = sharder.named(("activation_batch",) + (None,) * (x.ndim - 1), shape)
+      sharding = batch_sharding(sharder, shape)
       out[key] = jax.make_array_from_process_local_data(sharding, x, shape)
   return out
 
@@ -213,8 +277,115 @@ def eval_examples(cfg, task) -> list[dict]:
                        pattern=cfg.pattern, split="eval")
 
 
+def eval_new_tokens(config, cfg) -> int:
+  """An eval's ``max_new_tokens`` (0: ``config.sampling.max_new_tokens``)."""
+  return int(cfg.max_new_tokens) or int(config.sampling.max_new_tokens)
+
+
+def _check_files(setting: str, paths) -> None:
+  try:
+    data_lib._expand_paths(paths)  # pylint: disable=protected-access
+  except FileNotFoundError as e:
+    raise ValueError(f"{setting}: {e}") from None
+
+
+def check_run_settings(config, student_cfg, teacher_cfg=None) -> None:
+  """Start-up checks of the data and length settings of the step (before
+  anything is loaded or compiled); ValueError naming the setting.
+
+  ``config.data.train_files`` (and ``config.cold_start.prompts_file``) must
+  exist, the cold start's task must be registered, and
+  ``data.max_prompt_len + sampling.max_new_tokens`` must fit in the student's
+  and the teacher's ``max_position_embeddings``.
+  """
+  from opd_jax.tasks import TASKS
+  check_lengths(config, student_cfg, teacher_cfg)
+  if not config.data.train_files:
+    raise ValueError("config.data.train_files is empty")
+  _check_files("config.data.train_files", config.data.train_files)
+  cs = config.cold_start
+  if int(cs.steps) > 0:
+    if cs.task not in TASKS:
+      raise ValueError(f"config.cold_start.task: unknown task {cs.task!r}; valid tasks: "
+                       f"{', '.join(TASKS.names())}")
+    if cs.prompts_file:
+      _check_files("config.cold_start.prompts_file", cs.prompts_file)
+
+
+def check_lengths(config, student_cfg, teacher_cfg=None) -> None:
+  """``data.max_prompt_len + sampling.max_new_tokens`` fits in the student's
+  and the teacher's ``max_position_embeddings`` (ValueError otherwise)."""
+  p, n = int(config.data.max_prompt_len), int(config.sampling.max_new_tokens)
+  for name, cfg in (("student", student_cfg), ("teacher", teacher_cfg)):
+    if cfg is not None and p + n > cfg.max_position_embeddings:
+      raise ValueError(
+          f"config.data.max_prompt_len ({p}) + config.sampling.max_new_tokens ({n}) = "
+          f"{p + n} exceeds the {name}'s max_position_embeddings "
+          f"{cfg.max_position_embeddings} ({config[name].path})")
+
+
+def prepare_evals(config, student_cfg, tokenizer=None) -> dict[str, tuple[Any, list[dict]]]:
+  """Checks every entry of ``config.evals`` and reads (or generates) its
+  examples at start-up; returns the :func:`run_evals` cache
+  ``{name: (task, examples)}``.
+
+  ValueError naming the setting (``config.evals.<name>.<key>``) for: an
+  unknown task or evaluator; a missing or unreadable ``data_file``; no
+  ``data_file`` for a task that cannot generate examples (e.g. ``math``);
+  no examples, or examples without ``prompt`` / ``answer``;
+  ``data.max_prompt_len`` + the eval's ``max_new_tokens`` beyond the
+  student's ``max_position_embeddings``; with ``tokenizer``, a prompt longer
+  than ``data.max_prompt_len``.
+  """
+  from opd_jax.tasks import TASKS, get_task
+  cache = {}
+  p = int(config.data.max_prompt_len)
+  for name, cfg in config.evals.items():
+    key = f"config.evals.{name}"
+    if cfg.task not in TASKS:
+      raise ValueError(f"{key}.task: unknown task {cfg.task!r}; valid tasks: "
+                       f"{', '.join(TASKS.names())}")
+    if cfg.evaluator not in evaluation.EVALUATORS:
+      raise ValueError(f"{key}.evaluator: unknown evaluator {cfg.evaluator!r}; valid "
+                       f"evaluators: {', '.join(evaluation.EVALUATORS.names())}")
+    n, limit = eval_new_tokens(config, cfg), student_cfg.max_position_embeddings
+    if p + n > limit:
+      raise ValueError(f"{key}.max_new_tokens: config.data.max_prompt_len ({p}) + {n} new "
+                       f"tokens = {p + n} exceeds the student's max_position_embeddings "
+                       f"{limit}")
+    task = get_task(cfg.task)
+    no_file = (f"{key}.data_file is empty and task {cfg.task!r} cannot generate examples; "
+               "set it to a JSONL file of prompts with answers")
+    if cfg.data_file and not os.path.isfile(cfg.data_file):
+      raise ValueError(f"{key}.data_file: file not found: {cfg.data_file!r}")
+    if not cfg.data_file and not callable(getattr(task, "generate", None)):
+      raise ValueError(no_file)
+    try:
+      examples = eval_examples(cfg, task)
+    except NotImplementedError:
+      raise ValueError(no_file) from None
+    except (ValueError, UnicodeDecodeError) as e:   # json.JSONDecodeError, bad levels
+      raise ValueError(f"{key}: {e}") from None
+    if not examples:
+      raise ValueError(f"{key}: no examples ({key}.data_file / num_examples)")
+    for i, ex in enumerate(examples):
+      missing = [f for f in ("prompt", "answer") if f not in ex]
+      if missing:
+        raise ValueError(f"{key}.data_file: example {i} has no {missing} field")
+    if tokenizer is not None:
+      try:
+        evaluation.encode_prompts(tokenizer, [ex["prompt"] for ex in examples],
+                                  max_prompt_len=p,
+                                  use_chat_template=bool(config.data.use_chat_template))
+      except ValueError as e:
+        raise ValueError(f"{key}: {e} (config.data.max_prompt_len)") from None
+    cache[name] = (task, examples)
+  return cache
+
+
 def run_evals(config, model, tokenizer, cache: dict) -> dict[str, float]:
-  """Every entry of ``config.evals``, logged as ``eval/<name>/<metric>``."""
+  """Every entry of ``config.evals``, logged as ``eval/<name>/<metric>``;
+  ``cache`` holds ``{name: (task, examples)}`` (see :func:`prepare_evals`)."""
   from opd_jax.tasks import get_task
   out = {}
   for name, cfg in config.evals.items():
@@ -225,13 +396,19 @@ def run_evals(config, model, tokenizer, cache: dict) -> dict[str, float]:
     fn = evaluation.EVALUATORS.get(cfg.evaluator)
     res = fn(model, tokenizer, examples, task, num_samples=int(cfg.num_samples),
              temperature=float(cfg.temperature) or 1.0, greedy=float(cfg.temperature) == 0.0,
-             top_p=float(cfg.top_p),
-             max_new_tokens=int(cfg.max_new_tokens) or int(config.sampling.max_new_tokens),
+             top_p=float(cfg.top_p), max_new_tokens=eval_new_tokens(config, cfg),
              batch_size=int(cfg.batch_size), seed=int(cfg.seed),
              max_prompt_len=int(config.data.max_prompt_len),
              use_chat_template=bool(config.data.use_chat_template))
     out.update({f"eval/{name}/{k}": float(v) for k, v in res.items()})
   return out
+
+
+def peak_flops(config) -> float | None:
+  """Peak FLOP/s of one device: ``config.peak_flops``, or (0) from the
+  device kind (``flops.PEAK_FLOPS_BF16``; None, e.g. on CPU)."""
+  return float(config.peak_flops) or flops_lib.peak_flops_per_device(
+      jax.devices()[0].device_kind)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -244,27 +421,31 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   save_config(config, workdir)
   is_main = jax.process_index() == 0
 
-  mesh = make_mesh(config.mesh.shape.to_dict())
-  sharder = Sharder(mesh, rules_from_config(config.mesh.rules))
+  sharder = make_sharder(config)
   tokenizer = _tokenizer(config)
-  student = _load(config.student, sharder)
-  teacher = _load(config.teacher, sharder) if needs_teacher(config) else None
-  vocab = (common_vocab_size(student.cfg, teacher.cfg, len(tokenizer)) if teacher is not None
-           else min(len(tokenizer), student.cfg.vocab_size))
+  # Start-up checks from the config.json files, before any weight is read.
+  use_teacher = needs_teacher(config)
+  s_cfg = model_config_of(config, "student")
+  t_cfg = model_config_of(config, "teacher") if use_teacher else None
+  check_run_settings(config, s_cfg, t_cfg)
+  eval_cache = prepare_evals(config, s_cfg, tokenizer)
+  student = _load(config, "student", sharder)
+  teacher = _load(config, "teacher", sharder) if use_teacher else None
+  vocab = vocab_of(student.cfg, teacher.cfg if teacher is not None else None, len(tokenizer))
   sampling = sampling_config(config, tokenizer, student.cfg)
   step_cfg = opd_config(config, sampling)
   data, it = build_data(config, tokenizer)
 
-  opt_cfg = config.optimizer.to_dict()
-  opt_cfg["total_steps"] = int(opt_cfg["total_steps"]) or int(config.total_steps)
-  tx, schedule = optim.make_optimizer(opt_cfg)
+  tx, schedule = make_optimizer(config)
   state, state_shardings = init_train_state(student, tx, int(config.seed), sharder)
   student_graphdef = nnx.graphdef(student)
+  s_cfg = student.cfg
   del student
   teacher_graphdef = teacher_params = teacher_shardings = None
   if teacher is not None:
     teacher_graphdef, teacher_params = nnx.split(teacher)
     teacher_shardings = sharder.tree_shardings(teacher_params)
+    t_cfg = teacher.cfg
 
   ckpt = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), save_every=int(config.checkpoint_every),
@@ -283,30 +464,31 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   b = int(config.batch_size)
 
   def compile_phase(cfg, phase_data, t_graphdef, t_params, t_shardings):
+    """(step function, its executable, its model FLOPs per step)."""
     example = global_batch(next(iter(phase_data.iterator(b, seed=0))), sharder, b)
     fn = make_opd_step(student_graphdef, t_graphdef, tx, schedule, cfg, vocab_size=vocab,
                        sharder=sharder, state_shardings=state_shardings,
                        teacher_shardings=t_shardings,
                        batch_shardings={k: v.sharding for k, v in example.items()})
-    return fn, fn.lower(state, t_params, example).compile()
+    flops = flops_lib.step_flops(cfg, s_cfg, t_cfg if t_graphdef is not None else None,
+                                 batch_size=b, prompt_len=example["prompt_ids"].shape[1],
+                                 vocab=vocab)["total"]
+    return fn, fn.lower(state, t_params, example).compile(), flops
 
   t0 = time.time()
-  step_fn, compiled = compile_phase(step_cfg, data, teacher_graphdef, teacher_params,
-                                    teacher_shardings)
-  phases = {"opd": (step_fn, compiled, it, teacher_params)}
+  phases = {"opd": (*compile_phase(step_cfg, data, teacher_graphdef, teacher_params,
+                                   teacher_shardings), it, teacher_params)}
   cold_steps = int(config.cold_start.steps)
   if cold_steps > 0:
     sft_data, sft_it = cold_start_data(config, workdir, tokenizer, teacher, sampling)
     if sft_state is not None:
       data_lib.restore_iterator_state(sft_it, sft_state)
-    sft_cfg = dataclasses.replace(step_cfg, loss="sft", loss_kwargs=(), on_policy_fraction=0.0,
-                                  off_policy_source="dataset", metrics=False)
-    sft_fn, sft_compiled = compile_phase(sft_cfg, sft_data, None, None, None)
-    phases["sft"] = (sft_fn, sft_compiled, sft_it, None)
+    phases["sft"] = (*compile_phase(sft_config(step_cfg), sft_data, None, None, None), sft_it,
+                     None)
   compile_s = time.time() - t0
+  peak = peak_flops(config)
 
   preempt = checkpointing.PreemptionFlag()
-  eval_cache: dict = {}
   total = int(config.total_steps)
   last: dict[str, Any] = {"step": start}
 
@@ -314,7 +496,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return nnx.merge(student_graphdef, state.params)
 
   def checkpoint(step, force=False):
-    data_state = {name: data_lib.save_iterator_state(p[2]) for name, p in phases.items()}
+    data_state = {name: data_lib.save_iterator_state(p[3]) for name, p in phases.items()}
     ckpt.save(step, state, data_state, {"step": step, "time": time.time()}, force=force)
 
   from tqdm import tqdm
@@ -326,14 +508,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   status = "finished"
   for step in range(start + 1, total + 1):
     phase = "sft" if step <= cold_steps else "opd"
-    fn, compiled, phase_it, phase_teacher = phases[phase]
+    fn, compiled, flops, phase_it, phase_teacher = phases[phase]
     batch = global_batch(next(phase_it), sharder, b)
     t0 = time.time()
     state, metrics = compiled(state, phase_teacher, batch)
     metrics = host_metrics(metrics, fn.token_metric_names())
     dt = time.time() - t0
     metrics.update(step_time_s=dt, tokens_per_sec=metrics["num_tokens"] / dt,
-                   cold_start=float(phase == "sft"))
+                   cold_start=float(phase == "sft"), flops_per_step=float(flops))
+    if peak:   # model FLOPs at the static shapes (flops.step_flops) / time / peak
+      metrics["mfu"] = flops / dt / (peak * jax.device_count())
     if step == start + 1:
       metrics["compile_time_s"] = compile_s
     evals_now = config.evals and (step == total or (
@@ -368,63 +552,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return last
 
 
-def lower_abstract(config: ml_collections.ConfigDict, *, vocab_size: int | None = None,
-                   eos_ids: tuple[int, ...] = (), pad_id: int = 0, compile: bool = False):
-  """Builds, shards and lowers the step from ``config.json`` files alone.
-
-  No weights, tokenizer or data are read: parameters, optimizer state and the
-  batch are ``jax.ShapeDtypeStruct`` s carrying their shardings. Returns the
-  ``jax.stages.Lowered`` (or ``Compiled`` with ``compile=True``); used to
-  check paper-scale configs on a simulated mesh.
-  """
-  from opd_jax.models import abstract_model
-  from opd_jax.models.hf_io import config_from_hf
-  mesh = make_mesh(config.mesh.shape.to_dict())
-  sharder = Sharder(mesh, rules_from_config(config.mesh.rules))
-
-  def abstract(m):
-    cfg = config_from_hf(m.path, dtype=m.dtype, param_dtype=m.param_dtype,
-                         vocab_pad_multiple=int(m.vocab_pad_multiple), remat=bool(m.remat))
-    model = abstract_model(cfg, sharder)
-    graphdef, state = nnx.split(model)
-    shardings = sharder.tree_shardings(state)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         state, shardings)
-    return cfg, graphdef, state, shardings
-
-  s_cfg, s_graphdef, s_params, s_shard = abstract(config.student)
-  teacher = abstract(config.teacher) if needs_teacher(config) else None
-  vocab = vocab_size or (common_vocab_size(s_cfg, teacher[0]) if teacher else s_cfg.vocab_size)
-  sampling = sampling_config(config, eos_ids=eos_ids or s_cfg.eos_token_ids, pad_id=pad_id)
-  opt_cfg = config.optimizer.to_dict()
-  opt_cfg["total_steps"] = int(opt_cfg["total_steps"]) or int(config.total_steps)
-  tx, schedule = optim.make_optimizer(opt_cfg)
-  rep = sharder.replicated()
-  opt_shard = optimizer_shardings(tx, s_params, s_shard, rep)
-  opt_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                           jax.eval_shape(tx.init, s_params), opt_shard)
-  from opd_jax.opd_step import TrainState
-  scalar = lambda dt, shape=(): jax.ShapeDtypeStruct(shape, dt, sharding=rep)
-  state = TrainState(step=scalar(jnp.int32), params=s_params, opt_state=opt_state,
-                     rng=scalar(jnp.uint32, (2,)))
-  state_shardings = TrainState(step=rep, params=s_shard, opt_state=opt_shard, rng=rep)
-  b, p = int(config.batch_size), int(config.data.max_prompt_len)
-  batch = {}
-  for key, dt in (("prompt_ids", jnp.int32), ("prompt_mask", jnp.bool_)):
-    batch[key] = jax.ShapeDtypeStruct((b, p), dt, sharding=sharder.named(
-        ("activation_batch", None), (b, p)))
-  if float(config.on_policy_fraction) < 1 and config.off_policy_source == "dataset":
-    n = int(config.data.max_completion_len) or int(config.sampling.max_new_tokens)
-    for key, dt in (("completion_ids", jnp.int32), ("completion_mask", jnp.bool_)):
-      batch[key] = jax.ShapeDtypeStruct((b, n), dt, sharding=sharder.named(
-          ("activation_batch", None), (b, n)))
-  step_fn = make_opd_step(
-      s_graphdef, teacher[1] if teacher else None, tx, schedule,
-      opd_config(config, sampling), vocab_size=vocab, sharder=sharder,
-      state_shardings=state_shardings, teacher_shardings=teacher[3] if teacher else None,
-      batch_shardings={k: v.sharding for k, v in batch.items()})
-  lowered = step_fn.lower(state, teacher[2] if teacher else None, batch)
-  return lowered.compile() if compile else lowered
+def lower_abstract(config: ml_collections.ConfigDict, **kwargs):
+  """Alias of :func:`opd_jax.aot.lower_abstract` (its old home)."""
+  from opd_jax import aot
+  return aot.lower_abstract(config, **kwargs)
 
 
 def main(argv):
