@@ -318,10 +318,11 @@ def check_lengths(config, student_cfg, teacher_cfg=None) -> None:
   p, n = int(config.data.max_prompt_len), int(config.sampling.max_new_tokens)
   for name, cfg in (("student", student_cfg), ("teacher", teacher_cfg)):
     if cfg is not None and p + n > cfg.max_position_embeddings:
+      where = f" ({config[name].path})" if config[name].path else ""
       raise ValueError(
           f"config.data.max_prompt_len ({p}) + config.sampling.max_new_tokens ({n}) = "
           f"{p + n} exceeds the {name}'s max_position_embeddings "
-          f"{cfg.max_position_embeddings} ({config[name].path})")
+          f"{cfg.max_position_embeddings}{where}")
 
 
 def prepare_evals(config, student_cfg, tokenizer=None) -> dict[str, tuple[Any, list[dict]]]:

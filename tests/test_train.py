@@ -303,7 +303,7 @@ def _main_arg_shardings(text: str) -> list[tuple[tuple[int, ...], list[list[str]
 @pytest.mark.slow
 def test_paper_config_lowers_on_simulated_mesh(tmp_path):
   """Qwen3-1.7B <- Qwen3-4B at the paper's settings lowers on fsdp=4 x tensor=2."""
-  from opd_jax.train import lower_abstract
+  from opd_jax.aot import lower_abstract
   assert len(jax.devices()) == 8
   student = _write_qwen3_config(tmp_path / "qwen3-1.7b", hidden=2048, layers=28, heads=16,
                                 kv_heads=8, intermediate=6144)
@@ -360,6 +360,130 @@ def test_paper_config_lowers_on_simulated_mesh(tmp_path):
   n_layers = {k.split("['layers'][")[1].split("]")[0] for k in by_path
               if k.startswith("[0][0].params['layers']")}
   assert len(n_layers) == 28
+
+
+def test_paper_config_aime_eval_is_an_argument(tmp_path):
+  """No ``aime=`` file: no eval configured (the 'math' task cannot generate)."""
+  c = _load_config_file("configs/paper_qwen3.py", "student=/s,teacher=/t")
+  assert "aime" not in c.evals
+  aime = str(tmp_path / "aime.jsonl")
+  c = _load_config_file("configs/paper_qwen3.py", f"student=/s,teacher=/t,aime={aime}")
+  assert (c.evals.aime.task, c.evals.aime.data_file, c.evals.aime.num_samples) == (
+      "math", aime, 16)
+
+
+# -----------------------------------------------------------------------------
+# Start-up checks (before any weight is read or anything compiles).
+
+
+def _model_cfg(max_len=512):
+  from opd_jax.models import ModelConfig
+  return ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=16, intermediate_size=32,
+                     num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
+                     max_position_embeddings=max_len)
+
+
+def _eval_case(tmp_path, case):
+  """A base config with one eval ``x`` broken as ``case`` says."""
+  from opd_jax import configs_lib, data as data_lib
+  c = configs_lib.base_config()
+  prompts = str(tmp_path / "prompts.jsonl")
+  data_lib.write_jsonl(prompts, [{"prompt": "1+1=", "answer": "2"}])
+  c.data.train_files = prompts
+  c.evals.x = configs_lib.eval_config(num_examples=4)
+  e = c.evals.x
+  if case == "math_without_file":
+    e.task = "math"
+  elif case == "unknown_task":
+    e.task = "nope"
+  elif case == "unknown_evaluator":
+    e.evaluator = "nope"
+  elif case == "missing_file":
+    e.data_file = str(tmp_path / "missing.jsonl")
+  elif case == "too_long":
+    e.max_new_tokens = 512 - int(c.data.max_prompt_len) + 1
+  elif case == "no_answer":
+    e.data_file = str(tmp_path / "no_answer.jsonl")
+    data_lib.write_jsonl(e.data_file, [{"prompt": "1+1="}])
+  elif case == "bad_json":
+    e.data_file = str(tmp_path / "bad.jsonl")
+    with open(e.data_file, "w") as f:
+      f.write("{not json\n")
+  elif case == "empty_file":
+    e.data_file = str(tmp_path / "empty.jsonl")
+    open(e.data_file, "w").close()
+  return c
+
+
+@pytest.mark.parametrize("case, message", [
+    ("math_without_file", r"config\.evals\.x\.data_file is empty and task 'math' cannot "
+     "generate"),
+    ("unknown_task", r"config\.evals\.x\.task: unknown task 'nope'; valid tasks: "
+     "arithmetic, math"),
+    ("unknown_evaluator", r"config\.evals\.x\.evaluator: unknown evaluator 'nope'"),
+    ("missing_file", r"config\.evals\.x\.data_file: file not found: .*missing\.jsonl"),
+    ("too_long", r"config\.evals\.x\.max_new_tokens: config\.data\.max_prompt_len \(64\) "
+     r"\+ 449 new tokens = 513 exceeds the student's max_position_embeddings 512"),
+    ("no_answer", r"config\.evals\.x\.data_file: example 0 has no \['answer'\]"),
+    ("bad_json", r"config\.evals\.x: "),
+    ("empty_file", r"config\.evals\.x: no examples"),
+])
+def test_eval_settings_checked_at_startup(tmp_path, case, message):
+  from opd_jax.train import prepare_evals
+  with pytest.raises(ValueError, match=message):
+    prepare_evals(_eval_case(tmp_path, case), _model_cfg())
+
+
+def test_valid_evals_prepared_at_startup(tmp_path):
+  from opd_jax import data as data_lib
+  from opd_jax.train import prepare_evals
+  c = _eval_case(tmp_path, "ok")
+  c.evals.y = c.evals.x.copy_and_resolve_references()
+  c.evals.y.task = "math"
+  c.evals.y.data_file = str(tmp_path / "aime.jsonl")
+  data_lib.write_jsonl(c.evals.y.data_file, [{"prompt": f"{i}+1?", "answer": str(i + 1)}
+                                             for i in range(3)])
+  cache = prepare_evals(c, _model_cfg())
+  assert sorted(cache) == ["x", "y"]
+  assert len(cache["x"][1]) == 4 and cache["x"][0].name == "arithmetic"
+  assert [ex["answer"] for ex in cache["y"][1]] == ["1", "2", "3"]
+
+
+def test_run_settings_checked_at_startup(tmp_path):
+  from opd_jax.train import check_run_settings
+  c = _eval_case(tmp_path, "ok")
+  check_run_settings(c, _model_cfg(), _model_cfg())
+  c.sampling.max_new_tokens = 512 - int(c.data.max_prompt_len) + 1
+  with pytest.raises(ValueError, match=r"config\.data\.max_prompt_len \(64\) \+ "
+                     r"config\.sampling\.max_new_tokens \(449\) = 513 exceeds the teacher's"):
+    check_run_settings(c, _model_cfg(max_len=1024), _model_cfg())
+  c.sampling.max_new_tokens = 64
+  c.data.train_files = str(tmp_path / "nope.jsonl")
+  with pytest.raises(ValueError, match=r"config\.data\.train_files: .*nope\.jsonl"):
+    check_run_settings(c, _model_cfg())
+  c.data.train_files = str(tmp_path / "prompts.jsonl")
+  c.cold_start.steps, c.cold_start.task = 2, "nope"
+  with pytest.raises(ValueError, match=r"config\.cold_start\.task: unknown task 'nope'"):
+    check_run_settings(c, _model_cfg())
+
+
+def test_driver_checks_evals_before_loading(assets, tmp_path):
+  """``train`` fails on a broken eval before reading weights or compiling:
+  the 'math' task with no file, and an eval prompt longer than max_prompt_len
+  (found by encoding the eval prompts with the run's tokenizer)."""
+  from opd_jax import configs_lib, data as data_lib
+  from opd_jax.train import train
+  c = tiny_config(assets)
+  c.evals.aime = configs_lib.eval_config(task="math")
+  with pytest.raises(ValueError, match=r"config\.evals\.aime\.data_file is empty"):
+    train(c, str(tmp_path / "a"))
+  long_file = str(tmp_path / "long.jsonl")
+  data_lib.write_jsonl(long_file, [{"prompt": "1+1=" * 40, "answer": "2"}])
+  c.evals.aime.data_file = long_file
+  with pytest.raises(ValueError, match=r"config\.evals\.aime: prompt 0 has \d+ tokens > "
+                     r"max_prompt_len=12.*\(config\.data\.max_prompt_len\)"):
+    train(c, str(tmp_path / "b"))
+  assert not os.path.exists(str(tmp_path / "b" / "checkpoints"))
 
 
 # -----------------------------------------------------------------------------
