@@ -44,7 +44,7 @@ PROC_TIMEOUT_S = 300
 REQUIRED_STEP_KEYS = ("step", "loss", "grad_norm", "lr", "tokens_per_sec",
                       "mean_response_length", "truncated_frac")
 # Wall-clock metrics: excluded from equality checks between runs.
-TIMING_KEYS = ("step_time_s", "tokens_per_sec", "compile_time_s")
+TIMING_KEYS = ("step_time_s", "tokens_per_sec", "compile_time_s", "mfu")
 
 # Settings of the reference run (and of every run compared with it).
 REF_DEVICES = 2

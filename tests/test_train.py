@@ -646,3 +646,26 @@ def test_cold_start_generates_verified_rollouts(assets, tmp_path):
   c.cold_start.max_prompts = 4
   with pytest.raises(ValueError, match="no teacher rollout passed the verifier"):
     train(c, str(tmp_path / "c"))
+
+
+def test_driver_logs_flops_per_step_and_mfu(assets, tmp_path):
+  """``flops_per_step`` = the analytic model FLOPs of the compiled shapes;
+  ``mfu`` = flops / step time / (config.peak_flops x devices)."""
+  from opd_jax import flops as flops_lib
+  from opd_jax.train import model_config_of, peak_flops, train, vocab_of
+  c = tiny_config(assets, total_steps=2, peak_flops=1e12)
+  train(c, str(tmp_path / "run"))
+  recs = step_records(str(tmp_path / "run"))
+  from transformers import AutoTokenizer
+  s_cfg, t_cfg = model_config_of(c, "student"), model_config_of(c, "teacher")
+  vocab = vocab_of(s_cfg, t_cfg, len(AutoTokenizer.from_pretrained(assets["tokenizer"])))
+  want = flops_lib.step_flops(_step_config(c), s_cfg, t_cfg, batch_size=4, prompt_len=12,
+                              vocab=vocab)
+  for step in (1, 2):
+    r = recs[step]
+    assert r["flops_per_step"] == want["total"] > 0
+    assert r["mfu"] == pytest.approx(
+        r["flops_per_step"] / r["step_time_s"] / (1e12 * jax.device_count()), rel=1e-6)
+  assert peak_flops(c) == 1e12
+  c.peak_flops = 0.0
+  assert peak_flops(c) is None       # CPU: no table entry, so no mfu is logged
