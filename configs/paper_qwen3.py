@@ -9,9 +9,9 @@ DAPO-Math-17K; AIME avg@16 (temperature 0.7, top-p 0.95) every 50 steps when
 eval is configured). Mesh for a TPU pod slice (v5p-64: 32 chips as fsdp=16 x
 tensor=2 by default; override ``--config.mesh.shape.*``).
 
-  python -m opd_jax.train \
-    --config=configs/paper_qwen3.py:student=/ckpt/Qwen3-1.7B,teacher=/ckpt/Qwen3-4B,prompts=dapo.parquet,aime=aime.jsonl \
-    --workdir=gs://bucket/run
+  python -m opd_jax.train --workdir=gs://bucket/run \
+    --config=configs/paper_qwen3.py:student=/ckpt/Qwen3-1.7B,teacher=/ckpt/Qwen3-4B,\
+prompts=dapo.parquet,aime=aime.jsonl
 """
 
 from opd_jax import configs_lib

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -157,6 +157,15 @@ def batch_specs(config, sharder: Sharder) -> dict[str, jax.ShapeDtypeStruct]:
     keys += [("completion_ids", jnp.int32, n), ("completion_mask", jnp.bool_, n)]
   return {k: jax.ShapeDtypeStruct((b, w), dt, sharding=batch_sharding(sharder, (b, w)))
           for k, dt, w in keys}
+
+
+class Phase(NamedTuple):
+  """One compiled training phase (``opd``, and ``sft`` for a cold start)."""
+  fn: Any               # the jitted step (trace_count, token_metric_names)
+  compiled: Any         # its executable
+  flops: int            # model FLOPs per step (flops.step_flops at the compiled shapes)
+  it: Any               # its data iterator
+  teacher_params: Any   # None: no teacher pass
 
 
 def sft_config(step_cfg: OPDConfig) -> OPDConfig:
@@ -477,15 +486,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return fn, fn.lower(state, t_params, example).compile(), flops
 
   t0 = time.time()
-  phases = {"opd": (*compile_phase(step_cfg, data, teacher_graphdef, teacher_params,
-                                   teacher_shardings), it, teacher_params)}
+  phases = {"opd": Phase(*compile_phase(step_cfg, data, teacher_graphdef, teacher_params,
+                                        teacher_shardings), it, teacher_params)}
   cold_steps = int(config.cold_start.steps)
   if cold_steps > 0:
     sft_data, sft_it = cold_start_data(config, workdir, tokenizer, teacher, sampling)
     if sft_state is not None:
       data_lib.restore_iterator_state(sft_it, sft_state)
-    phases["sft"] = (*compile_phase(sft_config(step_cfg), sft_data, None, None, None), sft_it,
-                     None)
+    phases["sft"] = Phase(*compile_phase(sft_config(step_cfg), sft_data, None, None, None),
+                          sft_it, None)
   compile_s = time.time() - t0
   peak = peak_flops(config)
 
@@ -497,7 +506,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return nnx.merge(student_graphdef, state.params)
 
   def checkpoint(step, force=False):
-    data_state = {name: data_lib.save_iterator_state(p[3]) for name, p in phases.items()}
+    data_state = {name: data_lib.save_iterator_state(p.it) for name, p in phases.items()}
     ckpt.save(step, state, data_state, {"step": step, "time": time.time()}, force=force)
 
   from tqdm import tqdm
@@ -509,16 +518,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   status = "finished"
   for step in range(start + 1, total + 1):
     phase = "sft" if step <= cold_steps else "opd"
-    fn, compiled, flops, phase_it, phase_teacher = phases[phase]
-    batch = global_batch(next(phase_it), sharder, b)
+    ph = phases[phase]
+    batch = global_batch(next(ph.it), sharder, b)
     t0 = time.time()
-    state, metrics = compiled(state, phase_teacher, batch)
-    metrics = host_metrics(metrics, fn.token_metric_names())
+    state, metrics = ph.compiled(state, ph.teacher_params, batch)
+    metrics = host_metrics(metrics, ph.fn.token_metric_names())
     dt = time.time() - t0
     metrics.update(step_time_s=dt, tokens_per_sec=metrics["num_tokens"] / dt,
-                   cold_start=float(phase == "sft"), flops_per_step=float(flops))
+                   cold_start=float(phase == "sft"), flops_per_step=float(ph.flops))
     if peak:   # model FLOPs at the static shapes (flops.step_flops) / time / peak
-      metrics["mfu"] = flops / dt / (peak * jax.device_count())
+      metrics["mfu"] = ph.flops / dt / (peak * jax.device_count())
     if step == start + 1:
       metrics["compile_time_s"] = compile_s
     evals_now = config.evals and (step == total or (
@@ -549,7 +558,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ckpt.close()
   writer.close()
   last["status"] = status
-  last["trace_count"] = max(p[0].trace_count() for p in phases.values())
+  last["trace_count"] = max(p.fn.trace_count() for p in phases.values())
   return last
 
 
