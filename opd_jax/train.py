@@ -562,12 +562,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return last
 
 
-def lower_abstract(config: ml_collections.ConfigDict, **kwargs):
-  """Alias of :func:`opd_jax.aot.lower_abstract` (its old home)."""
-  from opd_jax import aot
-  return aot.lower_abstract(config, **kwargs)
-
-
 def main(argv):
   del argv
   from absl import flags, logging
