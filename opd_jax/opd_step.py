@@ -417,9 +417,14 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
   traces = [0]
   metric_names: list[tuple[str, ...]] = [()]
 
-  def group_step(params, student, teacher, x):
+  def group_step(params, teacher_params, x):
     """Samples, scores and differentiates one group of rows: (grads of the
-    unnormalised loss Σ w·l, stats of additive sums)."""
+    unnormalised loss Σ w·l, stats of additive sums). The models are merged
+    here from fresh Variable objects (``tree.map``): NNX refuses to update,
+    e.g. in ``nnx.remat``, Variables created outside the scan's trace."""
+    params, teacher_params = jax.tree.map(lambda a: a, (params, teacher_params))
+    student = nnx.merge(student_graphdef, params)
+    teacher = None if teacher_graphdef is None else nnx.merge(teacher_graphdef, teacher_params)
     comp = group_completions(student, teacher, x, run_cfg)
     comp = jax.tree.map(jax.lax.stop_gradient, comp)
     p = comp["prompt_ids"].shape[1]
@@ -460,13 +465,11 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
 
   def step(state: TrainState, teacher_params, batch):
     traces[0] += 1
-    student = nnx.merge(student_graphdef, state.params)
-    teacher = None if teacher_graphdef is None else nnx.merge(teacher_graphdef, teacher_params)
     rng, k_roll = jax.random.split(state.rng)
     _, xs = plan_rows(batch, k_roll, run_cfg, sharder)
     xs = jax.tree.map(jax.lax.stop_gradient, xs)
     rows = batch["prompt_ids"].shape[0] * cfg.sampling.num_samples
-    one_group = functools.partial(group_step, state.params, student, teacher)
+    one_group = functools.partial(group_step, state.params, teacher_params)
     if cfg.micro_batches == 1:
       grads, stats = one_group(jax.tree.map(lambda v: v[0], xs))
     else:
