@@ -404,6 +404,12 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
   """Returns ``step(state, teacher_params, batch) -> (state, metrics)``, jitted
   once with explicit shardings, the train state donated.
 
+  With ``cfg.micro_batches`` = M > 1 the rows are processed in M groups
+  (:func:`plan_rows`, :func:`group_completions`) inside one ``lax.scan``;
+  the result equals M = 1's up to float summation order. M must divide the
+  rows and both λ row counts, and each group's rows must fill the data axes
+  (:func:`check_micro_batches`, raised when the step is traced).
+
   ``step.trace_count()`` says how often it was traced (1 in steady state);
   the token metrics come back as one vector ``metrics["token_metrics"]`` named
   by ``step.token_metric_names()`` (see :func:`host_metrics`).

@@ -7,7 +7,8 @@ fixture and shared between the assertions that need it. The fixtures are:
   base_run       one device, reverse KL, SGD (no clip), metrics on, 3 steps;
   sharded_run    the same step on a (data=2, fsdp=2, tensor=2) mesh, 1 step;
   (per test)     λ-mix with dataset / teacher completions, SFT, tokenizer-size
-                 vocabularies, convergence, and a compile-only memory check.
+                 vocabularies, convergence, compile-only memory checks, and
+                 micro-batches (M = 2 / 4 groups == M = 1).
 
 Run with ``-s`` to see each step's first-call (trace + compile + run) time
 (a warm persistent compilation cache, see conftest.py, makes them shorter).
