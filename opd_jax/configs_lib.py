@@ -88,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher_sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0))
   c.on_policy_fraction = 1.0        # GKD λ
   c.off_policy_source = "dataset"   # or "teacher"
+  c.micro_batches = 1               # row groups per step (lax.scan), one update
   c.loss = loss_config("reverse_kl")
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-6, schedule="constant", warmup_steps=0, total_steps=0,

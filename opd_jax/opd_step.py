@@ -13,6 +13,13 @@ One XLA program per step (no host round trip):
    ever live; token-level alignment metrics ride along in the same chunks;
 4. an optax update is applied to the student only.
 
+With ``micro_batches`` = M > 1, steps 1-3 run in a ``lax.scan`` over M equal
+groups of rows (one group's KV caches and activations live at a time);
+gradients accumulate in float32, the loss normaliser (token / sequence
+count) is applied once at the end, and one update follows. Every row's
+on/off-policy role and sampler uniforms are drawn up front for all rows, so
+the step's result does not depend on M (up to float summation order).
+
 Shapes: R = B·n rows, P prompt length, N completion length, C loss chunk,
 V common vocabulary.
 """
@@ -20,6 +27,7 @@ V common vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -65,6 +73,7 @@ class OPDConfig:
   metrics: bool = True
   metrics_top_k: int = 16
   position_chunk: int = 64
+  micro_batches: int = 1                     # M row groups per step, one update
 
   def __post_init__(self):
     if isinstance(self.loss_kwargs, Mapping):
@@ -76,6 +85,10 @@ class OPDConfig:
                        f"valid: {OFF_POLICY_SOURCES}")
     if self.loss_chunk <= 0:
       raise ValueError(f"loss_chunk must be positive, got {self.loss_chunk}")
+    m = self.micro_batches
+    if isinstance(m, bool) or int(m) != m or m < 1:
+      raise ValueError(f"micro_batches must be an int >= 1, got {m!r}")
+    object.__setattr__(self, "micro_batches", int(m))
     losses_lib.get_loss(self.loss, dict(self.loss_kwargs))  # fail fast, clear error
 
 
@@ -227,55 +240,161 @@ def _repeat(x: jax.Array, n: int) -> jax.Array:
   return x if n == 1 else jnp.repeat(x, n, axis=0)
 
 
-def build_completions(student, teacher, batch, rng, cfg: OPDConfig):
-  """Chooses and produces each row's completion (steps 1 and the λ mix).
+def data_parallel_size(sharder: Sharder) -> int:
+  """Devices the rows are split over: the mesh axes of "activation_batch"."""
+  if sharder.mesh is None:
+    return 1
+  axes = dict(sharder.rules).get("activation_batch") or ()
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(int(sharder.mesh.shape[a]) for a in axes if a in sharder.mesh.shape)
 
-  Returns a dict of ``[R, ...]`` arrays: prompt_ids, prompt_mask, tokens,
-  mask (completion), on_policy (bool rows), lengths, truncated.
+
+def check_micro_batches(rows: int, cfg: OPDConfig, dp: int = 1) -> None:
+  """Raises unless ``cfg.micro_batches`` = M splits the R rows into equal
+  groups: M | R, (R/M) a multiple of the data-parallel size ``dp`` (M > 1),
+  and M | the on-policy and off-policy row counts (every group gets the same
+  static λ mix)."""
+  m = cfg.micro_batches
+  n_on = split_rows(rows, cfg.on_policy_fraction)
+  if rows % m:
+    raise ValueError(f"micro_batches={m} must divide the rows per step (batch_size x "
+                     f"num_samples = {rows})")
+  if m > 1 and (rows // m) % dp:
+    raise ValueError(f"micro_batches={m}: each group's {rows // m} rows must be a multiple "
+                     f"of the data-parallel size {dp} (rows per step {rows})")
+  if n_on % m or (rows - n_on) % m:
+    raise ValueError(f"micro_batches={m} must divide the on-policy rows ({n_on}) and the "
+                     f"off-policy rows ({rows - n_on}) of on_policy_fraction="
+                     f"{cfg.on_policy_fraction} x {rows} rows")
+
+
+def plan_rows(batch, rng, cfg: OPDConfig, sharder: Sharder | None = None):
+  """Everything about the rows that is decided before any sampling, grouped
+  for ``cfg.micro_batches`` = M (shapes: R rows, G = R/M per group, a / b
+  on- / off-policy rows per group, N completion length).
+
+  The on/off row sets (a random permutation unless λ = 1) and the sampler's
+  uniforms (``uniform(k, [N, n_on])`` for the student, ``[N, n_off]`` for a
+  teacher) are drawn for all rows at once, exactly as for M = 1; group g
+  takes on-policy rows ``g·a .. g·a+a-1`` and off-policy rows
+  ``g·b .. g·b+b-1`` of those lists, so no sample depends on M.
+
+  Returns (order ``[R]`` int32: original row of each grouped row, or None
+  when it is the identity; dict of group-major ``[M, ...]`` arrays: prompt_ids /
+  prompt_mask ``[M, G, P]``, u_on ``[M, N, a]``, u_off ``[M, N', b]``
+  (teacher samples), off_tokens / off_mask ``[M, b, N]`` (dataset)).
   """
-  n = cfg.sampling.num_samples
+  sh = sharder or Sharder()
+  n, m = cfg.sampling.num_samples, cfg.micro_batches
   prompt_ids = _repeat(batch["prompt_ids"], n)
   prompt_mask = _repeat(batch["prompt_mask"], n).astype(jnp.bool_)
   rows, big_n = prompt_ids.shape[0], cfg.sampling.max_new_tokens
+  check_micro_batches(rows, cfg, data_parallel_size(sh))
   n_on = split_rows(rows, cfg.on_policy_fraction)
+  n_off = rows - n_on
   k_sample, k_perm, k_teacher = jax.random.split(rng, 3)
-  one = dataclasses.replace(cfg.sampling, num_samples=1)
-  if n_on == rows:   # pure on-policy: rows keep prompt-grouped order
-    out = sample(student, prompt_ids, prompt_mask, k_sample, one)
-    return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, tokens=out.tokens,
-                mask=out.mask.astype(jnp.bool_), on_policy=jnp.ones((rows,), jnp.bool_),
-                lengths=out.lengths, truncated=out.truncated)
 
-  perm = jax.random.permutation(k_perm, rows)
-  on_rows, off_rows = perm[:n_on], perm[n_on:]
-  tokens = jnp.zeros((rows, big_n), jnp.int32)
-  mask = jnp.zeros((rows, big_n), jnp.bool_)
-  lengths = jnp.zeros((rows,), jnp.int32)
-  truncated = jnp.zeros((rows,), jnp.bool_)
+  def groups(x, axis=0):   # [..., K, ...] -> [M, ..., K/M, ...] along `axis`
+    x = jnp.moveaxis(x, axis, 0)
+    x = x.reshape((m, x.shape[0] // m) + x.shape[1:])
+    return jnp.moveaxis(x, 1, axis + 1)
+
+  def shard(x, batch_axis):   # group-major array: its rows over the data axes
+    names = [None] * x.ndim
+    names[batch_axis] = "activation_batch"
+    return sh.constrain(x, names)
+
+  xs = {}
   if n_on:
-    out = sample(student, prompt_ids[on_rows], prompt_mask[on_rows], k_sample, one)
-    tokens = tokens.at[on_rows].set(out.tokens)
-    mask = mask.at[on_rows].set(out.mask.astype(jnp.bool_))
-    lengths = lengths.at[on_rows].set(out.lengths)
-    truncated = truncated.at[on_rows].set(out.truncated)
-  if cfg.off_policy_source == "teacher":
-    tcfg = dataclasses.replace(cfg.teacher_sampling or cfg.sampling, num_samples=1,
-                               max_new_tokens=big_n)
-    out = sample(teacher, prompt_ids[off_rows], prompt_mask[off_rows], k_teacher, tcfg)
-    off_tokens, off_mask = out.tokens, out.mask.astype(jnp.bool_)
+    u = jax.random.uniform(k_sample, (big_n, n_on), jnp.float32)
+    xs["u_on"] = shard(groups(u, axis=1), 2)
+  if n_on == rows:   # pure on-policy: rows keep prompt-grouped order
+    order = None
   else:
-    if "completion_ids" not in batch:
-      raise ValueError("on_policy_fraction < 1 with off_policy_source='dataset' needs "
-                       "batch['completion_ids'] and batch['completion_mask']")
-    comp = _pad_time(_repeat(batch["completion_ids"], n), big_n)[:, :big_n]
-    comp_mask = _pad_time(_repeat(batch["completion_mask"], n), big_n)[:, :big_n]
-    off_tokens, off_mask = comp[off_rows], comp_mask[off_rows].astype(jnp.bool_)
-  tokens = tokens.at[off_rows].set(off_tokens.astype(jnp.int32))
-  mask = mask.at[off_rows].set(off_mask)
-  lengths = lengths.at[off_rows].set(off_mask.sum(-1).astype(jnp.int32))
-  on_policy = jnp.zeros((rows,), jnp.bool_).at[on_rows].set(True)
-  return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, tokens=tokens, mask=mask,
-              on_policy=on_policy, lengths=lengths, truncated=truncated)
+    perm = jax.random.permutation(k_perm, rows)
+    on_rows, off_rows = perm[:n_on], perm[n_on:]
+    order = jnp.concatenate([groups(on_rows), groups(off_rows)], axis=1).reshape(rows)
+    prompt_ids, prompt_mask = prompt_ids[order], prompt_mask[order]
+    if cfg.off_policy_source == "teacher":
+      u = jax.random.uniform(k_teacher, (big_n, n_off), jnp.float32)
+      xs["u_off"] = shard(groups(u, axis=1), 2)
+    else:
+      if "completion_ids" not in batch:
+        raise ValueError("on_policy_fraction < 1 with off_policy_source='dataset' needs "
+                         "batch['completion_ids'] and batch['completion_mask']")
+      comp = _pad_time(_repeat(batch["completion_ids"], n), big_n)[:, :big_n]
+      comp_mask = _pad_time(_repeat(batch["completion_mask"], n), big_n)[:, :big_n]
+      xs["off_tokens"] = shard(groups(comp[off_rows].astype(jnp.int32)), 1)
+      xs["off_mask"] = shard(groups(comp_mask[off_rows].astype(jnp.bool_)), 1)
+  xs["prompt_ids"] = shard(groups(prompt_ids), 1)
+  xs["prompt_mask"] = shard(groups(prompt_mask), 1)
+  return order, xs
+
+
+def group_completions(student, teacher, x, cfg: OPDConfig):
+  """One group's completions from its slice ``x`` of :func:`plan_rows` (the
+  group's first a rows on-policy, the other b off-policy).
+
+  Returns a dict of ``[G, ...]`` arrays: prompt_ids, prompt_mask, tokens,
+  mask (completion), on_policy (bool rows), lengths, truncated.
+  """
+  prompt_ids, prompt_mask = x["prompt_ids"], x["prompt_mask"]
+  g, big_n = prompt_ids.shape[0], cfg.sampling.max_new_tokens
+  a = x["u_on"].shape[-1] if "u_on" in x else 0
+  one = dataclasses.replace(cfg.sampling, num_samples=1)
+  parts = []
+  if a:
+    out = sample(student, prompt_ids[:a], prompt_mask[:a], None, one, uniforms=x["u_on"])
+    parts.append(dict(tokens=out.tokens, mask=out.mask.astype(jnp.bool_),
+                      lengths=out.lengths, truncated=out.truncated))
+  if a < g:
+    if cfg.off_policy_source == "teacher":
+      tcfg = dataclasses.replace(cfg.teacher_sampling or cfg.sampling, num_samples=1,
+                                 max_new_tokens=big_n)
+      out = sample(teacher, prompt_ids[a:], prompt_mask[a:], None, tcfg, uniforms=x["u_off"])
+      off_tokens, off_mask = out.tokens, out.mask.astype(jnp.bool_)
+    else:
+      off_tokens, off_mask = x["off_tokens"], x["off_mask"]
+    parts.append(dict(tokens=off_tokens.astype(jnp.int32), mask=off_mask,
+                      lengths=off_mask.sum(-1).astype(jnp.int32),
+                      truncated=jnp.zeros((g - a,), jnp.bool_)))
+  comp = {k: jnp.concatenate([p[k] for p in parts]) if len(parts) > 1 else parts[0][k]
+          for k in parts[0]}
+  on_policy = jnp.arange(g) < a
+  return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, on_policy=on_policy, **comp)
+
+
+def build_completions(student, teacher, batch, rng, cfg: OPDConfig):
+  """Chooses and produces each row's completion (steps 1 and the λ mix), all
+  rows at once (the compiled step does the same group by group).
+
+  Returns a dict of ``[R, ...]`` arrays in the batch's row order: prompt_ids,
+  prompt_mask, tokens, mask (completion), on_policy (bool rows), lengths,
+  truncated. Independent of ``cfg.micro_batches``.
+  """
+  order, xs = plan_rows(batch, rng, cfg)
+  groups = [group_completions(student, teacher, jax.tree.map(lambda v: v[i], xs), cfg)
+            for i in range(cfg.micro_batches)]
+  out = jax.tree.map(lambda *v: jnp.concatenate(v), *groups)
+  if order is not None:   # back to the batch's row order
+    out = {k: jnp.zeros_like(v).at[order].set(v) for k, v in out.items()}
+  return out
+
+
+def _unnormalised_weights(mask: jax.Array, mode: str, normalizer: float | None):
+  """Per-group (w ``[G, N]``, z scalar) such that, over all groups,
+  ``aggregate_weights(mask) = w / max(Σ_g z, 1)`` ("token_mean": w = m, z =
+  Σ m; "sequence_mean": w = m / Σ_t m per row, z = #rows with tokens) or
+  ``= w`` ("constant": w = m / normalizer; z = 0, unused)."""
+  m = mask.astype(jnp.float32)
+  if mode == "token_mean":
+    return m, jnp.sum(m)
+  if mode == "sequence_mean":
+    per_seq = jnp.sum(m, axis=1, keepdims=True)
+    has = per_seq > 0
+    return (jnp.where(has, m / jnp.where(has, per_seq, 1.0), 0.0),
+            jnp.sum(has.astype(jnp.float32)))
+  return losses_lib.aggregate_weights(m, mode, normalizer), jnp.zeros((), jnp.float32)
 
 
 def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransformation,
@@ -284,6 +403,12 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
                   batch_shardings=None, donate: bool = True):
   """Returns ``step(state, teacher_params, batch) -> (state, metrics)``, jitted
   once with explicit shardings, the train state donated.
+
+  With ``cfg.micro_batches`` = M > 1 the rows are processed in M groups
+  (:func:`plan_rows`, :func:`group_completions`) inside one ``lax.scan``;
+  the result equals M = 1's up to float summation order. M must divide the
+  rows and both λ row counts, and each group's rows must fill the data axes
+  (:func:`check_micro_batches`, raised when the step is traced).
 
   ``step.trace_count()`` says how often it was traced (1 in steady state);
   the token metrics come back as one vector ``metrics["token_metrics"]`` named
@@ -298,12 +423,15 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
   traces = [0]
   metric_names: list[tuple[str, ...]] = [()]
 
-  def step(state: TrainState, teacher_params, batch):
-    traces[0] += 1
-    student = nnx.merge(student_graphdef, state.params)
+  def group_step(params, teacher_params, x):
+    """Samples, scores and differentiates one group of rows: (grads of the
+    unnormalised loss Σ w·l, stats of additive sums). The models are merged
+    here from fresh Variable objects (``tree.map``): NNX refuses to update,
+    e.g. in ``nnx.remat``, Variables created outside the scan's trace."""
+    params, teacher_params = jax.tree.map(lambda a: a, (params, teacher_params))
+    student = nnx.merge(student_graphdef, params)
     teacher = None if teacher_graphdef is None else nnx.merge(teacher_graphdef, teacher_params)
-    rng, k_roll = jax.random.split(state.rng)
-    comp = build_completions(student, teacher, batch, k_roll, run_cfg)
+    comp = group_completions(student, teacher, x, run_cfg)
     comp = jax.tree.map(jax.lax.stop_gradient, comp)
     p = comp["prompt_ids"].shape[1]
     ids, mask, pos = full_sequence(comp["prompt_ids"], comp["prompt_mask"],
@@ -315,8 +443,7 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
       h_t, _ = teacher.hidden(ids, mask, pos)
       h_t = jax.lax.stop_gradient(h_t[:, p - 1:p - 1 + n])
       w_t = jax.lax.stop_gradient(teacher.unembedding())
-    weights = losses_lib.aggregate_weights(comp["mask"].astype(jnp.float32),
-                                           cfg.aggregation, cfg.normalizer)
+    weights, z = _unnormalised_weights(comp["mask"], cfg.aggregation, cfg.normalizer)
     metric_mask = (comp["mask"] & comp["on_policy"][:, None]).astype(jnp.float32)
 
     def loss_of(params):
@@ -328,24 +455,65 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
           metrics=cfg.metrics, top_k=cfg.metrics_top_k,
           position_chunk=cfg.position_chunk, sharder=sharder)
 
-    (loss, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    (loss, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+    on = comp["on_policy"].astype(jnp.float32)
+    stats = dict(loss=loss, z=z, num_tokens=comp["mask"].sum().astype(jnp.float32),
+                 on=on.sum(), length_on=(comp["lengths"] * on).sum(),
+                 truncated_on=(comp["truncated"] * on).sum())
+    if cfg.metrics:
+      stats["sums"] = sums
+    return grads, stats
+
+  def constrain_grads(g):
+    if sharder.mesh is None or state_shardings is None:
+      return g
+    return jax.lax.with_sharding_constraint(g, state_shardings.params)
+
+  def step(state: TrainState, teacher_params, batch):
+    traces[0] += 1
+    rng, k_roll = jax.random.split(state.rng)
+    _, xs = plan_rows(batch, k_roll, run_cfg, sharder)
+    xs = jax.tree.map(jax.lax.stop_gradient, xs)
+    rows = batch["prompt_ids"].shape[0] * cfg.sampling.num_samples
+    one_group = functools.partial(group_step, state.params, teacher_params)
+    if cfg.micro_batches == 1:
+      grads, stats = one_group(jax.tree.map(lambda v: v[0], xs))
+    else:
+      # Micro-batches: one group's KV caches / activations live at a time;
+      # gradients (float32, on the parameters' shardings) and sums add up.
+      def body(carry, x):
+        grads, stats = one_group(x)
+        acc, tot = carry
+        acc = constrain_grads(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads))
+        return (acc, jax.tree.map(jnp.add, tot, stats)), None
+
+      shapes = jax.eval_shape(one_group, jax.tree.map(lambda v: v[0], xs))
+      zeros = lambda s, dt=None: jnp.zeros(s.shape, dt or s.dtype)
+      carry = (constrain_grads(jax.tree.map(lambda s: zeros(s, jnp.float32), shapes[0])),
+               jax.tree.map(zeros, shapes[1]))
+      (grads, stats), _ = jax.lax.scan(body, carry, xs)
+    # Normalise once all rows are in (token / sequence means need the totals).
+    scale = (jnp.ones((), jnp.float32) if cfg.aggregation == "constant"
+             else 1.0 / jnp.maximum(stats["z"], 1.0))
+    grads = jax.tree.map(lambda g, p_: (g.astype(jnp.float32) * scale).astype(p_.dtype),
+                         grads, state.params)
+    grads = constrain_grads(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    on = comp["on_policy"].astype(jnp.float32)
-    n_on = jnp.maximum(on.sum(), 1.0)
+    n_on = jnp.maximum(stats["on"], 1.0)
     out = {
-        "loss": loss,
+        "loss": stats["loss"] * scale,
         "grad_norm": optax.tree.norm(grads),
         "lr": jnp.asarray(schedule(state.step), jnp.float32),
-        "num_tokens": comp["mask"].sum().astype(jnp.float32),
-        "mean_response_length": (comp["lengths"] * on).sum() / n_on,
-        "truncated_frac": (comp["truncated"] * on).sum() / n_on,
-        "on_policy_frac": on.mean(),
+        "num_tokens": stats["num_tokens"],
+        "mean_response_length": stats["length_on"] / n_on,
+        "truncated_frac": stats["truncated_on"] / n_on,
+        "on_policy_frac": stats["on"] / rows,
     }
     if cfg.metrics:
       # One vector (fast to compile); names are static. See `host_metrics`.
-      out["token_metrics"] = metrics_lib.finalize_array(sums)
-      metric_names[0] = metrics_lib.finalize_names(sums)
+      out["token_metrics"] = metrics_lib.finalize_array(stats["sums"])
+      metric_names[0] = metrics_lib.finalize_names(stats["sums"])
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     return new_state, out
 

@@ -268,8 +268,8 @@ def _check_inputs(model, prompt_ids, prompt_mask, config: SamplingConfig):
                      f"SamplingConfig.vocab_size={config.vocab_size}")
 
 
-def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
-           config: SamplingConfig) -> SampleOutput:
+def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array | None,
+           config: SamplingConfig, *, uniforms: jax.Array | None = None) -> SampleOutput:
   """Samples ``config.num_samples`` completions per left-padded prompt.
 
   Args:
@@ -279,6 +279,10 @@ def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.A
     prompt_mask: ``[B, P]``, 1 on real prompt tokens.
     rng: PRNG key; token ``i`` of row ``r`` uses ``uniform(rng, [N, R])[i, r]``.
     config: static :class:`SamplingConfig`.
+    uniforms: optional ``[N, R]`` float32 in [0, 1) used instead of drawing
+      from ``rng`` (which is then ignored, may be None): a caller that samples
+      a batch in groups passes each group its columns of one up-front draw, so
+      the samples do not depend on the grouping.
 
   Returns:
     :class:`SampleOutput` with ``R = B * num_samples`` rows.
@@ -313,7 +317,14 @@ def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.A
   def buf(dtype, fill):
     return sh.constrain(jnp.full((rows, n_new), fill, dtype), (_BATCH, None))
 
-  uniforms = sh.constrain(jax.random.uniform(rng, (n_new, rows), jnp.float32), (None, _BATCH))
+  if uniforms is None:
+    if rng is None:
+      raise ValueError("sample needs rng or uniforms")
+    uniforms = jax.random.uniform(rng, (n_new, rows), jnp.float32)
+  elif tuple(uniforms.shape) != (n_new, rows):
+    raise ValueError(f"uniforms must be [max_new_tokens, rows] = {(n_new, rows)}, got "
+                     f"{tuple(uniforms.shape)}")
+  uniforms = sh.constrain(uniforms.astype(jnp.float32), (None, _BATCH))
 
   def emit(step, h, done, lengths, tokens, logprobs, logprobs_t1):
     """Samples token ``step`` from the hidden state ``h`` that predicts it and

@@ -206,7 +206,8 @@ def opd_config(config, sampling: SamplingConfig) -> OPDConfig:
       off_policy_source=config.off_policy_source, teacher_sampling=teacher_sampling,
       loss_chunk=int(config.loss.chunk), metrics=bool(config.metrics.enabled),
       metrics_top_k=int(config.metrics.top_k),
-      position_chunk=int(config.metrics.position_chunk))
+      position_chunk=int(config.metrics.position_chunk),
+      micro_batches=int(config.get("micro_batches", 1)))
 
 
 def needs_teacher(config) -> bool:

@@ -7,7 +7,8 @@ fixture and shared between the assertions that need it. The fixtures are:
   base_run       one device, reverse KL, SGD (no clip), metrics on, 3 steps;
   sharded_run    the same step on a (data=2, fsdp=2, tensor=2) mesh, 1 step;
   (per test)     λ-mix with dataset / teacher completions, SFT, tokenizer-size
-                 vocabularies, convergence, and a compile-only memory check.
+                 vocabularies, convergence, compile-only memory checks, and
+                 micro-batches (M = 2 / 4 groups == M = 1).
 
 Run with ``-s`` to see each step's first-call (trace + compile + run) time
 (a warm persistent compilation cache, see conftest.py, makes them shorter).
@@ -640,7 +641,8 @@ def test_sampler_never_emits_ids_beyond_tokenizer(tokenizer_run):
 QWEN_VOCAB = 151_936
 
 
-def _temp_bytes(n_new: int, rows: int = 2, prompt_len: int = 8, chunk: int = 8):
+def _temp_bytes(n_new: int, rows: int = 2, prompt_len: int = 8, chunk: int = 8,
+                micro_batches: int = 1):
   s_cfg = SCFG.replace(vocab_size=QWEN_VOCAB, padded_vocab_size=QWEN_VOCAB,
                        max_position_embeddings=4096)
   t_cfg = s_cfg.replace(hidden_size=48, num_layers=3)
@@ -652,7 +654,8 @@ def _temp_bytes(n_new: int, rows: int = 2, prompt_len: int = 8, chunk: int = 8):
       opt_state=jax.eval_shape(tx.init, s_abs),
       rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
   cfg = opd_step.OPDConfig(sampling=SamplingConfig(max_new_tokens=n_new, eos_ids=(3,)),
-                           loss="reverse_kl", loss_chunk=chunk, metrics=False)
+                           loss="reverse_kl", loss_chunk=chunk, metrics=False,
+                           micro_batches=micro_batches)
   step = opd_step.make_opd_step(gd_s, gd_t, tx, sched, cfg, vocab_size=QWEN_VOCAB,
                                 sharder=Sharder())
   batch = {"prompt_ids": jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32),
@@ -660,9 +663,9 @@ def _temp_bytes(n_new: int, rows: int = 2, prompt_len: int = 8, chunk: int = 8):
   t0 = time.perf_counter()
   mem = step.lower(state, t_abs, batch).compile().memory_analysis()
   dt = time.perf_counter() - t0
-  COMPILE_SECONDS[f"memory N={n_new}"] = dt
+  COMPILE_SECONDS[f"memory N={n_new} M={micro_batches}"] = dt
   full = rows * n_new * QWEN_VOCAB * 4
-  print(f"\n[test_opd_step] memory N={n_new}: lower+compile {dt:.1f}s, temp "
+  print(f"\n[test_opd_step] memory N={n_new} M={micro_batches}: lower+compile {dt:.1f}s, temp "
         f"{mem.temp_size_in_bytes / 2**20:.1f} MiB vs one f32 [R,N,V] logits "
         f"{full / 2**20:.1f} MiB")
   return mem.temp_size_in_bytes, full
@@ -677,3 +680,121 @@ def test_step_memory_under_a_tenth_of_full_logits():
   the O(T^2) scores never exist whole)."""
   temp, full = _temp_bytes(512, rows=8, chunk=4)
   assert temp < 0.1 * full, (temp / 2**20, full / 2**20)
+
+
+# ----------------------------------------------------------------------------
+# 9. Micro-batches: M row groups in one step, one update == M = 1.
+
+
+def _assert_same_step(m_ref, p_ref, m, p, *, rtol=1e-5):
+  """Same completions (exact integer counts), same loss / metrics up to float
+  summation order, parameters within 1e-6 after the step."""
+  assert set(m) == set(m_ref), set(m) ^ set(m_ref)
+  for k in ("num_tokens", "mean_response_length", "truncated_frac", "on_policy_frac", "lr"):
+    assert m[k] == m_ref[k], (k, m[k], m_ref[k])
+  for k in m_ref:
+    # atol: differences of O(1) means (entropy_gap) cancel to ~1e-3.
+    np.testing.assert_allclose(m[k], m_ref[k], rtol=rtol, atol=1e-6, err_msg=k)
+  diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), p_ref, p)
+  assert max(jax.tree.leaves(diff)) < 1e-6, diff
+
+
+def _one_step(cfg, batch, **build_kw):
+  b = _build(cfg, **build_kw)
+  state, m = _timed(f"micro_batches={cfg.micro_batches} {build_kw.get('mesh') is not None}",
+                    b["step"], b["state"], b["t_params"], batch)
+  assert b["step"].trace_count() == 1 and int(state.step) == 1
+  return _metrics(b["step"], m), _host(state.params)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("m", [2, 4])
+def test_micro_batches_match_one_batch_on_policy(base_run, m):
+  """Pure on-policy, metrics on: M groups of ROWS/M rows == M = 1 (base_run)."""
+  metrics, params = _one_step(_base_cfg(micro_batches=m), _batch())
+  _assert_same_step(base_run["metrics"][0], base_run["params"][0], metrics, params)
+
+
+def test_micro_batches_same_completions():
+  """build_completions: the same tokens for M = 1 and M = 4 in every λ mode
+  (row roles and uniforms are drawn for all rows up front)."""
+  cases = [(_base_cfg(), _batch()),
+           (_base_cfg(on_policy_fraction=0.5), _dataset_batch()),
+           (_base_cfg(on_policy_fraction=0.5, off_policy_source="teacher",
+                      teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7)),
+            _batch())]
+  student, teacher = create_model(SCFG, seed=SEED), create_model(TCFG, seed=1)
+  gd_s, sp = nnx.split(student)
+  gd_t, tp = nnx.split(teacher)
+  rng = jax.random.PRNGKey(3)
+  for cfg, batch in cases:
+    one = _completions(cfg, gd_s, sp, gd_t, tp, batch, rng)
+    four = _completions(dataclasses.replace(cfg, micro_batches=4), gd_s, sp, gd_t, tp, batch,
+                        rng)
+    assert one["on_policy"].sum() == opd_step.split_rows(ROWS, cfg.on_policy_fraction)
+    for k in one:
+      np.testing.assert_array_equal(four[k], one[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_micro_batches_match_one_batch_dataset_mix_sequence_mean():
+  """λ = 0.5 with dataset completions, sequence-mean aggregation: M = 4 (one
+  on- and one off-policy row per group) == M = 1."""
+  cfg = _base_cfg(on_policy_fraction=0.5, aggregation="sequence_mean", metrics=False)
+  ref = _one_step(cfg, _dataset_batch())
+  got = _one_step(dataclasses.replace(cfg, micro_batches=4), _dataset_batch())
+  assert ref[0]["on_policy_frac"] == 0.5
+  _assert_same_step(*ref, *got)
+
+
+@pytest.mark.slow
+def test_micro_batches_match_one_batch_teacher_samples():
+  """λ = 0.5, off-policy rows sampled by the teacher: M = 2 == M = 1."""
+  cfg = _base_cfg(on_policy_fraction=0.5, off_policy_source="teacher", metrics=False,
+                  teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7,
+                                                  eos_ids=EOS))
+  ref = _one_step(cfg, _batch())
+  got = _one_step(dataclasses.replace(cfg, micro_batches=2), _batch())
+  _assert_same_step(*ref, *got)
+
+
+@pytest.mark.slow
+def test_micro_batches_sharded_match_single_device(base_run):
+  """M = 4 on an (fsdp=2, tensor=4) mesh (2 rows per group over 2 data
+  shards; f32 accumulator on the parameters' shardings) == one device, M = 1."""
+  mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+  metrics, params = _one_step(_base_cfg(micro_batches=4), _batch(), mesh=mesh)
+  _assert_same_step(base_run["metrics"][0], base_run["params"][0], metrics, params)
+
+
+def test_micro_batches_errors():
+  with pytest.raises(ValueError, match="micro_batches must be an int >= 1"):
+    _base_cfg(micro_batches=0)
+  with pytest.raises(ValueError, match="micro_batches must be an int >= 1"):
+    _base_cfg(micro_batches=1.5)
+  with pytest.raises(ValueError, match=r"micro_batches=3 must divide the rows per step"):
+    opd_step.check_micro_batches(ROWS, _base_cfg(micro_batches=3))
+  with pytest.raises(ValueError, match=r"micro_batches=4: each group's 2 rows .* "
+                                       r"data-parallel size 4"):
+    opd_step.check_micro_batches(ROWS, _base_cfg(micro_batches=4), dp=4)
+  opd_step.check_micro_batches(ROWS, _base_cfg(micro_batches=4), dp=2)
+  with pytest.raises(ValueError, match=r"micro_batches=8 must divide the on-policy rows \(4\)"):
+    opd_step.check_micro_batches(ROWS, _base_cfg(micro_batches=8, on_policy_fraction=0.5))
+  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  assert opd_step.data_parallel_size(Sharder(mesh)) == 4
+  assert opd_step.data_parallel_size(Sharder()) == 1
+  # Raised when the step is traced (before anything compiles).
+  b = _build(_base_cfg(micro_batches=3, metrics=False))
+  with pytest.raises(ValueError, match="micro_batches=3"):
+    b["step"].lower(b["state"], b["t_params"], _batch())
+
+
+@pytest.mark.slow
+def test_micro_batches_cut_step_memory():
+  """Compile only, Qwen-sized vocabulary, 16 rows x 64 new tokens: with M = 4
+  the step's temporaries are under half of M = 1's (one group's KV caches,
+  activations and loss chunks live at a time)."""
+  one, _ = _temp_bytes(64, rows=16, chunk=8)
+  four, _ = _temp_bytes(64, rows=16, chunk=8, micro_batches=4)
+  print(f"\n[test_opd_step] temp M=1 {one / 2**20:.1f} MiB, M=4 {four / 2**20:.1f} MiB")
+  assert four < 0.5 * one, (one / 2**20, four / 2**20)

@@ -479,3 +479,33 @@ def test_sample_inside_differentiated_function(model):
   grads = jax.jit(jax.grad(loss))(state)
   norms = [float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)]
   assert all(np.isfinite(norms)) and sum(norms) > 0
+
+
+def test_precomputed_uniforms_match_key_and_split_rows(model):
+  """``uniforms=uniform(key, [N, R])`` reproduces ``rng=key`` exactly, and a
+  subset of rows given its columns samples exactly those rows' tokens (how
+  the OPD step samples in micro-batches)."""
+  ids, mask = prompts(lengths=(5, 2, 7, 4, 3, 6))
+  config = SamplingConfig(max_new_tokens=10, temperature=0.9, top_p=0.95, eos_ids=(7,),
+                          num_samples=2)
+  graphdef, state = nnx.split(model)
+  key = jax.random.key(5)
+  rows = ids.shape[0] * config.num_samples
+
+  @jax.jit
+  def run(state, ids, mask, u):
+    return sample(nnx.merge(graphdef, state), ids, mask, None, config, uniforms=u)
+
+  u = jax.random.uniform(key, (config.max_new_tokens, rows), jnp.float32)
+  ref = jit_sampler(model, config)(ids, mask, key)
+  got = run(state, ids, mask, u)
+  for name in ("tokens", "logprobs", "mask", "lengths", "truncated"):
+    np.testing.assert_array_equal(getattr(got, name), getattr(ref, name), err_msg=name)
+  # Prompts 3..5 (rows 6..11) alone, with their columns of u.
+  part = run(state, ids[3:], mask[3:], u[:, 6:])
+  np.testing.assert_array_equal(part.tokens, np.asarray(ref.tokens)[6:])
+  np.testing.assert_array_equal(part.lengths, np.asarray(ref.lengths)[6:])
+  with pytest.raises(ValueError, match="uniforms must be"):
+    run(state, ids, mask, u[:, 1:])
+  with pytest.raises(ValueError, match="needs rng or uniforms"):
+    sample(model, ids, mask, None, config)

@@ -70,8 +70,13 @@ class _Runs:
     self.bad["data"] = start_driver(write_config_file(cfg, os.path.join(root, "bad_data.py")),
                                     os.path.join(root, "bad_data"),
                                     num_devices=REF_DEVICES)
+    # 4 rows per step cannot form 3 micro-batches: fails when the step is traced.
+    self.bad["micro"] = start_driver(
+        write_config_file(tiny_config(assets), os.path.join(root, "bad_micro.py")),
+        os.path.join(root, "bad_micro"), "--config.micro_batches=3")
     self.cli = self.pool.submit(self._cli_chain)
     self.kill = self.pool.submit(self._kill_chain)
+    self.micro = self.pool.submit(self._micro_run)
 
   def _start(self, *args, **kwargs) -> Proc:
     if self.closed:   # torn down while a chain was waiting
@@ -104,6 +109,18 @@ class _Runs:
     with open(os.path.join(workdir, "config.json")) as f:
       out["config2"] = json.load(f)
     return out
+
+  def _micro_run(self):
+    """The reference's command with ``--config.micro_batches=4`` (4 groups of
+    one row) on one device, 3 steps."""
+    ref = self.reference
+    workdir = os.path.join(self.root, "micro")
+    self._after_reference_compiled()
+    log = self._start(ref.config_file, workdir, *ref.flags, "--config.micro_batches=4",
+                      "--config.total_steps=3", num_devices=1).check()
+    with open(os.path.join(workdir, "config.json")) as f:
+      micro_batches = json.load(f)["micro_batches"]
+    return dict(log=log, records=step_records(workdir), micro_batches=micro_batches)
 
   def _kill_chain(self):
     """The reference's command, killed and restarted until it finishes."""
@@ -564,6 +581,32 @@ def test_cli_end_to_end_and_resume_with_override(runs, reference_run):
   # Same batches and constant lr as the reference: identical numbers.
   ref = reference_run.records()
   assert_same_metrics(step_records(workdir), ref, range(1, 5))
+
+
+def test_cli_micro_batches_match_one_batch(runs, reference_run):
+  """``--config.micro_batches=4`` logs the reference's (M = 1) numbers up to
+  float summation order (and a different device count: 1 vs 2)."""
+  r = _result(runs.micro)
+  assert r["micro_batches"] == 4 and last_json_line(r["log"])["status"] == "finished"
+  ref = reference_run.records()
+  exact = ["num_tokens", "mean_response_length", "truncated_frac", "on_policy_frac", "lr"]
+  assert_same_metrics(r["records"], ref, range(1, 4), keys=exact)
+  assert_same_metrics(r["records"], ref, range(1, 4), keys=["loss", "grad_norm"], rtol=1e-5)
+  assert_same_metrics(r["records"], ref, range(1, 4), rtol=1e-3)   # token metrics too
+
+
+def test_bad_micro_batches_is_a_clear_error(runs):
+  rc, out = runs.bad["micro"].wait()
+  assert rc != 0, out[-3000:]
+  assert "micro_batches=3 must divide the rows per step" in out, out[-3000:]
+
+
+def test_micro_batches_config_key():
+  from opd_jax import configs_lib
+  c = configs_lib.base_config()
+  assert c.micro_batches == 1 and _step_config(c).micro_batches == 1
+  c.micro_batches = 4
+  assert _step_config(c).micro_batches == 4
 
 
 # -----------------------------------------------------------------------------
