@@ -239,3 +239,42 @@ def test_program_size_flat_in_depth_when_scanned(remat):
            for scan in (False, True) for n in (2, 8)}
   assert sizes[True, 8] <= 1.2 * sizes[True, 2], sizes
   assert sizes[False, 8] >= 2.0 * sizes[False, 2], sizes
+
+
+# -- the OPD step --------------------------------------------------------------
+
+
+def test_opd_step_scanned_equals_unrolled():
+  """Student and teacher both scanned: same loss and updated params as unrolled."""
+  from opd_jax import opd_step, optim
+
+  vocab = 64
+  s_cfg = ModelConfig(model_type="qwen3", vocab_size=vocab, hidden_size=32,
+                      intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=8, qk_norm=True, max_position_embeddings=64, remat=True)
+  t_cfg = s_cfg.replace(hidden_size=48, num_layers=3)
+  prompts = np.array([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13], [0, 0, 0, 14]], np.int32)
+  batch = {"prompt_ids": jnp.asarray(prompts), "prompt_mask": jnp.asarray(prompts > 0)}
+  cfg = opd_step.OPDConfig(
+      sampling=SamplingConfig(max_new_tokens=8, eos_ids=(1, 2, 3), num_samples=2),
+      loss="reverse_kl", loss_chunk=5, position_chunk=4, metrics=False)
+  tx, sched = optim.make_optimizer({"name": "sgd", "lr": 0.1, "grad_clip": 0})
+  out = {}
+  for scan in (False, True):
+    student, teacher = create_model(s_cfg, seed=0), create_model(t_cfg, seed=1)
+    if scan:
+      student = convert_layers(student, scan_layers=True)
+      teacher = convert_layers(teacher, scan_layers=True)
+    state, _ = opd_step.init_train_state(student, tx, 0, Sharder())
+    gd_t, t_params = nnx.split(teacher)
+    step = opd_step.make_opd_step(nnx.graphdef(student), gd_t, tx, sched, cfg,
+                                  vocab_size=vocab, sharder=Sharder())
+    state, m = step(state, t_params, batch)
+    out[scan] = (opd_step.host_metrics(m, step.token_metric_names()),
+                 _pure(state.params))
+  (m0, p0), (m1, p1) = out[False], out[True]
+  assert m0["loss"] > 0
+  np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m1["mean_response_length"], m0["mean_response_length"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
+               p1, _stack(p0, s_cfg.num_layers))
