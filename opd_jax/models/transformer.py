@@ -375,14 +375,20 @@ class Transformer(nnx.Module):
       h, _ = jax.lax.scan(body, h, state)
       return h, None, None
 
+    t = h.shape[1]
+
     def body_cached(carry, xs):
       h, ck, cv = carry
       layer_state, i = xs
       kv = (jax.lax.dynamic_index_in_dim(ck, i, keepdims=False),
             jax.lax.dynamic_index_in_dim(cv, i, keepdims=False))
-      h, (k, v) = nnx.merge(graphdef, layer_state)(h, positions, key_valid, q_start, kv)
-      ck = jax.lax.dynamic_update_index_in_dim(ck, k.astype(ck.dtype), i, 0)
-      cv = jax.lax.dynamic_update_index_in_dim(cv, v.astype(cv.dtype), i, 0)
+      h, (lk, lv) = nnx.merge(graphdef, layer_state)(h, positions, key_valid, q_start, kv)
+      # Write back only the T new slots of layer i (not its whole [.., S]
+      # slice): an in-place update of the stacked carry.
+      k_new = jax.lax.dynamic_slice_in_dim(lk, q_start, t, axis=3)
+      v_new = jax.lax.dynamic_slice_in_dim(lv, q_start, t, axis=2)
+      ck = jax.lax.dynamic_update_slice(ck, k_new[None], (i, 0, 0, 0, q_start))
+      cv = jax.lax.dynamic_update_slice(cv, v_new[None], (i, 0, 0, q_start, 0))
       return (h, ck, cv), None
 
     layer_ids = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
