@@ -361,8 +361,9 @@ class Transformer(nnx.Module):
     checkpointed, so the backward pass keeps only each layer's input h
     (``[L, B, T, D]`` in all) and recomputes the rest layer by layer. With a
     cache the stacked k ``[L, B, K, Dh, S]`` / v ``[L, B, K, S, Dh]`` ride in the
-    carry: layer i reads slice i and writes it back with a dynamic update
-    slice, in place in the loop buffer (the stack is never copied).
+    carry: layer i attends over its slice i, and only the T new slots go back
+    into the stack, a dynamic update slice in place in the loop buffer (the
+    stack is never copied; XLA:CPU does copy layer i's slice for its attention).
     """
     graphdef, state = nnx.split(self.layers)
     if cache is None:
@@ -418,8 +419,7 @@ class Transformer(nnx.Module):
     return KVCache([zeros((batch, kv, dh, max_len), KEY_CACHE_AXES)
                     for _ in range(cfg.num_layers)],
                    [zeros((batch, kv, max_len, dh), VALUE_CACHE_AXES)
-                    for _ in range(cfg.num_layers)],
-                   jnp.zeros((batch, max_len), jnp.bool_), jnp.zeros((), jnp.int32))
+                    for _ in range(cfg.num_layers)], valid, index)
 
   def decode(self, input_ids, attention_mask, positions, cache: KVCache):
     """Runs T new tokens through the cache -> (float32 logits ``[B,T,V]``, cache)."""
