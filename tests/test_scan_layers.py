@@ -222,20 +222,28 @@ def test_layers_axis_can_be_sharded():
 # -- compile size --------------------------------------------------------------
 
 
-def _fwd_bwd_hlo_size(cfg) -> int:
-  """Characters of the lowered (StableHLO) fwd+bwd of ``hidden``."""
+def _program_size(cfg, what: str) -> int:
+  """Characters of the lowered (StableHLO) fwd+bwd of ``hidden`` or of the
+  sampler (prefill + decode loop); no compile."""
   graphdef, state = nnx.split(abstract_model(cfg))
+  ids = jnp.zeros((2, 8), jnp.int32)
 
-  def loss(s):
-    return jnp.sum(nnx.merge(graphdef, s).hidden(jnp.zeros((2, 8), jnp.int32))[0])
+  if what == "fwd_bwd":
+    def fn(s):
+      return jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s).hidden(ids)[0]))(s)
+  else:
+    def fn(s):
+      return sample(nnx.merge(graphdef, s), ids, jnp.ones_like(ids), jax.random.key(0),
+                    SamplingConfig(max_new_tokens=4)).tokens
 
-  return len(jax.jit(jax.grad(loss)).lower(state).as_text())
+  return len(jax.jit(fn).lower(state).as_text())
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_program_size_flat_in_depth_when_scanned(remat):
-  sizes = {(scan, n): _fwd_bwd_hlo_size(_cfg(num_hidden_layers=n, remat=remat,
-                                             scan_layers=scan))
+@pytest.mark.parametrize("what,remat", [("fwd_bwd", False), ("fwd_bwd", True),
+                                        ("sample", False)])
+def test_program_size_flat_in_depth_when_scanned(what, remat):
+  sizes = {(scan, n): _program_size(_cfg(num_hidden_layers=n, remat=remat,
+                                         scan_layers=scan), what)
            for scan in (False, True) for n in (2, 8)}
   assert sizes[True, 8] <= 1.2 * sizes[True, 2], sizes
   assert sizes[False, 8] >= 2.0 * sizes[False, 2], sizes
