@@ -63,7 +63,7 @@ def loss_kwargs(loss_cfg: Any) -> dict[str, Any]:
 def model_config(path: str = "", **kw) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       path=path, dtype="float32", param_dtype="float32", remat=False,
-      vocab_pad_multiple=1, **kw))
+      scan_layers=False, vocab_pad_multiple=1, **kw))
 
 
 def base_config() -> ml_collections.ConfigDict:

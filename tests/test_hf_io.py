@@ -230,6 +230,50 @@ def test_to_hf_replaces_existing_dir(ckpts, tmp_path):
   assert _maxdiff(hf_logits(str(out), IDS, MASK), ref) <= 1e-5
 
 
+# -- scanned layers (stacked [L, ...] params) ----------------------------------
+
+
+@pytest.mark.parametrize("family,tied", [("qwen3", False), ("qwen2", True)])
+def test_scan_layers_parity_on_mesh(ckpts, monkeypatch, family, tied):
+  """model.layers.{i}.* load into stacked params, each device reading only its
+  block of each layer's tensor; logits match transformers and the unrolled load."""
+  path, ref = ckpts(family, tied)
+  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  reads = []
+  orig = hf_io._read_slice
+  monkeypatch.setattr(hf_io, "_read_slice",
+                      lambda tm, sl, b: reads.append((tm.hf_name, b)) or orig(tm, sl, b))
+  model = from_hf(path, mesh=mesh, scan_layers=True)
+  assert model.cfg.scan_layers and not isinstance(model.layers, nnx.List)
+  q = model.layers.attn.q[...]
+  assert q.shape == (2, 32, 4, 8) and len(q.sharding.device_set) == 8
+  assert q.addressable_shards[0].data.shape == (2, 16, 2, 8)
+  for i in range(2):
+    q_reads = [b for n, b in reads if n == f"model.layers.{i}.self_attn.q_proj.weight"]
+    assert q_reads and all(b != ((0, 32), (0, 4), (0, 8)) for b in q_reads)
+  unrolled = from_hf(path, mesh=mesh)
+  np.testing.assert_array_equal(np.asarray(q[1]), np.asarray(unrolled.layers[1].attn.q[...]))
+  out = _logits(model)
+  assert _maxdiff(out, _logits(unrolled)) <= 1e-5
+  assert _maxdiff(out, ref) <= 1e-4
+
+
+def test_scan_layers_round_trip_hf(ckpts, tmp_path):
+  """to_hf unstacks: the written tensors equal the source checkpoint's."""
+  path, ref = ckpts("llama3")
+  model = from_hf(path, scan_layers=True)
+  out_dir = to_hf(model, tmp_path / "rt", max_shard_size="16KB")
+  assert os.path.isfile(os.path.join(out_dir, hf_io.WEIGHTS_INDEX_NAME))
+  assert "scan_layers" not in json.load(open(os.path.join(out_dir, "config.json")))
+  src = load_file(os.path.join(path, "model.safetensors"))
+  index = json.load(open(os.path.join(out_dir, hf_io.WEIGHTS_INDEX_NAME)))["weight_map"]
+  assert set(index) == set(src)
+  for name, value in src.items():
+    with safe_open(os.path.join(out_dir, index[name]), "np") as f:
+      np.testing.assert_array_equal(f.get_tensor(name), value, err_msg=name)
+  assert _maxdiff(hf_logits(out_dir, IDS, MASK), ref) <= 1e-4
+
+
 # -- errors --------------------------------------------------------------------
 
 

@@ -359,12 +359,14 @@ def test_paper_config_lowers_on_simulated_mesh(tmp_path):
   # Student parameters (argument 0 = train state), then teacher (argument 1).
   shape, axes = axes_of("[0][0].params", "['embed'].value")
   assert shape == (151936, 2048) and axes == [["tensor"], ["fsdp"]]
-  shape, axes = axes_of("[0][0].params", "[0]['attn']['q'].value")
-  assert shape == (2048, 16, 128) and axes[:2] == [["fsdp"], ["tensor"]]
-  shape, axes = axes_of("[0][0].params", "[0]['mlp']['gate'].value")
-  assert shape == (2048, 6144) and axes == [["fsdp"], ["tensor"]]
-  shape, axes = axes_of("[0][0].params", "[0]['mlp']['down'].value")
-  assert shape == (6144, 2048) and axes == [["tensor"], ["fsdp"]]
+  # Layer params stacked [L, ...] (scan_layers), the "layers" axis replicated.
+  assert c.student.scan_layers and c.teacher.scan_layers
+  shape, axes = axes_of("[0][0].params", "['layers']['attn']['q'].value")
+  assert shape == (28, 2048, 16, 128) and axes[:3] == [[], ["fsdp"], ["tensor"]]
+  shape, axes = axes_of("[0][0].params", "['layers']['mlp']['gate'].value")
+  assert shape == (28, 2048, 6144) and axes == [[], ["fsdp"], ["tensor"]]
+  shape, axes = axes_of("[0][0].params", "['layers']['mlp']['down'].value")
+  assert shape == (28, 6144, 2048) and axes == [[], ["tensor"], ["fsdp"]]
   # Adam moments follow their parameters.
   mu = [v for k, v in by_path.items() if k.startswith("[0][0].opt_state")
         and k.endswith("['embed'].value")]
@@ -374,9 +376,8 @@ def test_paper_config_lowers_on_simulated_mesh(tmp_path):
   # The batch is split over the data axes (data x fsdp, data=1 here).
   shape, axes = axes_of("[0][2]", "['prompt_ids']")
   assert shape == (64, 1024) and "fsdp" in axes[0] and axes[1] == []
-  n_layers = {k.split("['layers'][")[1].split("]")[0] for k in by_path
-              if k.startswith("[0][0].params['layers']")}
-  assert len(n_layers) == 28
+  shape, _ = axes_of("[0][1]", "['layers']['mlp']['down'].value")
+  assert shape == (36, 9728, 2560)
 
 
 def test_paper_config_aime_eval_is_an_argument(tmp_path):

@@ -53,6 +53,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: bool = False
   attention_block: int = 256        # query block of memory-efficient attention (0: off)
+  scan_layers: bool = False         # layers stacked [L, ...] and run as one lax.scan
   hf_config_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
   def __post_init__(self):
@@ -118,7 +119,8 @@ class ModelConfig:
   @classmethod
   def from_hf_dict(cls, hf: Mapping[str, Any], *, dtype: str = "float32",
                    param_dtype: str = "float32", vocab_pad_multiple: int = 1,
-                   remat: bool = False, source: str = "config.json") -> "ModelConfig":
+                   remat: bool = False, scan_layers: bool = False,
+                   source: str = "config.json") -> "ModelConfig":
     """Builds a config from a HF ``config.json`` dict (transformers 4.x or 5.x)."""
     hf = dict(hf)
     model_type = hf.get("model_type")
@@ -167,5 +169,5 @@ class ModelConfig:
         qk_norm=model_type == "qwen3",
         bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos,
         pad_token_id=hf.get("pad_token_id"), padded_vocab_size=padded,
-        dtype=dtype, param_dtype=param_dtype, remat=remat,
+        dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers,
         hf_config_json=json.dumps(hf, sort_keys=True))

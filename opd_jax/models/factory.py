@@ -34,3 +34,28 @@ def create_model(cfg: ModelConfig, *, seed: int = 0,
 
   state = jax.jit(init, out_shardings=shardings if sharder.mesh is not None else None)()
   return nnx.merge(graphdef, state)
+
+
+def convert_layers(model: Transformer, scan_layers: bool) -> Transformer:
+  """The same weights in the other layer layout: per-layer params
+  ``layers[i].*`` (``scan_layers=False``) <-> one stacked ``layers.*`` with a
+  leading ``[L]`` axis (``scan_layers=True``). The result is created on the
+  target layout's shardings (``model.sharder``)."""
+  cfg = model.cfg.replace(scan_layers=scan_layers)
+  sharder = model.sharder
+  graphdef, abs_state = nnx.split(abstract_model(cfg, sharder))
+  pure = nnx.to_pure_dict(nnx.state(model))
+  n = cfg.num_layers
+
+  def convert(pure):
+    layers = pure["layers"]
+    if model.cfg.scan_layers and not scan_layers:
+      layers = {i: jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)}
+    elif scan_layers and not model.cfg.scan_layers:
+      layers = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *[layers[i] for i in range(n)])
+    state = jax.tree.map(lambda x: x, abs_state)
+    nnx.replace_by_pure_dict(state, {**pure, "layers": layers})
+    return state
+
+  shardings = param_shardings(abs_state, sharder) if sharder.mesh is not None else None
+  return nnx.merge(graphdef, jax.jit(convert, out_shardings=shardings)(pure))

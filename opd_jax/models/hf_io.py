@@ -16,6 +16,10 @@ Layout map (ours <- HF; torch ``Linear`` weights are ``[out, in]``)::
   gate/up [D, F]      <- mlp.{gate,up}_proj.weight [F, D]
   down    [F, D]      <- mlp.down_proj.weight [D, F]
   lm_head [D, V]      <- lm_head.weight [V, D]  (absent when tied)
+
+With ``scan_layers`` each layer param is stacked, ``layers.<name> [L, ...]``
+<- ``model.layers.{0..L-1}.<tensor>``; a device's block of layers reads only
+those layers' slices, and saving gathers one layer at a time.
 """
 
 from __future__ import annotations
@@ -93,7 +97,8 @@ def _identity(name: str, shape: Sequence[int]) -> _TensorMap:
 
 
 def _tensor_maps(cfg: ModelConfig) -> dict[tuple[Any, ...], _TensorMap]:
-  """Our state path (tuple of keys) -> :class:`_TensorMap`."""
+  """Our per-layer state path (tuple of keys, ``("layers", i, ...)`` for layer
+  params) -> :class:`_TensorMap`."""
   d, f, h, k, dh = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
                     cfg.num_kv_heads, cfg.head_dim)
   v = cfg.vocab_size
@@ -127,6 +132,20 @@ def _tensor_maps(cfg: ModelConfig) -> dict[tuple[Any, ...], _TensorMap]:
                                     ((0,), (1,)), (1, 0))
       if cfg.mlp_bias:
         out[m + (f"{name}_bias",)] = _identity(p + f"mlp.{name}_proj.bias", (shape[0],))
+  return out
+
+
+def _param_maps(cfg: ModelConfig) -> dict[tuple[Any, ...], tuple[_TensorMap, ...]]:
+  """Our state path -> the HF tensors it holds: one map, or with
+  ``cfg.scan_layers`` one per layer for a stacked ``("layers", ...)`` param
+  (its dim 0 is the layer)."""
+  out: dict[tuple[Any, ...], tuple[_TensorMap, ...]] = {}
+  for key, tm in _tensor_maps(cfg).items():
+    if cfg.scan_layers and key[0] == "layers":
+      out.setdefault(("layers",) + key[2:], ())
+      out[("layers",) + key[2:]] += (tm,)
+    else:
+      out[key] = (tm,)
   return out
 
 
@@ -169,7 +188,7 @@ def _read_config_json(path: str) -> dict[str, Any]:
 
 def config_from_hf(path: str | os.PathLike, *, dtype: str = "float32",
                    param_dtype: str = "float32", vocab_pad_multiple: int = 1,
-                   remat: bool = False) -> ModelConfig:
+                   remat: bool = False, scan_layers: bool = False) -> ModelConfig:
   """Reads ``<path>/config.json`` into a :class:`ModelConfig`.
 
   Raises FileNotFoundError / ValueError naming the config file.
@@ -180,7 +199,7 @@ def config_from_hf(path: str | os.PathLike, *, dtype: str = "float32",
   try:
     return ModelConfig.from_hf_dict(hf, dtype=dtype, param_dtype=param_dtype,
                                     vocab_pad_multiple=vocab_pad_multiple, remat=remat,
-                                    source=cfg_file)
+                                    scan_layers=scan_layers, source=cfg_file)
   except (ValueError, TypeError) as e:
     if cfg_file in str(e):
       raise
@@ -255,31 +274,48 @@ def _read_slice(tm: _TensorMap, hf_slice, bounds: tuple[tuple[int, int], ...]) -
   return np.transpose(block, tm.perm)
 
 
-def _load_param(tm: _TensorMap, hf_slice, shape, sharding, dtype) -> jax.Array:
-  """Builds one parameter on ``sharding`` (``None``: default device)."""
+def _read_block(tm: _TensorMap, hf_slice, bounds: tuple[tuple[int, int], ...],
+                dtype) -> np.ndarray:
+  """Our-layout block ``bounds`` (per our dim, padded vocab) as ``dtype``; rows
+  past the checkpoint's vocabulary are zeros."""
+  real = list(bounds)
+  pad = None
+  if tm.vocab_dim is not None:
+    lo, hi = bounds[tm.vocab_dim]
+    real[tm.vocab_dim] = (min(lo, tm.vocab), min(hi, tm.vocab))
+    pad = (hi - lo) - (real[tm.vocab_dim][1] - real[tm.vocab_dim][0])
+  if any(hi <= lo for lo, hi in real):
+    block = np.zeros([hi - lo for lo, hi in real], dtype)
+  else:
+    block = _read_slice(tm, hf_slice, tuple(real)).astype(dtype)
+  if pad:
+    widths = [(0, 0)] * len(bounds)
+    widths[tm.vocab_dim] = (0, pad)
+    block = np.pad(block, widths)
+  return block
+
+
+def _load_param(tms: Sequence[_TensorMap], hf_slices: Sequence[Any], shape, sharding,
+                dtype, stacked: bool = False) -> jax.Array:
+  """Builds one parameter on ``sharding`` (``None``: default device).
+
+  ``stacked``: dim 0 of ``shape`` is the layer and ``tms[l]`` / ``hf_slices[l]``
+  layer l's tensor; a device's block of layers ``l0:l1`` reads just those
+  layers' slices. Otherwise ``tms`` / ``hf_slices`` hold one tensor.
+  """
   cache: dict[Any, np.ndarray] = {}
   full_shape = tuple(shape)
 
   def cb(index):
     bounds = _norm_index(index, full_shape)
-    if bounds in cache:
-      return cache[bounds]
-    real = list(bounds)
-    pad = None
-    if tm.vocab_dim is not None:
-      lo, hi = bounds[tm.vocab_dim]
-      real[tm.vocab_dim] = (min(lo, tm.vocab), min(hi, tm.vocab))
-      pad = (hi - lo) - (real[tm.vocab_dim][1] - real[tm.vocab_dim][0])
-    if any(hi <= lo for lo, hi in real):
-      block = np.zeros([hi - lo for lo, hi in real], dtype)
-    else:
-      block = _read_slice(tm, hf_slice, tuple(real)).astype(dtype)
-    if pad:
-      widths = [(0, 0)] * len(full_shape)
-      widths[tm.vocab_dim] = (0, pad)
-      block = np.pad(block, widths)
-    cache[bounds] = block
-    return block
+    if bounds not in cache:
+      if stacked:
+        (lo, hi), rest = bounds[0], bounds[1:]
+        cache[bounds] = np.stack([_read_block(tms[l], hf_slices[l], rest, dtype)
+                                  for l in range(lo, hi)])
+      else:
+        cache[bounds] = _read_block(tms[0], hf_slices[0], bounds, dtype)
+    return cache[bounds]
 
   if sharding is None:
     return jax.device_put(cb(tuple(slice(None) for _ in full_shape)))
@@ -289,24 +325,26 @@ def _load_param(tm: _TensorMap, hf_slice, shape, sharding, dtype) -> jax.Array:
 def from_hf(path: str | os.PathLike, *, dtype: str = "float32",
             param_dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
             rules: Any = None, vocab_pad_multiple: int = 1,
-            remat: bool = False) -> Transformer:
+            remat: bool = False, scan_layers: bool = False) -> Transformer:
   """Loads a local HF checkpoint dir (config.json + safetensors) as a Transformer.
 
   Each parameter is created directly on its sharding (``mesh``, ``rules``);
   devices read only their slices of the mmap'd safetensors. Padded vocab rows
   (``vocab_pad_multiple``) are zeros. Tied checkpoints' ``lm_head.weight`` is
-  ignored.
+  ignored. ``scan_layers``: the ``model.layers.{i}.*`` tensors fill stacked
+  ``[L, ...]`` params (each device still reads only its block).
   """
   from safetensors import safe_open
 
   path = os.fspath(path)
   cfg = config_from_hf(path, dtype=dtype, param_dtype=param_dtype,
-                       vocab_pad_multiple=vocab_pad_multiple, remat=remat)
+                       vocab_pad_multiple=vocab_pad_multiple, remat=remat,
+                       scan_layers=scan_layers)
   files = _weight_files(path)
   sharder = Sharder(mesh, rules_from_config(rules))
   graphdef, abs_state = nnx.split(abstract_model(cfg, sharder))
   shardings = param_shardings(abs_state, sharder) if mesh is not None else None
-  maps = _tensor_maps(cfg)
+  maps = _param_maps(cfg)
   np_dtype = np.dtype(jnp.dtype(param_dtype))
 
   params = _flat_params(abs_state)
@@ -320,25 +358,28 @@ def from_hf(path: str | os.PathLike, *, dtype: str = "float32",
   loaded: dict[tuple[Any, ...], jax.Array] = {}
   try:
     for key, var in params:
-      tm = maps[key]
-      file = files.get(tm.hf_name)
-      if file is None:
-        raise ValueError(f"tensor {tm.hf_name!r} not found in {path}")
-      if file not in handles:
-        handles[file] = safe_open(file, "np").__enter__()
-        names[file] = set(handles[file].keys())
-      if tm.hf_name not in names[file]:
-        raise ValueError(f"tensor {tm.hf_name!r} not found in {file} (listed in "
-                         f"{os.path.join(path, WEIGHTS_INDEX_NAME)})")
-      hf_slice = handles[file].get_slice(tm.hf_name)
-      got = tuple(hf_slice.get_shape())
-      if got != tm.hf_shape:
-        raise ValueError(f"tensor {tm.hf_name!r} in file {file} has shape {got} but "
-                         f"{os.path.join(path, CONFIG_NAME)} implies {tm.hf_shape}")
+      slices = []
+      for tm in maps[key]:
+        file = files.get(tm.hf_name)
+        if file is None:
+          raise ValueError(f"tensor {tm.hf_name!r} not found in {path}")
+        if file not in handles:
+          handles[file] = safe_open(file, "np").__enter__()
+          names[file] = set(handles[file].keys())
+        if tm.hf_name not in names[file]:
+          raise ValueError(f"tensor {tm.hf_name!r} not found in {file} (listed in "
+                           f"{os.path.join(path, WEIGHTS_INDEX_NAME)})")
+        hf_slice = handles[file].get_slice(tm.hf_name)
+        got = tuple(hf_slice.get_shape())
+        if got != tm.hf_shape:
+          raise ValueError(f"tensor {tm.hf_name!r} in file {file} has shape {got} but "
+                           f"{os.path.join(path, CONFIG_NAME)} implies {tm.hf_shape}")
+        slices.append(hf_slice)
+        used.add(tm.hf_name)
       shape = var.get_value().shape
       sharding = shard_leaves[key].get_value() if key in shard_leaves else None
-      loaded[key] = _load_param(tm, hf_slice, shape, sharding, np_dtype)
-      used.add(tm.hf_name)
+      loaded[key] = _load_param(maps[key], slices, shape, sharding, np_dtype,
+                                stacked=cfg.scan_layers and key[0] == "layers")
   finally:
     for fh in handles.values():
       fh.__exit__(None, None, None)
@@ -475,7 +516,7 @@ def to_hf(model: Transformer, out_dir: str | os.PathLike, *,
 
   out_dir = os.path.abspath(os.fspath(out_dir))
   cfg = model.cfg
-  maps = _tensor_maps(cfg)
+  maps = _param_maps(cfg)
   state = nnx.state(model, nnx.Param)
   params = dict(_flat_params(state))
   missing = [k for k in params if k not in maps]
@@ -485,10 +526,12 @@ def to_hf(model: Transformer, out_dir: str | os.PathLike, *,
   dtype_name = jnp.dtype(save_dtype).name
   hf_config = _export_config(cfg, dtype_name)  # fail before any gathering
 
+  # HF name -> (our key, layer of a stacked param or None, map).
+  by_name = {tm.hf_name: (k, l if cfg.scan_layers and k[0] == "layers" else None, tm)
+             for k in params for l, tm in enumerate(maps[k])}
   # Plan shards from shapes only (zero-memory placeholder arrays: nbytes = size).
-  by_name = {maps[k].hf_name: k for k in params}
-  specs = {maps[k].hf_name: np.broadcast_to(np.zeros((), save_dtype), maps[k].hf_shape)
-           for k in params}
+  specs = {name: np.broadcast_to(np.zeros((), save_dtype), tm.hf_shape)
+           for name, (_, _, tm) in by_name.items()}
   split = split_state_dict_into_shards_factory(
       specs, get_storage_size=lambda t: int(t.nbytes),
       filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
@@ -503,9 +546,9 @@ def to_hf(model: Transformer, out_dir: str | os.PathLike, *,
     for fname, names in split.filename_to_tensors.items():
       tensors = {}
       for name in names:
-        key = by_name[name]
-        tm = maps[key]
-        host = _to_host(params[key].get_value())
+        key, layer, tm = by_name[name]
+        value = params[key].get_value()
+        host = _to_host(value if layer is None else value[layer])  # one layer at a time
         if tm.vocab_dim is not None:
           host = np.take(host, np.arange(tm.vocab), axis=tm.vocab_dim)
         tensors[name] = tm.to_hf(host.astype(save_dtype))

@@ -27,18 +27,22 @@ NEG_INF = -1e30  # finite "minus infinity": masked rows stay NaN-free
 # [.., S, Dh] layout's minor-axis reduce went to a ~4x slower library call).
 KEY_CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_head_dim", "cache_length")
 VALUE_CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
+# Leading axis of the stacked (``scan_layers``) parameters and caches.
+LAYERS_AXIS = "layers"
+CACHE_LAYERS_AXIS = "cache_layers"
 
 
 class KVCache(NamedTuple):
   """Fixed-size decoding cache.
 
   k, v: per-layer lists of keys ``[B, K, Dh, S]`` and values ``[B, K, S, Dh]``
-  (kv-head-major; keys transposed); ``valid``: ``[B, S]`` bool, which
+  (kv-head-major; keys transposed), or with ``scan_layers`` one stacked array
+  each, ``[L, B, K, Dh, S]`` / ``[L, B, K, S, Dh]``; ``valid``: ``[B, S]`` bool, which
   slots hold real tokens; ``index``: scalar int32, the next slot to write (all
   rows share it: prompts are left-padded to a common length).
   """
-  k: list[jax.Array]
-  v: list[jax.Array]
+  k: list[jax.Array] | jax.Array
+  v: list[jax.Array] | jax.Array
   valid: jax.Array
   index: jax.Array
 
@@ -256,6 +260,24 @@ class DecoderLayer(nnx.Module):
     return h, new_kv
 
 
+def stacked_layers(cfg: ModelConfig, sharder: Sharder, rngs: nnx.Rngs) -> DecoderLayer:
+  """``cfg.num_layers`` decoder layers as one :class:`DecoderLayer` whose params
+  are stacked ``[L, ...]`` (``nnx.vmap`` init, one rng split per layer); each
+  param's ``logical_axes`` gains a leading ``"layers"``."""
+
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(r):
+    return DecoderLayer(cfg, sharder, rngs=r)
+
+  layers = make(rngs)
+  for _, var in nnx.iter_graph(layers):
+    if isinstance(var, nnx.Variable):
+      axes = tuple(var.get_metadata()["logical_axes"])
+      var.set_metadata("logical_axes", (LAYERS_AXIS,) + axes)
+  return layers
+
+
 class Transformer(nnx.Module):
   """Causal LM. ``model(ids, mask, positions)`` -> float32 logits ``[B, T, V]``."""
 
@@ -264,8 +286,11 @@ class Transformer(nnx.Module):
     self.cfg, self.sharder = cfg, sharder
     v, d, pd = cfg.padded_vocab_size, cfg.hidden_size, cfg.param_dtype
     self.embed = _param(rngs, (v, d), ("vocab", "embed"), pd)
-    self.layers = nnx.List([DecoderLayer(cfg, sharder, rngs=rngs)
-                            for _ in range(cfg.num_layers)])
+    if cfg.scan_layers:
+      self.layers = stacked_layers(cfg, sharder, rngs)
+    else:
+      self.layers = nnx.List([DecoderLayer(cfg, sharder, rngs=rngs)
+                              for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(d, cfg.rms_norm_eps, cfg, rngs=rngs)
     if not cfg.tie_word_embeddings:
       self.lm_head = _param(rngs, (d, v), ("embed", "vocab"), pd)
@@ -309,6 +334,10 @@ class Transformer(nnx.Module):
     else:
       key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
       q_start = cache.index
+    if cfg.scan_layers:
+      h, new_k, new_v = self._scan_layers(h, positions, key_valid, q_start, cache)
+      return self.final_norm(h), (None if cache is None else
+                                  KVCache(new_k, new_v, key_valid, cache.index + t))
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
@@ -324,6 +353,51 @@ class Transformer(nnx.Module):
     new_cache = None if cache is None else KVCache(new_k, new_v, key_valid, cache.index + t)
     return h, new_cache
 
+  def _scan_layers(self, h, positions, key_valid, q_start, cache):
+    """The stacked layers as one ``lax.scan`` (the body is traced once, so
+    compile time does not grow with depth) -> (h, stacked k, stacked v).
+
+    Without a cache the carry is h ``[B, T, D]``; under ``remat`` the body is
+    checkpointed, so the backward pass keeps only each layer's input h
+    (``[L, B, T, D]`` in all) and recomputes the rest layer by layer. With a
+    cache the stacked k ``[L, B, K, Dh, S]`` / v ``[L, B, K, S, Dh]`` ride in the
+    carry: layer i attends over its slice i, and only the T new slots go back
+    into the stack, a dynamic update slice in place in the loop buffer (the
+    stack is never copied; XLA:CPU does copy layer i's slice for its attention).
+    """
+    graphdef, state = nnx.split(self.layers)
+    if cache is None:
+      def body(h, layer_state):
+        h, _ = nnx.merge(graphdef, layer_state)(h, positions, key_valid, 0)
+        return h, None
+
+      if self.cfg.remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+      h, _ = jax.lax.scan(body, h, state)
+      return h, None, None
+
+    t = h.shape[1]
+
+    def body_cached(carry, xs):
+      h, ck, cv = carry
+      layer_state, i = xs
+      kv = (jax.lax.dynamic_index_in_dim(ck, i, keepdims=False),
+            jax.lax.dynamic_index_in_dim(cv, i, keepdims=False))
+      h, (lk, lv) = nnx.merge(graphdef, layer_state)(h, positions, key_valid, q_start, kv)
+      # Write back only the T new slots of layer i (not its whole [.., S]
+      # slice): an in-place update of the stacked carry.
+      k_new = jax.lax.dynamic_slice_in_dim(lk, q_start, t, axis=3)
+      v_new = jax.lax.dynamic_slice_in_dim(lv, q_start, t, axis=2)
+      ck = jax.lax.dynamic_update_slice(ck, k_new[None], (i, 0, 0, 0, q_start))
+      cv = jax.lax.dynamic_update_slice(cv, v_new[None], (i, 0, 0, q_start, 0))
+      return (h, ck, cv), None
+
+    layer_ids = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+    (h, ck, cv), _ = jax.lax.scan(body_cached, (h, cache.k, cache.v), (state, layer_ids))
+    sh = self.sharder
+    return (h, sh.constrain(ck, (CACHE_LAYERS_AXIS,) + KEY_CACHE_AXES),
+            sh.constrain(cv, (CACHE_LAYERS_AXIS,) + VALUE_CACHE_AXES))
+
   def __call__(self, input_ids, attention_mask=None, positions=None):
     h, _ = self.hidden(input_ids, attention_mask, positions)
     logits = self.logits_from_hidden(h)
@@ -336,11 +410,16 @@ class Transformer(nnx.Module):
     dtype = jnp.dtype(dtype or cfg.dtype)
     kv, dh = cfg.num_kv_heads, cfg.head_dim
     zeros = lambda shape, axes: self.sharder.constrain(jnp.zeros(shape, dtype), axes)
+    valid, index = jnp.zeros((batch, max_len), jnp.bool_), jnp.zeros((), jnp.int32)
+    if cfg.scan_layers:
+      n = cfg.num_layers
+      return KVCache(zeros((n, batch, kv, dh, max_len), (CACHE_LAYERS_AXIS,) + KEY_CACHE_AXES),
+                     zeros((n, batch, kv, max_len, dh), (CACHE_LAYERS_AXIS,) + VALUE_CACHE_AXES),
+                     valid, index)
     return KVCache([zeros((batch, kv, dh, max_len), KEY_CACHE_AXES)
                     for _ in range(cfg.num_layers)],
                    [zeros((batch, kv, max_len, dh), VALUE_CACHE_AXES)
-                    for _ in range(cfg.num_layers)],
-                   jnp.zeros((batch, max_len), jnp.bool_), jnp.zeros((), jnp.int32))
+                    for _ in range(cfg.num_layers)], valid, index)
 
   def decode(self, input_ids, attention_mask, positions, cache: KVCache):
     """Runs T new tokens through the cache -> (float32 logits ``[B,T,V]``, cache)."""
