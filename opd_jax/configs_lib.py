@@ -61,9 +61,21 @@ def loss_kwargs(loss_cfg: Any) -> dict[str, Any]:
 
 
 def model_config(path: str = "", **kw) -> ml_collections.ConfigDict:
+  """``config.student`` / ``config.teacher``. ``attention``: the many-query
+  attention (models/attention.py IMPLEMENTATIONS), with its query / key blocks."""
   return ml_collections.ConfigDict(dict(
       path=path, dtype="float32", param_dtype="float32", remat=False,
-      vocab_pad_multiple=1, **kw))
+      vocab_pad_multiple=1, attention="blockwise", attention_block=256,
+      attention_key_block=512, **kw))
+
+
+def attention_kwargs(model_cfg: Any) -> dict[str, Any]:
+  """The attention settings of a model config (defaults where a config made
+  before these settings lacks them), as ``from_hf`` keyword args."""
+  get = lambda k, d: model_cfg.get(k, d) if hasattr(model_cfg, "get") else getattr(model_cfg, k, d)
+  return dict(attention=str(get("attention", "blockwise")),
+              attention_block=int(get("attention_block", 256)),
+              attention_key_block=int(get("attention_key_block", 512)))
 
 
 def base_config() -> ml_collections.ConfigDict:

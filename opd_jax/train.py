@@ -98,7 +98,7 @@ def _load(model_cfg, sharder: Sharder):
   return from_hf(model_cfg.path, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
                  mesh=sharder.mesh, rules=sharder.rules,
                  vocab_pad_multiple=int(model_cfg.vocab_pad_multiple),
-                 remat=bool(model_cfg.remat))
+                 remat=bool(model_cfg.remat), **configs_lib.attention_kwargs(model_cfg))
 
 
 def eos_ids_of(tokenizer, model_cfg) -> tuple[int, ...]:
@@ -384,7 +384,8 @@ def lower_abstract(config: ml_collections.ConfigDict, *, vocab_size: int | None 
 
   def abstract(m):
     cfg = config_from_hf(m.path, dtype=m.dtype, param_dtype=m.param_dtype,
-                         vocab_pad_multiple=int(m.vocab_pad_multiple), remat=bool(m.remat))
+                         vocab_pad_multiple=int(m.vocab_pad_multiple), remat=bool(m.remat),
+                         **configs_lib.attention_kwargs(m))
     model = abstract_model(cfg, sharder)
     graphdef, state = nnx.split(model)
     shardings = sharder.tree_shardings(state)
