@@ -83,19 +83,20 @@ def dense(qg, keys, values, key_valid, q_slot, dt, block: int = 0):
 # -- blockwise (flash) attention ----------------------------------------------
 
 def _tile(qi, kj, si, valid_j, j, bk):
-  """Masked float32 scores of one tile ``[B, K, G, bq, bk]`` and its mask."""
-  s = jnp.einsum("bqkgd,bkds->bkgqs", qi, kj,
+  """Masked float32 scores of one tile ``[B, K, G, bq, bk]`` and its mask
+  (qi ``[B, bq, K, G, Dh]``, kj ``[B, K, bk, Dh]``)."""
+  s = jnp.einsum("bqkgd,bksd->bkgqs", qi, kj,
                  preferred_element_type=jnp.float32) / np.sqrt(qi.shape[-1])
   mask = allowed(si, valid_j, j * bk + jnp.arange(bk))[:, None, None]
   return jnp.where(mask, s, NEG_INF), mask
 
 
 def _flash_fwd_impl(q, k, v, valid, q_slot, bq, bk, dt):
-  """q ``[B, nq*bq, K, G, Dh]``, k ``[B, K, Dh, nk*bk]``, v ``[B, K, nk*bk, Dh]``,
+  """q ``[B, nq*bq, K, G, Dh]``, k and v ``[B, K, nk*bk, Dh]``,
   valid ``[B, nk*bk]``, q_slot ``[nq*bq]`` nondecreasing. Returns out (same
   shape as q) and the row logsumexp ``[nq, B, K, G, bq]`` (float32)."""
   b, tp, kh, g, dh = q.shape
-  nq, nk = tp // bq, k.shape[3] // bk
+  nq, nk = tp // bq, k.shape[2] // bk
 
   def q_block(i):
     qi = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
@@ -103,7 +104,7 @@ def _flash_fwd_impl(q, k, v, valid, q_slot, bq, bk, dt):
 
     def body(j, carry):
       m, l, acc = carry                       # [B,K,G,bq] x2, [B,K,G,bq,Dh]
-      kj = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=3)
+      kj = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
       vj = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
       vaj = jax.lax.dynamic_slice_in_dim(valid, j * bk, bk, axis=1)
       s, mask = _tile(qi, kj, si, vaj, j, bk)
@@ -146,7 +147,7 @@ def _flash_bwd(bq, bk, dt, res, d_out):
   D = rowsum(dO * O)."""
   q, k, v, valid, q_slot, out, lse = res
   b, tp, kh, g, dh = q.shape
-  nq, nk = tp // bq, k.shape[3] // bk
+  nq, nk = tp // bq, k.shape[2] // bk
   scale = 1.0 / np.sqrt(dh)
   d_out = d_out.astype(dt)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
@@ -154,7 +155,7 @@ def _flash_bwd(bq, bk, dt, res, d_out):
   last_slot = q_slot.reshape(nq, bq)[:, -1]
 
   def k_block(dq, j):
-    kj = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=3)
+    kj = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
     vj = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
     vaj = jax.lax.dynamic_slice_in_dim(valid, j * bk, bk, axis=1)
 
@@ -169,13 +170,13 @@ def _flash_bwd(bq, bk, dt, res, d_out):
                            preferred_element_type=jnp.float32)
       dp = jnp.einsum("bqkgd,bksd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
       ds = (p * (dp - delta[i][..., None]) * scale).astype(dt)
-      dk = dk + jnp.einsum("bkgqs,bqkgd->bkds", ds, qi, preferred_element_type=jnp.float32)
-      dqi = jnp.einsum("bkgqs,bkds->bqkgd", ds, kj, preferred_element_type=jnp.float32)
+      dk = dk + jnp.einsum("bkgqs,bqkgd->bksd", ds, qi, preferred_element_type=jnp.float32)
+      dqi = jnp.einsum("bkgqs,bksd->bqkgd", ds, kj, preferred_element_type=jnp.float32)
       dq = jax.lax.dynamic_update_slice_in_dim(
           dq, jax.lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=1) + dqi, i * bq, axis=1)
       return dq, dk, dv
 
-    init = (dq, jnp.zeros((b, kh, dh, bk), jnp.float32),
+    init = (dq, jnp.zeros((b, kh, bk, dh), jnp.float32),
             jnp.zeros((b, kh, bk, dh), jnp.float32))
     # Query blocks whose last slot is before this key block see none of it.
     lo = jnp.sum(last_slot < j * bk).astype(jnp.int32)
@@ -183,8 +184,8 @@ def _flash_bwd(bq, bk, dt, res, d_out):
     return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
 
   dq, (dk, dv) = jax.lax.scan(k_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))
-  dk = jnp.moveaxis(dk, 0, 3).reshape(k.shape)     # [B, K, Dh, nk, bk] -> S
-  dv = jnp.moveaxis(dv, 0, 2).reshape(v.shape)     # [B, K, nk, bk, Dh] -> S
+  dk = jnp.moveaxis(dk, 0, 2).reshape(k.shape)     # [B, K, nk, bk, Dh] -> S
+  dv = jnp.moveaxis(dv, 0, 2).reshape(v.shape)
   return dq.astype(q.dtype), dk, dv, None, None
 
 
@@ -203,11 +204,14 @@ def blockwise(qg, keys, values, key_valid, q_slot, dt, block_q: int = 256,
   bq, bk = min(block_q, t), min(block_k, s)
   tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
   q_slot = jnp.asarray(q_slot, jnp.int32)
+  # Keys back to [B, K, S, Dh] (on fresh keys this undoes the caller's
+  # transpose); XLA:CPU has no bf16 x bf16 -> f32 dot contracting [.., Dh, S].
+  keys = jnp.swapaxes(keys, 2, 3)
   if tp > t:
     qg = jnp.pad(qg, [(0, 0), (0, tp - t), (0, 0), (0, 0), (0, 0)])
     q_slot = jnp.concatenate([q_slot, q_slot[-1] + 1 + jnp.arange(tp - t, dtype=jnp.int32)])
   if sp > s:
-    keys = jnp.pad(keys, [(0, 0), (0, 0), (0, 0), (0, sp - s)])
+    keys = jnp.pad(keys, [(0, 0), (0, 0), (0, sp - s), (0, 0)])
     values = jnp.pad(values, [(0, 0), (0, 0), (0, sp - s), (0, 0)])
     key_valid = jnp.pad(key_valid, [(0, 0), (0, sp - s)])
   out = _flash(qg.astype(dt), keys.astype(dt), values.astype(dt), key_valid, q_slot,
