@@ -199,7 +199,6 @@ def _temp_bytes(fn, t, b=1, kh=2, g=2, dh=64):
   return compiled.memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.slow
 def test_blockwise_memory_is_linear_in_length():
   blockwise = lambda *a: A.blockwise(*a, block_q=256, block_k=512)
   small, large = _temp_bytes(blockwise, 2048), _temp_bytes(blockwise, 8192)

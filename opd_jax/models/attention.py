@@ -256,11 +256,14 @@ def _tpu_interpret_mode() -> bool:
     return False
 
 
-def pallas_tpu(qg, keys, values, key_valid, dt, block: int = 128):
+def pallas_tpu(qg, keys, values, key_valid, dt, block: int = 128, sharder=None):
   """Pallas TPU flash attention, cache-free case (query t at slot t, S == T).
   Left padding as segment ids (pads 0, tokens 1) with ``causal=True``: a pad
   query sees the pads before it, never a fully masked row. GQA by repeating
-  the kv heads. T is padded to a multiple of ``block`` (a multiple of 128)."""
+  the kv heads. T is padded to a multiple of ``block`` (a multiple of 128).
+  With a mesh (``sharder``) the kernel runs per shard under ``shard_map``
+  (batch and heads split as the activations; a Pallas call is not partitioned
+  by XLA itself)."""
   if jax.default_backend() != "tpu" and not _tpu_interpret_mode():
     raise ValueError(f"attention='pallas_tpu' needs a TPU backend (or Pallas TPU "
                      f"interpret mode); this one is {jax.default_backend()!r} "
@@ -280,22 +283,30 @@ def pallas_tpu(qg, keys, values, key_valid, dt, block: int = 128):
                         block_q_major_dkv=block, block_k_major_dkv=block,
                         block_k_dkv=block, block_q_dkv=block, block_k_major_dq=block,
                         block_k_dq=block, block_q_dq=block)
-  out = fa.flash_attention(q, k, v, segment_ids=fa.SegmentIds(seg, seg), causal=True,
-                           sm_scale=1.0 / np.sqrt(dh), block_sizes=sizes)
+  kernel = lambda q, k, v, seg: fa.flash_attention(
+      q, k, v, segment_ids=fa.SegmentIds(seg, seg), causal=True,
+      sm_scale=1.0 / np.sqrt(dh), block_sizes=sizes)
+  if sharder is not None and sharder.mesh is not None:
+    qspec = sharder.spec(("activation_batch", "activation_heads", None, None), q.shape)
+    sspec = jax.sharding.PartitionSpec(qspec[0], None)
+    kernel = jax.shard_map(kernel, mesh=sharder.mesh, in_specs=(qspec, qspec, qspec, sspec),
+                           out_specs=qspec, check_vma=False)
+  out = kernel(q, k, v, seg)
   out = jnp.transpose(out[:, :, :t], (0, 2, 1, 3))                          # [B,T,H,Dh]
   return out.reshape(b, t, kh, g, dh).astype(dt)
 
 
-def attend_many(cfg, qg, keys, values, key_valid, q_slot, dt, aligned: bool):
+def attend_many(cfg, qg, keys, values, key_valid, q_slot, dt, aligned: bool,
+                sharder=None):
   """Dispatch on ``cfg.attention`` (T > 1 queries). ``aligned``: no cache
-  (S == T, query t at slot t)."""
+  (S == T, query t at slot t); ``sharder``: the mesh for ``pallas_tpu``."""
   impl = cfg.attention
   if impl == "dense":
     return dense(qg, keys, values, key_valid, q_slot, dt, cfg.attention_block)
   if impl in ("xla", "cudnn"):
     return library(qg, keys, values, key_valid, q_slot, dt, impl, aligned)
   if impl == "pallas_tpu" and aligned:
-    return pallas_tpu(qg, keys, values, key_valid, dt)
+    return pallas_tpu(qg, keys, values, key_valid, dt, sharder=sharder)
   if impl in ("blockwise", "pallas_tpu"):
     return blockwise(qg, keys, values, key_valid, q_slot, dt,
                      cfg.attention_block or 256, cfg.attention_key_block or 512)

@@ -100,7 +100,7 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
   return (xf * cos + rotated * sin).astype(x.dtype)
 
 
-def _attend(qg, keys, values, key_valid, q_slot, dt, cfg=None, aligned=False):
+def _attend(qg, keys, values, key_valid, q_slot, dt, cfg=None, aligned=False, sharder=None):
   """softmax(q k^T / sqrt(Dh) + mask) v for grouped queries.
 
   qg ``[B, T, K, G, Dh]``; keys ``[B, K, Dh, S]`` (transposed), values
@@ -108,7 +108,7 @@ def _attend(qg, keys, values, key_valid, q_slot, dt, cfg=None, aligned=False):
   q_slot ``[T]`` cache slot of each query (causal: keys at slots <= it).
   Scores and softmax in float32. Returns ``[B, T, K, G, Dh]``. T > 1 goes to
   ``cfg.attention`` (:mod:`opd_jax.models.attention`; dense without cfg);
-  ``aligned``: no cache (S == T, query t at slot t).
+  ``aligned``: no cache (S == T, query t at slot t); ``sharder``: its mesh.
   """
   s = keys.shape[3]
   allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]
@@ -127,7 +127,7 @@ def _attend(qg, keys, values, key_valid, q_slot, dt, cfg=None, aligned=False):
   # Many queries (prefill, training): the configured implementation.
   if cfg is None:
     return attention_lib.dense(qg, keys, values, key_valid, q_slot, dt)
-  return attention_lib.attend_many(cfg, qg, keys, values, key_valid, q_slot, dt, aligned)
+  return attention_lib.attend_many(cfg, qg, keys, values, key_valid, q_slot, dt, aligned, sharder)
 
 
 class Attention(nnx.Module):
@@ -188,7 +188,7 @@ class Attention(nnx.Module):
     kh = keys.shape[1]
     qg = q.reshape(b, t, kh, h // kh, dh)
     q_slot = q_start + jnp.arange(t)
-    out = _attend(qg, keys, values, key_valid, q_slot, dt, cfg, aligned=cache_kv is None)
+    out = _attend(qg, keys, values, key_valid, q_slot, dt, cfg, cache_kv is None, sh)
     out = out.reshape(b, t, h, dh)
     out = sh.constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
     y = dense(out, self.o[...].astype(dt), n_in=2)     # [B, T, D]
