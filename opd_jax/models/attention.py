@@ -19,8 +19,10 @@ softmax(q kᵀ / sqrt(Dh) + mask) v, scores and softmax in float32.
   (training) case, S == T from slot 0; prefill into a cache uses ``blockwise``.
   Needs a TPU, or TPU interpret mode (``pltpu.force_tpu_interpret_mode``).
 
-Fully masked rows (left-pad queries) come out finite: zeros for
-``blockwise``, a mean of values for ``dense``/``xla``; no real token reads them.
+Fully masked rows (left-pad queries) come out finite: zeros from the
+blockwise tiles, a mean of values from ``dense``/``xla``; no real token reads
+them. ``blockwise`` takes the dense path when one tile holds everything
+(T <= attention_block and S <= attention_key_block: the small models).
 """
 
 from __future__ import annotations
