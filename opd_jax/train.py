@@ -98,7 +98,9 @@ def model_kwargs(model_cfg) -> dict[str, Any]:
   are read, for the loading and the abstract path alike)."""
   return dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
               vocab_pad_multiple=int(model_cfg.vocab_pad_multiple),
-              remat=bool(model_cfg.remat), scan_layers=bool(model_cfg.scan_layers))
+              remat=bool(model_cfg.remat), scan_layers=bool(model_cfg.scan_layers),
+              attention=str(model_cfg.attention), attention_block=int(model_cfg.attention_block),
+              attention_key_block=int(model_cfg.attention_key_block))
 
 
 def model_config_of(config, name: str, *, num_layers: int = 0):

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from opd_jax.models import attention as attention_lib
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -52,7 +54,12 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
-  attention_block: int = 256        # query block of memory-efficient attention (0: off)
+  # Many-query attention (prefill, training), models/attention.py: "blockwise"
+  # (flash, linear memory), "dense", "xla", "cudnn" or "pallas_tpu"; its query
+  # block (dense: remat query blocks, 0 off) and key block.
+  attention: str = "blockwise"
+  attention_block: int = 256
+  attention_key_block: int = 512
   scan_layers: bool = False         # layers stacked [L, ...] and run as one lax.scan
   hf_config_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
@@ -66,6 +73,7 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {DTYPES}")
+    attention_lib.validate(self.attention, self.attention_block, self.attention_key_block)
     if self.padded_vocab_size == 0:
       object.__setattr__(self, "padded_vocab_size", self.vocab_size)
     if self.padded_vocab_size < self.vocab_size:
@@ -120,6 +128,8 @@ class ModelConfig:
   def from_hf_dict(cls, hf: Mapping[str, Any], *, dtype: str = "float32",
                    param_dtype: str = "float32", vocab_pad_multiple: int = 1,
                    remat: bool = False, scan_layers: bool = False,
+                   attention: str = "blockwise", attention_block: int = 256,
+                   attention_key_block: int = 512,
                    source: str = "config.json") -> "ModelConfig":
     """Builds a config from a HF ``config.json`` dict (transformers 4.x or 5.x)."""
     hf = dict(hf)
@@ -170,4 +180,6 @@ class ModelConfig:
         bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos,
         pad_token_id=hf.get("pad_token_id"), padded_vocab_size=padded,
         dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers,
+        attention=attention, attention_block=attention_block,
+        attention_key_block=attention_key_block,
         hf_config_json=json.dumps(hf, sort_keys=True))

@@ -188,10 +188,12 @@ def _read_config_json(path: str) -> dict[str, Any]:
 
 def config_from_hf(path: str | os.PathLike, *, dtype: str = "float32",
                    param_dtype: str = "float32", vocab_pad_multiple: int = 1,
-                   remat: bool = False, scan_layers: bool = False) -> ModelConfig:
+                   remat: bool = False, scan_layers: bool = False, **attention) -> ModelConfig:
   """Reads ``<path>/config.json`` into a :class:`ModelConfig`.
 
-  Raises FileNotFoundError / ValueError naming the config file.
+  ``attention``: ``attention`` / ``attention_block`` / ``attention_key_block``
+  of :class:`ModelConfig`. Raises FileNotFoundError / ValueError naming the
+  config file.
   """
   path = os.fspath(path)
   hf = _read_config_json(path)
@@ -199,7 +201,7 @@ def config_from_hf(path: str | os.PathLike, *, dtype: str = "float32",
   try:
     return ModelConfig.from_hf_dict(hf, dtype=dtype, param_dtype=param_dtype,
                                     vocab_pad_multiple=vocab_pad_multiple, remat=remat,
-                                    scan_layers=scan_layers, source=cfg_file)
+                                    scan_layers=scan_layers, source=cfg_file, **attention)
   except (ValueError, TypeError) as e:
     if cfg_file in str(e):
       raise
@@ -325,7 +327,7 @@ def _load_param(tms: Sequence[_TensorMap], hf_slices: Sequence[Any], shape, shar
 def from_hf(path: str | os.PathLike, *, dtype: str = "float32",
             param_dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
             rules: Any = None, vocab_pad_multiple: int = 1,
-            remat: bool = False, scan_layers: bool = False) -> Transformer:
+            remat: bool = False, scan_layers: bool = False, **attention) -> Transformer:
   """Loads a local HF checkpoint dir (config.json + safetensors) as a Transformer.
 
   Each parameter is created directly on its sharding (``mesh``, ``rules``);
@@ -339,7 +341,7 @@ def from_hf(path: str | os.PathLike, *, dtype: str = "float32",
   path = os.fspath(path)
   cfg = config_from_hf(path, dtype=dtype, param_dtype=param_dtype,
                        vocab_pad_multiple=vocab_pad_multiple, remat=remat,
-                       scan_layers=scan_layers)
+                       scan_layers=scan_layers, **attention)
   files = _weight_files(path)
   sharder = Sharder(mesh, rules_from_config(rules))
   graphdef, abs_state = nnx.split(abstract_model(cfg, sharder))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from opd_jax.models import attention as attention_lib
 from opd_jax.models.config import ModelConfig
 from opd_jax.sharding import Sharder
 
@@ -103,13 +104,15 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
   return (xf * cos + rotated * sin).astype(x.dtype)
 
 
-def _attend(qg, keys, values, key_valid, q_slot, dt):
+def _attend(qg, keys, values, key_valid, q_slot, dt, cfg=None, aligned=False, sharder=None):
   """softmax(q k^T / sqrt(Dh) + mask) v for grouped queries.
 
   qg ``[B, T, K, G, Dh]``; keys ``[B, K, Dh, S]`` (transposed), values
   ``[B, K, S, Dh]``; key_valid ``[B, S]``;
   q_slot ``[T]`` cache slot of each query (causal: keys at slots <= it).
-  Scores and softmax in float32. Returns ``[B, T, K, G, Dh]``.
+  Scores and softmax in float32. Returns ``[B, T, K, G, Dh]``. T > 1 goes to
+  ``cfg.attention`` (:mod:`opd_jax.models.attention`; dense without cfg);
+  ``aligned``: no cache (S == T, query t at slot t); ``sharder``: its mesh.
   """
   s = keys.shape[3]
   allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]
@@ -125,13 +128,10 @@ def _attend(qg, keys, values, key_valid, q_slot, dt):
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.sum(probs[..., None] * values[:, :, None].astype(jnp.float32), axis=-2)
     return out[:, None].astype(dt)                                     # [B, 1, K, G, Dh]
-  # Queries in blocks (prefill, training): keys back to [B, K, S, Dh]; on
-  # fresh keys this undoes the caller's transpose and XLA drops the pair.
-  scores = jnp.einsum("btkgd,bksd->bkgts", qg, jnp.swapaxes(keys, 2, 3),
-                      preferred_element_type=jnp.float32) / np.sqrt(qg.shape[-1])
-  scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-  return jnp.einsum("bkgts,bksd->btkgd", probs, values)
+  # Many queries (prefill, training): the configured implementation.
+  if cfg is None:
+    return attention_lib.dense(qg, keys, values, key_valid, q_slot, dt)
+  return attention_lib.attend_many(cfg, qg, keys, values, key_valid, q_slot, dt, aligned, sharder)
 
 
 class Attention(nnx.Module):
@@ -192,20 +192,7 @@ class Attention(nnx.Module):
     kh = keys.shape[1]
     qg = q.reshape(b, t, kh, h // kh, dh)
     q_slot = q_start + jnp.arange(t)
-    block = cfg.attention_block
-    if block and t > block:
-      # Query blocks under remat: scores are [B, K, G, block, S], never
-      # [B, K, G, T, T], in the forward and the backward pass.
-      nb = -(-t // block)
-      pad = nb * block - t
-      qb = jnp.pad(qg, [(0, 0), (0, pad), (0, 0), (0, 0), (0, 0)])
-      qb = jnp.moveaxis(qb.reshape(b, nb, block, kh, h // kh, dh), 1, 0)
-      sb = jnp.pad(q_slot, (0, pad), mode="edge").reshape(nb, block)
-      attend = jax.checkpoint(lambda x: _attend(x[0], keys, values, key_valid, x[1], dt))
-      out = jnp.moveaxis(jax.lax.map(attend, (qb, sb)), 0, 1)
-      out = out.reshape(b, nb * block, kh, h // kh, dh)[:, :t]
-    else:
-      out = _attend(qg, keys, values, key_valid, q_slot, dt)
+    out = _attend(qg, keys, values, key_valid, q_slot, dt, cfg, cache_kv is None, sh)
     out = out.reshape(b, t, h, dh)
     out = sh.constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
     y = dense(out, self.o[...].astype(dt), n_in=2)     # [B, T, D]
