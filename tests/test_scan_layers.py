@@ -128,7 +128,8 @@ def test_remat_scan_same_logits():
 def test_remat_scan_saves_only_layer_inputs():
   """Under remat the backward pass of the scan keeps, per layer, only the layer
   input ``[B, T, D]`` (stacked ``[L, B, T, D]``) besides the stacked params."""
-  cfg = _cfg(remat=True, scan_layers=True, num_hidden_layers=4).replace(attention_block=0)
+  cfg = _cfg(remat=True, scan_layers=True, num_hidden_layers=4).replace(
+      attention="dense", attention_block=0)
   b, t, n = 2, 16, cfg.num_layers
   ids = jnp.zeros((b, t), jnp.int32)
 
