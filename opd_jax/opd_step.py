@@ -132,6 +132,49 @@ def _pad_time(x: jax.Array, n: int) -> jax.Array:
   return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
 
 
+LOGIT_AXES = ("activation_batch", "activation_length", "activation_vocab")
+
+
+def _top_k_2d(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """``jax.lax.top_k`` over the last axis of a ``[rows, V]`` view (on an N-d
+  operand XLA:CPU first copies the whole array)."""
+  vals, ids = jax.lax.top_k(x.reshape(-1, x.shape[-1]), k)
+  return vals.reshape(x.shape[:-1] + (k,)), ids.reshape(x.shape[:-1] + (k,))
+
+
+def sharded_top_k(sharder: Sharder, x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """``jax.lax.top_k`` of ``[R, C, V]`` chunk logits laid out as ``LOGIT_AXES``.
+
+  XLA's SPMD partitioner replicates a TopK whose batch dimensions are sharded
+  (it all-gathers the whole ``[R, C, V]`` operand onto every device), so under
+  a mesh the top-k runs in ``shard_map``: per device over its rows and its
+  vocabulary slice, then, when the vocabulary is split, over the gathered
+  ``t·k`` candidates (global ids; ties still go to the lowest id, since the
+  slices are concatenated in id order). Returns values and int32 ids
+  ``[R, C, k]``, rows sharded like ``x``.
+  """
+  if sharder.mesh is None:
+    return _top_k_2d(x, k)
+  spec = sharder.spec(LOGIT_AXES, x.shape)
+  rows, _, vocab_axes = spec
+  vocab_axes = () if vocab_axes is None else (
+      (vocab_axes,) if isinstance(vocab_axes, str) else tuple(vocab_axes))
+  v_local = x.shape[-1] // math.prod(sharder.mesh.shape[a] for a in vocab_axes)
+
+  def local(xl):
+    vals, ids = _top_k_2d(xl, min(k, v_local))
+    if not vocab_axes:
+      return vals, ids
+    ids = ids + jax.lax.axis_index(vocab_axes) * v_local
+    vals = jax.lax.all_gather(vals, vocab_axes, axis=-1, tiled=True)
+    ids = jax.lax.all_gather(ids, vocab_axes, axis=-1, tiled=True)
+    vals, pick = jax.lax.top_k(vals, k)
+    return vals, jnp.take_along_axis(ids, pick, axis=-1)
+
+  out = jax.sharding.PartitionSpec(rows, None, None)
+  return jax.shard_map(local, mesh=sharder.mesh, in_specs=spec, out_specs=(out, out))(x)
+
+
 def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
                        loss_fn, vocab: int, chunk: int, metrics: bool,
                        top_k: int, position_chunk: int, sharder: Sharder):
@@ -141,10 +184,17 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
   w_s ``[Ds, Vs]``, w_t ``[Dt, Vt]``, tokens/weights/metric_mask ``[R, N]``.
   Only one chunk's ``[R, C, V]`` logits exist at a time, so peak memory
   scales with C, not N. The gradient is formed in the same pass (custom VJP):
-  per chunk, ∂loss/∂logits is pulled back through the projection to
-  ∂/∂h_s (kept, ``[R, N, Ds]``) and ∂/∂w_s (accumulated, ``[Ds, Vs]``); the
-  backward pass only scales them by the incoming cotangent, so no logits of
-  either model are recomputed (a rematerialised scan would redo both heads).
+  per chunk, ∂loss/∂logits (closed form for reverse KL and top-k OPD, see
+  :func:`losses.logits_value_and_grad`) is pulled back through the projection
+  to ∂/∂h_s (kept, ``[R, N, Ds]``) and ∂/∂w_s (accumulated in float32,
+  ``[Ds, V]``, sharded like the unembedding); the backward pass only scales
+  them by the incoming cotangent, so no logits of either model are
+  recomputed. Token metrics reuse the chunk's logits and normalisers.
+
+  Sharding: chunk logits, their gradient and every per-token array keep rows
+  on the batch axes and the vocabulary on ``activation_vocab``; both
+  unembeddings are gathered once (in their compute dtype) before the scan;
+  top-k runs per device (:func:`sharded_top_k`).
   """
   r, n = tokens.shape
   # ceil(N / C) chunks of equal length <= C: padding stays < one per chunk
@@ -156,15 +206,21 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
   if metrics and not has_teacher:
     raise ValueError("token metrics need a teacher")
   vmin = min(w_s.shape[-1], w_t.shape[-1]) if has_teacher else w_s.shape[-1]
+  weight_axes, gathered_axes = ("embed", "vocab"), (None, "vocab")
   if has_teacher:
-    w_t = jax.lax.stop_gradient(w_t[:, :vmin])
+    w_t = sharder.constrain(jax.lax.stop_gradient(w_t[:, :vmin]), weight_axes)
+    w_t = sharder.constrain(w_t, gathered_axes)
   else:
     h_t = jnp.zeros(h_s.shape[:2] + (0,), h_s.dtype)   # placeholder, unused
+  top_k_fn = lambda x, k: sharded_top_k(sharder, x, k)
+  value_and_grad = losses_lib.logits_value_and_grad(loss_fn, top_k_fn)
   positions = jnp.broadcast_to(jnp.arange(n_pad, dtype=jnp.int32), (r, n_pad))
-  consts = tuple(_to_chunks(_pad_time(a, n_pad), chunk) for a in
+  chunk_axes = lambda a: (None, "activation_batch") + (None,) * (a.ndim - 2)
+  to_chunks = lambda a: sharder.constrain(_to_chunks(_pad_time(a, n_pad), chunk),
+                                          chunk_axes(a) + (None,))
+  consts = tuple(to_chunks(a) for a in
                  (jax.lax.stop_gradient(h_t), tokens, weights, metric_mask, positions))
   num_pos_chunks = max(1, int(math.ceil(n / position_chunk)))
-  logit_axes = ("activation_batch", "activation_length", "activation_vocab")
   sums0 = {}
   if metrics:
     shapes = jax.eval_shape(
@@ -176,35 +232,49 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
     sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
   def run(h_s, w_s, with_grad: bool):
+    ws = sharder.constrain(sharder.constrain(w_s[:, :vmin], weight_axes), gathered_axes)
+
     def body(carry, x):
       total, sums, dw_acc = carry
       hs, ht, y, w, mm, pos = x
-      lt = sharder.constrain(_project(ht, w_t, vocab), logit_axes) if has_teacher else None
-
-      def chunk_loss(hs, ws):
-        ls = sharder.constrain(_project(hs, ws[:, :vmin], vocab), logit_axes)
-        return jnp.sum(w * loss_fn(ls, lt, y)), ls
-
+      ls = sharder.constrain(_project(hs, ws, vocab), LOGIT_AXES)
+      lt = sharder.constrain(_project(ht, w_t, vocab), LOGIT_AXES) if has_teacher else None
+      dhs = None
       if with_grad:
-        value, pull, ls = jax.vjp(chunk_loss, hs, w_s, has_aux=True)
-        dhs, dws = pull(jnp.ones((), jnp.float32))
-        dw_acc = dw_acc + dws.astype(jnp.float32)
+        per_tok, dls = value_and_grad(ls, lt, y, w)
+        if vmin > vocab:   # masked (padded) columns get no gradient
+          dls = jnp.where(jnp.arange(vmin) < vocab, dls, 0.0)
+        dls = sharder.constrain(dls.astype(hs.dtype), LOGIT_AXES)
+        # 2-D matmuls over the chunk's R·C tokens (the N-d einsum's layout
+        # makes XLA:CPU copy the [R, C, V] gradient once more).
+        dls2, hs2 = dls.reshape(-1, vmin), hs.reshape(-1, hs.shape[-1])
+        dhs = jax.lax.dot_general(dls2, ws, (((1,), (1,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+        dhs = sharder.constrain(dhs.astype(hs.dtype).reshape(hs.shape),
+                                ("activation_batch", None, None))
+        dws = jax.lax.dot_general(hs2, dls2, (((0,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+        dw_acc = sharder.constrain(dw_acc + dws, weight_axes)
       else:
-        (value, ls), dhs = chunk_loss(hs, w_s), None
+        per_tok = loss_fn(ls, lt, y)
+      value = jnp.sum(w * per_tok)
       if metrics:
-        per_tok = metrics_lib.token_metrics(ls, lt, y, k=top_k)
+        per_tok = metrics_lib.token_metrics(ls, lt, y, k=top_k, top_k_fn=top_k_fn)
         sums = metrics_lib.merge_sums(sums, metrics_lib.accumulate(
             per_tok, mm, pos, chunk_len=position_chunk, num_chunks=num_pos_chunks))
       return (total + value, sums, dw_acc), dhs
 
-    hs_chunks = _to_chunks(_pad_time(h_s, n_pad), chunk)
-    dw0 = jnp.zeros(w_s.shape, jnp.float32) if with_grad else jnp.zeros((), jnp.float32)
+    hs_chunks = to_chunks(h_s)
+    dw0 = (sharder.constrain(jnp.zeros((w_s.shape[0], vmin), jnp.float32), weight_axes)
+           if with_grad else jnp.zeros((), jnp.float32))
     (total, sums, dw), dhs = jax.lax.scan(
         body, (jnp.zeros((), jnp.float32), sums0, dw0), (hs_chunks,) + consts)
     if not with_grad:
       return total, sums
+    dhs = sharder.constrain(dhs, (None, "activation_batch", None, None))
     dh = jnp.moveaxis(dhs, 0, 1).reshape((r, n_pad) + h_s.shape[2:])[:, :n]
-    return total, sums, dh, dw.astype(w_s.dtype)
+    dw = jnp.pad(dw, [(0, 0), (0, w_s.shape[-1] - vmin)]) if w_s.shape[-1] > vmin else dw
+    return total, sums, dh, sharder.constrain(dw.astype(w_s.dtype), weight_axes)
 
   @jax.custom_vjp
   def divergence(h_s, w_s):
