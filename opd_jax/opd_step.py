@@ -61,7 +61,8 @@ class OPDConfig:
   on_policy_fraction: float = 1.0            # GKD λ
   off_policy_source: str = "dataset"         # or "teacher"
   teacher_sampling: SamplingConfig | None = None
-  loss_chunk: int = 64
+  loss_chunk: int = 64                       # 0: auto, from loss_chunk_budget_mib
+  loss_chunk_budget_mib: float = 1024.0
   metrics: bool = True
   metrics_top_k: int = 16
   position_chunk: int = 64
@@ -74,8 +75,11 @@ class OPDConfig:
     if self.off_policy_source not in OFF_POLICY_SOURCES:
       raise ValueError(f"unknown off_policy_source {self.off_policy_source!r}; "
                        f"valid: {OFF_POLICY_SOURCES}")
-    if self.loss_chunk <= 0:
-      raise ValueError(f"loss_chunk must be positive, got {self.loss_chunk}")
+    if self.loss_chunk < 0:
+      raise ValueError(f"loss_chunk must be >= 0 (0: auto), got {self.loss_chunk}")
+    if not self.loss_chunk_budget_mib > 0:
+      raise ValueError(f"loss_chunk_budget_mib must be positive, got "
+                       f"{self.loss_chunk_budget_mib}")
     losses_lib.get_loss(self.loss, dict(self.loss_kwargs))  # fail fast, clear error
 
 
@@ -178,9 +182,46 @@ def sharded_top_k(sharder: Sharder, x: jax.Array, k: int) -> tuple[jax.Array, ja
                        check_vma=False)(x)
 
 
+WEIGHT_AXES = ("embed", "vocab")
+
+
+def _gather_unembedding(w: jax.Array, sharder: Sharder) -> jax.Array:
+  """``[D, V]`` unembedding on its parameter sharding -> D gathered (vocab
+  stays on ``vocab``), once before the scan rather than per use in the body."""
+  return sharder.constrain(sharder.constrain(w, WEIGHT_AXES), (None, "vocab"))
+
+
+# Float32 [R_dev, C, V_dev] arrays live at once at the peak of one loss chunk
+# (logits of both models, p, the logit gradient and the reduction inputs that
+# XLA:CPU materialises), measured with compiled.memory_analysis() of the whole
+# step at vocabulary 151,936 (tests/test_opd_step.py::test_loss_chunk_memory_*):
+# 5.2-6.6 with the token metrics, 3.2-3.6 without (1 device / data=8).
+LIVE_VOCAB_ARRAYS = {True: 7, False: 4}
+
+
+def auto_loss_chunk(rows: int, length: int, vocab: int, sharder: Sharder, *,
+                    budget_mib: float, metrics: bool) -> int:
+  """Largest loss chunk C whose estimated per-device working set fits.
+
+  estimate(C) = R_dev · C · V_dev · 4 bytes · LIVE_VOCAB_ARRAYS[metrics], with
+  R_dev = rows per device (rows over the batch axes) and V_dev = the vocabulary
+  per device (over ``activation_vocab``), as the chunk logits are laid out.
+  Returns C in [1, length] (1 when even one token per row does not fit).
+  """
+  r_dev, v_dev = rows, vocab
+  if sharder.mesh is not None:
+    spec = sharder.spec(LOGIT_AXES, (rows, 1, vocab))
+    per = lambda a: 1 if a is None else math.prod(
+        sharder.mesh.shape[x] for x in ((a,) if isinstance(a, str) else a))
+    r_dev, v_dev = math.ceil(rows / per(spec[0])), math.ceil(vocab / per(spec[2]))
+  per_token = r_dev * v_dev * 4 * LIVE_VOCAB_ARRAYS[bool(metrics)]
+  return int(max(1, min(length, budget_mib * 2**20 // per_token)))
+
+
 def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
                        loss_fn, vocab: int, chunk: int, metrics: bool,
-                       top_k: int, position_chunk: int, sharder: Sharder):
+                       top_k: int, position_chunk: int, sharder: Sharder,
+                       chunk_budget_mib: float = 1024.0):
   """Σ_t weights·loss_t over a sequence, in chunks, plus metric sums.
 
   h_s ``[R, N, Ds]`` (differentiable), h_t ``[R, N, Dt]`` (teacher, constant),
@@ -196,10 +237,16 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
 
   Sharding: chunk logits, their gradient and every per-token array keep rows
   on the batch axes and the vocabulary on ``activation_vocab``; both
-  unembeddings are gathered once (in their compute dtype) before the scan;
+  unembeddings are gathered once, before the scan (not per use in the body);
   top-k runs per device (:func:`sharded_top_k`).
+
+  ``chunk=0`` picks C with :func:`auto_loss_chunk` from ``chunk_budget_mib``.
   """
   r, n = tokens.shape
+  vmin = min(w_s.shape[-1], w_t.shape[-1]) if h_t is not None else w_s.shape[-1]
+  if chunk == 0:
+    chunk = auto_loss_chunk(r, n, vmin, sharder, budget_mib=chunk_budget_mib,
+                            metrics=metrics)
   # ceil(N / C) chunks of equal length <= C: padding stays < one per chunk
   # (N=64, C=256 -> one chunk of 64, not 256; N=100, C=64 -> 2 x 50).
   num_chunks = max(1, math.ceil(n / chunk))
@@ -208,11 +255,9 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
   has_teacher = h_t is not None
   if metrics and not has_teacher:
     raise ValueError("token metrics need a teacher")
-  vmin = min(w_s.shape[-1], w_t.shape[-1]) if has_teacher else w_s.shape[-1]
-  weight_axes, gathered_axes = ("embed", "vocab"), (None, "vocab")
+  weight_axes = WEIGHT_AXES
   if has_teacher:
-    w_t = sharder.constrain(jax.lax.stop_gradient(w_t[:, :vmin]), weight_axes)
-    w_t = sharder.constrain(w_t, gathered_axes)
+    w_t = _gather_unembedding(jax.lax.stop_gradient(w_t[:, :vmin]), sharder)
   else:
     h_t = jnp.zeros(h_s.shape[:2] + (0,), h_s.dtype)   # placeholder, unused
   top_k_fn = lambda x, k: sharded_top_k(sharder, x, k)
@@ -235,7 +280,7 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
     sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
   def run(h_s, w_s, with_grad: bool):
-    ws = sharder.constrain(sharder.constrain(w_s[:, :vmin], weight_axes), gathered_axes)
+    ws = _gather_unembedding(w_s[:, :vmin], sharder)
 
     def body(carry, x):
       total, sums, dw_acc = carry
@@ -399,7 +444,8 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
           h_s[:, p - 1:p - 1 + n], model.unembedding(), h_t, w_t, comp["tokens"],
           weights, metric_mask, loss_fn=loss_fn, vocab=vocab_size, chunk=cfg.loss_chunk,
           metrics=cfg.metrics, top_k=cfg.metrics_top_k,
-          position_chunk=cfg.position_chunk, sharder=sharder)
+          position_chunk=cfg.position_chunk, sharder=sharder,
+          chunk_budget_mib=cfg.loss_chunk_budget_mib)
 
     (loss, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
