@@ -17,7 +17,9 @@ import ml_collections
 from opd_jax import losses as losses_lib
 
 # Keys of config.loss that configure the step, not the loss function.
-LOSS_STEP_KEYS = ("name", "aggregation", "normalizer", "chunk")
+# chunk: sequence positions per loss chunk (0: the largest whose estimated
+# per-device working set fits chunk_budget_mib, see opd_step.auto_loss_chunk).
+LOSS_STEP_KEYS = ("name", "aggregation", "normalizer", "chunk", "chunk_budget_mib")
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -48,7 +50,8 @@ def loss_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   fn = losses_lib.LOSSES.get(name)
   kwargs = {p.name: p.default for p in inspect.signature(fn).parameters.values()
             if p.kind == p.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
-  cfg = dict(name=name, aggregation="token_mean", normalizer=0.0, chunk=64, **kwargs)
+  cfg = dict(name=name, aggregation="token_mean", normalizer=0.0, chunk=64,
+             chunk_budget_mib=1024.0, **kwargs)
   for k, v in overrides.items():
     if k not in cfg:
       raise ValueError(f"loss {name!r} has no setting {k!r}; valid: {sorted(cfg)}")

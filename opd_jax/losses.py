@@ -29,6 +29,7 @@ gradient.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -477,6 +478,164 @@ def get_loss(name: str,
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   jax.eval_shape(fn, logits, logits if NEEDS_TEACHER[name] else None, tokens)
   return fn
+
+
+# ----------------------------------------------------------------------------
+# Fused value and logit gradient (one chunk, few vocabulary-sized arrays).
+# ----------------------------------------------------------------------------
+
+TopK = Callable[[jax.Array, int], tuple[jax.Array, jax.Array]]
+_FUSED: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def _fused_rule(*losses):
+  """Registers a closed-form ``(per_token, d/d student_logits)`` rule."""
+  def deco(rule):
+    for loss in losses:
+      _FUSED[loss] = rule
+    return rule
+  return deco
+
+
+def log_normalizer(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(m, z) with log softmax(x) = (x − m) − z over the last axis, [..., 1] each:
+  m = sg(max x), z = log Σ exp(x − m) (jax.nn.log_softmax's arithmetic, so the
+  two agree bit for bit). Shared by the fused rules and the token metrics so
+  that XLA computes each model's normaliser once per chunk (CSE)."""
+  m = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+  return m, jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True))
+
+
+def _scaled(logits, temperature):
+  return jnp.asarray(logits, jnp.float32) / temperature
+
+
+def _probs_parts(student_logits, teacher_logits, student_temperature,
+                 teacher_temperature):
+  """a = s/τ_s, b = sg(t)/τ_t and their normalisers (see log_normalizer)."""
+  _check_temperatures(student_temperature, teacher_temperature)
+  if teacher_logits is None:
+    raise ValueError("this loss needs teacher_logits (got None)")
+  a = _scaled(student_logits, student_temperature)
+  b = _scaled(jax.lax.stop_gradient(teacher_logits), teacher_temperature)
+  return a, log_normalizer(a), b, log_normalizer(b)
+
+
+@_fused_rule(reverse_kl)
+def _reverse_kl_rule(student_logits, teacher_logits, tokens, cotangent, *,
+                     top_k_fn: TopK, student_temperature: float = 1.0,
+                     teacher_temperature: float = 1.0):
+  """KL(p‖q) and c·∂KL/∂s = (c/τ_s)·p·(log p − log q − KL) (0 where p = 0).
+
+  One pass for each normaliser, one for KL, one elementwise for the gradient.
+  """
+  del tokens, top_k_fn
+  a, (ma, za), b, (mb, zb) = _probs_parts(student_logits, teacher_logits,
+                                          student_temperature, teacher_temperature)
+  logp, logq = (a - ma) - za, (b - mb) - zb
+  p = jnp.exp(logp)
+  # Written as metrics.token_metrics writes KL, so XLA computes it once.
+  kl = jnp.sum(jnp.where(p > 0, p * (logp - logq), 0.0), axis=-1)
+  scale = (cotangent / student_temperature)[..., None]
+  grad = jnp.where(p > 0, p * ((logp - logq) - kl[..., None]), 0.0) * scale
+  return kl, grad
+
+
+def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
+  """x[..., idx[..., j]] -> [..., J]; ids clipped into [0, V)."""
+  return jnp.take_along_axis(x, jnp.asarray(idx, jnp.int32), axis=-1, mode="clip")
+
+
+def _sparse_grad(p, cotangent, temperature, idx, coef):
+  """c/τ·(Σ_j coef_j·onehot(idx_j) − (Σ_j coef_j)·p): the logit gradient of
+  Σ_j coef_j·log p(idx_j) (coef constant), as one elementwise pass plus a
+  scatter-add of the [..., J] coefficients."""
+  scale = (cotangent / temperature)[..., None]
+  dense = -(jnp.sum(coef, axis=-1, keepdims=True) * scale) * p
+  lead = jnp.indices(idx.shape[:-1], sparse=True)
+  at = tuple(i[..., None] for i in lead) + (jnp.clip(idx, 0, p.shape[-1] - 1),)
+  return dense.at[at].add(coef * scale, mode="drop")
+
+
+@_fused_rule(topk_opd)
+def _topk_opd_rule(student_logits, teacher_logits, tokens, cotangent, *,
+                   top_k_fn: TopK, k: int = 16, strategy: str = "student",
+                   weight: str = "student", student_temperature: float = 1.0,
+                   teacher_temperature: float = 1.0):
+  """:func:`topk_opd` on candidate ids instead of [..., V] masks.
+
+  The loss is Σ_{v∈S} coef(v)·log p(v) with coef = sg(w·(log p − log q)), so
+  its logit gradient is c/τ_s·(coef scattered onto S − Σ coef·p). S comes from
+  ``top_k_fn`` on the scaled logits (the order of log p; ties, lowest id
+  first): S_stu, T, S_stu ∪ T (T's ids not in S_stu appended) or S_stu ∩ T.
+  """
+  _check_choice("strategy", strategy, _TOPK_STRATEGIES)
+  _check_choice("weight", weight, _TOPK_WEIGHTS)
+  if not isinstance(k, numbers.Integral) or k < 0:
+    raise ValueError(f"k={k!r} must be an integer ≥ 0 (0 = sampled token)")
+  a, (ma, za), b, (mb, zb) = _probs_parts(student_logits, teacher_logits,
+                                          student_temperature, teacher_temperature)
+  p = jnp.exp((a - ma) - za)
+  if k == 0:
+    if tokens is None:
+      raise ValueError("topk_opd with k=0 (sampled-token mode) needs tokens")
+    idx = jnp.asarray(tokens, jnp.int32)[..., None]
+    logp_y, logq_y = (_take(a, idx) - ma) - za, (_take(b, idx) - mb) - zb
+    coef = jax.lax.stop_gradient(logp_y - logq_y)
+    return (coef * logp_y)[..., 0], _sparse_grad(p, cotangent, student_temperature, idx, coef)
+  kk = min(int(k), a.shape[-1])
+  if strategy == "teacher":
+    idx, valid = top_k_fn(b, kk)[1], None
+  else:
+    idx = top_k_fn(a, kk)[1]
+    valid = None
+    if strategy != "student":
+      t_idx = top_k_fn(b, kk)[1]
+      if strategy == "intersection":
+        valid = jnp.any(idx[..., :, None] == t_idx[..., None, :], axis=-1)
+      else:
+        new = ~jnp.any(t_idx[..., :, None] == idx[..., None, :], axis=-1)
+        valid = jnp.concatenate([jnp.ones(idx.shape, bool), new], axis=-1)
+        idx = jnp.concatenate([idx, t_idx], axis=-1)
+  logp_c, logq_c = (_take(a, idx) - ma) - za, (_take(b, idx) - mb) - zb
+  p_c, q_c = jnp.exp(logp_c), jnp.exp(logq_c)
+  support = (p_c > 0) | (q_c > 0)
+  if valid is not None:
+    support = support & valid
+  if weight == "student":
+    raw = jnp.where(support, p_c, 0.0)
+  elif weight == "teacher":
+    raw = jnp.where(support, q_c, 0.0)
+  else:
+    raw = support.astype(jnp.float32)
+  total = jnp.sum(raw, axis=-1, keepdims=True)
+  w = raw / jnp.where(total > 0, total, 1.0)
+  coef = jax.lax.stop_gradient(
+      jnp.where(support, w * jnp.where(support, logp_c - logq_c, 0.0), 0.0))
+  value = jnp.sum(jnp.where(support, coef * logp_c, 0.0), axis=-1)
+  return value, _sparse_grad(p, cotangent, student_temperature, idx, coef)
+
+
+def logits_value_and_grad(loss_fn: Callable[..., Any], top_k_fn: TopK = jax.lax.top_k):
+  """``f(s, t, tokens, c) -> (loss [B, C], c·∂loss/∂s [B, C, V])`` for a loss
+  from :func:`get_loss` (a registry function with its kwargs bound).
+
+  Losses with a closed-form rule (reverse KL, top-k OPD) get it: a few passes
+  over the chunk's logits, no autodiff tape of [B, C, V] intermediates, and
+  ``top_k_fn`` (e.g. a sharding-aware top-k) for their candidate sets. Other
+  losses fall back to ``jax.vjp`` of ``loss_fn``. Same values and gradients.
+  """
+  func, kwargs = loss_fn, {}
+  if isinstance(loss_fn, functools.partial):
+    func, kwargs = loss_fn.func, dict(loss_fn.keywords)
+  rule = _FUSED.get(func)
+  if rule is not None:
+    return functools.partial(rule, top_k_fn=top_k_fn, **kwargs)
+
+  def autodiff(s, t, tokens, cotangent):
+    per_token, pull = jax.vjp(lambda s: loss_fn(s, t, tokens), s)
+    return per_token, pull(jnp.asarray(cotangent, per_token.dtype))[0]
+  return autodiff
 
 
 # ----------------------------------------------------------------------------

@@ -57,11 +57,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from opd_jax import losses as losses_lib
 
 Array = jax.Array
 
@@ -108,6 +110,7 @@ def token_metrics(
     tokens: Array,
     *,
     k: int = 16,
+    top_k_fn: Callable[[Array, int], tuple[Array, Array]] = jax.lax.top_k,
 ) -> dict[str, Array]:
   """Per-token alignment metrics for one sequence chunk.
 
@@ -126,6 +129,9 @@ def token_metrics(
     teacher_logits: [B, C, V] teacher logits, same shape.
     tokens: [B, C] int, the sampled token y_t at each position.
     k: top-k size (paper default 16); clipped to V.
+    top_k_fn: ``jax.lax.top_k`` or a drop-in with its contract (values and
+      ids of the k largest along the last axis, lowest id first on ties), e.g.
+      the step's sharding-aware top-k.
 
   Returns:
     Dict of [B, C] float32 arrays, keys ``TOKEN_METRIC_KEYS``:
@@ -160,8 +166,13 @@ def token_metrics(
   vocab = s_logits.shape[-1]
   kk = min(k, vocab)
 
-  logp = jax.nn.log_softmax(s_logits, axis=-1)
-  logq = jax.nn.log_softmax(t_logits, axis=-1)
+  # log p = (s - ms) - zs etc. (jax.nn.log_softmax's arithmetic); only the
+  # [..., V] passes below touch the whole vocabulary, everything else works on
+  # the k candidates' logits, so few [..., V] arrays are ever live.
+  ms, zs = losses_lib.log_normalizer(s_logits)
+  mt, zt = losses_lib.log_normalizer(t_logits)
+  logp = (s_logits - ms) - zs
+  logq = (t_logits - mt) - zt
   p = jnp.exp(logp)
   q = jnp.exp(logq)
 
@@ -171,15 +182,16 @@ def token_metrics(
   kl = jnp.sum(jnp.where(p > 0, p * (logp - logq), 0.0), axis=-1)
 
   # Top-k sets; lower index wins ties.
-  _, s_idx = jax.lax.top_k(s_logits, kk)  # [..., kk]
-  _, t_idx = jax.lax.top_k(t_logits, kk)
+  s_top, s_idx = top_k_fn(s_logits, kk)  # [..., kk]
+  t_top, t_idx = top_k_fn(t_logits, kk)
   in_t = jnp.any(s_idx[..., :, None] == t_idx[..., None, :], axis=-1)
 
-  logp_s = jnp.take_along_axis(logp, s_idx, axis=-1)
-  logq_s = jnp.take_along_axis(logq, s_idx, axis=-1)
-  p_s = jnp.take_along_axis(p, s_idx, axis=-1)
-  q_s = jnp.take_along_axis(q, s_idx, axis=-1)
-  q_t = jnp.take_along_axis(q, t_idx, axis=-1)
+  take = lambda x, i: jnp.take_along_axis(x, i, axis=-1)
+  logp_s = (s_top - ms) - zs
+  logq_s = (take(t_logits, s_idx) - mt) - zt
+  p_s = jnp.exp(logp_s)
+  q_s = jnp.exp(logq_s)
+  q_t = jnp.exp((t_top - mt) - zt)
 
   mass_s = jnp.sum(p_s, axis=-1)  # > 0: contains argmax p.
   mass_t = jnp.sum(q_t, axis=-1)
@@ -193,8 +205,8 @@ def token_metrics(
 
   # Sampled-token estimators, log r = log q(y) - log p(y).
   y = jnp.clip(tokens, 0, vocab - 1).astype(jnp.int32)[..., None]
-  logp_y = jnp.take_along_axis(logp, y, axis=-1)[..., 0]
-  logq_y = jnp.take_along_axis(logq, y, axis=-1)[..., 0]
+  logp_y = ((take(s_logits, y) - ms) - zs)[..., 0]
+  logq_y = ((take(t_logits, y) - mt) - zt)[..., 0]
   log_r = logq_y - logp_y
 
   return {

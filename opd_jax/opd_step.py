@@ -69,7 +69,8 @@ class OPDConfig:
   on_policy_fraction: float = 1.0            # GKD λ
   off_policy_source: str = "dataset"         # or "teacher"
   teacher_sampling: SamplingConfig | None = None
-  loss_chunk: int = 64
+  loss_chunk: int = 64                       # 0: auto, from loss_chunk_budget_mib
+  loss_chunk_budget_mib: float = 1024.0
   metrics: bool = True
   metrics_top_k: int = 16
   position_chunk: int = 64
@@ -83,8 +84,11 @@ class OPDConfig:
     if self.off_policy_source not in OFF_POLICY_SOURCES:
       raise ValueError(f"unknown off_policy_source {self.off_policy_source!r}; "
                        f"valid: {OFF_POLICY_SOURCES}")
-    if self.loss_chunk <= 0:
-      raise ValueError(f"loss_chunk must be positive, got {self.loss_chunk}")
+    if self.loss_chunk < 0:
+      raise ValueError(f"loss_chunk must be >= 0 (0: auto), got {self.loss_chunk}")
+    if not self.loss_chunk_budget_mib > 0:
+      raise ValueError(f"loss_chunk_budget_mib must be positive, got "
+                       f"{self.loss_chunk_budget_mib}")
     m = self.micro_batches
     if isinstance(m, bool) or int(m) != m or m < 1:
       raise ValueError(f"micro_batches must be an int >= 1, got {m!r}")
@@ -145,21 +149,117 @@ def _pad_time(x: jax.Array, n: int) -> jax.Array:
   return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
 
 
+LOGIT_AXES = ("activation_batch", "activation_length", "activation_vocab")
+
+
+def _top_k_2d(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """``jax.lax.top_k`` over the last axis of a ``[rows, V]`` view (on an N-d
+  operand XLA:CPU first copies the whole array)."""
+  vals, ids = jax.lax.top_k(x.reshape(-1, x.shape[-1]), k)
+  return vals.reshape(x.shape[:-1] + (k,)), ids.reshape(x.shape[:-1] + (k,))
+
+
+def sharded_top_k(sharder: Sharder, x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """``jax.lax.top_k`` of ``[R, C, V]`` chunk logits laid out as ``LOGIT_AXES``.
+
+  XLA's SPMD partitioner replicates a TopK whose batch dimensions are sharded
+  (it all-gathers the whole ``[R, C, V]`` operand onto every device), so under
+  a mesh the top-k runs in ``shard_map``: per device over its rows and its
+  vocabulary slice, then, when the vocabulary is split, over the gathered
+  ``t·k`` candidates (global ids; ties still go to the lowest id, since the
+  slices are concatenated in id order). Returns values and int32 ids
+  ``[R, C, k]``, rows sharded like ``x``.
+  """
+  if sharder.mesh is None:
+    return _top_k_2d(x, k)
+  spec = sharder.spec(LOGIT_AXES, x.shape)
+  rows, _, vocab_axes = spec
+  vocab_axes = () if vocab_axes is None else (
+      (vocab_axes,) if isinstance(vocab_axes, str) else tuple(vocab_axes))
+  v_local = x.shape[-1] // math.prod(sharder.mesh.shape[a] for a in vocab_axes)
+
+  def local(xl):
+    vals, ids = _top_k_2d(xl, min(k, v_local))
+    if not vocab_axes:
+      return vals, ids
+    ids = ids + jax.lax.axis_index(vocab_axes) * v_local
+    vals = jax.lax.all_gather(vals, vocab_axes, axis=-1, tiled=True)
+    ids = jax.lax.all_gather(ids, vocab_axes, axis=-1, tiled=True)
+    vals, pick = jax.lax.top_k(vals, k)
+    return vals, jnp.take_along_axis(ids, pick, axis=-1)
+
+  out = jax.sharding.PartitionSpec(rows, None, None)
+  # Replicated over the vocabulary axes by construction (all-gathered, then
+  # the same top-k everywhere); the static check cannot see it when unsplit.
+  return jax.shard_map(local, mesh=sharder.mesh, in_specs=spec, out_specs=(out, out),
+                       check_vma=False)(x)
+
+
+WEIGHT_AXES = ("embed", "vocab")
+
+
+def _gather_unembedding(w: jax.Array, sharder: Sharder) -> jax.Array:
+  """``[D, V]`` unembedding on its parameter sharding -> D gathered (vocab
+  stays on ``vocab``), once before the scan rather than per use in the body."""
+  return sharder.constrain(sharder.constrain(w, WEIGHT_AXES), (None, "vocab"))
+
+
+# Float32 [R_dev, C, V_dev] arrays live at once at the peak of one loss chunk
+# (logits of both models, p, the logit gradient and the reduction inputs that
+# XLA:CPU materialises), measured with compiled.memory_analysis() of the whole
+# step at vocabulary 151,936 (tests/test_opd_step.py::test_loss_chunk_memory_*):
+# 5.2-6.6 with the token metrics, 3.2-3.6 without (1 device / data=8).
+LIVE_VOCAB_ARRAYS = {True: 7, False: 4}
+
+
+def auto_loss_chunk(rows: int, length: int, vocab: int, sharder: Sharder, *,
+                    budget_mib: float, metrics: bool) -> int:
+  """Largest loss chunk C whose estimated per-device working set fits.
+
+  estimate(C) = R_dev · C · V_dev · 4 bytes · LIVE_VOCAB_ARRAYS[metrics], with
+  R_dev = rows per device (rows over the batch axes) and V_dev = the vocabulary
+  per device (over ``activation_vocab``), as the chunk logits are laid out.
+  Returns C in [1, length] (1 when even one token per row does not fit).
+  """
+  r_dev, v_dev = rows, vocab
+  if sharder.mesh is not None:
+    spec = sharder.spec(LOGIT_AXES, (rows, 1, vocab))
+    per = lambda a: 1 if a is None else math.prod(
+        sharder.mesh.shape[x] for x in ((a,) if isinstance(a, str) else a))
+    r_dev, v_dev = math.ceil(rows / per(spec[0])), math.ceil(vocab / per(spec[2]))
+  per_token = r_dev * v_dev * 4 * LIVE_VOCAB_ARRAYS[bool(metrics)]
+  return int(max(1, min(length, budget_mib * 2**20 // per_token)))
+
+
 def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
                        loss_fn, vocab: int, chunk: int, metrics: bool,
-                       top_k: int, position_chunk: int, sharder: Sharder):
+                       top_k: int, position_chunk: int, sharder: Sharder,
+                       chunk_budget_mib: float = 1024.0):
   """Σ_t weights·loss_t over a sequence, in chunks, plus metric sums.
 
   h_s ``[R, N, Ds]`` (differentiable), h_t ``[R, N, Dt]`` (teacher, constant),
   w_s ``[Ds, Vs]``, w_t ``[Dt, Vt]``, tokens/weights/metric_mask ``[R, N]``.
   Only one chunk's ``[R, C, V]`` logits exist at a time, so peak memory
   scales with C, not N. The gradient is formed in the same pass (custom VJP):
-  per chunk, ∂loss/∂logits is pulled back through the projection to
-  ∂/∂h_s (kept, ``[R, N, Ds]``) and ∂/∂w_s (accumulated, ``[Ds, Vs]``); the
-  backward pass only scales them by the incoming cotangent, so no logits of
-  either model are recomputed (a rematerialised scan would redo both heads).
+  per chunk, ∂loss/∂logits (closed form for reverse KL and top-k OPD, see
+  :func:`losses.logits_value_and_grad`) is pulled back through the projection
+  to ∂/∂h_s (kept, ``[R, N, Ds]``) and ∂/∂w_s (accumulated in float32,
+  ``[Ds, V]``, sharded like the unembedding); the backward pass only scales
+  them by the incoming cotangent, so no logits of either model are
+  recomputed. Token metrics reuse the chunk's logits and normalisers.
+
+  Sharding: chunk logits, their gradient and every per-token array keep rows
+  on the batch axes and the vocabulary on ``activation_vocab``; both
+  unembeddings are gathered once, before the scan (not per use in the body);
+  top-k runs per device (:func:`sharded_top_k`).
+
+  ``chunk=0`` picks C with :func:`auto_loss_chunk` from ``chunk_budget_mib``.
   """
   r, n = tokens.shape
+  vmin = min(w_s.shape[-1], w_t.shape[-1]) if h_t is not None else w_s.shape[-1]
+  if chunk == 0:
+    chunk = auto_loss_chunk(r, n, vmin, sharder, budget_mib=chunk_budget_mib,
+                            metrics=metrics)
   # ceil(N / C) chunks of equal length <= C: padding stays < one per chunk
   # (N=64, C=256 -> one chunk of 64, not 256; N=100, C=64 -> 2 x 50).
   num_chunks = max(1, math.ceil(n / chunk))
@@ -168,16 +268,20 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
   has_teacher = h_t is not None
   if metrics and not has_teacher:
     raise ValueError("token metrics need a teacher")
-  vmin = min(w_s.shape[-1], w_t.shape[-1]) if has_teacher else w_s.shape[-1]
+  weight_axes = WEIGHT_AXES
   if has_teacher:
-    w_t = jax.lax.stop_gradient(w_t[:, :vmin])
+    w_t = _gather_unembedding(jax.lax.stop_gradient(w_t[:, :vmin]), sharder)
   else:
     h_t = jnp.zeros(h_s.shape[:2] + (0,), h_s.dtype)   # placeholder, unused
+  top_k_fn = lambda x, k: sharded_top_k(sharder, x, k)
+  value_and_grad = losses_lib.logits_value_and_grad(loss_fn, top_k_fn)
   positions = jnp.broadcast_to(jnp.arange(n_pad, dtype=jnp.int32), (r, n_pad))
-  consts = tuple(_to_chunks(_pad_time(a, n_pad), chunk) for a in
+  chunk_axes = lambda a: (None, "activation_batch") + (None,) * (a.ndim - 2)
+  to_chunks = lambda a: sharder.constrain(_to_chunks(_pad_time(a, n_pad), chunk),
+                                          chunk_axes(a) + (None,))
+  consts = tuple(to_chunks(a) for a in
                  (jax.lax.stop_gradient(h_t), tokens, weights, metric_mask, positions))
   num_pos_chunks = max(1, int(math.ceil(n / position_chunk)))
-  logit_axes = ("activation_batch", "activation_length", "activation_vocab")
   sums0 = {}
   if metrics:
     shapes = jax.eval_shape(
@@ -189,35 +293,49 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
     sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
   def run(h_s, w_s, with_grad: bool):
+    ws = _gather_unembedding(w_s[:, :vmin], sharder)
+
     def body(carry, x):
       total, sums, dw_acc = carry
       hs, ht, y, w, mm, pos = x
-      lt = sharder.constrain(_project(ht, w_t, vocab), logit_axes) if has_teacher else None
-
-      def chunk_loss(hs, ws):
-        ls = sharder.constrain(_project(hs, ws[:, :vmin], vocab), logit_axes)
-        return jnp.sum(w * loss_fn(ls, lt, y)), ls
-
+      ls = sharder.constrain(_project(hs, ws, vocab), LOGIT_AXES)
+      lt = sharder.constrain(_project(ht, w_t, vocab), LOGIT_AXES) if has_teacher else None
+      dhs = None
       if with_grad:
-        value, pull, ls = jax.vjp(chunk_loss, hs, w_s, has_aux=True)
-        dhs, dws = pull(jnp.ones((), jnp.float32))
-        dw_acc = dw_acc + dws.astype(jnp.float32)
+        per_tok, dls = value_and_grad(ls, lt, y, w)
+        if vmin > vocab:   # masked (padded) columns get no gradient
+          dls = jnp.where(jnp.arange(vmin) < vocab, dls, 0.0)
+        dls = sharder.constrain(dls.astype(hs.dtype), LOGIT_AXES)
+        # 2-D matmuls over the chunk's R·C tokens (the N-d einsum's layout
+        # makes XLA:CPU copy the [R, C, V] gradient once more).
+        dls2, hs2 = dls.reshape(-1, vmin), hs.reshape(-1, hs.shape[-1])
+        dhs = jax.lax.dot_general(dls2, ws, (((1,), (1,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+        dhs = sharder.constrain(dhs.astype(hs.dtype).reshape(hs.shape),
+                                ("activation_batch", None, None))
+        dws = jax.lax.dot_general(hs2, dls2, (((0,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+        dw_acc = sharder.constrain(dw_acc + dws, weight_axes)
       else:
-        (value, ls), dhs = chunk_loss(hs, w_s), None
+        per_tok = loss_fn(ls, lt, y)
+      value = jnp.sum(w * per_tok)
       if metrics:
-        per_tok = metrics_lib.token_metrics(ls, lt, y, k=top_k)
+        per_tok = metrics_lib.token_metrics(ls, lt, y, k=top_k, top_k_fn=top_k_fn)
         sums = metrics_lib.merge_sums(sums, metrics_lib.accumulate(
             per_tok, mm, pos, chunk_len=position_chunk, num_chunks=num_pos_chunks))
       return (total + value, sums, dw_acc), dhs
 
-    hs_chunks = _to_chunks(_pad_time(h_s, n_pad), chunk)
-    dw0 = jnp.zeros(w_s.shape, jnp.float32) if with_grad else jnp.zeros((), jnp.float32)
+    hs_chunks = to_chunks(h_s)
+    dw0 = (sharder.constrain(jnp.zeros((w_s.shape[0], vmin), jnp.float32), weight_axes)
+           if with_grad else jnp.zeros((), jnp.float32))
     (total, sums, dw), dhs = jax.lax.scan(
         body, (jnp.zeros((), jnp.float32), sums0, dw0), (hs_chunks,) + consts)
     if not with_grad:
       return total, sums
+    dhs = sharder.constrain(dhs, (None, "activation_batch", None, None))
     dh = jnp.moveaxis(dhs, 0, 1).reshape((r, n_pad) + h_s.shape[2:])[:, :n]
-    return total, sums, dh, dw.astype(w_s.dtype)
+    dw = jnp.pad(dw, [(0, 0), (0, w_s.shape[-1] - vmin)]) if w_s.shape[-1] > vmin else dw
+    return total, sums, dh, sharder.constrain(dw.astype(w_s.dtype), weight_axes)
 
   @jax.custom_vjp
   def divergence(h_s, w_s):
@@ -453,7 +571,8 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
           h_s[:, p - 1:p - 1 + n], model.unembedding(), h_t, w_t, comp["tokens"],
           weights, metric_mask, loss_fn=loss_fn, vocab=vocab_size, chunk=cfg.loss_chunk,
           metrics=cfg.metrics, top_k=cfg.metrics_top_k,
-          position_chunk=cfg.position_chunk, sharder=sharder)
+          position_chunk=cfg.position_chunk, sharder=sharder,
+          chunk_budget_mib=cfg.loss_chunk_budget_mib)
 
     (loss, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     on = comp["on_policy"].astype(jnp.float32)

@@ -206,7 +206,9 @@ def opd_config(config, sampling: SamplingConfig) -> OPDConfig:
       normalizer=float(config.loss.normalizer) or None,
       on_policy_fraction=float(config.on_policy_fraction),
       off_policy_source=config.off_policy_source, teacher_sampling=teacher_sampling,
-      loss_chunk=int(config.loss.chunk), metrics=bool(config.metrics.enabled),
+      loss_chunk=int(config.loss.chunk),
+      loss_chunk_budget_mib=float(config.loss.chunk_budget_mib),
+      metrics=bool(config.metrics.enabled),
       metrics_top_k=int(config.metrics.top_k),
       position_chunk=int(config.metrics.position_chunk),
       micro_batches=int(config.get("micro_batches", 1)))
