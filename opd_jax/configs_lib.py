@@ -9,7 +9,9 @@ keyword arguments appear with their registry defaults, ready to override.
 
 from __future__ import annotations
 
+import copy
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -40,6 +42,34 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       value = float(value)
     out[key] = value
   return ml_collections.ConfigDict(out)
+
+
+def updated(config: ml_collections.ConfigDict,
+            values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with ``values`` (``{"data.max_prompt_len": 12}``:
+  dotted keys) set; ``config`` itself is not modified. A key that does not
+  exist is an error (the copy stays locked)."""
+  out = copy.deepcopy(config)
+  for key, value in values.items():
+    *parents, leaf = key.split(".")
+    node = out
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return out
+
+
+def expand_workdir(config: ml_collections.ConfigDict,
+                   workdir: str) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with ``$WORKDIR`` replaced by ``workdir`` in every
+  string field."""
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        yield from walk(value, f"{prefix}{key}.")
+      elif isinstance(value, str) and "$WORKDIR" in value:
+        yield f"{prefix}{key}", value.replace("$WORKDIR", workdir)
+  return updated(config, dict(walk(config, "")))
 
 
 def loss_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:

@@ -25,30 +25,25 @@ from flax import nnx
 
 from opd_jax import checkpointing, configs_lib, data as data_lib, evaluation
 from opd_jax import flops as flops_lib
-from opd_jax import losses as losses_lib, optim, organisms
+from opd_jax import losses as losses_lib, optim
+from opd_jax.organisms import PREPARERS
 from opd_jax.logging_utils import MetricWriter
 from opd_jax.opd_step import (OPDConfig, common_vocab_size, host_metrics,
                               init_train_state, make_opd_step)
-from opd_jax.registry import Registry
 from opd_jax.sampling import SamplingConfig
 from opd_jax.sharding import Sharder, make_mesh, rules_from_config
-
-# Functions that create a run's assets (tokenizer, data, models) before it
-# starts, selected by ``config.prepare``; each takes (config, workdir) and
-# fills the config's paths in place.
-PREPARERS = Registry("preparer")
-PREPARERS.register("quickstart")(organisms.prepare_quickstart)
 
 BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
 
 
-def expand_paths(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Replaces ``$WORKDIR`` in every string field (in place)."""
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      expand_paths(value, workdir)
-    elif isinstance(value, str) and "$WORKDIR" in value:
-      config[key] = value.replace("$WORKDIR", workdir)
+def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """The run's resolved config (what is saved in the workdir): ``$WORKDIR``
+  expanded, then the preparer's assets (``config.prepare``, see
+  ``organisms.PREPARERS``). The loaded ``config`` is not modified."""
+  config = configs_lib.expand_workdir(config, workdir)
+  if config.get("prepare"):
+    config = PREPARERS.get(config.prepare)(config, workdir, train)
+  return config
 
 
 def init_distributed(cfg: ml_collections.ConfigDict) -> None:
@@ -425,9 +420,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) a training run; returns the final logged metrics."""
   workdir = os.path.abspath(workdir)
   init_distributed(config.distributed)
-  expand_paths(config, workdir)
-  if config.get("prepare"):
-    PREPARERS.get(config.prepare)(config, workdir)
+  config = resolve_config(config, workdir)
   save_config(config, workdir)
   is_main = jax.process_index() == 0
 
