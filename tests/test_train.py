@@ -229,6 +229,18 @@ def test_quickstart_config_builds():
   assert (c.loss.name, c.on_policy_fraction, c.total_steps) == ("topk_opd", 0.5, 3)
 
 
+def test_resolved_config_is_a_copy(tmp_path):
+  """$WORKDIR expansion (and a preparer) return the resolved config; the
+  loaded (locked) config is not modified."""
+  from opd_jax import train
+  c = _load_config_file("configs/repro.py", "smoke=True")
+  before = c.to_json()
+  r = train.resolve_config(c, str(tmp_path))
+  assert c.to_json() == before and "$WORKDIR" in c.student.path
+  assert r.student.path == os.path.join(str(tmp_path), "../../organisms/student/export_hf")
+  assert r.is_locked == c.is_locked and "$WORKDIR" not in r.to_json()
+
+
 def test_weak_to_strong_config_builds():
   c = _load_config_file("configs/weak_to_strong.py", "student=/strong,teacher=/weak,prompts=/p")
   assert (c.student.path, c.teacher.path) == ("/strong", "/weak")
