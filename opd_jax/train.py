@@ -169,23 +169,17 @@ def sft_config(step_cfg: OPDConfig) -> OPDConfig:
                              off_policy_source="dataset", metrics=False)
 
 
-def eos_ids_of(tokenizer, model_cfg) -> tuple[int, ...]:
-  ids = set(model_cfg.eos_token_ids)
-  if tokenizer.eos_token_id is not None:
-    ids.add(int(tokenizer.eos_token_id))
-  return tuple(sorted(ids))
-
-
 def sampling_config(config, tokenizer=None, student_cfg=None, *, eos_ids=(),
                     pad_id: int = 0) -> SamplingConfig:
-  """``config.sampling`` as a :class:`SamplingConfig`; EOS and pad ids from the
-  tokenizer (and the student's config) when given, else ``eos_ids``/``pad_id``."""
+  """``config.sampling`` as a :class:`SamplingConfig`: EOS and pad ids from the
+  tokenizer and the student's config (``evaluation.sampling_config``, as the
+  evals and prompt selection), or ``eos_ids``/``pad_id`` without a tokenizer."""
   s = config.sampling
+  knobs = dict(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
+               top_k=int(s.top_k), top_p=float(s.top_p), num_samples=int(s.num_samples))
   if tokenizer is not None:
-    eos_ids, pad_id = eos_ids_of(tokenizer, student_cfg), evaluation.pad_id_of(tokenizer)
-  return SamplingConfig(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
-                        top_k=int(s.top_k), top_p=float(s.top_p), eos_ids=tuple(eos_ids),
-                        pad_id=int(pad_id), num_samples=int(s.num_samples))
+    return evaluation.sampling_config(tokenizer, student_cfg, **knobs)
+  return SamplingConfig(eos_ids=tuple(eos_ids), pad_id=int(pad_id), **knobs)
 
 
 def opd_config(config, sampling: SamplingConfig) -> OPDConfig:
