@@ -1,4 +1,4 @@
-"""One OPD run of the miniature reproduction of arXiv 2604.13016 (issue #7).
+"""One OPD run of the miniature reproduction of arXiv 2604.13016.
 
 The organisms are made by ``experiments/organisms.py`` under ``ASSETS``
 (``WORKDIR/organisms`` of ``experiments/reproduce.py``); pick them by name:
