@@ -118,7 +118,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 # Reading raw records.
 
 
-def _expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]):
+def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+  """Files of a path, a glob pattern or a sequence of them (FileNotFoundError
+  for a missing file or an empty pattern)."""
   if isinstance(paths, (str, os.PathLike)):
     paths = [paths]
   out = []
@@ -163,6 +165,46 @@ def _source_from_path(path: str) -> str:
 
 # ----------------------------------------------------------------------------
 # Validation / rendering of one record.
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOptions:
+  """How records become fixed-shape arrays (:meth:`PromptData.build`).
+
+  Attributes:
+    max_prompt_len: prompt length P; prompts are left-padded to it.
+    max_completion_len: completion length N (required with a
+      ``completion_field``); longer completions are truncated.
+    prompt_field: string prompt, or a list of ``{role, content}`` messages
+      rendered with the chat template (``add_generation_prompt=True``).
+    completion_field: optional off-policy completion (e.g. teacher rollout).
+    answer_field: optional reference answer kept for evaluation lookups.
+    source_field: optional data-source name; defaults to the file stem.
+    use_chat_template: also wrap plain string prompts as one user message.
+    add_special_tokens: passed to the tokenizer for plain (non-chat)
+      prompts; chat-rendered prompts never get extra special tokens.
+    append_eos: append EOS to completions when it fits in N.
+    overlong: ``"drop"`` or ``"truncate"`` (keep the last P tokens).
+    on_error: ``"raise"`` (ValueError naming ``file:line``) or ``"skip"``.
+  """
+  max_prompt_len: int
+  max_completion_len: int | None = None
+  prompt_field: str = "prompt"
+  completion_field: str | None = None
+  answer_field: str | None = "answer"
+  source_field: str | None = None
+  use_chat_template: bool = False
+  add_special_tokens: bool = True
+  append_eos: bool = True
+  overlong: str = "drop"
+  on_error: str = "raise"
+
+
+def data_options(options: DataOptions | None = None, **kwargs: Any) -> DataOptions:
+  """``options`` with ``kwargs`` (fields of :class:`DataOptions`) replaced."""
+  if options is None:
+    return DataOptions(**kwargs)
+  return dataclasses.replace(options, **kwargs) if kwargs else options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,18 +381,8 @@ class PromptData:
       cls,
       paths: str | os.PathLike | Sequence[str | os.PathLike],
       tokenizer,
-      *,
-      max_prompt_len: int,
-      max_completion_len: int | None = None,
-      prompt_field: str = "prompt",
-      completion_field: str | None = None,
-      answer_field: str | None = "answer",
-      source_field: str | None = None,
-      use_chat_template: bool = False,
-      add_special_tokens: bool = True,
-      append_eos: bool = True,
-      overlong: str = "drop",
-      on_error: str = "raise",
+      options: DataOptions | None = None,
+      **kwargs: Any,
   ) -> PromptData:
     """Reads, validates and tokenises JSONL / Parquet prompt files.
 
@@ -358,20 +390,8 @@ class PromptData:
       paths: a file, a glob pattern, or a sequence of them (``.jsonl``,
         ``.jsonl.gz``, ``.ndjson``, ``.parquet``).
       tokenizer: a ``transformers`` tokenizer.
-      max_prompt_len: prompt length P; prompts are left-padded to it.
-      max_completion_len: completion length N (required with a
-        ``completion_field``); longer completions are truncated.
-      prompt_field: string prompt, or a list of ``{role, content}`` messages
-        rendered with the chat template (``add_generation_prompt=True``).
-      completion_field: optional off-policy completion (e.g. teacher rollout).
-      answer_field: optional reference answer kept for evaluation lookups.
-      source_field: optional data-source name; defaults to the file stem.
-      use_chat_template: also wrap plain string prompts as one user message.
-      add_special_tokens: passed to the tokenizer for plain (non-chat)
-        prompts; chat-rendered prompts never get extra special tokens.
-      append_eos: append EOS to completions when it fits in N.
-      overlong: ``"drop"`` or ``"truncate"`` (keep the last P tokens).
-      on_error: ``"raise"`` (ValueError naming ``file:line``) or ``"skip"``.
+      options: the :class:`DataOptions`; ``kwargs`` set (or replace) its
+        fields (``max_prompt_len=12, on_error="skip"``).
 
     Returns:
       The PromptData. ``stats`` holds ``num_records`` (kept),
@@ -380,34 +400,21 @@ class PromptData:
       ``num_completion_truncated``.
     """
     records = []
-    for path in _expand_paths(paths):
+    for path in expand_paths(paths):
       default_source = _source_from_path(path)
       for lineno, record, error in _iter_file(path):
         records.append((f"{path}:{lineno}", record, error, default_source))
-    return cls._from_raw(
-        records,
-        tokenizer,
-        max_prompt_len=max_prompt_len,
-        max_completion_len=max_completion_len,
-        prompt_field=prompt_field,
-        completion_field=completion_field,
-        answer_field=answer_field,
-        source_field=source_field,
-        use_chat_template=use_chat_template,
-        add_special_tokens=add_special_tokens,
-        append_eos=append_eos,
-        overlong=overlong,
-        on_error=on_error,
-    )
+    return cls._from_raw(records, tokenizer, data_options(options, **kwargs))
 
   @classmethod
   def from_records(
       cls,
       records: Sequence[Mapping[str, Any]],
       tokenizer,
+      options: DataOptions | None = None,
       *,
       name: str = "<records>",
-      **kwargs,
+      **kwargs: Any,
   ) -> PromptData:
     """Like :meth:`build` for in-memory dicts (origins are ``name:i``)."""
     raw = []
@@ -417,26 +424,18 @@ class PromptData:
       else:
         raw.append((f"{name}:{i}", None, (
             f"expected a mapping, got {type(record).__name__}"), name))
-    return cls._from_raw(raw, tokenizer, **kwargs)
+    return cls._from_raw(raw, tokenizer, data_options(options, **kwargs))
 
   @classmethod
   def _from_raw(
       cls,
       raw: list[tuple[str, Any, str | None, str]],
       tokenizer,
-      *,
-      max_prompt_len: int,
-      max_completion_len: int | None = None,
-      prompt_field: str = "prompt",
-      completion_field: str | None = None,
-      answer_field: str | None = "answer",
-      source_field: str | None = None,
-      use_chat_template: bool = False,
-      add_special_tokens: bool = True,
-      append_eos: bool = True,
-      overlong: str = "drop",
-      on_error: str = "raise",
+      opts: DataOptions,
   ) -> PromptData:
+    (max_prompt_len, max_completion_len, prompt_field, completion_field, answer_field,
+     source_field, use_chat_template, add_special_tokens, append_eos, overlong,
+     on_error) = dataclasses.astuple(opts)
     if overlong not in ("drop", "truncate"):
       raise ValueError(
           f"overlong must be 'drop' or 'truncate', got {overlong!r}")
@@ -758,29 +757,6 @@ def validate_mixture(
       )
     out[name] = w
   return out
-
-
-def make_prompt_iterator(
-    paths: str | os.PathLike | Sequence[str | os.PathLike],
-    tokenizer,
-    *,
-    batch_size: int,
-    seed: int = 0,
-    num_epochs: int | None = None,
-    mixture: Mapping[str, float] | None = None,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    drop_remainder: bool = True,
-    shuffle: bool = True,
-    **build_kwargs,
-) -> tuple[PromptData, grain.DatasetIterator]:
-  """Builds :class:`PromptData` from files and returns it with an iterator."""
-  data = PromptData.build(paths, tokenizer, **build_kwargs)
-  it = data.iterator(
-      batch_size, seed=seed, num_epochs=num_epochs, mixture=mixture,
-      shard_index=shard_index, shard_count=shard_count,
-      drop_remainder=drop_remainder, shuffle=shuffle)
-  return data, it
 
 
 # ----------------------------------------------------------------------------

@@ -335,11 +335,10 @@ def test_mixture_proportions_and_determinism(tok):
     _it(d, mixture={"a": -1.0})
 
 
-def test_make_prompt_iterator(tok, tmp_path):
+def test_build_with_options_and_iterate(tok, tmp_path):
   data.write_jsonl(tmp_path / "p.jsonl", _records(6))
-  d, it = data.make_prompt_iterator(
-      tmp_path / "p.jsonl", tok, batch_size=2, seed=0, max_prompt_len=4,
-      shard_index=0, shard_count=1)
+  d = data.PromptData.build(tmp_path / "p.jsonl", tok, data.DataOptions(max_prompt_len=4))
+  it = d.iterator(2, seed=0, shard_index=0, shard_count=1)
   assert len(d) == 6
   batch = next(it)
   assert set(batch) == {"prompt_ids", "prompt_mask", "index", "source_id",
