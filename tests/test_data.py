@@ -344,3 +344,19 @@ def test_build_with_options_and_iterate(tok, tmp_path):
   assert set(batch) == {"prompt_ids", "prompt_mask", "index", "source_id",
                         "valid"}
   assert batch["prompt_ids"].shape == (2, 4)
+
+
+def test_one_jsonl_implementation(tmp_path):
+  """tasks' JSONL reader / writer is the data package's: atomic through a
+  unique temp file (a stale ``<path>.tmp`` is no obstacle), bad lines name
+  ``file:line``."""
+  from opd_jax import tasks
+  assert tasks.read_jsonl is data.read_jsonl and tasks.write_jsonl is data.write_jsonl
+  path = tmp_path / "x.jsonl"
+  os.makedirs(str(path) + ".tmp")
+  tasks.write_jsonl(path, [{"a": 1}, {"b": 2}])
+  assert tasks.read_jsonl(path) == [{"a": 1}, {"b": 2}]
+  with open(path, "a") as f:
+    f.write("{bad\n")
+  with pytest.raises(ValueError, match=r"x\.jsonl:3: invalid JSON"):
+    tasks.read_jsonl(path)
