@@ -681,3 +681,28 @@ def test_driver_logs_flops_per_step_and_mfu(assets, tmp_path):
   assert peak_flops(c) == 1e12
   c.peak_flops = 0.0
   assert peak_flops(c) is None       # CPU: no table entry, so no mfu is logged
+
+
+def test_build_run_abstract_is_the_same_step(assets):
+  """``build_run(abstract=True)`` (the ahead-of-time path: no weights,
+  tokenizer or data) builds the very step of the real run: the same static
+  config, train state / teacher / batch shapes and shardings, FLOPs and
+  lowered program."""
+  from opd_jax.train import build_run
+  c = tiny_config(assets)
+  real = build_run(c)
+  opd = real.phases["opd"]
+  assert set(real.phases) == {"opd"} and opd.compiled is not None and real.tokenizer
+  assert real.settings.total_steps == 3 and real.settings.data.max_prompt_len == 12
+  sampling = opd.cfg.sampling
+  ab = build_run(c, abstract=True, vocab_size=len(real.tokenizer), eos_ids=sampling.eos_ids,
+                 pad_id=sampling.pad_id)
+  a_opd = ab.phases["opd"]
+  assert ab.tokenizer is None and a_opd.compiled is None and a_opd.it is None
+  assert a_opd.cfg == opd.cfg and ab.vocab == real.vocab and a_opd.flops == opd.flops
+  spec = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), t)
+  assert spec(ab.state) == spec(real.state)
+  assert spec(a_opd.teacher) == spec(opd.teacher)
+  assert spec(a_opd.batch) == spec(opd.batch)
+  assert (a_opd.fn.lower(*a_opd.args(ab.state)).as_text()
+          == opd.fn.lower(*opd.args(real.state)).as_text())
