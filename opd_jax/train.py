@@ -113,6 +113,10 @@ class Settings:
   num_epochs: int | None      # None: repeat forever
   mixture: dict[str, float] | None
   new_tokens: int             # sampling.max_new_tokens
+  completion_len: int         # data.max_completion_len (0: new_tokens)
+  on_policy_fraction: float   # GKD λ
+  off_policy_source: str      # "dataset" or "teacher"
+  use_teacher: bool           # the loss, the metrics or the off-policy rows read it
   evals: tuple[EvalSpec, ...]
   cold_start: ColdStartSpec
 
@@ -127,6 +131,7 @@ def settings_of(config) -> Settings:
       max_new_tokens=int(e.max_new_tokens) or n, batch_size=int(e.batch_size),
       seed=int(e.seed)) for name, e in config.evals.items())
   cs = config.cold_start
+  lam, source = float(config.on_policy_fraction), config.off_policy_source
   return Settings(
       seed=int(config.seed), batch_size=int(config.batch_size),
       total_steps=int(config.total_steps), log_every=int(config.log_every),
@@ -136,13 +141,18 @@ def settings_of(config) -> Settings:
       progress_bar=bool(config.progress_bar), peak_flops=float(config.peak_flops),
       data=data_lib.DataOptions(
           max_prompt_len=int(d.max_prompt_len),
-          max_completion_len=(int(d.max_completion_len) or n) if d.completion_field else None,
+          max_completion_len=int(d.max_completion_len) or n if d.completion_field else None,
           prompt_field=d.prompt_field, completion_field=d.completion_field or None,
           answer_field=d.answer_field or None, source_field=d.source_field or None,
           use_chat_template=bool(d.use_chat_template), overlong=d.overlong,
           on_error=d.on_error),
       train_files=d.train_files, num_epochs=int(d.num_epochs) or None,
-      mixture=d.mixture.to_dict() if len(d.mixture) else None, new_tokens=n, evals=evals,
+      mixture=d.mixture.to_dict() if len(d.mixture) else None, new_tokens=n,
+      completion_len=int(d.max_completion_len) or n, on_policy_fraction=lam,
+      off_policy_source=source,
+      use_teacher=(losses_lib.needs_teacher(config.loss.name) or bool(config.metrics.enabled)
+                   or (lam < 1 and source == "teacher")),
+      evals=evals,
       cold_start=ColdStartSpec(
           steps=int(cs.steps), task=cs.task, prompts_file=cs.prompts_file,
           rollouts_file=cs.rollouts_file, attempts=int(cs.attempts),
@@ -253,10 +263,10 @@ def batch_sharding(sharder: Sharder, shape: tuple[int, ...]):
 def batch_specs(config, sharder: Sharder) -> dict[str, jax.ShapeDtypeStruct]:
   """The step's batch as sharded ``ShapeDtypeStruct`` s: ``[B, P]`` prompts
   (and ``[B, N]`` dataset completions when off-policy rows read them)."""
-  b, p = int(config.batch_size), int(config.data.max_prompt_len)
+  s = settings_of(config)
+  b, p, n = s.batch_size, s.data.max_prompt_len, s.completion_len
   keys = [("prompt_ids", jnp.int32, p), ("prompt_mask", jnp.bool_, p)]
-  if float(config.on_policy_fraction) < 1 and config.off_policy_source == "dataset":
-    n = int(config.data.max_completion_len) or int(config.sampling.max_new_tokens)
+  if s.on_policy_fraction < 1 and s.off_policy_source == "dataset":
     keys += [("completion_ids", jnp.int32, n), ("completion_mask", jnp.bool_, n)]
   return {k: jax.ShapeDtypeStruct((b, w), dt, sharding=batch_sharding(sharder, (b, w)))
           for k, dt, w in keys}
@@ -298,11 +308,6 @@ def opd_config(config, sampling: SamplingConfig) -> OPDConfig:
       loss_chunk=int(config.loss.chunk), metrics=bool(config.metrics.enabled),
       metrics_top_k=int(config.metrics.top_k),
       position_chunk=int(config.metrics.position_chunk))
-
-
-def needs_teacher(config) -> bool:
-  return (losses_lib.needs_teacher(config.loss.name) or bool(config.metrics.enabled)
-          or (float(config.on_policy_fraction) < 1 and config.off_policy_source == "teacher"))
 
 
 def build_data(settings: Settings, tokenizer):
@@ -383,11 +388,12 @@ def check_run_settings(config, student_cfg, teacher_cfg=None) -> None:
   """
   from opd_jax.tasks import TASKS
   check_lengths(config, student_cfg, teacher_cfg)
-  if not config.data.train_files:
+  s = settings_of(config)
+  if not s.train_files:
     raise ValueError("config.data.train_files is empty")
-  _check_files("config.data.train_files", config.data.train_files)
-  cs = config.cold_start
-  if int(cs.steps) > 0:
+  _check_files("config.data.train_files", s.train_files)
+  cs = s.cold_start
+  if cs.steps > 0:
     if cs.task not in TASKS:
       raise ValueError(f"config.cold_start.task: unknown task {cs.task!r}; valid tasks: "
                        f"{', '.join(TASKS.names())}")
@@ -398,7 +404,8 @@ def check_run_settings(config, student_cfg, teacher_cfg=None) -> None:
 def check_lengths(config, student_cfg, teacher_cfg=None) -> None:
   """``data.max_prompt_len + sampling.max_new_tokens`` fits in the student's
   and the teacher's ``max_position_embeddings`` (ValueError otherwise)."""
-  p, n = int(config.data.max_prompt_len), int(config.sampling.max_new_tokens)
+  s = settings_of(config)
+  p, n = s.data.max_prompt_len, s.new_tokens
   for name, cfg in (("student", student_cfg), ("teacher", teacher_cfg)):
     if cfg is not None and p + n > cfg.max_position_embeddings:
       where = f" ({config[name].path})" if config[name].path else ""
@@ -487,7 +494,7 @@ def run_evals(settings: Settings, cache: dict, model, tokenizer) -> dict[str, fl
 def peak_flops(config) -> float | None:
   """Peak FLOP/s of one device: ``config.peak_flops``, or (0) from the
   device kind (``flops.PEAK_FLOPS_BF16``; None, e.g. on CPU)."""
-  return float(config.peak_flops) or flops_lib.peak_flops_per_device(
+  return settings_of(config).peak_flops or flops_lib.peak_flops_per_device(
       jax.devices()[0].device_kind)
 
 
@@ -590,7 +597,7 @@ def build_run(config: ml_collections.ConfigDict, *, abstract: bool = False,
   # --- Mesh.
   sharder = make_sharder(config)
   # --- Start-up checks, from the config.json files.
-  use_teacher = needs_teacher(config)
+  use_teacher = settings.use_teacher
   s_cfg = model_config_of(config, "student", num_layers=num_layers)
   t_cfg = model_config_of(config, "teacher", num_layers=num_layers) if use_teacher else None
   tokenizer = evals = None
@@ -775,8 +782,11 @@ def _hooks(run: Run, ckpt, writer: MetricWriter, bar) -> tuple[list[Hook], list[
     metrics.update(run_evals(s, run.evals, run.student(state), run.tokenizer))
 
   def log(step, state, metrics):
-    if step % s.log_every == 0 or step == s.total_steps or any(
-        k.startswith("eval/") for k in metrics):
+    writer.write(step, metrics)
+
+  def log_evals(step, state, metrics):   # an eval step is logged too
+    if any(k.startswith("eval/") for k in metrics) and not (
+        step % s.log_every == 0 or step == s.total_steps):
       writer.write(step, metrics)
 
   def progress(step, state, metrics):
@@ -785,12 +795,12 @@ def _hooks(run: Run, ckpt, writer: MetricWriter, bar) -> tuple[list[Hook], list[
                     len=f"{metrics['mean_response_length']:.1f}")
 
   def checkpoint(step, state, metrics):
-    if ckpt.should_save(step) or step == s.total_steps:
-      _checkpoint(run, ckpt, step, state)
-      saved.append(step)
+    _checkpoint(run, ckpt, step, state)
+    saved.append(step)
 
-  hooks = [Hook(s.eval_every, evaluate)] if run.evals else []
-  return hooks + [Hook(1, log), Hook(1, progress), Hook(1, checkpoint)], saved
+  hooks = [Hook(s.eval_every, evaluate), Hook(1, log_evals, at_end=False)] if run.evals else []
+  return hooks + [Hook(s.log_every, log), Hook(1, progress),
+                  Hook(s.checkpoint_every, checkpoint)], saved
 
 
 def main(argv):
