@@ -152,9 +152,11 @@ class PromptData:
       tokenizer,
       opts: DataOptions,
   ) -> PromptData:
-    (max_prompt_len, max_completion_len, prompt_field, completion_field, answer_field,
-     source_field, use_chat_template, add_special_tokens, append_eos, overlong,
-     on_error) = dataclasses.astuple(opts)
+    max_prompt_len, max_completion_len = opts.max_prompt_len, opts.max_completion_len
+    prompt_field, completion_field = opts.prompt_field, opts.completion_field
+    answer_field, source_field = opts.answer_field, opts.source_field
+    use_chat_template, add_special_tokens = opts.use_chat_template, opts.add_special_tokens
+    append_eos, overlong, on_error = opts.append_eos, opts.overlong, opts.on_error
     if overlong not in ("drop", "truncate"):
       raise ValueError(
           f"overlong must be 'drop' or 'truncate', got {overlong!r}")
