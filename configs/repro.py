@@ -1,4 +1,4 @@
-"""One OPD run of the miniature reproduction of arXiv 2604.13016 (issue #7).
+"""One OPD run of the miniature reproduction of arXiv 2604.13016.
 
 The organisms are made by ``experiments/organisms.py`` under ``ASSETS``
 (``WORKDIR/organisms`` of ``experiments/reproduce.py``); pick them by name:
@@ -14,16 +14,24 @@ are kept where they scale: temperature 1, top_p 1, AdamW with a constant lr,
 no warmup, weight decay 0.01, clip 1.0, one update per batch, k = 16 metrics.
 """
 
+import os
+import sys
 
-from opd_jax import configs_lib, organisms
+from opd_jax import configs_lib
+
+_EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "experiments")
+if _EXPERIMENTS not in sys.path:
+  sys.path.insert(0, _EXPERIMENTS)
+import miniature  # noqa: E402  (experiments/miniature.py: the miniature's settings)
 
 
 def get_config(arg=None):
   a = configs_lib.parse_arg(arg, assets="", smoke=False, student="student",
                             teacher="teacher_new", prompts="opd_prompts", loss="reverse_kl",
                             seed=0, steps=0, lr=0.0, cold_start=0)
-  m = organisms.miniature(a.smoke)
-  paths = organisms.miniature_paths(a.assets or "$WORKDIR/../../organisms")
+  m = miniature.miniature(a.smoke)
+  paths = miniature.miniature_paths(a.assets or "$WORKDIR/../../organisms")
   c = configs_lib.base_config()
   c.seed = a.seed
   c.student.path = paths.get(a.student, a.student)
@@ -46,6 +54,6 @@ def get_config(arg=None):
   c.keep_checkpoints = 1
   c.eval_every = m.eval_every
   c.eval_at_start = True
-  c.evals.all = organisms.miniature_eval(m)
+  c.evals.all = miniature.miniature_eval(m)
   c.progress_bar = False
   return c

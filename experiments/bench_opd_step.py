@@ -1,7 +1,7 @@
 """Benchmarks the compiled OPD step against Hugging Face TRL on the same checkpoints.
 
     PYTHONPATH=. python experiments/bench_opd_step.py [--preset small[,medium,large]]
-        [--steps N] [--trl-steps N] [--no-trl] [--profile] [--patch NAME]
+        [--steps N] [--trl-steps N] [--no-trl] [--profile]
         [--threads 0|1] [--mesh data=2,fsdp=1,tensor=1 --num-cpu-devices 2] [--json F]
 
 For every preset a Qwen3-architecture student and teacher are created, written
@@ -44,15 +44,14 @@ of a jitted square f32 matmul run in the same process, same thread setting).
 
 ``--profile`` times the step's pieces as separately jitted functions
 (sampling, teacher forward, student forward+backward+loss, optimizer).
-``--patch`` also times prototype variants that are NOT in ``opd_jax``
-(monkeypatched while tracing; steps of all variants alternate); none is
-pending now (the inverse-CDF sampler prototyped here is ``sampling.sample_token``).
+Our side is set up exactly as a run of the driver: a config (the preset's
+checkpoints, tokenizer and prompt file) through ``opd_jax.train.build_run``,
+with ``sampling.ignore_eos`` for full-length generation.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -92,13 +91,14 @@ import numpy as np
 import optax
 from flax import nnx
 
+from opd_jax import configs_lib, opd_step
 from opd_jax import losses as losses_lib
-from opd_jax import opd_step, optim
 from opd_jax import sampling as sampling_lib
+from opd_jax import train as train_lib
+from opd_jax.data import write_jsonl
 from opd_jax.flops import opd_step_flops
-from opd_jax.models import ModelConfig, create_model, from_hf, to_hf
-from opd_jax.sampling import SamplingConfig, sample
-from opd_jax.sharding import Sharder, make_mesh
+from opd_jax.models import ModelConfig, create_model, to_hf
+from opd_jax.sampling import sample
 
 PAD_ID, EOS_ID = 0, 1
 
@@ -209,35 +209,6 @@ def parse_mesh(text: str) -> dict[str, int] | None:
 
 
 # ----------------------------------------------------------------------------
-# Prototype patches (not in opd_jax; applied while tracing a variant)
-# ----------------------------------------------------------------------------
-
-
-PATCHES: dict[str, list] = {}
-
-
-def check_patch(spec: str) -> str:
-  for name in spec.split("+"):
-    if name not in PATCHES:
-      raise argparse.ArgumentTypeError(f"unknown patch {name!r}; valid: {sorted(PATCHES)}")
-  return spec
-
-
-@contextlib.contextmanager
-def patched(spec: str | None):
-  """Applies the ``+``-separated prototype patches while tracing."""
-  items = [it for name in (spec.split("+") if spec else ()) for it in PATCHES[name]]
-  origs = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in items]
-  for obj, attr, fn in items:
-    setattr(obj, attr, fn)
-  try:
-    yield
-  finally:
-    for obj, attr, orig in reversed(origs):
-      setattr(obj, attr, orig)
-
-
-# ----------------------------------------------------------------------------
 # Checkpoints and data
 # ----------------------------------------------------------------------------
 
@@ -265,46 +236,42 @@ def make_prompts(preset: Preset, seed: int = 0) -> np.ndarray:
 # ----------------------------------------------------------------------------
 
 
-def opd_config(preset: Preset, args) -> opd_step.OPDConfig:
-  return opd_step.OPDConfig(
-      sampling=SamplingConfig(max_new_tokens=preset.new_tokens, temperature=1.0,
-                              eos_ids=(), pad_id=PAD_ID, num_samples=1),
-      loss="reverse_kl", on_policy_fraction=1.0, loss_chunk=args.loss_chunk,
-      metrics=not args.no_metrics, metrics_top_k=16, position_chunk=64)
+def bench_config(preset: Preset, s_dir: str, t_dir: str, tok_dir: str, prompts_file: str,
+                 args):
+  """The driver config of our side: λ = 1 reverse KL, temperature 1, all
+  ``new_tokens`` generated (``sampling.ignore_eos``), AdamW lr 1e-6."""
+  c = configs_lib.base_config()
+  c.student.path, c.teacher.path, c.tokenizer = s_dir, t_dir, tok_dir
+  c.data.train_files, c.data.max_prompt_len = prompts_file, preset.prompt_len
+  c.batch_size = preset.batch
+  c.sampling.update(dict(max_new_tokens=preset.new_tokens, temperature=1.0, num_samples=1,
+                         ignore_eos=True))
+  c.loss = configs_lib.loss_config("reverse_kl", chunk=args.loss_chunk)
+  c.metrics.update(dict(enabled=not args.no_metrics, top_k=16, position_chunk=64))
+  c.optimizer.lr = 1e-6
+  c.mesh.shape.update(parse_mesh(args.mesh) or dict(data=1))
+  return c
 
 
 def setup_ours(preset: Preset, s_dir: str, t_dir: str, prompts: np.ndarray, args,
-               patch: str | None = None) -> dict[str, Any]:
-  """Loads the checkpoints, builds and compiles the step (``patch`` active
-  while tracing)."""
-  mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
-  sharder = Sharder(mesh)
-  student = from_hf(s_dir, dtype="float32", mesh=mesh)
-  teacher = from_hf(t_dir, dtype="float32", mesh=mesh)
-  tx, sched = optim.make_optimizer({"lr": 1e-6})
-  state, st_sh = opd_step.init_train_state(student, tx, 0, sharder)
-  cfg = opd_config(preset, args)
-  gd_s, _ = nnx.split(student)
-  gd_t, t_params = nnx.split(teacher)
-  batch = {"prompt_ids": jnp.asarray(prompts),
-           "prompt_mask": jnp.ones(prompts.shape, jnp.bool_)}
-  t_sh = b_sh = None
-  if mesh is not None:
-    t_sh = sharder.tree_shardings(t_params)
-    b_sh = {k: sharder.batch(2, prompts.shape[0]) for k in batch}
-    batch = {k: jax.device_put(v, b_sh[k]) for k, v in batch.items()}
-  step = opd_step.make_opd_step(
-      gd_s, gd_t, tx, sched, cfg, vocab_size=preset.vocab, sharder=sharder,
-      state_shardings=st_sh, teacher_shardings=t_sh, batch_shardings=b_sh)
-  t0 = time.perf_counter()
-  with patched(patch):
-    compiled = step.lower(state, t_params, batch).compile()
-  compile_s = time.perf_counter() - t0
-  return dict(name="ours" + (f" +{patch} (prototype)" if patch else " (opd_jax)"),
-              patch=patch, step=step, compiled=compiled, state=state, t_params=t_params,
-              batch=batch, cfg=cfg, gd_s=gd_s, gd_t=gd_t, tx=tx, sharder=sharder,
-              student_cfg=student.cfg, teacher_cfg=teacher.cfg, compile_s=compile_s,
-              xla_flops=xla_flops(compiled), deltas=[])
+               root: str) -> dict[str, Any]:
+  """Our step built by ``train.build_run`` from the checkpoints, the word-level
+  tokenizer and the prompts written as a JSONL file (compiled there)."""
+  tok_dir = os.path.join(root, "tokenizer")
+  make_tokenizer(preset.vocab).save_pretrained(tok_dir)
+  prompts_file = os.path.join(root, "prompts.jsonl")
+  write_jsonl(prompts_file, [{"prompt": " ".join(f"t{i}" for i in row)} for row in prompts])
+  run = train_lib.build_run(bench_config(preset, s_dir, t_dir, tok_dir, prompts_file, args))
+  phase = run.phases["opd"]
+  batch = train_lib.global_batch(next(phase.it), run.sharder, preset.batch)
+  got = sorted(map(tuple, np.asarray(batch["prompt_ids"]).tolist()))
+  if got != sorted(map(tuple, prompts.tolist())):
+    raise RuntimeError("the data pipeline does not round-trip the prompts")
+  return dict(name="ours (opd_jax)", step=phase.fn, compiled=phase.compiled, state=run.state,
+              t_params=phase.teacher, batch=batch, cfg=phase.cfg, gd_s=run.student_graphdef,
+              gd_t=run.teacher_graphdef, tx=run.tx, sharder=run.sharder,
+              student_cfg=run.student_cfg, teacher_cfg=run.teacher_cfg,
+              compile_s=run.compile_s, xla_flops=xla_flops(phase.compiled), deltas=[])
 
 
 def bench_ours(ctxs: list[dict[str, Any]], n_steps: int, warmup: int) -> None:
@@ -323,8 +290,7 @@ def bench_ours(ctxs: list[dict[str, Any]], n_steps: int, warmup: int) -> None:
       ctx["last"] = metrics
 
 
-def profile_ours(preset: Preset, ctx: dict[str, Any], args,
-                 patches: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
+def profile_ours(preset: Preset, ctx: dict[str, Any], args) -> dict[str, dict[str, float]]:
   """Times the pieces of the step as separately jitted functions."""
   cfg, gd_s, gd_t, tx = ctx["cfg"], ctx["gd_s"], ctx["gd_t"], ctx["tx"]
   params, t_params, batch = ctx["state"].params, ctx["t_params"], ctx["batch"]
@@ -341,10 +307,6 @@ def profile_ours(preset: Preset, ctx: dict[str, Any], args,
 
   so = jax.jit(sample_fn)(params, batch, rng)
   out["sampling"] = time_fn(jax.jit(sample_fn), params, batch, rng, repeats=reps)
-  for name in patches:
-    with patched(name):   # a fresh function: no cached (unpatched) trace
-      f = jax.jit(lambda *a: sample_fn(*a)).lower(params, batch, rng).compile()
-    out[f"sampling +{name} (prototype)"] = time_fn(f, params, batch, rng, repeats=reps)
   ids, mask, pos = sampling_lib.full_sequence(batch["prompt_ids"], batch["prompt_mask"],
                                           so.tokens, so.mask)
   tokens, cmask = so.tokens, so.mask.astype(jnp.bool_)
@@ -520,14 +482,13 @@ def bench_trl(preset: Preset, s_dir: str, t_dir: str, prompts: np.ndarray, args,
 
 
 def run_preset(preset: Preset, args) -> dict[str, Any]:
-  """Ours (and prototype variants) before and after TRL, then the report."""
+  """Ours before and after TRL, then the report."""
   root = tempfile.mkdtemp(prefix=f"bench_opd_{preset.name}_")
   try:
     mm = matmul_flops_per_s(args.matmul_size)
     s_dir, t_dir = make_checkpoints(preset, root)
     prompts = make_prompts(preset)
-    ctxs = [setup_ours(preset, s_dir, t_dir, prompts, args, patch)
-            for patch in [None] + args.patch]
+    ctxs = [setup_ours(preset, s_dir, t_dir, prompts, args, root)]
     n_steps = args.steps or preset.steps
     warmup = preset.warmup if args.warmup < 0 else args.warmup
     bench_ours(ctxs, 0, warmup)
@@ -540,7 +501,7 @@ def run_preset(preset: Preset, args) -> dict[str, Any]:
                                                    preset.prompt_len, preset.new_tokens,
                                                    preset.vocab)}
     if args.profile:
-      res["profile"] = profile_ours(preset, ctxs[0], args, tuple(args.patch))
+      res["profile"] = profile_ours(preset, ctxs[0], args)
     if not args.no_trl:
       try:
         import trl  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
@@ -635,9 +596,6 @@ def main(argv=None):
   ap.add_argument("--no-trl", action="store_true")
   ap.add_argument("--profile", action="store_true", help="time the step's pieces")
   ap.add_argument("--profile-repeats", type=int, default=5)
-  ap.add_argument("--patch", action="append", default=[], type=check_patch,
-                  help="also time a prototype variant ('+' combines patches; "
-                  f"repeatable; patches: {sorted(PATCHES)})")
   ap.add_argument("--loss-chunk", type=int, default=64)
   ap.add_argument("--no-metrics", action="store_true", help="OPDConfig(metrics=False)")
   ap.add_argument("--mesh", default="", help="e.g. data=2,fsdp=1,tensor=1")

@@ -18,14 +18,14 @@ import numpy as np
 
 import repro_lib as R
 
-from opd_jax import organisms
+import miniature
 
 TEACHERS = ("teacher_new", "teacher_same")
 LONG_BUDGET = 4   # budget sensitivity: one seed at 4x the OPD steps
 
 
 def main(workdir: str, smoke: bool = False) -> dict:
-  m = organisms.miniature(smoke)
+  m = miniature.miniature(smoke)
   orgs = R.organisms_table(workdir)
   out = {"teachers": {}}
   curves = {}

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import repro_lib as R
 
-from opd_jax import organisms
+import miniature
 
 TEACHERS = ("teacher_new", "teacher_b")
 
 
 def main(workdir: str, smoke: bool = False) -> dict:
-  m = organisms.miniature(smoke)
+  m = miniature.miniature(smoke)
   orgs = R.organisms_table(workdir)
   out = {"teachers": {}}
   curves = {}

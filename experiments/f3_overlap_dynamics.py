@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import repro_lib as R
 
-from opd_jax import organisms
+import miniature
 
 TEACHERS = ("teacher_new", "teacher_same", "teacher_b")
 
 
 def main(workdir: str, smoke: bool = False) -> dict:
-  m = organisms.miniature(smoke)
+  m = miniature.miniature(smoke)
   out = {"teachers": {}}
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(5.5, 3.4))

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import repro_lib as R
 
-from opd_jax import organisms
+import miniature
 
 TEACHERS = ("teacher_new", "teacher_same", "teacher_b")
 KEYS = ("overlap_mass_student", "overlap_mass_teacher", "topk_mass_student", "topk_mass_teacher")
 
 
 def main(workdir: str, smoke: bool = False) -> dict:
-  m = organisms.miniature(smoke)
+  m = miniature.miniature(smoke)
   out = {"teachers": {}, "window": "last 10% of OPD steps (start: first 10%)"}
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.3), sharey=True)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import repro_lib as R
 
-from opd_jax import organisms
+import miniature
 
 STRONG = "teacher_new"
 WEAK = ("student", "teacher_same")
 
 
 def main(workdir: str, smoke: bool = False) -> dict:
-  m = organisms.miniature(smoke)
+  m = miniature.miniature(smoke)
   orgs = R.organisms_table(workdir)
   out = {"strong_student": STRONG, "strong_hard_accuracy": orgs[STRONG]["hard"],
          "strong_overall_accuracy": orgs[STRONG]["overall"], "weak_teachers": {}}

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import repro_lib as R
 
-from opd_jax import organisms
+import miniature
 
 TEACHER = "teacher_b"
 
 
 def main(workdir: str, smoke: bool = False) -> dict:
-  m = organisms.miniature(smoke)
+  m = miniature.miniature(smoke)
   orgs = R.organisms_table(workdir)
   n = m.cold_start_steps
   plain = [R.run_opd(workdir, smoke, teacher=TEACHER, seed=s) for s in R.seeds_of(m)]

@@ -16,14 +16,16 @@ import os
 
 import repro_lib as R
 
+import miniature
+
 from opd_jax import data as data_lib
-from opd_jax import organisms, prompt_selection
+from opd_jax import prompt_selection
 
 TEACHER = "teacher_new"
 
 
-def select_prompts(workdir: str, m: organisms.Miniature) -> str:
-  paths = organisms.miniature_paths(R.assets_dir(workdir))
+def select_prompts(workdir: str, m: miniature.Miniature) -> str:
+  paths = miniature.miniature_paths(R.assets_dir(workdir))
   out_dir = os.path.join(os.path.abspath(workdir), "prompt_selection")
   selected = os.path.join(out_dir, "selected.jsonl")
   if not os.path.exists(os.path.join(out_dir, "summary.json")):
@@ -40,8 +42,8 @@ def level_histogram(path: str) -> dict[int, int]:
 
 
 def main(workdir: str, smoke: bool = False) -> dict:
-  m = organisms.miniature(smoke)
-  paths = organisms.miniature_paths(R.assets_dir(workdir))
+  m = miniature.miniature(smoke)
+  paths = miniature.miniature_paths(R.assets_dir(workdir))
   selected = select_prompts(workdir, m)
   with open(os.path.join(os.path.dirname(selected), "summary.json")) as f:
     summary = json.load(f)

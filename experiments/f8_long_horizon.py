@@ -16,7 +16,7 @@ import numpy as np
 
 import repro_lib as R
 
-from opd_jax import organisms
+import miniature
 
 TEACHERS = ("teacher_new", "teacher_b")
 METRICS = ("overlap_ratio", "entropy_gap", "overlap_mass_teacher", "reverse_kl")
@@ -43,7 +43,7 @@ def chunk_profile(rundir: str, metric: str, start_frac: float, end_frac: float):
 
 
 def main(workdir: str, smoke: bool = False) -> dict:
-  m = organisms.miniature(smoke)
+  m = miniature.miniature(smoke)
   out = {"teachers": {}, "chunk_tokens": 8}
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, len(METRICS), figsize=(13, 3.2))

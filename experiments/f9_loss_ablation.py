@@ -16,7 +16,8 @@ import numpy as np
 
 import repro_lib as R
 
-from opd_jax import configs_lib, organisms
+import miniature
+from opd_jax import configs_lib
 
 SWEEP = os.path.join(R.ROOT, "configs", "sweeps", "repro_losses.py")
 
@@ -29,7 +30,7 @@ def load_sweep():
 
 
 def main(workdir: str, smoke: bool = False) -> dict:
-  m = organisms.miniature(smoke)
+  m = miniature.miniature(smoke)
   sweep = load_sweep()
   _, runs = sweep.get_sweep(seeds=R.seeds_of(m), smoke=smoke)
   by_loss: dict[str, list[str]] = {}

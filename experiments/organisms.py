@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import repro_lib as R
 
-from opd_jax import organisms
+import miniature
 
 
 def main(workdir: str, smoke: bool = False) -> dict:
-  m = organisms.miniature(smoke)
-  organisms.prepare_miniature(R.assets_dir(workdir), m)
+  m = miniature.miniature(smoke)
+  miniature.prepare_miniature(R.assets_dir(workdir), m)
   levels = sorted(set(m.levels) | set(m.pool_levels))
   table = {}
-  for name in organisms.ORGANISMS:
+  for name in miniature.ORGANISMS:
     last = R.final_eval(R.organism_workdir(workdir, name))
-    table[name] = {"arch": R.arch_of(m, name), "pattern": organisms.ORGANISMS[name][1],
-                   "sft_data": organisms.ORGANISMS[name][2],
+    table[name] = {"arch": R.arch_of(m, name), "pattern": miniature.ORGANISMS[name][1],
+                   "sft_data": miniature.ORGANISMS[name][2],
                    "accuracy": {L: last[f"eval/all/acc/level_{L}"] for L in levels},
                    "easy": R.level_mean(last, m.easy), "hard": R.level_mean(last, m.hard),
                    "overall": R.level_mean(last, m.levels)}

@@ -29,7 +29,7 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from opd_jax import organisms  # noqa: E402
+import miniature  # noqa: E402
 from opd_jax.logging_utils import read_metrics  # noqa: E402
 
 REPRO_CONFIG = os.path.join(ROOT, "configs", "repro.py")
@@ -65,12 +65,12 @@ def organism_workdir(workdir: str, name: str) -> str:
   return os.path.join(assets_dir(workdir), name)
 
 
-def arch_of(m: organisms.Miniature, name: str) -> str:
-  a = m.student if organisms.ORGANISMS[name][0] == "student" else m.teacher
+def arch_of(m: miniature.Miniature, name: str) -> str:
+  a = m.student if miniature.ORGANISMS[name][0] == "student" else m.teacher
   return f"{a.num_layers}x{a.hidden_size}"
 
 
-def setting_dict(m: organisms.Miniature) -> dict[str, Any]:
+def setting_dict(m: miniature.Miniature) -> dict[str, Any]:
   return dataclasses.asdict(m)
 
 
@@ -124,7 +124,7 @@ def run_opd(workdir: str, smoke: bool, name: str | None = None,
   return rundir
 
 
-def seeds_of(m: organisms.Miniature) -> tuple[int, ...]:
+def seeds_of(m: miniature.Miniature) -> tuple[int, ...]:
   return tuple(m.seeds)
 
 
@@ -263,7 +263,7 @@ def curve_band(ax, curves: Sequence[tuple[np.ndarray, np.ndarray]], color: str, 
   ax.fill_between(steps, mu - sd, mu + sd, color=color, alpha=0.2)
 
 
-def seed_runs(workdir: str, smoke: bool, m: organisms.Miniature, **arg: Any):
+def seed_runs(workdir: str, smoke: bool, m: miniature.Miniature, **arg: Any):
   """One run per seed of ``m``: (run dirs, evals at step 0, final evals)."""
   runs = [run_opd(workdir, smoke, seed=s, **arg) for s in seeds_of(m)]
   return runs, [final_eval_at(r, 0) for r in runs], [final_eval(r) for r in runs]

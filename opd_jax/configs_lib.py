@@ -9,7 +9,9 @@ keyword arguments appear with their registry defaults, ready to override.
 
 from __future__ import annotations
 
+import copy
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -42,6 +44,34 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       value = float(value)
     out[key] = value
   return ml_collections.ConfigDict(out)
+
+
+def updated(config: ml_collections.ConfigDict,
+            values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with ``values`` (``{"data.max_prompt_len": 12}``:
+  dotted keys) set; ``config`` itself is not modified. A key that does not
+  exist is an error (the copy stays locked)."""
+  out = copy.deepcopy(config)
+  for key, value in values.items():
+    *parents, leaf = key.split(".")
+    node = out
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return out
+
+
+def expand_workdir(config: ml_collections.ConfigDict,
+                   workdir: str) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with ``$WORKDIR`` replaced by ``workdir`` in every
+  string field."""
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        yield from walk(value, f"{prefix}{key}.")
+      elif isinstance(value, str) and "$WORKDIR" in value:
+        yield f"{prefix}{key}", value.replace("$WORKDIR", workdir)
+  return updated(config, dict(walk(config, "")))
 
 
 def loss_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
@@ -90,7 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
       mixture=ml_collections.ConfigDict()))
   c.batch_size = 8                  # prompts per step (global)
   c.sampling = ml_collections.ConfigDict(dict(
-      max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, num_samples=1))
+      max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, num_samples=1,
+      ignore_eos=False))            # True: every row runs max_new_tokens (benchmarks)
   c.teacher_sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0))
   c.on_policy_fraction = 1.0        # GKD λ
   c.off_policy_source = "dataset"   # or "teacher"

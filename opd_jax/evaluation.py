@@ -153,6 +153,26 @@ def pad_id_of(tokenizer) -> int:
   raise ValueError("tokenizer has neither a pad token nor an EOS token")
 
 
+def eos_ids_of(tokenizer, model_cfg=None) -> tuple[int, ...]:
+  """Every id sampling stops on: the model's ``config.json`` EOS ids
+  (``ModelConfig.eos_token_ids``; Qwen / Llama list several) and the
+  tokenizer's ``eos_token_id``."""
+  ids = set(model_cfg.eos_token_ids) if model_cfg is not None else set()
+  if tokenizer.eos_token_id is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  return tuple(sorted(ids))
+
+
+def sampling_config(tokenizer, model_cfg=None, **knobs: Any) -> sampling.SamplingConfig:
+  """The one :class:`SamplingConfig` builder of training, evaluation and
+  prompt selection: stops on :func:`eos_ids_of` ``(tokenizer, model_cfg)``,
+  pads with :func:`pad_id_of`; ``knobs`` are the other fields
+  (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``greedy``,
+  ``num_samples``)."""
+  return sampling.SamplingConfig(eos_ids=eos_ids_of(tokenizer, model_cfg),
+                                 pad_id=pad_id_of(tokenizer), **knobs)
+
+
 def encode_prompts(tokenizer, prompts: Sequence[str], *,
                    max_prompt_len: int | None = None,
                    use_chat_template: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -230,14 +250,14 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *,
                          seed: int = 0, max_prompt_len: int | None = None,
                          use_chat_template: bool = False) -> Completions:
   """Samples ``num_samples`` completions for each prompt (``batch_size`` prompts
-  per compiled call; batch ``i`` uses ``fold_in(PRNGKey(seed), i)``)."""
+  per compiled call; batch ``i`` uses ``fold_in(PRNGKey(seed), i)``). Sampling
+  stops on every EOS id training stops on (:func:`sampling_config` with the
+  model's config)."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  eos = tokenizer.eos_token_id
-  config = sampling.SamplingConfig(
-      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-      top_p=top_p, greedy=greedy, eos_ids=() if eos is None else (int(eos),),
-      pad_id=pad_id_of(tokenizer), num_samples=num_samples)
+  config = sampling_config(tokenizer, model.cfg, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                           num_samples=num_samples)
   ids, mask = encode_prompts(tokenizer, prompts, max_prompt_len=max_prompt_len,
                              use_chat_template=use_chat_template)
   graphdef, state = nnx.split(model)

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from opd_jax.registry import Registry
 
-LOSSES = Registry("loss")
+LOSSES = Registry("loss", needs_teacher=True)   # reads teacher logits
 
 _TOPK_STRATEGIES = ("student", "teacher", "union", "intersection")
 _TOPK_WEIGHTS = ("student", "teacher", "none")
@@ -427,7 +427,7 @@ def topk_opd(student_logits, teacher_logits, tokens=None, *, k: int = 16,
 # ----------------------------------------------------------------------------
 
 
-@LOSSES.register("sft")
+@LOSSES.register("sft", needs_teacher=False)
 def sft(student_logits, teacher_logits=None, tokens=None, *,
         student_temperature: float = 1.0,
         teacher_temperature: float = 1.0) -> jax.Array:
@@ -443,26 +443,10 @@ def sft(student_logits, teacher_logits=None, tokens=None, *,
   return -_gather(_log_softmax(student_logits, student_temperature), tokens)
 
 
-NEEDS_TEACHER: dict[str, bool] = {
-    "forward_kl": True,
-    "reverse_kl": True,
-    "jsd": True,
-    "skew_kl": True,
-    "skew_rkl": True,
-    "tvd": True,
-    "k1": True,
-    "sampled_reverse_kl": True,
-    "k2": True,
-    "k3": True,
-    "topk_opd": True,
-    "sft": False,
-}
-
-
 def needs_teacher(name: str) -> bool:
-  """Whether loss ``name`` reads teacher logits (ValueError if unknown)."""
-  LOSSES.get(name)
-  return NEEDS_TEACHER[name]
+  """Whether loss ``name`` reads teacher logits, as declared at its
+  registration (ValueError if unknown)."""
+  return bool(LOSSES.info(name)["needs_teacher"])
 
 
 def get_loss(name: str,
@@ -476,7 +460,7 @@ def get_loss(name: str,
   fn = LOSSES.build(name, kwargs)
   logits = jax.ShapeDtypeStruct((1, 1, 2), jnp.float32)
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  jax.eval_shape(fn, logits, logits if NEEDS_TEACHER[name] else None, tokens)
+  jax.eval_shape(fn, logits, logits if needs_teacher(name) else None, tokens)
   return fn
 
 

@@ -71,11 +71,8 @@ def score_prompts(student, teacher, tokenizer, records: Sequence[dict], task, *,
   prompts = [r["prompt"] for r in records]
   ids, mask = evaluation.encode_prompts(tokenizer, prompts, max_prompt_len=max_prompt_len,
                                         use_chat_template=use_chat_template)
-  eos = tokenizer.eos_token_id
-  config = sampling.SamplingConfig(
-      max_new_tokens=max_new_tokens, temperature=temperature,
-      eos_ids=() if eos is None else (int(eos),), pad_id=evaluation.pad_id_of(tokenizer),
-      num_samples=num_samples)
+  config = evaluation.sampling_config(tokenizer, student.cfg, max_new_tokens=max_new_tokens,
+                                      temperature=temperature, num_samples=num_samples)
   s_graphdef, s_state = nnx.split(student)
   t_graphdef, t_state = nnx.split(teacher)
   base = jax.random.PRNGKey(seed)

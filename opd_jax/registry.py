@@ -14,20 +14,39 @@ from typing import Any
 
 
 class Registry:
-  """A named table of factories / functions."""
+  """A named table of factories / functions.
 
-  def __init__(self, kind: str):
+  ``Registry("loss", needs_teacher=True)`` declares per-entry facts with
+  their defaults; an entry states its own at registration
+  (``@LOSSES.register("sft", needs_teacher=False)``), read back with
+  :meth:`info`.
+  """
+
+  def __init__(self, kind: str, **info_defaults: Any):
     self.kind = kind
     self._items: dict[str, Callable[..., Any]] = {}
+    self._defaults = dict(info_defaults)
+    self._info: dict[str, dict[str, Any]] = {}
 
-  def register(self, name: str | None = None):
+  def register(self, name: str | None = None, **info: Any):
+    bad = sorted(set(info) - set(self._defaults))
+    if bad:
+      raise ValueError(f"{self.kind} registration got unknown fact(s) {bad}; "
+                       f"valid: {sorted(self._defaults)}")
+
     def deco(fn):
       key = name or fn.__name__
       if key in self._items:
         raise ValueError(f"{self.kind} {key!r} registered twice")
       self._items[key] = fn
+      self._info[key] = {**self._defaults, **info}
       return fn
     return deco
+
+  def info(self, name: str) -> dict[str, Any]:
+    """The facts ``name`` declared at registration (ValueError if unknown)."""
+    self.get(name)
+    return dict(self._info[name])
 
   def names(self) -> list[str]:
     return sorted(self._items)

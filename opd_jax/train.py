@@ -6,6 +6,12 @@
 (also installed as ``opd-train``). Configs are locked: an override of a key
 that does not exist is an error. The resolved config is saved in the workdir;
 the latest checkpoint there is restored automatically.
+
+:func:`build_run` is the one set-up (mesh, settings, tokenizer, models, data,
+optimizer, train state, compiled phases) of the driver, the ahead-of-time
+check (``abstract=True``: no weights, tokenizer or data) and the benchmarks;
+:func:`train` is the loop over a :class:`Run` with periodic hooks (log, eval,
+checkpoint).
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,30 +32,136 @@ from flax import nnx
 
 from opd_jax import checkpointing, configs_lib, data as data_lib, evaluation
 from opd_jax import flops as flops_lib
-from opd_jax import losses as losses_lib, optim, organisms
+from opd_jax import losses as losses_lib, optim
 from opd_jax.logging_utils import MetricWriter
-from opd_jax.opd_step import (OPDConfig, common_vocab_size, host_metrics,
-                              init_train_state, make_opd_step)
-from opd_jax.registry import Registry
+from opd_jax.opd_step import (OPDConfig, TrainState, common_vocab_size, host_metrics,
+                              init_train_state, make_opd_step, optimizer_shardings)
+from opd_jax.organisms import PREPARERS
 from opd_jax.sampling import SamplingConfig
 from opd_jax.sharding import Sharder, make_mesh, rules_from_config
-
-# Functions that create a run's assets (tokenizer, data, models) before it
-# starts, selected by ``config.prepare``; each takes (config, workdir) and
-# fills the config's paths in place.
-PREPARERS = Registry("preparer")
-PREPARERS.register("quickstart")(organisms.prepare_quickstart)
 
 BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
 
 
-def expand_paths(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Replaces ``$WORKDIR`` in every string field (in place)."""
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      expand_paths(value, workdir)
-    elif isinstance(value, str) and "$WORKDIR" in value:
-      config[key] = value.replace("$WORKDIR", workdir)
+# -----------------------------------------------------------------------------
+# The resolved config and its typed settings.
+
+
+def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """The run's resolved config (what is saved in the workdir): ``$WORKDIR``
+  expanded, then the preparer's assets (``config.prepare``, see
+  ``organisms.PREPARERS``). The loaded ``config`` is not modified."""
+  config = configs_lib.expand_workdir(config, workdir)
+  if config.get("prepare"):
+    config = PREPARERS.get(config.prepare)(config, workdir, train)
+  if int(config.cold_start.steps) > 0 and not config.cold_start.rollouts_file:
+    config = configs_lib.updated(config, {
+        "cold_start.rollouts_file": os.path.join(workdir, "cold_start_rollouts.jsonl")})
+  return config
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+  """One entry of ``config.evals`` (``name`` is its key)."""
+  name: str
+  evaluator: str
+  task: str
+  data_file: str
+  num_examples: int
+  levels: str                 # "1+2": the generated levels ("": the task's)
+  pattern: str
+  num_samples: int
+  temperature: float          # 0: greedy
+  top_p: float
+  max_new_tokens: int         # resolved (config 0: sampling.max_new_tokens)
+  batch_size: int
+  seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ColdStartSpec:
+  """``config.cold_start``: SFT on verified teacher rollouts for ``steps``."""
+  steps: int
+  task: str
+  prompts_file: str           # "": data.train_files
+  rollouts_file: str          # resolved by resolve_config
+  attempts: int
+  keep_per_prompt: int
+  temperature: float
+  top_p: float
+  max_prompts: int            # 0: all
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The run's ConfigDict converted once into typed fields (the loop's,
+  the data's, the evals' and the cold start's; the step's are
+  :func:`opd_config`)."""
+  seed: int
+  batch_size: int
+  total_steps: int
+  log_every: int
+  eval_every: int             # 0: only at the end
+  eval_at_start: bool
+  checkpoint_every: int
+  keep_checkpoints: int
+  export_hf: bool
+  progress_bar: bool
+  peak_flops: float           # 0: from the device kind
+  data: data_lib.DataOptions
+  train_files: str
+  num_epochs: int | None      # None: repeat forever
+  mixture: dict[str, float] | None
+  new_tokens: int             # sampling.max_new_tokens
+  completion_len: int         # data.max_completion_len (0: new_tokens)
+  on_policy_fraction: float   # GKD λ
+  off_policy_source: str      # "dataset" or "teacher"
+  use_teacher: bool           # the loss, the metrics or the off-policy rows read it
+  evals: tuple[EvalSpec, ...]
+  cold_start: ColdStartSpec
+
+
+def settings_of(config) -> Settings:
+  """``config`` -> :class:`Settings` (the one place its fields are cast)."""
+  d, n = config.data, int(config.sampling.max_new_tokens)
+  evals = tuple(EvalSpec(
+      name=name, evaluator=e.evaluator, task=e.task, data_file=e.data_file,
+      num_examples=int(e.num_examples), levels=str(e.levels), pattern=e.pattern,
+      num_samples=int(e.num_samples), temperature=float(e.temperature), top_p=float(e.top_p),
+      max_new_tokens=int(e.max_new_tokens) or n, batch_size=int(e.batch_size),
+      seed=int(e.seed)) for name, e in config.evals.items())
+  cs = config.cold_start
+  lam, source = float(config.on_policy_fraction), config.off_policy_source
+  return Settings(
+      seed=int(config.seed), batch_size=int(config.batch_size),
+      total_steps=int(config.total_steps), log_every=int(config.log_every),
+      eval_every=int(config.eval_every), eval_at_start=bool(config.get("eval_at_start", False)),
+      checkpoint_every=int(config.checkpoint_every),
+      keep_checkpoints=int(config.keep_checkpoints), export_hf=bool(config.export_hf),
+      progress_bar=bool(config.progress_bar), peak_flops=float(config.peak_flops),
+      data=data_lib.DataOptions(
+          max_prompt_len=int(d.max_prompt_len),
+          max_completion_len=int(d.max_completion_len) or n if d.completion_field else None,
+          prompt_field=d.prompt_field, completion_field=d.completion_field or None,
+          answer_field=d.answer_field or None, source_field=d.source_field or None,
+          use_chat_template=bool(d.use_chat_template), overlong=d.overlong,
+          on_error=d.on_error),
+      train_files=d.train_files, num_epochs=int(d.num_epochs) or None,
+      mixture=d.mixture.to_dict() if len(d.mixture) else None, new_tokens=n,
+      completion_len=int(d.max_completion_len) or n, on_policy_fraction=lam,
+      off_policy_source=source,
+      use_teacher=(losses_lib.needs_teacher(config.loss.name) or bool(config.metrics.enabled)
+                   or (lam < 1 and source == "teacher")),
+      evals=evals,
+      cold_start=ColdStartSpec(
+          steps=int(cs.steps), task=cs.task, prompts_file=cs.prompts_file,
+          rollouts_file=cs.rollouts_file, attempts=int(cs.attempts),
+          keep_per_prompt=int(cs.keep_per_prompt), temperature=float(cs.temperature),
+          top_p=float(cs.top_p), max_prompts=int(cs.max_prompts)))
+
+
+# -----------------------------------------------------------------------------
+# Set-up pieces.
 
 
 def init_distributed(cfg: ml_collections.ConfigDict) -> None:
@@ -152,22 +265,13 @@ def batch_sharding(sharder: Sharder, shape: tuple[int, ...]):
 def batch_specs(config, sharder: Sharder) -> dict[str, jax.ShapeDtypeStruct]:
   """The step's batch as sharded ``ShapeDtypeStruct`` s: ``[B, P]`` prompts
   (and ``[B, N]`` dataset completions when off-policy rows read them)."""
-  b, p = int(config.batch_size), int(config.data.max_prompt_len)
+  s = settings_of(config)
+  b, p, n = s.batch_size, s.data.max_prompt_len, s.completion_len
   keys = [("prompt_ids", jnp.int32, p), ("prompt_mask", jnp.bool_, p)]
-  if float(config.on_policy_fraction) < 1 and config.off_policy_source == "dataset":
-    n = int(config.data.max_completion_len) or int(config.sampling.max_new_tokens)
+  if s.on_policy_fraction < 1 and s.off_policy_source == "dataset":
     keys += [("completion_ids", jnp.int32, n), ("completion_mask", jnp.bool_, n)]
   return {k: jax.ShapeDtypeStruct((b, w), dt, sharding=batch_sharding(sharder, (b, w)))
           for k, dt, w in keys}
-
-
-class Phase(NamedTuple):
-  """One compiled training phase (``opd``, and ``sft`` for a cold start)."""
-  fn: Any               # the jitted step (trace_count, token_metric_names)
-  compiled: Any         # its executable
-  flops: int            # model FLOPs per step (flops.step_flops at the compiled shapes)
-  it: Any               # its data iterator
-  teacher_params: Any   # None: no teacher pass
 
 
 def sft_config(step_cfg: OPDConfig) -> OPDConfig:
@@ -176,23 +280,20 @@ def sft_config(step_cfg: OPDConfig) -> OPDConfig:
                              off_policy_source="dataset", metrics=False)
 
 
-def eos_ids_of(tokenizer, model_cfg) -> tuple[int, ...]:
-  ids = set(model_cfg.eos_token_ids)
-  if tokenizer.eos_token_id is not None:
-    ids.add(int(tokenizer.eos_token_id))
-  return tuple(sorted(ids))
-
-
 def sampling_config(config, tokenizer=None, student_cfg=None, *, eos_ids=(),
                     pad_id: int = 0) -> SamplingConfig:
-  """``config.sampling`` as a :class:`SamplingConfig`; EOS and pad ids from the
-  tokenizer (and the student's config) when given, else ``eos_ids``/``pad_id``."""
+  """``config.sampling`` as a :class:`SamplingConfig`: EOS and pad ids from the
+  tokenizer and the student's config (``evaluation.sampling_config``, as the
+  evals and prompt selection), or ``eos_ids``/``pad_id`` without a tokenizer;
+  ``sampling.ignore_eos``: no EOS id (every row runs ``max_new_tokens``)."""
   s = config.sampling
+  knobs = dict(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
+               top_k=int(s.top_k), top_p=float(s.top_p), num_samples=int(s.num_samples))
   if tokenizer is not None:
-    eos_ids, pad_id = eos_ids_of(tokenizer, student_cfg), evaluation.pad_id_of(tokenizer)
-  return SamplingConfig(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature),
-                        top_k=int(s.top_k), top_p=float(s.top_p), eos_ids=tuple(eos_ids),
-                        pad_id=int(pad_id), num_samples=int(s.num_samples))
+    out = evaluation.sampling_config(tokenizer, student_cfg, **knobs)
+  else:
+    out = SamplingConfig(eos_ids=tuple(eos_ids), pad_id=int(pad_id), **knobs)
+  return dataclasses.replace(out, eos_ids=()) if s.get("ignore_eos", False) else out
 
 
 def opd_config(config, sampling: SamplingConfig) -> OPDConfig:
@@ -211,29 +312,16 @@ def opd_config(config, sampling: SamplingConfig) -> OPDConfig:
       metrics=bool(config.metrics.enabled),
       metrics_top_k=int(config.metrics.top_k),
       position_chunk=int(config.metrics.position_chunk),
-      micro_batches=int(config.get("micro_batches", 1)))
+      micro_batches=int(config.micro_batches))
 
 
-def needs_teacher(config) -> bool:
-  return (losses_lib.needs_teacher(config.loss.name) or bool(config.metrics.enabled)
-          or (float(config.on_policy_fraction) < 1 and config.off_policy_source == "teacher"))
-
-
-def build_data(config, tokenizer):
-  d = config.data
-  if not d.train_files:
+def build_data(settings: Settings, tokenizer):
+  """The OPD phase's prompts (:class:`data.PromptData`) and their iterator."""
+  if not settings.train_files:
     raise ValueError("config.data.train_files is empty")
-  n_new = int(d.max_completion_len) or int(config.sampling.max_new_tokens)
-  data = data_lib.PromptData.build(
-      d.train_files, tokenizer, max_prompt_len=int(d.max_prompt_len),
-      max_completion_len=n_new if d.completion_field else None,
-      prompt_field=d.prompt_field, completion_field=d.completion_field or None,
-      answer_field=d.answer_field or None, source_field=d.source_field or None,
-      use_chat_template=bool(d.use_chat_template), overlong=d.overlong,
-      on_error=d.on_error)
-  mixture = d.mixture.to_dict() if len(d.mixture) else None
-  it = data.iterator(int(config.batch_size), seed=int(config.seed),
-                     num_epochs=int(d.num_epochs) or None, mixture=mixture)
+  data = data_lib.PromptData.build(settings.train_files, tokenizer, settings.data)
+  it = data.iterator(settings.batch_size, seed=settings.seed, num_epochs=settings.num_epochs,
+                     mixture=settings.mixture)
   return data, it
 
 
@@ -249,56 +337,47 @@ def global_batch(local: dict[str, np.ndarray], sharder: Sharder, global_batch_si
   return out
 
 
-def cold_start_data(config, workdir: str, tokenizer, teacher, sampling: SamplingConfig):
+def cold_start_data(settings: Settings, tokenizer, teacher, new_tokens: int):
   """The cold-start SFT set: verified teacher rollouts (made once, cached in
   ``config.cold_start.rollouts_file``) and its iterator."""
   from opd_jax.cold_start import make_teacher_rollouts
   from opd_jax.tasks import get_task
-  cs = config.cold_start
-  path = cs.rollouts_file or os.path.join(workdir, "cold_start_rollouts.jsonl")
+  cs, opts = settings.cold_start, settings.data
+  path = cs.rollouts_file
   if not os.path.exists(path):
     if teacher is None:
       raise ValueError("cold start needs a teacher (config.teacher.path)")
     records = []
-    for f in data_lib._expand_paths(cs.prompts_file or config.data.train_files):
+    for f in data_lib.expand_paths(cs.prompts_file or settings.train_files):
       records += data_lib.read_jsonl(f)
-    records = records[: int(cs.max_prompts) or None]
+    records = records[: cs.max_prompts or None]
     stats = make_teacher_rollouts(
         teacher, tokenizer, records, get_task(cs.task), out_file=path,
-        attempts=int(cs.attempts), keep_per_prompt=int(cs.keep_per_prompt),
-        temperature=float(cs.temperature), top_p=float(cs.top_p),
-        max_new_tokens=sampling.max_new_tokens, batch_size=int(config.batch_size),
-        seed=int(config.seed), max_prompt_len=int(config.data.max_prompt_len),
-        use_chat_template=bool(config.data.use_chat_template))
+        attempts=cs.attempts, keep_per_prompt=cs.keep_per_prompt,
+        temperature=cs.temperature, top_p=cs.top_p, max_new_tokens=new_tokens,
+        batch_size=settings.batch_size, seed=settings.seed,
+        max_prompt_len=opts.max_prompt_len, use_chat_template=opts.use_chat_template)
     absl_logging.info("cold-start rollouts: %s", stats)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("cold_start_rollouts")
-  d = config.data
-  sft_data = data_lib.PromptData.build(
-      path, tokenizer, max_prompt_len=int(d.max_prompt_len),
-      max_completion_len=sampling.max_new_tokens, prompt_field=d.prompt_field,
-      completion_field="completion", answer_field=d.answer_field or None,
-      use_chat_template=bool(d.use_chat_template), overlong=d.overlong, on_error=d.on_error)
-  return sft_data, sft_data.iterator(int(config.batch_size), seed=int(config.seed))
+  sft_opts = dataclasses.replace(opts, max_completion_len=new_tokens,
+                                 completion_field="completion", source_field=None)
+  sft_data = data_lib.PromptData.build(path, tokenizer, sft_opts)
+  return sft_data, sft_data.iterator(settings.batch_size, seed=settings.seed)
 
 
-def eval_examples(cfg, task) -> list[dict]:
-  if cfg.data_file:
-    return data_lib.read_jsonl(cfg.data_file)[: int(cfg.num_examples) or None]
-  levels = [int(x) for x in str(cfg.levels).split("+") if x] or None
-  return task.generate(int(cfg.num_examples), seed=int(cfg.seed), levels=levels,
-                       pattern=cfg.pattern, split="eval")
-
-
-def eval_new_tokens(config, cfg) -> int:
-  """An eval's ``max_new_tokens`` (0: ``config.sampling.max_new_tokens``)."""
-  return int(cfg.max_new_tokens) or int(config.sampling.max_new_tokens)
+def eval_examples(spec: EvalSpec, task) -> list[dict]:
+  if spec.data_file:
+    return data_lib.read_jsonl(spec.data_file)[: spec.num_examples or None]
+  levels = [int(x) for x in spec.levels.split("+") if x] or None
+  return task.generate(spec.num_examples, seed=spec.seed, levels=levels,
+                       pattern=spec.pattern, split="eval")
 
 
 def _check_files(setting: str, paths) -> None:
   try:
-    data_lib._expand_paths(paths)  # pylint: disable=protected-access
+    data_lib.expand_paths(paths)
   except FileNotFoundError as e:
     raise ValueError(f"{setting}: {e}") from None
 
@@ -314,11 +393,12 @@ def check_run_settings(config, student_cfg, teacher_cfg=None) -> None:
   """
   from opd_jax.tasks import TASKS
   check_lengths(config, student_cfg, teacher_cfg)
-  if not config.data.train_files:
+  s = settings_of(config)
+  if not s.train_files:
     raise ValueError("config.data.train_files is empty")
-  _check_files("config.data.train_files", config.data.train_files)
-  cs = config.cold_start
-  if int(cs.steps) > 0:
+  _check_files("config.data.train_files", s.train_files)
+  cs = s.cold_start
+  if cs.steps > 0:
     if cs.task not in TASKS:
       raise ValueError(f"config.cold_start.task: unknown task {cs.task!r}; valid tasks: "
                        f"{', '.join(TASKS.names())}")
@@ -329,7 +409,8 @@ def check_run_settings(config, student_cfg, teacher_cfg=None) -> None:
 def check_lengths(config, student_cfg, teacher_cfg=None) -> None:
   """``data.max_prompt_len + sampling.max_new_tokens`` fits in the student's
   and the teacher's ``max_position_embeddings`` (ValueError otherwise)."""
-  p, n = int(config.data.max_prompt_len), int(config.sampling.max_new_tokens)
+  s = settings_of(config)
+  p, n = s.data.max_prompt_len, s.new_tokens
   for name, cfg in (("student", student_cfg), ("teacher", teacher_cfg)):
     if cfg is not None and p + n > cfg.max_position_embeddings:
       where = f" ({config[name].path})" if config[name].path else ""
@@ -353,30 +434,31 @@ def prepare_evals(config, student_cfg, tokenizer=None) -> dict[str, tuple[Any, l
   than ``data.max_prompt_len``.
   """
   from opd_jax.tasks import TASKS, get_task
+  settings = settings_of(config)
   cache = {}
-  p = int(config.data.max_prompt_len)
-  for name, cfg in config.evals.items():
-    key = f"config.evals.{name}"
-    if cfg.task not in TASKS:
-      raise ValueError(f"{key}.task: unknown task {cfg.task!r}; valid tasks: "
+  p = settings.data.max_prompt_len
+  for spec in settings.evals:
+    key = f"config.evals.{spec.name}"
+    if spec.task not in TASKS:
+      raise ValueError(f"{key}.task: unknown task {spec.task!r}; valid tasks: "
                        f"{', '.join(TASKS.names())}")
-    if cfg.evaluator not in evaluation.EVALUATORS:
-      raise ValueError(f"{key}.evaluator: unknown evaluator {cfg.evaluator!r}; valid "
+    if spec.evaluator not in evaluation.EVALUATORS:
+      raise ValueError(f"{key}.evaluator: unknown evaluator {spec.evaluator!r}; valid "
                        f"evaluators: {', '.join(evaluation.EVALUATORS.names())}")
-    n, limit = eval_new_tokens(config, cfg), student_cfg.max_position_embeddings
+    n, limit = spec.max_new_tokens, student_cfg.max_position_embeddings
     if p + n > limit:
       raise ValueError(f"{key}.max_new_tokens: config.data.max_prompt_len ({p}) + {n} new "
                        f"tokens = {p + n} exceeds the student's max_position_embeddings "
                        f"{limit}")
-    task = get_task(cfg.task)
-    no_file = (f"{key}.data_file is empty and task {cfg.task!r} cannot generate examples; "
+    task = get_task(spec.task)
+    no_file = (f"{key}.data_file is empty and task {spec.task!r} cannot generate examples; "
                "set it to a JSONL file of prompts with answers")
-    if cfg.data_file and not os.path.isfile(cfg.data_file):
-      raise ValueError(f"{key}.data_file: file not found: {cfg.data_file!r}")
-    if not cfg.data_file and not callable(getattr(task, "generate", None)):
+    if spec.data_file and not os.path.isfile(spec.data_file):
+      raise ValueError(f"{key}.data_file: file not found: {spec.data_file!r}")
+    if not spec.data_file and not callable(getattr(task, "generate", None)):
       raise ValueError(no_file)
     try:
-      examples = eval_examples(cfg, task)
+      examples = eval_examples(spec, task)
     except NotImplementedError:
       raise ValueError(no_file) from None
     except (ValueError, UnicodeDecodeError) as e:   # json.JSONDecodeError, bad levels
@@ -391,180 +473,339 @@ def prepare_evals(config, student_cfg, tokenizer=None) -> dict[str, tuple[Any, l
       try:
         evaluation.encode_prompts(tokenizer, [ex["prompt"] for ex in examples],
                                   max_prompt_len=p,
-                                  use_chat_template=bool(config.data.use_chat_template))
+                                  use_chat_template=settings.data.use_chat_template)
       except ValueError as e:
         raise ValueError(f"{key}: {e} (config.data.max_prompt_len)") from None
-    cache[name] = (task, examples)
+    cache[spec.name] = (task, examples)
   return cache
 
 
-def run_evals(config, model, tokenizer, cache: dict) -> dict[str, float]:
-  """Every entry of ``config.evals``, logged as ``eval/<name>/<metric>``;
-  ``cache`` holds ``{name: (task, examples)}`` (see :func:`prepare_evals`)."""
-  from opd_jax.tasks import get_task
-  out = {}
-  for name, cfg in config.evals.items():
-    if name not in cache:
-      task = get_task(cfg.task)
-      cache[name] = (task, eval_examples(cfg, task))
-    task, examples = cache[name]
-    fn = evaluation.EVALUATORS.get(cfg.evaluator)
-    res = fn(model, tokenizer, examples, task, num_samples=int(cfg.num_samples),
-             temperature=float(cfg.temperature) or 1.0, greedy=float(cfg.temperature) == 0.0,
-             top_p=float(cfg.top_p), max_new_tokens=eval_new_tokens(config, cfg),
-             batch_size=int(cfg.batch_size), seed=int(cfg.seed),
-             max_prompt_len=int(config.data.max_prompt_len),
-             use_chat_template=bool(config.data.use_chat_template))
-    out.update({f"eval/{name}/{k}": float(v) for k, v in res.items()})
+def run_evals(settings: Settings, cache: dict, model, tokenizer) -> dict[str, float]:
+  """Every eval of ``settings.evals`` on the examples of :func:`prepare_evals`
+  (``cache``), logged as ``eval/<name>/<metric>``."""
+  out, data = {}, settings.data
+  for spec in settings.evals:
+    task, examples = cache[spec.name]
+    fn = evaluation.EVALUATORS.get(spec.evaluator)
+    res = fn(model, tokenizer, examples, task, num_samples=spec.num_samples,
+             temperature=spec.temperature or 1.0, greedy=spec.temperature == 0.0,
+             top_p=spec.top_p, max_new_tokens=spec.max_new_tokens,
+             batch_size=spec.batch_size, seed=spec.seed, max_prompt_len=data.max_prompt_len,
+             use_chat_template=data.use_chat_template)
+    out.update({f"eval/{spec.name}/{k}": float(v) for k, v in res.items()})
   return out
 
 
 def peak_flops(config) -> float | None:
   """Peak FLOP/s of one device: ``config.peak_flops``, or (0) from the
   device kind (``flops.PEAK_FLOPS_BF16``; None, e.g. on CPU)."""
-  return float(config.peak_flops) or flops_lib.peak_flops_per_device(
+  return settings_of(config).peak_flops or flops_lib.peak_flops_per_device(
       jax.devices()[0].device_kind)
+
+
+def _spec(x, sharding) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def abstract_params(cfg, sharder: Sharder):
+  """``(graphdef, params, shardings)`` of a model: ``params`` are sharded
+  ``ShapeDtypeStruct`` s (no memory)."""
+  from opd_jax.models import abstract_model
+  graphdef, state = nnx.split(abstract_model(cfg, sharder))
+  shardings = sharder.tree_shardings(state)
+  return graphdef, jax.tree.map(_spec, state, shardings), shardings
+
+
+def abstract_train_state(tx, params, param_shardings, sharder: Sharder):
+  """``(state, state_shardings)``: the :class:`TrainState` of abstract
+  ``params`` (moments follow their parameters, ``optimizer_shardings``)."""
+  rep = sharder.replicated()
+  opt_shard = optimizer_shardings(tx, params, param_shardings, rep)
+  opt_state = jax.tree.map(_spec, jax.eval_shape(tx.init, params), opt_shard)
+  scalar = lambda dt, shape=(): jax.ShapeDtypeStruct(shape, dt, sharding=rep)
+  state = TrainState(step=scalar(jnp.int32), params=params, opt_state=opt_state,
+                     rng=scalar(jnp.uint32, (2,)))
+  return state, TrainState(step=rep, params=param_shardings, opt_state=opt_shard, rng=rep)
+
+
+# -----------------------------------------------------------------------------
+# The run.
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """One training phase (``opd``, and ``sft`` for a cold start)."""
+  name: str
+  cfg: OPDConfig        # the step's static config
+  fn: Any               # the jitted step (trace_count, token_metric_names)
+  compiled: Any         # its executable (None when abstract)
+  flops: int            # model FLOPs per step (flops.step_flops at the compiled shapes)
+  it: Any               # its data iterator (None when abstract)
+  teacher: Any          # teacher parameters (None: no teacher pass)
+  batch: dict           # the step's batch as sharded ShapeDtypeStructs
+
+  def args(self, state) -> tuple:
+    """The step's arguments ``(state, teacher, batch)`` (abstract batch)."""
+    return state, self.teacher, self.batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """Everything :func:`train` loops over, built once by :func:`build_run`.
+
+  With ``abstract=True`` the state and the teacher are sharded
+  ``ShapeDtypeStruct`` s, there is no tokenizer, data or executable, and the
+  only phase is ``opd`` (``phase.fn.lower(*phase.args(run.state))``).
+  """
+  config: ml_collections.ConfigDict    # the resolved config
+  settings: Settings
+  sharder: Sharder
+  tokenizer: Any                       # None when abstract
+  student_cfg: Any                     # ModelConfig
+  teacher_cfg: Any                     # ModelConfig, or None (no teacher pass)
+  vocab: int
+  tx: Any
+  schedule: Any
+  state: TrainState                    # the initial train state
+  state_shardings: Any
+  student_graphdef: Any
+  teacher_graphdef: Any                # None: no teacher pass
+  phases: dict[str, Phase]
+  data_stats: dict[str, int]
+  evals: dict                          # prepare_evals: {name: (task, examples)}
+  compile_s: float                     # seconds spent compiling the phases
+
+  def phase_at(self, step: int) -> Phase:
+    """The phase of 1-based ``step``: the cold start's first steps are SFT."""
+    return self.phases["sft" if step <= self.settings.cold_start.steps else "opd"]
+
+  def student(self, state: TrainState):
+    """The student at ``state`` (an NNX module)."""
+    return nnx.merge(self.student_graphdef, state.params)
+
+
+def build_run(config: ml_collections.ConfigDict, *, abstract: bool = False,
+              num_layers: int = 0, vocab_size: int | None = None,
+              eos_ids: tuple[int, ...] = (), pad_id: int = 0) -> Run:
+  """The run of a resolved ``config`` (see :func:`resolve_config`): mesh,
+  settings, tokenizer, models, data, optimizer, train state and compiled
+  phases. Start-up checks (lengths, files, evals) come before any weight is
+  read.
+
+  ``abstract=True``: from the models' ``config.json`` files alone (no
+  weights, tokenizer or data; ``num_layers > 0`` overrides both depths,
+  ``vocab_size`` stands in for the tokenizer's size (default: the models'
+  common vocabulary), ``eos_ids`` / ``pad_id`` for its ids (default: the
+  student's ``config.json``)); nothing is compiled.
+  """
+  settings = settings_of(config)
+  # --- Mesh.
+  sharder = make_sharder(config)
+  # --- Start-up checks, from the config.json files.
+  use_teacher = settings.use_teacher
+  s_cfg = model_config_of(config, "student", num_layers=num_layers)
+  t_cfg = model_config_of(config, "teacher", num_layers=num_layers) if use_teacher else None
+  tokenizer = evals = None
+  if abstract:
+    check_lengths(config, s_cfg, t_cfg)
+  else:
+    tokenizer = _tokenizer(config)
+    check_run_settings(config, s_cfg, t_cfg)
+    evals = prepare_evals(config, s_cfg, tokenizer)
+  # --- Models.
+  teacher = t_graphdef = t_params = t_shardings = None
+  if abstract:
+    s_graphdef, s_params, s_shardings = abstract_params(s_cfg, sharder)
+    if t_cfg is not None:
+      t_graphdef, t_params, t_shardings = abstract_params(t_cfg, sharder)
+    vocab = vocab_size or vocab_of(s_cfg, t_cfg)
+    sampling = sampling_config(config, eos_ids=eos_ids or s_cfg.eos_token_ids, pad_id=pad_id)
+  else:
+    student = _load(config, "student", sharder)
+    s_cfg, s_graphdef = student.cfg, nnx.graphdef(student)
+    if use_teacher:
+      teacher = _load(config, "teacher", sharder)
+      t_cfg = teacher.cfg
+      t_graphdef, t_params = nnx.split(teacher)
+      t_shardings = sharder.tree_shardings(t_params)
+    vocab = vocab_of(s_cfg, t_cfg, len(tokenizer))
+    sampling = sampling_config(config, tokenizer, s_cfg)
+  step_cfg = opd_config(config, sampling)
+  # --- Optimizer and train state.
+  tx, schedule = make_optimizer(config)
+  if abstract:
+    state, state_shardings = abstract_train_state(tx, s_params, s_shardings, sharder)
+  else:
+    state, state_shardings = init_train_state(student, tx, settings.seed, sharder)
+    del student   # the state holds (and the step donates) its parameters
+  # --- Data and step.
+  b = settings.batch_size
+
+  def make_phase(name, cfg, it, batch, teacher_args):
+    graphdef, params, shardings = teacher_args
+    fn = make_opd_step(s_graphdef, graphdef, tx, schedule, cfg, vocab_size=vocab,
+                       sharder=sharder, state_shardings=state_shardings,
+                       teacher_shardings=shardings,
+                       batch_shardings={k: v.sharding for k, v in batch.items()})
+    flops = flops_lib.step_flops(cfg, s_cfg, t_cfg if graphdef is not None else None,
+                                 batch_size=b, prompt_len=batch["prompt_ids"].shape[1],
+                                 vocab=vocab)["total"]
+    t0 = time.time()
+    compiled = None if abstract else fn.lower(state, params, batch).compile()
+    compile_s.append(time.time() - t0)
+    return Phase(name, cfg, fn, compiled, flops, it, params, batch)
+
+  def example_batch(phase_data):
+    example = global_batch(next(iter(phase_data.iterator(b, seed=0))), sharder, b)
+    return {k: _spec(v, v.sharding) for k, v in example.items()}
+
+  teacher_args, compile_s = (t_graphdef, t_params, t_shardings), []
+  if abstract:
+    phases = {"opd": make_phase("opd", step_cfg, None, batch_specs(config, sharder),
+                                teacher_args)}
+    data_stats = {}
+  else:
+    data, it = build_data(settings, tokenizer)
+    data_stats = dict(data.stats)
+    phases = {"opd": make_phase("opd", step_cfg, it, example_batch(data), teacher_args)}
+    if settings.cold_start.steps > 0:
+      sft_data, sft_it = cold_start_data(settings, tokenizer, teacher, sampling.max_new_tokens)
+      phases["sft"] = make_phase("sft", sft_config(step_cfg), sft_it, example_batch(sft_data),
+                                 (None, None, None))
+  return Run(config=config, settings=settings, sharder=sharder, tokenizer=tokenizer,
+             student_cfg=s_cfg, teacher_cfg=t_cfg, vocab=vocab, tx=tx, schedule=schedule,
+             state=state, state_shardings=state_shardings, student_graphdef=s_graphdef,
+             teacher_graphdef=t_graphdef,
+             phases=phases, data_stats=data_stats, evals=evals or {},
+             compile_s=sum(compile_s))
+
+
+# -----------------------------------------------------------------------------
+# The loop and its periodic hooks.
+
+
+@dataclasses.dataclass
+class Hook:
+  """A periodic side effect of the loop: ``fn(step, state, metrics)`` runs
+  after every ``every`` steps (0: never periodically) and, with ``at_end``,
+  after the last step (levanter's / flax ``periodic_actions`` style)."""
+  every: int
+  fn: Callable[[int, Any, dict], Any]
+  at_end: bool = True
+
+  def __call__(self, step: int, total: int, state, metrics: dict):
+    if (self.every and step % self.every == 0) or (self.at_end and step == total):
+      return self.fn(step, state, metrics)
+    return None
+
+
+def step_metrics(run: Run, phase: Phase, metrics, dt: float, peak: float | None) -> dict:
+  """The step's host metrics plus timing, phase and FLOP keys."""
+  metrics = host_metrics(metrics, phase.fn.token_metric_names())
+  metrics.update(step_time_s=dt, tokens_per_sec=metrics["num_tokens"] / dt,
+                 cold_start=float(phase.name == "sft"), flops_per_step=float(phase.flops))
+  if peak:   # model FLOPs at the static shapes (flops.step_flops) / time / peak
+    metrics["mfu"] = phase.flops / dt / (peak * jax.device_count())
+  return metrics
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) a training run; returns the final logged metrics."""
+  # --- Mesh (processes), the resolved config.
   workdir = os.path.abspath(workdir)
   init_distributed(config.distributed)
-  expand_paths(config, workdir)
-  if config.get("prepare"):
-    PREPARERS.get(config.prepare)(config, workdir)
+  config = resolve_config(config, workdir)
   save_config(config, workdir)
-  is_main = jax.process_index() == 0
-
-  sharder = make_sharder(config)
-  tokenizer = _tokenizer(config)
-  # Start-up checks from the config.json files, before any weight is read.
-  use_teacher = needs_teacher(config)
-  s_cfg = model_config_of(config, "student")
-  t_cfg = model_config_of(config, "teacher") if use_teacher else None
-  check_run_settings(config, s_cfg, t_cfg)
-  eval_cache = prepare_evals(config, s_cfg, tokenizer)
-  student = _load(config, "student", sharder)
-  teacher = _load(config, "teacher", sharder) if use_teacher else None
-  vocab = vocab_of(student.cfg, teacher.cfg if teacher is not None else None, len(tokenizer))
-  sampling = sampling_config(config, tokenizer, student.cfg)
-  step_cfg = opd_config(config, sampling)
-  data, it = build_data(config, tokenizer)
-
-  tx, schedule = make_optimizer(config)
-  state, state_shardings = init_train_state(student, tx, int(config.seed), sharder)
-  student_graphdef = nnx.graphdef(student)
-  s_cfg = student.cfg
-  del student
-  teacher_graphdef = teacher_params = teacher_shardings = None
-  if teacher is not None:
-    teacher_graphdef, teacher_params = nnx.split(teacher)
-    teacher_shardings = sharder.tree_shardings(teacher_params)
-    t_cfg = teacher.cfg
-
-  ckpt = checkpointing.Checkpointer(
-      os.path.join(workdir, "checkpoints"), save_every=int(config.checkpoint_every),
-      max_to_keep=int(config.keep_checkpoints))
-  start, sft_state = 0, None
+  # --- Data, Models, Step.
+  run = build_run(config)
+  s, is_main = run.settings, jax.process_index() == 0
+  # --- Restore.
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    save_every=s.checkpoint_every, max_to_keep=s.keep_checkpoints)
+  state, start = run.state, 0
   if ckpt.latest_step() is not None:
     state, data_state, _ = ckpt.restore(checkpointing.abstract_like(state))
-    data_lib.restore_iterator_state(it, data_state["opd"])
-    sft_state = data_state.get("sft")
+    for name, phase in run.phases.items():
+      if name in data_state:
+        data_lib.restore_iterator_state(phase.it, data_state[name])
     start = int(state.step)
   writer = MetricWriter(workdir)
   writer.truncate_after(start if start else -1)   # a fresh start rewrites step 0 too
   if is_main and start == 0:
-    writer.write(0, {f"data/{k}": v for k, v in data.stats.items()})
-
-  b = int(config.batch_size)
-
-  def compile_phase(cfg, phase_data, t_graphdef, t_params, t_shardings):
-    """(step function, its executable, its model FLOPs per step)."""
-    example = global_batch(next(iter(phase_data.iterator(b, seed=0))), sharder, b)
-    fn = make_opd_step(student_graphdef, t_graphdef, tx, schedule, cfg, vocab_size=vocab,
-                       sharder=sharder, state_shardings=state_shardings,
-                       teacher_shardings=t_shardings,
-                       batch_shardings={k: v.sharding for k, v in example.items()})
-    flops = flops_lib.step_flops(cfg, s_cfg, t_cfg if t_graphdef is not None else None,
-                                 batch_size=b, prompt_len=example["prompt_ids"].shape[1],
-                                 vocab=vocab)["total"]
-    return fn, fn.lower(state, t_params, example).compile(), flops
-
-  t0 = time.time()
-  phases = {"opd": Phase(*compile_phase(step_cfg, data, teacher_graphdef, teacher_params,
-                                        teacher_shardings), it, teacher_params)}
-  cold_steps = int(config.cold_start.steps)
-  if cold_steps > 0:
-    sft_data, sft_it = cold_start_data(config, workdir, tokenizer, teacher, sampling)
-    if sft_state is not None:
-      data_lib.restore_iterator_state(sft_it, sft_state)
-    phases["sft"] = Phase(*compile_phase(sft_config(step_cfg), sft_data, None, None, None),
-                          sft_it, None)
-  compile_s = time.time() - t0
-  peak = peak_flops(config)
-
-  preempt = checkpointing.PreemptionFlag()
-  total = int(config.total_steps)
-  last: dict[str, Any] = {"step": start}
-
-  def student_model(state):
-    return nnx.merge(student_graphdef, state.params)
-
-  def checkpoint(step, force=False):
-    data_state = {name: data_lib.save_iterator_state(p.it) for name, p in phases.items()}
-    ckpt.save(step, state, data_state, {"step": step, "time": time.time()}, force=force)
-
+    writer.write(0, {f"data/{k}": v for k, v in run.data_stats.items()})
+  # --- Loop.
   from tqdm import tqdm
-  bar = tqdm(total=total, initial=start, disable=not (is_main and config.progress_bar),
+  bar = tqdm(total=s.total_steps, initial=start, disable=not (is_main and s.progress_bar),
              desc="opd", dynamic_ncols=True)
-  if config.evals and start == 0 and config.get("eval_at_start", False):
-    res = run_evals(config, student_model(state), tokenizer, eval_cache)
-    writer.write(0, res)
-  status = "finished"
-  for step in range(start + 1, total + 1):
-    phase = "sft" if step <= cold_steps else "opd"
-    ph = phases[phase]
-    batch = global_batch(next(ph.it), sharder, b)
+  hooks, saved = _hooks(run, ckpt, writer, bar)
+  if run.evals and start == 0 and s.eval_at_start:
+    writer.write(0, run_evals(s, run.evals, run.student(state), run.tokenizer))
+  preempt, peak = checkpointing.PreemptionFlag(), peak_flops(config)
+  last, status = {"step": start}, "finished"
+  for step in range(start + 1, s.total_steps + 1):
+    phase = run.phase_at(step)
+    batch = global_batch(next(phase.it), run.sharder, s.batch_size)
     t0 = time.time()
-    state, metrics = ph.compiled(state, ph.teacher_params, batch)
-    metrics = host_metrics(metrics, ph.fn.token_metric_names())
-    dt = time.time() - t0
-    metrics.update(step_time_s=dt, tokens_per_sec=metrics["num_tokens"] / dt,
-                   cold_start=float(phase == "sft"), flops_per_step=float(ph.flops))
-    if peak:   # model FLOPs at the static shapes (flops.step_flops) / time / peak
-      metrics["mfu"] = ph.flops / dt / (peak * jax.device_count())
+    state, metrics = phase.compiled(state, phase.teacher, batch)
+    metrics = step_metrics(run, phase, metrics, time.time() - t0, peak)
     if step == start + 1:
-      metrics["compile_time_s"] = compile_s
-    evals_now = config.evals and (step == total or (
-        int(config.eval_every) and step % int(config.eval_every) == 0))
-    if evals_now:
-      metrics.update(run_evals(config, student_model(state), tokenizer, eval_cache))
-    if step % int(config.log_every) == 0 or step == total or evals_now:
-      writer.write(step, metrics)
+      metrics["compile_time_s"] = run.compile_s
+    for hook in hooks:
+      hook(step, s.total_steps, state, metrics)
     last = {"step": step, **metrics}
-    bar.update(1)
-    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_sec']:.0f}",
-                    len=f"{metrics['mean_response_length']:.1f}")
-    saved = ckpt.should_save(step) or step == total
-    if saved:
-      checkpoint(step)
     if preempt.requested():
-      if not saved:   # orbax refuses to save a step twice
-        checkpoint(step, force=True)
+      if saved[-1] != step:   # orbax refuses to save a step twice
+        _checkpoint(run, ckpt, step, state, force=True)
       status = "preempted"
       break
   bar.close()
   preempt.restore_handler()
-  if status == "finished" and config.export_hf:
+  # --- Export.
+  if status == "finished" and s.export_hf:
     from opd_jax.models import to_hf
-    to_hf(student_model(state), os.path.join(workdir, "export_hf"))
+    to_hf(run.student(state), os.path.join(workdir, "export_hf"))
     if is_main:
-      tokenizer.save_pretrained(os.path.join(workdir, "export_hf"))
+      run.tokenizer.save_pretrained(os.path.join(workdir, "export_hf"))
   ckpt.close()
   writer.close()
-  last["status"] = status
-  last["trace_count"] = max(p.fn.trace_count() for p in phases.values())
-  return last
+  return {**last, "status": status,
+          "trace_count": max(p.fn.trace_count() for p in run.phases.values())}
+
+
+def _checkpoint(run: Run, ckpt, step: int, state, force: bool = False) -> None:
+  data_state = {name: data_lib.save_iterator_state(p.it) for name, p in run.phases.items()}
+  ckpt.save(step, state, data_state, {"step": step, "time": time.time()}, force=force)
+
+
+def _hooks(run: Run, ckpt, writer: MetricWriter, bar) -> tuple[list[Hook], list[int]]:
+  """The loop's periodic side effects, in order: eval (adds ``eval/*`` to the
+  step's metrics), log (also on an eval step), progress bar, checkpoint
+  (``saved`` lists the steps checkpointed, for the pre-emption save)."""
+  s, saved = run.settings, [0]
+
+  def evaluate(step, state, metrics):
+    metrics.update(run_evals(s, run.evals, run.student(state), run.tokenizer))
+
+  def log(step, state, metrics):
+    writer.write(step, metrics)
+
+  def log_evals(step, state, metrics):   # an eval step is logged too
+    if any(k.startswith("eval/") for k in metrics) and not (
+        step % s.log_every == 0 or step == s.total_steps):
+      writer.write(step, metrics)
+
+  def progress(step, state, metrics):
+    bar.update(1)
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_sec']:.0f}",
+                    len=f"{metrics['mean_response_length']:.1f}")
+
+  def checkpoint(step, state, metrics):
+    _checkpoint(run, ckpt, step, state)
+    saved.append(step)
+
+  hooks = [Hook(s.eval_every, evaluate), Hook(1, log_evals, at_end=False)] if run.evals else []
+  return hooks + [Hook(s.log_every, log), Hook(1, progress),
+                  Hook(s.checkpoint_every, checkpoint)], saved
 
 
 def main(argv):

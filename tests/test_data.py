@@ -335,13 +335,28 @@ def test_mixture_proportions_and_determinism(tok):
     _it(d, mixture={"a": -1.0})
 
 
-def test_make_prompt_iterator(tok, tmp_path):
+def test_build_with_options_and_iterate(tok, tmp_path):
   data.write_jsonl(tmp_path / "p.jsonl", _records(6))
-  d, it = data.make_prompt_iterator(
-      tmp_path / "p.jsonl", tok, batch_size=2, seed=0, max_prompt_len=4,
-      shard_index=0, shard_count=1)
+  d = data.PromptData.build(tmp_path / "p.jsonl", tok, data.DataOptions(max_prompt_len=4))
+  it = d.iterator(2, seed=0, shard_index=0, shard_count=1)
   assert len(d) == 6
   batch = next(it)
   assert set(batch) == {"prompt_ids", "prompt_mask", "index", "source_id",
                         "valid"}
   assert batch["prompt_ids"].shape == (2, 4)
+
+
+def test_one_jsonl_implementation(tmp_path):
+  """tasks' JSONL reader / writer is the data package's: atomic through a
+  unique temp file (a stale ``<path>.tmp`` is no obstacle), bad lines name
+  ``file:line``."""
+  from opd_jax import tasks
+  assert tasks.read_jsonl is data.read_jsonl and tasks.write_jsonl is data.write_jsonl
+  path = tmp_path / "x.jsonl"
+  os.makedirs(str(path) + ".tmp")
+  tasks.write_jsonl(path, [{"a": 1}, {"b": 2}])
+  assert tasks.read_jsonl(path) == [{"a": 1}, {"b": 2}]
+  with open(path, "a") as f:
+    f.write("{bad\n")
+  with pytest.raises(ValueError, match=r"x\.jsonl:3: invalid JSON"):
+    tasks.read_jsonl(path)

@@ -134,7 +134,7 @@ def test_decode_completions_cuts_at_eos(tok):
 # End to end with a tiny random model.
 
 
-def _tiny_model(vocab_size, seed):
+def _tiny_model(vocab_size, seed, eos_token_ids=()):
   """Random tiny Qwen3, filled with numpy draws (``create_model``'s jitted
   init would cost ~10 CPU-seconds of compilation for nothing tested here)."""
   import jax
@@ -143,7 +143,8 @@ def _tiny_model(vocab_size, seed):
   from opd_jax.models import ModelConfig, abstract_model
   cfg = ModelConfig(
       model_type="qwen3", vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True,
+      eos_token_ids=tuple(eos_token_ids))
   graphdef, state = nnx.split(abstract_model(cfg))
   rng = np.random.default_rng(seed)
   fill = lambda x: jnp.asarray(np.ones(x.shape, x.dtype) if x.ndim == 1   # norms
@@ -154,6 +155,24 @@ def _tiny_model(vocab_size, seed):
 @pytest.fixture(scope="module")
 def tiny_model(tok):
   return _tiny_model(len(tok), seed=0)
+
+
+def test_evals_stop_on_every_eos_id_training_stops_on(tiny_model, tok):
+  """A checkpoint EOS id that is not the tokenizer's (Qwen / Llama list
+  several): training's sampler stops on it, and so do the evals."""
+  import jax
+  from opd_jax import configs_lib, sampling, train
+  ids, mask = ev.encode_prompts(tok, ["12+34="])
+  greedy = ev.sampling_config(tok, tiny_model.cfg, max_new_tokens=6, greedy=True)
+  first = int(sampling.sample(tiny_model, ids, mask, jax.random.PRNGKey(0), greedy).tokens[0, 0])
+  assert first != tok.eos_token_id
+  model = _tiny_model(len(tok), seed=0, eos_token_ids=(first,))   # same weights
+  c = configs_lib.base_config()
+  train_eos = train.sampling_config(c, tok, model.cfg).eos_ids
+  assert set(train_eos) == {first, tok.eos_token_id}
+  comps = ev.generate_completions(model, tok, ["12+34="], greedy=True, max_new_tokens=6,
+                                  batch_size=1)
+  assert comps.lengths.tolist() == [1] and comps.texts == [""]   # stopped on `first`
 
 
 def test_evaluate_end_to_end(tiny_model, tok, task):

@@ -520,8 +520,11 @@ def test_bad_values_fail_at_get_loss(name, kwargs):
 
 
 def test_needs_teacher():
-  assert set(losses.NEEDS_TEACHER) == set(losses.LOSSES.names())
+  assert all("needs_teacher" in losses.LOSSES.info(n) for n in losses.LOSSES.names())
+  assert [n for n in losses.LOSSES.names() if not losses.needs_teacher(n)] == ["sft"]
   assert not losses.needs_teacher("sft")
   assert losses.needs_teacher("topk_opd")
   with pytest.raises(ValueError):
     losses.needs_teacher("nope")
+  with pytest.raises(ValueError, match="unknown fact"):   # a typo is not a silent default
+    losses.LOSSES.register("not_a_loss", needs_techer=False)

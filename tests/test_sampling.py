@@ -463,22 +463,39 @@ def test_same_key_same_samples_on_any_mesh_compiled_once(model, weights):
 
 
 def test_sample_inside_differentiated_function(model):
-  """OPD-style step: sample, re-score with the same params, take the gradient."""
+  """OPD-style step: sample, re-score with the same params, take the gradient.
+  No gradient flows into the sampler: its outputs are constants, so the
+  gradient equals that of the re-scoring with the samples drawn outside, and a
+  loss of the sampler's log-probs alone has a zero gradient."""
   graphdef, state = nnx.split(model)
   ids, mask = prompts(lengths=(3, 2))
   config = SamplingConfig(max_new_tokens=3, eos_ids=(5,))
+  key = jax.random.key(0)
 
-  def loss(state):
+  def rescored(state, out):
     student = nnx.merge(graphdef, state)
-    out = sample(student, ids, mask, jax.random.key(0), config)
     full, fmask, fpos = concat_prompt_completion(out)
     logp = jax.nn.log_softmax(student(full, fmask, fpos)[:, ids.shape[1] - 1:-1], -1)
     logp = jnp.take_along_axis(logp, out.tokens[..., None], -1)[..., 0]
-    return -(logp * out.mask).sum() + out.logprobs.sum()  # sampler logprobs: constants
+    return -(logp * out.mask).sum()
+
+  def loss(state):
+    out = sample(nnx.merge(graphdef, state), ids, mask, key, config)
+    return rescored(state, out) + out.logprobs.sum()  # sampler logprobs: constants
+
+  def sampler_only(state):
+    out = sample(nnx.merge(graphdef, state), ids, mask, key, config)
+    return out.logprobs.sum() + out.logprobs_t1.sum()
 
   grads = jax.jit(jax.grad(loss))(state)
+  fixed = sample(model, ids, mask, key, config)
+  want = jax.jit(jax.grad(rescored))(state, fixed)
   norms = [float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)]
   assert all(np.isfinite(norms)) and sum(norms) > 0
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+  zero = jax.jit(jax.grad(sampler_only))(state)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(zero))
 
 
 def test_precomputed_uniforms_match_key_and_split_rows(model):

@@ -246,6 +246,18 @@ def test_quickstart_config_builds():
   assert (c.loss.name, c.on_policy_fraction, c.total_steps) == ("topk_opd", 0.5, 3)
 
 
+def test_resolved_config_is_a_copy(tmp_path):
+  """$WORKDIR expansion (and a preparer) return the resolved config; the
+  loaded (locked) config is not modified."""
+  from opd_jax import train
+  c = _load_config_file("configs/repro.py", "smoke=True")
+  before = c.to_json()
+  r = train.resolve_config(c, str(tmp_path))
+  assert c.to_json() == before and "$WORKDIR" in c.student.path
+  assert r.student.path == os.path.join(str(tmp_path), "../../organisms/student/export_hf")
+  assert r.is_locked == c.is_locked and "$WORKDIR" not in r.to_json()
+
+
 def test_weak_to_strong_config_builds():
   c = _load_config_file("configs/weak_to_strong.py", "student=/strong,teacher=/weak,prompts=/p")
   assert (c.student.path, c.teacher.path) == ("/strong", "/weak")
@@ -713,3 +725,28 @@ def test_driver_logs_flops_per_step_and_mfu(assets, tmp_path):
   assert peak_flops(c) == 1e12
   c.peak_flops = 0.0
   assert peak_flops(c) is None       # CPU: no table entry, so no mfu is logged
+
+
+def test_build_run_abstract_is_the_same_step(assets):
+  """``build_run(abstract=True)`` (the ahead-of-time path: no weights,
+  tokenizer or data) builds the very step of the real run: the same static
+  config, train state / teacher / batch shapes and shardings, FLOPs and
+  lowered program."""
+  from opd_jax.train import build_run
+  c = tiny_config(assets)
+  real = build_run(c)
+  opd = real.phases["opd"]
+  assert set(real.phases) == {"opd"} and opd.compiled is not None and real.tokenizer
+  assert real.settings.total_steps == 3 and real.settings.data.max_prompt_len == 12
+  sampling = opd.cfg.sampling
+  ab = build_run(c, abstract=True, vocab_size=len(real.tokenizer), eos_ids=sampling.eos_ids,
+                 pad_id=sampling.pad_id)
+  a_opd = ab.phases["opd"]
+  assert ab.tokenizer is None and a_opd.compiled is None and a_opd.it is None
+  assert a_opd.cfg == opd.cfg and ab.vocab == real.vocab and a_opd.flops == opd.flops
+  spec = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), t)
+  assert spec(ab.state) == spec(real.state)
+  assert spec(a_opd.teacher) == spec(opd.teacher)
+  assert spec(a_opd.batch) == spec(opd.batch)
+  assert (a_opd.fn.lower(*a_opd.args(ab.state)).as_text()
+          == opd.fn.lower(*opd.args(real.state)).as_text())

@@ -41,8 +41,6 @@ from opd_jax.tasks.base import TASKS, answer_of, write_jsonl as _write_jsonl
 PATTERNS = ("A", "B")
 SPLITS = ("train", "eval")
 ALL_LEVELS = (1, 2, 3, 4, 5, 6)
-EASY_LEVELS = (1, 2, 3)
-HARD_LEVELS = (4, 5, 6)
 # Place letters of pattern B (units, tens, hundreds, thousands, ...).
 PLACES = "uthkmnpqrvwxyz"
 MAX_LEVEL = len(PLACES) - 1

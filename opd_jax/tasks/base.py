@@ -13,11 +13,10 @@ Examples are plain dicts with keys ``prompt``, ``completion``, ``answer``,
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+from opd_jax.data.jsonl import read_jsonl, write_jsonl  # noqa: F401  (the one JSONL I/O)
 from opd_jax.registry import Registry
 
 TASKS = Registry("task")
@@ -37,20 +36,3 @@ def answer_of(example_or_answer: Any) -> str:
   if example_or_answer is None:
     raise ValueError("reference answer is None")
   return str(example_or_answer)
-
-
-def write_jsonl(path: str | os.PathLike, examples: Iterable[Mapping[str, Any]]):
-  """Writes ``examples`` as JSON lines (creates parent directories)."""
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for ex in examples:
-      f.write(json.dumps(dict(ex), ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Reads a JSON-lines file (blank lines skipped)."""
-  with open(os.fspath(path), encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]

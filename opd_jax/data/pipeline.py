@@ -1,263 +1,24 @@
-"""Prompt datasets for on-policy distillation, served with grain.
-
-Prompt sets are small, so everything expensive happens once in
-:meth:`PromptData.build`: the JSONL / Parquet files are read, every record is
-validated (errors name ``file:line``), prompts are rendered (optionally through
-the tokenizer's chat template) and tokenised into fixed-shape numpy arrays.
-:meth:`PromptData.iterator` then serves batches with a grain ``MapDataset``
-pipeline over record *indices*:
-
-  range(n) -> repeat(num_epochs) -> per-epoch seeded permutation
-           -> [mix(sources, weights)] -> batch(global_batch)
-           -> take this process's rows -> gather arrays
-
-Because the pipeline batches the global batch before sharding, process ``i`` of
-``k`` always receives rows ``[i * b, (i + 1) * b)`` (``b = batch_size // k``) of
-exactly the batch a single-process run would see at the same step.
-
-Batches are dicts of numpy arrays::
-
-  prompt_ids      [b, P] int32   left-padded with the tokenizer's pad id
-  prompt_mask     [b, P] bool
-  completion_ids  [b, N] int32   right-padded (only with a completion field)
-  completion_mask [b, N] bool
-  index           [b]    int64   record index into the PromptData
-  source_id       [b]    int32   index into ``PromptData.source_names``
-  valid           [b]    bool    False only for padding rows of a final
-                                 partial batch (``drop_remainder=False``)
-
-The iterator is a plain grain ``DatasetIterator``; its state
-(``{"next_index": int}``) is JSON-serialisable, see :func:`save_iterator_state`.
-"""
+"""The tokenised prompt set (:class:`PromptData`) and its grain pipeline."""
 
 from __future__ import annotations
 
 import dataclasses
-import glob
-import gzip
-import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
-_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
-_PARQUET_SUFFIXES = (".parquet", ".pq")
+from opd_jax.data.files import expand_paths, iter_file, source_from_path
+from opd_jax.data.records import DataOptions, FieldSpec, data_options, parse_record
+from opd_jax.data.tokens import encode, pad_id_of
+
 _MAX_ERRORS_KEPT = 20
 
 Batch = dict[str, np.ndarray]
-
-
-# ----------------------------------------------------------------------------
-# JSONL utilities.
-
-
-def _open_text(path: str, mode: str):
-  if path.endswith(".gz"):
-    return gzip.open(path, mode + "t", encoding="utf-8")
-  return open(path, mode, encoding="utf-8")
-
-
-def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]):
-  """Atomically writes ``records`` as JSON lines (temp file + rename)."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(
-      dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
-  )
-  os.close(fd)
-  try:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(tmp, "wt", encoding="utf-8") as f:
-      for record in records:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _iter_jsonl(path: str) -> Iterable[tuple[int, Any, str | None]]:
-  """Yields ``(line_number, record, error)``; blank lines are skipped."""
-  with _open_text(path, "r") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        yield lineno, None, f"invalid JSON ({e.msg} at column {e.colno})"
-        continue
-      if not isinstance(record, dict):
-        yield lineno, None, (
-            f"expected a JSON object, got {type(record).__name__}"
-        )
-        continue
-      yield lineno, record, None
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Reads a JSONL file into a list of dicts; bad lines raise ``file:line``."""
-  path = os.fspath(path)
-  records = []
-  for lineno, record, error in _iter_jsonl(path):
-    if error is not None:
-      raise ValueError(f"{path}:{lineno}: {error}")
-    records.append(record)
-  return records
-
-
-# ----------------------------------------------------------------------------
-# Reading raw records.
-
-
-def _expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]):
-  if isinstance(paths, (str, os.PathLike)):
-    paths = [paths]
-  out = []
-  for p in paths:
-    p = os.fspath(p)
-    if glob.has_magic(p):
-      matches = sorted(glob.glob(p))
-      if not matches:
-        raise FileNotFoundError(f"No files match the pattern {p!r}.")
-      out.extend(matches)
-    else:
-      if not os.path.exists(p):
-        raise FileNotFoundError(f"Prompt file not found: {p!r}.")
-      out.append(p)
-  if not out:
-    raise ValueError("No prompt files given.")
-  return out
-
-
-def _iter_file(path: str) -> Iterable[tuple[int, Any, str | None]]:
-  if path.endswith(_JSONL_SUFFIXES):
-    yield from _iter_jsonl(path)
-  elif path.endswith(_PARQUET_SUFFIXES):
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-
-    for row, record in enumerate(pq.read_table(path).to_pylist(), start=1):
-      yield row, record, None
-  else:
-    raise ValueError(
-        f"{path}: unsupported file type; expected one of "
-        f"{_JSONL_SUFFIXES + _PARQUET_SUFFIXES}."
-    )
-
-
-def _source_from_path(path: str) -> str:
-  name = os.path.basename(path)
-  for suffix in _JSONL_SUFFIXES + _PARQUET_SUFFIXES:
-    if name.endswith(suffix):
-      return name[: -len(suffix)]
-  return name
-
-
-# ----------------------------------------------------------------------------
-# Validation / rendering of one record.
-
-
-@dataclasses.dataclass(frozen=True)
-class _FieldSpec:
-  prompt_field: str
-  completion_field: str | None
-  answer_field: str | None
-  source_field: str | None
-  use_chat_template: bool
-
-
-def _check_messages(messages: list[Any]) -> str | None:
-  if not messages:
-    return "empty message list"
-  for i, m in enumerate(messages):
-    if not isinstance(m, dict):
-      return f"message {i} is a {type(m).__name__}, expected an object"
-    for key in ("role", "content"):
-      if not isinstance(m.get(key), str):
-        return f"message {i} needs a string {key!r}"
-  return None
-
-
-def _parse_record(
-    record: dict[str, Any], spec: _FieldSpec, default_source: str
-) -> tuple[dict[str, Any] | None, str | None]:
-  """Returns ``(parsed, None)`` or ``(None, error message)``."""
-  prompt = record.get(spec.prompt_field)
-  if prompt is None:
-    return None, f"missing field {spec.prompt_field!r}"
-  if isinstance(prompt, str):
-    if not prompt:
-      return None, f"field {spec.prompt_field!r} is empty"
-    messages = [{"role": "user", "content": prompt}]
-    if not spec.use_chat_template:
-      messages = None
-  elif isinstance(prompt, list):
-    error = _check_messages(prompt)
-    if error is not None:
-      return None, f"field {spec.prompt_field!r}: {error}"
-    messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
-  else:
-    return None, (
-        f"field {spec.prompt_field!r} must be a string or a list of messages, "
-        f"got {type(prompt).__name__}"
-    )
-  parsed = {
-      "prompt": prompt if messages is None else None,
-      "messages": messages,
-      "completion": None,
-      "answer": None,
-      "source": default_source,
-  }
-  if spec.completion_field is not None:
-    completion = record.get(spec.completion_field)
-    if completion is None:
-      return None, f"missing field {spec.completion_field!r}"
-    if not isinstance(completion, str):
-      return None, (
-          f"field {spec.completion_field!r} must be a string, got "
-          f"{type(completion).__name__}"
-      )
-    parsed["completion"] = completion
-  if spec.answer_field is not None:
-    parsed["answer"] = record.get(spec.answer_field)
-  if spec.source_field is not None:
-    source = record.get(spec.source_field)
-    if source is None:
-      return None, f"missing field {spec.source_field!r}"
-    if not isinstance(source, str):
-      return None, (
-          f"field {spec.source_field!r} must be a string, got "
-          f"{type(source).__name__}"
-      )
-    parsed["source"] = source
-  return parsed, None
-
-
-# ----------------------------------------------------------------------------
-# The dataset.
-
-
-def _encode(tokenizer, texts: list[str], add_special_tokens: bool):
-  if not texts:
-    return []
-  return list(
-      tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-  )
-
-
-def _pad_id(tokenizer) -> int:
-  for pid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-    if pid is not None:
-      return int(pid)
-  raise ValueError("Tokenizer has neither a pad token nor an EOS token.")
 
 
 class _EpochShuffle:
@@ -339,18 +100,8 @@ class PromptData:
       cls,
       paths: str | os.PathLike | Sequence[str | os.PathLike],
       tokenizer,
-      *,
-      max_prompt_len: int,
-      max_completion_len: int | None = None,
-      prompt_field: str = "prompt",
-      completion_field: str | None = None,
-      answer_field: str | None = "answer",
-      source_field: str | None = None,
-      use_chat_template: bool = False,
-      add_special_tokens: bool = True,
-      append_eos: bool = True,
-      overlong: str = "drop",
-      on_error: str = "raise",
+      options: DataOptions | None = None,
+      **kwargs: Any,
   ) -> PromptData:
     """Reads, validates and tokenises JSONL / Parquet prompt files.
 
@@ -358,20 +109,8 @@ class PromptData:
       paths: a file, a glob pattern, or a sequence of them (``.jsonl``,
         ``.jsonl.gz``, ``.ndjson``, ``.parquet``).
       tokenizer: a ``transformers`` tokenizer.
-      max_prompt_len: prompt length P; prompts are left-padded to it.
-      max_completion_len: completion length N (required with a
-        ``completion_field``); longer completions are truncated.
-      prompt_field: string prompt, or a list of ``{role, content}`` messages
-        rendered with the chat template (``add_generation_prompt=True``).
-      completion_field: optional off-policy completion (e.g. teacher rollout).
-      answer_field: optional reference answer kept for evaluation lookups.
-      source_field: optional data-source name; defaults to the file stem.
-      use_chat_template: also wrap plain string prompts as one user message.
-      add_special_tokens: passed to the tokenizer for plain (non-chat)
-        prompts; chat-rendered prompts never get extra special tokens.
-      append_eos: append EOS to completions when it fits in N.
-      overlong: ``"drop"`` or ``"truncate"`` (keep the last P tokens).
-      on_error: ``"raise"`` (ValueError naming ``file:line``) or ``"skip"``.
+      options: the :class:`DataOptions`; ``kwargs`` set (or replace) its
+        fields (``max_prompt_len=12, on_error="skip"``).
 
     Returns:
       The PromptData. ``stats`` holds ``num_records`` (kept),
@@ -380,34 +119,21 @@ class PromptData:
       ``num_completion_truncated``.
     """
     records = []
-    for path in _expand_paths(paths):
-      default_source = _source_from_path(path)
-      for lineno, record, error in _iter_file(path):
+    for path in expand_paths(paths):
+      default_source = source_from_path(path)
+      for lineno, record, error in iter_file(path):
         records.append((f"{path}:{lineno}", record, error, default_source))
-    return cls._from_raw(
-        records,
-        tokenizer,
-        max_prompt_len=max_prompt_len,
-        max_completion_len=max_completion_len,
-        prompt_field=prompt_field,
-        completion_field=completion_field,
-        answer_field=answer_field,
-        source_field=source_field,
-        use_chat_template=use_chat_template,
-        add_special_tokens=add_special_tokens,
-        append_eos=append_eos,
-        overlong=overlong,
-        on_error=on_error,
-    )
+    return cls._from_raw(records, tokenizer, data_options(options, **kwargs))
 
   @classmethod
   def from_records(
       cls,
       records: Sequence[Mapping[str, Any]],
       tokenizer,
+      options: DataOptions | None = None,
       *,
       name: str = "<records>",
-      **kwargs,
+      **kwargs: Any,
   ) -> PromptData:
     """Like :meth:`build` for in-memory dicts (origins are ``name:i``)."""
     raw = []
@@ -417,26 +143,20 @@ class PromptData:
       else:
         raw.append((f"{name}:{i}", None, (
             f"expected a mapping, got {type(record).__name__}"), name))
-    return cls._from_raw(raw, tokenizer, **kwargs)
+    return cls._from_raw(raw, tokenizer, data_options(options, **kwargs))
 
   @classmethod
   def _from_raw(
       cls,
       raw: list[tuple[str, Any, str | None, str]],
       tokenizer,
-      *,
-      max_prompt_len: int,
-      max_completion_len: int | None = None,
-      prompt_field: str = "prompt",
-      completion_field: str | None = None,
-      answer_field: str | None = "answer",
-      source_field: str | None = None,
-      use_chat_template: bool = False,
-      add_special_tokens: bool = True,
-      append_eos: bool = True,
-      overlong: str = "drop",
-      on_error: str = "raise",
+      opts: DataOptions,
   ) -> PromptData:
+    max_prompt_len, max_completion_len = opts.max_prompt_len, opts.max_completion_len
+    prompt_field, completion_field = opts.prompt_field, opts.completion_field
+    answer_field, source_field = opts.answer_field, opts.source_field
+    use_chat_template, add_special_tokens = opts.use_chat_template, opts.add_special_tokens
+    append_eos, overlong, on_error = opts.append_eos, opts.overlong, opts.on_error
     if overlong not in ("drop", "truncate"):
       raise ValueError(
           f"overlong must be 'drop' or 'truncate', got {overlong!r}")
@@ -454,7 +174,7 @@ class PromptData:
     if use_chat_template and not has_template:
       raise ValueError("use_chat_template=True but the tokenizer has no "
                        "chat_template.")
-    spec = _FieldSpec(prompt_field, completion_field, answer_field,
+    spec = FieldSpec(prompt_field, completion_field, answer_field,
                       source_field, use_chat_template)
 
     # 1. Validate and render.
@@ -463,7 +183,7 @@ class PromptData:
     for origin, record, error, default_source in raw:
       item = None
       if error is None:
-        item, error = _parse_record(record, spec, default_source)
+        item, error = parse_record(record, spec, default_source)
       if error is None and item["messages"] is not None:
         if not has_template:
           raise ValueError(
@@ -492,10 +212,10 @@ class PromptData:
     # 2. Tokenise (one batched call per kind).
     plain = [p["messages"] is None for p in parsed]
     texts = [p["prompt"] for p in parsed]
-    plain_ids = iter(_encode(
+    plain_ids = iter(encode(
         tokenizer, [t for t, is_plain in zip(texts, plain) if is_plain],
         add_special_tokens))
-    chat_ids = iter(_encode(
+    chat_ids = iter(encode(
         tokenizer, [t for t, is_plain in zip(texts, plain) if not is_plain],
         False))
     prompt_tokens = [
@@ -503,7 +223,7 @@ class PromptData:
     ]
     completion_tokens = None
     if completion_field is not None:
-      completion_tokens = _encode(
+      completion_tokens = encode(
           tokenizer, [p["completion"] for p in parsed], False
       )
 
@@ -527,7 +247,7 @@ class PromptData:
       keep.append(i)
 
     n = len(keep)
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_id_of(tokenizer)
     eos_id = tokenizer.eos_token_id
     prompt_ids = np.full((n, max_prompt_len), pad_id, np.int32)
     prompt_mask = np.zeros((n, max_prompt_len), bool)
@@ -758,61 +478,3 @@ def validate_mixture(
       )
     out[name] = w
   return out
-
-
-def make_prompt_iterator(
-    paths: str | os.PathLike | Sequence[str | os.PathLike],
-    tokenizer,
-    *,
-    batch_size: int,
-    seed: int = 0,
-    num_epochs: int | None = None,
-    mixture: Mapping[str, float] | None = None,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    drop_remainder: bool = True,
-    shuffle: bool = True,
-    **build_kwargs,
-) -> tuple[PromptData, grain.DatasetIterator]:
-  """Builds :class:`PromptData` from files and returns it with an iterator."""
-  data = PromptData.build(paths, tokenizer, **build_kwargs)
-  it = data.iterator(
-      batch_size, seed=seed, num_epochs=num_epochs, mixture=mixture,
-      shard_index=shard_index, shard_count=shard_count,
-      drop_remainder=drop_remainder, shuffle=shuffle)
-  return data, it
-
-
-# ----------------------------------------------------------------------------
-# Iterator state.
-
-
-def _to_json(value: Any) -> Any:
-  if isinstance(value, dict):
-    return {str(k): _to_json(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_to_json(v) for v in value]
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  if value is None or isinstance(value, (bool, int, float, str)):
-    return value
-  raise TypeError(f"Iterator state value {value!r} is not JSON-serialisable.")
-
-
-def save_iterator_state(it: grain.DatasetIterator) -> dict[str, Any]:
-  """Returns the iterator state as a JSON-serialisable dict."""
-  state = _to_json(it.get_state())
-  json.dumps(state)  # Fail here, not inside the checkpointer.
-  return state
-
-
-def restore_iterator_state(
-    it: grain.DatasetIterator, state: Mapping[str, Any]
-) -> grain.DatasetIterator:
-  """Restores ``state`` (from :func:`save_iterator_state`) into ``it``."""
-  if not isinstance(state, Mapping):
-    raise TypeError(f"Iterator state must be a dict, got {type(state)}.")
-  it.set_state(dict(state))
-  return it
