@@ -278,11 +278,6 @@ class MetricSums:
   weight: Array
   names: tuple[str, ...]
 
-  def as_dict(self) -> dict[str, tuple[Array, Array]]:
-    """Name -> (weighted_sum, weight) view (slices; prefer outside jit)."""
-    return {n: (self.total[i], self.weight[i])
-            for i, n in enumerate(self.names)}
-
 
 def _expand_position_keys(
     position_keys: Sequence[str] | None) -> set[str] | None:

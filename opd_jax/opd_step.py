@@ -8,9 +8,10 @@ One XLA program per step (no host round trip):
    level KD) — GKD's on/off-policy mix, per sample (Agarwal et al. 2024);
 2. the teacher scores prompt + completion (stop-gradient);
 3. the student recomputes its hidden states with gradient; logits and the
-   per-token divergence are formed chunk by chunk over the sequence inside a
-   rematerialised ``lax.scan`` so no ``[B, T, V]`` array of either model is
-   ever live; token-level alignment metrics ride along in the same chunks;
+   per-token divergence are formed chunk by chunk over the sequence in a
+   ``lax.scan`` whose custom VJP forms the gradient in the same pass, so no
+   ``[B, T, V]`` array of either model is ever live and no head is recomputed;
+   token-level alignment metrics ride along in the same chunks;
 4. an optax update is applied to the student only.
 
 With ``micro_batches`` = M > 1, steps 1-3 run in a ``lax.scan`` over M equal

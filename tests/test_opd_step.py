@@ -701,8 +701,8 @@ def test_step_memory_under_a_tenth_of_full_logits():
   """Qwen-sized vocabulary, 8 rows x 512 new tokens: the compiled step's
   temporary memory stays under 10% of ONE float32 [R, N, V] logits array
   (the step holds neither model's [R, N, V] logits: loss chunks of 4 tokens
-  are recomputed in the backward pass, and attention runs in query blocks so
-  the O(T^2) scores never exist whole)."""
+  form their logit gradient in the forward scan, and attention runs blockwise
+  so the O(T^2) scores never exist whole)."""
   temp, full = _temp_bytes(512, rows=8, chunk=4)
   assert temp < 0.1 * full, (temp / 2**20, full / 2**20)
 
