@@ -7,7 +7,11 @@ compute), max prompt 1024 / response 7168 tokens, one epoch (~279 steps) of
 DAPO-Math-17K; AIME avg@16 (temperature 0.7, top-p 0.95) every 50 steps when
 ``aime=`` names a JSONL file of ``prompt`` / ``answer`` records (without it no
 eval is configured). Mesh for a TPU pod slice (v5p-64: 32 chips as fsdp=16 x
-tensor=2 by default; override ``--config.mesh.shape.*``).
+tensor=2 by default; override ``--config.mesh.shape.*``). The 256 rows run as
+8 micro-batches of 32 inside the one compiled step (sampling, scoring and the
+gradient of one group live at a time), the loss chunk is sized from a
+per-device budget: ``python -m opd_jax.aot`` plans 23.9 GiB per device on 8
+devices (fsdp=8) and 9.1 GiB on 32 (fsdp=16 x tensor=2); see README.
 
   python -m opd_jax.train --workdir=gs://bucket/run \
     --config=configs/paper_qwen3.py:student=/ckpt/Qwen3-1.7B,teacher=/ckpt/Qwen3-4B,\
@@ -40,8 +44,9 @@ def get_config(arg=None):
                          num_samples=4))
   c.teacher_sampling.temperature = 1.0
   c.on_policy_fraction = 1.0
+  c.micro_batches = 8              # 8 groups of 32 rows, one optax update
   c.loss = configs_lib.loss_config("topk_opd", k=16, strategy="student", weight="student",
-                                   chunk=512)
+                                   chunk=0, chunk_budget_mib=2048)   # 0: chunk from the budget
   c.optimizer.update(dict(name="adamw", lr=1e-6, schedule="constant", warmup_steps=0,
                           b1=0.9, b2=0.999, weight_decay=0.01, grad_clip=1.0))
   c.metrics.top_k = 16
@@ -52,6 +57,7 @@ def get_config(arg=None):
   if a.aime:   # the 'math' task only verifies: no file, no AIME eval
     c.evals.aime = configs_lib.eval_config(task="math", data_file=a.aime, num_examples=0,
                                            num_samples=16, temperature=0.7, top_p=0.95,
-                                           max_new_tokens=7168, batch_size=32)
+                                           max_new_tokens=7168,
+                                           batch_size=2)   # 2 x 16 rows: a train group's 32
   c.eval_every = 50
   return c
