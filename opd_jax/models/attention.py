@@ -403,7 +403,7 @@ def decode_dense(q, keys, values, key_valid, slot, dt, contraction="reduce",
   return _weighted_values(probs, values, contraction).astype(dt)
 
 
-def decode_blocked(q, cache_k, cache_v, key_valid, index, dt, block: int = 256,
+def decode_blocked(q, cache_k, cache_v, key_valid, index, dt, block: int = 128,
                    contraction="reduce", key_layout="transposed", layer=None):
   """Flash-decoding: the same softmax as :func:`decode_dense`, but only over
   the cache blocks that hold a slot <= ``index`` (the query's slot): a loop of

@@ -68,7 +68,7 @@ class ModelConfig:
   # ("reduce" / "dot"), keys cached [B, K, Dh, S] or [B, K, S, Dh]
   # ("transposed" / "standard").
   decode_attention: str = "blocked"
-  decode_block: int = 256
+  decode_block: int = 128
   decode_contraction: str = "auto"
   key_cache_layout: str = "auto"
   hf_config_json: str = dataclasses.field(default="{}", compare=False, repr=False)
@@ -142,7 +142,7 @@ class ModelConfig:
                    remat: bool = False, scan_layers: bool = False,
                    attention: str = "blockwise", attention_block: int = 256,
                    attention_key_block: int = 512, decode_attention: str = "blocked",
-                   decode_block: int = 256, decode_contraction: str = "auto",
+                   decode_block: int = 128, decode_contraction: str = "auto",
                    key_cache_layout: str = "auto",
                    source: str = "config.json") -> "ModelConfig":
     """Builds a config from a HF ``config.json`` dict (transformers 4.x or 5.x)."""
