@@ -47,6 +47,8 @@ def parse_args(argv=None):
   p.add_argument("--decode-attention", default="blocked",
                  help="ModelConfig.decode_attention: blocked (filled cache blocks) / dense")
   p.add_argument("--decode-block", type=int, default=128, help="ModelConfig.decode_block")
+  p.add_argument("--decode-contraction", default="auto",
+                 help="ModelConfig.decode_contraction: auto / reduce / dot")
   p.add_argument("--temperature", type=float, default=1.0)
   p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (best kept)")
   p.add_argument("--parity-tokens", type=int, default=32,
@@ -153,11 +155,13 @@ def main(argv=None):
   print(f"model: {args.layers} layers x {args.hidden} hidden, {args.heads}/{args.kv_heads} "
         f"heads, mlp {args.intermediate}, vocab {args.vocab}; batch {args.batch} x prompt "
         f"{args.prompt_len} (left-padded); float32; sampling T={args.temperature}, no EOS; "
-        f"decode_attention={args.decode_attention} (block {args.decode_block})")
+        f"decode_attention={args.decode_attention} (block {args.decode_block}, "
+        f"contraction {args.decode_contraction})")
   with tempfile.TemporaryDirectory() as tmp:
     hf = build_hf_model(args, tmp)
     model = from_hf(tmp, decode_attention=args.decode_attention,
-                    decode_block=args.decode_block)
+                    decode_block=args.decode_block,
+                    decode_contraction=args.decode_contraction)
   ids, mask = make_batch(args)
 
   if args.parity_tokens:

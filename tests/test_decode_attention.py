@@ -133,7 +133,7 @@ def test_auto_knobs_resolve_per_backend(monkeypatch):
   assert attention_lib.resolve_contraction("dot") == "dot"
   assert attention_lib.resolve_key_layout("standard") == "standard"
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-  assert attention_lib.resolve_contraction("auto") == "reduce"
+  assert attention_lib.resolve_contraction("auto") == "dot"
   assert attention_lib.resolve_key_layout("auto") == "transposed"
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   assert attention_lib.resolve_contraction("auto") == "dot"
@@ -255,3 +255,15 @@ def test_prefix_sum_knob_same_draws():
   np.testing.assert_array_equal(draws["auto"], draws["matmul"])
   with pytest.raises(ValueError, match="prefix_sum"):
     SamplingConfig(max_new_tokens=1, prefix_sum="scan")
+
+
+def test_decode_knobs_pass_through_config():
+  from opd_jax import configs_lib
+  from opd_jax.train import model_kwargs
+  m = configs_lib.model_config()
+  assert (m.decode_attention, m.decode_block, m.decode_contraction,
+          m.key_cache_layout) == ("blocked", 128, "auto", "auto")
+  m.decode_attention, m.decode_block, m.key_cache_layout = "dense", 32, "standard"
+  kw = model_kwargs(m)
+  assert (kw["decode_attention"], kw["decode_block"], kw["decode_contraction"],
+          kw["key_cache_layout"]) == ("dense", 32, "auto", "standard")

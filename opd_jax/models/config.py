@@ -63,10 +63,10 @@ class ModelConfig:
   scan_layers: bool = False         # layers stacked [L, ...] and run as one lax.scan
   # One-query (decode) attention over the KV cache, models/attention.py:
   # "blocked" (flash-decoding over the filled cache blocks of decode_block
-  # slots) or "dense" (every allocated slot). Per-backend choices ("auto":
-  # XLA:CPU / other): scores and p·v as multiply-reduce or dot_general
-  # ("reduce" / "dot"), keys cached [B, K, Dh, S] or [B, K, S, Dh]
-  # ("transposed" / "standard").
+  # slots) or "dense" (every allocated slot). Backend choices ("auto" picks
+  # per backend, attention.resolve_*): scores and p·v as dot_general or
+  # multiply-reduce ("dot" / "reduce"), keys cached [B, K, Dh, S] or
+  # [B, K, S, Dh] ("transposed" on XLA:CPU / "standard" elsewhere).
   decode_attention: str = "blocked"
   decode_block: int = 128
   decode_contraction: str = "auto"
