@@ -23,6 +23,13 @@ Fully masked rows (left-pad queries) come out finite: zeros from the
 blockwise tiles, a mean of values from ``dense``/``xla``; no real token reads
 them. ``blockwise`` takes the dense path when one tile holds everything
 (T <= attention_block and S <= attention_key_block: the small models).
+
+One query per row over the KV cache (a decode step; ``decode_attention``):
+:func:`decode_blocked` (default; flash-decoding over only the cache blocks
+up to the query's slot, one ``dynamic_slice`` per block, so a scanned
+model reads straight from the stacked cache) or :func:`decode_dense` (every
+allocated slot). Backend choices ``decode_contraction`` / ``key_cache_layout``
+resolve "auto" with :func:`resolve_contraction` / :func:`resolve_key_layout`.
 """
 
 from __future__ import annotations
