@@ -8,6 +8,8 @@ the whole batch); the jitted compile time is measured separately and excluded.
 
   python experiments/bench_sampler.py                 # defaults: < 3 min on 2 CPU cores
   python experiments/bench_sampler.py --layers 4 --hidden 256 --new-tokens 64 256
+  python experiments/bench_sampler.py --new-tokens 64 1024 4096     # long decodes
+  python experiments/bench_sampler.py --decode-attention dense      # every cache slot
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ def parse_args(argv=None):
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--prompt-len", type=int, default=32, help="padded prompt length P")
   p.add_argument("--new-tokens", type=int, nargs="+", default=[64, 256, 1024])
+  p.add_argument("--decode-attention", default="blocked",
+                 help="ModelConfig.decode_attention: blocked (filled cache blocks) / dense")
+  p.add_argument("--decode-block", type=int, default=128, help="ModelConfig.decode_block")
+  p.add_argument("--decode-contraction", default="auto",
+                 help="ModelConfig.decode_contraction: auto / reduce / dot")
   p.add_argument("--temperature", type=float, default=1.0)
   p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (best kept)")
   p.add_argument("--parity-tokens", type=int, default=32,
@@ -147,10 +154,14 @@ def main(argv=None):
         f"transformers {transformers.__version__}, {os.cpu_count()} CPUs")
   print(f"model: {args.layers} layers x {args.hidden} hidden, {args.heads}/{args.kv_heads} "
         f"heads, mlp {args.intermediate}, vocab {args.vocab}; batch {args.batch} x prompt "
-        f"{args.prompt_len} (left-padded); float32; sampling T={args.temperature}, no EOS")
+        f"{args.prompt_len} (left-padded); float32; sampling T={args.temperature}, no EOS; "
+        f"decode_attention={args.decode_attention} (block {args.decode_block}, "
+        f"contraction {args.decode_contraction})")
   with tempfile.TemporaryDirectory() as tmp:
     hf = build_hf_model(args, tmp)
-    model = from_hf(tmp)
+    model = from_hf(tmp, decode_attention=args.decode_attention,
+                    decode_block=args.decode_block,
+                    decode_contraction=args.decode_contraction)
   ids, mask = make_batch(args)
 
   if args.parity_tokens:
@@ -177,7 +188,8 @@ def main(argv=None):
     print(f"{n:>6} {args.prompt_len + n:>6} | {toks / ours_s:>11.0f} {1e3 * ours_s / n:>9.3f} {compile_s:>9.2f} | "
           f"{toks / hf_s:>9.0f} {1e3 * hf_s / n:>9.3f} | {hf_s / ours_s:>6.1f}x")
   print("ms/token = wall time / N: one decode step for the whole batch (prefill included);\n"
-        "cache = P + N slots that every one of our decode steps attends over.")
+        "cache = P + N allocated slots (decode_attention=blocked reads only the filled blocks,\n"
+        "dense attends over all of them at every step).")
 
 
 if __name__ == "__main__":

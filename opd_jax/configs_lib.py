@@ -95,11 +95,14 @@ def loss_kwargs(loss_cfg: Any) -> dict[str, Any]:
 
 def model_config(path: str = "", **kw) -> ml_collections.ConfigDict:
   """``config.student`` / ``config.teacher``. ``attention``: the many-query
-  attention (models/attention.py IMPLEMENTATIONS), with its query / key blocks."""
+  attention (models/attention.py IMPLEMENTATIONS), with its query / key blocks;
+  ``decode_*`` / ``key_cache_layout``: the one-query (sampler) attention over
+  the KV cache (``ModelConfig``; "auto" picks per backend)."""
   return ml_collections.ConfigDict(dict(
       path=path, dtype="float32", param_dtype="float32", remat=False,
       scan_layers=False, vocab_pad_multiple=1, attention="blockwise", attention_block=256,
-      attention_key_block=512, **kw))
+      attention_key_block=512, decode_attention="blocked", decode_block=128,
+      decode_contraction="auto", key_cache_layout="auto", **kw))
 
 
 def base_config() -> ml_collections.ConfigDict:

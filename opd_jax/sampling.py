@@ -47,6 +47,7 @@ from opd_jax.models.transformer import positions_from_mask
 from opd_jax.sharding import Sharder
 
 _BATCH = "activation_batch"
+PREFIX_SUMS = ("auto", "matmul", "cumsum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,10 @@ class SamplingConfig:
     vocab_size: only ids < vocab_size are ever sampled (0: the model's whole
       output; set it to the tokenizer size when checkpoints pad their
       embedding rows, so padded ids are never drawn).
+    prefix_sum: the inverse-CDF draw's prefix sums: "matmul" (one matmul with
+      the triangular ones; XLA:CPU lowers ``cumsum`` to an O(n²)
+      ``reduce_window``), "cumsum" (``jnp.cumsum``) or "auto" (matmul on
+      XLA:CPU, cumsum elsewhere; resolved when the sampler is traced).
   """
 
   max_new_tokens: int
@@ -76,6 +81,7 @@ class SamplingConfig:
   pad_id: int = 0
   num_samples: int = 1
   vocab_size: int = 0
+  prefix_sum: str = "auto"
 
   def __post_init__(self):
     def whole(name, lo):
@@ -101,6 +107,8 @@ class SamplingConfig:
                        f"argmax), got {self.temperature!r}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+    if self.prefix_sum not in PREFIX_SUMS:
+      raise ValueError(f"prefix_sum={self.prefix_sum!r}; expected one of {PREFIX_SUMS}")
 
 
 class SampleOutput(NamedTuple):
@@ -165,16 +173,21 @@ def _token_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-def _inclusive_prefix_sum(x: jax.Array) -> jax.Array:
-  """Prefix sums along the last axis of a short ``[..., n]`` as one matmul with
-  the upper-triangular ones (XLA:CPU lowers ``cumsum`` to an O(n²)
-  ``reduce_window``; full float32 precision on every backend)."""
+def _inclusive_prefix_sum(x: jax.Array, method: str = "matmul") -> jax.Array:
+  """Prefix sums along the last axis of a short ``[..., n]``: ``"matmul"`` as
+  one matmul with the upper-triangular ones (XLA:CPU lowers ``cumsum`` to an
+  O(n²) ``reduce_window``; full float32 precision on every backend),
+  ``"cumsum"`` as ``jnp.cumsum``, ``"auto"`` matmul on XLA:CPU else cumsum."""
+  if method == "auto":
+    method = "matmul" if jax.default_backend() == "cpu" else "cumsum"
+  if method == "cumsum":
+    return jnp.cumsum(x, axis=-1)
   n = x.shape[-1]
   return jnp.matmul(x, jnp.triu(jnp.ones((n, n), x.dtype)),
                     precision=jax.lax.Precision.HIGHEST)
 
 
-def _inverse_cdf(p: jax.Array, u: jax.Array) -> jax.Array:
+def _inverse_cdf(p: jax.Array, u: jax.Array, prefix_sum: str = "matmul") -> jax.Array:
   """Index drawn from unnormalised probabilities ``p`` ``[R, V]`` (>= 0, each
   row with some p > 0) by inverse CDF with row uniforms ``u ~ U[0, 1)`` ``[R]``:
   the first id with p > 0 whose cumulative mass reaches (1 − u)·Σp.
@@ -183,20 +196,21 @@ def _inverse_cdf(p: jax.Array, u: jax.Array) -> jax.Array:
   of ~√V ids; the block is found from the blocks' prefix masses, then the id
   from the prefix masses inside that block only. Only ids with p > 0 can be
   returned: a float rounding that leaves no hit (measure zero) falls back to
-  the heaviest block / the block's last id with p > 0.
+  the heaviest block / the block's last id with p > 0. ``prefix_sum``: see
+  :func:`_inclusive_prefix_sum`.
   """
   rows, v = p.shape
   size = int(math.ceil(math.sqrt(v)))
   num = -(-v // size)
   blocks = jnp.pad(p, ((0, 0), (0, num * size - v))).reshape(rows, num, size)
   mass = jnp.sum(blocks, axis=-1)                                   # [R, nb]
-  upto = _inclusive_prefix_sum(mass)                                # [R, nb]
+  upto = _inclusive_prefix_sum(mass, prefix_sum)                              # [R, nb]
   target = (1.0 - u.astype(jnp.float32))[:, None] * upto[:, -1:]
   hit = (upto >= target) & (mass > 0)
   block = jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), jnp.argmax(mass, axis=-1))
   before = jnp.take_along_axis(upto - mass, block[:, None], axis=-1)           # [R, 1]
   inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]    # [R, size]
-  hit = ((before + _inclusive_prefix_sum(inside)) >= target) & (inside > 0)
+  hit = ((before + _inclusive_prefix_sum(inside, prefix_sum)) >= target) & (inside > 0)
   last = size - 1 - jnp.argmax((inside > 0)[:, ::-1], axis=-1)
   return (block * size + jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), last)
           ).astype(jnp.int32)
@@ -224,7 +238,7 @@ def sample_token(logits: jax.Array, u: jax.Array, config: SamplingConfig):
   z = process_logits(logits, config)
   top = jnp.max(z, axis=-1, keepdims=True)
   p = jnp.exp(z - top)                                  # unnormalised, 0 where filtered
-  tok = _inverse_cdf(p, u)
+  tok = _inverse_cdf(p, u, config.prefix_sum)
   lp = (jnp.take_along_axis(z, tok[:, None], axis=-1)[:, 0]
         - top[:, 0] - jnp.log(jnp.sum(p, axis=-1)))
   unprocessed = config.temperature == 1.0 and config.top_k == 0 and config.top_p >= 1.0

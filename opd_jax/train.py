@@ -213,7 +213,11 @@ def model_kwargs(model_cfg) -> dict[str, Any]:
               vocab_pad_multiple=int(model_cfg.vocab_pad_multiple),
               remat=bool(model_cfg.remat), scan_layers=bool(model_cfg.scan_layers),
               attention=str(model_cfg.attention), attention_block=int(model_cfg.attention_block),
-              attention_key_block=int(model_cfg.attention_key_block))
+              attention_key_block=int(model_cfg.attention_key_block),
+              decode_attention=str(model_cfg.decode_attention),
+              decode_block=int(model_cfg.decode_block),
+              decode_contraction=str(model_cfg.decode_contraction),
+              key_cache_layout=str(model_cfg.key_cache_layout))
 
 
 def model_config_of(config, name: str, *, num_layers: int = 0):

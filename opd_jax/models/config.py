@@ -61,6 +61,16 @@ class ModelConfig:
   attention_block: int = 256
   attention_key_block: int = 512
   scan_layers: bool = False         # layers stacked [L, ...] and run as one lax.scan
+  # One-query (decode) attention over the KV cache, models/attention.py:
+  # "blocked" (flash-decoding over the filled cache blocks of decode_block
+  # slots) or "dense" (every allocated slot). Backend choices ("auto" picks
+  # per backend, attention.resolve_*): scores and p·v as dot_general or
+  # multiply-reduce ("dot" / "reduce"), keys cached [B, K, Dh, S] or
+  # [B, K, S, Dh] ("transposed" on XLA:CPU / "standard" elsewhere).
+  decode_attention: str = "blocked"
+  decode_block: int = 128
+  decode_contraction: str = "auto"
+  key_cache_layout: str = "auto"
   hf_config_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
   def __post_init__(self):
@@ -74,6 +84,8 @@ class ModelConfig:
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {DTYPES}")
     attention_lib.validate(self.attention, self.attention_block, self.attention_key_block)
+    attention_lib.validate_decode(self.decode_attention, self.decode_block,
+                                  self.decode_contraction, self.key_cache_layout)
     if self.padded_vocab_size == 0:
       object.__setattr__(self, "padded_vocab_size", self.vocab_size)
     if self.padded_vocab_size < self.vocab_size:
@@ -129,7 +141,9 @@ class ModelConfig:
                    param_dtype: str = "float32", vocab_pad_multiple: int = 1,
                    remat: bool = False, scan_layers: bool = False,
                    attention: str = "blockwise", attention_block: int = 256,
-                   attention_key_block: int = 512,
+                   attention_key_block: int = 512, decode_attention: str = "blocked",
+                   decode_block: int = 128, decode_contraction: str = "auto",
+                   key_cache_layout: str = "auto",
                    source: str = "config.json") -> "ModelConfig":
     """Builds a config from a HF ``config.json`` dict (transformers 4.x or 5.x)."""
     hf = dict(hf)
@@ -181,5 +195,7 @@ class ModelConfig:
         pad_token_id=hf.get("pad_token_id"), padded_vocab_size=padded,
         dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers,
         attention=attention, attention_block=attention_block,
-        attention_key_block=attention_key_block,
+        attention_key_block=attention_key_block, decode_attention=decode_attention,
+        decode_block=decode_block, decode_contraction=decode_contraction,
+        key_cache_layout=key_cache_layout,
         hf_config_json=json.dumps(hf, sort_keys=True))

@@ -192,7 +192,8 @@ def config_from_hf(path: str | os.PathLike, *, dtype: str = "float32",
   """Reads ``<path>/config.json`` into a :class:`ModelConfig`.
 
   ``attention``: ``attention`` / ``attention_block`` / ``attention_key_block``
-  of :class:`ModelConfig`. Raises FileNotFoundError / ValueError naming the
+  and the decode knobs ``decode_attention`` / ``decode_block`` /
+  ``decode_contraction`` / ``key_cache_layout`` of :class:`ModelConfig`. Raises FileNotFoundError / ValueError naming the
   config file.
   """
   path = os.fspath(path)

@@ -23,9 +23,9 @@ from opd_jax.models.config import ModelConfig
 from opd_jax.sharding import Sharder
 
 NEG_INF = -1e30  # finite "minus infinity": masked rows stay NaN-free
-# Keys are cached transposed, [B, K, Dh, S]: a decode step's q·k then reduces
-# over a non-minor axis, which XLA:CPU fuses into one loop kernel (the
-# [.., S, Dh] layout's minor-axis reduce went to a ~4x slower library call).
+# Keys are cached transposed, [B, K, Dh, S], or standard, [B, K, S, Dh]
+# (``ModelConfig.key_cache_layout``; "auto": transposed on XLA:CPU, where a
+# decode step's q·k then reduces over a non-minor axis in one fused loop).
 KEY_CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_head_dim", "cache_length")
 VALUE_CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
 # Leading axis of the stacked (``scan_layers``) parameters and caches.
@@ -33,12 +33,19 @@ LAYERS_AXIS = "layers"
 CACHE_LAYERS_AXIS = "cache_layers"
 
 
+def key_cache_axes(cfg: ModelConfig) -> tuple[str, ...]:
+  """Logical axes of one layer's key cache under ``cfg.key_cache_layout``."""
+  transposed = attention_lib.resolve_key_layout(cfg.key_cache_layout) == "transposed"
+  return KEY_CACHE_AXES if transposed else VALUE_CACHE_AXES
+
+
 class KVCache(NamedTuple):
   """Fixed-size decoding cache.
 
   k, v: per-layer lists of keys ``[B, K, Dh, S]`` and values ``[B, K, S, Dh]``
-  (kv-head-major; keys transposed), or with ``scan_layers`` one stacked array
-  each, ``[L, B, K, Dh, S]`` / ``[L, B, K, S, Dh]``; ``valid``: ``[B, S]`` bool, which
+  (kv-head-major; keys ``[B, K, S, Dh]`` with ``key_cache_layout`` "standard"),
+  or with ``scan_layers`` one stacked array each, ``[L, B, K, Dh, S]`` /
+  ``[L, B, K, S, Dh]``; ``valid``: ``[B, S]`` bool, which
   slots hold real tokens; ``index``: scalar int32, the next slot to write (all
   rows share it: prompts are left-padded to a common length).
   """
@@ -114,20 +121,12 @@ def _attend(qg, keys, values, key_valid, q_slot, dt, cfg=None, aligned=False, sh
   ``cfg.attention`` (:mod:`opd_jax.models.attention`; dense without cfg);
   ``aligned``: no cache (S == T, query t at slot t); ``sharder``: its mesh.
   """
-  s = keys.shape[3]
-  allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]
   if qg.shape[1] == 1:
-    # One query per row (a decode step): multiply-and-reduce over Dh and S.
-    # As a dot_general this is B·K matrix-vector products that XLA:CPU runs
-    # one small matmul at a time (~3x slower per decode step); as reductions
-    # it fuses into two loop kernels. Same math, float32 throughout.
-    q = qg[:, 0].astype(jnp.float32)                                   # [B, K, G, Dh]
-    scores = jnp.sum(q[..., None] * keys[:, :, None].astype(jnp.float32),
-                     axis=-2) / np.sqrt(qg.shape[-1])                  # [B, K, G, S]
-    scores = jnp.where(allowed[:, 0, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.sum(probs[..., None] * values[:, :, None].astype(jnp.float32), axis=-2)
-    return out[:, None].astype(dt)                                     # [B, 1, K, G, Dh]
+    # One query per row without a cache (cached decode steps go to
+    # attention_lib.decode_blocked / decode_dense from Attention).
+    out = attention_lib.decode_dense(qg[:, 0], keys, values, key_valid, q_slot[0], dt,
+                                     "reduce", "transposed")
+    return out[:, None]                                                # [B, 1, K, G, Dh]
   # Many queries (prefill, training): the configured implementation.
   if cfg is None:
     return attention_lib.dense(qg, keys, values, key_valid, q_slot, dt)
@@ -156,9 +155,18 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(dh, cfg.rms_norm_eps, cfg, rngs=rngs)
       self.k_norm = RMSNorm(dh, cfg.rms_norm_eps, cfg, rngs=rngs)
 
-  def __call__(self, x, positions, key_valid, q_start, cache_kv=None):
+  def __call__(self, x, positions, key_valid, q_start, cache_kv=None, layer=None):
     """x ``[B,T,D]``; positions ``[B,T]``; key_valid ``[B,S]``; q_start: slot of
-    the first query (0 without cache). Returns (out ``[B,T,D]``, new (k, v))."""
+    the first query (0 without cache); cache_kv: this layer's (k, v) cache, or
+    with ``layer`` (int32 scalar) the stacked ``[L, ...]`` caches. Returns
+    (out ``[B,T,D]``, the updated (k, v), stacked when given stacked).
+
+    Write first, then read: the T new keys / values go into the cache
+    (in place: a dynamic update slice of the given buffer, for a stacked cache
+    of the scan's carry itself), and attention then reads the updated cache;
+    a decode step (T == 1) reads only its filled blocks (``decode_attention``
+    "blocked"), straight from the stack when stacked.
+    """
     cfg, dt, sh = self.cfg, jnp.dtype(self.cfg.dtype), self.sharder
 
     def proj(w, b):
@@ -176,23 +184,49 @@ class Attention(nnx.Module):
     k = sh.constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
     v = sh.constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
 
-    # Kv-head-major keys [B, K, Dh, S] and values [B, K, S, Dh], as cached:
-    # the score / value contractions need no per-step transpose of the cache.
-    k, v = jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2)
-    if cache_kv is not None:
-      ck, cv = cache_kv
-      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, q_start))
-      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, q_start, 0))
-      ck, cv = sh.constrain(ck, KEY_CACHE_AXES), sh.constrain(cv, VALUE_CACHE_AXES)
-      keys, values, new_kv = ck.astype(dt), cv.astype(dt), (ck, cv)
-    else:
-      keys, values, new_kv = k, v, None
-
     b, t, h, dh = q.shape
-    kh = keys.shape[1]
+    kh = k.shape[2]
     qg = q.reshape(b, t, kh, h // kh, dh)
-    q_slot = q_start + jnp.arange(t)
-    out = _attend(qg, keys, values, key_valid, q_slot, dt, cfg, cache_kv is None, sh)
+    # Kv-head-major values [B, K, S, Dh] and keys [B, K, Dh, S] (transposed)
+    # or [B, K, S, Dh], as cached: the contractions need no per-step
+    # transpose of the cache.
+    transposed = attention_lib.resolve_key_layout(cfg.key_cache_layout) == "transposed"
+    v = jnp.swapaxes(v, 1, 2)
+    k = jnp.transpose(k, (0, 2, 3, 1)) if transposed else jnp.swapaxes(k, 1, 2)
+    if cache_kv is None:
+      out = _attend(qg, k if transposed else jnp.swapaxes(k, 2, 3), v, key_valid,
+                    jnp.arange(t), dt, cfg, True, sh)
+      new_kv = None
+    else:
+      ck, cv = cache_kv
+      lead = () if layer is None else (layer,)
+      at = lambda c, x, axis: jax.lax.dynamic_update_slice(
+          c, x.astype(c.dtype)[None] if layer is not None else x.astype(c.dtype),
+          lead + tuple(q_start if a == axis else 0 for a in range(4)))
+      ck, cv = at(ck, k, 3 if transposed else 2), at(cv, v, 2)
+      pre = () if layer is None else (CACHE_LAYERS_AXIS,)
+      ck = sh.constrain(ck, pre + key_cache_axes(cfg))
+      cv = sh.constrain(cv, pre + VALUE_CACHE_AXES)
+      new_kv = (ck, cv)
+      if t == 1 and cfg.decode_attention == "blocked":
+        out = attention_lib.decode_blocked(
+            qg[:, 0], ck, cv, key_valid, q_start, dt, cfg.decode_block,
+            attention_lib.resolve_contraction(cfg.decode_contraction),
+            "transposed" if transposed else "standard", layer)[:, None]
+      else:
+        if layer is not None:
+          ck = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False)
+          cv = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False)
+        keys, values = ck.astype(dt), cv.astype(dt)
+        if t == 1:
+          out = attention_lib.decode_dense(
+              qg[:, 0], keys, values, key_valid, q_start, dt,
+              attention_lib.resolve_contraction(cfg.decode_contraction),
+              "transposed" if transposed else "standard")[:, None]
+        else:
+          out = _attend(qg, keys if transposed else jnp.swapaxes(keys, 2, 3), values,
+                        key_valid, q_start + jnp.arange(t), dt, cfg, False, sh)
+
     out = out.reshape(b, t, h, dh)
     out = sh.constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
     y = dense(out, self.o[...].astype(dt), n_in=2)     # [B, T, D]
@@ -239,8 +273,8 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, sharder, rngs=rngs)
     self.sharder = sharder
 
-  def __call__(self, h, positions, key_valid, q_start, cache_kv=None):
-    a, new_kv = self.attn(self.input_norm(h), positions, key_valid, q_start, cache_kv)
+  def __call__(self, h, positions, key_valid, q_start, cache_kv=None, layer=None):
+    a, new_kv = self.attn(self.input_norm(h), positions, key_valid, q_start, cache_kv, layer)
     h = h + a
     h = h + self.mlp(self.post_attn_norm(h))
     h = self.sharder.constrain(h, ("activation_batch", "activation_length", "activation_embed"))
@@ -348,9 +382,9 @@ class Transformer(nnx.Module):
     checkpointed, so the backward pass keeps only each layer's input h
     (``[L, B, T, D]`` in all) and recomputes the rest layer by layer. With a
     cache the stacked k ``[L, B, K, Dh, S]`` / v ``[L, B, K, S, Dh]`` ride in the
-    carry: layer i attends over its slice i, and only the T new slots go back
-    into the stack, a dynamic update slice in place in the loop buffer (the
-    stack is never copied; XLA:CPU does copy layer i's slice for its attention).
+    carry and layer i's attention gets the stacks and i: it writes its T new
+    slots into the carry in place and reads its (filled) blocks straight from
+    it, so no layer's slice is copied out.
     """
     graphdef, state = nnx.split(self.layers)
     if cache is None:
@@ -363,26 +397,17 @@ class Transformer(nnx.Module):
       h, _ = jax.lax.scan(body, h, state)
       return h, None, None
 
-    t = h.shape[1]
-
     def body_cached(carry, xs):
       h, ck, cv = carry
       layer_state, i = xs
-      kv = (jax.lax.dynamic_index_in_dim(ck, i, keepdims=False),
-            jax.lax.dynamic_index_in_dim(cv, i, keepdims=False))
-      h, (lk, lv) = nnx.merge(graphdef, layer_state)(h, positions, key_valid, q_start, kv)
-      # Write back only the T new slots of layer i (not its whole [.., S]
-      # slice): an in-place update of the stacked carry.
-      k_new = jax.lax.dynamic_slice_in_dim(lk, q_start, t, axis=3)
-      v_new = jax.lax.dynamic_slice_in_dim(lv, q_start, t, axis=2)
-      ck = jax.lax.dynamic_update_slice(ck, k_new[None], (i, 0, 0, 0, q_start))
-      cv = jax.lax.dynamic_update_slice(cv, v_new[None], (i, 0, 0, q_start, 0))
+      h, (ck, cv) = nnx.merge(graphdef, layer_state)(h, positions, key_valid, q_start,
+                                                     (ck, cv), i)
       return (h, ck, cv), None
 
     layer_ids = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
     (h, ck, cv), _ = jax.lax.scan(body_cached, (h, cache.k, cache.v), (state, layer_ids))
     sh = self.sharder
-    return (h, sh.constrain(ck, (CACHE_LAYERS_AXIS,) + KEY_CACHE_AXES),
+    return (h, sh.constrain(ck, (CACHE_LAYERS_AXIS,) + key_cache_axes(self.cfg)),
             sh.constrain(cv, (CACHE_LAYERS_AXIS,) + VALUE_CACHE_AXES))
 
   def __call__(self, input_ids, attention_mask=None, positions=None):
@@ -398,15 +423,18 @@ class Transformer(nnx.Module):
     kv, dh = cfg.num_kv_heads, cfg.head_dim
     zeros = lambda shape, axes: self.sharder.constrain(jnp.zeros(shape, dtype), axes)
     valid, index = jnp.zeros((batch, max_len), jnp.bool_), jnp.zeros((), jnp.int32)
+    k_axes = key_cache_axes(cfg)
+    k_shape = ((batch, kv, dh, max_len) if k_axes == KEY_CACHE_AXES else
+               (batch, kv, max_len, dh))
+    v_shape = (batch, kv, max_len, dh)
     if cfg.scan_layers:
       n = cfg.num_layers
-      return KVCache(zeros((n, batch, kv, dh, max_len), (CACHE_LAYERS_AXIS,) + KEY_CACHE_AXES),
-                     zeros((n, batch, kv, max_len, dh), (CACHE_LAYERS_AXIS,) + VALUE_CACHE_AXES),
+      return KVCache(zeros((n,) + k_shape, (CACHE_LAYERS_AXIS,) + k_axes),
+                     zeros((n,) + v_shape, (CACHE_LAYERS_AXIS,) + VALUE_CACHE_AXES),
                      valid, index)
-    return KVCache([zeros((batch, kv, dh, max_len), KEY_CACHE_AXES)
-                    for _ in range(cfg.num_layers)],
-                   [zeros((batch, kv, max_len, dh), VALUE_CACHE_AXES)
-                    for _ in range(cfg.num_layers)], valid, index)
+    return KVCache([zeros(k_shape, k_axes) for _ in range(cfg.num_layers)],
+                   [zeros(v_shape, VALUE_CACHE_AXES) for _ in range(cfg.num_layers)],
+                   valid, index)
 
   def decode(self, input_ids, attention_mask, positions, cache: KVCache):
     """Runs T new tokens through the cache -> (float32 logits ``[B,T,V]``, cache)."""
