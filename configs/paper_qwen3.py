@@ -32,6 +32,7 @@ def get_config(arg=None):
     m.param_dtype = "float32"     # fp32 master weights
     m.remat = True
     m.scan_layers = True          # one lax.scan over layers: compile time flat in depth
+    m.decode_attention = "blocked"   # decode reads only the filled cache (accelerators)
   c.mesh.shape.update(dict(data=a.data, fsdp=a.fsdp, tensor=a.tensor))
   c.data.train_files = a.prompts
   c.data.prompt_field = "prompt"

@@ -101,7 +101,7 @@ def model_config(path: str = "", **kw) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       path=path, dtype="float32", param_dtype="float32", remat=False,
       scan_layers=False, vocab_pad_multiple=1, attention="blockwise", attention_block=256,
-      attention_key_block=512, decode_attention="blocked", decode_block=128,
+      attention_key_block=512, decode_attention="auto", decode_block=128,
       decode_contraction="auto", key_cache_layout="auto", **kw))
 
 

@@ -77,6 +77,7 @@ def reference(weights):
          decode_contraction="dot", key_cache_layout="standard"),
     dict(decode_attention="dense", decode_contraction="dot", key_cache_layout="standard"),
     dict(decode_attention="blocked", decode_contraction="auto", key_cache_layout="auto"),
+    dict(decode_attention="auto", decode_block=16, scan_layers=True),
 ])
 def test_same_samples_as_dense_decode(weights, reference, kw):
   """200 sampled tokens per row identical to the dense-cache sampler's for one
@@ -135,9 +136,13 @@ def test_auto_knobs_resolve_per_backend(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert attention_lib.resolve_contraction("auto") == "dot"
   assert attention_lib.resolve_key_layout("auto") == "transposed"
+  assert attention_lib.resolve_decode("auto", scan_layers=False) == "dense"
+  assert attention_lib.resolve_decode("auto", scan_layers=True) == "blocked"
+  assert attention_lib.resolve_decode("dense", scan_layers=True) == "dense"
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   assert attention_lib.resolve_contraction("auto") == "dot"
   assert attention_lib.resolve_key_layout("auto") == "standard"
+  assert attention_lib.resolve_decode("auto", scan_layers=False) == "blocked"
 
 
 @pytest.mark.parametrize("kw, name", [
@@ -262,7 +267,7 @@ def test_decode_knobs_pass_through_config():
   from opd_jax.train import model_kwargs
   m = configs_lib.model_config()
   assert (m.decode_attention, m.decode_block, m.decode_contraction,
-          m.key_cache_layout) == ("blocked", 128, "auto", "auto")
+          m.key_cache_layout) == ("auto", 128, "auto", "auto")
   m.decode_attention, m.decode_block, m.key_cache_layout = "dense", 32, "standard"
   kw = model_kwargs(m)
   assert (kw["decode_attention"], kw["decode_block"], kw["decode_contraction"],

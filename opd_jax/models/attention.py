@@ -324,7 +324,7 @@ def attend_many(cfg, qg, keys, values, key_valid, q_slot, dt, aligned: bool,
 
 # -- one query per row: decode attention over the KV cache ---------------------
 
-DECODE_IMPLEMENTATIONS = ("blocked", "dense")
+DECODE_IMPLEMENTATIONS = ("auto", "blocked", "dense")
 CONTRACTIONS = ("auto", "reduce", "dot")
 KEY_LAYOUTS = ("auto", "transposed", "standard")
 
@@ -341,6 +341,19 @@ def validate_decode(decode_attention: str, block: int, contraction: str,
     raise ValueError(f"decode_contraction={contraction!r}; expected one of {CONTRACTIONS}")
   if key_layout not in KEY_LAYOUTS:
     raise ValueError(f"key_cache_layout={key_layout!r}; expected one of {KEY_LAYOUTS}")
+
+
+def resolve_decode(decode_attention: str, scan_layers: bool) -> str:
+  """``"auto"`` -> ``"blocked"`` (reads only the filled cache blocks) on
+  accelerators and for scanned layers (dense decode there indexes the layer's
+  cache out of the stacked carry, a copy of it every step), ``"dense"`` for
+  unrolled layers on XLA:CPU, which copies each ``dynamic_slice``d block
+  before its dot, so reading the whole cache once is faster there
+  (``experiments/bench_sampler.py``: 0.28 vs 0.34 ms per token at 64 new
+  tokens, 2.9 vs 3.7 at 4,096)."""
+  if decode_attention == "auto":
+    return "blocked" if scan_layers or jax.default_backend() != "cpu" else "dense"
+  return decode_attention
 
 
 def resolve_contraction(contraction: str) -> str:

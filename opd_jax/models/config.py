@@ -63,11 +63,12 @@ class ModelConfig:
   scan_layers: bool = False         # layers stacked [L, ...] and run as one lax.scan
   # One-query (decode) attention over the KV cache, models/attention.py:
   # "blocked" (flash-decoding over the filled cache blocks of decode_block
-  # slots) or "dense" (every allocated slot). Backend choices ("auto" picks
-  # per backend, attention.resolve_*): scores and p·v as dot_general or
+  # slots) or "dense" (every allocated slot); "auto": dense for unrolled layers
+  # on XLA:CPU, blocked elsewhere. Backend choices ("auto" picks per backend,
+  # attention.resolve_*): scores and p·v as dot_general or
   # multiply-reduce ("dot" / "reduce"), keys cached [B, K, Dh, S] or
   # [B, K, S, Dh] ("transposed" on XLA:CPU / "standard" elsewhere).
-  decode_attention: str = "blocked"
+  decode_attention: str = "auto"
   decode_block: int = 128
   decode_contraction: str = "auto"
   key_cache_layout: str = "auto"
@@ -141,7 +142,7 @@ class ModelConfig:
                    param_dtype: str = "float32", vocab_pad_multiple: int = 1,
                    remat: bool = False, scan_layers: bool = False,
                    attention: str = "blockwise", attention_block: int = 256,
-                   attention_key_block: int = 512, decode_attention: str = "blocked",
+                   attention_key_block: int = 512, decode_attention: str = "auto",
                    decode_block: int = 128, decode_contraction: str = "auto",
                    key_cache_layout: str = "auto",
                    source: str = "config.json") -> "ModelConfig":

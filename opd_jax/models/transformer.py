@@ -208,7 +208,8 @@ class Attention(nnx.Module):
       ck = sh.constrain(ck, pre + key_cache_axes(cfg))
       cv = sh.constrain(cv, pre + VALUE_CACHE_AXES)
       new_kv = (ck, cv)
-      if t == 1 and cfg.decode_attention == "blocked":
+      if t == 1 and attention_lib.resolve_decode(cfg.decode_attention,
+                                                 cfg.scan_layers) == "blocked":
         out = attention_lib.decode_blocked(
             qg[:, 0], ck, cv, key_valid, q_start, dt, cfg.decode_block,
             attention_lib.resolve_contraction(cfg.decode_contraction),
