@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -38,9 +39,33 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
+def skip_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``tx`` that skips an update whose gradients hold a NaN or inf: zero
+  updates, ``tx``'s state kept (``optax.apply_if_finite`` that never gives
+  up). Its state (``optax.ApplyIfFiniteState``) counts the skipped steps in a
+  row and in all; see :func:`nonfinite_metrics`."""
+  return optax.apply_if_finite(tx, max_consecutive_errors=jnp.iinfo(jnp.int32).max)
+
+
+def nonfinite_if(grads: Any, bad: jax.Array) -> Any:
+  """``grads``, all NaN where the scalar ``bad`` holds (a non-finite loss is a
+  non-finite step, even with finite gradients)."""
+  return jax.tree.map(lambda g: jnp.where(bad, jnp.full_like(g, jnp.nan), g), grads)
+
+
+def nonfinite_metrics(opt_state: Any) -> dict[str, jax.Array]:
+  """``{"nonfinite_steps": skipped so far, "nonfinite_in_a_row": skipped
+  since the last update}`` of a :func:`skip_nonfinite` state ({} without)."""
+  if not isinstance(opt_state, optax.ApplyIfFiniteState):
+    return {}
+  return {"nonfinite_steps": opt_state.total_notfinite.astype(jnp.float32),
+          "nonfinite_in_a_row": opt_state.notfinite_count.astype(jnp.float32)}
+
+
 def make_optimizer(cfg: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """``cfg``: ConfigDict / mapping with name, lr, schedule, warmup_steps,
-  total_steps, b1, b2, eps, weight_decay, grad_clip, decay_matrices_only."""
+  total_steps, b1, b2, eps, weight_decay, grad_clip, decay_matrices_only,
+  skip_nonfinite (default True: :func:`skip_nonfinite` around the rest)."""
   get = (lambda k, d=None: cfg.get(k, d)) if hasattr(cfg, "get") else (
       lambda k, d=None: getattr(cfg, k, d))
   name = get("name", "adamw")
@@ -62,4 +87,6 @@ def make_optimizer(cfg: Any) -> tuple[optax.GradientTransformation, optax.Schedu
   clip = get("grad_clip", 1.0)
   if clip:
     tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
+  if get("skip_nonfinite", True):
+    tx = skip_nonfinite(tx)
   return tx, sched

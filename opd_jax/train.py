@@ -60,6 +60,11 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
   return config
 
 
+class NonFiniteError(RuntimeError):
+  """``config.max_nonfinite_steps`` steps in a row had a non-finite loss or
+  gradient (each was skipped; see ``optim.skip_nonfinite``)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalSpec:
   """One entry of ``config.evals`` (``name`` is its key)."""
@@ -105,6 +110,8 @@ class Settings:
   eval_at_start: bool
   checkpoint_every: int
   keep_checkpoints: int
+  restore_step: int           # 0: the newest checkpoint that reads back whole
+  max_nonfinite_steps: int    # non-finite steps in a row (each skipped) that stop the run
   export_hf: bool
   progress_bar: bool
   peak_flops: float           # 0: from the device kind
@@ -137,7 +144,8 @@ def settings_of(config) -> Settings:
       total_steps=int(config.total_steps), log_every=int(config.log_every),
       eval_every=int(config.eval_every), eval_at_start=bool(config.get("eval_at_start", False)),
       checkpoint_every=int(config.checkpoint_every),
-      keep_checkpoints=int(config.keep_checkpoints), export_hf=bool(config.export_hf),
+      keep_checkpoints=int(config.keep_checkpoints), restore_step=int(config.restore_step),
+      max_nonfinite_steps=int(config.max_nonfinite_steps), export_hf=bool(config.export_hf),
       progress_bar=bool(config.progress_bar), peak_flops=float(config.peak_flops),
       data=data_lib.DataOptions(
           max_prompt_len=int(d.max_prompt_len),
@@ -320,6 +328,9 @@ def build_data(settings: Settings, tokenizer):
   if not settings.train_files:
     raise ValueError("config.data.train_files is empty")
   data = data_lib.PromptData.build(settings.train_files, tokenizer, settings.data)
+  if len(data) == 0:   # the settings are config.data.<option>
+    raise ValueError(f"config.data.train_files: {data.empty_reason()} (settings: "
+                     "config.data.max_prompt_len / overlong / on_error / prompt_field)")
   it = data.iterator(settings.batch_size, seed=settings.seed, num_epochs=settings.num_epochs,
                      mixture=settings.mixture)
   return data, it
@@ -666,7 +677,7 @@ def build_run(config: ml_collections.ConfigDict, *, abstract: bool = False,
     data_stats = {}
   else:
     data, it = build_data(settings, tokenizer)
-    data_stats = dict(data.stats)
+    data_stats = {**data.stats, **data.counts}
     phases = {"opd": make_phase("opd", step_cfg, it, example_batch(data), teacher_args)}
     if settings.cold_start.steps > 0:
       sft_data, sft_it = cold_start_data(settings, tokenizer, teacher, sampling.max_new_tokens)
@@ -723,8 +734,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     save_every=s.checkpoint_every, max_to_keep=s.keep_checkpoints)
   state, start = run.state, 0
-  if ckpt.latest_step() is not None:
-    state, data_state, _ = ckpt.restore(checkpointing.abstract_like(state))
+  restored = ckpt.restore_newest(checkpointing.abstract_like(state), s.restore_step)
+  if restored is not None:   # the newest readable one (or config.restore_step)
+    _, state, data_state, _ = restored
     for name, phase in run.phases.items():
       if name in data_state:
         data_lib.restore_iterator_state(phase.it, data_state[name])
@@ -741,7 +753,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if run.evals and start == 0 and s.eval_at_start:
     writer.write(0, run_evals(s, run.evals, run.student(state), run.tokenizer))
   preempt, peak = checkpointing.PreemptionFlag(), peak_flops(config)
-  last, status = {"step": start}, "finished"
+  try:
+    status, last, state = _loop(run, state, start, hooks, saved, ckpt, preempt, peak)
+  finally:
+    bar.close()
+    preempt.restore_handler()
+    ckpt.close()
+    writer.close()
+  # --- Export.
+  if status == "finished" and s.export_hf:
+    from opd_jax.models import to_hf
+    to_hf(run.student(state), os.path.join(workdir, "export_hf"))
+    if is_main:
+      run.tokenizer.save_pretrained(os.path.join(workdir, "export_hf"))
+  return {**last, "status": status,
+          "trace_count": max(p.fn.trace_count() for p in run.phases.values())}
+
+
+def _loop(run: Run, state, start: int, hooks, saved, ckpt, preempt, peak):
+  """Steps ``start + 1 ..`` with the hooks; ``(status, last metrics, state)``."""
+  s, last, status = run.settings, {"step": start}, "finished"
   for step in range(start + 1, s.total_steps + 1):
     phase = run.phase_at(step)
     batch = global_batch(next(phase.it), run.sharder, s.batch_size)
@@ -754,22 +785,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       hook(step, s.total_steps, state, metrics)
     last = {"step": step, **metrics}
     if preempt.requested():
-      if saved[-1] != step:   # orbax refuses to save a step twice
+      if saved[-1] != step and not metrics.get("nonfinite_in_a_row", 0):
+        # (orbax refuses to save a step twice; a non-finite streak is not saved)
         _checkpoint(run, ckpt, step, state, force=True)
       status = "preempted"
       break
-  bar.close()
-  preempt.restore_handler()
-  # --- Export.
-  if status == "finished" and s.export_hf:
-    from opd_jax.models import to_hf
-    to_hf(run.student(state), os.path.join(workdir, "export_hf"))
-    if is_main:
-      run.tokenizer.save_pretrained(os.path.join(workdir, "export_hf"))
-  ckpt.close()
-  writer.close()
-  return {**last, "status": status,
-          "trace_count": max(p.fn.trace_count() for p in run.phases.values())}
+  return status, last, state
 
 
 def _checkpoint(run: Run, ckpt, step: int, state, force: bool = False) -> None:
@@ -799,12 +820,29 @@ def _hooks(run: Run, ckpt, writer: MetricWriter, bar) -> tuple[list[Hook], list[
     bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_sec']:.0f}",
                     len=f"{metrics['mean_response_length']:.1f}")
 
+  def stop_if_nonfinite(step, state, metrics):
+    k = int(metrics.get("nonfinite_in_a_row", 0))
+    if k >= s.max_nonfinite_steps:
+      good = [x for x in ckpt.manager.all_steps() if x <= step - k]
+      where = (f"checkpoint {max(good)} ({ckpt.step_path(max(good))})" if good
+               else "no checkpoint yet")
+      raise NonFiniteError(
+          f"step {step}: {k} steps in a row with a non-finite loss or gradient (loss "
+          f"{metrics['loss']}, grad_norm {metrics['grad_norm']}), each skipped: the parameters "
+          f"are those of step {step - k}; the run stops (config.max_nonfinite_steps="
+          f"{s.max_nonfinite_steps}). Last good state: {where}; lower config.optimizer.lr or "
+          "check the data, then resume (config.restore_step=N chooses a checkpoint).")
+
   def checkpoint(step, state, metrics):
+    if metrics.get("nonfinite_in_a_row", 0):   # keep the last good checkpoint
+      absl_logging.warning("step %d: not checkpointed (%d non-finite steps in a row)", step,
+                           int(metrics["nonfinite_in_a_row"]))
+      return
     _checkpoint(run, ckpt, step, state)
     saved.append(step)
 
   hooks = [Hook(s.eval_every, evaluate), Hook(1, log_evals, at_end=False)] if run.evals else []
-  return hooks + [Hook(s.log_every, log), Hook(1, progress),
+  return hooks + [Hook(s.log_every, log), Hook(1, progress), Hook(1, stop_if_nonfinite),
                   Hook(s.checkpoint_every, checkpoint)], saved
 
 
@@ -815,7 +853,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir
-  result = train(config, workdir)
+  try:
+    result = train(config, workdir)
+  except (checkpointing.RestoreError, NonFiniteError) as e:   # what and which setting
+    raise SystemExit(f"opd_jax.train: {type(e).__name__}: {e}") from None
   if jax.process_index() == 0:
     keys = [k for k in ("step", "status", "loss", "tokens_per_sec") if k in result]
     print(json.dumps({k: result[k] for k in keys}))
