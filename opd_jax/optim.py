@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,12 +39,34 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
+class SkipNonfiniteState(NamedTuple):
+  """State of :func:`skip_nonfinite`: the inner state and int32 counters."""
+  inner_state: Any
+  nonfinite_in_a_row: jax.Array   # skipped since the last applied update
+  nonfinite_steps: jax.Array      # skipped in all
+
+
 def skip_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransformation:
   """``tx`` that skips an update whose gradients hold a NaN or inf: zero
-  updates, ``tx``'s state kept (``optax.apply_if_finite`` that never gives
-  up). Its state (``optax.ApplyIfFiniteState``) counts the skipped steps in a
-  row and in all; see :func:`nonfinite_metrics`."""
-  return optax.apply_if_finite(tx, max_consecutive_errors=jnp.iinfo(jnp.int32).max)
+  updates and ``tx``'s state kept (``optax.apply_if_finite`` without giving
+  up after a number of errors, and without a state field the step never
+  reads); the skipped steps are counted (:func:`nonfinite_metrics`)."""
+  tx = optax.with_extra_args_support(tx)
+
+  def init(params):
+    zero = jnp.zeros([], jnp.int32)
+    return SkipNonfiniteState(tx.init(params), zero, zero)
+
+  def update(updates, state, params=None, **extra_args):
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(updates)]))
+    updates, inner = jax.lax.cond(
+        finite, lambda: tx.update(updates, state.inner_state, params, **extra_args),
+        lambda: (jax.tree.map(jnp.zeros_like, updates), state.inner_state))
+    bad = jnp.logical_not(finite).astype(jnp.int32)
+    return updates, SkipNonfiniteState(inner, (state.nonfinite_in_a_row + 1) * bad,
+                                       state.nonfinite_steps + bad)
+
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def nonfinite_if(grads: Any, bad: jax.Array) -> Any:
@@ -56,10 +78,10 @@ def nonfinite_if(grads: Any, bad: jax.Array) -> Any:
 def nonfinite_metrics(opt_state: Any) -> dict[str, jax.Array]:
   """``{"nonfinite_steps": skipped so far, "nonfinite_in_a_row": skipped
   since the last update}`` of a :func:`skip_nonfinite` state ({} without)."""
-  if not isinstance(opt_state, optax.ApplyIfFiniteState):
+  if not isinstance(opt_state, SkipNonfiniteState):
     return {}
-  return {"nonfinite_steps": opt_state.total_notfinite.astype(jnp.float32),
-          "nonfinite_in_a_row": opt_state.notfinite_count.astype(jnp.float32)}
+  return {"nonfinite_steps": opt_state.nonfinite_steps.astype(jnp.float32),
+          "nonfinite_in_a_row": opt_state.nonfinite_in_a_row.astype(jnp.float32)}
 
 
 def make_optimizer(cfg: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -327,7 +328,13 @@ def build_data(settings: Settings, tokenizer):
   """The OPD phase's prompts (:class:`data.PromptData`) and their iterator."""
   if not settings.train_files:
     raise ValueError("config.data.train_files is empty")
-  data = data_lib.PromptData.build(settings.train_files, tokenizer, settings.data)
+  try:
+    data = data_lib.PromptData.build(settings.train_files, tokenizer, settings.data)
+  except ValueError as e:   # a bad record, "file:line: ..."
+    if settings.data.on_error == "skip" or not re.search(r":\d+: ", str(e)):
+      raise
+    raise ValueError(f"{e} (config.data.on_error=skip skips such records, counted in the "
+                     "logged data/* stats)") from None
   if len(data) == 0:   # the settings are config.data.<option>
     raise ValueError(f"config.data.train_files: {data.empty_reason()} (settings: "
                      "config.data.max_prompt_len / overlong / on_error / prompt_field)")
@@ -398,7 +405,8 @@ def check_run_settings(config, student_cfg, teacher_cfg=None) -> None:
   anything is loaded or compiled); ValueError naming the setting.
 
   ``config.data.train_files`` (and ``config.cold_start.prompts_file``) must
-  exist, the cold start's task must be registered, and
+  exist, ``config.max_nonfinite_steps`` >= 1 and ``config.restore_step`` >= 0,
+  the cold start's task must be registered, and
   ``data.max_prompt_len + sampling.max_new_tokens`` must fit in the student's
   and the teacher's ``max_position_embeddings``.
   """
@@ -408,6 +416,12 @@ def check_run_settings(config, student_cfg, teacher_cfg=None) -> None:
   if not s.train_files:
     raise ValueError("config.data.train_files is empty")
   _check_files("config.data.train_files", s.train_files)
+  if s.max_nonfinite_steps < 1:
+    raise ValueError(f"config.max_nonfinite_steps={s.max_nonfinite_steps} must be >= 1 "
+                     "(non-finite steps in a row, each skipped, that stop the run)")
+  if s.restore_step < 0:
+    raise ValueError(f"config.restore_step={s.restore_step} must be >= 0 (0: the newest "
+                     "checkpoint that reads back whole)")
   cs = s.cold_start
   if cs.steps > 0:
     if cs.task not in TASKS:

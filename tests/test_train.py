@@ -594,6 +594,13 @@ def test_run_settings_checked_at_startup(tmp_path):
   with pytest.raises(ValueError, match=r"config\.data\.train_files: .*nope\.jsonl"):
     check_run_settings(c, _model_cfg())
   c.data.train_files = str(tmp_path / "prompts.jsonl")
+  c.max_nonfinite_steps = 0
+  with pytest.raises(ValueError, match=r"config\.max_nonfinite_steps=0 must be >= 1"):
+    check_run_settings(c, _model_cfg())
+  c.max_nonfinite_steps, c.restore_step = 5, -1
+  with pytest.raises(ValueError, match=r"config\.restore_step=-1 must be >= 0"):
+    check_run_settings(c, _model_cfg())
+  c.restore_step = 0
   c.cold_start.steps, c.cold_start.task = 2, "nope"
   with pytest.raises(ValueError, match=r"config\.cold_start\.task: unknown task 'nope'"):
     check_run_settings(c, _model_cfg())
@@ -1023,3 +1030,78 @@ def test_diverging_run_stops_with_last_good_checkpoint(assets, tmp_path):
   ck.close()
   assert step == 1 and int(state.step) == 1
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def _prompt_file(path, lines: list[bytes]) -> str:
+  with open(path, "wb") as f:
+    f.write(b"".join(line + b"\n" for line in lines))
+  return str(path)
+
+
+def test_driver_data_errors_name_file_line_and_settings(assets, tmp_path):
+  """The driver's prompt set (``build_data``): bad bytes are a file:line error
+  (skipped and counted with on_error=skip); an empty result names the files,
+  the counts by reason and the config.data settings."""
+  from transformers import AutoTokenizer
+  from opd_jax.train import build_data, settings_of
+  tok = AutoTokenizer.from_pretrained(assets["tokenizer"])
+  good = [json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}).encode() for i in range(8)]
+  c = tiny_config(assets)
+  c.data.train_files = _prompt_file(tmp_path / "bytes.jsonl",
+                                    good[:1] + [b'{"prompt": "1\xff+1="}'] + good[1:])
+  with pytest.raises(ValueError, match=r"bytes\.jsonl:2: invalid UTF-8 .*\(config\.data\."
+                     r"on_error=skip skips such records"):
+    build_data(settings_of(c), tok)
+  c.data.on_error = "skip"
+  data, _ = build_data(settings_of(c), tok)
+  assert len(data) == 8 and data.counts["num_skipped_invalid_utf8"] == 1
+  assert data.stats["num_malformed_skipped"] == 1
+  # Every prompt longer than max_prompt_len (overlong=drop).
+  c.data.train_files = _prompt_file(tmp_path / "long.jsonl", [json.dumps(
+      {"prompt": "1+1=" * 10, "answer": "2"}).encode()] * 20)
+  with pytest.raises(ValueError, match=(
+      r"config\.data\.train_files: no prompt records left from .*long\.jsonl \(20 non-blank "
+      r"lines read\): 20 longer than max_prompt_len=12 tokens \(overlong='drop'; the longest "
+      r"has \d+ tokens.*\(settings: config\.data\.max_prompt_len / overlong / on_error")):
+    build_data(settings_of(c), tok)
+  # An empty prompt file.
+  c.data.train_files = _prompt_file(tmp_path / "empty.jsonl", [])
+  with pytest.raises(ValueError, match=r"config\.data\.train_files: no prompt records left "
+                     r"from .*empty\.jsonl \(0 non-blank lines read\): 1 empty file\(s\)"):
+    build_data(settings_of(c), tok)
+
+
+def test_logged_data_stats_count_skips_by_reason(runs, reference_run):
+  """The reference run skips one invalid-JSON line: data/* at step 0 counts
+  it by reason, beside the files read."""
+  reference_run.records()
+  step0 = [r for r in read_metrics(reference_run.workdir) if r["step"] == 0][0]
+  assert step0["data/num_skipped_invalid_json"] == 1
+  assert step0["data/num_skipped_missing_field"] == step0["data/num_skipped_invalid_utf8"] == 0
+  assert step0["data/num_files"] == 1 and step0["data/num_empty_files"] == 0
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown_evaluator", r"config\.evals\.x\.evaluator: unknown evaluator 'nope'"),
+    ("too_long", r"config\.evals\.x\.max_new_tokens: config\.data\.max_prompt_len \(12\) \+ "
+     r"\d+ new tokens = \d+ exceeds the student's max_position_embeddings"),
+    ("math_without_file", r"config\.evals\.x\.data_file is empty and task 'math' cannot"),
+])
+def test_driver_fails_on_evals_that_cannot_run_before_step_1(assets, tmp_path, case, message):
+  """Evals that cannot run stop ``train`` at start-up: nothing is compiled,
+  logged or checkpointed."""
+  from opd_jax import configs_lib
+  from opd_jax.train import model_config_of, train
+  c = tiny_config(assets)
+  c.evals.x = configs_lib.eval_config(num_examples=4)
+  if case == "unknown_evaluator":
+    c.evals.x.evaluator = "nope"
+  elif case == "too_long":
+    limit = model_config_of(c, "student").max_position_embeddings
+    c.evals.x.max_new_tokens = limit - int(c.data.max_prompt_len) + 1
+  else:
+    c.evals.x.task = "math"
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=message):
+    train(c, str(workdir))
+  assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()
