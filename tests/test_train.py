@@ -10,6 +10,10 @@ the background while the in-process tests of this module execute:
 * the kill chain: SIGKILL after step 3, restart; SIGTERM after step 5 (exit
   0, checkpoint 5), restart; SIGTERM after the last step, which is also a
   checkpoint step;
+* the damaged chain: 4 steps, checkpoint 4's files overwritten, resumed to
+  the end; then every checkpoint damaged, resumed once more (a clear error);
+* the random-kill chain: SIGKILL at ``RANDOM_KILLS`` random moments of the
+  loop, restarts, beside the same run uninterrupted;
 * quick failures: bad overrides, unknown loss, malformed data.
 
 Runs that compile after the reference share its persistent compilation cache,
@@ -193,7 +197,8 @@ class _Runs:
     """The reference's command for 3 N + 2 steps, checkpointing every step
     (keep 2), SIGKILLed N times at a random moment of its loop (in a step,
     its log write, a checkpoint save or the deletion of an old one) and
-    restarted; then run to the end. Beside it, the same run uninterrupted."""
+    restarted; then run to the end. Beside it (concurrently), the same run
+    uninterrupted."""
     ref, n = self.reference, RANDOM_KILLS
     total = 3 * n + 2
     flags = [*ref.flags, f"--config.total_steps={total}", "--config.checkpoint_every=1",
@@ -202,7 +207,7 @@ class _Runs:
     workdir = os.path.join(self.root, "random_kills")
     rng = random.Random(15)
     self._after_reference_compiled()
-    self._start(ref.config_file, straight, *flags, num_devices=REF_DEVICES).check()
+    uninterrupted = self._start(ref.config_file, straight, *flags, num_devices=REF_DEVICES)
     kills = []
     while len(kills) < n:
       resumed_from = max(checkpoint_steps(workdir), default=0)
@@ -224,6 +229,7 @@ class _Runs:
                         last_logged=_last_step_since(workdir, 0),
                         in_save=any(not x.isdigit() for x in names)))
     log = self._start(ref.config_file, workdir, *flags, num_devices=REF_DEVICES).check()
+    uninterrupted.check()
     return dict(n=n, total=total, kills=kills, log=log, workdir=workdir, straight=straight)
 
   def close(self):
