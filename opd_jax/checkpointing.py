@@ -2,20 +2,58 @@
 data-iterator state and the resolved config. The teacher is never saved.
 
 Saves are atomic (orbax writes into a temporary directory and renames on
-commit), the last ``max_to_keep`` are kept, and the latest is restored on
-start. SIGTERM (preemption) sets a flag; the driver saves at the next step
-boundary and exits cleanly.
+commit), the last ``max_to_keep`` are kept, and the newest checkpoint that
+reads back whole is restored on start (:meth:`Checkpointer.restore_newest`:
+a damaged one is reported and moved aside to ``<directory>.damaged/``, never
+silently replaced by a fresh start). SIGTERM (preemption) sets a flag; the
+driver saves at the next step boundary and exits cleanly.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import sys
 import threading
+import time
+import warnings
 from typing import Any
+
+from absl import logging
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+class RestoreError(RuntimeError):
+  """No checkpoint of the run can be restored (each one's error is named)."""
+
+
+def _short(error: BaseException, limit: int = 400) -> str:
+  text = " ".join(f"{type(error).__name__}: {error}".split())
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """After a failed read, TensorStore completes the checkpoint's other reads
+  into orbax's closed event loop, and each reports a RuntimeError ('Event loop
+  is closed') through ``sys.unraisablehook``: those are dropped (the failure
+  itself is reported; a failed read's coroutines are never awaited either);
+  anything else is reported as before."""
+  hook = sys.unraisablehook
+  if getattr(hook, "_opd_quiet", False):
+    return
+
+  def quiet(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    hook(unraisable)
+
+  quiet._opd_quiet = True
+  sys.unraisablehook = quiet
 
 
 class Checkpointer:
@@ -55,6 +93,64 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state),
         data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
     return out["state"], out["data"], out["meta"]
+
+  def step_path(self, step: int) -> str:
+    return os.path.join(os.fspath(self.manager.directory), str(step))
+
+  def restore_newest(self, abstract_state: Any, step: int = 0,
+                     setting: str = "config.restore_step"):
+    """Restores the newest checkpoint that reads back whole: ``(step, state,
+    data_state, meta)``, or None when there is no checkpoint (a fresh start).
+
+    A checkpoint that fails to read (damaged files, another structure) is
+    reported (step, path, error) with a warning and the previous one is
+    tried; ``step > 0`` restores exactly that one. The checkpoints newer
+    than the restored one are moved to ``<directory>.damaged/<step>`` (the
+    run saves those steps again). RestoreError, naming every checkpoint and
+    its error, when checkpoints exist but none can be read.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if step > 0 and step not in steps:
+      raise RestoreError(f"{setting}={step}: there is no checkpoint {step} in "
+                         f"{self.manager.directory} (checkpoints: {sorted(steps) or 'none'})")
+    if not steps:
+      return None
+    failed = []
+    _quiet_closed_loop_callbacks()
+    for s in ([step] if step > 0 else steps):
+      try:
+        out = (s, *self.restore(abstract_state, s))
+      except Exception as e:  # pylint: disable=broad-except  (TensorStore, JSON, structure)
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
+        failed.append(f"checkpoint {s} ({self.step_path(s)}): {_short(e)}")
+        logging.warning("cannot restore %s; trying the previous checkpoint", failed[-1])
+        continue
+      self._set_aside([t for t in steps if t > s], reason="newer than the restored step "
+                      f"{s}" + (f" ({setting}={step})" if step > 0 else " (unreadable)"))
+      return out
+    hint = (f"choose another with {setting}=N (checkpoints: {sorted(steps)})" if step > 0 else
+            f"{setting}=N restores one explicitly; to start afresh, move "
+            f"{self.manager.directory} away")
+    raise RestoreError("no checkpoint of this run can be restored (the run does not start "
+                       "afresh over them):\n  " + "\n  ".join(failed) + f"\n{hint}")
+
+  def _set_aside(self, steps: list[int], reason: str) -> None:
+    """Moves checkpoints ``steps`` to ``<directory>.damaged/`` (process 0)."""
+    if not steps:
+      return
+    aside = os.fspath(self.manager.directory).rstrip("/") + ".damaged"
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for s in steps:
+        dest = os.path.join(aside, str(s))
+        if os.path.exists(dest):
+          dest += f".{int(time.time())}"
+        shutil.move(self.step_path(s), dest)
+        logging.warning("checkpoint %d %s: moved to %s", s, reason, dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("checkpoints_set_aside")
+    self.manager.reload()
 
   def close(self):
     self.manager.wait_until_finished()

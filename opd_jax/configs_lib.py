@@ -133,12 +133,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-6, schedule="constant", warmup_steps=0, total_steps=0,
       end_lr_factor=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0,
-      decay_matrices_only=False))
+      decay_matrices_only=False, skip_nonfinite=True))
   c.metrics = ml_collections.ConfigDict(dict(enabled=True, top_k=16, position_chunk=64))
   c.total_steps = 100
   c.log_every = 1
   c.checkpoint_every = 50
   c.keep_checkpoints = 3
+  c.restore_step = 0                # 0: the newest checkpoint that reads back whole
+  # A step with a non-finite loss or gradient is skipped (parameters and
+  # optimizer state kept, counted as `nonfinite_steps`); this many in a row
+  # stop the run (optimizer.skip_nonfinite=False: plain optax, no guard).
+  c.max_nonfinite_steps = 5
   c.eval_every = 0                  # 0: only at the end
   c.evals = ml_collections.ConfigDict()
   c.export_hf = False               # write the final student to workdir/export_hf

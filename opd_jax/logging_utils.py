@@ -39,8 +39,15 @@ class MetricWriter:
     """Drops records with ``step > step`` (a resumed run rewrites them)."""
     if not self.active or not os.path.exists(self.path):
       return
+    keep = []
     with open(self.path) as f:
-      keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:   # a line torn by a kill mid-write
+          continue
+        if record["step"] <= step:
+          keep.append(line)
     tmp = self.path + ".tmp"
     with open(tmp, "w") as f:
       f.writelines(keep)

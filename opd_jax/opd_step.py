@@ -41,7 +41,7 @@ import optax
 from flax import nnx
 
 from opd_jax import losses as losses_lib
-from opd_jax import metrics as metrics_lib
+from opd_jax import metrics as metrics_lib, optim
 from opd_jax.models.config import ModelConfig
 from opd_jax.models.transformer import NEG_INF
 from opd_jax.sampling import SamplingConfig, full_sequence, sample
@@ -617,7 +617,7 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
              else 1.0 / jnp.maximum(stats["z"], 1.0))
     grads = jax.tree.map(lambda g, p_: (g.astype(jnp.float32) * scale).astype(p_.dtype),
                          grads, state.params)
-    grads = constrain_grads(grads)
+    grads = constrain_grads(optim.nonfinite_if(grads, ~jnp.isfinite(stats["loss"])))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     n_on = jnp.maximum(stats["on"], 1.0)
@@ -629,6 +629,7 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
         "mean_response_length": stats["length_on"] / n_on,
         "truncated_frac": stats["truncated_on"] / n_on,
         "on_policy_frac": stats["on"] / rows,
+        **optim.nonfinite_metrics(opt_state),   # optim.skip_nonfinite: skipped steps
     }
     if cfg.metrics:
       # One vector (fast to compile); names are static. See `host_metrics`.

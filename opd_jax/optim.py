@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -38,9 +39,55 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
+class SkipNonfiniteState(NamedTuple):
+  """State of :func:`skip_nonfinite`: the inner state and int32 counters."""
+  inner_state: Any
+  nonfinite_in_a_row: jax.Array   # skipped since the last applied update
+  nonfinite_steps: jax.Array      # skipped in all
+
+
+def skip_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``tx`` that skips an update whose gradients hold a NaN or inf: zero
+  updates and ``tx``'s state kept (``optax.apply_if_finite`` without giving
+  up after a number of errors, and without a state field the step never
+  reads); the skipped steps are counted (:func:`nonfinite_metrics`)."""
+  tx = optax.with_extra_args_support(tx)
+
+  def init(params):
+    zero = jnp.zeros([], jnp.int32)
+    return SkipNonfiniteState(tx.init(params), zero, zero)
+
+  def update(updates, state, params=None, **extra_args):
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(updates)]))
+    updates, inner = jax.lax.cond(
+        finite, lambda: tx.update(updates, state.inner_state, params, **extra_args),
+        lambda: (jax.tree.map(jnp.zeros_like, updates), state.inner_state))
+    bad = jnp.logical_not(finite).astype(jnp.int32)
+    return updates, SkipNonfiniteState(inner, (state.nonfinite_in_a_row + 1) * bad,
+                                       state.nonfinite_steps + bad)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def nonfinite_if(grads: Any, bad: jax.Array) -> Any:
+  """``grads``, all NaN where the scalar ``bad`` holds (a non-finite loss is a
+  non-finite step, even with finite gradients)."""
+  return jax.tree.map(lambda g: jnp.where(bad, jnp.full_like(g, jnp.nan), g), grads)
+
+
+def nonfinite_metrics(opt_state: Any) -> dict[str, jax.Array]:
+  """``{"nonfinite_steps": skipped so far, "nonfinite_in_a_row": skipped
+  since the last update}`` of a :func:`skip_nonfinite` state ({} without)."""
+  if not isinstance(opt_state, SkipNonfiniteState):
+    return {}
+  return {"nonfinite_steps": opt_state.nonfinite_steps.astype(jnp.float32),
+          "nonfinite_in_a_row": opt_state.nonfinite_in_a_row.astype(jnp.float32)}
+
+
 def make_optimizer(cfg: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """``cfg``: ConfigDict / mapping with name, lr, schedule, warmup_steps,
-  total_steps, b1, b2, eps, weight_decay, grad_clip, decay_matrices_only."""
+  total_steps, b1, b2, eps, weight_decay, grad_clip, decay_matrices_only,
+  skip_nonfinite (default True: :func:`skip_nonfinite` around the rest)."""
   get = (lambda k, d=None: cfg.get(k, d)) if hasattr(cfg, "get") else (
       lambda k, d=None: getattr(cfg, k, d))
   name = get("name", "adamw")
@@ -62,4 +109,6 @@ def make_optimizer(cfg: Any) -> tuple[optax.GradientTransformation, optax.Schedu
   clip = get("grad_clip", 1.0)
   if clip:
     tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
+  if get("skip_nonfinite", True):
+    tx = skip_nonfinite(tx)
   return tx, sched

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -58,6 +59,11 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
     config = configs_lib.updated(config, {
         "cold_start.rollouts_file": os.path.join(workdir, "cold_start_rollouts.jsonl")})
   return config
+
+
+class NonFiniteError(RuntimeError):
+  """``config.max_nonfinite_steps`` steps in a row had a non-finite loss or
+  gradient (each was skipped; see ``optim.skip_nonfinite``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +111,8 @@ class Settings:
   eval_at_start: bool
   checkpoint_every: int
   keep_checkpoints: int
+  restore_step: int           # 0: the newest checkpoint that reads back whole
+  max_nonfinite_steps: int    # non-finite steps in a row (each skipped) that stop the run
   export_hf: bool
   progress_bar: bool
   peak_flops: float           # 0: from the device kind
@@ -137,7 +145,8 @@ def settings_of(config) -> Settings:
       total_steps=int(config.total_steps), log_every=int(config.log_every),
       eval_every=int(config.eval_every), eval_at_start=bool(config.get("eval_at_start", False)),
       checkpoint_every=int(config.checkpoint_every),
-      keep_checkpoints=int(config.keep_checkpoints), export_hf=bool(config.export_hf),
+      keep_checkpoints=int(config.keep_checkpoints), restore_step=int(config.restore_step),
+      max_nonfinite_steps=int(config.max_nonfinite_steps), export_hf=bool(config.export_hf),
       progress_bar=bool(config.progress_bar), peak_flops=float(config.peak_flops),
       data=data_lib.DataOptions(
           max_prompt_len=int(d.max_prompt_len),
@@ -323,7 +332,16 @@ def build_data(settings: Settings, tokenizer):
   """The OPD phase's prompts (:class:`data.PromptData`) and their iterator."""
   if not settings.train_files:
     raise ValueError("config.data.train_files is empty")
-  data = data_lib.PromptData.build(settings.train_files, tokenizer, settings.data)
+  try:
+    data = data_lib.PromptData.build(settings.train_files, tokenizer, settings.data)
+  except ValueError as e:   # a bad record, "file:line: ..."
+    if settings.data.on_error == "skip" or not re.search(r":\d+: ", str(e)):
+      raise
+    raise ValueError(f"{e} (config.data.on_error=skip skips such records, counted in the "
+                     "logged data/* stats)") from None
+  if len(data) == 0:   # the settings are config.data.<option>
+    raise ValueError(f"config.data.train_files: {data.empty_reason()} (settings: "
+                     "config.data.max_prompt_len / overlong / on_error / prompt_field)")
   it = data.iterator(settings.batch_size, seed=settings.seed, num_epochs=settings.num_epochs,
                      mixture=settings.mixture)
   return data, it
@@ -391,7 +409,8 @@ def check_run_settings(config, student_cfg, teacher_cfg=None) -> None:
   anything is loaded or compiled); ValueError naming the setting.
 
   ``config.data.train_files`` (and ``config.cold_start.prompts_file``) must
-  exist, the cold start's task must be registered, and
+  exist, ``config.max_nonfinite_steps`` >= 1 and ``config.restore_step`` >= 0,
+  the cold start's task must be registered, and
   ``data.max_prompt_len + sampling.max_new_tokens`` must fit in the student's
   and the teacher's ``max_position_embeddings``.
   """
@@ -401,6 +420,12 @@ def check_run_settings(config, student_cfg, teacher_cfg=None) -> None:
   if not s.train_files:
     raise ValueError("config.data.train_files is empty")
   _check_files("config.data.train_files", s.train_files)
+  if s.max_nonfinite_steps < 1:
+    raise ValueError(f"config.max_nonfinite_steps={s.max_nonfinite_steps} must be >= 1 "
+                     "(non-finite steps in a row, each skipped, that stop the run)")
+  if s.restore_step < 0:
+    raise ValueError(f"config.restore_step={s.restore_step} must be >= 0 (0: the newest "
+                     "checkpoint that reads back whole)")
   cs = s.cold_start
   if cs.steps > 0:
     if cs.task not in TASKS:
@@ -670,7 +695,7 @@ def build_run(config: ml_collections.ConfigDict, *, abstract: bool = False,
     data_stats = {}
   else:
     data, it = build_data(settings, tokenizer)
-    data_stats = dict(data.stats)
+    data_stats = {**data.stats, **data.counts}
     phases = {"opd": make_phase("opd", step_cfg, it, example_batch(data), teacher_args)}
     if settings.cold_start.steps > 0:
       sft_data, sft_it = cold_start_data(settings, tokenizer, teacher, sampling.max_new_tokens)
@@ -727,8 +752,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     save_every=s.checkpoint_every, max_to_keep=s.keep_checkpoints)
   state, start = run.state, 0
-  if ckpt.latest_step() is not None:
-    state, data_state, _ = ckpt.restore(checkpointing.abstract_like(state))
+  restored = ckpt.restore_newest(checkpointing.abstract_like(state), s.restore_step)
+  if restored is not None:   # the newest readable one (or config.restore_step)
+    _, state, data_state, _ = restored
     for name, phase in run.phases.items():
       if name in data_state:
         data_lib.restore_iterator_state(phase.it, data_state[name])
@@ -745,7 +771,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if run.evals and start == 0 and s.eval_at_start:
     writer.write(0, run_evals(s, run.evals, run.student(state), run.tokenizer))
   preempt, peak = checkpointing.PreemptionFlag(), peak_flops(config)
-  last, status = {"step": start}, "finished"
+  try:
+    status, last, state = _loop(run, state, start, hooks, saved, ckpt, preempt, peak)
+  finally:
+    bar.close()
+    preempt.restore_handler()
+    ckpt.close()
+    writer.close()
+  # --- Export.
+  if status == "finished" and s.export_hf:
+    from opd_jax.models import to_hf
+    to_hf(run.student(state), os.path.join(workdir, "export_hf"))
+    if is_main:
+      run.tokenizer.save_pretrained(os.path.join(workdir, "export_hf"))
+  return {**last, "status": status,
+          "trace_count": max(p.fn.trace_count() for p in run.phases.values())}
+
+
+def _loop(run: Run, state, start: int, hooks, saved, ckpt, preempt, peak):
+  """Steps ``start + 1 ..`` with the hooks; ``(status, last metrics, state)``."""
+  s, last, status = run.settings, {"step": start}, "finished"
   for step in range(start + 1, s.total_steps + 1):
     phase = run.phase_at(step)
     batch = global_batch(next(phase.it), run.sharder, s.batch_size)
@@ -758,22 +803,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       hook(step, s.total_steps, state, metrics)
     last = {"step": step, **metrics}
     if preempt.requested():
-      if saved[-1] != step:   # orbax refuses to save a step twice
+      if saved[-1] != step and not metrics.get("nonfinite_in_a_row", 0):
+        # (orbax refuses to save a step twice; a non-finite streak is not saved)
         _checkpoint(run, ckpt, step, state, force=True)
       status = "preempted"
       break
-  bar.close()
-  preempt.restore_handler()
-  # --- Export.
-  if status == "finished" and s.export_hf:
-    from opd_jax.models import to_hf
-    to_hf(run.student(state), os.path.join(workdir, "export_hf"))
-    if is_main:
-      run.tokenizer.save_pretrained(os.path.join(workdir, "export_hf"))
-  ckpt.close()
-  writer.close()
-  return {**last, "status": status,
-          "trace_count": max(p.fn.trace_count() for p in run.phases.values())}
+  return status, last, state
 
 
 def _checkpoint(run: Run, ckpt, step: int, state, force: bool = False) -> None:
@@ -803,12 +838,29 @@ def _hooks(run: Run, ckpt, writer: MetricWriter, bar) -> tuple[list[Hook], list[
     bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_sec']:.0f}",
                     len=f"{metrics['mean_response_length']:.1f}")
 
+  def stop_if_nonfinite(step, state, metrics):
+    k = int(metrics.get("nonfinite_in_a_row", 0))
+    if k >= s.max_nonfinite_steps:
+      good = [x for x in ckpt.manager.all_steps() if x <= step - k]
+      where = (f"checkpoint {max(good)} ({ckpt.step_path(max(good))})" if good
+               else "no checkpoint yet")
+      raise NonFiniteError(
+          f"step {step}: {k} steps in a row with a non-finite loss or gradient (loss "
+          f"{metrics['loss']}, grad_norm {metrics['grad_norm']}), each skipped: the parameters "
+          f"are those of step {step - k}; the run stops (config.max_nonfinite_steps="
+          f"{s.max_nonfinite_steps}). Last good state: {where}; lower config.optimizer.lr or "
+          "check the data, then resume (config.restore_step=N chooses a checkpoint).")
+
   def checkpoint(step, state, metrics):
+    if metrics.get("nonfinite_in_a_row", 0):   # keep the last good checkpoint
+      absl_logging.warning("step %d: not checkpointed (%d non-finite steps in a row)", step,
+                           int(metrics["nonfinite_in_a_row"]))
+      return
     _checkpoint(run, ckpt, step, state)
     saved.append(step)
 
   hooks = [Hook(s.eval_every, evaluate), Hook(1, log_evals, at_end=False)] if run.evals else []
-  return hooks + [Hook(s.log_every, log), Hook(1, progress),
+  return hooks + [Hook(s.log_every, log), Hook(1, progress), Hook(1, stop_if_nonfinite),
                   Hook(s.checkpoint_every, checkpoint)], saved
 
 
@@ -819,7 +871,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir
-  result = train(config, workdir)
+  try:
+    result = train(config, workdir)
+  except (checkpointing.RestoreError, NonFiniteError) as e:   # what and which setting
+    raise SystemExit(f"opd_jax.train: {type(e).__name__}: {e}") from None
   if jax.process_index() == 0:
     keys = [k for k in ("step", "status", "loss", "tokens_per_sec") if k in result]
     print(json.dumps({k: result[k] for k in keys}))

@@ -212,6 +212,62 @@ def test_chat_template_path(tok):
     data.PromptData.from_records(bad, tok, max_prompt_len=32)
 
 
+def test_bad_bytes_name_file_line_and_are_skipped(tok, tmp_path):
+  """Invalid UTF-8 on one line is that line's error (file:line), skipped with
+  on_error="skip" and counted by reason; the other lines are read."""
+  path = tmp_path / "bytes.jsonl"
+  path.write_bytes(b'{"prompt": "ab"}\n{"prompt": "c\xff\xfed"}\n{"prompt": "cd"}\n')
+  with pytest.raises(ValueError, match=r"bytes\.jsonl:2: invalid UTF-8"):
+    data.PromptData.build(path, tok, max_prompt_len=4)
+  with pytest.raises(ValueError, match=r"bytes\.jsonl:2: invalid UTF-8"):
+    data.read_jsonl(path)
+  d = data.PromptData.build(path, tok, max_prompt_len=4, on_error="skip")
+  assert d.origins == (f"{path}:1", f"{path}:3")
+  assert d.stats["num_malformed_skipped"] == 1
+  assert d.counts["num_skipped_invalid_utf8"] == 1 and d.counts["num_lines"] == 3
+  assert d.errors == (f"{path}:2: invalid UTF-8 (invalid start byte at byte 14 of the line)",)
+
+
+def test_skip_counts_by_reason(tok, tmp_path):
+  path = tmp_path / "data.jsonl"
+  path.write_text("\n".join([
+      '{"prompt": "ab"}', "not json", '{"prompt": 3}', '{"x": 1}', '{"x": 2}',
+      '{"prompt": "abcdefgh"}']) + "\n")
+  d = data.PromptData.build(path, tok, max_prompt_len=4, on_error="skip")
+  c = d.counts
+  assert (c["num_skipped_invalid_json"], c["num_skipped_invalid_field"],
+          c["num_skipped_missing_field"], c["num_skipped_invalid_utf8"]) == (1, 1, 2, 0)
+  assert c["max_prompt_tokens"] == 8 and c["num_files"] == 1 and c["num_empty_files"] == 0
+
+
+def test_empty_result_names_files_and_reasons(tok, tmp_path):
+  """Every prompt too long, every record skipped, an empty file: the error
+  names the files and the counts by reason."""
+  long = tmp_path / "long.jsonl"
+  data.write_jsonl(long, [{"prompt": "abcdefgh" * (i + 1)} for i in range(20)])
+  d = data.PromptData.build(long, tok, max_prompt_len=4)
+  assert len(d) == 0 and d.stats["num_dropped_overlong"] == 20
+  with pytest.raises(ValueError, match=(
+      r"PromptData is empty: no prompt records left from .*long\.jsonl \(20 non-blank lines "
+      r"read\): 20 longer than max_prompt_len=4 tokens \(overlong='drop'; the longest has 160 "
+      r"tokens")):
+    d.iterator(2, shard_index=0, shard_count=1)
+  missing = tmp_path / "missing.jsonl"
+  data.write_jsonl(missing, [{"question": "ab"}] * 3)
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("\n\n")
+  d = data.PromptData.build([missing, empty], tok, max_prompt_len=4, on_error="skip")
+  assert d.counts["num_empty_files"] == 1 and d.counts["num_files"] == 2
+  msg = d.empty_reason()
+  assert f"from {missing}, {empty} (3 non-blank lines read)" in msg, msg
+  assert (f"3 skipped (on_error='skip'): 3 a missing field (first: {missing}:1: missing "
+          "field 'prompt')") in msg, msg
+  assert f"1 empty file(s): {empty}" in msg, msg
+  d = data.PromptData.build(empty, tok, max_prompt_len=4)
+  assert d.empty_reason() == (f"no prompt records left from {empty} (0 non-blank lines read): "
+                              f"1 empty file(s): {empty}")
+
+
 def test_write_read_jsonl_atomic(tmp_path):
   recs = [{"a": 1, "b": "é"}, {"a": 2, "b": [1, 2]}]
   path = tmp_path / "sub" / "out.jsonl"

@@ -10,6 +10,10 @@ the background while the in-process tests of this module execute:
 * the kill chain: SIGKILL after step 3, restart; SIGTERM after step 5 (exit
   0, checkpoint 5), restart; SIGTERM after the last step, which is also a
   checkpoint step;
+* the damaged chain: 4 steps, checkpoint 4's files overwritten, resumed to
+  the end; then every checkpoint damaged, resumed once more (a clear error);
+* the random-kill chain: SIGKILL at ``RANDOM_KILLS`` random moments of the
+  loop, restarts, beside the same run uninterrupted;
 * quick failures: bad overrides, unknown loss, malformed data.
 
 Runs that compile after the reference share its persistent compilation cache,
@@ -21,22 +25,28 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import random
 import re
 import shlex
 import signal
 import subprocess
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from driver_utils import assets, reference_run  # noqa: F401  (fixtures)
-from driver_utils import (PYTHON, REF_DEVICES, REF_STEPS, REPO, REQUIRED_STEP_KEYS, Proc,
+from driver_utils import (PROC_TIMEOUT_S, PYTHON, REF_DEVICES, REF_STEPS, REPO,
+                          REQUIRED_STEP_KEYS, Proc,
                           assert_same_metrics, checkpoint_steps, driver_env,
                           last_json_line, read_metrics, start_driver, step_records,
                           tiny_config, wait_for_step, write_config_file)
 
 FUTURE_TIMEOUT_S = 900
+
+# SIGKILLs at random moments in the random-kill chain (README, reliability notes).
+RANDOM_KILLS = 3 if os.environ.get("CI") else 10
 
 
 # -----------------------------------------------------------------------------
@@ -54,7 +64,7 @@ class _Runs:
   def __init__(self, assets, reference, root):
     self.assets, self.reference, self.root = assets, reference, root
     self.closed = False
-    self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
+    self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=6)
     # Failures that never reach compilation: start at once.
     bad = os.path.join(root, "bad")
     self.bad = {
@@ -77,6 +87,8 @@ class _Runs:
     self.cli = self.pool.submit(self._cli_chain)
     self.kill = self.pool.submit(self._kill_chain)
     self.micro = self.pool.submit(self._micro_run)
+    self.damaged = self.pool.submit(self._damaged_chain)
+    self.random_kills = self.pool.submit(self._random_kill_chain)
 
   def _start(self, *args, **kwargs) -> Proc:
     if self.closed:   # torn down while a chain was waiting
@@ -157,6 +169,69 @@ class _Runs:
     out["ckpts_final"] = checkpoint_steps(workdir)
     return out
 
+  def _damaged_chain(self):
+    """The reference's command to step 4, checkpoint 4 damaged, resumed to
+    the end; then every checkpoint damaged and resumed once more."""
+    ref = self.reference
+    workdir = os.path.join(self.root, "damaged")
+    out = {"workdir": workdir}
+    self._after_reference_compiled()
+    self._start(ref.config_file, workdir, *ref.flags, "--config.total_steps=4",
+                num_devices=REF_DEVICES).check()
+    out["ckpts_before"] = checkpoint_steps(workdir)
+    _damage(os.path.join(workdir, "checkpoints", "4"))
+    out["log"] = self._start(ref.config_file, workdir, *ref.flags,
+                             num_devices=REF_DEVICES).check()
+    out["ckpts_after"] = checkpoint_steps(workdir)
+    out["aside"] = sorted(os.listdir(os.path.join(workdir, "checkpoints.damaged")))
+    out["metrics"] = read_metrics(workdir)
+    for step in out["ckpts_after"]:
+      _damage(os.path.join(workdir, "checkpoints", str(step)))
+    out["rc_none"], out["log_none"] = self._start(ref.config_file, workdir, *ref.flags,
+                                                  num_devices=REF_DEVICES).wait()
+    out["ckpts_none"] = checkpoint_steps(workdir)
+    out["metrics_none"] = read_metrics(workdir)
+    return out
+
+  def _random_kill_chain(self):
+    """The reference's command for 3 N + 2 steps, checkpointing every step
+    (keep 2), SIGKILLed N times at a random moment of its loop (in a step,
+    its log write, a checkpoint save or the deletion of an old one) and
+    restarted; then run to the end. Beside it (concurrently), the same run
+    uninterrupted."""
+    ref, n = self.reference, RANDOM_KILLS
+    total = 3 * n + 2
+    flags = [*ref.flags, f"--config.total_steps={total}", "--config.checkpoint_every=1",
+             "--config.keep_checkpoints=2"]
+    straight = os.path.join(self.root, "straight")
+    workdir = os.path.join(self.root, "random_kills")
+    rng = random.Random(15)
+    self._after_reference_compiled()
+    uninterrupted = self._start(ref.config_file, straight, *flags, num_devices=REF_DEVICES)
+    kills = []
+    while len(kills) < n:
+      resumed_from = max(checkpoint_steps(workdir), default=0)
+      t0 = time.time()
+      p = self._start(ref.config_file, workdir, *flags, num_devices=REF_DEVICES)
+      while p.poll() is None and _last_step_since(workdir, t0) <= resumed_from:
+        if time.time() - t0 > PROC_TIMEOUT_S:
+          p.kill()
+          raise AssertionError(f"no step after {resumed_from} logged:\n{p.output()[-6000:]}")
+        time.sleep(0.02)
+      if p.poll() is not None:   # finished (or failed) before the kill
+        p.check()
+        break
+      delay = rng.uniform(0.0, 0.8)
+      time.sleep(delay)
+      p.kill()
+      names = os.listdir(os.path.join(workdir, "checkpoints"))
+      kills.append(dict(delay=delay, rc=p.popen.returncode, resumed_from=resumed_from,
+                        last_logged=_last_step_since(workdir, 0),
+                        in_save=any(not x.isdigit() for x in names)))
+    log = self._start(ref.config_file, workdir, *flags, num_devices=REF_DEVICES).check()
+    uninterrupted.check()
+    return dict(n=n, total=total, kills=kills, log=log, workdir=workdir, straight=straight)
+
   def close(self):
     """Kills this module's runs (the session's reference run is left alone)."""
     self.closed = True
@@ -180,6 +255,39 @@ def _start_runs_early(request):
   items = [i for i in request.session.items if i.module is request.module]
   if any("runs" in getattr(i, "fixturenames", ()) for i in items):
     request.getfixturevalue("runs")
+
+
+def _last_step_since(workdir: str, t0: float) -> int:
+  """The last training step in ``metrics.jsonl`` if the file changed after
+  ``t0`` (a restart rewrites it), else -1; torn lines are skipped."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  try:
+    if os.path.getmtime(path) <= t0:
+      return -1
+    with open(path) as f:
+      lines = f.readlines()
+  except FileNotFoundError:
+    return -1
+  steps = [-1]
+  for line in lines:
+    try:
+      r = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if "loss" in r:
+      steps.append(r["step"])
+  return max(steps)
+
+
+def _checkpoint_arrays(workdir: str, step: int) -> dict:
+  """A checkpoint's train state as numpy arrays (no devices needed)."""
+  import orbax.checkpoint as ocp
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  ck = ocp.PyTreeCheckpointer()
+  meta = ck.metadata(path)
+  tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ck.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
 def _result(future):
@@ -492,6 +600,13 @@ def test_run_settings_checked_at_startup(tmp_path):
   with pytest.raises(ValueError, match=r"config\.data\.train_files: .*nope\.jsonl"):
     check_run_settings(c, _model_cfg())
   c.data.train_files = str(tmp_path / "prompts.jsonl")
+  c.max_nonfinite_steps = 0
+  with pytest.raises(ValueError, match=r"config\.max_nonfinite_steps=0 must be >= 1"):
+    check_run_settings(c, _model_cfg())
+  c.max_nonfinite_steps, c.restore_step = 5, -1
+  with pytest.raises(ValueError, match=r"config\.restore_step=-1 must be >= 0"):
+    check_run_settings(c, _model_cfg())
+  c.restore_step = 0
   c.cold_start.steps, c.cold_start.task = 2, "nope"
   with pytest.raises(ValueError, match=r"config\.cold_start\.task: unknown task 'nope'"):
     check_run_settings(c, _model_cfg())
@@ -653,6 +768,57 @@ def test_sigkill_and_sigterm_resume_matches_uninterrupted(runs, reference_run):
   assert_same_metrics(got, ref, range(1, REF_STEPS + 1))   # and every other metric
 
 
+def test_damaged_latest_checkpoint_is_skipped_on_resume(runs, reference_run):
+  """Checkpoint 4's array files overwritten (a bad copy): the restart names
+  it (step, path, error), moves it aside, resumes from 2 and ends with the
+  uninterrupted run's metrics; with every checkpoint damaged it stops with a
+  clear message (no traceback) and replaces nothing with a fresh start."""
+  r = _result(runs.damaged)
+  workdir, log = r["workdir"], r["log"]
+  assert r["ckpts_before"] == [2, 4]
+  ckpt4 = os.path.join(workdir, "checkpoints", "4")
+  assert f"cannot restore checkpoint 4 ({ckpt4}): " in log, log[-6000:]
+  assert "OCDBT" in log, log[-6000:]   # TensorStore's error, quoted
+  assert "trying the previous checkpoint" in log
+  assert f"moved to {os.path.join(workdir, 'checkpoints.damaged', '4')}" in log, log[-6000:]
+  assert r["aside"] == ["4"] and r["ckpts_after"] == [2, 4, 6]
+  assert last_json_line(log)["step"] == REF_STEPS
+  got = {x["step"]: x for x in r["metrics"] if "loss" in x}
+  assert [x["step"] for x in r["metrics"]] == list(range(REF_STEPS + 1))
+  assert_same_metrics(got, reference_run.records(), range(1, REF_STEPS + 1))
+  # None readable: a clear error, the checkpoints and the log untouched.
+  out = r["log_none"]
+  assert r["rc_none"] != 0, out[-3000:]
+  assert "RestoreError: no checkpoint of this run can be restored" in out, out[-6000:]
+  for step in (2, 4, 6):
+    assert f"checkpoint {step} ({os.path.join(workdir, 'checkpoints', str(step))}):" in out
+  assert "config.restore_step=N restores one explicitly" in out
+  assert "Traceback" not in out, out[-6000:]
+  assert r["ckpts_none"] == [2, 4, 6] and r["metrics_none"] == r["metrics"]
+
+
+@pytest.mark.slow
+def test_random_sigkills_resume_matches_uninterrupted(runs):
+  """N SIGKILLs at random moments of the loop (checkpoint saves included),
+  each followed by a restart: the final metrics and parameters equal an
+  uninterrupted run's, bitwise."""
+  r = _result(runs.random_kills)
+  kills, total = r["kills"], r["total"]
+  assert len(kills) == r["n"] == RANDOM_KILLS, kills
+  assert all(k["rc"] == -signal.SIGKILL for k in kills), kills
+  print(f"random kills: N={len(kills)}, {sum(k['in_save'] for k in kills)} during a "
+        f"checkpoint save; {kills}")
+  assert last_json_line(r["log"])["step"] == total
+  got, want = step_records(r["workdir"]), step_records(r["straight"])
+  assert sorted(got) == sorted(want) == list(range(1, total + 1))
+  assert [x["step"] for x in read_metrics(r["workdir"])].count(0) == 1
+  assert_same_metrics(got, want, range(1, total + 1))
+  a, b = _checkpoint_arrays(r["workdir"], total), _checkpoint_arrays(r["straight"], total)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
 # -----------------------------------------------------------------------------
 # Off-policy cold start: SFT on verified teacher rollouts, then OPD, one run.
 
@@ -750,3 +916,198 @@ def test_build_run_abstract_is_the_same_step(assets):
   assert spec(a_opd.batch) == spec(opd.batch)
   assert (a_opd.fn.lower(*a_opd.args(ab.state)).as_text()
           == opd.fn.lower(*opd.args(real.state)).as_text())
+
+
+# -----------------------------------------------------------------------------
+# Reliability at the edges: damaged checkpoints, non-finite steps.
+
+
+def _damage(step_dir: str) -> None:
+  """Overwrites the array data files of a checkpoint's state (a bad copy)."""
+  n = 0
+  for root, _, files in os.walk(os.path.join(step_dir, "state")):
+    for name in files:
+      if os.path.basename(root) == "d":   # OCDBT data files (.../d/<hash>)
+        path = os.path.join(root, name)
+        with open(path, "r+b") as f:
+          f.write(b"\0" * os.path.getsize(path))
+        n += 1
+  assert n, f"no data files under {step_dir}/state"
+
+
+def test_restore_skips_damaged_checkpoints(tmp_path):
+  """The newest checkpoint that reads back whole is restored; a damaged one
+  is reported and moved aside; none readable, or a missing
+  ``config.restore_step``, is a RestoreError naming each checkpoint."""
+  import jax.numpy as jnp
+  from opd_jax import checkpointing
+  directory = str(tmp_path / "checkpoints")
+
+  def state(s):
+    return {"w": jnp.full((8, 8), float(s)), "step": jnp.int32(s)}
+
+  def manager():
+    return checkpointing.Checkpointer(directory, save_every=2, max_to_keep=5)
+
+  ck = manager()
+  for s in (2, 4, 6):
+    ck.save(s, state(s), {"opd": {"next_index": s}}, {"step": s})
+  abstract = checkpointing.abstract_like(state(0))
+  ck.close()
+  _damage(os.path.join(directory, "6"))
+  ck = manager()
+  step, got, data_state, _ = ck.restore_newest(abstract)
+  assert step == 4 and int(got["step"]) == 4 and data_state == {"opd": {"next_index": 4}}
+  assert ck.manager.all_steps() == [2, 4]
+  assert os.listdir(str(tmp_path / "checkpoints.damaged")) == ["6"]
+  # An explicit step: the newer ones are set aside (the run saves them again).
+  step, got, _, _ = ck.restore_newest(abstract, step=2)
+  assert step == 2 and ck.manager.all_steps() == [2]
+  with pytest.raises(checkpointing.RestoreError, match=r"config\.restore_step=3: there is no "
+                     r"checkpoint 3 in .*checkpoints \(checkpoints: \[2\]\)"):
+    ck.restore_newest(abstract, step=3)
+  ck.close()
+  _damage(os.path.join(directory, "2"))
+  ck = manager()
+  with pytest.raises(checkpointing.RestoreError, match=(
+      r"no checkpoint of this run can be restored .*\n  checkpoint 2 \(.*checkpoints/2\): "
+      r"ValueError: .*OCDBT(.|\n)*config\.restore_step=N restores one explicitly")):
+    ck.restore_newest(abstract)
+  assert ck.manager.all_steps() == [2]   # nothing is replaced
+  ck.close()
+  empty = checkpointing.Checkpointer(str(tmp_path / "none"), save_every=1)
+  assert empty.restore_newest(abstract) is None
+
+
+def test_nonfinite_step_never_reaches_the_parameters(assets):
+  """A teacher with NaN weights (a non-finite loss and gradient) injected
+  into one compiled step: the student's parameters and the optimizer state
+  are kept, the step is counted; the next finite step updates as usual."""
+  import jax.numpy as jnp
+  from opd_jax.train import build_run, global_batch
+  run = build_run(tiny_config(assets))
+  phase = run.phases["opd"]
+  batch = global_batch(next(phase.it), run.sharder, run.settings.batch_size)
+  copy = lambda t: jax.tree.map(jnp.copy, t)
+  before = jax.device_get(run.state)
+  bad_teacher = jax.tree.map(lambda x: x * jnp.nan, phase.teacher)
+  state, m = phase.compiled(copy(run.state), bad_teacher, batch)
+  assert not np.isfinite(float(m["loss"])) or not np.isfinite(float(m["grad_norm"]))
+  assert (float(m["nonfinite_steps"]), float(m["nonfinite_in_a_row"])) == (1.0, 1.0)
+  assert int(state.step) == 1
+  same = jax.tree.map(lambda a, b: np.array_equal(a, b), before.params, jax.device_get(
+      state.params))
+  assert all(jax.tree.leaves(same))
+  inner = lambda s: jax.tree.leaves(jax.device_get(s.opt_state.inner_state))
+  assert all(np.array_equal(a, b) for a, b in zip(inner(before), inner(state)))
+  state, m = phase.compiled(state, phase.teacher, batch)
+  assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+  assert (float(m["nonfinite_steps"]), float(m["nonfinite_in_a_row"])) == (1.0, 0.0)
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), before.params,
+                       jax.device_get(state.params))
+  assert any(jax.tree.leaves(moved))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+
+
+@pytest.mark.slow
+def test_diverging_run_stops_with_last_good_checkpoint(assets, tmp_path):
+  """lr 1e30: step 1 is finite, then every loss / gradient is non-finite.
+  Each is skipped and counted; after config.max_nonfinite_steps in a row the
+  run stops with a message naming the setting and the last good checkpoint,
+  which the streak never overwrote."""
+  from opd_jax import checkpointing
+  from opd_jax.train import NonFiniteError, build_run, train
+  c = tiny_config(assets, total_steps=8, checkpoint_every=1, max_nonfinite_steps=3)
+  c.optimizer.lr = 1e30
+  workdir = str(tmp_path / "run")
+  with pytest.raises(NonFiniteError, match=(
+      r"step 4: 3 steps in a row with a non-finite loss or gradient .* the parameters are "
+      r"those of step 1; the run stops \(config\.max_nonfinite_steps=3\)\. Last good state: "
+      r"checkpoint 1 \(.*checkpoints/1\); lower config\.optimizer\.lr")):
+    train(c, workdir)
+  recs = step_records(workdir)
+  assert sorted(recs) == [1, 2, 3, 4]
+  assert [recs[s]["nonfinite_steps"] for s in (1, 2, 3, 4)] == [0.0, 1.0, 2.0, 3.0]
+  assert np.isfinite(recs[1]["loss"]) and not np.isfinite(recs[2]["grad_norm"])
+  assert checkpoint_steps(workdir) == [1]
+  run = build_run(c)
+  ck = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1)
+  step, state, _, _ = ck.restore_newest(checkpointing.abstract_like(run.state))
+  ck.close()
+  assert step == 1 and int(state.step) == 1
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def _prompt_file(path, lines: list[bytes]) -> str:
+  with open(path, "wb") as f:
+    f.write(b"".join(line + b"\n" for line in lines))
+  return str(path)
+
+
+def test_driver_data_errors_name_file_line_and_settings(assets, tmp_path):
+  """The driver's prompt set (``build_data``): bad bytes are a file:line error
+  (skipped and counted with on_error=skip); an empty result names the files,
+  the counts by reason and the config.data settings."""
+  from transformers import AutoTokenizer
+  from opd_jax.train import build_data, settings_of
+  tok = AutoTokenizer.from_pretrained(assets["tokenizer"])
+  good = [json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}).encode() for i in range(8)]
+  c = tiny_config(assets)
+  c.data.train_files = _prompt_file(tmp_path / "bytes.jsonl",
+                                    good[:1] + [b'{"prompt": "1\xff+1="}'] + good[1:])
+  with pytest.raises(ValueError, match=r"bytes\.jsonl:2: invalid UTF-8 .*\(config\.data\."
+                     r"on_error=skip skips such records"):
+    build_data(settings_of(c), tok)
+  c.data.on_error = "skip"
+  data, _ = build_data(settings_of(c), tok)
+  assert len(data) == 8 and data.counts["num_skipped_invalid_utf8"] == 1
+  assert data.stats["num_malformed_skipped"] == 1
+  # Every prompt longer than max_prompt_len (overlong=drop).
+  c.data.train_files = _prompt_file(tmp_path / "long.jsonl", [json.dumps(
+      {"prompt": "1+1=" * 10, "answer": "2"}).encode()] * 20)
+  with pytest.raises(ValueError, match=(
+      r"config\.data\.train_files: no prompt records left from .*long\.jsonl \(20 non-blank "
+      r"lines read\): 20 longer than max_prompt_len=12 tokens \(overlong='drop'; the longest "
+      r"has \d+ tokens.*\(settings: config\.data\.max_prompt_len / overlong / on_error")):
+    build_data(settings_of(c), tok)
+  # An empty prompt file.
+  c.data.train_files = _prompt_file(tmp_path / "empty.jsonl", [])
+  with pytest.raises(ValueError, match=r"config\.data\.train_files: no prompt records left "
+                     r"from .*empty\.jsonl \(0 non-blank lines read\): 1 empty file\(s\)"):
+    build_data(settings_of(c), tok)
+
+
+def test_logged_data_stats_count_skips_by_reason(runs, reference_run):
+  """The reference run skips one invalid-JSON line: data/* at step 0 counts
+  it by reason, beside the files read."""
+  reference_run.records()
+  step0 = [r for r in read_metrics(reference_run.workdir) if r["step"] == 0][0]
+  assert step0["data/num_skipped_invalid_json"] == 1
+  assert step0["data/num_skipped_missing_field"] == step0["data/num_skipped_invalid_utf8"] == 0
+  assert step0["data/num_files"] == 1 and step0["data/num_empty_files"] == 0
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown_evaluator", r"config\.evals\.x\.evaluator: unknown evaluator 'nope'"),
+    ("too_long", r"config\.evals\.x\.max_new_tokens: config\.data\.max_prompt_len \(12\) \+ "
+     r"\d+ new tokens = \d+ exceeds the student's max_position_embeddings"),
+    ("math_without_file", r"config\.evals\.x\.data_file is empty and task 'math' cannot"),
+])
+def test_driver_fails_on_evals_that_cannot_run_before_step_1(assets, tmp_path, case, message):
+  """Evals that cannot run stop ``train`` at start-up: nothing is compiled,
+  logged or checkpointed."""
+  from opd_jax import configs_lib
+  from opd_jax.train import model_config_of, train
+  c = tiny_config(assets)
+  c.evals.x = configs_lib.eval_config(num_examples=4)
+  if case == "unknown_evaluator":
+    c.evals.x.evaluator = "nope"
+  elif case == "too_long":
+    limit = model_config_of(c, "student").max_position_embeddings
+    c.evals.x.max_new_tokens = limit - int(c.data.max_prompt_len) + 1
+  else:
+    c.evals.x.task = "math"
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=message):
+    train(c, str(workdir))
+  assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()

@@ -36,18 +36,26 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 
 
 def iter_file(path: str) -> Iterable[tuple[int, Any, str | None]]:
-  if path.endswith(JSONL_SUFFIXES):
-    yield from iter_jsonl(path)
-  elif path.endswith(PARQUET_SUFFIXES):
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-
-    for row, record in enumerate(pq.read_table(path).to_pylist(), start=1):
-      yield row, record, None
-  else:
+  """``(line or row, record, error)`` of one file; a file that cannot be
+  read at all (corrupt gzip / Parquet) is a ValueError naming it."""
+  if not path.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
     raise ValueError(
         f"{path}: unsupported file type; expected one of "
         f"{JSONL_SUFFIXES + PARQUET_SUFFIXES}."
     )
+  lineno = 0
+  try:
+    if path.endswith(JSONL_SUFFIXES):
+      for lineno, record, error in iter_jsonl(path):
+        yield lineno, record, error
+    else:
+      import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+      for row, record in enumerate(pq.read_table(path).to_pylist(), start=1):
+        yield row, record, None
+  except (OSError, EOFError, ValueError) as e:   # gzip.BadGzipFile, pyarrow.ArrowInvalid
+    raise ValueError(f"{path}: cannot read the file after line {lineno}: "
+                     f"{type(e).__name__}: {e}") from None
 
 
 def source_from_path(path: str) -> str:

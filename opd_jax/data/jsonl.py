@@ -12,12 +12,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 
-def _open_text(path: str, mode: str):
-  if path.endswith(".gz"):
-    return gzip.open(path, mode + "t", encoding="utf-8")
-  return open(path, mode, encoding="utf-8")
-
-
 def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]):
   """Atomically writes ``records`` as JSON lines (temp file + rename)."""
   path = os.fspath(path)
@@ -41,9 +35,17 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]):
 
 
 def iter_jsonl(path: str) -> Iterable[tuple[int, Any, str | None]]:
-  """Yields ``(line_number, record, error)``; blank lines are skipped."""
-  with _open_text(path, "r") as f:
-    for lineno, line in enumerate(f, start=1):
+  """Yields ``(line_number, record, error)``; blank lines are skipped. A line
+  that is not UTF-8, not JSON or not an object is an ``error`` (the line is
+  read as bytes, so bad bytes on one line never hide the others)."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+      except UnicodeDecodeError as e:
+        yield lineno, None, f"invalid UTF-8 ({e.reason} at byte {e.start + 1} of the line)"
+        continue
       if not line.strip():
         continue
       try:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -17,6 +19,26 @@ from opd_jax.data.records import DataOptions, FieldSpec, data_options, parse_rec
 from opd_jax.data.tokens import encode, pad_id_of
 
 _MAX_ERRORS_KEPT = 20
+
+# Why a record is skipped (on_error="skip"), counted as num_skipped_<reason>.
+SKIP_REASONS = {
+    "invalid_utf8": "not UTF-8",
+    "invalid_json": "not a JSON object",
+    "missing_field": "a missing field",
+    "invalid_field": "a field of the wrong type or empty (or a failing chat template)",
+    "empty_prompt": "a prompt of zero tokens",
+}
+
+
+def _reason(error: str) -> str:
+  """The :data:`SKIP_REASONS` key of a record's error message."""
+  for prefix, reason in (("invalid UTF-8", "invalid_utf8"), ("invalid JSON", "invalid_json"),
+                         ("expected a JSON object", "invalid_json"),
+                         ("expected a mapping", "invalid_json"),
+                         ("missing field", "missing_field")):
+    if error.startswith(prefix):
+      return reason
+  return "invalid_field"
 
 Batch = dict[str, np.ndarray]
 
@@ -76,6 +98,12 @@ class PromptData:
       ``on_error="skip"``.
     pad_id: padding token id.
     eos_id: EOS token id (or None).
+    files: the files read (``build``; ``from_records``: its ``name``).
+    counts: more counts for the logs: ``num_files``, ``num_empty_files``,
+      ``num_lines`` (non-blank lines / rows read, malformed ones included),
+      the records skipped by reason (``num_skipped_<reason>``, reasons
+      :data:`SKIP_REASONS`) and ``max_prompt_tokens`` (the longest prompt read).
+    empty_files: the files without a record.
   """
 
   prompt_ids: np.ndarray
@@ -92,6 +120,10 @@ class PromptData:
   errors: tuple[str, ...]
   pad_id: int
   eos_id: int | None
+  files: tuple[str, ...] = ()
+  counts: dict[str, int] = dataclasses.field(default_factory=dict)
+  empty_files: tuple[str, ...] = ()
+  options: DataOptions | None = None
 
   # --------------------------------------------------------------- building
 
@@ -118,12 +150,16 @@ class PromptData:
       ``num_dropped_overlong``, ``num_truncated`` (prompts) and
       ``num_completion_truncated``.
     """
-    records = []
-    for path in expand_paths(paths):
-      default_source = source_from_path(path)
+    records, files, empty = [], expand_paths(paths), []
+    for path in files:
+      default_source, n = source_from_path(path), len(records)
       for lineno, record, error in iter_file(path):
         records.append((f"{path}:{lineno}", record, error, default_source))
-    return cls._from_raw(records, tokenizer, data_options(options, **kwargs))
+      if len(records) == n:
+        logging.warning("%s: no records (empty file)", path)
+        empty.append(path)
+    return cls._from_raw(records, tokenizer, data_options(options, **kwargs),
+                         files=tuple(files), empty_files=tuple(empty))
 
   @classmethod
   def from_records(
@@ -143,7 +179,8 @@ class PromptData:
       else:
         raw.append((f"{name}:{i}", None, (
             f"expected a mapping, got {type(record).__name__}"), name))
-    return cls._from_raw(raw, tokenizer, data_options(options, **kwargs))
+    return cls._from_raw(raw, tokenizer, data_options(options, **kwargs), files=(name,),
+                         empty_files=() if raw else (name,))
 
   @classmethod
   def _from_raw(
@@ -151,6 +188,8 @@ class PromptData:
       raw: list[tuple[str, Any, str | None, str]],
       tokenizer,
       opts: DataOptions,
+      files: tuple[str, ...] = (),
+      empty_files: tuple[str, ...] = (),
   ) -> PromptData:
     max_prompt_len, max_completion_len = opts.max_prompt_len, opts.max_completion_len
     prompt_field, completion_field = opts.prompt_field, opts.completion_field
@@ -179,6 +218,7 @@ class PromptData:
 
     # 1. Validate and render.
     errors: list[str] = []
+    reasons = collections.Counter()   # skipped records by reason (labels)
     parsed: list[dict[str, Any]] = []
     for origin, record, error, default_source in raw:
       item = None
@@ -203,8 +243,9 @@ class PromptData:
         if on_error == "raise":
           raise ValueError(message)
         if len(errors) < _MAX_ERRORS_KEPT:
-          logging.warning("Skipping malformed record %s", message)
+          logging.warning("Skipping malformed record %s (on_error='skip')", message)
         errors.append(message)
+        reasons[_reason(error)] += 1
         continue
       item["origin"] = origin
       parsed.append(item)
@@ -228,6 +269,7 @@ class PromptData:
       )
 
     # 3. Length handling.
+    longest = max(map(len, prompt_tokens), default=0)
     num_dropped = num_truncated = num_empty = num_completion_truncated = 0
     keep = []
     for i, ids in enumerate(prompt_tokens):
@@ -236,6 +278,7 @@ class PromptData:
         if on_error == "raise":
           raise ValueError(message)
         errors.append(message)
+        reasons["empty_prompt"] += 1
         num_empty += 1
         continue
       if len(ids) > max_prompt_len:
@@ -282,6 +325,10 @@ class PromptData:
         "num_truncated": num_truncated,
         "num_completion_truncated": num_completion_truncated,
     }
+    counts = {"num_files": len(files), "num_empty_files": len(empty_files),
+              "num_lines": len(raw),
+              **{f"num_skipped_{r}": reasons[r] for r in SKIP_REASONS},
+              "max_prompt_tokens": longest}
     return cls(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
@@ -299,12 +346,42 @@ class PromptData:
         errors=tuple(errors[:_MAX_ERRORS_KEPT]),
         pad_id=pad_id,
         eos_id=None if eos_id is None else int(eos_id),
+        files=tuple(files),
+        counts=counts,
+        empty_files=tuple(empty_files),
+        options=opts,
     )
 
   # ------------------------------------------------------------- accessors
 
   def __len__(self) -> int:
     return int(self.prompt_ids.shape[0])
+
+  def empty_reason(self) -> str:
+    """Why no record is left: the files and the records lost, by reason."""
+    st, c, o = self.stats, self.counts, self.options
+    files = ", ".join(self.files) or "no files"
+    parts = []
+    if st["num_dropped_overlong"]:
+      limit = f" max_prompt_len={o.max_prompt_len}" if o else " max_prompt_len"
+      parts.append(f"{st['num_dropped_overlong']} longer than{limit} tokens (overlong='drop'; "
+                   f"the longest has {c.get('max_prompt_tokens')} tokens: raise max_prompt_len "
+                   "or set overlong='truncate')")
+    first = {}   # reason -> its first error ("file:line: message")
+    for e in self.errors:
+      m = re.match(r"^(.*?:\d+): (.*)$", e)
+      first.setdefault(_reason(m.group(2)) if m else "", e)
+    skipped = [f"{c[f'num_skipped_{r}']} {label}" + (f" (first: {first[r]})" if r in first
+                                                    else "")
+               for r, label in SKIP_REASONS.items() if c.get(f"num_skipped_{r}")]
+    if skipped:
+      field = f" (prompt_field={o.prompt_field!r})" if o else ""
+      parts.append(f"{st['num_malformed_skipped']} skipped (on_error='skip'): "
+                   + ", ".join(skipped) + field)
+    if self.empty_files:
+      parts.append(f"{len(self.empty_files)} empty file(s): {', '.join(self.empty_files)}")
+    return (f"no prompt records left from {files} ({c.get('num_lines', 0)} non-blank lines "
+            "read): " + ("; ".join(parts) or "no records"))
 
   @property
   def has_completions(self) -> bool:
@@ -383,7 +460,7 @@ class PromptData:
   ) -> grain.IterDataset:
     """The grain pipeline behind :meth:`iterator` (same arguments)."""
     if len(self) == 0:
-      raise ValueError("PromptData is empty (all records dropped or skipped?).")
+      raise ValueError(f"PromptData is empty: {self.empty_reason()}.")
     if shard_index is None or shard_count is None:
       import jax  # pylint: disable=g-import-not-at-top
 
