@@ -79,7 +79,8 @@ def loss_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   plus aggregation settings."""
   fn = losses_lib.LOSSES.get(name)
   kwargs = {p.name: p.default for p in inspect.signature(fn).parameters.values()
-            if p.kind == p.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
+            if p.kind == p.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
+            and p.name not in losses_lib.ROW_INPUTS}
   cfg = dict(name=name, aggregation="token_mean", normalizer=0.0, chunk=64,
              chunk_budget_mib=1024.0, **kwargs)
   for k, v in overrides.items():

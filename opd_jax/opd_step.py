@@ -234,7 +234,7 @@ def auto_loss_chunk(rows: int, length: int, vocab: int, sharder: Sharder, *,
 def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
                        loss_fn, vocab: int, chunk: int, metrics: bool,
                        top_k: int, position_chunk: int, sharder: Sharder,
-                       chunk_budget_mib: float = 1024.0):
+                       chunk_budget_mib: float = 1024.0, loss_inputs=None):
   """Σ_t weights·loss_t over a sequence, in chunks, plus metric sums.
 
   h_s ``[R, N, Ds]`` (differentiable), h_t ``[R, N, Dt]`` (teacher, constant),
@@ -254,8 +254,12 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
   top-k runs per device (:func:`sharded_top_k`).
 
   ``chunk=0`` picks C with :func:`auto_loss_chunk` from ``chunk_budget_mib``.
+  ``loss_inputs``: optional dict of ``[R, N]`` per-position arrays (e.g. the
+  row role ``on_policy``, :func:`losses.row_inputs`), chunked like the tokens
+  and passed to the loss as keywords.
   """
   r, n = tokens.shape
+  extra_names = tuple(sorted(loss_inputs or {}))
   vmin = min(w_s.shape[-1], w_t.shape[-1]) if h_t is not None else w_s.shape[-1]
   if chunk == 0:
     chunk = auto_loss_chunk(r, n, vmin, sharder, budget_mib=chunk_budget_mib,
@@ -280,7 +284,8 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
   to_chunks = lambda a: sharder.constrain(_to_chunks(_pad_time(a, n_pad), chunk),
                                           chunk_axes(a) + (None,))
   consts = tuple(to_chunks(a) for a in
-                 (jax.lax.stop_gradient(h_t), tokens, weights, metric_mask, positions))
+                 (jax.lax.stop_gradient(h_t), tokens, weights, metric_mask, positions)
+                 + tuple(jax.lax.stop_gradient(loss_inputs[k]) for k in extra_names))
   num_pos_chunks = max(1, int(math.ceil(n / position_chunk)))
   sums0 = {}
   if metrics:
@@ -297,12 +302,13 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
 
     def body(carry, x):
       total, sums, dw_acc = carry
-      hs, ht, y, w, mm, pos = x
+      hs, ht, y, w, mm, pos = x[:6]
+      extra = dict(zip(extra_names, x[6:]))
       ls = sharder.constrain(_project(hs, ws, vocab), LOGIT_AXES)
       lt = sharder.constrain(_project(ht, w_t, vocab), LOGIT_AXES) if has_teacher else None
       dhs = None
       if with_grad:
-        per_tok, dls = value_and_grad(ls, lt, y, w)
+        per_tok, dls = value_and_grad(ls, lt, y, w, **extra)
         if vmin > vocab:   # masked (padded) columns get no gradient
           dls = jnp.where(jnp.arange(vmin) < vocab, dls, 0.0)
         dls = sharder.constrain(dls.astype(hs.dtype), LOGIT_AXES)
@@ -317,7 +323,7 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
                                   preferred_element_type=jnp.float32)
         dw_acc = sharder.constrain(dw_acc + dws, weight_axes)
       else:
-        per_tok = loss_fn(ls, lt, y)
+        per_tok = loss_fn(ls, lt, y, **extra)
       value = jnp.sum(w * per_tok)
       if metrics:
         per_tok = metrics_lib.token_metrics(ls, lt, y, k=top_k, top_k_fn=top_k_fn)
@@ -563,6 +569,8 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
       w_t = jax.lax.stop_gradient(teacher.unembedding())
     weights, z = _unnormalised_weights(comp["mask"], cfg.aggregation, cfg.normalizer)
     metric_mask = (comp["mask"] & comp["on_policy"][:, None]).astype(jnp.float32)
+    loss_inputs = losses_lib.row_inputs(
+        cfg.loss, jnp.broadcast_to(comp["on_policy"][:, None], comp["mask"].shape))
 
     def loss_of(params):
       model = nnx.merge(student_graphdef, params)
@@ -572,7 +580,7 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
           weights, metric_mask, loss_fn=loss_fn, vocab=vocab_size, chunk=cfg.loss_chunk,
           metrics=cfg.metrics, top_k=cfg.metrics_top_k,
           position_chunk=cfg.position_chunk, sharder=sharder,
-          chunk_budget_mib=cfg.loss_chunk_budget_mib)
+          chunk_budget_mib=cfg.loss_chunk_budget_mib, loss_inputs=loss_inputs)
 
     (loss, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     on = comp["on_policy"].astype(jnp.float32)

@@ -320,10 +320,18 @@ def _divergence_inputs(seed=0, r=3, n=10, ds=8, dt=12, vs=20, vt=24):
   return h_s, w_s, h_t, w_t, tokens, weights, metric_mask
 
 
-@pytest.mark.parametrize("loss", ["reverse_kl", "k1", "jsd", "sft"])
+def _row_inputs(loss, r, n):
+  """Row roles for a row-role loss (distillm2): even rows on-policy."""
+  on = jnp.broadcast_to((jnp.arange(r) % 2 == 0)[:, None], (r, n))
+  return losses_lib.row_inputs(loss, on)
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "k1", "jsd", "sft", "distillm2", "todi",
+                                  "akl"])
 def test_chunked_divergence_matches_unchunked_reference(loss):
   """N=10 in chunks of 4 (padded to 12), padded vocab rows, value and grads."""
   h_s, w_s, h_t, w_t, tokens, weights, mm = _divergence_inputs()
+  rows = _row_inputs(loss, *tokens.shape)
   vocab = 18  # < min(Vs=20, Vt=24): columns >= 18 are padding
   has_teacher = loss != "sft"
   if not has_teacher:
@@ -334,12 +342,12 @@ def test_chunked_divergence_matches_unchunked_reference(loss):
   def chunked(h_s, w_s):
     return opd_step.chunked_divergence(
         h_s, w_s, h_t, w_t, tokens, weights, mm, loss_fn=loss_fn, vocab=vocab, chunk=4,
-        metrics=metrics, top_k=4, position_chunk=3, sharder=Sharder())
+        metrics=metrics, top_k=4, position_chunk=3, sharder=Sharder(), loss_inputs=rows)
 
   def reference(h_s, w_s):
     ls = jnp.einsum("rnd,dv->rnv", h_s, w_s[:, :vocab])
     lt = None if not has_teacher else jnp.einsum("rnd,dv->rnv", h_t, w_t[:, :vocab])
-    return jnp.sum(weights * loss_fn(ls, lt, tokens))
+    return jnp.sum(weights * loss_fn(ls, lt, tokens, **rows))
 
   (total, sums), (g_h, g_w) = jax.jit(jax.value_and_grad(chunked, (0, 1), has_aux=True))(
       h_s, w_s)
@@ -368,20 +376,23 @@ def test_chunked_divergence_matches_unchunked_reference(loss):
 
 
 @pytest.mark.parametrize("loss,kwargs", [("topk_opd", {"k": 3, "strategy": "union"}),
-                                         ("reverse_kl", {})])
+                                         ("reverse_kl", {}),
+                                         ("distillm2", {"beta": 1.2}),
+                                         ("todi", {}), ("akl", {})])
 def test_chunked_divergence_sharded_matches_unsharded(loss, kwargs):
   """Rows over data x fsdp, vocabulary over tensor (the sharded top-k merges
   per-slice candidates; the sparse gradient scatters into a split vocabulary):
   value, metric sums and gradients equal the unsharded ones."""
   h_s, w_s, h_t, w_t, tokens, weights, mm = _divergence_inputs(r=4)
   loss_fn = losses_lib.get_loss(loss, kwargs)
+  rows = _row_inputs(loss, *tokens.shape)
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
 
   def run(sharder):
     def f(h_s, w_s):
       return opd_step.chunked_divergence(
           h_s, w_s, h_t, w_t, tokens, weights, mm, loss_fn=loss_fn, vocab=18, chunk=4,
-          metrics=True, top_k=4, position_chunk=3, sharder=sharder)
+          metrics=True, top_k=4, position_chunk=3, sharder=sharder, loss_inputs=rows)
     (total, sums), g = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(h_s, w_s)
     return total, metrics_lib.finalize_array(sums), g
 
@@ -530,6 +541,34 @@ def test_on_off_policy_mix_with_teacher_samples():
   lt = _completion_logits(b["gd_t"], b["t_params"], comp, VOCAB)
   ref = (_reverse_kl_np(ls, lt) * mask).sum() / mask.sum()
   np.testing.assert_allclose(m["loss"], ref, rtol=1e-5)
+
+
+def test_distillm2_step_picks_term_by_row_role():
+  """DistiLLM-2 in one step: λ = 0.5 with teacher samples; student rows get
+  β·SRKL (mixture student detached), teacher rows (2 − β)·SKL; the step's loss
+  equals the float64 token mean of the per-row terms."""
+  cfg = _base_cfg(on_policy_fraction=0.5, off_policy_source="teacher", metrics=False,
+                  loss="distillm2", loss_kwargs={"alpha_teacher": 0.2, "alpha_student": 0.3,
+                                                 "beta": 1.3},
+                  teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7,
+                                                  eos_ids=EOS))
+  b = _build(cfg)
+  params0 = jax.tree.map(jnp.asarray, _host(b["state"].params))
+  rng0 = np.array(b["state"].rng)
+  _, m = b["step"](b["state"], b["t_params"], _batch())
+  m = _metrics(b["step"], m)
+  comp = _completions(cfg, b["gd_s"], params0, b["gd_t"], b["t_params"], _batch(),
+                      jnp.asarray(rng0))
+  on = comp["on_policy"].astype(bool)
+  assert on.sum() == ROWS // 2
+  lp = _log_softmax_np(_completion_logits(b["gd_s"], params0, comp, VOCAB))
+  lq = _log_softmax_np(_completion_logits(b["gd_t"], b["t_params"], comp, VOCAB))
+  p, q = np.exp(lp), np.exp(lq)
+  skl = (q * (lq - np.log(0.2 * q + 0.8 * p))).sum(-1)
+  srkl = (p * (lp - np.log(0.3 * p + 0.7 * q))).sum(-1)
+  per_tok = np.where(on[:, None], 1.3 * srkl, 0.7 * skl)
+  mask = comp["mask"].astype(bool)
+  np.testing.assert_allclose(m["loss"], (per_tok * mask).sum() / mask.sum(), rtol=5e-5)
 
 
 # ----------------------------------------------------------------------------

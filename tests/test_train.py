@@ -296,7 +296,7 @@ def test_sweep_prints_parseable_commands(tmp_path, monkeypatch):
       assert node == value, (line, key)
     _step_config(config)                   # loss kwargs valid for the loss
     assert not os.path.exists(workdir)     # printed, not run
-  assert {"reverse_kl", "jsd", "topk_opd"} <= names
+  assert {"reverse_kl", "jsd", "topk_opd", "distillm2", "todi", "akl"} <= names
 
 
 def _write_qwen3_config(path, *, hidden, layers, heads, kv_heads, intermediate):
