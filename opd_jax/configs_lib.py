@@ -128,6 +128,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.off_policy_source = "dataset"   # or "teacher"
   c.micro_batches = 1               # row groups per step (lax.scan), one update
   c.loss = loss_config("reverse_kl")
+  # Scheduled settings, "target=spec;...", e.g. "loss.beta=linear:1.0:1.5:0:500"
+  # (opd_jax.schedules; logged every step as schedule/<target>).
+  c.schedules = ""
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-6, schedule="constant", warmup_steps=0, total_steps=0,
       end_lr_factor=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -41,6 +42,7 @@ from flax import nnx
 
 from opd_jax import losses as losses_lib
 from opd_jax import metrics as metrics_lib
+from opd_jax import schedules as schedules_lib
 from opd_jax.models.config import ModelConfig
 from opd_jax.models.transformer import NEG_INF
 from opd_jax.sampling import SamplingConfig, full_sequence, sample
@@ -75,10 +77,15 @@ class OPDConfig:
   metrics_top_k: int = 16
   position_chunk: int = 64
   micro_batches: int = 1                     # M row groups per step, one update
+  # ((target, schedules.Schedule), ...) or the config string "loss.beta=linear:...;...":
+  # values computed in the step from its counter (traced), see check_schedules.
+  schedules: tuple[tuple[str, Any], ...] = ()
 
   def __post_init__(self):
     if isinstance(self.loss_kwargs, Mapping):
       object.__setattr__(self, "loss_kwargs", tuple(sorted(self.loss_kwargs.items())))
+    if isinstance(self.schedules, str):
+      object.__setattr__(self, "schedules", schedules_lib.parse_all(self.schedules))
     if not 0.0 <= self.on_policy_fraction <= 1.0:
       raise ValueError(f"on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
     if self.off_policy_source not in OFF_POLICY_SOURCES:
@@ -94,6 +101,48 @@ class OPDConfig:
       raise ValueError(f"micro_batches must be an int >= 1, got {m!r}")
     object.__setattr__(self, "micro_batches", int(m))
     losses_lib.get_loss(self.loss, dict(self.loss_kwargs))  # fail fast, clear error
+    check_schedules(self)
+
+
+SCHEDULE_TARGETS = ("loss.<numeric loss keyword>",)
+
+
+def check_schedules(cfg: OPDConfig) -> None:
+  """Raises ValueError unless every scheduled target can be a traced scalar:
+  ``loss.<kw>`` with ``kw`` a keyword of the loss whose value is a number
+  (not a string / bool / None) and that the loss accepts as a traced value
+  (checked by tracing it once abstractly; e.g. JSD's β, special-cased at the
+  endpoints in Python, and top-k's k, a shape, are static)."""
+  traced = {}
+  for target, sched in cfg.schedules:
+    if not isinstance(sched, schedules_lib.Schedule):
+      raise ValueError(f"schedules: {target!r} is not a Schedule: {sched!r}")
+    kind, _, name = target.partition(".")
+    if kind != "loss" or not name:
+      raise ValueError(f"schedules: unknown target {target!r}; valid: "
+                       f"{list(SCHEDULE_TARGETS)}")
+    valid = losses_lib.LOSSES.valid_kwargs(cfg.loss, exclude=losses_lib.ROW_INPUTS)
+    if name not in valid:
+      raise ValueError(f"schedules: {target!r}: loss {cfg.loss!r} has no keyword {name!r}; "
+                       f"valid: {valid}")
+    fn = losses_lib.LOSSES.get(cfg.loss)
+    current = dict(cfg.loss_kwargs).get(name, inspect.signature(fn).parameters[name].default)
+    if isinstance(current, bool) or not isinstance(current, (int, float)):
+      raise ValueError(f"schedules: {target!r}: loss keyword {name!r} is not numeric "
+                       f"(value {current!r}); only numbers can follow a schedule")
+    traced[name] = jax.ShapeDtypeStruct((), jnp.float32)
+  if not traced:
+    return
+  loss_fn = losses_lib.get_loss(cfg.loss, dict(cfg.loss_kwargs))
+  logits = jax.ShapeDtypeStruct((1, 1, 2), jnp.float32)
+  rows = losses_lib.row_inputs(cfg.loss, jax.ShapeDtypeStruct((1, 1), jnp.bool_))
+  try:
+    jax.eval_shape(lambda s, hp, r: losses_lib.logits_value_and_grad(loss_fn)(
+        s, s, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1)), **hp, **r), logits, traced, rows)
+  except (jax.errors.JAXTypeError, TypeError, ValueError) as e:
+    raise ValueError(f"schedules: loss {cfg.loss!r} uses {sorted(traced)} as static values "
+                     f"(Python control flow or shapes), so they cannot follow a schedule "
+                     f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
 def common_vocab_size(student: ModelConfig, teacher: ModelConfig,
@@ -234,7 +283,8 @@ def auto_loss_chunk(rows: int, length: int, vocab: int, sharder: Sharder, *,
 def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
                        loss_fn, vocab: int, chunk: int, metrics: bool,
                        top_k: int, position_chunk: int, sharder: Sharder,
-                       chunk_budget_mib: float = 1024.0, loss_inputs=None):
+                       chunk_budget_mib: float = 1024.0, loss_inputs=None,
+                       loss_hparams=None):
   """Σ_t weights·loss_t over a sequence, in chunks, plus metric sums.
 
   h_s ``[R, N, Ds]`` (differentiable), h_t ``[R, N, Dt]`` (teacher, constant),
@@ -256,7 +306,9 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
   ``chunk=0`` picks C with :func:`auto_loss_chunk` from ``chunk_budget_mib``.
   ``loss_inputs``: optional dict of ``[R, N]`` per-position arrays (e.g. the
   row role ``on_policy``, :func:`losses.row_inputs`), chunked like the tokens
-  and passed to the loss as keywords.
+  and passed to the loss as keywords. ``loss_hparams``: optional dict of
+  scalar (traced) loss keywords, e.g. scheduled values, overriding the bound
+  ones.
   """
   r, n = tokens.shape
   extra_names = tuple(sorted(loss_inputs or {}))
@@ -303,7 +355,7 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
     def body(carry, x):
       total, sums, dw_acc = carry
       hs, ht, y, w, mm, pos = x[:6]
-      extra = dict(zip(extra_names, x[6:]))
+      extra = dict(zip(extra_names, x[6:]), **(loss_hparams or {}))
       ls = sharder.constrain(_project(hs, ws, vocab), LOGIT_AXES)
       lt = sharder.constrain(_project(ht, w_t, vocab), LOGIT_AXES) if has_teacher else None
       dhs = None
@@ -547,7 +599,7 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
   traces = [0]
   metric_names: list[tuple[str, ...]] = [()]
 
-  def group_step(params, teacher_params, x):
+  def group_step(params, teacher_params, hparams, x):
     """Samples, scores and differentiates one group of rows: (grads of the
     unnormalised loss Σ w·l, stats of additive sums). The models are merged
     here from fresh Variable objects (``tree.map``): NNX refuses to update,
@@ -580,7 +632,9 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
           weights, metric_mask, loss_fn=loss_fn, vocab=vocab_size, chunk=cfg.loss_chunk,
           metrics=cfg.metrics, top_k=cfg.metrics_top_k,
           position_chunk=cfg.position_chunk, sharder=sharder,
-          chunk_budget_mib=cfg.loss_chunk_budget_mib, loss_inputs=loss_inputs)
+          chunk_budget_mib=cfg.loss_chunk_budget_mib, loss_inputs=loss_inputs,
+          loss_hparams={k[len("loss."):]: v for k, v in hparams.items()
+                        if k.startswith("loss.")})
 
     (loss, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     on = comp["on_policy"].astype(jnp.float32)
@@ -602,7 +656,9 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
     _, xs = plan_rows(batch, k_roll, run_cfg, sharder)
     xs = jax.tree.map(jax.lax.stop_gradient, xs)
     rows = batch["prompt_ids"].shape[0] * cfg.sampling.num_samples
-    one_group = functools.partial(group_step, state.params, teacher_params)
+    # Scheduled settings: traced float32 scalars from the step counter.
+    hparams = schedules_lib.values(cfg.schedules, state.step)
+    one_group = functools.partial(group_step, state.params, teacher_params, hparams)
     if cfg.micro_batches == 1:
       grads, stats = one_group(jax.tree.map(lambda v: v[0], xs))
     else:
@@ -636,6 +692,7 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
         "mean_response_length": stats["length_on"] / n_on,
         "truncated_frac": stats["truncated_on"] / n_on,
         "on_policy_frac": stats["on"] / rows,
+        **{f"schedule/{k}": v for k, v in hparams.items()},
     }
     if cfg.metrics:
       # One vector (fast to compile); names are static. See `host_metrics`.

@@ -312,7 +312,7 @@ def opd_config(config, sampling: SamplingConfig) -> OPDConfig:
       metrics=bool(config.metrics.enabled),
       metrics_top_k=int(config.metrics.top_k),
       position_chunk=int(config.metrics.position_chunk),
-      micro_batches=int(config.micro_batches))
+      micro_batches=int(config.micro_batches), schedules=str(config.get("schedules", "")))
 
 
 def build_data(settings: Settings, tokenizer):

@@ -571,6 +571,33 @@ def test_distillm2_step_picks_term_by_row_role():
   np.testing.assert_allclose(m["loss"], (per_tok * mask).sum() / mask.sum(), rtol=5e-5)
 
 
+@pytest.mark.slow
+def test_scheduled_loss_kwarg_is_traced_in_one_step():
+  """A scheduled loss keyword enters the step as a traced scalar: constant
+  1.3 equals the static β = 1.3 (loss, parameters); a linear schedule is
+  logged as schedule/loss.beta, follows its formula and never re-traces."""
+  kw = dict(on_policy_fraction=0.5, off_policy_source="teacher", metrics=False,
+            loss="distillm2", teacher_sampling=SamplingConfig(max_new_tokens=3,
+                                                             temperature=0.7, eos_ids=EOS))
+  static = _build(_base_cfg(loss_kwargs={"beta": 1.3}, **kw))
+  sched = _build(_base_cfg(schedules="loss.beta=constant:1.3", **kw))
+  s1, m1 = static["step"](static["state"], static["t_params"], _batch())
+  s2, m2 = sched["step"](sched["state"], sched["t_params"], _batch())
+  m1, m2 = _metrics(static["step"], m1), _metrics(sched["step"], m2)
+  assert m2["schedule/loss.beta"] == pytest.approx(1.3) and "schedule/loss.beta" not in m1
+  np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
+  diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), _host(s1.params), _host(s2.params))
+  assert max(jax.tree.leaves(diff)) < 1e-7
+
+  lin = _build(_base_cfg(schedules="loss.beta=linear:1.0:1.5:0:4", **kw))
+  state, betas = lin["state"], []
+  for _ in range(3):
+    state, m = lin["step"](state, lin["t_params"], _batch())
+    betas.append(_metrics(lin["step"], m)["schedule/loss.beta"])
+  np.testing.assert_allclose(betas, [1.0, 1.125, 1.25], rtol=1e-6)
+  assert lin["step"].trace_count() == 1
+
+
 # ----------------------------------------------------------------------------
 # 6. Convergence on a toy task.
 

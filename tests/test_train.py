@@ -750,3 +750,28 @@ def test_build_run_abstract_is_the_same_step(assets):
   assert spec(a_opd.batch) == spec(opd.batch)
   assert (a_opd.fn.lower(*a_opd.args(ab.state)).as_text()
           == opd.fn.lower(*opd.args(real.state)).as_text())
+
+
+@pytest.mark.slow
+def test_scheduled_loss_kwarg_logged_every_step_and_exact_across_resume(assets, tmp_path):
+  """config.schedules: the value the step used is logged every step (step s
+  runs at counter s − 1, like lr) and follows its schedule; a run stopped
+  at 2 and resumed to 4 logs the same values and metrics as one of 4."""
+  from opd_jax import configs_lib, schedules
+  from opd_jax.train import train
+  spec = "linear:0.1:0.4:0:3"
+
+  def config(total):
+    c = tiny_config(assets, total_steps=total, schedules=f"loss.alpha={spec}")
+    c.loss = configs_lib.loss_config("skew_kl", chunk=4)
+    return c
+
+  train(config(4), str(tmp_path / "a"))
+  ra = step_records(str(tmp_path / "a"))
+  want = [float(schedules.value(schedules.parse(spec), s - 1)) for s in (1, 2, 3, 4)]
+  assert [ra[s]["schedule/loss.alpha"] for s in (1, 2, 3, 4)] == pytest.approx(want)
+  assert want == pytest.approx([0.1, 0.2, 0.3, 0.4])
+  for total in (2, 4):
+    train(config(total), str(tmp_path / "b"))
+  rb = step_records(str(tmp_path / "b"))
+  assert_same_metrics(rb, ra, [1, 2, 3, 4])
