@@ -104,7 +104,14 @@ class OPDConfig:
     check_schedules(self)
 
 
-SCHEDULE_TARGETS = ("loss.<numeric loss keyword>",)
+SCHEDULE_TARGETS = ("loss.<numeric loss keyword>", "on_policy_fraction")
+
+
+def lambda_scheduled(cfg: OPDConfig) -> bool:
+  """Whether λ follows a schedule: then every row is sampled by the student
+  AND given its off-policy completion, and a traced per-row mask picks one
+  (``round(λ_t·R)`` rows on-policy; ``cfg.on_policy_fraction`` is unused)."""
+  return any(t == "on_policy_fraction" for t, _ in cfg.schedules)
 
 
 def check_schedules(cfg: OPDConfig) -> None:
@@ -117,6 +124,11 @@ def check_schedules(cfg: OPDConfig) -> None:
   for target, sched in cfg.schedules:
     if not isinstance(sched, schedules_lib.Schedule):
       raise ValueError(f"schedules: {target!r} is not a Schedule: {sched!r}")
+    if target == "on_policy_fraction":
+      if not all(0.0 <= v <= 1.0 for v in sched.values):
+        raise ValueError(f"schedules: on_policy_fraction values must lie in [0, 1], got "
+                         f"{sched.values}")
+      continue
     kind, _, name = target.partition(".")
     if kind != "loss" or not name:
       raise ValueError(f"schedules: unknown target {target!r}; valid: "
@@ -431,7 +443,7 @@ def check_micro_batches(rows: int, cfg: OPDConfig, dp: int = 1) -> None:
   and M | the on-policy and off-policy row counts (every group gets the same
   static λ mix)."""
   m = cfg.micro_batches
-  n_on = split_rows(rows, cfg.on_policy_fraction)
+  n_on = rows if lambda_scheduled(cfg) else split_rows(rows, cfg.on_policy_fraction)
   if rows % m:
     raise ValueError(f"micro_batches={m} must divide the rows per step (batch_size x "
                      f"num_samples = {rows})")
@@ -444,7 +456,7 @@ def check_micro_batches(rows: int, cfg: OPDConfig, dp: int = 1) -> None:
                      f"{cfg.on_policy_fraction} x {rows} rows")
 
 
-def plan_rows(batch, rng, cfg: OPDConfig, sharder: Sharder | None = None):
+def plan_rows(batch, rng, cfg: OPDConfig, sharder: Sharder | None = None, lam=None):
   """Everything about the rows that is decided before any sampling, grouped
   for ``cfg.micro_batches`` = M (shapes: R rows, G = R/M per group, a / b
   on- / off-policy rows per group, N completion length).
@@ -454,6 +466,11 @@ def plan_rows(batch, rng, cfg: OPDConfig, sharder: Sharder | None = None):
   teacher) are drawn for all rows at once, exactly as for M = 1; group g
   takes on-policy rows ``g·a .. g·a+a-1`` and off-policy rows
   ``g·b .. g·b+b-1`` of those lists, so no sample depends on M.
+
+  With λ scheduled (:func:`lambda_scheduled`; ``lam`` its traced value) rows
+  stay in batch order, every row gets the student's uniforms AND its
+  off-policy inputs, and ``on_mask`` ``[M, G]`` marks the ``round(λ·R)`` rows
+  (the first of a random permutation) that are on-policy.
 
   Returns (order ``[R]`` int32: original row of each grouped row, or None
   when it is the identity; dict of group-major ``[M, ...]`` arrays: prompt_ids /
@@ -466,8 +483,11 @@ def plan_rows(batch, rng, cfg: OPDConfig, sharder: Sharder | None = None):
   prompt_mask = _repeat(batch["prompt_mask"], n).astype(jnp.bool_)
   rows, big_n = prompt_ids.shape[0], cfg.sampling.max_new_tokens
   check_micro_batches(rows, cfg, data_parallel_size(sh))
-  n_on = split_rows(rows, cfg.on_policy_fraction)
-  n_off = rows - n_on
+  scheduled = lambda_scheduled(cfg)
+  if scheduled and lam is None:
+    raise ValueError("a scheduled on_policy_fraction needs its value (lam=)")
+  n_on = rows if scheduled else split_rows(rows, cfg.on_policy_fraction)
+  n_off = rows if scheduled else rows - n_on
   k_sample, k_perm, k_teacher = jax.random.split(rng, 3)
 
   def groups(x, axis=0):   # [..., K, ...] -> [M, ..., K/M, ...] along `axis`
@@ -484,13 +504,20 @@ def plan_rows(batch, rng, cfg: OPDConfig, sharder: Sharder | None = None):
   if n_on:
     u = jax.random.uniform(k_sample, (big_n, n_on), jnp.float32)
     xs["u_on"] = shard(groups(u, axis=1), 2)
-  if n_on == rows:   # pure on-policy: rows keep prompt-grouped order
+  if scheduled:   # batch order; a traced mask picks each row's completion
     order = None
-  else:
+    rank = jnp.argsort(jax.random.permutation(k_perm, rows))   # row -> its place
+    on_mask = rank < jnp.round(jnp.asarray(lam, jnp.float32) * rows).astype(jnp.int32)
+    xs["on_mask"] = shard(groups(on_mask), 1)
+    off_rows = jnp.arange(rows)
+  if n_on == rows and not scheduled:   # pure on-policy: rows keep prompt-grouped order
+    order = None
+  elif not scheduled:
     perm = jax.random.permutation(k_perm, rows)
     on_rows, off_rows = perm[:n_on], perm[n_on:]
     order = jnp.concatenate([groups(on_rows), groups(off_rows)], axis=1).reshape(rows)
     prompt_ids, prompt_mask = prompt_ids[order], prompt_mask[order]
+  if n_on < rows or scheduled:
     if cfg.off_policy_source == "teacher":
       u = jax.random.uniform(k_teacher, (big_n, n_off), jnp.float32)
       xs["u_off"] = shard(groups(u, axis=1), 2)
@@ -517,30 +544,38 @@ def group_completions(student, teacher, x, cfg: OPDConfig):
   prompt_ids, prompt_mask = x["prompt_ids"], x["prompt_mask"]
   g, big_n = prompt_ids.shape[0], cfg.sampling.max_new_tokens
   a = x["u_on"].shape[-1] if "u_on" in x else 0
+  scheduled = "on_mask" in x   # λ scheduled: both completions for every row
+  b0 = 0 if scheduled else a   # first off-policy row
   one = dataclasses.replace(cfg.sampling, num_samples=1)
   parts = []
   if a:
     out = sample(student, prompt_ids[:a], prompt_mask[:a], None, one, uniforms=x["u_on"])
     parts.append(dict(tokens=out.tokens, mask=out.mask.astype(jnp.bool_),
                       lengths=out.lengths, truncated=out.truncated))
-  if a < g:
+  if b0 < g:
     if cfg.off_policy_source == "teacher":
       tcfg = dataclasses.replace(cfg.teacher_sampling or cfg.sampling, num_samples=1,
                                  max_new_tokens=big_n)
-      out = sample(teacher, prompt_ids[a:], prompt_mask[a:], None, tcfg, uniforms=x["u_off"])
+      out = sample(teacher, prompt_ids[b0:], prompt_mask[b0:], None, tcfg,
+                   uniforms=x["u_off"])
       off_tokens, off_mask = out.tokens, out.mask.astype(jnp.bool_)
     else:
       off_tokens, off_mask = x["off_tokens"], x["off_mask"]
     parts.append(dict(tokens=off_tokens.astype(jnp.int32), mask=off_mask,
                       lengths=off_mask.sum(-1).astype(jnp.int32),
-                      truncated=jnp.zeros((g - a,), jnp.bool_)))
+                      truncated=jnp.zeros((g - b0,), jnp.bool_)))
+  if scheduled:
+    on_policy = x["on_mask"]
+    pick = lambda a_, b_: jnp.where(on_policy.reshape((g,) + (1,) * (a_.ndim - 1)), a_, b_)
+    comp = {k: pick(parts[0][k], parts[1][k]) for k in parts[0]}
+    return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, on_policy=on_policy, **comp)
   comp = {k: jnp.concatenate([p[k] for p in parts]) if len(parts) > 1 else parts[0][k]
           for k in parts[0]}
   on_policy = jnp.arange(g) < a
   return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, on_policy=on_policy, **comp)
 
 
-def build_completions(student, teacher, batch, rng, cfg: OPDConfig):
+def build_completions(student, teacher, batch, rng, cfg: OPDConfig, lam=None):
   """Chooses and produces each row's completion (steps 1 and the λ mix), all
   rows at once (the compiled step does the same group by group).
 
@@ -548,7 +583,7 @@ def build_completions(student, teacher, batch, rng, cfg: OPDConfig):
   prompt_mask, tokens, mask (completion), on_policy (bool rows), lengths,
   truncated. Independent of ``cfg.micro_batches``.
   """
-  order, xs = plan_rows(batch, rng, cfg)
+  order, xs = plan_rows(batch, rng, cfg, lam=lam)
   groups = [group_completions(student, teacher, jax.tree.map(lambda v: v[i], xs), cfg)
             for i in range(cfg.micro_batches)]
   out = jax.tree.map(lambda *v: jnp.concatenate(v), *groups)
@@ -653,11 +688,11 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
   def step(state: TrainState, teacher_params, batch):
     traces[0] += 1
     rng, k_roll = jax.random.split(state.rng)
-    _, xs = plan_rows(batch, k_roll, run_cfg, sharder)
-    xs = jax.tree.map(jax.lax.stop_gradient, xs)
-    rows = batch["prompt_ids"].shape[0] * cfg.sampling.num_samples
     # Scheduled settings: traced float32 scalars from the step counter.
     hparams = schedules_lib.values(cfg.schedules, state.step)
+    _, xs = plan_rows(batch, k_roll, run_cfg, sharder, lam=hparams.get("on_policy_fraction"))
+    xs = jax.tree.map(jax.lax.stop_gradient, xs)
+    rows = batch["prompt_ids"].shape[0] * cfg.sampling.num_samples
     one_group = functools.partial(group_step, state.params, teacher_params, hparams)
     if cfg.micro_batches == 1:
       grads, stats = one_group(jax.tree.map(lambda v: v[0], xs))

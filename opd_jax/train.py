@@ -33,6 +33,7 @@ from flax import nnx
 from opd_jax import checkpointing, configs_lib, data as data_lib, evaluation
 from opd_jax import flops as flops_lib
 from opd_jax import losses as losses_lib, optim
+from opd_jax import schedules as schedules_lib
 from opd_jax.logging_utils import MetricWriter
 from opd_jax.opd_step import (OPDConfig, TrainState, common_vocab_size, host_metrics,
                               init_train_state, make_opd_step, optimizer_shardings)
@@ -132,6 +133,10 @@ def settings_of(config) -> Settings:
       seed=int(e.seed)) for name, e in config.evals.items())
   cs = config.cold_start
   lam, source = float(config.on_policy_fraction), config.off_policy_source
+  lam_schedule = dict(schedules_lib.parse_all(str(config.get("schedules", "")))).get(
+      "on_policy_fraction")
+  if lam_schedule is not None:   # a scheduled λ: data / teacher for its lowest value
+    lam = min(lam_schedule.values)
   return Settings(
       seed=int(config.seed), batch_size=int(config.batch_size),
       total_steps=int(config.total_steps), log_every=int(config.log_every),
@@ -277,7 +282,7 @@ def batch_specs(config, sharder: Sharder) -> dict[str, jax.ShapeDtypeStruct]:
 def sft_config(step_cfg: OPDConfig) -> OPDConfig:
   """The cold-start phase's step: SFT on dataset completions, no teacher."""
   return dataclasses.replace(step_cfg, loss="sft", loss_kwargs=(), on_policy_fraction=0.0,
-                             off_policy_source="dataset", metrics=False)
+                             off_policy_source="dataset", metrics=False, schedules=())
 
 
 def sampling_config(config, tokenizer=None, student_cfg=None, *, eos_ids=(),

@@ -571,6 +571,78 @@ def test_distillm2_step_picks_term_by_row_role():
   np.testing.assert_allclose(m["loss"], (per_tok * mask).sum() / mask.sum(), rtol=5e-5)
 
 
+def _lam_completions(cfg, gd_s, sp, gd_t, tp, batch, rng, lam):
+  @jax.jit
+  def f(sp, tp, batch, rng, lam):
+    return opd_step.build_completions(nnx.merge(gd_s, sp), nnx.merge(gd_t, tp), batch, rng,
+                                      cfg, lam=lam)
+  return _host(f(sp, tp, batch, rng, jnp.float32(lam)))
+
+
+@pytest.mark.parametrize("source", ["teacher", "dataset"])
+def test_scheduled_lambda_picks_each_rows_completion(source):
+  """λ scheduled: every row has a student sample and an off-policy
+  completion; a traced mask makes round(λ·R) rows on-policy. λ = 1 gives all
+  student samples, λ = 0 all off-policy ones, λ = 0.5 a per-row pick of the
+  two; the same for M = 1 and M = 4."""
+  kw = dict(off_policy_source=source, schedules="on_policy_fraction=linear:0:1:0:10",
+            teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7))
+  cfg = _base_cfg(**kw)
+  assert opd_step.lambda_scheduled(cfg)
+  batch = _batch() if source == "teacher" else _dataset_batch()
+  student, teacher = create_model(SCFG, seed=SEED), create_model(TCFG, seed=1)
+  (gd_s, sp), (gd_t, tp) = nnx.split(student), nnx.split(teacher)
+  rng = jax.random.PRNGKey(3)
+  run = lambda lam, c=cfg: _lam_completions(c, gd_s, sp, gd_t, tp, batch, rng, lam)
+  on, off, half = run(1.0), run(0.0), run(0.5)
+  assert on["on_policy"].all() and not off["on_policy"].any()
+  assert half["on_policy"].sum() == round(0.5 * ROWS) and run(0.3)["on_policy"].sum() == 2
+  assert not np.array_equal(on["tokens"], off["tokens"])
+  for k in ("tokens", "mask", "lengths", "truncated"):
+    want = np.where(half["on_policy"].reshape((ROWS,) + (1,) * (on[k].ndim - 1)),
+                    on[k], off[k])
+    np.testing.assert_array_equal(half[k], want, err_msg=k)
+  assert not off["truncated"].any()
+  four = run(0.5, dataclasses.replace(cfg, micro_batches=4))
+  for k in half:
+    np.testing.assert_array_equal(four[k], half[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_scheduled_lambda_in_one_compiled_step():
+  """λ from 0 to 1 in one run (off-policy first, then on-policy): logged as
+  schedule/on_policy_fraction, on_policy_frac = round(λ_t·R)/R, one trace,
+  and the step's loss is the float64 reverse KL over its completions."""
+  cfg = _base_cfg(off_policy_source="teacher", metrics=False,
+                  schedules="on_policy_fraction=linear:0:1:0:2",
+                  teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7,
+                                                  eos_ids=EOS))
+  b = _build(cfg)
+  state, fracs, lams = b["state"], [], []
+  for i in range(3):
+    params0 = jax.tree.map(jnp.asarray, _host(state.params))
+    rng0 = np.array(state.rng)
+    state, m = b["step"](state, b["t_params"], _batch())
+    m = _metrics(b["step"], m)
+    fracs.append(m["on_policy_frac"])
+    lams.append(m["schedule/on_policy_fraction"])
+    if i == 1:   # λ = 0.5: the loss over both row kinds
+      @jax.jit
+      def comp_of(sp, tp, rng):
+        _, k_roll = jax.random.split(rng)
+        return opd_step.build_completions(nnx.merge(b["gd_s"], sp), nnx.merge(b["gd_t"], tp),
+                                          _batch(), k_roll, cfg, lam=jnp.float32(0.5))
+      comp = _host(comp_of(params0, b["t_params"], jnp.asarray(rng0)))
+      ls = _completion_logits(b["gd_s"], params0, comp, VOCAB)
+      lt = _completion_logits(b["gd_t"], b["t_params"], comp, VOCAB)
+      mask = comp["mask"].astype(bool)
+      np.testing.assert_allclose(m["loss"], (_reverse_kl_np(ls, lt) * mask).sum() / mask.sum(),
+                                 rtol=1e-5)
+  np.testing.assert_allclose(lams, [0.0, 0.5, 1.0])
+  assert fracs == [0.0, round(0.5 * ROWS) / ROWS, 1.0]
+  assert b["step"].trace_count() == 1
+
+
 @pytest.mark.slow
 def test_scheduled_loss_kwarg_is_traced_in_one_step():
   """A scheduled loss keyword enters the step as a traced scalar: constant
