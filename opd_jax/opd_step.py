@@ -104,7 +104,36 @@ class OPDConfig:
     check_schedules(self)
 
 
-SCHEDULE_TARGETS = ("loss.<numeric loss keyword>", "on_policy_fraction")
+SCHEDULE_TARGETS = ("loss.<numeric loss keyword>", "on_policy_fraction",
+                    "sampling.temperature", "teacher_sampling.temperature")
+TEMPERATURE_TARGETS = {"sampling.temperature": "sampling",
+                       "teacher_sampling.temperature": "teacher_sampling"}
+
+
+class _Tempered:
+  """A model whose logits are divided by τ_t/τ (τ_t traced, τ the sampling
+  config's temperature), so the sampler, dividing by τ, samples at τ_t; all
+  else is the model's. The step's completions read tokens and masks only
+  (``logprobs_t1`` of such a sample is at τ_t, not 1)."""
+
+  def __init__(self, model, temperature, base: float):
+    graphdef, state = nnx.split(model)
+    self._model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
+    self._ratio = jnp.asarray(temperature, jnp.float32) / jnp.float32(base)
+
+  def __getattr__(self, name):
+    return getattr(self._model, name)
+
+  def logits_from_hidden(self, h):
+    return self._model.logits_from_hidden(h) / self._ratio
+
+
+def _tempered(model, cfg: OPDConfig, target: str, hparams):
+  """``model`` sampling at the scheduled temperature ``target`` if any."""
+  if model is None or target not in (hparams or {}):
+    return model
+  base = getattr(cfg, TEMPERATURE_TARGETS[target]) or cfg.sampling
+  return _Tempered(model, hparams[target], base.temperature)
 
 
 def lambda_scheduled(cfg: OPDConfig) -> bool:
@@ -124,6 +153,12 @@ def check_schedules(cfg: OPDConfig) -> None:
   for target, sched in cfg.schedules:
     if not isinstance(sched, schedules_lib.Schedule):
       raise ValueError(f"schedules: {target!r} is not a Schedule: {sched!r}")
+    if target in TEMPERATURE_TARGETS:
+      base = getattr(cfg, TEMPERATURE_TARGETS[target]) or cfg.sampling
+      if base.greedy or not all(v > 0 for v in sched.values):
+        raise ValueError(f"schedules: {target} needs values > 0 and sampling (not greedy), "
+                         f"got {sched.values}")
+      continue
     if target == "on_policy_fraction":
       if not all(0.0 <= v <= 1.0 for v in sched.values):
         raise ValueError(f"schedules: on_policy_fraction values must lie in [0, 1], got "
@@ -534,13 +569,16 @@ def plan_rows(batch, rng, cfg: OPDConfig, sharder: Sharder | None = None, lam=No
   return order, xs
 
 
-def group_completions(student, teacher, x, cfg: OPDConfig):
+def group_completions(student, teacher, x, cfg: OPDConfig, hparams=None):
   """One group's completions from its slice ``x`` of :func:`plan_rows` (the
   group's first a rows on-policy, the other b off-policy).
 
   Returns a dict of ``[G, ...]`` arrays: prompt_ids, prompt_mask, tokens,
-  mask (completion), on_policy (bool rows), lengths, truncated.
+  mask (completion), on_policy (bool rows), lengths, truncated. ``hparams``:
+  scheduled values (a scheduled sampling temperature is used here).
   """
+  student = _tempered(student, cfg, "sampling.temperature", hparams)
+  teacher = _tempered(teacher, cfg, "teacher_sampling.temperature", hparams)
   prompt_ids, prompt_mask = x["prompt_ids"], x["prompt_mask"]
   g, big_n = prompt_ids.shape[0], cfg.sampling.max_new_tokens
   a = x["u_on"].shape[-1] if "u_on" in x else 0
@@ -575,16 +613,18 @@ def group_completions(student, teacher, x, cfg: OPDConfig):
   return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, on_policy=on_policy, **comp)
 
 
-def build_completions(student, teacher, batch, rng, cfg: OPDConfig, lam=None):
+def build_completions(student, teacher, batch, rng, cfg: OPDConfig, hparams=None):
   """Chooses and produces each row's completion (steps 1 and the λ mix), all
   rows at once (the compiled step does the same group by group).
 
   Returns a dict of ``[R, ...]`` arrays in the batch's row order: prompt_ids,
   prompt_mask, tokens, mask (completion), on_policy (bool rows), lengths,
-  truncated. Independent of ``cfg.micro_batches``.
+  truncated. Independent of ``cfg.micro_batches``. ``hparams``: the step's
+  scheduled values ({target: float32 scalar}; λ and temperatures are read).
   """
-  order, xs = plan_rows(batch, rng, cfg, lam=lam)
-  groups = [group_completions(student, teacher, jax.tree.map(lambda v: v[i], xs), cfg)
+  hparams = hparams or {}
+  order, xs = plan_rows(batch, rng, cfg, lam=hparams.get("on_policy_fraction"))
+  groups = [group_completions(student, teacher, jax.tree.map(lambda v: v[i], xs), cfg, hparams)
             for i in range(cfg.micro_batches)]
   out = jax.tree.map(lambda *v: jnp.concatenate(v), *groups)
   if order is not None:   # back to the batch's row order
@@ -642,7 +682,7 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
     params, teacher_params = jax.tree.map(lambda a: a, (params, teacher_params))
     student = nnx.merge(student_graphdef, params)
     teacher = None if teacher_graphdef is None else nnx.merge(teacher_graphdef, teacher_params)
-    comp = group_completions(student, teacher, x, run_cfg)
+    comp = group_completions(student, teacher, x, run_cfg, hparams)
     comp = jax.tree.map(jax.lax.stop_gradient, comp)
     p = comp["prompt_ids"].shape[1]
     ids, mask, pos = full_sequence(comp["prompt_ids"], comp["prompt_mask"],

@@ -12,8 +12,11 @@ Specs (t the step, the train state's counter; s0 < s1 integers):
 The step evaluates each schedule from its own step counter as a float32
 scalar (:func:`value`), so the values are traced, not static: one compiled
 step for the whole run, the values logged every step (``schedule/<target>``)
-and exact across resume (the counter is checkpointed). Targets are checked
-at start-up by the driver (a loss keyword taking numbers, …).
+and exact across resume (the counter is checkpointed). Targets, checked at
+start-up (``opd_step.check_schedules``): ``loss.<numeric keyword>``,
+``on_policy_fraction`` (λ; a traced per-row mask, see
+``opd_step.lambda_scheduled``), ``sampling.temperature``,
+``teacher_sampling.temperature``.
 """
 
 from __future__ import annotations

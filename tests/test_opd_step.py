@@ -575,7 +575,7 @@ def _lam_completions(cfg, gd_s, sp, gd_t, tp, batch, rng, lam):
   @jax.jit
   def f(sp, tp, batch, rng, lam):
     return opd_step.build_completions(nnx.merge(gd_s, sp), nnx.merge(gd_t, tp), batch, rng,
-                                      cfg, lam=lam)
+                                      cfg, {"on_policy_fraction": lam})
   return _host(f(sp, tp, batch, rng, jnp.float32(lam)))
 
 
@@ -608,6 +608,37 @@ def test_scheduled_lambda_picks_each_rows_completion(source):
     np.testing.assert_array_equal(four[k], half[k], err_msg=k)
 
 
+def test_scheduled_temperature_samples_like_the_static_one():
+  """A scheduled sampling temperature (traced) draws exactly the tokens of
+  the static one, for the student and for teacher samples; bad values fail."""
+  student, teacher = create_model(SCFG, seed=SEED), create_model(TCFG, seed=1)
+  (gd_s, sp), (gd_t, tp) = nnx.split(student), nnx.split(teacher)
+  rng = jax.random.PRNGKey(5)
+  tsamp = lambda t: SamplingConfig(max_new_tokens=3, temperature=t, top_k=20, eos_ids=EOS)
+
+  def comp(cfg, hp):
+    @jax.jit
+    def f(sp, tp, hp):
+      return opd_step.build_completions(nnx.merge(gd_s, sp), nnx.merge(gd_t, tp), _batch(),
+                                        rng, cfg, hp)
+    return _host(f(sp, tp, hp))
+
+  kw = dict(on_policy_fraction=0.5, off_policy_source="teacher")
+  static = comp(_base_cfg(sampling=_sampling(temperature=0.6), teacher_sampling=tsamp(1.7),
+                          **kw), {})
+  sched_cfg = _base_cfg(teacher_sampling=tsamp(1.0), **kw, schedules=(
+      "sampling.temperature=linear:1:0.2:0:8;teacher_sampling.temperature=constant:1.7"))
+  hp = {"sampling.temperature": jnp.float32(0.6),
+        "teacher_sampling.temperature": jnp.float32(1.7)}
+  sched = comp(sched_cfg, hp)
+  plain = comp(_base_cfg(teacher_sampling=tsamp(1.0), **kw), {})
+  for k in static:
+    np.testing.assert_array_equal(sched[k], static[k], err_msg=k)
+  assert not np.array_equal(plain["tokens"], static["tokens"])
+  with pytest.raises(ValueError, match="sampling.temperature"):
+    _base_cfg(schedules="sampling.temperature=linear:1:0:0:8")
+
+
 @pytest.mark.slow
 def test_scheduled_lambda_in_one_compiled_step():
   """λ from 0 to 1 in one run (off-policy first, then on-policy): logged as
@@ -631,7 +662,8 @@ def test_scheduled_lambda_in_one_compiled_step():
       def comp_of(sp, tp, rng):
         _, k_roll = jax.random.split(rng)
         return opd_step.build_completions(nnx.merge(b["gd_s"], sp), nnx.merge(b["gd_t"], tp),
-                                          _batch(), k_roll, cfg, lam=jnp.float32(0.5))
+                                          _batch(), k_roll, cfg,
+                                          {"on_policy_fraction": jnp.float32(0.5)})
       comp = _host(comp_of(params0, b["t_params"], jnp.asarray(rng0)))
       ls = _completion_logits(b["gd_s"], params0, comp, VOCAB)
       lt = _completion_logits(b["gd_t"], b["t_params"], comp, VOCAB)

@@ -68,9 +68,14 @@ def test_schedule_targets_checked_at_start_up():
   _cfg("skew_kl", sched="loss.alpha=cosine:0.1:0.3:0:5")
   _cfg("todi", sched="loss.beta=step:1:3:2")
   _cfg("reverse_kl", sched="loss.student_temperature=linear:1:0.8:0:5")
+  cfg = _cfg("reverse_kl", sched="on_policy_fraction=linear:0:1:0:5;"
+             "sampling.temperature=cosine:1.2:0.8:0:5;teacher_sampling.temperature=constant:1")
+  assert opd_step.lambda_scheduled(cfg) and not opd_step.lambda_scheduled(_cfg("reverse_kl"))
   cases = [
-      (("reverse_kl", None, "on_policy_fraction=linear:0:1:0:5"), "unknown target"),
-      (("reverse_kl", None, "sampling.temperature=constant:1"), "unknown target"),
+      (("reverse_kl", None, "data.mixture.easy=linear:0:1:0:5"), "unknown target"),
+      (("reverse_kl", None, "sampling.top_p=constant:0.9"), "unknown target"),
+      (("reverse_kl", None, "on_policy_fraction=linear:0:1.5:0:5"), r"\[0, 1\]"),
+      (("reverse_kl", None, "sampling.temperature=constant:0"), "values > 0"),
       (("jsd", None, "loss.alpha=constant:0.1"), "no keyword 'alpha'"),
       (("distillm2", None, "loss.on_policy=constant:1"), "no keyword"),
       (("k1", None, "loss.mode=constant:1"), "not numeric"),
