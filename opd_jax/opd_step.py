@@ -105,6 +105,7 @@ class OPDConfig:
 
 
 SCHEDULE_TARGETS = ("loss.<numeric loss keyword>", "on_policy_fraction",
+                    "data.mixture.<source> (data, host side)",
                     "sampling.temperature", "teacher_sampling.temperature")
 TEMPERATURE_TARGETS = {"sampling.temperature": "sampling",
                        "teacher_sampling.temperature": "teacher_sampling"}

@@ -16,7 +16,8 @@ and exact across resume (the counter is checkpointed). Targets, checked at
 start-up (``opd_step.check_schedules``): ``loss.<numeric keyword>``,
 ``on_policy_fraction`` (λ; a traced per-row mask, see
 ``opd_step.lambda_scheduled``), ``sampling.temperature``,
-``teacher_sampling.temperature``.
+``teacher_sampling.temperature``; and, host side in the data pipeline (a
+weight per global batch, :func:`host_value`), ``data.mixture.<source>``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import dataclasses
 import math
 
 import jax.numpy as jnp
+import numpy as np
 
 KINDS = ("constant", "linear", "cosine", "step")
 
@@ -105,6 +107,24 @@ def value(schedule: Schedule, step) -> jnp.ndarray:
     frac = 0.5 * (1.0 - jnp.cos(jnp.pi * frac))
   return (jnp.float32(v[0]) + (jnp.float32(v[1]) - jnp.float32(v[0])) * frac).astype(
       jnp.float32)
+
+
+def host_value(schedule: Schedule, step: int) -> float:
+  """:func:`value` on the host (numpy float32 arithmetic, no device call):
+  for host-side schedules such as data mixture weights."""
+  f32, t, v = np.float32, np.float32(step), schedule.values
+  if schedule.kind == "constant":
+    return float(f32(v[0]))
+  if schedule.kind == "step":
+    out = f32(v[0])
+    for s, vi in zip(schedule.steps, v[1:]):
+      out = f32(vi) if t >= s else out
+    return float(out)
+  s0, s1 = schedule.steps
+  frac = np.clip((t - f32(s0)) / f32(s1 - s0), f32(0), f32(1))
+  if schedule.kind == "cosine":
+    frac = f32(0.5) * (f32(1) - np.cos(f32(np.pi) * frac))
+  return float(f32(v[0]) + (f32(v[1]) - f32(v[0])) * frac)
 
 
 def values(schedules, step) -> dict[str, jnp.ndarray]:

@@ -113,6 +113,7 @@ class Settings:
   train_files: str
   num_epochs: int | None      # None: repeat forever
   mixture: dict[str, float] | None
+  mixture_schedules: tuple    # ((source, schedules.Schedule), ...): "data.mixture.<source>"
   new_tokens: int             # sampling.max_new_tokens
   completion_len: int         # data.max_completion_len (0: new_tokens)
   on_policy_fraction: float   # GKD λ
@@ -133,8 +134,14 @@ def settings_of(config) -> Settings:
       seed=int(e.seed)) for name, e in config.evals.items())
   cs = config.cold_start
   lam, source = float(config.on_policy_fraction), config.off_policy_source
-  lam_schedule = dict(schedules_lib.parse_all(str(config.get("schedules", "")))).get(
-      "on_policy_fraction")
+  scheduled = schedules_lib.parse_all(str(config.get("schedules", "")))
+  lam_schedule = dict(scheduled).get("on_policy_fraction")
+  data_key = "data.mixture."
+  mixture_schedules = tuple((t[len(data_key):], v) for t, v in scheduled
+                            if t.startswith(data_key))
+  if mixture_schedules and not len(d.mixture):
+    raise ValueError("schedules on data.mixture.<source> need config.data.mixture (the "
+                     "sources and their static weights)")
   if lam_schedule is not None:   # a scheduled λ: data / teacher for its lowest value
     lam = min(lam_schedule.values)
   return Settings(
@@ -152,7 +159,8 @@ def settings_of(config) -> Settings:
           use_chat_template=bool(d.use_chat_template), overlong=d.overlong,
           on_error=d.on_error),
       train_files=d.train_files, num_epochs=int(d.num_epochs) or None,
-      mixture=d.mixture.to_dict() if len(d.mixture) else None, new_tokens=n,
+      mixture=d.mixture.to_dict() if len(d.mixture) else None,
+      mixture_schedules=mixture_schedules, new_tokens=n,
       completion_len=int(d.max_completion_len) or n, on_policy_fraction=lam,
       off_policy_source=source,
       use_teacher=(losses_lib.needs_teacher(config.loss.name) or bool(config.metrics.enabled)
@@ -317,7 +325,9 @@ def opd_config(config, sampling: SamplingConfig) -> OPDConfig:
       metrics=bool(config.metrics.enabled),
       metrics_top_k=int(config.metrics.top_k),
       position_chunk=int(config.metrics.position_chunk),
-      micro_batches=int(config.micro_batches), schedules=str(config.get("schedules", "")))
+      micro_batches=int(config.micro_batches),
+      schedules=tuple((t, v) for t, v in schedules_lib.parse_all(str(config.get("schedules", "")))
+                      if not t.startswith("data.mixture.")))   # those are the data's
 
 
 def build_data(settings: Settings, tokenizer):
@@ -326,7 +336,8 @@ def build_data(settings: Settings, tokenizer):
     raise ValueError("config.data.train_files is empty")
   data = data_lib.PromptData.build(settings.train_files, tokenizer, settings.data)
   it = data.iterator(settings.batch_size, seed=settings.seed, num_epochs=settings.num_epochs,
-                     mixture=settings.mixture)
+                     mixture=settings.mixture,
+                     mixture_schedules=dict(settings.mixture_schedules) or None)
   return data, it
 
 
@@ -753,6 +764,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     t0 = time.time()
     state, metrics = phase.compiled(state, phase.teacher, batch)
     metrics = step_metrics(run, phase, metrics, time.time() - t0, peak)
+    if phase.name == "opd":   # host-side schedules: the weights of this step's batch
+      metrics.update({f"schedule/data.mixture.{src}": schedules_lib.host_value(
+          sched, step - 1 - s.cold_start.steps) for src, sched in s.mixture_schedules})
     if step == start + 1:
       metrics["compile_time_s"] = run.compile_s
     for hook in hooks:
