@@ -4,10 +4,10 @@
 ``;``, e.g. ``"loss.beta=linear:1.0:1.5:0:500;loss.alpha=cosine:0.1:0.3:0:1000"``.
 Specs (t the step, the train state's counter; s0 < s1 integers):
 
-  constant:v                  v
-  linear:v0:v1:s0:s1          v0 for t ≤ s0, v0 + (v1 − v0)·(t − s0)/(s1 − s0), v1 for t ≥ s1
-  cosine:v0:v1:s0:s1          v1 + (v0 − v1)·½(1 + cos(π·(t − s0)/(s1 − s0))), clamped alike
-  step:v0:s1:v1:s2:v2...      v0 for t < s1, v1 for s1 ≤ t < s2, ... (increasing s_i)
+  constant:v              v
+  linear:v0:v1:s0:s1      v0 + (v1 − v0)·f, f = clip((t − s0)/(s1 − s0), 0, 1)
+  cosine:v0:v1:s0:s1      v0 + (v1 − v0)·½(1 − cos(π·f)), f as for linear
+  step:v0:s1:v1:s2:v2...  v0 for t < s1, v1 for s1 ≤ t < s2, ... (increasing s_i)
 
 The step evaluates each schedule from its own step counter as a float32
 scalar (:func:`value`), so the values are traced, not static: one compiled

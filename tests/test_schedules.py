@@ -42,6 +42,9 @@ def test_schedule_shapes_match_formulas(kind):
   np.testing.assert_allclose(host, want, rtol=1e-6, atol=1e-7)
   np.testing.assert_array_equal(traced, host)   # the step and the host agree bit for bit
   assert traced.dtype == np.float32
+  # The host-side form (data mixture weights), numpy float32 arithmetic.
+  np.testing.assert_allclose([schedules.host_value(sched, int(t)) for t in STEPS], host,
+                             rtol=1e-6, atol=1e-7)
 
 
 def test_parse_all_and_errors():
