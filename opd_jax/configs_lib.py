@@ -79,7 +79,8 @@ def loss_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   plus aggregation settings."""
   fn = losses_lib.LOSSES.get(name)
   kwargs = {p.name: p.default for p in inspect.signature(fn).parameters.values()
-            if p.kind == p.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
+            if p.kind == p.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
+            and p.name not in losses_lib.ROW_INPUTS}
   cfg = dict(name=name, aggregation="token_mean", normalizer=0.0, chunk=64,
              chunk_budget_mib=1024.0, **kwargs)
   for k, v in overrides.items():
@@ -130,6 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.off_policy_source = "dataset"   # or "teacher"
   c.micro_batches = 1               # row groups per step (lax.scan), one update
   c.loss = loss_config("reverse_kl")
+  # Scheduled settings, "target=spec;...", e.g. "loss.beta=linear:1.0:1.5:0:500"
+  # (opd_jax.schedules; logged every step as schedule/<target>).
+  c.schedules = ""
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-6, schedule="constant", warmup_steps=0, total_steps=0,
       end_lr_factor=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0,

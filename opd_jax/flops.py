@@ -101,10 +101,13 @@ def step_flops(cfg: Any, student: Any, teacher: Any | None, *, batch_size: int,
                prompt_len: int, vocab: int) -> dict[str, int]:
   """:func:`opd_step_flops` of the step ``cfg`` (an ``OPDConfig``) builds for
   ``batch_size`` prompts of ``prompt_len`` tokens: R = batch·num_samples,
-  N = max_new_tokens, λ·R rows on-policy (``opd_step.split_rows``)."""
-  from opd_jax.opd_step import split_rows
+  N = max_new_tokens, λ·R rows on-policy (``opd_step.split_rows``; all R, and
+  all R teacher-sampled with that source, when λ is scheduled)."""
+  from opd_jax.opd_step import lambda_scheduled, split_rows
   rows = batch_size * cfg.sampling.num_samples
   on = split_rows(rows, cfg.on_policy_fraction)
   by_teacher = rows - on if cfg.off_policy_source == "teacher" else 0
+  if lambda_scheduled(cfg):   # every row sampled by the student and off-policy
+    on, by_teacher = rows, rows if cfg.off_policy_source == "teacher" else 0
   return opd_step_flops(student, teacher, rows, prompt_len, cfg.sampling.max_new_tokens,
                         vocab, on_policy_rows=on, teacher_sampled_rows=by_teacher)

@@ -40,7 +40,10 @@ import jax.numpy as jnp
 
 from opd_jax.registry import Registry
 
-LOSSES = Registry("loss", needs_teacher=True)   # reads teacher logits
+# needs_teacher: reads teacher logits; row_role: reads ``on_policy`` [B, C] bool
+# (True where the position's row is a student sample), passed by the step.
+LOSSES = Registry("loss", needs_teacher=True, row_role=False)
+ROW_INPUTS = ("on_policy",)   # per-position inputs the step passes, never config
 
 _TOPK_STRATEGIES = ("student", "teacher", "union", "intersection")
 _TOPK_WEIGHTS = ("student", "teacher", "none")
@@ -119,8 +122,13 @@ def _kl(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
 
 
 def _log_mixture(log_a: jax.Array, log_b: jax.Array,
-                 weight_a: float) -> jax.Array:
-  """log(w·a + (1 − w)·b) elementwise for a static weight w ∈ [0, 1]."""
+                 weight_a: float | jax.Array) -> jax.Array:
+  """log(w·a + (1 − w)·b) elementwise for a weight w ∈ [0, 1]: a Python
+  number (endpoints special-cased) or a traced scalar (a scheduled value;
+  log 0 = −inf drops that side exactly)."""
+  if not isinstance(weight_a, numbers.Real):
+    w = jnp.asarray(weight_a, jnp.float32)
+    return jnp.logaddexp(log_a + jnp.log(w), log_b + jnp.log1p(-w))
   if weight_a == 0:
     return log_b
   if weight_a == 1:
@@ -423,6 +431,130 @@ def topk_opd(student_logits, teacher_logits, tokens=None, *, k: int = 16,
 
 
 # ----------------------------------------------------------------------------
+# Objectives researchers compare against (issue #18).
+# ----------------------------------------------------------------------------
+
+
+@LOSSES.register("distillm2", row_role=True)
+def distillm2(student_logits, teacher_logits, tokens=None, *, on_policy=None,
+              alpha_teacher: float = 0.1, alpha_student: float = 0.1,
+              beta: float = 1.0, student_temperature: float = 1.0,
+              teacher_temperature: float = 1.0) -> jax.Array:
+  """DistiLLM-2 contrastive loss (CALD; Ko et al., ICML 2025, arXiv 2503.07067,
+  Eq. 4 and the official ``distillm_v2`` trainer loss). [B, C].
+
+  Per position, by the role of its row (``on_policy`` [B, C] bool, from the
+  step's per-sample on/off-policy mix):
+    off-policy row (teacher response y ~ q, off_policy_source="teacher"):
+      (2 − β)·KL(q ‖ α_t·q + (1 − α_t)·p)          skew KL: raises p(y_teacher)
+    on-policy row (student response y ~ p):
+      β·KL(p ‖ α_s·sg(p) + (1 − α_s)·q)            skew reverse KL: lowers p(y_student)
+  The student inside the reverse term's mixture is stop-gradient'ed, as in
+  the official code (``student_vocab_logps.detach()``), so this reverse term
+  differs in gradient from ``skew_rkl``. β = 1 weighs the two equally; the
+  official "gradual β" raises it linearly from 1 to 1.5 over the first half of
+  training, β(t) = 1 + 0.5·min(1, 2t/T): set ``loss.schedules.beta`` to a
+  linear schedule (1.0 → 1.5 over T/2 steps). α_t, α_s are the paper's fixed
+  base α (0.1); its adaptive α (a clip of 1 − anchor/Δ, needing per-sample
+  log-prob statistics of the initial models precomputed over the dataset) is
+  not implemented. With off_policy_source="dataset" the dataset responses
+  take the teacher-response role. Reduction is the step's aggregation
+  (the official code averages per sequence, = aggregation "sequence_mean").
+  ``tokens`` is unused.
+  """
+  del tokens
+  _check_range("alpha_teacher", alpha_teacher, 0.0, 1.0, hi_open=True)
+  _check_range("alpha_student", alpha_student, 0.0, 1.0, hi_open=True)
+  _check_range("beta", beta, 0.0, 2.0)
+  if on_policy is None:
+    raise ValueError("distillm2 needs on_policy (the row role, [B, C] bool; "
+                     "the OPD step passes it)")
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
+                          teacher_temperature)
+  teacher_term = _kl(logq, _log_mixture(logq, logp, alpha_teacher))
+  student_term = _kl(logp, _log_mixture(jax.lax.stop_gradient(logp), logq,
+                                        alpha_student))
+  return jnp.where(jnp.asarray(on_policy, bool), beta * student_term,
+                   (2.0 - beta) * teacher_term)
+
+
+@LOSSES.register("todi")
+def todi(student_logits, teacher_logits, tokens=None, *, beta: float = 1.0,
+         student_temperature: float = 1.0,
+         teacher_temperature: float = 1.0) -> jax.Array:
+  """ToDi, token-wise divergence control (Jung et al., EMNLP 2025, arXiv
+  2505.16297, Eq. 9 and the official ``compute_ToDi``). [B, C].
+
+    ToDi = Σ_v w(v)·q(v)(log q(v) − log p(v))
+           + (1 − w(v))·p(v)(log p(v) − log q(v)),
+    w(v) = sg(σ(β·(log q(v) − log p(v))))
+
+  per vocabulary entry: forward KL where the student under-estimates the
+  teacher (q > p, w > ½), reverse KL where it over-estimates. β = 1 is the
+  paper's and the official code's weight; other β scale the log-ratio inside
+  the sigmoid (our knob; β = 0 gives ½(FKL + RKL)). ``tokens`` is unused.
+  """
+  del tokens
+  _check_range("beta", beta, 0.0, math.inf, hi_open=True)
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
+                          teacher_temperature)
+  p, q = jnp.exp(logp), jnp.exp(logq)
+  live = (p > 0) | (q > 0)
+  diff = jnp.where(live, logq - logp, 0.0)            # log q − log p
+  w = jax.lax.stop_gradient(jax.nn.sigmoid(beta * diff))
+  terms = w * jnp.where(q > 0, q * diff, 0.0) - (1.0 - w) * jnp.where(p > 0, p * diff, 0.0)
+  return jnp.sum(jnp.where(live, terms, 0.0), axis=-1)
+
+
+def akl_head_mask(teacher_logits, *, mu: float = 0.5,
+                  teacher_temperature: float = 1.0) -> jax.Array:
+  """AKL's head set as a [..., V] bool mask (no gradient): the teacher's most
+  probable entries whose cumulative teacher probability, in descending order,
+  stays ≤ μ, and always the top-1 (official ``get_ratio``: ``mask = cum_sum >
+  mu; mask[..., 0] = False``). Found from the sorted values as a threshold,
+  q(v) ≥ q_(h) with h = max(1, #{i : Σ_{j≤i} q_(j) ≤ μ}), so entries tied
+  with the last head entry all join the head (the official argsort splits
+  ties arbitrarily)."""
+  logq = _log_softmax(jax.lax.stop_gradient(teacher_logits), teacher_temperature)
+  q = jnp.exp(logq)
+  q_sorted = -jnp.sort(-q, axis=-1)                     # descending
+  count = jnp.sum(jnp.cumsum(q_sorted, axis=-1) <= mu, axis=-1, keepdims=True)
+  h = jnp.maximum(count, 1)
+  threshold = jnp.take_along_axis(q_sorted, h - 1, axis=-1)
+  return q >= threshold
+
+
+@LOSSES.register("akl")
+def akl(student_logits, teacher_logits, tokens=None, *, mu: float = 0.5,
+        student_temperature: float = 1.0,
+        teacher_temperature: float = 1.0) -> jax.Array:
+  """Adaptive KL (Wu et al., COLING 2025, "Rethinking Kullback-Leibler
+  Divergence in Knowledge Distillation for LLMs", arXiv 2404.02657, Eqs. 9-11
+  and the official ``AKL.py``). [B, C].
+
+    g_head = Σ_{v∈H} |q(v) − p(v)|,  g_tail = Σ_{v∉H} |q(v) − p(v)|,
+    AKL = g_head/(g_head + g_tail)·KL(q‖p) + g_tail/(g_head + g_tail)·KL(p‖q)
+
+  with H the teacher's head (:func:`akl_head_mask`, μ = 0.5) and both gaps
+  stop-gradient'ed. If p = q (both gaps 0) the weights are ½ each (the loss
+  and its gradient are 0 either way). Needs a sort of the teacher's
+  probabilities over the vocabulary per position. ``tokens`` is unused.
+  """
+  del tokens
+  _check_range("mu", mu, 0.0, 1.0)
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
+                          teacher_temperature)
+  head = akl_head_mask(teacher_logits, mu=mu, teacher_temperature=teacher_temperature)
+  gap = jnp.abs(jnp.exp(logq) - jnp.exp(jax.lax.stop_gradient(logp)))
+  g_head = jnp.sum(jnp.where(head, gap, 0.0), axis=-1)
+  g_tail = jnp.sum(jnp.where(head, 0.0, gap), axis=-1)
+  total = g_head + g_tail
+  w_head = jax.lax.stop_gradient(
+      jnp.where(total > 0, g_head / jnp.where(total > 0, total, 1.0), 0.5))
+  return w_head * _kl(logq, logp) + (1.0 - w_head) * _kl(logp, logq)
+
+
+# ----------------------------------------------------------------------------
 # Supervised cross-entropy.
 # ----------------------------------------------------------------------------
 
@@ -449,6 +581,18 @@ def needs_teacher(name: str) -> bool:
   return bool(LOSSES.info(name)["needs_teacher"])
 
 
+def needs_row_role(name: str) -> bool:
+  """Whether loss ``name`` reads ``on_policy`` (each position's row role,
+  [B, C] bool), as declared at its registration (ValueError if unknown)."""
+  return bool(LOSSES.info(name)["row_role"])
+
+
+def row_inputs(name: str, on_policy: jax.Array) -> dict[str, jax.Array]:
+  """The per-position keyword inputs loss ``name`` reads: {"on_policy":
+  on_policy} for a row-role loss, else {} (``on_policy`` [B, C] bool)."""
+  return {"on_policy": on_policy} if needs_row_role(name) else {}
+
+
 def get_loss(name: str,
              kwargs: Mapping[str, Any] | None = None) -> Callable[..., Any]:
   """The per-token loss ``name`` with its keyword hyperparameters bound.
@@ -457,10 +601,12 @@ def get_loss(name: str,
   keyword (listing valid keys), or a bad value (the function is traced once
   abstractly on a [1, 1, 2] input, so value checks fire here, not at step 1).
   """
-  fn = LOSSES.build(name, kwargs)
+  fn = LOSSES.build(name, kwargs, exclude=ROW_INPUTS)
   logits = jax.ShapeDtypeStruct((1, 1, 2), jnp.float32)
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  jax.eval_shape(fn, logits, logits if needs_teacher(name) else None, tokens)
+  rows = row_inputs(name, jax.ShapeDtypeStruct((1, 1), jnp.bool_))
+  jax.eval_shape(lambda s, t, y, r: fn(s, t, y, **r), logits,
+                 logits if needs_teacher(name) else None, tokens, rows)
   return fn
 
 
@@ -601,8 +747,10 @@ def _topk_opd_rule(student_logits, teacher_logits, tokens, cotangent, *,
 
 
 def logits_value_and_grad(loss_fn: Callable[..., Any], top_k_fn: TopK = jax.lax.top_k):
-  """``f(s, t, tokens, c) -> (loss [B, C], c·∂loss/∂s [B, C, V])`` for a loss
-  from :func:`get_loss` (a registry function with its kwargs bound).
+  """``f(s, t, tokens, c, **extra) -> (loss [B, C], c·∂loss/∂s [B, C, V])`` for
+  a loss from :func:`get_loss` (a registry function with its kwargs bound);
+  ``extra`` (row inputs such as ``on_policy``, traced hyperparameters) is
+  passed on to the loss as keywords.
 
   Losses with a closed-form rule (reverse KL, top-k OPD) get it: a few passes
   over the chunk's logits, no autodiff tape of [B, C, V] intermediates, and
@@ -616,8 +764,8 @@ def logits_value_and_grad(loss_fn: Callable[..., Any], top_k_fn: TopK = jax.lax.
   if rule is not None:
     return functools.partial(rule, top_k_fn=top_k_fn, **kwargs)
 
-  def autodiff(s, t, tokens, cotangent):
-    per_token, pull = jax.vjp(lambda s: loss_fn(s, t, tokens), s)
+  def autodiff(s, t, tokens, cotangent, **extra):
+    per_token, pull = jax.vjp(lambda s: loss_fn(s, t, tokens, **extra), s)
     return per_token, pull(jnp.asarray(cotangent, per_token.dtype))[0]
   return autodiff
 

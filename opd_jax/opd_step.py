@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -41,7 +42,9 @@ import optax
 from flax import nnx
 
 from opd_jax import losses as losses_lib
-from opd_jax import metrics as metrics_lib, optim
+from opd_jax import metrics as metrics_lib
+from opd_jax import optim
+from opd_jax import schedules as schedules_lib
 from opd_jax.models.config import ModelConfig
 from opd_jax.models.transformer import NEG_INF
 from opd_jax.sampling import SamplingConfig, full_sequence, sample
@@ -76,10 +79,15 @@ class OPDConfig:
   metrics_top_k: int = 16
   position_chunk: int = 64
   micro_batches: int = 1                     # M row groups per step, one update
+  # ((target, schedules.Schedule), ...) or the config string "loss.beta=linear:...;...":
+  # values computed in the step from its counter (traced), see check_schedules.
+  schedules: tuple[tuple[str, Any], ...] = ()
 
   def __post_init__(self):
     if isinstance(self.loss_kwargs, Mapping):
       object.__setattr__(self, "loss_kwargs", tuple(sorted(self.loss_kwargs.items())))
+    if isinstance(self.schedules, str):
+      object.__setattr__(self, "schedules", schedules_lib.parse_all(self.schedules))
     if not 0.0 <= self.on_policy_fraction <= 1.0:
       raise ValueError(f"on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
     if self.off_policy_source not in OFF_POLICY_SOURCES:
@@ -95,6 +103,96 @@ class OPDConfig:
       raise ValueError(f"micro_batches must be an int >= 1, got {m!r}")
     object.__setattr__(self, "micro_batches", int(m))
     losses_lib.get_loss(self.loss, dict(self.loss_kwargs))  # fail fast, clear error
+    check_schedules(self)
+
+
+SCHEDULE_TARGETS = ("loss.<numeric loss keyword>", "on_policy_fraction",
+                    "data.mixture.<source> (data, host side)",
+                    "sampling.temperature", "teacher_sampling.temperature")
+TEMPERATURE_TARGETS = {"sampling.temperature": "sampling",
+                       "teacher_sampling.temperature": "teacher_sampling"}
+
+
+class _Tempered:
+  """A model whose logits are divided by τ_t/τ (τ_t traced, τ the sampling
+  config's temperature), so the sampler, dividing by τ, samples at τ_t; all
+  else is the model's. The step's completions read tokens and masks only
+  (``logprobs_t1`` of such a sample is at τ_t, not 1)."""
+
+  def __init__(self, model, temperature, base: float):
+    graphdef, state = nnx.split(model)
+    self._model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
+    self._ratio = jnp.asarray(temperature, jnp.float32) / jnp.float32(base)
+
+  def __getattr__(self, name):
+    return getattr(self._model, name)
+
+  def logits_from_hidden(self, h):
+    return self._model.logits_from_hidden(h) / self._ratio
+
+
+def _tempered(model, cfg: OPDConfig, target: str, hparams):
+  """``model`` sampling at the scheduled temperature ``target`` if any."""
+  if model is None or target not in (hparams or {}):
+    return model
+  base = getattr(cfg, TEMPERATURE_TARGETS[target]) or cfg.sampling
+  return _Tempered(model, hparams[target], base.temperature)
+
+
+def lambda_scheduled(cfg: OPDConfig) -> bool:
+  """Whether λ follows a schedule: then every row is sampled by the student
+  AND given its off-policy completion, and a traced per-row mask picks one
+  (``round(λ_t·R)`` rows on-policy; ``cfg.on_policy_fraction`` is unused)."""
+  return any(t == "on_policy_fraction" for t, _ in cfg.schedules)
+
+
+def check_schedules(cfg: OPDConfig) -> None:
+  """Raises ValueError unless every scheduled target can be a traced scalar:
+  ``loss.<kw>`` with ``kw`` a keyword of the loss whose value is a number
+  (not a string / bool / None) and that the loss accepts as a traced value
+  (checked by tracing it once abstractly; e.g. JSD's β, special-cased at the
+  endpoints in Python, and top-k's k, a shape, are static)."""
+  traced = {}
+  for target, sched in cfg.schedules:
+    if not isinstance(sched, schedules_lib.Schedule):
+      raise ValueError(f"schedules: {target!r} is not a Schedule: {sched!r}")
+    if target in TEMPERATURE_TARGETS:
+      base = getattr(cfg, TEMPERATURE_TARGETS[target]) or cfg.sampling
+      if base.greedy or not all(v > 0 for v in sched.values):
+        raise ValueError(f"schedules: {target} needs values > 0 and sampling (not greedy), "
+                         f"got {sched.values}")
+      continue
+    if target == "on_policy_fraction":
+      if not all(0.0 <= v <= 1.0 for v in sched.values):
+        raise ValueError(f"schedules: on_policy_fraction values must lie in [0, 1], got "
+                         f"{sched.values}")
+      continue
+    kind, _, name = target.partition(".")
+    if kind != "loss" or not name:
+      raise ValueError(f"schedules: unknown target {target!r}; valid: "
+                       f"{list(SCHEDULE_TARGETS)}")
+    valid = losses_lib.LOSSES.valid_kwargs(cfg.loss, exclude=losses_lib.ROW_INPUTS)
+    if name not in valid:
+      raise ValueError(f"schedules: {target!r}: loss {cfg.loss!r} has no keyword {name!r}; "
+                       f"valid: {valid}")
+    fn = losses_lib.LOSSES.get(cfg.loss)
+    current = dict(cfg.loss_kwargs).get(name, inspect.signature(fn).parameters[name].default)
+    if isinstance(current, bool) or not isinstance(current, (int, float)):
+      raise ValueError(f"schedules: {target!r}: loss keyword {name!r} is not numeric "
+                       f"(value {current!r}); only numbers can follow a schedule")
+    traced[name] = jax.ShapeDtypeStruct((), jnp.float32)
+  if not traced:
+    return
+  loss_fn = losses_lib.get_loss(cfg.loss, dict(cfg.loss_kwargs))
+  logits = jax.ShapeDtypeStruct((1, 1, 2), jnp.float32)
+  rows = losses_lib.row_inputs(cfg.loss, jax.ShapeDtypeStruct((1, 1), jnp.bool_))
+  try:
+    jax.eval_shape(lambda s, hp, r: losses_lib.logits_value_and_grad(loss_fn)(
+        s, s, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1)), **hp, **r), logits, traced, rows)
+  except (jax.errors.JAXTypeError, TypeError, ValueError) as e:
+    raise ValueError(f"schedules: loss {cfg.loss!r} uses {sorted(traced)} as static values "
+                     f"(Python control flow or shapes), so they cannot follow a schedule "
+                     f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
 def common_vocab_size(student: ModelConfig, teacher: ModelConfig,
@@ -235,7 +333,8 @@ def auto_loss_chunk(rows: int, length: int, vocab: int, sharder: Sharder, *,
 def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
                        loss_fn, vocab: int, chunk: int, metrics: bool,
                        top_k: int, position_chunk: int, sharder: Sharder,
-                       chunk_budget_mib: float = 1024.0):
+                       chunk_budget_mib: float = 1024.0, loss_inputs=None,
+                       loss_hparams=None):
   """Σ_t weights·loss_t over a sequence, in chunks, plus metric sums.
 
   h_s ``[R, N, Ds]`` (differentiable), h_t ``[R, N, Dt]`` (teacher, constant),
@@ -255,8 +354,14 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
   top-k runs per device (:func:`sharded_top_k`).
 
   ``chunk=0`` picks C with :func:`auto_loss_chunk` from ``chunk_budget_mib``.
+  ``loss_inputs``: optional dict of ``[R, N]`` per-position arrays (e.g. the
+  row role ``on_policy``, :func:`losses.row_inputs`), chunked like the tokens
+  and passed to the loss as keywords. ``loss_hparams``: optional dict of
+  scalar (traced) loss keywords, e.g. scheduled values, overriding the bound
+  ones.
   """
   r, n = tokens.shape
+  extra_names = tuple(sorted(loss_inputs or {}))
   vmin = min(w_s.shape[-1], w_t.shape[-1]) if h_t is not None else w_s.shape[-1]
   if chunk == 0:
     chunk = auto_loss_chunk(r, n, vmin, sharder, budget_mib=chunk_budget_mib,
@@ -281,7 +386,8 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
   to_chunks = lambda a: sharder.constrain(_to_chunks(_pad_time(a, n_pad), chunk),
                                           chunk_axes(a) + (None,))
   consts = tuple(to_chunks(a) for a in
-                 (jax.lax.stop_gradient(h_t), tokens, weights, metric_mask, positions))
+                 (jax.lax.stop_gradient(h_t), tokens, weights, metric_mask, positions)
+                 + tuple(jax.lax.stop_gradient(loss_inputs[k]) for k in extra_names))
   num_pos_chunks = max(1, int(math.ceil(n / position_chunk)))
   sums0 = {}
   if metrics:
@@ -298,12 +404,13 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
 
     def body(carry, x):
       total, sums, dw_acc = carry
-      hs, ht, y, w, mm, pos = x
+      hs, ht, y, w, mm, pos = x[:6]
+      extra = dict(zip(extra_names, x[6:]), **(loss_hparams or {}))
       ls = sharder.constrain(_project(hs, ws, vocab), LOGIT_AXES)
       lt = sharder.constrain(_project(ht, w_t, vocab), LOGIT_AXES) if has_teacher else None
       dhs = None
       if with_grad:
-        per_tok, dls = value_and_grad(ls, lt, y, w)
+        per_tok, dls = value_and_grad(ls, lt, y, w, **extra)
         if vmin > vocab:   # masked (padded) columns get no gradient
           dls = jnp.where(jnp.arange(vmin) < vocab, dls, 0.0)
         dls = sharder.constrain(dls.astype(hs.dtype), LOGIT_AXES)
@@ -318,7 +425,7 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
                                   preferred_element_type=jnp.float32)
         dw_acc = sharder.constrain(dw_acc + dws, weight_axes)
       else:
-        per_tok = loss_fn(ls, lt, y)
+        per_tok = loss_fn(ls, lt, y, **extra)
       value = jnp.sum(w * per_tok)
       if metrics:
         per_tok = metrics_lib.token_metrics(ls, lt, y, k=top_k, top_k_fn=top_k_fn)
@@ -374,7 +481,7 @@ def check_micro_batches(rows: int, cfg: OPDConfig, dp: int = 1) -> None:
   and M | the on-policy and off-policy row counts (every group gets the same
   static λ mix)."""
   m = cfg.micro_batches
-  n_on = split_rows(rows, cfg.on_policy_fraction)
+  n_on = rows if lambda_scheduled(cfg) else split_rows(rows, cfg.on_policy_fraction)
   if rows % m:
     raise ValueError(f"micro_batches={m} must divide the rows per step (batch_size x "
                      f"num_samples = {rows})")
@@ -387,7 +494,7 @@ def check_micro_batches(rows: int, cfg: OPDConfig, dp: int = 1) -> None:
                      f"{cfg.on_policy_fraction} x {rows} rows")
 
 
-def plan_rows(batch, rng, cfg: OPDConfig, sharder: Sharder | None = None):
+def plan_rows(batch, rng, cfg: OPDConfig, sharder: Sharder | None = None, lam=None):
   """Everything about the rows that is decided before any sampling, grouped
   for ``cfg.micro_batches`` = M (shapes: R rows, G = R/M per group, a / b
   on- / off-policy rows per group, N completion length).
@@ -397,6 +504,11 @@ def plan_rows(batch, rng, cfg: OPDConfig, sharder: Sharder | None = None):
   teacher) are drawn for all rows at once, exactly as for M = 1; group g
   takes on-policy rows ``g·a .. g·a+a-1`` and off-policy rows
   ``g·b .. g·b+b-1`` of those lists, so no sample depends on M.
+
+  With λ scheduled (:func:`lambda_scheduled`; ``lam`` its traced value) rows
+  stay in batch order, every row gets the student's uniforms AND its
+  off-policy inputs, and ``on_mask`` ``[M, G]`` marks the ``round(λ·R)`` rows
+  (the first of a random permutation) that are on-policy.
 
   Returns (order ``[R]`` int32: original row of each grouped row, or None
   when it is the identity; dict of group-major ``[M, ...]`` arrays: prompt_ids /
@@ -409,8 +521,11 @@ def plan_rows(batch, rng, cfg: OPDConfig, sharder: Sharder | None = None):
   prompt_mask = _repeat(batch["prompt_mask"], n).astype(jnp.bool_)
   rows, big_n = prompt_ids.shape[0], cfg.sampling.max_new_tokens
   check_micro_batches(rows, cfg, data_parallel_size(sh))
-  n_on = split_rows(rows, cfg.on_policy_fraction)
-  n_off = rows - n_on
+  scheduled = lambda_scheduled(cfg)
+  if scheduled and lam is None:
+    raise ValueError("a scheduled on_policy_fraction needs its value (lam=)")
+  n_on = rows if scheduled else split_rows(rows, cfg.on_policy_fraction)
+  n_off = rows if scheduled else rows - n_on
   k_sample, k_perm, k_teacher = jax.random.split(rng, 3)
 
   def groups(x, axis=0):   # [..., K, ...] -> [M, ..., K/M, ...] along `axis`
@@ -427,13 +542,20 @@ def plan_rows(batch, rng, cfg: OPDConfig, sharder: Sharder | None = None):
   if n_on:
     u = jax.random.uniform(k_sample, (big_n, n_on), jnp.float32)
     xs["u_on"] = shard(groups(u, axis=1), 2)
-  if n_on == rows:   # pure on-policy: rows keep prompt-grouped order
+  if scheduled:   # batch order; a traced mask picks each row's completion
     order = None
-  else:
+    rank = jnp.argsort(jax.random.permutation(k_perm, rows))   # row -> its place
+    on_mask = rank < jnp.round(jnp.asarray(lam, jnp.float32) * rows).astype(jnp.int32)
+    xs["on_mask"] = shard(groups(on_mask), 1)
+    off_rows = jnp.arange(rows)
+  if n_on == rows and not scheduled:   # pure on-policy: rows keep prompt-grouped order
+    order = None
+  elif not scheduled:
     perm = jax.random.permutation(k_perm, rows)
     on_rows, off_rows = perm[:n_on], perm[n_on:]
     order = jnp.concatenate([groups(on_rows), groups(off_rows)], axis=1).reshape(rows)
     prompt_ids, prompt_mask = prompt_ids[order], prompt_mask[order]
+  if n_on < rows or scheduled:
     if cfg.off_policy_source == "teacher":
       u = jax.random.uniform(k_teacher, (big_n, n_off), jnp.float32)
       xs["u_off"] = shard(groups(u, axis=1), 2)
@@ -450,49 +572,62 @@ def plan_rows(batch, rng, cfg: OPDConfig, sharder: Sharder | None = None):
   return order, xs
 
 
-def group_completions(student, teacher, x, cfg: OPDConfig):
+def group_completions(student, teacher, x, cfg: OPDConfig, hparams=None):
   """One group's completions from its slice ``x`` of :func:`plan_rows` (the
   group's first a rows on-policy, the other b off-policy).
 
   Returns a dict of ``[G, ...]`` arrays: prompt_ids, prompt_mask, tokens,
-  mask (completion), on_policy (bool rows), lengths, truncated.
+  mask (completion), on_policy (bool rows), lengths, truncated. ``hparams``:
+  scheduled values (a scheduled sampling temperature is used here).
   """
+  student = _tempered(student, cfg, "sampling.temperature", hparams)
+  teacher = _tempered(teacher, cfg, "teacher_sampling.temperature", hparams)
   prompt_ids, prompt_mask = x["prompt_ids"], x["prompt_mask"]
   g, big_n = prompt_ids.shape[0], cfg.sampling.max_new_tokens
   a = x["u_on"].shape[-1] if "u_on" in x else 0
+  scheduled = "on_mask" in x   # λ scheduled: both completions for every row
+  b0 = 0 if scheduled else a   # first off-policy row
   one = dataclasses.replace(cfg.sampling, num_samples=1)
   parts = []
   if a:
     out = sample(student, prompt_ids[:a], prompt_mask[:a], None, one, uniforms=x["u_on"])
     parts.append(dict(tokens=out.tokens, mask=out.mask.astype(jnp.bool_),
                       lengths=out.lengths, truncated=out.truncated))
-  if a < g:
+  if b0 < g:
     if cfg.off_policy_source == "teacher":
       tcfg = dataclasses.replace(cfg.teacher_sampling or cfg.sampling, num_samples=1,
                                  max_new_tokens=big_n)
-      out = sample(teacher, prompt_ids[a:], prompt_mask[a:], None, tcfg, uniforms=x["u_off"])
+      out = sample(teacher, prompt_ids[b0:], prompt_mask[b0:], None, tcfg,
+                   uniforms=x["u_off"])
       off_tokens, off_mask = out.tokens, out.mask.astype(jnp.bool_)
     else:
       off_tokens, off_mask = x["off_tokens"], x["off_mask"]
     parts.append(dict(tokens=off_tokens.astype(jnp.int32), mask=off_mask,
                       lengths=off_mask.sum(-1).astype(jnp.int32),
-                      truncated=jnp.zeros((g - a,), jnp.bool_)))
+                      truncated=jnp.zeros((g - b0,), jnp.bool_)))
+  if scheduled:
+    on_policy = x["on_mask"]
+    pick = lambda a_, b_: jnp.where(on_policy.reshape((g,) + (1,) * (a_.ndim - 1)), a_, b_)
+    comp = {k: pick(parts[0][k], parts[1][k]) for k in parts[0]}
+    return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, on_policy=on_policy, **comp)
   comp = {k: jnp.concatenate([p[k] for p in parts]) if len(parts) > 1 else parts[0][k]
           for k in parts[0]}
   on_policy = jnp.arange(g) < a
   return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, on_policy=on_policy, **comp)
 
 
-def build_completions(student, teacher, batch, rng, cfg: OPDConfig):
+def build_completions(student, teacher, batch, rng, cfg: OPDConfig, hparams=None):
   """Chooses and produces each row's completion (steps 1 and the λ mix), all
   rows at once (the compiled step does the same group by group).
 
   Returns a dict of ``[R, ...]`` arrays in the batch's row order: prompt_ids,
   prompt_mask, tokens, mask (completion), on_policy (bool rows), lengths,
-  truncated. Independent of ``cfg.micro_batches``.
+  truncated. Independent of ``cfg.micro_batches``. ``hparams``: the step's
+  scheduled values ({target: float32 scalar}; λ and temperatures are read).
   """
-  order, xs = plan_rows(batch, rng, cfg)
-  groups = [group_completions(student, teacher, jax.tree.map(lambda v: v[i], xs), cfg)
+  hparams = hparams or {}
+  order, xs = plan_rows(batch, rng, cfg, lam=hparams.get("on_policy_fraction"))
+  groups = [group_completions(student, teacher, jax.tree.map(lambda v: v[i], xs), cfg, hparams)
             for i in range(cfg.micro_batches)]
   out = jax.tree.map(lambda *v: jnp.concatenate(v), *groups)
   if order is not None:   # back to the batch's row order
@@ -542,7 +677,7 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
   traces = [0]
   metric_names: list[tuple[str, ...]] = [()]
 
-  def group_step(params, teacher_params, x):
+  def group_step(params, teacher_params, hparams, x):
     """Samples, scores and differentiates one group of rows: (grads of the
     unnormalised loss Σ w·l, stats of additive sums). The models are merged
     here from fresh Variable objects (``tree.map``): NNX refuses to update,
@@ -550,7 +685,7 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
     params, teacher_params = jax.tree.map(lambda a: a, (params, teacher_params))
     student = nnx.merge(student_graphdef, params)
     teacher = None if teacher_graphdef is None else nnx.merge(teacher_graphdef, teacher_params)
-    comp = group_completions(student, teacher, x, run_cfg)
+    comp = group_completions(student, teacher, x, run_cfg, hparams)
     comp = jax.tree.map(jax.lax.stop_gradient, comp)
     p = comp["prompt_ids"].shape[1]
     ids, mask, pos = full_sequence(comp["prompt_ids"], comp["prompt_mask"],
@@ -564,6 +699,8 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
       w_t = jax.lax.stop_gradient(teacher.unembedding())
     weights, z = _unnormalised_weights(comp["mask"], cfg.aggregation, cfg.normalizer)
     metric_mask = (comp["mask"] & comp["on_policy"][:, None]).astype(jnp.float32)
+    loss_inputs = losses_lib.row_inputs(
+        cfg.loss, jnp.broadcast_to(comp["on_policy"][:, None], comp["mask"].shape))
 
     def loss_of(params):
       model = nnx.merge(student_graphdef, params)
@@ -573,7 +710,9 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
           weights, metric_mask, loss_fn=loss_fn, vocab=vocab_size, chunk=cfg.loss_chunk,
           metrics=cfg.metrics, top_k=cfg.metrics_top_k,
           position_chunk=cfg.position_chunk, sharder=sharder,
-          chunk_budget_mib=cfg.loss_chunk_budget_mib)
+          chunk_budget_mib=cfg.loss_chunk_budget_mib, loss_inputs=loss_inputs,
+          loss_hparams={k[len("loss."):]: v for k, v in hparams.items()
+                        if k.startswith("loss.")})
 
     (loss, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     on = comp["on_policy"].astype(jnp.float32)
@@ -592,10 +731,12 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
   def step(state: TrainState, teacher_params, batch):
     traces[0] += 1
     rng, k_roll = jax.random.split(state.rng)
-    _, xs = plan_rows(batch, k_roll, run_cfg, sharder)
+    # Scheduled settings: traced float32 scalars from the step counter.
+    hparams = schedules_lib.values(cfg.schedules, state.step)
+    _, xs = plan_rows(batch, k_roll, run_cfg, sharder, lam=hparams.get("on_policy_fraction"))
     xs = jax.tree.map(jax.lax.stop_gradient, xs)
     rows = batch["prompt_ids"].shape[0] * cfg.sampling.num_samples
-    one_group = functools.partial(group_step, state.params, teacher_params)
+    one_group = functools.partial(group_step, state.params, teacher_params, hparams)
     if cfg.micro_batches == 1:
       grads, stats = one_group(jax.tree.map(lambda v: v[0], xs))
     else:
@@ -630,6 +771,7 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
         "truncated_frac": stats["truncated_on"] / n_on,
         "on_policy_frac": stats["on"] / rows,
         **optim.nonfinite_metrics(opt_state),   # optim.skip_nonfinite: skipped steps
+        **{f"schedule/{k}": v for k, v in hparams.items()},
     }
     if cfg.metrics:
       # One vector (fast to compile); names are static. See `host_metrics`.

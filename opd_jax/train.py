@@ -34,6 +34,7 @@ from flax import nnx
 from opd_jax import checkpointing, configs_lib, data as data_lib, evaluation
 from opd_jax import flops as flops_lib
 from opd_jax import losses as losses_lib, optim
+from opd_jax import schedules as schedules_lib
 from opd_jax.logging_utils import MetricWriter
 from opd_jax.opd_step import (OPDConfig, TrainState, common_vocab_size, host_metrics,
                               init_train_state, make_opd_step, optimizer_shardings)
@@ -120,6 +121,7 @@ class Settings:
   train_files: str
   num_epochs: int | None      # None: repeat forever
   mixture: dict[str, float] | None
+  mixture_schedules: tuple    # ((source, schedules.Schedule), ...): "data.mixture.<source>"
   new_tokens: int             # sampling.max_new_tokens
   completion_len: int         # data.max_completion_len (0: new_tokens)
   on_policy_fraction: float   # GKD λ
@@ -140,6 +142,16 @@ def settings_of(config) -> Settings:
       seed=int(e.seed)) for name, e in config.evals.items())
   cs = config.cold_start
   lam, source = float(config.on_policy_fraction), config.off_policy_source
+  scheduled = schedules_lib.parse_all(str(config.get("schedules", "")))
+  lam_schedule = dict(scheduled).get("on_policy_fraction")
+  data_key = "data.mixture."
+  mixture_schedules = tuple((t[len(data_key):], v) for t, v in scheduled
+                            if t.startswith(data_key))
+  if mixture_schedules and not len(d.mixture):
+    raise ValueError("schedules on data.mixture.<source> need config.data.mixture (the "
+                     "sources and their static weights)")
+  if lam_schedule is not None:   # a scheduled λ: data / teacher for its lowest value
+    lam = min(lam_schedule.values)
   return Settings(
       seed=int(config.seed), batch_size=int(config.batch_size),
       total_steps=int(config.total_steps), log_every=int(config.log_every),
@@ -156,7 +168,8 @@ def settings_of(config) -> Settings:
           use_chat_template=bool(d.use_chat_template), overlong=d.overlong,
           on_error=d.on_error),
       train_files=d.train_files, num_epochs=int(d.num_epochs) or None,
-      mixture=d.mixture.to_dict() if len(d.mixture) else None, new_tokens=n,
+      mixture=d.mixture.to_dict() if len(d.mixture) else None,
+      mixture_schedules=mixture_schedules, new_tokens=n,
       completion_len=int(d.max_completion_len) or n, on_policy_fraction=lam,
       off_policy_source=source,
       use_teacher=(losses_lib.needs_teacher(config.loss.name) or bool(config.metrics.enabled)
@@ -290,7 +303,7 @@ def batch_specs(config, sharder: Sharder) -> dict[str, jax.ShapeDtypeStruct]:
 def sft_config(step_cfg: OPDConfig) -> OPDConfig:
   """The cold-start phase's step: SFT on dataset completions, no teacher."""
   return dataclasses.replace(step_cfg, loss="sft", loss_kwargs=(), on_policy_fraction=0.0,
-                             off_policy_source="dataset", metrics=False)
+                             off_policy_source="dataset", metrics=False, schedules=())
 
 
 def sampling_config(config, tokenizer=None, student_cfg=None, *, eos_ids=(),
@@ -325,7 +338,9 @@ def opd_config(config, sampling: SamplingConfig) -> OPDConfig:
       metrics=bool(config.metrics.enabled),
       metrics_top_k=int(config.metrics.top_k),
       position_chunk=int(config.metrics.position_chunk),
-      micro_batches=int(config.micro_batches))
+      micro_batches=int(config.micro_batches),
+      schedules=tuple((t, v) for t, v in schedules_lib.parse_all(str(config.get("schedules", "")))
+                      if not t.startswith("data.mixture.")))   # those are the data's
 
 
 def build_data(settings: Settings, tokenizer):
@@ -343,7 +358,8 @@ def build_data(settings: Settings, tokenizer):
     raise ValueError(f"config.data.train_files: {data.empty_reason()} (settings: "
                      "config.data.max_prompt_len / overlong / on_error / prompt_field)")
   it = data.iterator(settings.batch_size, seed=settings.seed, num_epochs=settings.num_epochs,
-                     mixture=settings.mixture)
+                     mixture=settings.mixture,
+                     mixture_schedules=dict(settings.mixture_schedules) or None)
   return data, it
 
 
@@ -797,6 +813,9 @@ def _loop(run: Run, state, start: int, hooks, saved, ckpt, preempt, peak):
     t0 = time.time()
     state, metrics = phase.compiled(state, phase.teacher, batch)
     metrics = step_metrics(run, phase, metrics, time.time() - t0, peak)
+    if phase.name == "opd":   # host-side schedules: the weights of this step's batch
+      metrics.update({f"schedule/data.mixture.{src}": schedules_lib.host_value(
+          sched, step - 1 - s.cold_start.steps) for src, sched in s.mixture_schedules})
     if step == start + 1:
       metrics["compile_time_s"] = run.compile_s
     for hook in hooks:

@@ -149,11 +149,49 @@ def ref_sft(s_sg, s, t, tok, ts, tt):
   return -np_take(np_log_softmax(s, ts), tok)
 
 
+# Row roles for the row-role losses (distillm2): row 0 student samples, row 1
+# teacher samples.
+ON_POLICY = np.array([[True] * C, [False] * C])
+
+
+def ref_distillm2(s_sg, s, t, tok, ts, tt, alpha_teacher=0.1, alpha_student=0.1,
+                  beta=1.0):
+  p, q = np.exp(np_log_softmax(s, ts)), np.exp(np_log_softmax(t, tt))
+  p_sg = np.exp(np_log_softmax(s_sg, ts))
+  teacher = np_kl(np_log(q), np_log(alpha_teacher * q + (1 - alpha_teacher) * p))
+  student = np_kl(np_log(p), np_log(alpha_student * p_sg + (1 - alpha_student) * q))
+  return np.where(ON_POLICY, beta * student, (2 - beta) * teacher)
+
+
+def ref_todi(s_sg, s, t, tok, ts, tt, beta=1.0):
+  lp, lq = np_log_softmax(s, ts), np_log_softmax(t, tt)
+  lp_sg = np_log_softmax(s_sg, ts)
+  p, q = np.exp(lp), np.exp(lq)
+  w = 1.0 / (1.0 + np.exp(-beta * (lq - lp_sg)))
+  terms = w * q * (lq - lp) + (1 - w) * p * (lp - lq)
+  return np.where((p > 0) | (q > 0), terms, 0.0).sum(-1)
+
+
+def ref_akl(s_sg, s, t, tok, ts, tt, mu=0.5):
+  """The official AKL.py (argsort, cumulative sum, head gap ratio)."""
+  lp, lq = np_log_softmax(s, ts), np_log_softmax(t, tt)
+  q, p_sg = np.exp(lq), np.exp(np_log_softmax(s_sg, ts))
+  order = np.argsort(-q, axis=-1, kind="stable")
+  q_sorted = np.take_along_axis(q, order, -1)
+  err = np.abs(q_sorted - np.take_along_axis(p_sg, order, -1))
+  tail = np.cumsum(q_sorted, -1) > mu
+  tail[..., 0] = False
+  g_head, g_tail = np.where(tail, 0, err).sum(-1), np.where(tail, err, 0).sum(-1)
+  h = g_head / (g_head + g_tail)
+  return h * np_kl(lq, lp) + (1 - h) * np_kl(lp, lq)
+
+
 REFS = {
     "forward_kl": ref_forward_kl, "reverse_kl": ref_reverse_kl,
     "jsd": ref_jsd, "skew_kl": ref_skew_kl, "skew_rkl": ref_skew_rkl,
     "tvd": ref_tvd, "k1": ref_k1, "sampled_reverse_kl": ref_k1,
     "k2": ref_k2, "k3": ref_k3, "topk_opd": ref_topk_opd, "sft": ref_sft,
+    "distillm2": ref_distillm2, "todi": ref_todi, "akl": ref_akl,
 }
 
 CASES = [
@@ -173,15 +211,24 @@ CASES = [
     ("topk_opd", {"k": 2, "strategy": "intersection", "weight": "none"}),
     ("topk_opd", {"k": 3, "strategy": "union", "weight": "teacher"}),
     ("sft", {}),
+    ("distillm2", {}), ("distillm2", {"alpha_teacher": 0.3, "alpha_student": 0.0}),
+    ("distillm2", {"beta": 1.5, "alpha_student": 0.4}),
+    ("todi", {}), ("todi", {"beta": 2.5}), ("todi", {"beta": 0.0}),
+    ("akl", {}), ("akl", {"mu": 0.2}), ("akl", {"mu": 0.9}),
 ]
 CASE_IDS = [f"{n}-{kw}" for n, kw in CASES]
+
+
+def _rows(name):
+  """The row inputs the step passes to loss ``name`` (ON_POLICY here)."""
+  return losses.row_inputs(name, jnp.asarray(ON_POLICY))
 
 
 def _call(name, kwargs, s, t, tok, ts, tt):
   fn = losses.get_loss(name, dict(kwargs, student_temperature=ts,
                                   teacher_temperature=tt))
   return fn(jnp.asarray(s), None if name == "sft" else jnp.asarray(t),
-            jnp.asarray(tok))
+            jnp.asarray(tok), **_rows(name))
 
 
 def _ref(name, kwargs, s_sg, s, t, tok, ts, tt):
@@ -236,8 +283,10 @@ def test_logits_value_and_grad_matches_autodiff(name, kwargs, temps):
   ts, tt = temps
   fn = losses.get_loss(name, dict(kwargs, student_temperature=ts, teacher_temperature=tt))
   t_in = None if name == "sft" else jnp.asarray(t)
-  want, vjp = jax.vjp(lambda s_: fn(s_, t_in, jnp.asarray(tok)), jnp.asarray(s))
-  got, g = jax.jit(losses.logits_value_and_grad(fn))(jnp.asarray(s), t_in, jnp.asarray(tok), c)
+  rows = _rows(name)
+  want, vjp = jax.vjp(lambda s_: fn(s_, t_in, jnp.asarray(tok), **rows), jnp.asarray(s))
+  got, g = jax.jit(losses.logits_value_and_grad(fn))(jnp.asarray(s), t_in, jnp.asarray(tok), c,
+                                                     **rows)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(g, vjp(c)[0], rtol=1e-5, atol=1e-6)
   assert np.all(np.asarray(g)[..., PAD] == 0)
@@ -269,7 +318,7 @@ def test_no_nan_extreme_temperatures():
     for ts, tt in [(0.05, 3.0), (3.0, 0.05)]:
       fn = losses.get_loss(name, dict(kwargs, student_temperature=ts,
                                       teacher_temperature=tt))
-      val, g = jax.value_and_grad(lambda x: jnp.sum(fn(x, t, tok)))(s)
+      val, g = jax.value_and_grad(lambda x: jnp.sum(fn(x, t, tok, **_rows(name))))(s)
       assert np.isfinite(val), (name, kwargs, ts, tt)
       assert np.all(np.isfinite(g)), (name, kwargs, ts, tt)
 
@@ -528,3 +577,68 @@ def test_needs_teacher():
     losses.needs_teacher("nope")
   with pytest.raises(ValueError, match="unknown fact"):   # a typo is not a silent default
     losses.LOSSES.register("not_a_loss", needs_techer=False)
+
+
+# ---------------------------------------------------------------------------
+# DistiLLM-2, ToDi, AKL specifics.
+# ---------------------------------------------------------------------------
+
+
+def test_distillm2_picks_its_term_per_row():
+  """Student rows: β·skew reverse KL (mixture student stop-gradient'ed: same
+  value as skew_rkl); teacher rows: (2 − β)·skew KL, exactly skew_kl."""
+  s, t, tok = (jnp.asarray(a) for a in _inputs(14))
+  kw = {"student_temperature": 0.8, "teacher_temperature": 1.2}
+  out = losses.distillm2(s, t, tok, on_policy=jnp.asarray(ON_POLICY), alpha_teacher=0.2,
+                         alpha_student=0.3, beta=1.25, **kw)
+  skl = losses.skew_kl(s, t, alpha=0.2, **kw)
+  srkl = losses.skew_rkl(s, t, alpha=0.3, **kw)
+  np.testing.assert_allclose(out[0], 1.25 * srkl[0], rtol=1e-6)
+  np.testing.assert_allclose(out[1], 0.75 * skl[1], rtol=1e-6)
+  # The detached mixture changes the reverse term's gradient vs skew_rkl.
+  g = jax.grad(lambda x: jnp.sum(losses.distillm2(
+      x, t, on_policy=jnp.asarray(ON_POLICY), alpha_student=0.3, **kw)[0]))(s)
+  g_rkl = jax.grad(lambda x: jnp.sum(losses.skew_rkl(x, t, alpha=0.3, **kw)[0]))(s)
+  assert not np.allclose(g, g_rkl)
+  with pytest.raises(ValueError, match="on_policy"):
+    losses.distillm2(s, t, tok)
+
+
+def test_row_role_is_not_a_setting():
+  assert losses.needs_row_role("distillm2") and not losses.needs_row_role("reverse_kl")
+  with pytest.raises(ValueError, match="unknown argument"):
+    losses.get_loss("distillm2", {"on_policy": True})
+  from opd_jax import configs_lib
+  assert "on_policy" not in configs_lib.loss_config("distillm2")
+  assert configs_lib.loss_config("distillm2").alpha_student == 0.1
+
+
+def test_todi_endpoints():
+  """β = 0: ½(FKL + RKL); large β: per-entry choice of the larger one-sided
+  term, both bracketed by the KLs' sum."""
+  s, t, tok = (jnp.asarray(a) for a in _inputs(15))
+  fkl, rkl = losses.forward_kl(s, t), losses.reverse_kl(s, t)
+  np.testing.assert_allclose(losses.todi(s, t, beta=0.0), 0.5 * (fkl + rkl), rtol=1e-5)
+  assert np.all(np.asarray(losses.todi(s, t)) <= np.asarray(fkl + rkl) + 1e-6)
+
+
+def test_akl_head_mask_matches_official_sort():
+  s, t, _ = _inputs(16)
+  for mu in (0.0, 0.3, 0.5, 0.95):   # (μ = 1: f32 vs f64 rounding of Σq)
+    got = np.asarray(losses.akl_head_mask(jnp.asarray(t), mu=mu, teacher_temperature=1.3))
+    q = np.exp(np_log_softmax(t, 1.3))
+    order = np.argsort(-q, axis=-1, kind="stable")
+    tail = np.cumsum(np.take_along_axis(q, order, -1), -1) > mu
+    tail[..., 0] = False
+    want = np.zeros_like(got)
+    np.put_along_axis(want, order, ~tail, -1)
+    # Padded columns (q = 0) are tied: compare the real ones.
+    np.testing.assert_array_equal(got[..., list(REAL)], want[..., list(REAL)])
+    assert np.all(got.sum(-1) >= 1)
+
+
+def test_akl_equal_distributions_is_zero():
+  s, _, _ = _inputs(17)
+  s = jnp.asarray(s)
+  val, g = jax.value_and_grad(lambda x: jnp.sum(losses.akl(x, s)))(s)
+  assert abs(float(val)) < 1e-6 and np.all(np.isfinite(g)) and np.abs(g).max() < 1e-5

@@ -320,10 +320,18 @@ def _divergence_inputs(seed=0, r=3, n=10, ds=8, dt=12, vs=20, vt=24):
   return h_s, w_s, h_t, w_t, tokens, weights, metric_mask
 
 
-@pytest.mark.parametrize("loss", ["reverse_kl", "k1", "jsd", "sft"])
+def _row_inputs(loss, r, n):
+  """Row roles for a row-role loss (distillm2): even rows on-policy."""
+  on = jnp.broadcast_to((jnp.arange(r) % 2 == 0)[:, None], (r, n))
+  return losses_lib.row_inputs(loss, on)
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "k1", "jsd", "sft", "distillm2", "todi",
+                                  "akl"])
 def test_chunked_divergence_matches_unchunked_reference(loss):
   """N=10 in chunks of 4 (padded to 12), padded vocab rows, value and grads."""
   h_s, w_s, h_t, w_t, tokens, weights, mm = _divergence_inputs()
+  rows = _row_inputs(loss, *tokens.shape)
   vocab = 18  # < min(Vs=20, Vt=24): columns >= 18 are padding
   has_teacher = loss != "sft"
   if not has_teacher:
@@ -334,12 +342,12 @@ def test_chunked_divergence_matches_unchunked_reference(loss):
   def chunked(h_s, w_s):
     return opd_step.chunked_divergence(
         h_s, w_s, h_t, w_t, tokens, weights, mm, loss_fn=loss_fn, vocab=vocab, chunk=4,
-        metrics=metrics, top_k=4, position_chunk=3, sharder=Sharder())
+        metrics=metrics, top_k=4, position_chunk=3, sharder=Sharder(), loss_inputs=rows)
 
   def reference(h_s, w_s):
     ls = jnp.einsum("rnd,dv->rnv", h_s, w_s[:, :vocab])
     lt = None if not has_teacher else jnp.einsum("rnd,dv->rnv", h_t, w_t[:, :vocab])
-    return jnp.sum(weights * loss_fn(ls, lt, tokens))
+    return jnp.sum(weights * loss_fn(ls, lt, tokens, **rows))
 
   (total, sums), (g_h, g_w) = jax.jit(jax.value_and_grad(chunked, (0, 1), has_aux=True))(
       h_s, w_s)
@@ -368,20 +376,23 @@ def test_chunked_divergence_matches_unchunked_reference(loss):
 
 
 @pytest.mark.parametrize("loss,kwargs", [("topk_opd", {"k": 3, "strategy": "union"}),
-                                         ("reverse_kl", {})])
+                                         ("reverse_kl", {}),
+                                         ("distillm2", {"beta": 1.2}),
+                                         ("todi", {}), ("akl", {})])
 def test_chunked_divergence_sharded_matches_unsharded(loss, kwargs):
   """Rows over data x fsdp, vocabulary over tensor (the sharded top-k merges
   per-slice candidates; the sparse gradient scatters into a split vocabulary):
   value, metric sums and gradients equal the unsharded ones."""
   h_s, w_s, h_t, w_t, tokens, weights, mm = _divergence_inputs(r=4)
   loss_fn = losses_lib.get_loss(loss, kwargs)
+  rows = _row_inputs(loss, *tokens.shape)
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
 
   def run(sharder):
     def f(h_s, w_s):
       return opd_step.chunked_divergence(
           h_s, w_s, h_t, w_t, tokens, weights, mm, loss_fn=loss_fn, vocab=18, chunk=4,
-          metrics=True, top_k=4, position_chunk=3, sharder=sharder)
+          metrics=True, top_k=4, position_chunk=3, sharder=sharder, loss_inputs=rows)
     (total, sums), g = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(h_s, w_s)
     return total, metrics_lib.finalize_array(sums), g
 
@@ -530,6 +541,165 @@ def test_on_off_policy_mix_with_teacher_samples():
   lt = _completion_logits(b["gd_t"], b["t_params"], comp, VOCAB)
   ref = (_reverse_kl_np(ls, lt) * mask).sum() / mask.sum()
   np.testing.assert_allclose(m["loss"], ref, rtol=1e-5)
+
+
+def test_distillm2_step_picks_term_by_row_role():
+  """DistiLLM-2 in one step: λ = 0.5 with teacher samples; student rows get
+  β·SRKL (mixture student detached), teacher rows (2 − β)·SKL; the step's loss
+  equals the float64 token mean of the per-row terms."""
+  cfg = _base_cfg(on_policy_fraction=0.5, off_policy_source="teacher", metrics=False,
+                  loss="distillm2", loss_kwargs={"alpha_teacher": 0.2, "alpha_student": 0.3,
+                                                 "beta": 1.3},
+                  teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7,
+                                                  eos_ids=EOS))
+  b = _build(cfg)
+  params0 = jax.tree.map(jnp.asarray, _host(b["state"].params))
+  rng0 = np.array(b["state"].rng)
+  _, m = b["step"](b["state"], b["t_params"], _batch())
+  m = _metrics(b["step"], m)
+  comp = _completions(cfg, b["gd_s"], params0, b["gd_t"], b["t_params"], _batch(),
+                      jnp.asarray(rng0))
+  on = comp["on_policy"].astype(bool)
+  assert on.sum() == ROWS // 2
+  lp = _log_softmax_np(_completion_logits(b["gd_s"], params0, comp, VOCAB))
+  lq = _log_softmax_np(_completion_logits(b["gd_t"], b["t_params"], comp, VOCAB))
+  p, q = np.exp(lp), np.exp(lq)
+  skl = (q * (lq - np.log(0.2 * q + 0.8 * p))).sum(-1)
+  srkl = (p * (lp - np.log(0.3 * p + 0.7 * q))).sum(-1)
+  per_tok = np.where(on[:, None], 1.3 * srkl, 0.7 * skl)
+  mask = comp["mask"].astype(bool)
+  np.testing.assert_allclose(m["loss"], (per_tok * mask).sum() / mask.sum(), rtol=5e-5)
+
+
+def _lam_completions(cfg, gd_s, sp, gd_t, tp, batch, rng, lam):
+  @jax.jit
+  def f(sp, tp, batch, rng, lam):
+    return opd_step.build_completions(nnx.merge(gd_s, sp), nnx.merge(gd_t, tp), batch, rng,
+                                      cfg, {"on_policy_fraction": lam})
+  return _host(f(sp, tp, batch, rng, jnp.float32(lam)))
+
+
+@pytest.mark.parametrize("source", ["teacher", "dataset"])
+def test_scheduled_lambda_picks_each_rows_completion(source):
+  """λ scheduled: every row has a student sample and an off-policy
+  completion; a traced mask makes round(λ·R) rows on-policy. λ = 1 gives all
+  student samples, λ = 0 all off-policy ones, λ = 0.5 a per-row pick of the
+  two; the same for M = 1 and M = 4."""
+  kw = dict(off_policy_source=source, schedules="on_policy_fraction=linear:0:1:0:10",
+            teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7))
+  cfg = _base_cfg(**kw)
+  assert opd_step.lambda_scheduled(cfg)
+  batch = _batch() if source == "teacher" else _dataset_batch()
+  student, teacher = create_model(SCFG, seed=SEED), create_model(TCFG, seed=1)
+  (gd_s, sp), (gd_t, tp) = nnx.split(student), nnx.split(teacher)
+  rng = jax.random.PRNGKey(3)
+  run = lambda lam, c=cfg: _lam_completions(c, gd_s, sp, gd_t, tp, batch, rng, lam)
+  on, off, half = run(1.0), run(0.0), run(0.5)
+  assert on["on_policy"].all() and not off["on_policy"].any()
+  assert half["on_policy"].sum() == round(0.5 * ROWS) and run(0.3)["on_policy"].sum() == 2
+  assert not np.array_equal(on["tokens"], off["tokens"])
+  for k in ("tokens", "mask", "lengths", "truncated"):
+    want = np.where(half["on_policy"].reshape((ROWS,) + (1,) * (on[k].ndim - 1)),
+                    on[k], off[k])
+    np.testing.assert_array_equal(half[k], want, err_msg=k)
+  assert not off["truncated"].any()
+  four = run(0.5, dataclasses.replace(cfg, micro_batches=4))
+  for k in half:
+    np.testing.assert_array_equal(four[k], half[k], err_msg=k)
+
+
+def test_scheduled_temperature_samples_like_the_static_one():
+  """A scheduled sampling temperature (traced) draws exactly the tokens of
+  the static one, for the student and for teacher samples; bad values fail."""
+  student, teacher = create_model(SCFG, seed=SEED), create_model(TCFG, seed=1)
+  (gd_s, sp), (gd_t, tp) = nnx.split(student), nnx.split(teacher)
+  rng = jax.random.PRNGKey(5)
+  tsamp = lambda t: SamplingConfig(max_new_tokens=3, temperature=t, top_k=20, eos_ids=EOS)
+
+  def comp(cfg, hp):
+    @jax.jit
+    def f(sp, tp, hp):
+      return opd_step.build_completions(nnx.merge(gd_s, sp), nnx.merge(gd_t, tp), _batch(),
+                                        rng, cfg, hp)
+    return _host(f(sp, tp, hp))
+
+  kw = dict(on_policy_fraction=0.5, off_policy_source="teacher")
+  static = comp(_base_cfg(sampling=_sampling(temperature=0.6), teacher_sampling=tsamp(1.7),
+                          **kw), {})
+  sched_cfg = _base_cfg(teacher_sampling=tsamp(1.0), **kw, schedules=(
+      "sampling.temperature=linear:1:0.2:0:8;teacher_sampling.temperature=constant:1.7"))
+  hp = {"sampling.temperature": jnp.float32(0.6),
+        "teacher_sampling.temperature": jnp.float32(1.7)}
+  sched = comp(sched_cfg, hp)
+  plain = comp(_base_cfg(teacher_sampling=tsamp(1.0), **kw), {})
+  for k in static:
+    np.testing.assert_array_equal(sched[k], static[k], err_msg=k)
+  assert not np.array_equal(plain["tokens"], static["tokens"])
+  with pytest.raises(ValueError, match="sampling.temperature"):
+    _base_cfg(schedules="sampling.temperature=linear:1:0:0:8")
+
+
+@pytest.mark.slow
+def test_scheduled_lambda_in_one_compiled_step():
+  """λ from 0 to 1 in one run (off-policy first, then on-policy): logged as
+  schedule/on_policy_fraction, on_policy_frac = round(λ_t·R)/R, one trace,
+  and the step's loss is the float64 reverse KL over its completions."""
+  cfg = _base_cfg(off_policy_source="teacher", metrics=False,
+                  schedules="on_policy_fraction=linear:0:1:0:2",
+                  teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7,
+                                                  eos_ids=EOS))
+  b = _build(cfg)
+  state, fracs, lams = b["state"], [], []
+  for i in range(3):
+    params0 = jax.tree.map(jnp.asarray, _host(state.params))
+    rng0 = np.array(state.rng)
+    state, m = b["step"](state, b["t_params"], _batch())
+    m = _metrics(b["step"], m)
+    fracs.append(m["on_policy_frac"])
+    lams.append(m["schedule/on_policy_fraction"])
+    if i == 1:   # λ = 0.5: the loss over both row kinds
+      @jax.jit
+      def comp_of(sp, tp, rng):
+        _, k_roll = jax.random.split(rng)
+        return opd_step.build_completions(nnx.merge(b["gd_s"], sp), nnx.merge(b["gd_t"], tp),
+                                          _batch(), k_roll, cfg,
+                                          {"on_policy_fraction": jnp.float32(0.5)})
+      comp = _host(comp_of(params0, b["t_params"], jnp.asarray(rng0)))
+      ls = _completion_logits(b["gd_s"], params0, comp, VOCAB)
+      lt = _completion_logits(b["gd_t"], b["t_params"], comp, VOCAB)
+      mask = comp["mask"].astype(bool)
+      np.testing.assert_allclose(m["loss"], (_reverse_kl_np(ls, lt) * mask).sum() / mask.sum(),
+                                 rtol=1e-5)
+  np.testing.assert_allclose(lams, [0.0, 0.5, 1.0])
+  assert fracs == [0.0, round(0.5 * ROWS) / ROWS, 1.0]
+  assert b["step"].trace_count() == 1
+
+
+@pytest.mark.slow
+def test_scheduled_loss_kwarg_is_traced_in_one_step():
+  """A scheduled loss keyword enters the step as a traced scalar: constant
+  1.3 equals the static β = 1.3 (loss, parameters); a linear schedule is
+  logged as schedule/loss.beta, follows its formula and never re-traces."""
+  kw = dict(on_policy_fraction=0.5, off_policy_source="teacher", metrics=False,
+            loss="distillm2", teacher_sampling=SamplingConfig(max_new_tokens=3,
+                                                             temperature=0.7, eos_ids=EOS))
+  static = _build(_base_cfg(loss_kwargs={"beta": 1.3}, **kw))
+  sched = _build(_base_cfg(schedules="loss.beta=constant:1.3", **kw))
+  s1, m1 = static["step"](static["state"], static["t_params"], _batch())
+  s2, m2 = sched["step"](sched["state"], sched["t_params"], _batch())
+  m1, m2 = _metrics(static["step"], m1), _metrics(sched["step"], m2)
+  assert m2["schedule/loss.beta"] == pytest.approx(1.3) and "schedule/loss.beta" not in m1
+  np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
+  diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), _host(s1.params), _host(s2.params))
+  assert max(jax.tree.leaves(diff)) < 1e-7
+
+  lin = _build(_base_cfg(schedules="loss.beta=linear:1.0:1.5:0:4", **kw))
+  state, betas = lin["state"], []
+  for _ in range(3):
+    state, m = lin["step"](state, lin["t_params"], _batch())
+    betas.append(_metrics(lin["step"], m)["schedule/loss.beta"])
+  np.testing.assert_allclose(betas, [1.0, 1.125, 1.25], rtol=1e-6)
+  assert lin["step"].trace_count() == 1
 
 
 # ----------------------------------------------------------------------------

@@ -404,7 +404,7 @@ def test_sweep_prints_parseable_commands(tmp_path, monkeypatch):
       assert node == value, (line, key)
     _step_config(config)                   # loss kwargs valid for the loss
     assert not os.path.exists(workdir)     # printed, not run
-  assert {"reverse_kl", "jsd", "topk_opd"} <= names
+  assert {"reverse_kl", "jsd", "topk_opd", "distillm2", "todi", "akl"} <= names
 
 
 def _write_qwen3_config(path, *, hidden, layers, heads, kv_heads, intermediate):
@@ -1111,3 +1111,51 @@ def test_driver_fails_on_evals_that_cannot_run_before_step_1(assets, tmp_path, c
   with pytest.raises(ValueError, match=message):
     train(c, str(workdir))
   assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_scheduled_loss_kwarg_logged_every_step_and_exact_across_resume(assets, tmp_path):
+  """config.schedules: the value the step used is logged every step (step s
+  runs at counter s − 1, like lr) and follows its schedule, a data mixture
+  schedule too; a run stopped at 2 and resumed to 4 logs the same values and
+  metrics as one of 4 (the data iterator resumes the curriculum exactly)."""
+  from opd_jax import configs_lib, schedules
+  from opd_jax.train import train
+  spec = "linear:0.1:0.4:0:3"
+
+  def config(total):   # + a curriculum: level-2 prompts' weight 0 -> 1
+    c = tiny_config(assets, total_steps=total, schedules=(
+        f"loss.alpha={spec};data.mixture.arithmetic/L2=linear:0:1:0:3"))
+    c.loss = configs_lib.loss_config("skew_kl", chunk=4)
+    c.data.source_field = "source"
+    c.data.mixture = {"arithmetic/L1": 1.0, "arithmetic/L2": 1.0}
+    return c
+
+  train(config(4), str(tmp_path / "a"))
+  ra = step_records(str(tmp_path / "a"))
+  want = [float(schedules.value(schedules.parse(spec), s - 1)) for s in (1, 2, 3, 4)]
+  assert [ra[s]["schedule/loss.alpha"] for s in (1, 2, 3, 4)] == pytest.approx(want)
+  assert want == pytest.approx([0.1, 0.2, 0.3, 0.4])
+  assert [ra[s]["schedule/data.mixture.arithmetic/L2"] for s in (1, 2, 3, 4)] == pytest.approx(
+      [0.0, 1 / 3, 2 / 3, 1.0])
+  for total in (2, 4):
+    train(config(total), str(tmp_path / "b"))
+  rb = step_records(str(tmp_path / "b"))
+  assert_same_metrics(rb, ra, [1, 2, 3, 4])
+
+
+def test_schedules_split_between_step_and_data():
+  """data.mixture.<source> schedules go to the data pipeline (Settings),
+  the rest to the step (OPDConfig); a data schedule needs a mixture."""
+  from opd_jax import configs_lib, schedules
+  from opd_jax.train import settings_of
+  c = configs_lib.base_config()
+  c.data.mixture = {"easy": 1.0, "hard": 1.0}
+  c.schedules = "data.mixture.hard=linear:0:1:0:10;on_policy_fraction=step:0:5:1"
+  s = settings_of(c)
+  assert s.mixture_schedules == (("hard", schedules.parse("linear:0:1:0:10")),)
+  assert s.on_policy_fraction == 0.0           # the scheduled λ's lowest value
+  assert [t for t, _ in _step_config(c).schedules] == ["on_policy_fraction"]
+  c.data.mixture = {}
+  with pytest.raises(ValueError, match="need config.data.mixture"):
+    settings_of(c)

@@ -78,6 +78,34 @@ class _EpochShuffle:
     return int(self._order(epoch)[pos])
 
 
+class _ScheduledMix:
+  """Draw ``i`` (global batch ``t = i // batch_size``) -> a record id: source
+  ``s`` with probability w_s(t)/Σ_u w_u(t) (weights from their schedules, or
+  static), by inverse CDF of a uniform seeded by (seed, i); then element
+  ``i`` of that source's own shuffled, repeated stream. A pure function of
+  ``i``, so the iterator state (its position) resumes it exactly."""
+
+  def __init__(self, parts, weights, schedules, seed: int, batch_size: int):
+    self.parts, self.names = parts, list(weights)
+    self.static, self.schedules = weights, dict(schedules)
+    self.seed, self.batch_size = seed, batch_size
+
+  def weights_at(self, t: int) -> np.ndarray:
+    from opd_jax import schedules as schedules_lib   # pylint: disable=g-import-not-at-top
+    w = np.array([schedules_lib.host_value(self.schedules[n], t) if n in self.schedules
+                  else self.static[n] for n in self.names], np.float64)
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
+      raise ValueError(f"mixture weights at batch {t} must be >= 0 with a positive sum, "
+                       f"got {dict(zip(self.names, w.tolist()))}")
+    return w / w.sum()
+
+  def __call__(self, index: int, _: Any) -> int:
+    w = self.weights_at(index // self.batch_size)
+    u = np.random.default_rng([self.seed, 7, index]).random()
+    src = min(int(np.searchsorted(np.cumsum(w), u, side="right")), len(w) - 1)
+    return int(self.parts[src][index])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class PromptData:
   """Tokenised prompt set held in memory; build with :meth:`build`.
@@ -419,6 +447,8 @@ class PromptData:
       num_epochs: int | None,
       shuffle: bool,
       mixture: Mapping[str, float] | None,
+      mixture_schedules: Mapping[str, Any] | None = None,
+      batch_size: int = 1,
   ) -> grain.MapDataset:
     """Record-index stream (before batching)."""
     if num_epochs is not None and num_epochs <= 0:
@@ -433,13 +463,21 @@ class PromptData:
     if mixture is None:
       return stream(np.arange(len(self)), 0, num_epochs)
     weights = validate_mixture(mixture, self.source_names)
+    unknown = sorted(set(mixture_schedules or {}) - set(weights))
+    if unknown:
+      raise ValueError(f"mixture schedules for {unknown} name no source of the mixture "
+                       f"{sorted(weights)}")
     parts, total = [], 0
     for name in weights:
       source_id = self.source_names.index(name)
       members = np.flatnonzero(self.source_ids == source_id)
       total += len(members)
       parts.append(stream(members, 1 + source_id, None))
-    ds = grain.MapDataset.mix(parts, list(weights.values()))
+    if mixture_schedules:
+      ds = grain.MapDataset.range(total).repeat(None).map_with_index(
+          _ScheduledMix(parts, weights, mixture_schedules, seed, batch_size))
+    else:
+      ds = grain.MapDataset.mix(parts, list(weights.values()))
     if num_epochs is not None:
       # One "epoch" of a mixture = as many draws as records in its sources.
       ds = ds[: num_epochs * total]
@@ -457,6 +495,7 @@ class PromptData:
       shuffle: bool = True,
       mixture: Mapping[str, float] | None = None,
       num_threads: int = 0,
+      mixture_schedules: Mapping[str, Any] | None = None,
   ) -> grain.IterDataset:
     """The grain pipeline behind :meth:`iterator` (same arguments)."""
     if len(self) == 0:
@@ -485,7 +524,8 @@ class PromptData:
       batch["valid"] = np.arange(start, start + local) < n_valid
       return batch
 
-    ds = self._index_dataset(seed, num_epochs, shuffle, mixture)
+    ds = self._index_dataset(seed, num_epochs, shuffle, mixture, mixture_schedules,
+                             batch_size)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(to_batch)
     return ds.to_iter_dataset(
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=0
@@ -504,6 +544,7 @@ class PromptData:
       shuffle: bool = True,
       mixture: Mapping[str, float] | None = None,
       num_threads: int = 0,
+      mixture_schedules: Mapping[str, Any] | None = None,
   ) -> grain.DatasetIterator:
     """Returns a grain iterator of this process's share of global batches.
 
@@ -523,6 +564,10 @@ class PromptData:
         not used. With ``num_epochs``, an epoch is as many draws as the mixed
         sources hold records.
       num_threads: grain read threads (0 is best for in-memory data).
+      mixture_schedules: optional ``{source_name: schedules.Schedule}`` over
+        global batches: the weight of a named source of ``mixture`` at batch
+        t (a curriculum over difficulty levels); each draw then picks its
+        source from that batch's weights (:class:`_ScheduledMix`).
 
     Returns:
       A ``grain.DatasetIterator`` of batch dicts (see module docstring) with
@@ -531,7 +576,8 @@ class PromptData:
     return iter(self.dataset(
         batch_size, seed=seed, num_epochs=num_epochs, shard_index=shard_index,
         shard_count=shard_count, drop_remainder=drop_remainder,
-        shuffle=shuffle, mixture=mixture, num_threads=num_threads))
+        shuffle=shuffle, mixture=mixture, num_threads=num_threads,
+        mixture_schedules=mixture_schedules))
 
 
 def validate_mixture(
