@@ -19,7 +19,8 @@ from opd_jax.models import ModelConfig, create_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = ("configs/paper_qwen3.py:student=configs/model_configs/qwen3-1.7b,"
          "teacher=configs/model_configs/qwen3-4b,fsdp=8,tensor=1")
-SMALL = ["--config.batch_size=8", "--config.sampling.num_samples=1",
+# The paper config's own 8 micro-batches: 16 prompts x 4 samples = 8 groups of 8 rows.
+SMALL = ["--config.batch_size=16", "--config.sampling.num_samples=4",
          "--config.sampling.max_new_tokens=16", "--config.data.max_prompt_len=16"]
 REPORT_KEYS = {"argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "total_bytes",
                "compile_s", "flops_per_step", "flops_per_device", "devices", "mesh", "rows",
@@ -46,8 +47,8 @@ def test_aot_paper_config_reduced_depth():
   assert rep["total_bytes"] == (rep["argument_bytes"] + rep["temp_bytes"]
                                 + rep["output_bytes"] - rep["alias_bytes"])
   assert rep["devices"] == 8 and rep["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
-  assert (rep["rows"], rep["prompt_len"], rep["new_tokens"]) == (8, 16, 16)
-  assert (rep["student_layers"], rep["teacher_layers"], rep["micro_batches"]) == (1, 1, 1)
+  assert (rep["rows"], rep["prompt_len"], rep["new_tokens"]) == (64, 16, 16)
+  assert (rep["student_layers"], rep["teacher_layers"], rep["micro_batches"]) == (1, 1, 8)
   # fp32 master weights of 1.7B's embeddings alone (151,936 x 2048) sharded 8 ways.
   assert rep["argument_bytes"] > 151936 * 2048 * 4 / 8
   assert rep["flops_per_step"] == (rep["flops_sampling"] + rep["flops_teacher"]
