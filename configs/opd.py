@@ -12,8 +12,9 @@ from opd_jax import configs_lib
 
 
 def get_config(arg=None):
-  a = configs_lib.parse_arg(arg, student="", teacher="", prompts="", tokenizer="",
-                            loss="reverse_kl", steps=100)
+  a = configs_lib.parse_arg(
+    arg, student="", teacher="", prompts="", tokenizer="", loss="reverse_kl", steps=100
+  )
   c = configs_lib.base_config()
   c.student.path = a.student
   c.teacher.path = a.teacher

@@ -11,7 +11,7 @@ from opd_jax import configs_lib
 def get_config(arg=None):
   a = configs_lib.parse_arg(arg, loss="reverse_kl", steps=80, lam=1.0, lr=3e-4)
   c = configs_lib.base_config()
-  c.prepare = "quickstart"          # fills student / teacher / data paths
+  c.prepare = "quickstart"  # fills student / teacher / data paths
   c.batch_size = 16
   c.sampling.num_samples = 2
   c.sampling.max_new_tokens = 48

@@ -69,11 +69,13 @@ if __name__ == "__main__":
   _pre.add_argument("--threads", type=int, default=0)
   _ns, _ = _pre.parse_known_args()
   if _ns.threads == 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_multi_thread_eigen=false").strip()
+    os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+    ).strip()
   if _ns.threads > 0:
     os.environ.setdefault("OMP_NUM_THREADS", str(_ns.threads))
   import jax as _jax
+
   if _ns.num_cpu_devices:
     _jax.config.update("jax_num_cpu_devices", _ns.num_cpu_devices)
   # XLA:CPU sizes its intra-op pool (YNN/XNN dots) from the CPUs schedulable
@@ -81,7 +83,7 @@ if __name__ == "__main__":
   # affinity so the OS may still place our threads on any idle core.
   _allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
   if _ns.threads > 0 and _allowed and _ns.threads < len(_allowed):
-    os.sched_setaffinity(0, set(sorted(_allowed)[:_ns.threads]))
+    os.sched_setaffinity(0, set(sorted(_allowed)[: _ns.threads]))
     _jax.devices()
     os.sched_setaffinity(0, _allowed)
 
@@ -106,6 +108,7 @@ PAD_ID, EOS_ID = 0, 1
 @dataclasses.dataclass(frozen=True)
 class Preset:
   """One benchmark configuration (student, teacher, batch shape, step counts)."""
+
   name: str
   student: dict[str, int]
   teacher: dict[str, int]
@@ -113,28 +116,61 @@ class Preset:
   batch: int
   prompt_len: int
   new_tokens: int
-  steps: int          # timed steps of ours (spread over TRL's steps)
+  steps: int  # timed steps of ours (spread over TRL's steps)
   warmup: int
-  trl_steps: int      # timed TRL steps
+  trl_steps: int  # timed TRL steps
 
 
 def _arch(layers, hidden, heads, kv_heads, head_dim, mlp):
-  return dict(num_layers=layers, hidden_size=hidden, num_heads=heads,
-              num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=mlp)
+  return dict(
+    num_layers=layers,
+    hidden_size=hidden,
+    num_heads=heads,
+    num_kv_heads=kv_heads,
+    head_dim=head_dim,
+    intermediate_size=mlp,
+  )
 
 
 PRESETS = {
-    # The reference target (TRL: ~0.165 s/step, ~60% in generate, elsewhere).
-    "small": Preset("small", student=_arch(2, 128, 4, 2, 32, 384),
-                    teacher=_arch(4, 256, 4, 2, 64, 768), vocab=512, batch=8,
-                    prompt_len=16, new_tokens=64, steps=36, warmup=2, trl_steps=12),
-    # Arithmetic-dominated sizes (~5 min / ~15+ min per preset with TRL here).
-    "medium": Preset("medium", student=_arch(4, 256, 4, 2, 64, 768),
-                     teacher=_arch(8, 512, 8, 4, 64, 1536), vocab=4096, batch=16,
-                     prompt_len=32, new_tokens=128, steps=3, warmup=1, trl_steps=3),
-    "large": Preset("large", student=_arch(8, 512, 8, 4, 64, 1536),
-                    teacher=_arch(12, 768, 12, 4, 64, 2304), vocab=4096, batch=16,
-                    prompt_len=32, new_tokens=128, steps=2, warmup=1, trl_steps=2),
+  # The reference target (TRL: ~0.165 s/step, ~60% in generate, elsewhere).
+  "small": Preset(
+    "small",
+    student=_arch(2, 128, 4, 2, 32, 384),
+    teacher=_arch(4, 256, 4, 2, 64, 768),
+    vocab=512,
+    batch=8,
+    prompt_len=16,
+    new_tokens=64,
+    steps=36,
+    warmup=2,
+    trl_steps=12,
+  ),
+  # Arithmetic-dominated sizes (~5 min / ~15+ min per preset with TRL here).
+  "medium": Preset(
+    "medium",
+    student=_arch(4, 256, 4, 2, 64, 768),
+    teacher=_arch(8, 512, 8, 4, 64, 1536),
+    vocab=4096,
+    batch=16,
+    prompt_len=32,
+    new_tokens=128,
+    steps=3,
+    warmup=1,
+    trl_steps=3,
+  ),
+  "large": Preset(
+    "large",
+    student=_arch(8, 512, 8, 4, 64, 1536),
+    teacher=_arch(12, 768, 12, 4, 64, 2304),
+    vocab=4096,
+    batch=16,
+    prompt_len=32,
+    new_tokens=128,
+    steps=2,
+    warmup=1,
+    trl_steps=2,
+  ),
 }
 
 
@@ -155,8 +191,13 @@ def clock() -> np.ndarray:
 def summarize(deltas) -> dict[str, float]:
   """Per-step ``[(wall, cpu), ...]`` -> medians, wall min / mean, count."""
   d = np.asarray(deltas, np.float64).reshape(-1, 2)
-  return dict(wall=median(d[:, 0]), cpu=median(d[:, 1]), wall_min=float(d[:, 0].min()),
-              wall_mean=float(d[:, 0].mean()), n=len(d))
+  return dict(
+    wall=median(d[:, 0]),
+    cpu=median(d[:, 1]),
+    wall_min=float(d[:, 0].min()),
+    wall_mean=float(d[:, 0].mean()),
+    n=len(d),
+  )
 
 
 def machine_load() -> str:
@@ -183,13 +224,18 @@ def matmul_flops_per_s(n: int, repeats: int = 7) -> dict[str, float]:
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
   t = time_fn(jax.jit(lambda x, y: x @ y), a, b, repeats=repeats)
-  return {"n": n, "wall": 2 * n ** 3 / t["wall"], "cpu": 2 * n ** 3 / t["cpu"]}
+  return {"n": n, "wall": 2 * n**3 / t["wall"], "cpu": 2 * n**3 / t["cpu"]}
 
 
 def model_config(arch: dict[str, int], vocab: int, max_len: int) -> ModelConfig:
-  return ModelConfig(model_type="qwen3", vocab_size=vocab, qk_norm=True,
-                     max_position_embeddings=max(512, max_len), pad_token_id=PAD_ID,
-                     **arch)
+  return ModelConfig(
+    model_type="qwen3",
+    vocab_size=vocab,
+    qk_norm=True,
+    max_position_embeddings=max(512, max_len),
+    pad_token_id=PAD_ID,
+    **arch,
+  )
 
 
 def xla_flops(compiled) -> float | None:
@@ -227,8 +273,7 @@ def make_checkpoints(preset: Preset, root: str) -> tuple[str, str]:
 def make_prompts(preset: Preset, seed: int = 0) -> np.ndarray:
   """``[B, P]`` prompt ids in ``[2, V)`` (no pad / EOS), all full length."""
   rng = np.random.default_rng(seed)
-  return rng.integers(2, preset.vocab, size=(preset.batch, preset.prompt_len),
-                      dtype=np.int32)
+  return rng.integers(2, preset.vocab, size=(preset.batch, preset.prompt_len), dtype=np.int32)
 
 
 # ----------------------------------------------------------------------------
@@ -236,16 +281,16 @@ def make_prompts(preset: Preset, seed: int = 0) -> np.ndarray:
 # ----------------------------------------------------------------------------
 
 
-def bench_config(preset: Preset, s_dir: str, t_dir: str, tok_dir: str, prompts_file: str,
-                 args):
+def bench_config(preset: Preset, s_dir: str, t_dir: str, tok_dir: str, prompts_file: str, args):
   """The driver config of our side: λ = 1 reverse KL, temperature 1, all
   ``new_tokens`` generated (``sampling.ignore_eos``), AdamW lr 1e-6."""
   c = configs_lib.base_config()
   c.student.path, c.teacher.path, c.tokenizer = s_dir, t_dir, tok_dir
   c.data.train_files, c.data.max_prompt_len = prompts_file, preset.prompt_len
   c.batch_size = preset.batch
-  c.sampling.update(dict(max_new_tokens=preset.new_tokens, temperature=1.0, num_samples=1,
-                         ignore_eos=True))
+  c.sampling.update(
+    dict(max_new_tokens=preset.new_tokens, temperature=1.0, num_samples=1, ignore_eos=True)
+  )
   c.loss = configs_lib.loss_config("reverse_kl", chunk=args.loss_chunk)
   c.metrics.update(dict(enabled=not args.no_metrics, top_k=16, position_chunk=64))
   c.optimizer.lr = 1e-6
@@ -253,8 +298,9 @@ def bench_config(preset: Preset, s_dir: str, t_dir: str, tok_dir: str, prompts_f
   return c
 
 
-def setup_ours(preset: Preset, s_dir: str, t_dir: str, prompts: np.ndarray, args,
-               root: str) -> dict[str, Any]:
+def setup_ours(
+  preset: Preset, s_dir: str, t_dir: str, prompts: np.ndarray, args, root: str
+) -> dict[str, Any]:
   """Our step built by ``train.build_run`` from the checkpoints, the word-level
   tokenizer and the prompts written as a JSONL file (compiled there)."""
   tok_dir = os.path.join(root, "tokenizer")
@@ -267,11 +313,24 @@ def setup_ours(preset: Preset, s_dir: str, t_dir: str, prompts: np.ndarray, args
   got = sorted(map(tuple, np.asarray(batch["prompt_ids"]).tolist()))
   if got != sorted(map(tuple, prompts.tolist())):
     raise RuntimeError("the data pipeline does not round-trip the prompts")
-  return dict(name="ours (opd_jax)", step=phase.fn, compiled=phase.compiled, state=run.state,
-              t_params=phase.teacher, batch=batch, cfg=phase.cfg, gd_s=run.student_graphdef,
-              gd_t=run.teacher_graphdef, tx=run.tx, sharder=run.sharder,
-              student_cfg=run.student_cfg, teacher_cfg=run.teacher_cfg,
-              compile_s=run.compile_s, xla_flops=xla_flops(phase.compiled), deltas=[])
+  return dict(
+    name="ours (opd_jax)",
+    step=phase.fn,
+    compiled=phase.compiled,
+    state=run.state,
+    t_params=phase.teacher,
+    batch=batch,
+    cfg=phase.cfg,
+    gd_s=run.student_graphdef,
+    gd_t=run.teacher_graphdef,
+    tx=run.tx,
+    sharder=run.sharder,
+    student_cfg=run.student_cfg,
+    teacher_cfg=run.teacher_cfg,
+    compile_s=run.compile_s,
+    xla_flops=xla_flops(phase.compiled),
+    deltas=[],
+  )
 
 
 def bench_ours(ctxs: list[dict[str, Any]], n_steps: int, warmup: int) -> None:
@@ -302,41 +361,53 @@ def profile_ours(preset: Preset, ctx: dict[str, Any], args) -> dict[str, dict[st
   out: dict[str, dict[str, float]] = {}
 
   def sample_fn(sp, batch, rng):
-    return sample(nnx.merge(gd_s, sp), batch["prompt_ids"], batch["prompt_mask"], rng,
-                  cfg.sampling)
+    return sample(nnx.merge(gd_s, sp), batch["prompt_ids"], batch["prompt_mask"], rng, cfg.sampling)
 
   so = jax.jit(sample_fn)(params, batch, rng)
   out["sampling"] = time_fn(jax.jit(sample_fn), params, batch, rng, repeats=reps)
-  ids, mask, pos = sampling_lib.full_sequence(batch["prompt_ids"], batch["prompt_mask"],
-                                          so.tokens, so.mask)
+  ids, mask, pos = sampling_lib.full_sequence(
+    batch["prompt_ids"], batch["prompt_mask"], so.tokens, so.mask
+  )
   tokens, cmask = so.tokens, so.mask.astype(jnp.bool_)
 
   @jax.jit
   def teacher_fn(tp, ids, mask, pos):
     h, _ = nnx.merge(gd_t, tp).hidden(ids, mask, pos)
-    return h[:, p - 1:p - 1 + n]
+    return h[:, p - 1 : p - 1 + n]
 
   h_t = teacher_fn(t_params, ids, mask, pos)
-  out["teacher forward (hidden)"] = time_fn(teacher_fn, t_params, ids, mask, pos,
-                                            repeats=reps)
+  out["teacher forward (hidden)"] = time_fn(teacher_fn, t_params, ids, mask, pos, repeats=reps)
   w_t = nnx.merge(gd_t, t_params).unembedding()
 
   def make_grad_fn(metrics: bool):
     @jax.jit
     def grad_fn(sp, h_t, w_t, tokens, cmask, ids, mask, pos):
-      weights = losses_lib.aggregate_weights(cmask.astype(jnp.float32), cfg.aggregation,
-                                             cfg.normalizer)
+      weights = losses_lib.aggregate_weights(
+        cmask.astype(jnp.float32), cfg.aggregation, cfg.normalizer
+      )
 
       def loss_of(params):
         model = nnx.merge(gd_s, params)
         h_s, _ = model.hidden(ids, mask, pos)
         return opd_step.chunked_divergence(
-            h_s[:, p - 1:p - 1 + n], model.unembedding(), h_t, w_t, tokens, weights,
-            cmask.astype(jnp.float32), loss_fn=loss_fn, vocab=vocab, chunk=cfg.loss_chunk,
-            metrics=metrics, top_k=cfg.metrics_top_k, position_chunk=cfg.position_chunk,
-            sharder=sharder)
+          h_s[:, p - 1 : p - 1 + n],
+          model.unembedding(),
+          h_t,
+          w_t,
+          tokens,
+          weights,
+          cmask.astype(jnp.float32),
+          loss_fn=loss_fn,
+          vocab=vocab,
+          chunk=cfg.loss_chunk,
+          metrics=metrics,
+          top_k=cfg.metrics_top_k,
+          position_chunk=cfg.position_chunk,
+          sharder=sharder,
+        )
 
       return jax.value_and_grad(loss_of, has_aux=True)(sp)
+
     return grad_fn
 
   @jax.jit
@@ -344,12 +415,13 @@ def profile_ours(preset: Preset, ctx: dict[str, Any], args) -> dict[str, dict[st
     return nnx.merge(gd_s, sp).hidden(ids, mask, pos)[0]
 
   g_args = (params, h_t, w_t, tokens, cmask, ids, mask, pos)
-  out["student forward only (hidden)"] = time_fn(student_fwd, params, ids, mask, pos,
-                                                 repeats=reps)
-  out["student fwd+bwd + chunked loss + metrics"] = time_fn(make_grad_fn(cfg.metrics),
-                                                           *g_args, repeats=reps)
-  out["student fwd+bwd + chunked loss, no metrics"] = time_fn(make_grad_fn(False),
-                                                             *g_args, repeats=reps)
+  out["student forward only (hidden)"] = time_fn(student_fwd, params, ids, mask, pos, repeats=reps)
+  out["student fwd+bwd + chunked loss + metrics"] = time_fn(
+    make_grad_fn(cfg.metrics), *g_args, repeats=reps
+  )
+  out["student fwd+bwd + chunked loss, no metrics"] = time_fn(
+    make_grad_fn(False), *g_args, repeats=reps
+  )
   (_, _), grads = make_grad_fn(False)(*g_args)
 
   @jax.jit
@@ -370,16 +442,29 @@ def make_tokenizer(vocab: int):
   """Word-level tokenizer: ``<pad>`` = 0, ``<eos>`` = 1, ``t{i}`` = i."""
   from tokenizers import Tokenizer, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
+
   words = {"<pad>": PAD_ID, "<eos>": EOS_ID}
   words.update({f"t{i}": i for i in range(2, vocab)})
   tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<pad>"))
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
-                                 eos_token="<eos>", unk_token="<pad>", padding_side="left")
+  return PreTrainedTokenizerFast(
+    tokenizer_object=tok,
+    pad_token="<pad>",
+    eos_token="<eos>",
+    unk_token="<pad>",
+    padding_side="left",
+  )
 
 
-def bench_trl(preset: Preset, s_dir: str, t_dir: str, prompts: np.ndarray, args,
-              out_root: str, between_steps=None) -> dict[str, Any]:
+def bench_trl(
+  preset: Preset,
+  s_dir: str,
+  t_dir: str,
+  prompts: np.ndarray,
+  args,
+  out_root: str,
+  between_steps=None,
+) -> dict[str, Any]:
   """TRL ``DistillationTrainer`` (else ``GKDTrainer`` with λ = 1, β = 1).
 
   A TRL step is timed from ``on_step_begin`` to ``on_step_end`` (generation,
@@ -402,7 +487,7 @@ def bench_trl(preset: Preset, s_dir: str, t_dir: str, prompts: np.ndarray, args,
   text = [" ".join(f"t{i}" for i in row) for row in prompts]
   if [list(r) for r in tokenizer(text=text)["input_ids"]] != prompts.tolist():
     raise RuntimeError("tokenizer does not round-trip the prompts")
-  dataset = Dataset.from_dict({"prompt": text * total})   # the same 8 prompts each step
+  dataset = Dataset.from_dict({"prompt": text * total})  # the same 8 prompts each step
 
   student = AutoModelForCausalLM.from_pretrained(s_dir, dtype=torch.float32)
   teacher = AutoModelForCausalLM.from_pretrained(t_dir, dtype=torch.float32)
@@ -419,7 +504,6 @@ def bench_trl(preset: Preset, s_dir: str, t_dir: str, prompts: np.ndarray, args,
   spans: list[tuple[np.ndarray, np.ndarray]] = []
 
   class Timer(TrainerCallback):
-
     def on_step_begin(self, targs, state, control, **kw):
       self.t0 = clock()
 
@@ -429,51 +513,94 @@ def bench_trl(preset: Preset, s_dir: str, t_dir: str, prompts: np.ndarray, args,
         between_steps()
 
   common = dict(
-      output_dir=os.path.join(out_root, "trl_out"), per_device_train_batch_size=b,
-      gradient_accumulation_steps=1, max_steps=total, learning_rate=1e-6,
-      lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=1.0, bf16=False,
-      fp16=False, gradient_checkpointing=False, use_cpu=True, report_to="none",
-      save_strategy="no", logging_steps=10 ** 6, dataloader_num_workers=0, seed=0,
-      disable_dropout=True, temperature=1.0, disable_tqdm=True)
-  gen_kwargs = {"min_new_tokens": n_new}   # EOS masked until max_new_tokens
+    output_dir=os.path.join(out_root, "trl_out"),
+    per_device_train_batch_size=b,
+    gradient_accumulation_steps=1,
+    max_steps=total,
+    learning_rate=1e-6,
+    lr_scheduler_type="constant",
+    weight_decay=0.01,
+    max_grad_norm=1.0,
+    bf16=False,
+    fp16=False,
+    gradient_checkpointing=False,
+    use_cpu=True,
+    report_to="none",
+    save_strategy="no",
+    logging_steps=10**6,
+    dataloader_num_workers=0,
+    seed=0,
+    disable_dropout=True,
+    temperature=1.0,
+    disable_tqdm=True,
+  )
+  gen_kwargs = {"min_new_tokens": n_new}  # EOS masked until max_new_tokens
   if hasattr(trl, "DistillationTrainer"):
     trainer_name = "DistillationTrainer"
     targs = trl.DistillationConfig(
-        **common, max_completion_length=n_new, top_k=0, top_p=1.0, beta=1.0,
-        generation_kwargs=gen_kwargs, shuffle_dataset=False)
-    trainer = trl.DistillationTrainer(model=student, teacher_model=teacher, args=targs,
-                                      train_dataset=dataset, processing_class=tokenizer,
-                                      callbacks=[Timer()])
+      **common,
+      max_completion_length=n_new,
+      top_k=0,
+      top_p=1.0,
+      beta=1.0,
+      generation_kwargs=gen_kwargs,
+      shuffle_dataset=False,
+    )
+    trainer = trl.DistillationTrainer(
+      model=student,
+      teacher_model=teacher,
+      args=targs,
+      train_dataset=dataset,
+      processing_class=tokenizer,
+      callbacks=[Timer()],
+    )
   else:
     from trl.experimental.gkd import GKDConfig, GKDTrainer  # pylint: disable=g-import-not-at-top
+
     trainer_name = "GKDTrainer(lmbda=1,beta=1)"
-    targs = GKDConfig(**common, max_new_tokens=n_new, lmbda=1.0, beta=1.0,
-                      generation_kwargs=gen_kwargs)
-    trainer = GKDTrainer(model=student, teacher_model=teacher, args=targs,
-                         train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[Timer()])
+    targs = GKDConfig(
+      **common, max_new_tokens=n_new, lmbda=1.0, beta=1.0, generation_kwargs=gen_kwargs
+    )
+    trainer = GKDTrainer(
+      model=student,
+      teacher_model=teacher,
+      args=targs,
+      train_dataset=dataset,
+      processing_class=tokenizer,
+      callbacks=[Timer()],
+    )
   gen_lens: list[int] = []
-  if hasattr(trainer, "_generate_single_turn"):   # completion lengths after EOS masking
+  if hasattr(trainer, "_generate_single_turn"):  # completion lengths after EOS masking
     orig_gst = trainer._generate_single_turn  # pylint: disable=protected-access
 
     def gst(*a, **kw):
       comp = orig_gst(*a, **kw)
       gen_lens.extend(len(c) for c in comp)
       return comp
+
     trainer._generate_single_turn = gst  # pylint: disable=protected-access
   train_out = trainer.train()
   if len(spans) < total:
     raise RuntimeError(f"TRL ran {len(spans)} steps, expected {total}")
   timed = spans[warm:]
   deltas = np.stack([e - b for b, e in timed])
-  gen = sum((g1 - g0 for g0, g1 in gen_spans
-             if any(b[0] <= g0[0] and g1[0] <= e[0] for b, e in timed)), np.zeros(2))
-  return dict(name=f"TRL {trl.__version__} {trainer_name}", trainer=trainer_name,
-              version=trl.__version__, transformers=transformers.__version__,
-              torch=torch.__version__, torch_threads=torch.get_num_threads(),
-              deltas=deltas.tolist(), gen_frac=(gen / deltas.sum(0)).tolist(),
-              gen_s=(gen / len(deltas)).tolist(), train_loss=train_out.training_loss,
-              gen_len=(min(gen_lens), max(gen_lens)) if gen_lens else None)
+  gen = sum(
+    (g1 - g0 for g0, g1 in gen_spans if any(b[0] <= g0[0] and g1[0] <= e[0] for b, e in timed)),
+    np.zeros(2),
+  )
+  return dict(
+    name=f"TRL {trl.__version__} {trainer_name}",
+    trainer=trainer_name,
+    version=trl.__version__,
+    transformers=transformers.__version__,
+    torch=torch.__version__,
+    torch_threads=torch.get_num_threads(),
+    deltas=deltas.tolist(),
+    gen_frac=(gen / deltas.sum(0)).tolist(),
+    gen_s=(gen / len(deltas)).tolist(),
+    train_loss=train_out.training_loss,
+    gen_len=(min(gen_lens), max(gen_lens)) if gen_lens else None,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -492,14 +619,20 @@ def run_preset(preset: Preset, args) -> dict[str, Any]:
     n_steps = args.steps or preset.steps
     warmup = preset.warmup if args.warmup < 0 else args.warmup
     bench_ours(ctxs, 0, warmup)
-    res: dict[str, Any] = {"preset": dataclasses.asdict(preset), "mm": mm,
-                           "devices": (ctxs[0]["sharder"].mesh.size
-                                       if ctxs[0]["sharder"].mesh is not None else 1),
-                           "gen_tokens": preset.batch * preset.new_tokens,
-                           "flops": opd_step_flops(ctxs[0]["student_cfg"],
-                                                   ctxs[0]["teacher_cfg"], preset.batch,
-                                                   preset.prompt_len, preset.new_tokens,
-                                                   preset.vocab)}
+    res: dict[str, Any] = {
+      "preset": dataclasses.asdict(preset),
+      "mm": mm,
+      "devices": (ctxs[0]["sharder"].mesh.size if ctxs[0]["sharder"].mesh is not None else 1),
+      "gen_tokens": preset.batch * preset.new_tokens,
+      "flops": opd_step_flops(
+        ctxs[0]["student_cfg"],
+        ctxs[0]["teacher_cfg"],
+        preset.batch,
+        preset.prompt_len,
+        preset.new_tokens,
+        preset.vocab,
+      ),
+    }
     if args.profile:
       res["profile"] = profile_ours(preset, ctxs[0], args)
     if not args.no_trl:
@@ -507,15 +640,17 @@ def run_preset(preset: Preset, args) -> dict[str, Any]:
         import trl  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
       except ImportError:
         res["trl_error"] = "trl not importable (install the bench extra)"
-      else:   # ours interleaved with TRL's steps: the same load for both
+      else:  # ours interleaved with TRL's steps: the same load for both
         n_trl = args.trl_steps or preset.trl_steps
         per = max(1, -(-n_steps // n_trl))
-        res["trl"] = bench_trl(preset, s_dir, t_dir, prompts, args, root,
-                               between_steps=lambda: bench_ours(ctxs, per, 0))
+        res["trl"] = bench_trl(
+          preset, s_dir, t_dir, prompts, args, root, between_steps=lambda: bench_ours(ctxs, per, 0)
+        )
     if not ctxs[0]["deltas"]:
       bench_ours(ctxs, n_steps, 0)
-    res["ours"] = [{k: ctx[k] for k in ("name", "compile_s", "xla_flops", "deltas", "last")}
-                   for ctx in ctxs]
+    res["ours"] = [
+      {k: ctx[k] for k in ("name", "compile_s", "xla_flops", "deltas", "last")} for ctx in ctxs
+    ]
     return res
   finally:
     shutil.rmtree(root, ignore_errors=True)
@@ -525,57 +660,87 @@ def report(res: dict[str, Any]) -> list[dict[str, Any]]:
   """Prints one preset's table; returns its summary rows."""
   p, fl, mm, gen = res["preset"], res["flops"], res["mm"], res["gen_tokens"]
   s, t = p["student"], p["teacher"]
-  print(f"\n=== preset {p['name']}: student {s['num_layers']}L x {s['hidden_size']} "
-        f"(MLP {s['intermediate_size']}), teacher {t['num_layers']}L x {t['hidden_size']} "
-        f"(MLP {t['intermediate_size']}), vocab {p['vocab']}; {p['batch']} prompts x "
-        f"{p['prompt_len']} tokens + {p['new_tokens']} new = {gen} generated tokens/step ===")
-  print(f"  analytic GFLOP/step {fl['total'] / 1e9:.3f} = sampling {fl['sampling'] / 1e9:.3f}"
-        f" + teacher fwd {fl['teacher'] / 1e9:.3f} + student fwd+bwd "
-        f"{fl['student_fwd_bwd'] / 1e9:.3f}")
+  print(
+    f"\n=== preset {p['name']}: student {s['num_layers']}L x {s['hidden_size']} "
+    f"(MLP {s['intermediate_size']}), teacher {t['num_layers']}L x {t['hidden_size']} "
+    f"(MLP {t['intermediate_size']}), vocab {p['vocab']}; {p['batch']} prompts x "
+    f"{p['prompt_len']} tokens + {p['new_tokens']} new = {gen} generated tokens/step ==="
+  )
+  print(
+    f"  analytic GFLOP/step {fl['total'] / 1e9:.3f} = sampling {fl['sampling'] / 1e9:.3f}"
+    f" + teacher fwd {fl['teacher'] / 1e9:.3f} + student fwd+bwd "
+    f"{fl['student_fwd_bwd'] / 1e9:.3f}"
+  )
   xf, ndev = res["ours"][0]["xla_flops"], res.get("devices", 1)
   if xf is not None:
     per = f" per device (of {ndev})" if ndev > 1 else ""
-    print(f"  XLA cost_analysis GFLOP/step{per} {xf / 1e9:.3f} = {xf / fl['total']:.2f}x "
-          "analytic (counts each while/scan body once)")
-  print(f"  plain f32 matmul {mm['n']}x{mm['n']}: {mm['wall'] / 1e9:.1f} GFLOP/s wall, "
-        f"{mm['cpu'] / 1e9:.1f} GFLOP/s per CPU-second")
-  print(f"  {'':44s}{'wall s':>8s}{'steps/s':>8s}{'tok/s':>7s}{'FLOP%':>6s} |"
-        f"{'CPU s':>8s}{'tok/CPU-s':>10s}{'FLOP%':>6s}")
+    print(
+      f"  XLA cost_analysis GFLOP/step{per} {xf / 1e9:.3f} = {xf / fl['total']:.2f}x "
+      "analytic (counts each while/scan body once)"
+    )
+  print(
+    f"  plain f32 matmul {mm['n']}x{mm['n']}: {mm['wall'] / 1e9:.1f} GFLOP/s wall, "
+    f"{mm['cpu'] / 1e9:.1f} GFLOP/s per CPU-second"
+  )
+  print(
+    f"  {'':44s}{'wall s':>8s}{'steps/s':>8s}{'tok/s':>7s}{'FLOP%':>6s} |"
+    f"{'CPU s':>8s}{'tok/CPU-s':>10s}{'FLOP%':>6s}"
+  )
   rows = []
-  entries = [(o["name"], o["deltas"], f"{len(o['deltas'])} steps, compile "
-              f"{o['compile_s']:.1f}s") for o in res["ours"]]
+  entries = [
+    (o["name"], o["deltas"], f"{len(o['deltas'])} steps, compile {o['compile_s']:.1f}s")
+    for o in res["ours"]
+  ]
   tr = res.get("trl")
   if tr:
-    entries.append((tr["name"], tr["deltas"],
-                    f"{len(tr['deltas'])} steps, generate {100 * tr['gen_frac'][0]:.0f}% "
-                    f"wall / {100 * tr['gen_frac'][1]:.0f}% CPU of the step"))
+    entries.append(
+      (
+        tr["name"],
+        tr["deltas"],
+        f"{len(tr['deltas'])} steps, generate {100 * tr['gen_frac'][0]:.0f}% "
+        f"wall / {100 * tr['gen_frac'][1]:.0f}% CPU of the step",
+      )
+    )
   for name, deltas, note in entries:
     d = summarize(deltas)
-    row = dict(preset=p["name"], name=name, wall=d["wall"], cpu=d["cpu"],
-               frac_wall=fl["total"] / d["wall"] / mm["wall"],
-               frac_cpu=fl["total"] / d["cpu"] / mm["cpu"])
+    row = dict(
+      preset=p["name"],
+      name=name,
+      wall=d["wall"],
+      cpu=d["cpu"],
+      frac_wall=fl["total"] / d["wall"] / mm["wall"],
+      frac_cpu=fl["total"] / d["cpu"] / mm["cpu"],
+    )
     rows.append(row)
-    print(f"  {name:44s}{d['wall']:8.4f}{1 / d['wall']:8.2f}{gen / d['wall']:7.0f}"
-          f"{100 * row['frac_wall']:6.1f} |{d['cpu']:8.4f}{gen / d['cpu']:10.0f}"
-          f"{100 * row['frac_cpu']:6.1f}  {note}")
+    print(
+      f"  {name:44s}{d['wall']:8.4f}{1 / d['wall']:8.2f}{gen / d['wall']:7.0f}"
+      f"{100 * row['frac_wall']:6.1f} |{d['cpu']:8.4f}{gen / d['cpu']:10.0f}"
+      f"{100 * row['frac_cpu']:6.1f}  {note}"
+    )
   if tr:
     trl_row = rows[-1]
     for row in rows[:-1]:
       row["ratio_wall"] = trl_row["wall"] / row["wall"]
       row["ratio_cpu"] = trl_row["cpu"] / row["cpu"]
-      print(f"  {row['name']} / TRL, steps/s (= generated tokens/s): "
-            f"{row['ratio_wall']:.2f}x wall, {row['ratio_cpu']:.2f}x CPU time  "
-            "(target >= 3x)")
-    print(f"  TRL: generate {tr['gen_s'][0]:.4f}s wall / {tr['gen_s'][1]:.4f}s CPU per "
-          f"step; completion lengths {tr['gen_len']}; mean loss {tr['train_loss']:.4f}; "
-          f"torch {tr['torch']} ({tr['torch_threads']} threads), transformers "
-          f"{tr['transformers']}")
+      print(
+        f"  {row['name']} / TRL, steps/s (= generated tokens/s): "
+        f"{row['ratio_wall']:.2f}x wall, {row['ratio_cpu']:.2f}x CPU time  "
+        "(target >= 3x)"
+      )
+    print(
+      f"  TRL: generate {tr['gen_s'][0]:.4f}s wall / {tr['gen_s'][1]:.4f}s CPU per "
+      f"step; completion lengths {tr['gen_len']}; mean loss {tr['train_loss']:.4f}; "
+      f"torch {tr['torch']} ({tr['torch_threads']} threads), transformers "
+      f"{tr['transformers']}"
+    )
   elif "trl_error" in res:
     print(f"  TRL: {res['trl_error']}")
   last = res["ours"][0]["last"]
   losses = ", ".join(f"{o['last']['loss']:.4f}" for o in res["ours"])
-  print(f"  ours: {last['num_tokens']:.0f} completion tokens/step (mean length "
-        f"{last['mean_response_length']:.1f}), last loss {losses}")
+  print(
+    f"  ours: {last['num_tokens']:.0f} completion tokens/step (mean length "
+    f"{last['mean_response_length']:.1f}), last loss {losses}"
+  )
   if "profile" in res:
     print("  profile, separately jitted pieces (median wall s, CPU s, % of the step's CPU s):")
     step_cpu = rows[0]["cpu"]
@@ -586,10 +751,10 @@ def report(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--preset", default="small",
-                  help=f"comma-separated, out of {sorted(PRESETS)}")
-  ap.add_argument("--steps", type=int, default=0,
-                  help="timed steps of ours per block (0: the preset's)")
+  ap.add_argument("--preset", default="small", help=f"comma-separated, out of {sorted(PRESETS)}")
+  ap.add_argument(
+    "--steps", type=int, default=0, help="timed steps of ours per block (0: the preset's)"
+  )
   ap.add_argument("--warmup", type=int, default=-1, help="-1: the preset's")
   ap.add_argument("--trl-steps", type=int, default=0, help="0: the preset's")
   ap.add_argument("--trl-warmup", type=int, default=2, help=">= 1")
@@ -600,15 +765,21 @@ def main(argv=None):
   ap.add_argument("--no-metrics", action="store_true", help="OPDConfig(metrics=False)")
   ap.add_argument("--mesh", default="", help="e.g. data=2,fsdp=1,tensor=1")
   ap.add_argument("--num-cpu-devices", type=int, default=0)
-  ap.add_argument("--threads", type=int, default=0,
-                  help="CPU threads of both sides (1: XLA single-threaded Eigen, "
-                  "torch.set_num_threads(1)); 0: library defaults")
+  ap.add_argument(
+    "--threads",
+    type=int,
+    default=0,
+    help="CPU threads of both sides (1: XLA single-threaded Eigen, "
+    "torch.set_num_threads(1)); 0: library defaults",
+  )
   ap.add_argument("--matmul-size", type=int, default=2048)
   ap.add_argument("--json", default="", help="also write the raw results here")
   args = ap.parse_args(argv)
 
-  print(f"machine: {machine_load()}; {os.cpu_count()} CPUs; jax {jax.__version__} "
-        f"{jax.devices()}; threads {args.threads or 'library default'}")
+  print(
+    f"machine: {machine_load()}; {os.cpu_count()} CPUs; jax {jax.__version__} "
+    f"{jax.devices()}; threads {args.threads or 'library default'}"
+  )
   results, rows = [], []
   for name in args.preset.split(","):
     res = run_preset(PRESETS[name.strip()], args)
@@ -616,8 +787,10 @@ def main(argv=None):
     results.append(res)
   print("\nsummary (median per step; ratio = TRL time / our time):")
   for r in rows:
-    line = (f"  {r['preset']:7s} {r['name']:44s} {r['wall']:8.4f}s wall {r['cpu']:8.4f}s "
-            f"CPU  FLOP {100 * r['frac_wall']:4.1f}% wall {100 * r['frac_cpu']:4.1f}% CPU")
+    line = (
+      f"  {r['preset']:7s} {r['name']:44s} {r['wall']:8.4f}s wall {r['cpu']:8.4f}s "
+      f"CPU  FLOP {100 * r['frac_wall']:4.1f}% wall {100 * r['frac_cpu']:4.1f}% CPU"
+    )
     if "ratio_wall" in r:
       line += f"  vs TRL {r['ratio_wall']:.2f}x wall {r['ratio_cpu']:.2f}x CPU"
     print(line)

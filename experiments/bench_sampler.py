@@ -33,8 +33,9 @@ from opd_jax.sampling import SamplingConfig, sample  # noqa: E402
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--layers", type=int, default=2)
   p.add_argument("--hidden", type=int, default=128)
   p.add_argument("--intermediate", type=int, default=384)
@@ -44,18 +45,29 @@ def parse_args(argv=None):
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--prompt-len", type=int, default=32, help="padded prompt length P")
   p.add_argument("--new-tokens", type=int, nargs="+", default=[64, 256, 1024])
-  p.add_argument("--decode-attention", default="blocked",
-                 help="ModelConfig.decode_attention: blocked (filled cache blocks) / dense")
+  p.add_argument(
+    "--decode-attention",
+    default="blocked",
+    help="ModelConfig.decode_attention: blocked (filled cache blocks) / dense",
+  )
   p.add_argument("--decode-block", type=int, default=128, help="ModelConfig.decode_block")
-  p.add_argument("--decode-contraction", default="auto",
-                 help="ModelConfig.decode_contraction: auto / reduce / dot")
+  p.add_argument(
+    "--decode-contraction",
+    default="auto",
+    help="ModelConfig.decode_contraction: auto / reduce / dot",
+  )
   p.add_argument("--temperature", type=float, default=1.0)
   p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (best kept)")
-  p.add_argument("--parity-tokens", type=int, default=32,
-                 help="greedy parity check length (0 = skip)")
-  p.add_argument("--torch-threads", type=int, default=1,
-                 help="torch intra-op threads (>1 can be far slower for tiny models on a "
-                 "busy CPU: OpenMP spin-waiting)")
+  p.add_argument(
+    "--parity-tokens", type=int, default=32, help="greedy parity check length (0 = skip)"
+  )
+  p.add_argument(
+    "--torch-threads",
+    type=int,
+    default=1,
+    help="torch intra-op threads (>1 can be far slower for tiny models on a "
+    "busy CPU: OpenMP spin-waiting)",
+  )
   p.add_argument("--seed", type=int, default=0)
   return p.parse_args(argv)
 
@@ -66,11 +78,19 @@ def build_hf_model(args, path: str):
   import transformers
 
   config = transformers.LlamaConfig(
-      vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-      num_key_value_heads=args.kv_heads, max_position_embeddings=args.prompt_len +
-      max(args.new_tokens) + 8, rms_norm_eps=1e-6, tie_word_embeddings=False,
-      bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    vocab_size=args.vocab,
+    hidden_size=args.hidden,
+    intermediate_size=args.intermediate,
+    num_hidden_layers=args.layers,
+    num_attention_heads=args.heads,
+    num_key_value_heads=args.kv_heads,
+    max_position_embeddings=args.prompt_len + max(args.new_tokens) + 8,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=0,
+  )
   torch.manual_seed(args.seed)
   model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
   gen = torch.Generator().manual_seed(args.seed + 1)
@@ -96,8 +116,8 @@ def make_batch(args):
   ids = np.zeros((args.batch, args.prompt_len), np.int32)
   mask = np.zeros_like(ids)
   for i, n in enumerate(lengths):
-    ids[i, args.prompt_len - n:] = rng.integers(1, args.vocab, size=n)
-    mask[i, args.prompt_len - n:] = 1
+    ids[i, args.prompt_len - n :] = rng.integers(1, args.vocab, size=n)
+    mask[i, args.prompt_len - n :] = 1
   return ids, mask
 
 
@@ -124,14 +144,22 @@ def ours_runner(model, ids, mask, config: SamplingConfig):
 def hf_generate(hf, ids, mask, n_new, *, greedy, temperature=1.0):
   import torch
 
-  kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature,
-                                                 top_k=0, top_p=1.0)
+  kw = (
+    dict(do_sample=False)
+    if greedy
+    else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+  )
   with torch.inference_mode():
-    out = hf.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
-                      attention_mask=torch.as_tensor(mask, dtype=torch.long),
-                      max_new_tokens=n_new, min_new_tokens=0, pad_token_id=0,
-                      eos_token_id=None, **kw)
-  return out[:, ids.shape[1]:].numpy()
+    out = hf.generate(
+      input_ids=torch.as_tensor(ids, dtype=torch.long),
+      attention_mask=torch.as_tensor(mask, dtype=torch.long),
+      max_new_tokens=n_new,
+      min_new_tokens=0,
+      pad_token_id=0,
+      eos_token_id=None,
+      **kw,
+    )
+  return out[:, ids.shape[1] :].numpy()
 
 
 def best_time(fn, repeats):
@@ -149,32 +177,43 @@ def main(argv=None):
   import transformers
 
   torch.set_num_threads(args.torch_threads)
-  print(f"jax {jax.__version__} ({jax.devices()[0].platform} x{jax.device_count()}), "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"transformers {transformers.__version__}, {os.cpu_count()} CPUs")
-  print(f"model: {args.layers} layers x {args.hidden} hidden, {args.heads}/{args.kv_heads} "
-        f"heads, mlp {args.intermediate}, vocab {args.vocab}; batch {args.batch} x prompt "
-        f"{args.prompt_len} (left-padded); float32; sampling T={args.temperature}, no EOS; "
-        f"decode_attention={args.decode_attention} (block {args.decode_block}, "
-        f"contraction {args.decode_contraction})")
+  print(
+    f"jax {jax.__version__} ({jax.devices()[0].platform} x{jax.device_count()}), "
+    f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    f"transformers {transformers.__version__}, {os.cpu_count()} CPUs"
+  )
+  print(
+    f"model: {args.layers} layers x {args.hidden} hidden, {args.heads}/{args.kv_heads} "
+    f"heads, mlp {args.intermediate}, vocab {args.vocab}; batch {args.batch} x prompt "
+    f"{args.prompt_len} (left-padded); float32; sampling T={args.temperature}, no EOS; "
+    f"decode_attention={args.decode_attention} (block {args.decode_block}, "
+    f"contraction {args.decode_contraction})"
+  )
   with tempfile.TemporaryDirectory() as tmp:
     hf = build_hf_model(args, tmp)
-    model = from_hf(tmp, decode_attention=args.decode_attention,
-                    decode_block=args.decode_block,
-                    decode_contraction=args.decode_contraction)
+    model = from_hf(
+      tmp,
+      decode_attention=args.decode_attention,
+      decode_block=args.decode_block,
+      decode_contraction=args.decode_contraction,
+    )
   ids, mask = make_batch(args)
 
   if args.parity_tokens:
     config = SamplingConfig(max_new_tokens=args.parity_tokens, greedy=True)
     _, run = ours_runner(model, ids, mask, config)
     ours, ref = run(0), hf_generate(hf, ids, mask, args.parity_tokens, greedy=True)
-    print(f"greedy parity over {args.parity_tokens} tokens: "
-          f"{'identical' if np.array_equal(ours, ref) else 'MISMATCH'} "
-          f"({(ours == ref).mean():.3f} of tokens equal)")
+    print(
+      f"greedy parity over {args.parity_tokens} tokens: "
+      f"{'identical' if np.array_equal(ours, ref) else 'MISMATCH'} "
+      f"({(ours == ref).mean():.3f} of tokens equal)"
+    )
 
   hf_generate(hf, ids, mask, 8, greedy=False)  # warm-up
-  header = (f"{'N':>6} {'cache':>6} | {'ours tok/s':>11} {'ms/token':>9} {'compile s':>9} | "
-            f"{'HF tok/s':>9} {'ms/token':>9} | {'speedup':>7}")
+  header = (
+    f"{'N':>6} {'cache':>6} | {'ours tok/s':>11} {'ms/token':>9} {'compile s':>9} | "
+    f"{'HF tok/s':>9} {'ms/token':>9} | {'speedup':>7}"
+  )
   print(header)
   print("-" * len(header))
   for n in args.new_tokens:
@@ -182,14 +221,21 @@ def main(argv=None):
     compile_s, run = ours_runner(model, ids, mask, config)
     assert run(0).shape == (args.batch, n)
     ours_s = best_time(run, args.repeats)
-    hf_s = best_time(lambda i: hf_generate(hf, ids, mask, n, greedy=False,
-                                           temperature=args.temperature), args.repeats)
+    hf_s = best_time(
+      lambda i: hf_generate(hf, ids, mask, n, greedy=False, temperature=args.temperature),
+      args.repeats,
+    )
     toks = args.batch * n
-    print(f"{n:>6} {args.prompt_len + n:>6} | {toks / ours_s:>11.0f} {1e3 * ours_s / n:>9.3f} {compile_s:>9.2f} | "
-          f"{toks / hf_s:>9.0f} {1e3 * hf_s / n:>9.3f} | {hf_s / ours_s:>6.1f}x")
-  print("ms/token = wall time / N: one decode step for the whole batch (prefill included);\n"
-        "cache = P + N allocated slots (decode_attention=blocked reads only the filled blocks,\n"
-        "dense attends over all of them at every step).")
+    print(
+      f"{n:>6} {args.prompt_len + n:>6} | {toks / ours_s:>11.0f} {1e3 * ours_s / n:>9.3f} "
+      f"{compile_s:>9.2f} | "
+      f"{toks / hf_s:>9.0f} {1e3 * hf_s / n:>9.3f} | {hf_s / ours_s:>6.1f}x"
+    )
+  print(
+    "ms/token = wall time / N: one decode step for the whole batch (prefill included);\n"
+    "cache = P + N allocated slots (decode_attention=blocked reads only the filled blocks,\n"
+    "dense attends over all of them at every step)."
+  )
 
 
 if __name__ == "__main__":

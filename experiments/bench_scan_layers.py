@@ -28,8 +28,9 @@ from opd_jax.sampling import SamplingConfig, sample  # noqa: E402
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--layers", type=int, default=4)
   p.add_argument("--hidden", type=int, default=128)
   p.add_argument("--intermediate", type=int, default=384)
@@ -54,27 +55,37 @@ def runner(model, ids, mask, config):
   t0 = time.perf_counter()
   compiled = run.lower(state, jax.random.key(0)).compile()
   compile_s = time.perf_counter() - t0
-  return compile_s, lambda seed: np.asarray(jax.block_until_ready(
-      compiled(state, jax.random.key(seed))))
+  return compile_s, lambda seed: np.asarray(
+    jax.block_until_ready(compiled(state, jax.random.key(seed)))
+  )
 
 
 def main(argv=None):
   args = parse_args(argv)
-  cfg = ModelConfig(model_type="qwen3", vocab_size=args.vocab, hidden_size=args.hidden,
-                    intermediate_size=args.intermediate, num_layers=args.layers,
-                    num_heads=args.heads, num_kv_heads=args.kv_heads,
-                    head_dim=args.hidden // args.heads, qk_norm=True,
-                    max_position_embeddings=args.prompt_len + args.new_tokens + 8,
-                    dtype=args.dtype)
+  cfg = ModelConfig(
+    model_type="qwen3",
+    vocab_size=args.vocab,
+    hidden_size=args.hidden,
+    intermediate_size=args.intermediate,
+    num_layers=args.layers,
+    num_heads=args.heads,
+    num_kv_heads=args.kv_heads,
+    head_dim=args.hidden // args.heads,
+    qk_norm=True,
+    max_position_embeddings=args.prompt_len + args.new_tokens + 8,
+    dtype=args.dtype,
+  )
   unrolled = create_model(cfg, seed=0)
   models = {"unrolled": unrolled, "scanned": convert_layers(unrolled, scan_layers=True)}
   rng = np.random.default_rng(0)
   ids = jnp.asarray(rng.integers(1, args.vocab, (args.batch, args.prompt_len)), jnp.int32)
   mask = jnp.ones_like(ids)
   config = SamplingConfig(max_new_tokens=args.new_tokens)
-  print(f"jax {jax.__version__} ({jax.devices()[0].platform}); {args.layers} layers x "
-        f"{args.hidden} hidden, batch {args.batch}, prompt {args.prompt_len}, "
-        f"{args.new_tokens} new tokens, {args.dtype}")
+  print(
+    f"jax {jax.__version__} ({jax.devices()[0].platform}); {args.layers} layers x "
+    f"{args.hidden} hidden, batch {args.batch}, prompt {args.prompt_len}, "
+    f"{args.new_tokens} new tokens, {args.dtype}"
+  )
   ms, tokens = {}, {}
   for name, model in models.items():
     compile_s, run = runner(model, ids, mask, config)
@@ -83,8 +94,10 @@ def main(argv=None):
     ms[name] = 1e3 * best / args.new_tokens
     print(f"{name:>9}: compile {compile_s:6.2f} s, {ms[name]:.3f} ms per decode step")
   same = np.array_equal(tokens["unrolled"], tokens["scanned"])
-  print(f"scanned / unrolled decode time: {ms['scanned'] / ms['unrolled']:.3f}; "
-        f"tokens {'identical' if same else 'DIFFER'}")
+  print(
+    f"scanned / unrolled decode time: {ms['scanned'] / ms['unrolled']:.3f}; "
+    f"tokens {'identical' if same else 'DIFFER'}"
+  )
 
 
 def _timed(run, seed):

@@ -14,14 +14,12 @@ per teacher at 4x the steps, to see whether the outcome is a matter of budget.
 
 from __future__ import annotations
 
+import miniature
 import numpy as np
-
 import repro_lib as R
 
-import miniature
-
 TEACHERS = ("teacher_new", "teacher_same")
-LONG_BUDGET = 4   # budget sensitivity: one seed at 4x the OPD steps
+LONG_BUDGET = 4  # budget sensitivity: one seed at 4x the OPD steps
 
 
 def main(workdir: str, smoke: bool = False) -> dict:
@@ -38,52 +36,78 @@ def main(workdir: str, smoke: bool = False) -> dict:
     t_hard = orgs["teacher_new"]["hard"]
     t_all = orgs[teacher]["overall"]
     out["teachers"][teacher] = {
-        "runs": runs,
-        "teacher_hard_accuracy": orgs[teacher]["hard"],
-        "teacher_overall_accuracy": t_all,
-        "student_hard_accuracy": R.mean_std(hard_before),
-        "hard_accuracy_after": R.mean_std(hard_after),
-        "easy_accuracy_after": R.mean_std([R.level_mean(e, m.easy) for e in last]),
-        "hard_gap_recovery": R.mean_std([R.gap_recovery(a, b, t_hard)
-                                         for a, b in zip(hard_after, hard_before)]),
-        "overall_gap_recovery": R.mean_std([R.gap_recovery(a, b, t_all)
-                                            for a, b in zip(all_after, all_before)]),
+      "runs": runs,
+      "teacher_hard_accuracy": orgs[teacher]["hard"],
+      "teacher_overall_accuracy": t_all,
+      "student_hard_accuracy": R.mean_std(hard_before),
+      "hard_accuracy_after": R.mean_std(hard_after),
+      "easy_accuracy_after": R.mean_std([R.level_mean(e, m.easy) for e in last]),
+      "hard_gap_recovery": R.mean_std(
+        [R.gap_recovery(a, b, t_hard) for a, b in zip(hard_after, hard_before)]
+      ),
+      "overall_gap_recovery": R.mean_std(
+        [R.gap_recovery(a, b, t_all) for a, b in zip(all_after, all_before)]
+      ),
     }
     curves[teacher] = [R.accuracy_curve(r, m.hard) for r in runs]
   long_curves = {}
   for teacher in TEACHERS:
     steps = LONG_BUDGET * m.opd_steps
     run = R.run_opd(workdir, smoke, teacher=teacher, seed=0, steps=steps)
-    before, after = (R.level_mean(R.final_eval_at(run, 0), m.hard),
-                     R.level_mean(R.final_eval(run), m.hard))
+    before, after = (
+      R.level_mean(R.final_eval_at(run, 0), m.hard),
+      R.level_mean(R.final_eval(run), m.hard),
+    )
     out.setdefault("long_budget", {})[teacher] = {
-        "run": run, "steps": steps, "seed": 0, "hard_before": before, "hard_after": after,
-        "hard_gap_recovery": R.gap_recovery(after, before, orgs["teacher_new"]["hard"])}
+      "run": run,
+      "steps": steps,
+      "seed": 0,
+      "hard_before": before,
+      "hard_after": after,
+      "hard_gap_recovery": R.gap_recovery(after, before, orgs["teacher_new"]["hard"]),
+    }
     long_curves[teacher] = R.accuracy_curve(run, m.hard)
 
   import matplotlib.pyplot as plt
-  fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(13, 3.4),
-                                   gridspec_kw={"width_ratios": [2, 1, 2]})
+
+  fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(13, 3.4), gridspec_kw={"width_ratios": [2, 1, 2]})
   for teacher, cs in curves.items():
     steps = np.array(cs[0][0])
     ys = np.array([c[1] for c in cs])
     mu, sd = ys.mean(0), ys.std(0)
     ax.plot(steps, mu, color=R.COLORS[teacher], label=f"OPD from {teacher}")
     ax.fill_between(steps, mu - sd, mu + sd, color=R.COLORS[teacher], alpha=0.2)
-  ax.axhline(orgs["teacher_new"]["hard"], color=R.COLORS["teacher_new"], ls="--", lw=1,
-             label="teacher_new itself")
-  ax.axhline(orgs["teacher_same"]["hard"], color=R.COLORS["teacher_same"], ls="--", lw=1,
-             label="teacher_same itself")
+  ax.axhline(
+    orgs["teacher_new"]["hard"],
+    color=R.COLORS["teacher_new"],
+    ls="--",
+    lw=1,
+    label="teacher_new itself",
+  )
+  ax.axhline(
+    orgs["teacher_same"]["hard"],
+    color=R.COLORS["teacher_same"],
+    ls="--",
+    lw=1,
+    label="teacher_same itself",
+  )
   ax.set_xlabel("OPD step")
   ax.set_ylabel(f"accuracy, hard levels {list(m.hard)}")
   ax.legend(fontsize=7)
   for i, teacher in enumerate(TEACHERS):
     for j, key in enumerate(("hard_gap_recovery", "overall_gap_recovery")):
       g = out["teachers"][teacher][key]
-      bx.bar(i + 0.4 * j, 100 * np.nan_to_num(g["mean"]), 0.38, yerr=100 * g["std"],
-             color=R.COLORS[teacher], alpha=1.0 if j == 0 else 0.5,
-             label=("hard levels vs teacher_new" if j == 0 else "all levels vs own teacher")
-             if i == 0 else None)
+      bx.bar(
+        i + 0.4 * j,
+        100 * np.nan_to_num(g["mean"]),
+        0.38,
+        yerr=100 * g["std"],
+        color=R.COLORS[teacher],
+        alpha=1.0 if j == 0 else 0.5,
+        label=("hard levels vs teacher_new" if j == 0 else "all levels vs own teacher")
+        if i == 0
+        else None,
+      )
   for teacher, (steps, acc) in long_curves.items():
     cx.plot(steps, acc, "o-", ms=3, color=R.COLORS[teacher], label=f"OPD from {teacher}")
   cx.axhline(orgs["teacher_new"]["hard"], color=R.COLORS["teacher_new"], ls="--", lw=1)

@@ -8,9 +8,8 @@ successful OPD run (from teacher_new) and stays flat or falls in failing ones
 
 from __future__ import annotations
 
-import repro_lib as R
-
 import miniature
+import repro_lib as R
 
 TEACHERS = ("teacher_new", "teacher_same", "teacher_b")
 
@@ -19,16 +18,24 @@ def main(workdir: str, smoke: bool = False) -> dict:
   m = miniature.miniature(smoke)
   out = {"teachers": {}}
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(5.5, 3.4))
   for teacher in TEACHERS:
     runs = [R.run_opd(workdir, smoke, teacher=teacher, seed=s) for s in R.seeds_of(m)]
     start = [R.window_mean(r, "overlap_ratio", 0.0, 0.1) for r in runs]
     end = [R.window_mean(r, "overlap_ratio", 0.9, 1.0) for r in runs]
     out["teachers"][teacher] = {
-        "overlap_ratio_start": R.mean_std(start), "overlap_ratio_end": R.mean_std(end),
-        "change": R.mean_std([b - a for a, b in zip(start, end)])}
-    R.curve_band(ax, [R.metric_curve(r, "overlap_ratio") for r in runs], R.COLORS[teacher],
-                 f"from {teacher}", window=10)
+      "overlap_ratio_start": R.mean_std(start),
+      "overlap_ratio_end": R.mean_std(end),
+      "change": R.mean_std([b - a for a, b in zip(start, end)]),
+    }
+    R.curve_band(
+      ax,
+      [R.metric_curve(r, "overlap_ratio") for r in runs],
+      R.COLORS[teacher],
+      f"from {teacher}",
+      window=10,
+    )
   ax.set_xlabel("OPD step")
   ax.set_ylabel("overlap ratio |S∩T|/16 (10-step mean)")
   ax.set_title("Top-16 overlap ratio over training")

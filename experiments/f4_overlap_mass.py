@@ -8,9 +8,8 @@ model's own top-16 mass beside them. Reads the runs of findings 1 and 2.
 
 from __future__ import annotations
 
-import repro_lib as R
-
 import miniature
+import repro_lib as R
 
 TEACHERS = ("teacher_new", "teacher_same", "teacher_b")
 KEYS = ("overlap_mass_student", "overlap_mass_teacher", "topk_mass_student", "topk_mass_teacher")
@@ -20,6 +19,7 @@ def main(workdir: str, smoke: bool = False) -> dict:
   m = miniature.miniature(smoke)
   out = {"teachers": {}, "window": "last 10% of OPD steps (start: first 10%)"}
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.3), sharey=True)
   for teacher in TEACHERS:
     runs = [R.run_opd(workdir, smoke, teacher=teacher, seed=s) for s in R.seeds_of(m)]
@@ -29,8 +29,9 @@ def main(workdir: str, smoke: bool = False) -> dict:
       row[f"{key}_end"] = R.mean_std([R.window_mean(r, key, 0.9, 1.0) for r in runs])
     out["teachers"][teacher] = row
     for ax, key in zip(axes, KEYS[:2]):
-      R.curve_band(ax, [R.metric_curve(r, key) for r in runs], R.COLORS[teacher],
-                   f"from {teacher}", window=10)
+      R.curve_band(
+        ax, [R.metric_curve(r, key) for r in runs], R.COLORS[teacher], f"from {teacher}", window=10
+      )
   for ax, title in zip(axes, ("Σ_{S∩T} p (student mass)", "Σ_{S∩T} q (teacher mass)")):
     ax.axhline(0.97, color="k", ls=":", lw=1)
     ax.set_title(title)

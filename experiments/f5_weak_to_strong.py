@@ -9,9 +9,8 @@ down toward the weak teacher's, whichever weak teacher.
 
 from __future__ import annotations
 
-import repro_lib as R
-
 import miniature
+import repro_lib as R
 
 STRONG = "teacher_new"
 WEAK = ("student", "teacher_same")
@@ -20,28 +19,36 @@ WEAK = ("student", "teacher_same")
 def main(workdir: str, smoke: bool = False) -> dict:
   m = miniature.miniature(smoke)
   orgs = R.organisms_table(workdir)
-  out = {"strong_student": STRONG, "strong_hard_accuracy": orgs[STRONG]["hard"],
-         "strong_overall_accuracy": orgs[STRONG]["overall"], "weak_teachers": {}}
+  out = {
+    "strong_student": STRONG,
+    "strong_hard_accuracy": orgs[STRONG]["hard"],
+    "strong_overall_accuracy": orgs[STRONG]["overall"],
+    "weak_teachers": {},
+  }
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(5.5, 3.4))
   for weak in WEAK:
     runs, first, last = R.seed_runs(workdir, smoke, m, student=STRONG, teacher=weak)
     before = [R.level_mean(e, m.hard) for e in first]
     after = [R.level_mean(e, m.hard) for e in last]
     out["weak_teachers"][weak] = {
-        "runs": runs, "weak_teacher_hard_accuracy": orgs[weak]["hard"],
-        "hard_before": R.mean_std(before), "hard_after": R.mean_std(after),
-        "overall_after": R.mean_std([R.level_mean(e, m.levels) for e in last]),
-        # share of the strong→weak gap the student lost (1 = fell to the teacher)
-        "fall_toward_teacher": R.mean_std([(b - a) / max(b - orgs[weak]["hard"], 1e-9)
-                                           for b, a in zip(before, after)])}
+      "runs": runs,
+      "weak_teacher_hard_accuracy": orgs[weak]["hard"],
+      "hard_before": R.mean_std(before),
+      "hard_after": R.mean_std(after),
+      "overall_after": R.mean_std([R.level_mean(e, m.levels) for e in last]),
+      # share of the strong→weak gap the student lost (1 = fell to the teacher)
+      "fall_toward_teacher": R.mean_std(
+        [(b - a) / max(b - orgs[weak]["hard"], 1e-9) for b, a in zip(before, after)]
+      ),
+    }
     c = R.COLORS[weak]
     R.curve_band(ax, [R.accuracy_curve(r, m.hard) for r in runs], c, f"{STRONG} ← {weak}")
     ax.axhline(orgs[weak]["hard"], color=c, ls="--", lw=1)
   ax.set_xlabel("OPD step")
   ax.set_ylabel(f"strong student's accuracy, levels {list(m.hard)}")
-  ax.set_title("Weak-to-strong reverse distillation\n(dashed: the weak teacher itself)",
-               fontsize=9)
+  ax.set_title("Weak-to-strong reverse distillation\n(dashed: the weak teacher itself)", fontsize=9)
   ax.legend(fontsize=7)
   R.save(workdir, "f5_weak_to_strong", out, fig)
   return out

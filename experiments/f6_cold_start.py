@@ -10,9 +10,8 @@ start + OPD.
 
 from __future__ import annotations
 
-import repro_lib as R
-
 import miniature
+import repro_lib as R
 
 TEACHER = "teacher_b"
 
@@ -22,21 +21,35 @@ def main(workdir: str, smoke: bool = False) -> dict:
   orgs = R.organisms_table(workdir)
   n = m.cold_start_steps
   plain = [R.run_opd(workdir, smoke, teacher=TEACHER, seed=s) for s in R.seeds_of(m)]
-  cold = [R.run_opd(workdir, smoke, teacher=TEACHER, seed=s, cold_start=n,
-                    steps=m.opd_steps + n) for s in R.seeds_of(m)]
-  out = {"teacher": TEACHER, "teacher_hard_accuracy": orgs[TEACHER]["hard"],
-         "cold_start_steps": n, "opd_steps": m.opd_steps, "cold_runs": cold,
-         "plain_runs": plain}
-  for label, runs, at in (("plain_opd", plain, m.opd_steps), ("after_sft", cold, n),
-                          ("cold_start_then_opd", cold, n + m.opd_steps)):
+  cold = [
+    R.run_opd(workdir, smoke, teacher=TEACHER, seed=s, cold_start=n, steps=m.opd_steps + n)
+    for s in R.seeds_of(m)
+  ]
+  out = {
+    "teacher": TEACHER,
+    "teacher_hard_accuracy": orgs[TEACHER]["hard"],
+    "cold_start_steps": n,
+    "opd_steps": m.opd_steps,
+    "cold_runs": cold,
+    "plain_runs": plain,
+  }
+  for label, runs, at in (
+    ("plain_opd", plain, m.opd_steps),
+    ("after_sft", cold, n),
+    ("cold_start_then_opd", cold, n + m.opd_steps),
+  ):
     evals = [R.final_eval_at(r, at) for r in runs]
-    out[label] = {"hard": R.mean_std([R.level_mean(e, m.hard) for e in evals]),
-                  "easy": R.mean_std([R.level_mean(e, m.easy) for e in evals])}
+    out[label] = {
+      "hard": R.mean_std([R.level_mean(e, m.hard) for e in evals]),
+      "easy": R.mean_std([R.level_mean(e, m.easy) for e in evals]),
+    }
   out["overlap_ratio_opd_start"] = {
-      "plain": R.mean_std([R.window_mean(r, "overlap_ratio", 0, 0.1) for r in plain]),
-      "cold_start": R.mean_std([R.window_mean(r, "overlap_ratio", 0, 0.1) for r in cold])}
+    "plain": R.mean_std([R.window_mean(r, "overlap_ratio", 0, 0.1) for r in plain]),
+    "cold_start": R.mean_std([R.window_mean(r, "overlap_ratio", 0, 0.1) for r in cold]),
+  }
 
   import matplotlib.pyplot as plt
+
   fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.3))
   R.curve_band(ax, [R.accuracy_curve(r, m.hard) for r in plain], "tab:red", "plain OPD")
   shifted = []
@@ -49,10 +62,16 @@ def main(workdir: str, smoke: bool = False) -> dict:
   ax.set_xlabel("OPD step (cold-start SFT steps < 0)")
   ax.set_ylabel(f"accuracy, hard levels {list(m.hard)}")
   ax.legend(fontsize=7)
-  R.curve_band(bx, [R.metric_curve(r, "overlap_ratio") for r in plain], "tab:red",
-               "plain OPD", window=10)
-  R.curve_band(bx, [R.metric_curve(r, "overlap_ratio") for r in cold], "tab:purple",
-               "after cold start", window=10)
+  R.curve_band(
+    bx, [R.metric_curve(r, "overlap_ratio") for r in plain], "tab:red", "plain OPD", window=10
+  )
+  R.curve_band(
+    bx,
+    [R.metric_curve(r, "overlap_ratio") for r in cold],
+    "tab:purple",
+    "after cold start",
+    window=10,
+  )
   bx.set_xlabel("step")
   bx.set_ylabel("overlap ratio (10-step mean)")
   bx.legend(fontsize=7)

@@ -14,9 +14,8 @@ import collections
 import json
 import os
 
-import repro_lib as R
-
 import miniature
+import repro_lib as R
 
 from opd_jax import data as data_lib
 from opd_jax import prompt_selection
@@ -30,15 +29,27 @@ def select_prompts(workdir: str, m: miniature.Miniature) -> str:
   selected = os.path.join(out_dir, "selected.jsonl")
   if not os.path.exists(os.path.join(out_dir, "summary.json")):
     prompt_selection.run_selection(
-        student=paths["student"], teacher=paths[TEACHER], prompts=paths["prompt_pool"],
-        out_dir=out_dir, tokenizer=paths["tokenizer"], score="gap",
-        top_fraction=m.selection_fraction, num_samples=4, max_new_tokens=m.max_new_tokens,
-        temperature=1.0, batch_size=64, seed=0, max_prompt_len=m.max_prompt_len)
+      student=paths["student"],
+      teacher=paths[TEACHER],
+      prompts=paths["prompt_pool"],
+      out_dir=out_dir,
+      tokenizer=paths["tokenizer"],
+      score="gap",
+      top_fraction=m.selection_fraction,
+      num_samples=4,
+      max_new_tokens=m.max_new_tokens,
+      temperature=1.0,
+      batch_size=64,
+      seed=0,
+      max_prompt_len=m.max_prompt_len,
+    )
   return selected
 
 
 def level_histogram(path: str) -> dict[int, int]:
-  return dict(sorted(collections.Counter(int(r["level"]) for r in data_lib.read_jsonl(path)).items()))
+  return dict(
+    sorted(collections.Counter(int(r["level"]) for r in data_lib.read_jsonl(path)).items())
+  )
 
 
 def main(workdir: str, smoke: bool = False) -> dict:
@@ -48,32 +59,56 @@ def main(workdir: str, smoke: bool = False) -> dict:
   with open(os.path.join(os.path.dirname(selected), "summary.json")) as f:
     summary = json.load(f)
   arms = {"random_pool": "prompt_pool", "selected": selected}
-  out = {"teacher": TEACHER, "selection": summary,
-         "pool_levels": level_histogram(paths["prompt_pool"]),
-         "selected_levels": level_histogram(selected), "arms": {}}
+  out = {
+    "teacher": TEACHER,
+    "selection": summary,
+    "pool_levels": level_histogram(paths["prompt_pool"]),
+    "selected_levels": level_histogram(selected),
+    "arms": {},
+  }
   import matplotlib.pyplot as plt
+
   fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.3))
   colors = {"random_pool": "tab:gray", "selected": "tab:green"}
   for arm, prompts in arms.items():
-    runs = [R.run_opd(workdir, smoke, teacher=TEACHER, seed=s, prompts=prompts,
-                      name=R.run_name(teacher=TEACHER, seed=s, prompts=f"{arm}"))
-            for s in R.seeds_of(m)]
+    runs = [
+      R.run_opd(
+        workdir,
+        smoke,
+        teacher=TEACHER,
+        seed=s,
+        prompts=prompts,
+        name=R.run_name(teacher=TEACHER, seed=s, prompts=f"{arm}"),
+      )
+      for s in R.seeds_of(m)
+    ]
     last = [R.final_eval(r) for r in runs]
     out["arms"][arm] = {
-        "runs": runs,
-        "hard_after": R.mean_std([R.level_mean(e, m.hard) for e in last]),
-        "easy_after": R.mean_std([R.level_mean(e, m.easy) for e in last]),
-        "overlap_ratio_mean": R.mean_std([R.window_mean(r, "overlap_ratio", 0, 1) for r in runs])}
+      "runs": runs,
+      "hard_after": R.mean_std([R.level_mean(e, m.hard) for e in last]),
+      "easy_after": R.mean_std([R.level_mean(e, m.easy) for e in last]),
+      "overlap_ratio_mean": R.mean_std([R.window_mean(r, "overlap_ratio", 0, 1) for r in runs]),
+    }
     R.curve_band(ax, [R.accuracy_curve(r, m.hard) for r in runs], colors[arm], arm)
   ax.set_xlabel("OPD step")
   ax.set_ylabel(f"accuracy, hard levels {list(m.hard)}")
   ax.legend(fontsize=7)
   levels = sorted(out["pool_levels"])
   pool_n, sel_n = sum(out["pool_levels"].values()), max(sum(out["selected_levels"].values()), 1)
-  bx.bar([L - 0.2 for L in levels], [out["pool_levels"][L] / pool_n for L in levels], 0.4,
-         color="tab:gray", label="pool")
-  bx.bar([L + 0.2 for L in levels], [out["selected_levels"].get(L, 0) / sel_n for L in levels],
-         0.4, color="tab:green", label="selected (gap score)")
+  bx.bar(
+    [L - 0.2 for L in levels],
+    [out["pool_levels"][L] / pool_n for L in levels],
+    0.4,
+    color="tab:gray",
+    label="pool",
+  )
+  bx.bar(
+    [L + 0.2 for L in levels],
+    [out["selected_levels"].get(L, 0) / sel_n for L in levels],
+    0.4,
+    color="tab:green",
+    label="selected (gap score)",
+  )
   bx.set_xlabel("level")
   bx.set_ylabel("share of prompts")
   bx.legend(fontsize=7)

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
-
-import repro_lib as R
-
 import miniature
+import numpy as np
+import repro_lib as R
 
 TEACHERS = ("teacher_new", "teacher_b")
 METRICS = ("overlap_ratio", "entropy_gap", "overlap_mass_teacher", "reverse_kl")
@@ -28,9 +26,10 @@ def chunk_profile(rundir: str, metric: str, start_frac: float, end_frac: float):
   OPD steps; returns (chunk starts, values, token counts)."""
   rows = [r for r in R.records(rundir) if "overlap_ratio" in r and not r.get("cold_start")]
   lo = int(start_frac * len(rows))
-  rows = rows[lo:max(int(end_frac * len(rows)), lo + 1)]
-  chunks = sorted({(int(mt.group(1)), int(mt.group(2))) for r in rows for k in r
-                   if (mt := _CHUNK.match(k))})
+  rows = rows[lo : max(int(end_frac * len(rows)), lo + 1)]
+  chunks = sorted(
+    {(int(mt.group(1)), int(mt.group(2))) for r in rows for k in r if (mt := _CHUNK.match(k))}
+  )
   starts, values, counts = [], [], []
   for a, b in chunks:
     w = np.array([r.get(f"num_tokens/pos_{a}_{b}", 0.0) for r in rows])
@@ -46,6 +45,7 @@ def main(workdir: str, smoke: bool = False) -> dict:
   m = miniature.miniature(smoke)
   out = {"teachers": {}, "chunk_tokens": 8}
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, len(METRICS), figsize=(13, 3.2))
   for teacher in TEACHERS:
     runs = [R.run_opd(workdir, smoke, teacher=teacher, seed=s) for s in R.seeds_of(m)]
@@ -56,12 +56,24 @@ def main(workdir: str, smoke: bool = False) -> dict:
         n = min(len(p[0]) for p in profiles)
         starts = profiles[0][0][:n]
         vals = np.array([p[1][:n] for p in profiles])
-        res[f"{metric}_{window}"] = {"chunk_start": starts, "mean": vals.mean(0).tolist(),
-                                     "std": vals.std(0).tolist(),
-                                     "tokens": np.mean([p[2][:n] for p in profiles], 0).tolist()}
+        res[f"{metric}_{window}"] = {
+          "chunk_start": starts,
+          "mean": vals.mean(0).tolist(),
+          "std": vals.std(0).tolist(),
+          "tokens": np.mean([p[2][:n] for p in profiles], 0).tolist(),
+        }
         ax = axes[METRICS.index(metric)]
-        ax.errorbar(starts, vals.mean(0), yerr=vals.std(0), color=R.COLORS[teacher], ls=ls,
-                    marker="o", ms=3, capsize=2, label=f"{teacher}, {window}")
+        ax.errorbar(
+          starts,
+          vals.mean(0),
+          yerr=vals.std(0),
+          color=R.COLORS[teacher],
+          ls=ls,
+          marker="o",
+          ms=3,
+          capsize=2,
+          label=f"{teacher}, {window}",
+        )
       late = res[f"{metric}_late"]["mean"]
       if len(late) >= 2:
         res[f"{metric}_late_first_vs_last_chunk"] = [late[0], late[-1]]

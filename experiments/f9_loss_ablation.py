@@ -12,11 +12,10 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import miniature
 import numpy as np
-
 import repro_lib as R
 
-import miniature
 from opd_jax import configs_lib
 
 SWEEP = os.path.join(R.ROOT, "configs", "sweeps", "repro_losses.py")
@@ -40,27 +39,29 @@ def main(workdir: str, smoke: bool = False) -> dict:
     a.pop("smoke")
     kwargs[a["loss"]] = dict(overrides)
     by_loss.setdefault(a["loss"], []).append(
-        R.run_opd(workdir, smoke, name=name, overrides=overrides, **a))
+      R.run_opd(workdir, smoke, name=name, overrides=overrides, **a)
+    )
   out = {"sweep": os.path.relpath(SWEEP, R.ROOT), "losses": {}}
   import matplotlib.pyplot as plt
+
   fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(13, 3.4))
   colors = plt.get_cmap("tab10")
   for i, (loss, rundirs) in enumerate(by_loss.items()):
     last = [R.final_eval(r) for r in rundirs]
     out["losses"][loss] = {
-        "kwargs": kwargs[loss],
-        "hard_after": R.mean_std([R.level_mean(e, m.hard) for e in last]),
-        "easy_after": R.mean_std([R.level_mean(e, m.easy) for e in last]),
-        "reverse_kl_end": R.mean_std([R.window_mean(r, "reverse_kl", 0.9, 1) for r in rundirs]),
-        "overlap_ratio_end": R.mean_std([R.window_mean(r, "overlap_ratio", 0.9, 1)
-                                         for r in rundirs]),
-        "step_time_s": R.mean_std([R.window_mean(r, "step_time_s", 0.1, 1) for r in rundirs])}
+      "kwargs": kwargs[loss],
+      "hard_after": R.mean_std([R.level_mean(e, m.hard) for e in last]),
+      "easy_after": R.mean_std([R.level_mean(e, m.easy) for e in last]),
+      "reverse_kl_end": R.mean_std([R.window_mean(r, "reverse_kl", 0.9, 1) for r in rundirs]),
+      "overlap_ratio_end": R.mean_std([R.window_mean(r, "overlap_ratio", 0.9, 1) for r in rundirs]),
+      "step_time_s": R.mean_std([R.window_mean(r, "step_time_s", 0.1, 1) for r in rundirs]),
+    }
     h = out["losses"][loss]["hard_after"]
     ax.bar(i, h["mean"], yerr=h["std"], color=colors(i), capsize=3)
-    R.curve_band(bx, [R.metric_curve(r, "reverse_kl") for r in rundirs], colors(i), loss,
-                 window=10)
-    R.curve_band(cx, [R.metric_curve(r, "overlap_ratio") for r in rundirs], colors(i), loss,
-                 window=10)
+    R.curve_band(bx, [R.metric_curve(r, "reverse_kl") for r in rundirs], colors(i), loss, window=10)
+    R.curve_band(
+      cx, [R.metric_curve(r, "overlap_ratio") for r in rundirs], colors(i), loss, window=10
+    )
   ax.set_xticks(np.arange(len(by_loss)), list(by_loss), rotation=30, fontsize=7)
   ax.set_ylabel(f"final accuracy, hard levels {list(m.hard)}")
   bx.set_ylabel("reverse KL per token (10-step mean)")

@@ -16,8 +16,14 @@ from collections.abc import Sequence
 import ml_collections
 
 from opd_jax import configs_lib
-from opd_jax.organisms import (Arch, ensure_random_model, ensure_task_data, ensure_tokenizer,
-                               sft_config, train_organism)
+from opd_jax.organisms import (
+  Arch,
+  ensure_random_model,
+  ensure_task_data,
+  ensure_tokenizer,
+  sft_config,
+  train_organism,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +35,7 @@ class Miniature:
   prompt-selection finding (levels above ``levels`` are unseen by every
   teacher, i.e. not teacher-aligned).
   """
+
   levels: tuple[int, ...] = (1, 2, 3, 4)
   easy: tuple[int, ...] = (1, 2, 3)
   hard: tuple[int, ...] = (4,)
@@ -65,13 +72,28 @@ class Miniature:
 
 MINIATURE = Miniature()
 MINIATURE_SMOKE = Miniature(
-    levels=(1, 2), easy=(1,), hard=(2,), pool_levels=(1, 2, 3),
-    student=Arch(num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1),
-    teacher=Arch(num_layers=1, hidden_size=48, num_heads=2, num_kv_heads=1),
-    student_steps=100, teacher_steps=200, student_examples=512, teacher_examples=1024,
-    prompt_examples=256, pool_examples=48, max_prompt_len=8, max_new_tokens=32,
-    opd_steps=4, opd_batch=4, eval_every=2, eval_per_level=8, seeds=(0,),
-    cold_start_steps=2, cold_start_prompts=64)
+  levels=(1, 2),
+  easy=(1,),
+  hard=(2,),
+  pool_levels=(1, 2, 3),
+  student=Arch(num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1),
+  teacher=Arch(num_layers=1, hidden_size=48, num_heads=2, num_kv_heads=1),
+  student_steps=100,
+  teacher_steps=200,
+  student_examples=512,
+  teacher_examples=1024,
+  prompt_examples=256,
+  pool_examples=48,
+  max_prompt_len=8,
+  max_new_tokens=32,
+  opd_steps=4,
+  opd_batch=4,
+  eval_every=2,
+  eval_per_level=8,
+  seeds=(0,),
+  cold_start_steps=2,
+  cold_start_prompts=64,
+)
 
 
 def miniature(smoke: bool = False) -> Miniature:
@@ -80,10 +102,10 @@ def miniature(smoke: bool = False) -> Miniature:
 
 # name -> (architecture role, thinking pattern, SFT data key of miniature_paths)
 ORGANISMS = {
-    "student": ("student", "A", "student_sft"),
-    "teacher_new": ("teacher", "A", "teacher_sft"),
-    "teacher_same": ("teacher", "A", "student_sft"),
-    "teacher_b": ("teacher", "B", "teacher_b_sft"),
+  "student": ("student", "A", "student_sft"),
+  "teacher_new": ("teacher", "A", "teacher_sft"),
+  "teacher_same": ("teacher", "A", "student_sft"),
+  "teacher_b": ("teacher", "B", "teacher_b_sft"),
 }
 
 
@@ -102,9 +124,12 @@ def miniature_eval(m: Miniature, levels: Sequence[int] | None = None) -> ml_coll
   problems per level, greedy; per-level accuracy is logged as
   ``eval/all/acc/level_<L>``."""
   levels = tuple(levels or m.levels)
-  return configs_lib.eval_config(levels="+".join(map(str, levels)),
-                                 num_examples=m.eval_per_level * len(levels),
-                                 max_new_tokens=m.max_new_tokens, batch_size=64)
+  return configs_lib.eval_config(
+    levels="+".join(map(str, levels)),
+    num_examples=m.eval_per_level * len(levels),
+    max_new_tokens=m.max_new_tokens,
+    batch_size=64,
+  )
 
 
 def prepare_miniature(assets: str, m: Miniature = MINIATURE) -> dict[str, str]:
@@ -114,11 +139,17 @@ def prepare_miniature(assets: str, m: Miniature = MINIATURE) -> dict[str, str]:
   os.makedirs(os.path.join(assets, "data"), exist_ok=True)
   tokenizer = ensure_tokenizer(paths["tokenizer"])
   n_hard = int(round(m.student_hard_fraction * m.student_examples))
-  ensure_task_data(paths["student_sft"], n=m.student_examples - n_hard, seed=2, levels=m.easy,
-                   extra=(n_hard, m.hard))
+  ensure_task_data(
+    paths["student_sft"],
+    n=m.student_examples - n_hard,
+    seed=2,
+    levels=m.easy,
+    extra=(n_hard, m.hard),
+  )
   ensure_task_data(paths["teacher_sft"], n=m.teacher_examples, seed=1, levels=m.levels)
-  ensure_task_data(paths["teacher_b_sft"], n=m.teacher_examples, seed=1, levels=m.levels,
-                   pattern="B")
+  ensure_task_data(
+    paths["teacher_b_sft"], n=m.teacher_examples, seed=1, levels=m.levels, pattern="B"
+  )
   ensure_task_data(paths["opd_prompts"], n=m.prompt_examples, seed=3, levels=m.levels)
   ensure_task_data(paths["prompt_pool"], n=m.pool_examples, seed=4, levels=m.pool_levels)
   evals = {"all": miniature_eval(m, sorted(set(m.levels) | set(m.pool_levels)))}
@@ -126,13 +157,26 @@ def prepare_miniature(assets: str, m: Miniature = MINIATURE) -> dict[str, str]:
     arch = m.student if role == "student" else m.teacher
     steps = m.student_steps if role == "student" else m.teacher_steps
     init = ensure_random_model(os.path.join(assets, f"{name}_init"), arch, tokenizer, 10 + i)
-    train_organism(os.path.join(assets, name), _train, sft_config(
-        init=init, tokenizer=paths["tokenizer"], data_file=paths[data_key], steps=steps,
-        lr=m.sft_lr, batch_size=m.sft_batch, max_prompt_len=m.max_prompt_len,
-        max_new_tokens=m.max_new_tokens, seed=i, evals=evals))
+    train_organism(
+      os.path.join(assets, name),
+      _train,
+      sft_config(
+        init=init,
+        tokenizer=paths["tokenizer"],
+        data_file=paths[data_key],
+        steps=steps,
+        lr=m.sft_lr,
+        batch_size=m.sft_batch,
+        max_prompt_len=m.max_prompt_len,
+        max_new_tokens=m.max_new_tokens,
+        seed=i,
+        evals=evals,
+      ),
+    )
   return paths
 
 
 def _train(config, workdir):
-  from opd_jax.train import train   # the driver (experiments may import it)
+  from opd_jax.train import train  # the driver (experiments may import it)
+
   return train(config, workdir)

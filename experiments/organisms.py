@@ -16,9 +16,8 @@ and ``figures/organisms.png``.
 
 from __future__ import annotations
 
-import repro_lib as R
-
 import miniature
+import repro_lib as R
 
 
 def main(workdir: str, smoke: bool = False) -> dict:
@@ -28,17 +27,26 @@ def main(workdir: str, smoke: bool = False) -> dict:
   table = {}
   for name in miniature.ORGANISMS:
     last = R.final_eval(R.organism_workdir(workdir, name))
-    table[name] = {"arch": R.arch_of(m, name), "pattern": miniature.ORGANISMS[name][1],
-                   "sft_data": miniature.ORGANISMS[name][2],
-                   "accuracy": {L: last[f"eval/all/acc/level_{L}"] for L in levels},
-                   "easy": R.level_mean(last, m.easy), "hard": R.level_mean(last, m.hard),
-                   "overall": R.level_mean(last, m.levels)}
+    table[name] = {
+      "arch": R.arch_of(m, name),
+      "pattern": miniature.ORGANISMS[name][1],
+      "sft_data": miniature.ORGANISMS[name][2],
+      "accuracy": {L: last[f"eval/all/acc/level_{L}"] for L in levels},
+      "easy": R.level_mean(last, m.easy),
+      "hard": R.level_mean(last, m.hard),
+      "overall": R.level_mean(last, m.levels),
+    }
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(7, 3.2))
   width = 0.8 / len(table)
   for i, (name, row) in enumerate(table.items()):
-    ax.bar([L + (i - 1.5) * width for L in levels], [row["accuracy"][L] for L in levels],
-           width, label=f"{name} ({row['arch']}, {row['pattern']})")
+    ax.bar(
+      [L + (i - 1.5) * width for L in levels],
+      [row["accuracy"][L] for L in levels],
+      width,
+      label=f"{name} ({row['arch']}, {row['pattern']})",
+    )
   ax.set_xlabel("level (digits)")
   ax.set_ylabel("greedy accuracy")
   ax.set_title("Model organisms (levels above %d unseen by all)" % max(m.levels))

@@ -30,11 +30,16 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 import miniature  # noqa: E402
+
 from opd_jax.logging_utils import read_metrics  # noqa: E402
 
 REPRO_CONFIG = os.path.join(ROOT, "configs", "repro.py")
-COLORS = {"teacher_new": "tab:green", "teacher_same": "tab:orange", "teacher_b": "tab:red",
-          "student": "tab:blue"}
+COLORS = {
+  "teacher_new": "tab:green",
+  "teacher_same": "tab:orange",
+  "teacher_b": "tab:red",
+  "student": "tab:blue",
+}
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -47,12 +52,14 @@ def parser(doc: str) -> argparse.ArgumentParser:
 def headless() -> None:
   """Figures to files only (entry points; a notebook keeps its inline backend)."""
   import matplotlib
+
   matplotlib.use("Agg")
 
 
 def setup_jax(workdir: str) -> None:
   """Persistent compilation cache: runs with the same shapes compile once."""
   import jax
+
   jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, ".jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
@@ -78,8 +85,15 @@ def setting_dict(m: miniature.Miniature) -> dict[str, Any]:
 # Runs.
 
 
-def run_name(teacher: str = "teacher_new", loss: str = "reverse_kl", seed: int = 0, student: str = "student",
-             prompts: str = "opd_prompts", cold_start: int = 0, **extra: Any) -> str:
+def run_name(
+  teacher: str = "teacher_new",
+  loss: str = "reverse_kl",
+  seed: int = 0,
+  student: str = "student",
+  prompts: str = "opd_prompts",
+  cold_start: int = 0,
+  **extra: Any,
+) -> str:
   parts = [f"{student}-from-{teacher}", loss, prompts]
   if cold_start:
     parts.append(f"cold{cold_start}")
@@ -88,11 +102,16 @@ def run_name(teacher: str = "teacher_new", loss: str = "reverse_kl", seed: int =
   return "_".join(str(p).replace("/", "-").replace(".", "p") for p in parts)
 
 
-def opd_config(workdir: str, smoke: bool, arg: Mapping[str, Any] | None = None,
-               overrides: Mapping[str, Any] | None = None):
+def opd_config(
+  workdir: str,
+  smoke: bool,
+  arg: Mapping[str, Any] | None = None,
+  overrides: Mapping[str, Any] | None = None,
+):
   """configs/repro.py with ``arg`` (its ``key=value`` argument) and dotted
   ``overrides`` (as ``--config.a.b=v`` on the command line)."""
   import importlib.util
+
   spec = importlib.util.spec_from_file_location("repro_config", REPRO_CONFIG)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -107,10 +126,16 @@ def opd_config(workdir: str, smoke: bool, arg: Mapping[str, Any] | None = None,
   return config
 
 
-def run_opd(workdir: str, smoke: bool, name: str | None = None,
-            overrides: Mapping[str, Any] | None = None, **arg: Any) -> str:
+def run_opd(
+  workdir: str,
+  smoke: bool,
+  name: str | None = None,
+  overrides: Mapping[str, Any] | None = None,
+  **arg: Any,
+) -> str:
   """Runs (or resumes, or skips if done) one OPD run; returns its directory."""
   from opd_jax.train import train
+
   name = name or run_name(**arg)
   rundir = os.path.join(os.path.abspath(workdir), "runs", name)
   done = os.path.join(rundir, "DONE")
@@ -159,8 +184,10 @@ def accuracy_curve(rundir: str, levels: Sequence[int]) -> tuple[list[int], list[
 
 def metric_curve(rundir: str, key: str) -> tuple[np.ndarray, np.ndarray]:
   rows = [r for r in records(rundir) if key in r and "cold_start" in r and not r["cold_start"]]
-  return (np.array([r["step"] for r in rows], dtype=np.int64),
-          np.array([r[key] for r in rows], dtype=np.float64))
+  return (
+    np.array([r["step"] for r in rows], dtype=np.int64),
+    np.array([r[key] for r in rows], dtype=np.float64),
+  )
 
 
 def smooth(y: np.ndarray, window: int) -> np.ndarray:
@@ -184,8 +211,12 @@ def window_mean(rundir: str, key: str, start_frac: float, end_frac: float) -> fl
 
 def mean_std(values: Sequence[float]) -> dict[str, Any]:
   v = np.asarray(values, dtype=np.float64)
-  return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
-          "n": int(len(v)), "values": [float(x) for x in v]}
+  return {
+    "mean": float(np.mean(v)),
+    "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+    "n": int(len(v)),
+    "values": [float(x) for x in v],
+  }
 
 
 def fmt(ms: Mapping[str, Any], scale: float = 1.0, digits: int = 1) -> str:
@@ -218,6 +249,7 @@ def save(workdir: str, name: str, data: Mapping[str, Any], fig=None) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "figures", f"{name}.png"), dpi=120)
     import matplotlib.pyplot as plt
+
     plt.close(fig)
 
 
@@ -252,8 +284,9 @@ def final_eval_at(rundir: str, step: int, prefix: str = "eval/all") -> dict[str,
   raise ValueError(f"no {prefix} evaluation at step {step} in {rundir}")
 
 
-def curve_band(ax, curves: Sequence[tuple[np.ndarray, np.ndarray]], color: str, label: str,
-               window: int = 1) -> None:
+def curve_band(
+  ax, curves: Sequence[tuple[np.ndarray, np.ndarray]], color: str, label: str, window: int = 1
+) -> None:
   """Mean ± std over seeds of per-step curves (aligned on the first's steps)."""
   n = min(len(c[1]) for c in curves)
   steps = np.asarray(curves[0][0][:n])

@@ -19,9 +19,18 @@ import time
 
 import repro_lib as R
 
-STAGES = ("organisms", "f1_gap_recovery", "f2_compatibility", "f3_overlap_dynamics",
-          "f4_overlap_mass", "f5_weak_to_strong", "f6_cold_start", "f7_prompt_selection",
-          "f8_long_horizon", "f9_loss_ablation")
+STAGES = (
+  "organisms",
+  "f1_gap_recovery",
+  "f2_compatibility",
+  "f3_overlap_dynamics",
+  "f4_overlap_mass",
+  "f5_weak_to_strong",
+  "f6_cold_start",
+  "f7_prompt_selection",
+  "f8_long_horizon",
+  "f9_loss_ablation",
+)
 
 
 def pct(ms, digits=1):
@@ -43,88 +52,146 @@ def summarize(res: dict) -> list[dict]:
   new, same = f1["teacher_new"], f1["teacher_same"]
   gain_same = same["hard_accuracy_after"]["mean"] - same["student_hard_accuracy"]["mean"]
   long = res["f1_gap_recovery"].get("long_budget", {}).get("teacher_new")
-  long_txt = (f"; {long['steps']} steps (1 seed): {100 * long['hard_gap_recovery']:.0f}%"
-              if long else "")
-  rows.append(dict(
+  long_txt = (
+    f"; {long['steps']} steps (1 seed): {100 * long['hard_gap_recovery']:.0f}%" if long else ""
+  )
+  rows.append(
+    dict(
       finding="1. Gap recovery: new-capability teacher (Fig. 1 left)",
       paper="Qwen3-1.7B ← Qwen3-4B-Math (after RL): 58.6%; DS-1.5B ← Skywork-OR1-7B: 16.9%",
-      ours=(f"hard-level gap recovery from teacher_new {pct(new['hard_gap_recovery'])} "
-            f"(acc {pct(new['student_hard_accuracy'], 0)} → {pct(new['hard_accuracy_after'], 0)}, "
-            f"teacher {100 * new['teacher_hard_accuracy']:.0f}%){long_txt}"),
-      verdict=_verdict(new["hard_gap_recovery"]["mean"] >= 0.3)))
-  rows.append(dict(
+      ours=(
+        f"hard-level gap recovery from teacher_new {pct(new['hard_gap_recovery'])} "
+        f"(acc {pct(new['student_hard_accuracy'], 0)} → {pct(new['hard_accuracy_after'], 0)}, "
+        f"teacher {100 * new['teacher_hard_accuracy']:.0f}%){long_txt}"
+      ),
+      verdict=_verdict(new["hard_gap_recovery"]["mean"] >= 0.3),
+    )
+  )
+  rows.append(
+    dict(
       finding="1. Higher-score teacher with nothing new recovers far less",
       paper="Qwen3-4B: 15.6%; DS-7B: 5.3% (vs 58.6% / 16.9%)",
-      ours=(f"teacher_same: all-level gap recovery {pct(same['overall_gap_recovery'])}, "
-            f"hard-level gain {100 * gain_same:+.1f} pts; teacher_new all-level "
-            f"{pct(new['overall_gap_recovery'])}"),
-      verdict=_contrast(new["overall_gap_recovery"]["mean"],
-                        same["overall_gap_recovery"]["mean"])))
+      ours=(
+        f"teacher_same: all-level gap recovery {pct(same['overall_gap_recovery'])}, "
+        f"hard-level gain {100 * gain_same:+.1f} pts; teacher_new all-level "
+        f"{pct(new['overall_gap_recovery'])}"
+      ),
+      verdict=_contrast(new["overall_gap_recovery"]["mean"], same["overall_gap_recovery"]["mean"]),
+    )
+  )
   f2 = res["f2_compatibility"]["teachers"]
   b, n2 = f2["teacher_b"], f2["teacher_new"]
-  rows.append(dict(
+  rows.append(
+    dict(
       finding="2. Incompatible thinking pattern: OPD fails although the teacher is accurate",
       paper="qualitative (thinking vs non-thinking teachers of one family)",
-      ours=(f"teacher_b (hard acc {100 * b['teacher_hard_accuracy']:.0f}%): hard gain "
-            f"{pct(b['hard_gain'])} vs {pct(n2['hard_gain'])} from teacher_new"),
-      verdict=_contrast(n2["hard_gain"]["mean"], b["hard_gain"]["mean"])))
+      ours=(
+        f"teacher_b (hard acc {100 * b['teacher_hard_accuracy']:.0f}%): hard gain "
+        f"{pct(b['hard_gain'])} vs {pct(n2['hard_gain'])} from teacher_new"
+      ),
+      verdict=_contrast(n2["hard_gain"]["mean"], b["hard_gain"]["mean"]),
+    )
+  )
   f3 = res["f3_overlap_dynamics"]["teachers"]
-  rows.append(dict(
-      finding="3. Overlap ratio rises in successful runs, flat/falls in failing ones (Fig. 1 right)",
+  rows.append(
+    dict(
+      finding=(
+        "3. Overlap ratio rises in successful runs, flat/falls in failing ones (Fig. 1 right)"
+      ),
       paper="success ≈ 0.72 → 0.92; failure flat ≈ 0.78",
-      ours="; ".join(f"{t}: {num(f3[t]['overlap_ratio_start'])} → {num(f3[t]['overlap_ratio_end'])}"
-                     for t in f3),
-      verdict=_verdict(f3["teacher_new"]["change"]["mean"] > 0 and all(
+      ours="; ".join(
+        f"{t}: {num(f3[t]['overlap_ratio_start'])} → {num(f3[t]['overlap_ratio_end'])}" for t in f3
+      ),
+      verdict=_verdict(
+        f3["teacher_new"]["change"]["mean"] > 0
+        and all(
           f3["teacher_new"]["change"]["mean"] > f3[t]["change"]["mean"]
-          for t in f3 if t != "teacher_new"))))
+          for t in f3
+          if t != "teacher_new"
+        )
+      ),
+    )
+  )
   f4 = res["f4_overlap_mass"]["teachers"]["teacher_new"]
-  rows.append(dict(
+  rows.append(
+    dict(
       finding="4. Shared top-16 set holds ≥ 97% of both models' mass (successful run)",
       paper="97–99%",
-      ours=(f"Σ_{{S∩T}} p = {pct(f4['overlap_mass_student_end'])}, "
-            f"Σ_{{S∩T}} q = {pct(f4['overlap_mass_teacher_end'])} (last 10% of steps)"),
-      verdict=_verdict(min(f4["overlap_mass_student_end"]["mean"],
-                           f4["overlap_mass_teacher_end"]["mean"]) >= 0.97)))
+      ours=(
+        f"Σ_{{S∩T}} p = {pct(f4['overlap_mass_student_end'])}, "
+        f"Σ_{{S∩T}} q = {pct(f4['overlap_mass_teacher_end'])} (last 10% of steps)"
+      ),
+      verdict=_verdict(
+        min(f4["overlap_mass_student_end"]["mean"], f4["overlap_mass_teacher_end"]["mean"]) >= 0.97
+      ),
+    )
+  )
   f5 = res["f5_weak_to_strong"]
-  rows.append(dict(
+  rows.append(
+    dict(
       finding="5. Weak-to-strong: the strong student falls toward the weak teacher (Fig. 1 middle)",
       paper="JustRL-1.5B 0.50 → ≈ 0.32 from DS-1.5B (0.28) or DS-7B",
       ours="; ".join(
-          f"← {w}: {pct(v['hard_before'], 0)} → {pct(v['hard_after'], 0)} (teacher "
-          f"{100 * v['weak_teacher_hard_accuracy']:.0f}%)" for w, v in f5["weak_teachers"].items()),
-      verdict=_verdict(all(v["fall_toward_teacher"]["mean"] >= 0.5
-                           for v in f5["weak_teachers"].values()))))
+        f"← {w}: {pct(v['hard_before'], 0)} → {pct(v['hard_after'], 0)} (teacher "
+        f"{100 * v['weak_teacher_hard_accuracy']:.0f}%)"
+        for w, v in f5["weak_teachers"].items()
+      ),
+      verdict=_verdict(
+        all(v["fall_toward_teacher"]["mean"] >= 0.5 for v in f5["weak_teachers"].values())
+      ),
+    )
+  )
   f6 = res["f6_cold_start"]
-  rows.append(dict(
+  rows.append(
+    dict(
       finding="6. Off-policy cold start recovers OPD from an incompatible teacher",
       paper="qualitative (recipe)",
-      ours=(f"hard acc: plain OPD {pct(f6['plain_opd']['hard'], 0)}, after SFT "
-            f"{pct(f6['after_sft']['hard'], 0)}, SFT + OPD {pct(f6['cold_start_then_opd']['hard'], 0)}"),
-      verdict=_verdict(f6["cold_start_then_opd"]["hard"]["mean"]
-                       > f6["plain_opd"]["hard"]["mean"] + 0.1)))
+      ours=(
+        f"hard acc: plain OPD {pct(f6['plain_opd']['hard'], 0)}, after SFT "
+        f"{pct(f6['after_sft']['hard'], 0)}, SFT + OPD {pct(f6['cold_start_then_opd']['hard'], 0)}"
+      ),
+      verdict=_verdict(
+        f6["cold_start_then_opd"]["hard"]["mean"] > f6["plain_opd"]["hard"]["mean"] + 0.1
+      ),
+    )
+  )
   f7 = res["f7_prompt_selection"]["arms"]
-  rows.append(dict(
+  rows.append(
+    dict(
       finding="7. Teacher-aligned prompt selection beats random prompts at equal steps",
       paper="qualitative (recipe)",
-      ours=(f"hard acc: selected {pct(f7['selected']['hard_after'], 0)} vs random pool "
-            f"{pct(f7['random_pool']['hard_after'], 0)}"),
-      verdict=_verdict(f7["selected"]["hard_after"]["mean"] - f7["random_pool"]["hard_after"]["mean"]
-                       > max(f7["selected"]["hard_after"]["std"],
-                             f7["random_pool"]["hard_after"]["std"]))))
+      ours=(
+        f"hard acc: selected {pct(f7['selected']['hard_after'], 0)} vs random pool "
+        f"{pct(f7['random_pool']['hard_after'], 0)}"
+      ),
+      verdict=_verdict(
+        f7["selected"]["hard_after"]["mean"] - f7["random_pool"]["hard_after"]["mean"]
+        > max(f7["selected"]["hard_after"]["std"], f7["random_pool"]["hard_after"]["std"])
+      ),
+    )
+  )
   f8 = res["f8_long_horizon"]["teachers"]["teacher_new"]
   first_last = f8.get("overlap_ratio_late_first_vs_last_chunk", [float("nan")] * 2)
-  rows.append(dict(
+  rows.append(
+    dict(
       finding="8. Long horizon: later response positions align worse",
       paper="open question (alignment degrades deeper into long responses)",
-      ours=(f"teacher_new, last 10% of steps: overlap ratio {first_last[0]:.3f} (first chunk) "
-            f"vs {first_last[1]:.3f} (last chunk)"),
-      verdict=_verdict(first_last[1] < first_last[0])))
+      ours=(
+        f"teacher_new, last 10% of steps: overlap ratio {first_last[0]:.3f} (first chunk) "
+        f"vs {first_last[1]:.3f} (last chunk)"
+      ),
+      verdict=_verdict(first_last[1] < first_last[0]),
+    )
+  )
   f9 = res["f9_loss_ablation"]["losses"]
-  rows.append(dict(
+  rows.append(
+    dict(
       finding="9. Loss ablation (hard-level accuracy after OPD)",
       paper="top-k (k=16) and full-vocabulary OPD track each other; sampled-token is noisier",
       ours="; ".join(f"{k}: {pct(v['hard_after'], 0)}" for k, v in f9.items()),
-      verdict="descriptive"))
+      verdict="descriptive",
+    )
+  )
   return rows
 
 
@@ -133,7 +200,7 @@ def _verdict(ok: bool) -> str:
 
 
 def _contrast(success: float, failure: float) -> str:
-  """"failure brings far less than success": needs success >= 0.1 and
+  """ "failure brings far less than success": needs success >= 0.1 and
   failure < half of it."""
   if success < 0.1:
     return "does not reproduce (the contrasting run does not succeed either)"
@@ -159,8 +226,7 @@ def main(workdir: str, smoke: bool = False, stages=STAGES) -> dict:
     timings[stage] = time.time() - t0
     print(f"[repro] {stage}: {timings[stage]:.0f} s", flush=True)
   rows = summarize(results) if set(STAGES) <= set(stages) else []
-  summary = {"smoke": smoke, "timings_s": timings, "total_s": sum(timings.values()),
-             "rows": rows}
+  summary = {"smoke": smoke, "timings_s": timings, "total_s": sum(timings.values()), "rows": rows}
   R.save(workdir, "summary", summary)
   with open(os.path.join(workdir, "results", "results.md"), "w") as f:
     f.write(markdown(rows))

@@ -32,9 +32,13 @@ def commands(sweep_path: str, root: str, extra: list[str] = ()) -> list[tuple[st
     if safe in seen:
       raise ValueError(f"duplicate run name {name!r} in {sweep_path}")
     seen.add(safe)
-    cmd = [sys.executable, "-m", "opd_jax.train",
-           f"--config={base}" + (f":{arg}" if arg else ""),
-           f"--workdir={os.path.join(root, safe)}"]
+    cmd = [
+      sys.executable,
+      "-m",
+      "opd_jax.train",
+      f"--config={base}" + (f":{arg}" if arg else ""),
+      f"--workdir={os.path.join(root, safe)}",
+    ]
     cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
     cmd += list(extra)
     out.append((safe, cmd))

@@ -32,11 +32,18 @@ import jax
 from opd_jax import flops as flops_lib
 from opd_jax import train as train_lib
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
-def lower_abstract(config, *, vocab_size: int | None = None, eos_ids: tuple[int, ...] = (),
-                   pad_id: int = 0, compile: bool = False, num_layers: int = 0):
+def lower_abstract(
+  config,
+  *,
+  vocab_size: int | None = None,
+  eos_ids: tuple[int, ...] = (),
+  pad_id: int = 0,
+  compile: bool = False,
+  num_layers: int = 0,
+):
   """Builds, shards and lowers the OPD step from ``config.json`` files alone
   (``train.build_run(config, abstract=True)``).
 
@@ -45,8 +52,14 @@ def lower_abstract(config, *, vocab_size: int | None = None, eos_ids: tuple[int,
   ``jax.stages.Lowered`` (or ``Compiled`` with ``compile=True``); used to
   check paper-scale configs on a simulated mesh.
   """
-  run = train_lib.build_run(config, abstract=True, num_layers=num_layers,
-                            vocab_size=vocab_size, eos_ids=eos_ids, pad_id=pad_id)
+  run = train_lib.build_run(
+    config,
+    abstract=True,
+    num_layers=num_layers,
+    vocab_size=vocab_size,
+    eos_ids=eos_ids,
+    pad_id=pad_id,
+  )
   phase = run.phases["opd"]
   lowered = phase.fn.lower(*phase.args(run.state))
   return lowered.compile() if compile else lowered
@@ -72,48 +85,76 @@ def report(config, *, num_layers: int = 0) -> dict[str, Any]:
   compiled = lowered.compile()
   t2 = time.perf_counter()
   m = compiled.memory_analysis()
-  arg, out, temp, alias = (int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
-                           int(m.temp_size_in_bytes), int(m.alias_size_in_bytes))
+  arg, out, temp, alias = (
+    int(m.argument_size_in_bytes),
+    int(m.output_size_in_bytes),
+    int(m.temp_size_in_bytes),
+    int(m.alias_size_in_bytes),
+  )
   total = arg + temp + out - alias
   b, p = phase.batch["prompt_ids"].shape
-  fl = flops_lib.step_flops(phase.cfg, run.student_cfg, run.teacher_cfg, batch_size=int(b),
-                            prompt_len=int(p), vocab=run.vocab)
+  fl = flops_lib.step_flops(
+    phase.cfg,
+    run.student_cfg,
+    run.teacher_cfg,
+    batch_size=int(b),
+    prompt_len=int(p),
+    vocab=run.vocab,
+  )
   mesh, sampling = run.sharder.mesh, phase.cfg.sampling
   n_dev = mesh.size if mesh is not None else 1
   return dict(
-      argument_bytes=arg, output_bytes=out, temp_bytes=temp, alias_bytes=alias,
-      total_bytes=total, total_gib=round(total / GIB, 3),
-      generated_code_bytes=int(m.generated_code_size_in_bytes),
-      lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2),
-      flops_per_step=fl["total"], flops_per_device=fl["total"] / n_dev,
-      flops_sampling=fl["sampling"], flops_teacher=fl["teacher"],
-      flops_student_fwd_bwd=fl["student_fwd_bwd"],
-      xla_flops_per_device=_xla_flops(compiled),   # counts each loop body once
-      devices=n_dev, mesh=dict(mesh.shape) if mesh is not None else {},
-      batch_size=int(b), num_samples=sampling.num_samples,
-      rows=int(b) * sampling.num_samples, prompt_len=int(p),
-      new_tokens=sampling.max_new_tokens,
-      micro_batches=int(config.micro_batches),
-      student_layers=run.student_cfg.num_layers,
-      teacher_layers=run.teacher_cfg.num_layers if run.teacher_cfg is not None else 0,
-      vocab=run.vocab, loss=phase.cfg.loss, remat=bool(run.student_cfg.remat),
-      param_dtype=run.student_cfg.param_dtype, dtype=run.student_cfg.dtype)
+    argument_bytes=arg,
+    output_bytes=out,
+    temp_bytes=temp,
+    alias_bytes=alias,
+    total_bytes=total,
+    total_gib=round(total / GIB, 3),
+    generated_code_bytes=int(m.generated_code_size_in_bytes),
+    lower_s=round(t1 - t0, 2),
+    compile_s=round(t2 - t1, 2),
+    flops_per_step=fl["total"],
+    flops_per_device=fl["total"] / n_dev,
+    flops_sampling=fl["sampling"],
+    flops_teacher=fl["teacher"],
+    flops_student_fwd_bwd=fl["student_fwd_bwd"],
+    xla_flops_per_device=_xla_flops(compiled),  # counts each loop body once
+    devices=n_dev,
+    mesh=dict(mesh.shape) if mesh is not None else {},
+    batch_size=int(b),
+    num_samples=sampling.num_samples,
+    rows=int(b) * sampling.num_samples,
+    prompt_len=int(p),
+    new_tokens=sampling.max_new_tokens,
+    micro_batches=int(config.micro_batches),
+    student_layers=run.student_cfg.num_layers,
+    teacher_layers=run.teacher_cfg.num_layers if run.teacher_cfg is not None else 0,
+    vocab=run.vocab,
+    loss=phase.cfg.loss,
+    remat=bool(run.student_cfg.remat),
+    param_dtype=run.student_cfg.param_dtype,
+    dtype=run.student_cfg.dtype,
+  )
 
 
 def over_budget(rep: dict[str, Any], budget_gib: float) -> str | None:
   """The message when ``rep['total_bytes']`` exceeds ``budget_gib`` GiB (else None)."""
   if budget_gib <= 0 or rep["total_bytes"] <= budget_gib * GIB:
     return None
-  parts = ", ".join(f"{k} {rep[k + '_bytes'] / GIB:.3f}"
-                    for k in ("argument", "temp", "output", "alias"))
-  return (f"over budget: total {rep['total_bytes'] / GIB:.3f} GiB per device > "
-          f"--budget_gib={budget_gib:g} (GiB: {parts}; total = argument + temp + output "
-          "- alias)")
+  parts = ", ".join(
+    f"{k} {rep[k + '_bytes'] / GIB:.3f}" for k in ("argument", "temp", "output", "alias")
+  )
+  return (
+    f"over budget: total {rep['total_bytes'] / GIB:.3f} GiB per device > "
+    f"--budget_gib={budget_gib:g} (GiB: {parts}; total = argument + temp + output "
+    "- alias)"
+  )
 
 
 def main(argv):
   del argv
   from absl import flags
+
   fl = flags.FLAGS
   # Before any device use: N simulated CPU devices.
   jax.config.update("jax_platforms", "cpu")
@@ -129,12 +170,15 @@ def main(argv):
 def run():
   from absl import app, flags
   from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "config file (get_config(arg)), as for "
-                                  "opd_jax.train", lock_config=True)
+
+  config_flags.DEFINE_config_file(
+    "config", None, "config file (get_config(arg)), as for opd_jax.train", lock_config=True
+  )
   flags.DEFINE_integer("devices", 8, "number of simulated CPU devices")
   flags.DEFINE_integer("num_layers", 0, "depth of both models (0: their config.json's)")
-  flags.DEFINE_float("budget_gib", 0.0, "exit 1 when total_bytes per device exceeds this "
-                     "(0: no budget)")
+  flags.DEFINE_float(
+    "budget_gib", 0.0, "exit 1 when total_bytes per device exceeds this (0: no budget)"
+  )
   flags.mark_flags_as_required(["config"])
   app.run(main)
 

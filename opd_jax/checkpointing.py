@@ -20,11 +20,10 @@ import time
 import warnings
 from typing import Any
 
-from absl import logging
-
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 class RestoreError(RuntimeError):
@@ -59,14 +58,16 @@ def _quiet_closed_loop_callbacks() -> None:
 class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` with named items."""
 
-  def __init__(self, directory: str, *, save_every: int, max_to_keep: int = 3,
-               async_save: bool = False):
+  def __init__(
+    self, directory: str, *, save_every: int, max_to_keep: int = 3, async_save: bool = False
+  ):
     self.save_every = int(save_every)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True,
-        enable_async_checkpointing=async_save)
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+    )
     self.manager = ocp.CheckpointManager(
-        directory, options=options, item_names=("state", "data", "meta"))
+      directory, options=options, item_names=("state", "data", "meta")
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -74,11 +75,12 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self.save_every > 0 and step % self.save_every == 0
 
-  def save(self, step: int, state: Any, data_state: dict, meta: dict,
-           force: bool = False) -> bool:
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(data_state),
-                              meta=ocp.args.JsonSave(meta))
+  def save(self, step: int, state: Any, data_state: dict, meta: dict, force: bool = False) -> bool:
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave(data_state),
+      meta=ocp.args.JsonSave(meta),
+    )
     saved = self.manager.save(step, args=args, force=force)
     self.manager.wait_until_finished()
     return saved
@@ -89,16 +91,22 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError("no checkpoint to restore")
-    out = self.manager.restore(step, args=ocp.args.Composite(
+    out = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
-        data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore(),
+      ),
+    )
     return out["state"], out["data"], out["meta"]
 
   def step_path(self, step: int) -> str:
     return os.path.join(os.fspath(self.manager.directory), str(step))
 
-  def restore_newest(self, abstract_state: Any, step: int = 0,
-                     setting: str = "config.restore_step"):
+  def restore_newest(
+    self, abstract_state: Any, step: int = 0, setting: str = "config.restore_step"
+  ):
     """Restores the newest checkpoint that reads back whole: ``(step, state,
     data_state, meta)``, or None when there is no checkpoint (a fresh start).
 
@@ -111,13 +119,15 @@ class Checkpointer:
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     if step > 0 and step not in steps:
-      raise RestoreError(f"{setting}={step}: there is no checkpoint {step} in "
-                         f"{self.manager.directory} (checkpoints: {sorted(steps) or 'none'})")
+      raise RestoreError(
+        f"{setting}={step}: there is no checkpoint {step} in "
+        f"{self.manager.directory} (checkpoints: {sorted(steps) or 'none'})"
+      )
     if not steps:
       return None
     failed = []
     _quiet_closed_loop_callbacks()
-    for s in ([step] if step > 0 else steps):
+    for s in [step] if step > 0 else steps:
       try:
         out = (s, *self.restore(abstract_state, s))
       except Exception as e:  # pylint: disable=broad-except  (TensorStore, JSON, structure)
@@ -125,14 +135,22 @@ class Checkpointer:
         failed.append(f"checkpoint {s} ({self.step_path(s)}): {_short(e)}")
         logging.warning("cannot restore %s; trying the previous checkpoint", failed[-1])
         continue
-      self._set_aside([t for t in steps if t > s], reason="newer than the restored step "
-                      f"{s}" + (f" ({setting}={step})" if step > 0 else " (unreadable)"))
+      self._set_aside(
+        [t for t in steps if t > s],
+        reason="newer than the restored step "
+        f"{s}" + (f" ({setting}={step})" if step > 0 else " (unreadable)"),
+      )
       return out
-    hint = (f"choose another with {setting}=N (checkpoints: {sorted(steps)})" if step > 0 else
-            f"{setting}=N restores one explicitly; to start afresh, move "
-            f"{self.manager.directory} away")
-    raise RestoreError("no checkpoint of this run can be restored (the run does not start "
-                       "afresh over them):\n  " + "\n  ".join(failed) + f"\n{hint}")
+    hint = (
+      f"choose another with {setting}=N (checkpoints: {sorted(steps)})"
+      if step > 0
+      else f"{setting}=N restores one explicitly; to start afresh, move "
+      f"{self.manager.directory} away"
+    )
+    raise RestoreError(
+      "no checkpoint of this run can be restored (the run does not start "
+      "afresh over them):\n  " + "\n  ".join(failed) + f"\n{hint}"
+    )
 
   def _set_aside(self, steps: list[int], reason: str) -> None:
     """Moves checkpoints ``steps`` to ``<directory>.damaged/`` (process 0)."""
@@ -149,6 +167,7 @@ class Checkpointer:
         logging.warning("checkpoint %d %s: moved to %s", s, reason, dest)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices("checkpoints_set_aside")
     self.manager.reload()
 
@@ -159,10 +178,12 @@ class Checkpointer:
 
 def abstract_like(tree: Any) -> Any:
   """ShapeDtypeStructs (with shardings) for restoring onto ``tree``'s layout."""
+
   def one(x):
     if isinstance(x, jax.Array):
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     return x
+
   return jax.tree.map(one, tree)
 
 
@@ -186,6 +207,7 @@ class PreemptionFlag:
     if jax.process_count() == 1:
       return local
     from jax.experimental import multihost_utils
+
     flags = multihost_utils.process_allgather(np.asarray([local], np.int32))
     return bool(np.asarray(flags).any())
 

@@ -19,28 +19,47 @@ from typing import Any
 import jax
 import numpy as np
 
-from opd_jax import data as data_lib, evaluation
+from opd_jax import data as data_lib
+from opd_jax import evaluation
 
 
-def make_teacher_rollouts(teacher, tokenizer, records: Sequence[dict[str, Any]], task, *,
-                          out_file: str, attempts: int = 4, keep_per_prompt: int = 1,
-                          temperature: float = 1.0, top_p: float = 1.0,
-                          max_new_tokens: int = 64, batch_size: int = 16, seed: int = 0,
-                          max_prompt_len: int | None = None,
-                          use_chat_template: bool = False) -> dict[str, Any]:
+def make_teacher_rollouts(
+  teacher,
+  tokenizer,
+  records: Sequence[dict[str, Any]],
+  task,
+  *,
+  out_file: str,
+  attempts: int = 4,
+  keep_per_prompt: int = 1,
+  temperature: float = 1.0,
+  top_p: float = 1.0,
+  max_new_tokens: int = 64,
+  batch_size: int = 16,
+  seed: int = 0,
+  max_prompt_len: int | None = None,
+  use_chat_template: bool = False,
+) -> dict[str, Any]:
   """Writes verified teacher rollouts to ``out_file``; returns statistics.
 
   Deterministic for a seed. Only process 0 writes (every process samples the
   same rows, as in SPMD training).
   """
   if attempts < 1 or keep_per_prompt < 1:
-    raise ValueError(f"attempts={attempts} and keep_per_prompt={keep_per_prompt} "
-                     "must be >= 1")
+    raise ValueError(f"attempts={attempts} and keep_per_prompt={keep_per_prompt} must be >= 1")
   comps = evaluation.generate_completions(
-      teacher, tokenizer, [r["prompt"] for r in records], num_samples=attempts,
-      temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-      batch_size=batch_size, seed=seed, max_prompt_len=max_prompt_len,
-      use_chat_template=use_chat_template)
+    teacher,
+    tokenizer,
+    [r["prompt"] for r in records],
+    num_samples=attempts,
+    temperature=temperature,
+    top_p=top_p,
+    max_new_tokens=max_new_tokens,
+    batch_size=batch_size,
+    seed=seed,
+    max_prompt_len=max_prompt_len,
+    use_chat_template=use_chat_template,
+  )
   scores = evaluation.score_completions(task, records, comps.texts, attempts)
   out, solved = [], 0
   for p, rec in enumerate(records):
@@ -49,12 +68,17 @@ def make_teacher_rollouts(teacher, tokenizer, records: Sequence[dict[str, Any]],
     for j in good[:keep_per_prompt]:
       text = comps.texts[p * attempts + j]
       out.append({**rec, "completion": text, "rollout_attempt": j})
-  stats = {"num_prompts": len(records), "num_rollouts": len(out),
-           "solved_frac": solved / max(len(records), 1),
-           "attempt_accuracy": float(np.mean(scores)) if len(records) else 0.0}
+  stats = {
+    "num_prompts": len(records),
+    "num_rollouts": len(out),
+    "solved_frac": solved / max(len(records), 1),
+    "attempt_accuracy": float(np.mean(scores)) if len(records) else 0.0,
+  }
   if not out:
-    raise ValueError(f"no teacher rollout passed the verifier ({len(records)} prompts x "
-                     f"{attempts} attempts): cannot cold-start")
+    raise ValueError(
+      f"no teacher rollout passed the verifier ({len(records)} prompts x "
+      f"{attempts} attempts): cannot cold-start"
+    )
   if jax.process_index() == 0:
     data_lib.write_jsonl(out_file, out)
     with open(out_file + ".stats.json", "w") as f:

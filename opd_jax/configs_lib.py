@@ -46,8 +46,9 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
-def updated(config: ml_collections.ConfigDict,
-            values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+def updated(
+  config: ml_collections.ConfigDict, values: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
   """A copy of ``config`` with ``values`` (``{"data.max_prompt_len": 12}``:
   dotted keys) set; ``config`` itself is not modified. A key that does not
   exist is an error (the copy stays locked)."""
@@ -61,16 +62,17 @@ def updated(config: ml_collections.ConfigDict,
   return out
 
 
-def expand_workdir(config: ml_collections.ConfigDict,
-                   workdir: str) -> ml_collections.ConfigDict:
+def expand_workdir(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
   """A copy of ``config`` with ``$WORKDIR`` replaced by ``workdir`` in every
   string field."""
+
   def walk(node, prefix):
     for key, value in node.items():
       if isinstance(value, ml_collections.ConfigDict):
         yield from walk(value, f"{prefix}{key}.")
       elif isinstance(value, str) and "$WORKDIR" in value:
         yield f"{prefix}{key}", value.replace("$WORKDIR", workdir)
+
   return updated(config, dict(walk(config, "")))
 
 
@@ -78,11 +80,16 @@ def loss_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   """``config.loss`` for loss ``name``: its registry kwargs with defaults,
   plus aggregation settings."""
   fn = losses_lib.LOSSES.get(name)
-  kwargs = {p.name: p.default for p in inspect.signature(fn).parameters.values()
-            if p.kind == p.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
-            and p.name not in losses_lib.ROW_INPUTS}
-  cfg = dict(name=name, aggregation="token_mean", normalizer=0.0, chunk=64,
-             chunk_budget_mib=1024.0, **kwargs)
+  kwargs = {
+    p.name: p.default
+    for p in inspect.signature(fn).parameters.values()
+    if p.kind == p.KEYWORD_ONLY
+    and p.default is not inspect.Parameter.empty
+    and p.name not in losses_lib.ROW_INPUTS
+  }
+  cfg = dict(
+    name=name, aggregation="token_mean", normalizer=0.0, chunk=64, chunk_budget_mib=1024.0, **kwargs
+  )
   for k, v in overrides.items():
     if k not in cfg:
       raise ValueError(f"loss {name!r} has no setting {k!r}; valid: {sorted(cfg)}")
@@ -99,11 +106,24 @@ def model_config(path: str = "", **kw) -> ml_collections.ConfigDict:
   attention (models/attention.py IMPLEMENTATIONS), with its query / key blocks;
   ``decode_*`` / ``key_cache_layout``: the one-query (sampler) attention over
   the KV cache (``ModelConfig``; "auto" picks per backend)."""
-  return ml_collections.ConfigDict(dict(
-      path=path, dtype="float32", param_dtype="float32", remat=False,
-      scan_layers=False, vocab_pad_multiple=1, attention="blockwise", attention_block=256,
-      attention_key_block=512, decode_attention="auto", decode_block=128,
-      decode_contraction="auto", key_cache_layout="auto", **kw))
+  return ml_collections.ConfigDict(
+    dict(
+      path=path,
+      dtype="float32",
+      param_dtype="float32",
+      remat=False,
+      scan_layers=False,
+      vocab_pad_multiple=1,
+      attention="blockwise",
+      attention_block=256,
+      attention_key_block=512,
+      decode_attention="auto",
+      decode_block=128,
+      decode_contraction="auto",
+      key_cache_layout="auto",
+      **kw,
+    )
+  )
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -112,55 +132,91 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.student = model_config()
   c.teacher = model_config()
-  c.tokenizer = ""                  # default: the student's directory
-  c.mesh = ml_collections.ConfigDict(dict(
+  c.tokenizer = ""  # default: the student's directory
+  c.mesh = ml_collections.ConfigDict(
+    dict(
       shape=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
-      rules=ml_collections.ConfigDict()))   # logical axis -> mesh axes overrides
-  c.data = ml_collections.ConfigDict(dict(
-      train_files="", prompt_field="prompt", completion_field="", answer_field="answer",
-      source_field="", use_chat_template=False, max_prompt_len=64,
-      max_completion_len=0,           # 0: sampling.max_new_tokens
-      overlong="drop", on_error="raise", num_epochs=0,   # 0: repeat forever
-      mixture=ml_collections.ConfigDict()))
-  c.batch_size = 8                  # prompts per step (global)
-  c.sampling = ml_collections.ConfigDict(dict(
-      max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, num_samples=1,
-      ignore_eos=False))            # True: every row runs max_new_tokens (benchmarks)
+      rules=ml_collections.ConfigDict(),
+    )
+  )  # logical axis -> mesh axes overrides
+  c.data = ml_collections.ConfigDict(
+    dict(
+      train_files="",
+      prompt_field="prompt",
+      completion_field="",
+      answer_field="answer",
+      source_field="",
+      use_chat_template=False,
+      max_prompt_len=64,
+      max_completion_len=0,  # 0: sampling.max_new_tokens
+      overlong="drop",
+      on_error="raise",
+      num_epochs=0,  # 0: repeat forever
+      mixture=ml_collections.ConfigDict(),
+    )
+  )
+  c.batch_size = 8  # prompts per step (global)
+  c.sampling = ml_collections.ConfigDict(
+    dict(max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, num_samples=1, ignore_eos=False)
+  )  # True: every row runs max_new_tokens (benchmarks)
   c.teacher_sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0))
-  c.on_policy_fraction = 1.0        # GKD λ
-  c.off_policy_source = "dataset"   # or "teacher"
-  c.micro_batches = 1               # row groups per step (lax.scan), one update
+  c.on_policy_fraction = 1.0  # GKD λ
+  c.off_policy_source = "dataset"  # or "teacher"
+  c.micro_batches = 1  # row groups per step (lax.scan), one update
   c.loss = loss_config("reverse_kl")
   # Scheduled settings, "target=spec;...", e.g. "loss.beta=linear:1.0:1.5:0:500"
   # (opd_jax.schedules; logged every step as schedule/<target>).
   c.schedules = ""
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", lr=1e-6, schedule="constant", warmup_steps=0, total_steps=0,
-      end_lr_factor=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0,
-      decay_matrices_only=False, skip_nonfinite=True))
+  c.optimizer = ml_collections.ConfigDict(
+    dict(
+      name="adamw",
+      lr=1e-6,
+      schedule="constant",
+      warmup_steps=0,
+      total_steps=0,
+      end_lr_factor=0.0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.01,
+      grad_clip=1.0,
+      decay_matrices_only=False,
+      skip_nonfinite=True,
+    )
+  )
   c.metrics = ml_collections.ConfigDict(dict(enabled=True, top_k=16, position_chunk=64))
   c.total_steps = 100
   c.log_every = 1
   c.checkpoint_every = 50
   c.keep_checkpoints = 3
-  c.restore_step = 0                # 0: the newest checkpoint that reads back whole
+  c.restore_step = 0  # 0: the newest checkpoint that reads back whole
   # A step with a non-finite loss or gradient is skipped (parameters and
   # optimizer state kept, counted as `nonfinite_steps`); this many in a row
   # stop the run (optimizer.skip_nonfinite=False: plain optax, no guard).
   c.max_nonfinite_steps = 5
-  c.eval_every = 0                  # 0: only at the end
+  c.eval_every = 0  # 0: only at the end
   c.evals = ml_collections.ConfigDict()
-  c.export_hf = False               # write the final student to workdir/export_hf
-  c.distributed = ml_collections.ConfigDict(dict(
-      coordinator_address="", num_processes=1, process_id=-1, local_device_ids=""))
+  c.export_hf = False  # write the final student to workdir/export_hf
+  c.distributed = ml_collections.ConfigDict(
+    dict(coordinator_address="", num_processes=1, process_id=-1, local_device_ids="")
+  )
   c.progress_bar = True
   # Off-policy cold start: SFT on verified teacher rollouts for `steps` steps,
   # then OPD, in one run (one workdir, one checkpoint lineage).
-  c.cold_start = ml_collections.ConfigDict(dict(
-      steps=0, task="arithmetic", prompts_file="",   # default: data.train_files
-      rollouts_file="",                               # default: $WORKDIR/cold_start_rollouts.jsonl
-      attempts=4, keep_per_prompt=1, temperature=1.0, top_p=1.0, max_prompts=0))
-  c.prepare = ""                    # PREPARERS entry that makes assets first
+  c.cold_start = ml_collections.ConfigDict(
+    dict(
+      steps=0,
+      task="arithmetic",
+      prompts_file="",  # default: data.train_files
+      rollouts_file="",  # default: $WORKDIR/cold_start_rollouts.jsonl
+      attempts=4,
+      keep_per_prompt=1,
+      temperature=1.0,
+      top_p=1.0,
+      max_prompts=0,
+    )
+  )
+  c.prepare = ""  # PREPARERS entry that makes assets first
   c.eval_at_start = False
   # Peak FLOP/s of one device for the logged MFU; 0: from the device kind
   # (opd_jax.flops.PEAK_FLOPS_BF16; none on CPU, where mfu is not logged).
@@ -170,8 +226,19 @@ def base_config() -> ml_collections.ConfigDict:
 
 def eval_config(task: str = "arithmetic", **kw) -> ml_collections.ConfigDict:
   """One entry of ``config.evals`` (an evaluator run every ``eval_every`` steps)."""
-  d = dict(evaluator="accuracy", task=task, data_file="", num_examples=64, levels="",
-           pattern="A", num_samples=1, temperature=0.0, top_p=1.0, max_new_tokens=0,
-           batch_size=32, seed=1234)
+  d = dict(
+    evaluator="accuracy",
+    task=task,
+    data_file="",
+    num_examples=64,
+    levels="",
+    pattern="A",
+    num_samples=1,
+    temperature=0.0,
+    top_p=1.0,
+    max_new_tokens=0,
+    batch_size=32,
+    seed=1234,
+  )
   d.update(kw)
   return ml_collections.ConfigDict(d)

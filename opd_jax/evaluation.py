@@ -61,10 +61,14 @@ def default_ks(n: int) -> tuple[int, ...]:
   return tuple(ks) + (n,)
 
 
-def aggregate(scores: np.ndarray, *, lengths: np.ndarray | None = None,
-              truncated: np.ndarray | None = None,
-              levels: Sequence[int] | None = None,
-              ks: Sequence[int] | None = None) -> dict[str, float]:
+def aggregate(
+  scores: np.ndarray,
+  *,
+  lengths: np.ndarray | None = None,
+  truncated: np.ndarray | None = None,
+  levels: Sequence[int] | None = None,
+  ks: Sequence[int] | None = None,
+) -> dict[str, float]:
   """Metrics from per-sample scores.
 
   Args:
@@ -84,7 +88,7 @@ def aggregate(scores: np.ndarray, *, lengths: np.ndarray | None = None,
   num_problems, k = scores.shape
   out = {f"avg@{k}": float(scores.mean()), "accuracy": float(scores.mean())}
   correct = (scores > 0.5).sum(axis=1)
-  for j in (default_ks(k) if ks is None else ks):
+  for j in default_ks(k) if ks is None else ks:
     out[f"pass@{j}"] = float(np.mean([pass_at_k(k, int(c), int(j)) for c in correct]))
   if lengths is not None:
     out["mean_length"] = float(np.mean(np.asarray(lengths, np.float64)))
@@ -109,12 +113,14 @@ def _levels_of(examples: Sequence[Mapping[str, Any]]) -> list[int] | None:
   return [int(level) for level in levels]
 
 
-def score_completions(task: Any, examples: Sequence[Mapping[str, Any]],
-                      texts: Sequence[str], num_samples: int) -> np.ndarray:
+def score_completions(
+  task: Any, examples: Sequence[Mapping[str, Any]], texts: Sequence[str], num_samples: int
+) -> np.ndarray:
   """``[P, k]`` task scores; ``texts[p * k + j]`` is sample j of problem p."""
   if len(texts) != len(examples) * num_samples:
-    raise ValueError(f"{len(texts)} completions for {len(examples)} problems x "
-                     f"{num_samples} samples")
+    raise ValueError(
+      f"{len(texts)} completions for {len(examples)} problems x {num_samples} samples"
+    )
   scores = np.zeros((len(examples), num_samples), np.float64)
   for p, ex in enumerate(examples):
     for j in range(num_samples):
@@ -122,16 +128,20 @@ def score_completions(task: Any, examples: Sequence[Mapping[str, Any]],
   return scores
 
 
-def evaluate_completions(task: Any, examples: Sequence[Mapping[str, Any]],
-                         texts: Sequence[str], *, num_samples: int = 1,
-                         lengths: np.ndarray | None = None,
-                         truncated: np.ndarray | None = None,
-                         ks: Sequence[int] | None = None) -> dict[str, float]:
+def evaluate_completions(
+  task: Any,
+  examples: Sequence[Mapping[str, Any]],
+  texts: Sequence[str],
+  *,
+  num_samples: int = 1,
+  lengths: np.ndarray | None = None,
+  truncated: np.ndarray | None = None,
+  ks: Sequence[int] | None = None,
+) -> dict[str, float]:
   """Scores given completion texts and aggregates (no model involved)."""
   task = _resolve_task(task)
   scores = score_completions(task, examples, texts, num_samples)
-  return aggregate(scores, lengths=lengths, truncated=truncated,
-                   levels=_levels_of(examples), ks=ks)
+  return aggregate(scores, lengths=lengths, truncated=truncated, levels=_levels_of(examples), ks=ks)
 
 
 # ----------------------------------------------------------------------------
@@ -141,6 +151,7 @@ def evaluate_completions(task: Any, examples: Sequence[Mapping[str, Any]],
 def _resolve_task(task: Any) -> Any:
   if isinstance(task, str):
     from opd_jax.tasks import get_task  # pylint: disable=import-outside-toplevel
+
     return get_task(task)
   return task
 
@@ -169,13 +180,18 @@ def sampling_config(tokenizer, model_cfg=None, **knobs: Any) -> sampling.Samplin
   pads with :func:`pad_id_of`; ``knobs`` are the other fields
   (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``greedy``,
   ``num_samples``)."""
-  return sampling.SamplingConfig(eos_ids=eos_ids_of(tokenizer, model_cfg),
-                                 pad_id=pad_id_of(tokenizer), **knobs)
+  return sampling.SamplingConfig(
+    eos_ids=eos_ids_of(tokenizer, model_cfg), pad_id=pad_id_of(tokenizer), **knobs
+  )
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], *,
-                   max_prompt_len: int | None = None,
-                   use_chat_template: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def encode_prompts(
+  tokenizer,
+  prompts: Sequence[str],
+  *,
+  max_prompt_len: int | None = None,
+  use_chat_template: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
   """Left-padded ``(ids [P, L] int32, mask [P, L] bool)``.
 
   ``L = max_prompt_len`` when given (a longer prompt raises), else the longest
@@ -186,9 +202,12 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *,
   if not prompts:
     raise ValueError("no prompts")
   if use_chat_template:
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                           add_generation_prompt=True, tokenize=False)
-             for p in prompts]
+    texts = [
+      tokenizer.apply_chat_template(
+        [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+      )
+      for p in prompts
+    ]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
   else:
     encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
@@ -198,19 +217,21 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *,
   width = longest if max_prompt_len is None else int(max_prompt_len)
   if longest > width:
     i = max(range(len(encoded)), key=lambda i: len(encoded[i]))
-    raise ValueError(f"prompt {i} has {longest} tokens > max_prompt_len={width}: "
-                     f"{prompts[i][:80]!r}")
+    raise ValueError(
+      f"prompt {i} has {longest} tokens > max_prompt_len={width}: {prompts[i][:80]!r}"
+    )
   ids = np.full((len(encoded), width), pad_id_of(tokenizer), np.int32)
   mask = np.zeros((len(encoded), width), bool)
   for i, e in enumerate(encoded):
     if e:
-      ids[i, width - len(e):] = e
-      mask[i, width - len(e):] = True
+      ids[i, width - len(e) :] = e
+      mask[i, width - len(e) :] = True
   return ids, mask
 
 
-def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray,
-                       eos_ids: Sequence[int] = ()) -> list[str]:
+def decode_completions(
+  tokenizer, tokens: np.ndarray, mask: np.ndarray, eos_ids: Sequence[int] = ()
+) -> list[str]:
   """Texts of ``[R, N]`` sampled rows: cut at the first EOS, specials skipped."""
   tokens, mask = np.asarray(tokens), np.asarray(mask).astype(bool)
   eos = set(int(e) for e in eos_ids)
@@ -231,9 +252,10 @@ def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray,
 
 class Completions(NamedTuple):
   """Decoded samples; row ``p * k + j`` is sample j of prompt p."""
+
   texts: list[str]
-  lengths: np.ndarray      # [P * k] int, tokens incl. EOS
-  truncated: np.ndarray    # [P * k] bool
+  lengths: np.ndarray  # [P * k] int, tokens incl. EOS
+  truncated: np.ndarray  # [P * k] bool
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
@@ -243,36 +265,61 @@ def _sample_jit(graphdef, state, prompt_ids, prompt_mask, rng, config):
   return out.tokens, out.mask, out.lengths, out.truncated
 
 
-def generate_completions(model, tokenizer, prompts: Sequence[str], *,
-                         num_samples: int = 1, temperature: float = 0.7,
-                         top_p: float = 0.95, top_k: int = 0, greedy: bool = False,
-                         max_new_tokens: int = 128, batch_size: int = 32,
-                         seed: int = 0, max_prompt_len: int | None = None,
-                         use_chat_template: bool = False) -> Completions:
+def generate_completions(
+  model,
+  tokenizer,
+  prompts: Sequence[str],
+  *,
+  num_samples: int = 1,
+  temperature: float = 0.7,
+  top_p: float = 0.95,
+  top_k: int = 0,
+  greedy: bool = False,
+  max_new_tokens: int = 128,
+  batch_size: int = 32,
+  seed: int = 0,
+  max_prompt_len: int | None = None,
+  use_chat_template: bool = False,
+) -> Completions:
   """Samples ``num_samples`` completions for each prompt (``batch_size`` prompts
   per compiled call; batch ``i`` uses ``fold_in(PRNGKey(seed), i)``). Sampling
   stops on every EOS id training stops on (:func:`sampling_config` with the
   model's config)."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  config = sampling_config(tokenizer, model.cfg, max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                           num_samples=num_samples)
-  ids, mask = encode_prompts(tokenizer, prompts, max_prompt_len=max_prompt_len,
-                             use_chat_template=use_chat_template)
+  config = sampling_config(
+    tokenizer,
+    model.cfg,
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    greedy=greedy,
+    num_samples=num_samples,
+  )
+  ids, mask = encode_prompts(
+    tokenizer, prompts, max_prompt_len=max_prompt_len, use_chat_template=use_chat_template
+  )
   graphdef, state = nnx.split(model)
   base = jax.random.PRNGKey(seed)
   texts, lengths, truncated = [], [], []
   for i, start in enumerate(range(0, len(ids), batch_size)):
-    b_ids, b_mask = ids[start:start + batch_size], mask[start:start + batch_size]
+    b_ids, b_mask = ids[start : start + batch_size], mask[start : start + batch_size]
     real = len(b_ids)
-    if real < batch_size:   # pad with copies of the first row: one compiled shape
+    if real < batch_size:  # pad with copies of the first row: one compiled shape
       fill = batch_size - real
       b_ids = np.concatenate([b_ids, np.repeat(b_ids[:1], fill, 0)])
       b_mask = np.concatenate([b_mask, np.repeat(b_mask[:1], fill, 0)])
-    tok, tok_mask, lens, trunc = jax.device_get(_sample_jit(
-        graphdef, state, jnp.asarray(b_ids), jnp.asarray(b_mask),
-        jax.random.fold_in(base, i), config))
+    tok, tok_mask, lens, trunc = jax.device_get(
+      _sample_jit(
+        graphdef,
+        state,
+        jnp.asarray(b_ids),
+        jnp.asarray(b_mask),
+        jax.random.fold_in(base, i),
+        config,
+      )
+    )
     rows = real * num_samples
     texts += decode_completions(tokenizer, tok[:rows], tok_mask[:rows], config.eos_ids)
     lengths.append(np.asarray(lens[:rows]))
@@ -280,12 +327,24 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *,
   return Completions(texts, np.concatenate(lengths), np.concatenate(truncated))
 
 
-def evaluate(model, tokenizer, examples: Sequence[Mapping[str, Any]], task: Any, *,
-             num_samples: int = 1, temperature: float = 0.7, top_p: float = 0.95,
-             top_k: int = 0, greedy: bool = False, max_new_tokens: int = 128,
-             batch_size: int = 32, seed: int = 0, max_prompt_len: int | None = None,
-             use_chat_template: bool = False,
-             ks: Sequence[int] | None = None) -> dict[str, float]:
+def evaluate(
+  model,
+  tokenizer,
+  examples: Sequence[Mapping[str, Any]],
+  task: Any,
+  *,
+  num_samples: int = 1,
+  temperature: float = 0.7,
+  top_p: float = 0.95,
+  top_k: int = 0,
+  greedy: bool = False,
+  max_new_tokens: int = 128,
+  batch_size: int = 32,
+  seed: int = 0,
+  max_prompt_len: int | None = None,
+  use_chat_template: bool = False,
+  ks: Sequence[int] | None = None,
+) -> dict[str, float]:
   """Samples, scores with ``task`` (object or registered name) and aggregates.
 
   Defaults follow the paper's evaluation (temperature 0.7, top_p 0.95); its
@@ -296,12 +355,29 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping[str, Any]], task: Any,
   task = _resolve_task(task)
   examples = list(examples)
   comps = generate_completions(
-      model, tokenizer, [ex["prompt"] for ex in examples], num_samples=num_samples,
-      temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy,
-      max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-      max_prompt_len=max_prompt_len, use_chat_template=use_chat_template)
-  return evaluate_completions(task, examples, comps.texts, num_samples=num_samples,
-                              lengths=comps.lengths, truncated=comps.truncated, ks=ks)
+    model,
+    tokenizer,
+    [ex["prompt"] for ex in examples],
+    num_samples=num_samples,
+    temperature=temperature,
+    top_p=top_p,
+    top_k=top_k,
+    greedy=greedy,
+    max_new_tokens=max_new_tokens,
+    batch_size=batch_size,
+    seed=seed,
+    max_prompt_len=max_prompt_len,
+    use_chat_template=use_chat_template,
+  )
+  return evaluate_completions(
+    task,
+    examples,
+    comps.texts,
+    num_samples=num_samples,
+    lengths=comps.lengths,
+    truncated=comps.truncated,
+    ks=ks,
+  )
 
 
 EVALUATORS.register("accuracy")(evaluate)

@@ -34,13 +34,17 @@ from typing import Any
 # Dense bf16 peak FLOP/s per chip, by a lower-case substring of
 # ``jax.Device.device_kind`` (first match wins: the more specific names first).
 PEAK_FLOPS_BF16 = (
-    ("v6 lite", 918e12), ("v6e", 918e12),       # TPU v6e (Trillium)
-    ("v5 lite", 197e12), ("v5e", 197e12),       # TPU v5e
-    ("v5p", 459e12), ("tpu v5", 459e12),        # TPU v5p
-    ("tpu v4", 275e12),
-    ("h200", 989e12),
-    ("h100 pcie", 756e12), ("h100", 989e12),    # SXM unless PCIe
-    ("a100", 312e12),
+  ("v6 lite", 918e12),
+  ("v6e", 918e12),  # TPU v6e (Trillium)
+  ("v5 lite", 197e12),
+  ("v5e", 197e12),  # TPU v5e
+  ("v5p", 459e12),
+  ("tpu v5", 459e12),  # TPU v5p
+  ("tpu v4", 275e12),
+  ("h200", 989e12),
+  ("h100 pcie", 756e12),
+  ("h100", 989e12),  # SXM unless PCIe
+  ("a100", 312e12),
 )
 
 
@@ -55,8 +59,7 @@ def peak_flops_per_device(device_kind: str) -> float | None:
 
 def forward_flops(c: Any, tokens: int, keys: int) -> int:
   """fwd(tokens, S) = 2·L·(M + A(S))·tokens of a ``ModelConfig`` (no lm head)."""
-  d, h, k, dh, f = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
-                    c.intermediate_size)
+  d, h, k, dh, f = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size)
   m = d * (h + 2 * k) * dh + h * dh * d + 3 * d * f
   return 2 * c.num_layers * (m + 2 * h * dh * keys) * tokens
 
@@ -71,13 +74,24 @@ def sampling_flops(c: Any, rows: int, prompt_len: int, new_tokens: int, vocab: i
   if rows == 0 or new_tokens == 0:
     return 0
   t = prompt_len + new_tokens
-  return (forward_flops(c, rows * prompt_len, t) + forward_flops(c, rows * (new_tokens - 1), t)
-          + head_flops(c, rows * new_tokens, vocab))
+  return (
+    forward_flops(c, rows * prompt_len, t)
+    + forward_flops(c, rows * (new_tokens - 1), t)
+    + head_flops(c, rows * new_tokens, vocab)
+  )
 
 
-def opd_step_flops(student: Any, teacher: Any | None, rows: int, prompt_len: int,
-                   new_tokens: int, vocab: int, *, on_policy_rows: int | None = None,
-                   teacher_sampled_rows: int = 0) -> dict[str, int]:
+def opd_step_flops(
+  student: Any,
+  teacher: Any | None,
+  rows: int,
+  prompt_len: int,
+  new_tokens: int,
+  vocab: int,
+  *,
+  on_policy_rows: int | None = None,
+  teacher_sampled_rows: int = 0,
+) -> dict[str, int]:
   """Model FLOPs of one OPD step (module docstring), all devices together.
 
   ``on_policy_rows`` (default: all ``rows``) are sampled by the student,
@@ -87,9 +101,11 @@ def opd_step_flops(student: Any, teacher: Any | None, rows: int, prompt_len: int
   r, p, n = rows, prompt_len, new_tokens
   t = p + n
   on = r if on_policy_rows is None else on_policy_rows
-  out = {"sampling": sampling_flops(student, on, p, n, vocab), "teacher": 0,
-         "student_fwd_bwd": 3 * (forward_flops(student, r * t, t)
-                                 + head_flops(student, r * n, vocab))}
+  out = {
+    "sampling": sampling_flops(student, on, p, n, vocab),
+    "teacher": 0,
+    "student_fwd_bwd": 3 * (forward_flops(student, r * t, t) + head_flops(student, r * n, vocab)),
+  }
   if teacher is not None:
     out["sampling"] += sampling_flops(teacher, teacher_sampled_rows, p, n, vocab)
     out["teacher"] = forward_flops(teacher, r * t, t) + head_flops(teacher, r * n, vocab)
@@ -97,17 +113,27 @@ def opd_step_flops(student: Any, teacher: Any | None, rows: int, prompt_len: int
   return out
 
 
-def step_flops(cfg: Any, student: Any, teacher: Any | None, *, batch_size: int,
-               prompt_len: int, vocab: int) -> dict[str, int]:
+def step_flops(
+  cfg: Any, student: Any, teacher: Any | None, *, batch_size: int, prompt_len: int, vocab: int
+) -> dict[str, int]:
   """:func:`opd_step_flops` of the step ``cfg`` (an ``OPDConfig``) builds for
   ``batch_size`` prompts of ``prompt_len`` tokens: R = batch·num_samples,
   N = max_new_tokens, λ·R rows on-policy (``opd_step.split_rows``; all R, and
   all R teacher-sampled with that source, when λ is scheduled)."""
   from opd_jax.opd_step import lambda_scheduled, split_rows
+
   rows = batch_size * cfg.sampling.num_samples
   on = split_rows(rows, cfg.on_policy_fraction)
   by_teacher = rows - on if cfg.off_policy_source == "teacher" else 0
-  if lambda_scheduled(cfg):   # every row sampled by the student and off-policy
+  if lambda_scheduled(cfg):  # every row sampled by the student and off-policy
     on, by_teacher = rows, rows if cfg.off_policy_source == "teacher" else 0
-  return opd_step_flops(student, teacher, rows, prompt_len, cfg.sampling.max_new_tokens,
-                        vocab, on_policy_rows=on, teacher_sampled_rows=by_teacher)
+  return opd_step_flops(
+    student,
+    teacher,
+    rows,
+    prompt_len,
+    cfg.sampling.max_new_tokens,
+    vocab,
+    on_policy_rows=on,
+    teacher_sampled_rows=by_teacher,
+  )

@@ -33,6 +33,7 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       if tensorboard:
         from tensorboardX import SummaryWriter
+
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def truncate_after(self, step: int):
@@ -44,7 +45,7 @@ class MetricWriter:
       for line in f:
         try:
           record = json.loads(line)
-        except json.JSONDecodeError:   # a line torn by a kill mid-write
+        except json.JSONDecodeError:  # a line torn by a kill mid-write
           continue
         if record["step"] <= step:
           keep.append(line)

@@ -43,7 +43,7 @@ from opd_jax.registry import Registry
 # needs_teacher: reads teacher logits; row_role: reads ``on_policy`` [B, C] bool
 # (True where the position's row is a student sample), passed by the step.
 LOSSES = Registry("loss", needs_teacher=True, row_role=False)
-ROW_INPUTS = ("on_policy",)   # per-position inputs the step passes, never config
+ROW_INPUTS = ("on_policy",)  # per-position inputs the step passes, never config
 
 _TOPK_STRATEGIES = ("student", "teacher", "union", "intersection")
 _TOPK_WEIGHTS = ("student", "teacher", "none")
@@ -61,24 +61,25 @@ def _check_choice(arg: str, value: Any, choices: tuple[str, ...]) -> None:
     raise ValueError(f"{arg}={value!r} is not valid; valid: {list(choices)}")
 
 
-def _check_range(arg: str, value: Any, lo: float, hi: float,
-                 lo_open: bool = False, hi_open: bool = False) -> None:
+def _check_range(
+  arg: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
+) -> None:
   """Checks lo ≤ value ≤ hi (or open ends) for concrete Python numbers."""
   if not isinstance(value, numbers.Real):
     return  # a traced value: cannot check here.
-  bad = (value < lo or value > hi or (lo_open and value == lo)
-         or (hi_open and value == hi))
+  bad = value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi)
   if bad:
-    interval = (("(" if lo_open else "[") + f"{lo}, {hi}"
-                + (")" if hi_open else "]"))
+    interval = ("(" if lo_open else "[") + f"{lo}, {hi}" + (")" if hi_open else "]")
     raise ValueError(f"{arg}={value!r} must lie in {interval}")
 
 
 def _check_temperatures(student_temperature, teacher_temperature) -> None:
-  _check_range("student_temperature", student_temperature, 0.0, math.inf,
-               lo_open=True, hi_open=True)
-  _check_range("teacher_temperature", teacher_temperature, 0.0, math.inf,
-               lo_open=True, hi_open=True)
+  _check_range(
+    "student_temperature", student_temperature, 0.0, math.inf, lo_open=True, hi_open=True
+  )
+  _check_range(
+    "teacher_temperature", teacher_temperature, 0.0, math.inf, lo_open=True, hi_open=True
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -88,19 +89,18 @@ def _check_temperatures(student_temperature, teacher_temperature) -> None:
 
 def _log_softmax(logits: jax.Array, temperature: float) -> jax.Array:
   """log softmax(logits / τ) over the last axis, in f32. [..., V]."""
-  return jax.nn.log_softmax(jnp.asarray(logits, jnp.float32) / temperature,
-                            axis=-1)
+  return jax.nn.log_softmax(jnp.asarray(logits, jnp.float32) / temperature, axis=-1)
 
 
-def _log_probs(student_logits, teacher_logits, student_temperature,
-               teacher_temperature) -> tuple[jax.Array, jax.Array]:
+def _log_probs(
+  student_logits, teacher_logits, student_temperature, teacher_temperature
+) -> tuple[jax.Array, jax.Array]:
   """(log p, log q), each [B, C, V]; q carries no gradient."""
   _check_temperatures(student_temperature, teacher_temperature)
   if teacher_logits is None:
     raise ValueError("this loss needs teacher_logits (got None)")
   logp = _log_softmax(student_logits, student_temperature)
-  logq = _log_softmax(jax.lax.stop_gradient(teacher_logits),
-                      teacher_temperature)
+  logq = _log_softmax(jax.lax.stop_gradient(teacher_logits), teacher_temperature)
   return logp, jax.lax.stop_gradient(logq)
 
 
@@ -121,8 +121,7 @@ def _kl(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(live, a * diff, 0.0), axis=-1)
 
 
-def _log_mixture(log_a: jax.Array, log_b: jax.Array,
-                 weight_a: float | jax.Array) -> jax.Array:
+def _log_mixture(log_a: jax.Array, log_b: jax.Array, weight_a: float | jax.Array) -> jax.Array:
   """log(w·a + (1 − w)·b) elementwise for a weight w ∈ [0, 1]: a Python
   number (endpoints special-cased) or a traced scalar (a scheduled value;
   log 0 = −inf drops that side exactly)."""
@@ -133,8 +132,7 @@ def _log_mixture(log_a: jax.Array, log_b: jax.Array,
     return log_b
   if weight_a == 1:
     return log_a
-  return jnp.logaddexp(log_a + math.log(weight_a),
-                       log_b + math.log1p(-weight_a))
+  return jnp.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
 
 
 def _gather(logp: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -165,24 +163,33 @@ def _topk_mask(scores: jax.Array, k: int) -> jax.Array:
 
 
 @LOSSES.register("forward_kl")
-def forward_kl(student_logits, teacher_logits, tokens=None, *,
-               student_temperature: float = 1.0,
-               teacher_temperature: float = 1.0) -> jax.Array:
+def forward_kl(
+  student_logits,
+  teacher_logits,
+  tokens=None,
+  *,
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+) -> jax.Array:
   """Forward KL(q‖p) = Σ_v q(v)(log q(v) − log p(v)) per position. [B, C].
 
   Mass-covering supervised KD objective (Hinton et al. 2015; GKD, Agarwal et
   al. 2024, β = 0). ``tokens`` is unused.
   """
   del tokens
-  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
-                          teacher_temperature)
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature, teacher_temperature)
   return _kl(logq, logp)
 
 
 @LOSSES.register("reverse_kl")
-def reverse_kl(student_logits, teacher_logits, tokens=None, *,
-               student_temperature: float = 1.0,
-               teacher_temperature: float = 1.0) -> jax.Array:
+def reverse_kl(
+  student_logits,
+  teacher_logits,
+  tokens=None,
+  *,
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+) -> jax.Array:
   """Reverse KL(p‖q) = Σ_v p(v)(log p(v) − log q(v)) over the full vocabulary.
 
   Full-vocabulary OPD (arXiv 2604.13016 §2; MiniLLM, Gu et al. 2024;
@@ -190,15 +197,20 @@ def reverse_kl(student_logits, teacher_logits, tokens=None, *,
   [B, C]. ``tokens`` is unused.
   """
   del tokens
-  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
-                          teacher_temperature)
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature, teacher_temperature)
   return _kl(logp, logq)
 
 
 @LOSSES.register("jsd")
-def jsd(student_logits, teacher_logits, tokens=None, *, beta: float = 0.5,
-        student_temperature: float = 1.0,
-        teacher_temperature: float = 1.0) -> jax.Array:
+def jsd(
+  student_logits,
+  teacher_logits,
+  tokens=None,
+  *,
+  beta: float = 0.5,
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+) -> jax.Array:
   """Generalised JSD of GKD (Agarwal et al. 2024, Eq. 1), TRL convention.
 
   JSD_β = β·KL(q‖m) + (1 − β)·KL(p‖m),  m = β·q + (1 − β)·p,
@@ -212,8 +224,7 @@ def jsd(student_logits, teacher_logits, tokens=None, *, beta: float = 0.5,
   """
   del tokens
   _check_range("beta", beta, 0.0, 1.0)
-  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
-                          teacher_temperature)
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature, teacher_temperature)
   if beta == 0:
     return _kl(logq, logp)
   if beta == 1:
@@ -223,46 +234,60 @@ def jsd(student_logits, teacher_logits, tokens=None, *, beta: float = 0.5,
 
 
 @LOSSES.register("skew_kl")
-def skew_kl(student_logits, teacher_logits, tokens=None, *,
-            alpha: float = 0.1, student_temperature: float = 1.0,
-            teacher_temperature: float = 1.0) -> jax.Array:
+def skew_kl(
+  student_logits,
+  teacher_logits,
+  tokens=None,
+  *,
+  alpha: float = 0.1,
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+) -> jax.Array:
   """Skew KL(q ‖ α·q + (1 − α)·p) (DistiLLM, Ko et al. 2024). [B, C].
 
   α = 0 is forward KL(q‖p); α = 1 is identically 0. ``tokens`` is unused.
   """
   del tokens
   _check_range("alpha", alpha, 0.0, 1.0)
-  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
-                          teacher_temperature)
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature, teacher_temperature)
   return _kl(logq, _log_mixture(logq, logp, alpha))
 
 
 @LOSSES.register("skew_rkl")
-def skew_rkl(student_logits, teacher_logits, tokens=None, *,
-             alpha: float = 0.1, student_temperature: float = 1.0,
-             teacher_temperature: float = 1.0) -> jax.Array:
+def skew_rkl(
+  student_logits,
+  teacher_logits,
+  tokens=None,
+  *,
+  alpha: float = 0.1,
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+) -> jax.Array:
   """Skew reverse KL(p ‖ α·p + (1 − α)·q) (DistiLLM, Ko et al. 2024). [B, C].
 
   α = 0 is reverse KL(p‖q); α = 1 is identically 0. ``tokens`` is unused.
   """
   del tokens
   _check_range("alpha", alpha, 0.0, 1.0)
-  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
-                          teacher_temperature)
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature, teacher_temperature)
   return _kl(logp, _log_mixture(logp, logq, alpha))
 
 
 @LOSSES.register("tvd")
-def tvd(student_logits, teacher_logits, tokens=None, *,
-        student_temperature: float = 1.0,
-        teacher_temperature: float = 1.0) -> jax.Array:
+def tvd(
+  student_logits,
+  teacher_logits,
+  tokens=None,
+  *,
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+) -> jax.Array:
   """Total variation ½·Σ_v |p(v) − q(v)| (e.g. Wen et al. 2023, f-DISTILL).
 
   [B, C]. ``tokens`` is unused.
   """
   del tokens
-  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
-                          teacher_temperature)
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature, teacher_temperature)
   return 0.5 * jnp.sum(jnp.abs(jnp.exp(logp) - jnp.exp(logq)), axis=-1)
 
 
@@ -279,19 +304,25 @@ def _estimator(k_value: jax.Array, logp_y: jax.Array, mode: str) -> jax.Array:
   return jax.lax.stop_gradient(k_value) * logp_y
 
 
-def _sampled_log_probs(student_logits, teacher_logits, tokens,
-                       student_temperature, teacher_temperature):
+def _sampled_log_probs(
+  student_logits, teacher_logits, tokens, student_temperature, teacher_temperature
+):
   """(log p(y), log q(y)), each [B, C]."""
-  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
-                          teacher_temperature)
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature, teacher_temperature)
   return _gather(logp, tokens), _gather(logq, tokens)
 
 
 @LOSSES.register("k1")
 @LOSSES.register("sampled_reverse_kl")
-def k1(student_logits, teacher_logits, tokens, *, mode: str = "reward",
-       student_temperature: float = 1.0,
-       teacher_temperature: float = 1.0) -> jax.Array:
+def k1(
+  student_logits,
+  teacher_logits,
+  tokens,
+  *,
+  mode: str = "reward",
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+) -> jax.Array:
   """k1 = −log r = log p(y) − log q(y), r = q(y)/p(y), y ~ p (Schulman). [B, C].
 
   Sampled-token OPD (arXiv 2604.13016 §2; the "reverse KL as per-token
@@ -302,31 +333,45 @@ def k1(student_logits, teacher_logits, tokens, *, mode: str = "reward",
     mode="direct": loss = k1; E_{y~p}[∇k1] = E_p[∇log p] = 0 (no signal in
       expectation; for completeness / ablations).
   """
-  logp_y, logq_y = _sampled_log_probs(student_logits, teacher_logits, tokens,
-                                      student_temperature, teacher_temperature)
+  logp_y, logq_y = _sampled_log_probs(
+    student_logits, teacher_logits, tokens, student_temperature, teacher_temperature
+  )
   return _estimator(logp_y - logq_y, logp_y, mode)
 
 
 @LOSSES.register("k2")
-def k2(student_logits, teacher_logits, tokens, *, mode: str = "direct",
-       student_temperature: float = 1.0,
-       teacher_temperature: float = 1.0) -> jax.Array:
+def k2(
+  student_logits,
+  teacher_logits,
+  tokens,
+  *,
+  mode: str = "direct",
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+) -> jax.Array:
   """k2 = ½(log r)², log r = log q(y) − log p(y), y ~ p (Schulman). [B, C].
 
   mode="direct" (default): ∇k2 = (log p(y) − log q(y))∇log p(y), so
     E_{y~p}[∇k2] = ∇KL(p‖q) (same expected gradient as k1 in reward form).
   mode="reward": loss = sg(k2)·log p(y).
   """
-  logp_y, logq_y = _sampled_log_probs(student_logits, teacher_logits, tokens,
-                                      student_temperature, teacher_temperature)
+  logp_y, logq_y = _sampled_log_probs(
+    student_logits, teacher_logits, tokens, student_temperature, teacher_temperature
+  )
   log_r = logq_y - logp_y
   return _estimator(0.5 * jnp.square(log_r), logp_y, mode)
 
 
 @LOSSES.register("k3")
-def k3(student_logits, teacher_logits, tokens, *, mode: str = "direct",
-       student_temperature: float = 1.0,
-       teacher_temperature: float = 1.0) -> jax.Array:
+def k3(
+  student_logits,
+  teacher_logits,
+  tokens,
+  *,
+  mode: str = "direct",
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+) -> jax.Array:
   """k3 = (r − 1) − log r, r = q(y)/p(y), y ~ p (Schulman; GRPO's KL term).
 
   mode="direct" (default): ∇k3 = (1 − r)∇log p(y), so E_{y~p}[∇k3] =
@@ -335,8 +380,9 @@ def k3(student_logits, teacher_logits, tokens, *, mode: str = "direct",
   mode="reward": loss = sg(k3)·log p(y).
   [B, C].
   """
-  logp_y, logq_y = _sampled_log_probs(student_logits, teacher_logits, tokens,
-                                      student_temperature, teacher_temperature)
+  logp_y, logq_y = _sampled_log_probs(
+    student_logits, teacher_logits, tokens, student_temperature, teacher_temperature
+  )
   log_r = logq_y - logp_y
   return _estimator(jnp.expm1(log_r) - log_r, logp_y, mode)
 
@@ -346,8 +392,7 @@ def k3(student_logits, teacher_logits, tokens, *, mode: str = "direct",
 # ----------------------------------------------------------------------------
 
 
-def _support(logp_sg: jax.Array, logq: jax.Array, k: int,
-             strategy: str) -> jax.Array:
+def _support(logp_sg: jax.Array, logq: jax.Array, k: int, strategy: str) -> jax.Array:
   """S_t as a [..., V] bool mask from (sg) student and teacher log-probs."""
   if strategy == "student":
     return _topk_mask(logp_sg, k)
@@ -358,10 +403,15 @@ def _support(logp_sg: jax.Array, logq: jax.Array, k: int,
   return _topk_mask(logp_sg, k) & _topk_mask(logq, k)
 
 
-def topk_support_mask(student_logits, teacher_logits, *, k: int = 16,
-                      strategy: str = "student",
-                      student_temperature: float = 1.0,
-                      teacher_temperature: float = 1.0) -> jax.Array:
+def topk_support_mask(
+  student_logits,
+  teacher_logits,
+  *,
+  k: int = 16,
+  strategy: str = "student",
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+) -> jax.Array:
   """Candidate set S_t of top-k OPD as a boolean [B, C, V] mask (no gradient).
 
   S_stu = TopK(p_t, k) of the pre-update student (sg of the student logits),
@@ -374,17 +424,24 @@ def topk_support_mask(student_logits, teacher_logits, *, k: int = 16,
   _check_choice("strategy", strategy, _TOPK_STRATEGIES)
   if not isinstance(k, numbers.Integral) or k < 1:
     raise ValueError(f"k={k!r} must be an integer ≥ 1 for a candidate set")
-  logp, logq = _log_probs(jax.lax.stop_gradient(student_logits),
-                          teacher_logits, student_temperature,
-                          teacher_temperature)
+  logp, logq = _log_probs(
+    jax.lax.stop_gradient(student_logits), teacher_logits, student_temperature, teacher_temperature
+  )
   return _support(logp, logq, k, strategy)
 
 
 @LOSSES.register("topk_opd")
-def topk_opd(student_logits, teacher_logits, tokens=None, *, k: int = 16,
-             strategy: str = "student", weight: str = "student",
-             student_temperature: float = 1.0,
-             teacher_temperature: float = 1.0) -> jax.Array:
+def topk_opd(
+  student_logits,
+  teacher_logits,
+  tokens=None,
+  *,
+  k: int = 16,
+  strategy: str = "student",
+  weight: str = "student",
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+) -> jax.Array:
   """Top-k OPD as policy gradient (arXiv 2604.13016 Eq. 5 + official code).
 
   S_t from :func:`topk_support_mask` (pre-update student = sg(student));
@@ -405,8 +462,7 @@ def topk_opd(student_logits, teacher_logits, tokens=None, *, k: int = 16,
   _check_choice("weight", weight, _TOPK_WEIGHTS)
   if not isinstance(k, numbers.Integral) or k < 0:
     raise ValueError(f"k={k!r} must be an integer ≥ 0 (0 = sampled token)")
-  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
-                          teacher_temperature)
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature, teacher_temperature)
   if k == 0:
     if tokens is None:
       raise ValueError("topk_opd with k=0 (sampled-token mode) needs tokens")
@@ -425,8 +481,7 @@ def topk_opd(student_logits, teacher_logits, tokens=None, *, k: int = 16,
   total = jnp.sum(raw, axis=-1, keepdims=True)
   w = raw / jnp.where(total > 0, total, 1.0)
   # coef = −sg(r) = sg(w·(log p − log q)), guarded off the support.
-  coef = jax.lax.stop_gradient(
-      jnp.where(support, w * jnp.where(support, logp_sg - logq, 0.0), 0.0))
+  coef = jax.lax.stop_gradient(jnp.where(support, w * jnp.where(support, logp_sg - logq, 0.0), 0.0))
   return jnp.sum(jnp.where(support, coef * logp, 0.0), axis=-1)
 
 
@@ -436,10 +491,18 @@ def topk_opd(student_logits, teacher_logits, tokens=None, *, k: int = 16,
 
 
 @LOSSES.register("distillm2", row_role=True)
-def distillm2(student_logits, teacher_logits, tokens=None, *, on_policy=None,
-              alpha_teacher: float = 0.1, alpha_student: float = 0.1,
-              beta: float = 1.0, student_temperature: float = 1.0,
-              teacher_temperature: float = 1.0) -> jax.Array:
+def distillm2(
+  student_logits,
+  teacher_logits,
+  tokens=None,
+  *,
+  on_policy=None,
+  alpha_teacher: float = 0.1,
+  alpha_student: float = 0.1,
+  beta: float = 1.0,
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+) -> jax.Array:
   """DistiLLM-2 contrastive loss (CALD; Ko et al., ICML 2025, arXiv 2503.07067,
   Eq. 4 and the official ``distillm_v2`` trainer loss). [B, C].
 
@@ -467,21 +530,25 @@ def distillm2(student_logits, teacher_logits, tokens=None, *, on_policy=None,
   _check_range("alpha_student", alpha_student, 0.0, 1.0, hi_open=True)
   _check_range("beta", beta, 0.0, 2.0)
   if on_policy is None:
-    raise ValueError("distillm2 needs on_policy (the row role, [B, C] bool; "
-                     "the OPD step passes it)")
-  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
-                          teacher_temperature)
+    raise ValueError(
+      "distillm2 needs on_policy (the row role, [B, C] bool; the OPD step passes it)"
+    )
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature, teacher_temperature)
   teacher_term = _kl(logq, _log_mixture(logq, logp, alpha_teacher))
-  student_term = _kl(logp, _log_mixture(jax.lax.stop_gradient(logp), logq,
-                                        alpha_student))
-  return jnp.where(jnp.asarray(on_policy, bool), beta * student_term,
-                   (2.0 - beta) * teacher_term)
+  student_term = _kl(logp, _log_mixture(jax.lax.stop_gradient(logp), logq, alpha_student))
+  return jnp.where(jnp.asarray(on_policy, bool), beta * student_term, (2.0 - beta) * teacher_term)
 
 
 @LOSSES.register("todi")
-def todi(student_logits, teacher_logits, tokens=None, *, beta: float = 1.0,
-         student_temperature: float = 1.0,
-         teacher_temperature: float = 1.0) -> jax.Array:
+def todi(
+  student_logits,
+  teacher_logits,
+  tokens=None,
+  *,
+  beta: float = 1.0,
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+) -> jax.Array:
   """ToDi, token-wise divergence control (Jung et al., EMNLP 2025, arXiv
   2505.16297, Eq. 9 and the official ``compute_ToDi``). [B, C].
 
@@ -496,18 +563,18 @@ def todi(student_logits, teacher_logits, tokens=None, *, beta: float = 1.0,
   """
   del tokens
   _check_range("beta", beta, 0.0, math.inf, hi_open=True)
-  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
-                          teacher_temperature)
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature, teacher_temperature)
   p, q = jnp.exp(logp), jnp.exp(logq)
   live = (p > 0) | (q > 0)
-  diff = jnp.where(live, logq - logp, 0.0)            # log q − log p
+  diff = jnp.where(live, logq - logp, 0.0)  # log q − log p
   w = jax.lax.stop_gradient(jax.nn.sigmoid(beta * diff))
   terms = w * jnp.where(q > 0, q * diff, 0.0) - (1.0 - w) * jnp.where(p > 0, p * diff, 0.0)
   return jnp.sum(jnp.where(live, terms, 0.0), axis=-1)
 
 
-def akl_head_mask(teacher_logits, *, mu: float = 0.5,
-                  teacher_temperature: float = 1.0) -> jax.Array:
+def akl_head_mask(
+  teacher_logits, *, mu: float = 0.5, teacher_temperature: float = 1.0
+) -> jax.Array:
   """AKL's head set as a [..., V] bool mask (no gradient): the teacher's most
   probable entries whose cumulative teacher probability, in descending order,
   stays ≤ μ, and always the top-1 (official ``get_ratio``: ``mask = cum_sum >
@@ -517,7 +584,7 @@ def akl_head_mask(teacher_logits, *, mu: float = 0.5,
   ties arbitrarily)."""
   logq = _log_softmax(jax.lax.stop_gradient(teacher_logits), teacher_temperature)
   q = jnp.exp(logq)
-  q_sorted = -jnp.sort(-q, axis=-1)                     # descending
+  q_sorted = -jnp.sort(-q, axis=-1)  # descending
   count = jnp.sum(jnp.cumsum(q_sorted, axis=-1) <= mu, axis=-1, keepdims=True)
   h = jnp.maximum(count, 1)
   threshold = jnp.take_along_axis(q_sorted, h - 1, axis=-1)
@@ -525,9 +592,15 @@ def akl_head_mask(teacher_logits, *, mu: float = 0.5,
 
 
 @LOSSES.register("akl")
-def akl(student_logits, teacher_logits, tokens=None, *, mu: float = 0.5,
-        student_temperature: float = 1.0,
-        teacher_temperature: float = 1.0) -> jax.Array:
+def akl(
+  student_logits,
+  teacher_logits,
+  tokens=None,
+  *,
+  mu: float = 0.5,
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+) -> jax.Array:
   """Adaptive KL (Wu et al., COLING 2025, "Rethinking Kullback-Leibler
   Divergence in Knowledge Distillation for LLMs", arXiv 2404.02657, Eqs. 9-11
   and the official ``AKL.py``). [B, C].
@@ -542,15 +615,15 @@ def akl(student_logits, teacher_logits, tokens=None, *, mu: float = 0.5,
   """
   del tokens
   _check_range("mu", mu, 0.0, 1.0)
-  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature,
-                          teacher_temperature)
+  logp, logq = _log_probs(student_logits, teacher_logits, student_temperature, teacher_temperature)
   head = akl_head_mask(teacher_logits, mu=mu, teacher_temperature=teacher_temperature)
   gap = jnp.abs(jnp.exp(logq) - jnp.exp(jax.lax.stop_gradient(logp)))
   g_head = jnp.sum(jnp.where(head, gap, 0.0), axis=-1)
   g_tail = jnp.sum(jnp.where(head, 0.0, gap), axis=-1)
   total = g_head + g_tail
   w_head = jax.lax.stop_gradient(
-      jnp.where(total > 0, g_head / jnp.where(total > 0, total, 1.0), 0.5))
+    jnp.where(total > 0, g_head / jnp.where(total > 0, total, 1.0), 0.5)
+  )
   return w_head * _kl(logq, logp) + (1.0 - w_head) * _kl(logp, logq)
 
 
@@ -560,9 +633,14 @@ def akl(student_logits, teacher_logits, tokens=None, *, mu: float = 0.5,
 
 
 @LOSSES.register("sft", needs_teacher=False)
-def sft(student_logits, teacher_logits=None, tokens=None, *,
-        student_temperature: float = 1.0,
-        teacher_temperature: float = 1.0) -> jax.Array:
+def sft(
+  student_logits,
+  teacher_logits=None,
+  tokens=None,
+  *,
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+) -> jax.Array:
   """Cross-entropy −log p(y) on given tokens (e.g. the off-policy cold start).
 
   p = softmax(s/τ_s); teacher_logits and teacher_temperature are ignored
@@ -593,8 +671,7 @@ def row_inputs(name: str, on_policy: jax.Array) -> dict[str, jax.Array]:
   return {"on_policy": on_policy} if needs_row_role(name) else {}
 
 
-def get_loss(name: str,
-             kwargs: Mapping[str, Any] | None = None) -> Callable[..., Any]:
+def get_loss(name: str, kwargs: Mapping[str, Any] | None = None) -> Callable[..., Any]:
   """The per-token loss ``name`` with its keyword hyperparameters bound.
 
   Raises ValueError for an unknown name (listing valid names), an unknown
@@ -605,8 +682,13 @@ def get_loss(name: str,
   logits = jax.ShapeDtypeStruct((1, 1, 2), jnp.float32)
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   rows = row_inputs(name, jax.ShapeDtypeStruct((1, 1), jnp.bool_))
-  jax.eval_shape(lambda s, t, y, r: fn(s, t, y, **r), logits,
-                 logits if needs_teacher(name) else None, tokens, rows)
+  jax.eval_shape(
+    lambda s, t, y, r: fn(s, t, y, **r),
+    logits,
+    logits if needs_teacher(name) else None,
+    tokens,
+    rows,
+  )
   return fn
 
 
@@ -620,10 +702,12 @@ _FUSED: dict[Callable[..., Any], Callable[..., Any]] = {}
 
 def _fused_rule(*losses):
   """Registers a closed-form ``(per_token, d/d student_logits)`` rule."""
+
   def deco(rule):
     for loss in losses:
       _FUSED[loss] = rule
     return rule
+
   return deco
 
 
@@ -640,8 +724,7 @@ def _scaled(logits, temperature):
   return jnp.asarray(logits, jnp.float32) / temperature
 
 
-def _probs_parts(student_logits, teacher_logits, student_temperature,
-                 teacher_temperature):
+def _probs_parts(student_logits, teacher_logits, student_temperature, teacher_temperature):
   """a = s/τ_s, b = sg(t)/τ_t and their normalisers (see log_normalizer)."""
   _check_temperatures(student_temperature, teacher_temperature)
   if teacher_logits is None:
@@ -652,16 +735,24 @@ def _probs_parts(student_logits, teacher_logits, student_temperature,
 
 
 @_fused_rule(reverse_kl)
-def _reverse_kl_rule(student_logits, teacher_logits, tokens, cotangent, *,
-                     top_k_fn: TopK, student_temperature: float = 1.0,
-                     teacher_temperature: float = 1.0):
+def _reverse_kl_rule(
+  student_logits,
+  teacher_logits,
+  tokens,
+  cotangent,
+  *,
+  top_k_fn: TopK,
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+):
   """KL(p‖q) and c·∂KL/∂s = (c/τ_s)·p·(log p − log q − KL) (0 where p = 0).
 
   One pass for each normaliser, one for KL, one elementwise for the gradient.
   """
   del tokens, top_k_fn
-  a, (ma, za), b, (mb, zb) = _probs_parts(student_logits, teacher_logits,
-                                          student_temperature, teacher_temperature)
+  a, (ma, za), b, (mb, zb) = _probs_parts(
+    student_logits, teacher_logits, student_temperature, teacher_temperature
+  )
   logp, logq = (a - ma) - za, (b - mb) - zb
   p = jnp.exp(logp)
   # Written as metrics.token_metrics writes KL, so XLA computes it once.
@@ -688,10 +779,19 @@ def _sparse_grad(p, cotangent, temperature, idx, coef):
 
 
 @_fused_rule(topk_opd)
-def _topk_opd_rule(student_logits, teacher_logits, tokens, cotangent, *,
-                   top_k_fn: TopK, k: int = 16, strategy: str = "student",
-                   weight: str = "student", student_temperature: float = 1.0,
-                   teacher_temperature: float = 1.0):
+def _topk_opd_rule(
+  student_logits,
+  teacher_logits,
+  tokens,
+  cotangent,
+  *,
+  top_k_fn: TopK,
+  k: int = 16,
+  strategy: str = "student",
+  weight: str = "student",
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+):
   """:func:`topk_opd` on candidate ids instead of [..., V] masks.
 
   The loss is Σ_{v∈S} coef(v)·log p(v) with coef = sg(w·(log p − log q)), so
@@ -703,8 +803,9 @@ def _topk_opd_rule(student_logits, teacher_logits, tokens, cotangent, *,
   _check_choice("weight", weight, _TOPK_WEIGHTS)
   if not isinstance(k, numbers.Integral) or k < 0:
     raise ValueError(f"k={k!r} must be an integer ≥ 0 (0 = sampled token)")
-  a, (ma, za), b, (mb, zb) = _probs_parts(student_logits, teacher_logits,
-                                          student_temperature, teacher_temperature)
+  a, (ma, za), b, (mb, zb) = _probs_parts(
+    student_logits, teacher_logits, student_temperature, teacher_temperature
+  )
   p = jnp.exp((a - ma) - za)
   if k == 0:
     if tokens is None:
@@ -741,7 +842,8 @@ def _topk_opd_rule(student_logits, teacher_logits, tokens, cotangent, *,
   total = jnp.sum(raw, axis=-1, keepdims=True)
   w = raw / jnp.where(total > 0, total, 1.0)
   coef = jax.lax.stop_gradient(
-      jnp.where(support, w * jnp.where(support, logp_c - logq_c, 0.0), 0.0))
+    jnp.where(support, w * jnp.where(support, logp_c - logq_c, 0.0), 0.0)
+  )
   value = jnp.sum(jnp.where(support, coef * logp_c, 0.0), axis=-1)
   return value, _sparse_grad(p, cotangent, student_temperature, idx, coef)
 
@@ -767,6 +869,7 @@ def logits_value_and_grad(loss_fn: Callable[..., Any], top_k_fn: TopK = jax.lax.
   def autodiff(s, t, tokens, cotangent, **extra):
     per_token, pull = jax.vjp(lambda s: loss_fn(s, t, tokens, **extra), s)
     return per_token, pull(jnp.asarray(cotangent, per_token.dtype))[0]
+
   return autodiff
 
 
@@ -775,8 +878,9 @@ def logits_value_and_grad(loss_fn: Callable[..., Any], top_k_fn: TopK = jax.lax.
 # ----------------------------------------------------------------------------
 
 
-def aggregate_weights(mask: jax.Array, mode: str = "token_mean",
-                      normalizer: float | None = None) -> jax.Array:
+def aggregate_weights(
+  mask: jax.Array, mode: str = "token_mean", normalizer: float | None = None
+) -> jax.Array:
   """Weights w [B, T] with aggregate(l) = Σ_{b,t} w[b,t]·l[b,t].
 
   mode:
@@ -799,17 +903,16 @@ def aggregate_weights(mask: jax.Array, mode: str = "token_mean",
     per_seq = jnp.sum(m, axis=1, keepdims=True)  # [B, 1]
     has_tokens = per_seq > 0
     num_seqs = jnp.maximum(jnp.sum(has_tokens.astype(jnp.float32)), 1.0)
-    return jnp.where(has_tokens, m / jnp.where(has_tokens, per_seq, 1.0),
-                     0.0) / num_seqs
+    return jnp.where(has_tokens, m / jnp.where(has_tokens, per_seq, 1.0), 0.0) / num_seqs
   if normalizer is None:
     raise ValueError("aggregate mode 'constant' needs a normalizer")
-  _check_range("normalizer", normalizer, 0.0, math.inf, lo_open=True,
-               hi_open=True)
+  _check_range("normalizer", normalizer, 0.0, math.inf, lo_open=True, hi_open=True)
   return m / normalizer
 
 
-def aggregate(per_token: jax.Array, mask: jax.Array, mode: str = "token_mean",
-              normalizer: float | None = None) -> jax.Array:
+def aggregate(
+  per_token: jax.Array, mask: jax.Array, mode: str = "token_mean", normalizer: float | None = None
+) -> jax.Array:
   """Scalar Σ_{b,t} w[b,t]·l[b,t] with w = aggregate_weights(mask, ...).
 
   Positions with zero weight contribute exactly 0 even if their loss is

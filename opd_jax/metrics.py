@@ -69,33 +69,33 @@ Array = jax.Array
 
 # Per-token keys returned by `token_metrics`.
 TOKEN_METRIC_KEYS: tuple[str, ...] = (
-    "overlap_ratio",
-    "overlap_count",
-    "nonoverlap_count",
-    "overlap_mass_student",
-    "overlap_mass_teacher",
-    "topk_mass_student",
-    "topk_mass_teacher",
-    "overlap_advantage",
-    "overlap_advantage_sum",
-    "nonoverlap_advantage",
-    "nonoverlap_advantage_sum",
-    "entropy_student",
-    "entropy_teacher",
-    "entropy_gap",
-    "student_logprob",
-    "teacher_logprob",
-    "reverse_kl",
-    "k1",
-    "k2",
-    "k3",
-    "topk_kl",
+  "overlap_ratio",
+  "overlap_count",
+  "nonoverlap_count",
+  "overlap_mass_student",
+  "overlap_mass_teacher",
+  "topk_mass_student",
+  "topk_mass_teacher",
+  "overlap_advantage",
+  "overlap_advantage_sum",
+  "nonoverlap_advantage",
+  "nonoverlap_advantage_sum",
+  "entropy_student",
+  "entropy_teacher",
+  "entropy_gap",
+  "student_logprob",
+  "teacher_logprob",
+  "reverse_kl",
+  "k1",
+  "k2",
+  "k3",
+  "topk_kl",
 )
 
 # Pooled ratio metrics: name -> (per-token numerator, per-token denominator).
 RATIO_METRICS: Mapping[str, tuple[str, str]] = {
-    "overlap_advantage": ("overlap_advantage_sum", "overlap_count"),
-    "nonoverlap_advantage": ("nonoverlap_advantage_sum", "nonoverlap_count"),
+  "overlap_advantage": ("overlap_advantage_sum", "overlap_count"),
+  "nonoverlap_advantage": ("nonoverlap_advantage_sum", "nonoverlap_count"),
 }
 
 # Estimators audited against the exact KL.
@@ -105,12 +105,12 @@ COUNT_KEY = "num_tokens"
 
 
 def token_metrics(
-    student_logits: Array,
-    teacher_logits: Array,
-    tokens: Array,
-    *,
-    k: int = 16,
-    top_k_fn: Callable[[Array, int], tuple[Array, Array]] = jax.lax.top_k,
+  student_logits: Array,
+  teacher_logits: Array,
+  tokens: Array,
+  *,
+  k: int = 16,
+  top_k_fn: Callable[[Array, int], tuple[Array, Array]] = jax.lax.top_k,
 ) -> dict[str, Array]:
   """Per-token alignment metrics for one sequence chunk.
 
@@ -154,13 +154,11 @@ def token_metrics(
   if k < 1:
     raise ValueError(f"k must be >= 1, got {k}")
   if student_logits.shape != teacher_logits.shape:
-    raise ValueError(
-        f"logit shapes differ: {student_logits.shape} vs "
-        f"{teacher_logits.shape}")
+    raise ValueError(f"logit shapes differ: {student_logits.shape} vs {teacher_logits.shape}")
   if tokens.shape != student_logits.shape[:-1]:
     raise ValueError(
-        f"tokens shape {tokens.shape} != logits leading shape "
-        f"{student_logits.shape[:-1]}")
+      f"tokens shape {tokens.shape} != logits leading shape {student_logits.shape[:-1]}"
+    )
   s_logits = jax.lax.stop_gradient(student_logits).astype(jnp.float32)
   t_logits = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32)
   vocab = s_logits.shape[-1]
@@ -210,32 +208,31 @@ def token_metrics(
   log_r = logq_y - logp_y
 
   return {
-      "overlap_ratio": n_ov / kk,
-      "overlap_count": n_ov,
-      "nonoverlap_count": n_non,
-      "overlap_mass_student": jnp.sum(jnp.where(in_t, p_s, 0.0), axis=-1),
-      "overlap_mass_teacher": jnp.sum(jnp.where(in_t, q_s, 0.0), axis=-1),
-      "topk_mass_student": mass_s,
-      "topk_mass_teacher": mass_t,
-      "overlap_advantage": adv_ov / jnp.maximum(n_ov, 1.0),
-      "overlap_advantage_sum": adv_ov,
-      "nonoverlap_advantage": adv_non / jnp.maximum(n_non, 1.0),
-      "nonoverlap_advantage_sum": adv_non,
-      "entropy_student": ent_p,
-      "entropy_teacher": ent_q,
-      "entropy_gap": jnp.abs(ent_q - ent_p),
-      "student_logprob": logp_y,
-      "teacher_logprob": logq_y,
-      "reverse_kl": kl,
-      "k1": -log_r,
-      "k2": 0.5 * jnp.square(log_r),
-      "k3": jnp.expm1(log_r) - log_r,
-      "topk_kl": -jnp.sum(adv, axis=-1),
+    "overlap_ratio": n_ov / kk,
+    "overlap_count": n_ov,
+    "nonoverlap_count": n_non,
+    "overlap_mass_student": jnp.sum(jnp.where(in_t, p_s, 0.0), axis=-1),
+    "overlap_mass_teacher": jnp.sum(jnp.where(in_t, q_s, 0.0), axis=-1),
+    "topk_mass_student": mass_s,
+    "topk_mass_teacher": mass_t,
+    "overlap_advantage": adv_ov / jnp.maximum(n_ov, 1.0),
+    "overlap_advantage_sum": adv_ov,
+    "nonoverlap_advantage": adv_non / jnp.maximum(n_non, 1.0),
+    "nonoverlap_advantage_sum": adv_non,
+    "entropy_student": ent_p,
+    "entropy_teacher": ent_q,
+    "entropy_gap": jnp.abs(ent_q - ent_p),
+    "student_logprob": logp_y,
+    "teacher_logprob": logq_y,
+    "reverse_kl": kl,
+    "k1": -log_r,
+    "k2": 0.5 * jnp.square(log_r),
+    "k3": jnp.expm1(log_r) - log_r,
+    "topk_kl": -jnp.sum(adv, axis=-1),
   }
 
 
-def _terms(
-    per_token: Mapping[str, Array]) -> dict[str, tuple[Array, Array | None]]:
+def _terms(per_token: Mapping[str, Array]) -> dict[str, tuple[Array, Array | None]]:
   """Per-token (numerator, denominator) pairs for every reported mean.
 
   Plain metrics give (x, None), i.e. denominator 1; pooled ratio metrics give
@@ -262,8 +259,9 @@ def _terms(
   return terms
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["total", "weight"], meta_fields=["names"])
+@functools.partial(
+  jax.tree_util.register_dataclass, data_fields=["total", "weight"], meta_fields=["names"]
+)
 @dataclasses.dataclass(frozen=True)
 class MetricSums:
   """Additive accumulator; ``finalize`` reports total[i] / weight[i].
@@ -279,8 +277,7 @@ class MetricSums:
   names: tuple[str, ...]
 
 
-def _expand_position_keys(
-    position_keys: Sequence[str] | None) -> set[str] | None:
+def _expand_position_keys(position_keys: Sequence[str] | None) -> set[str] | None:
   if position_keys is None:
     return None
   wanted = set()
@@ -293,13 +290,13 @@ def _expand_position_keys(
 
 
 def accumulate(
-    per_token: Mapping[str, Array],
-    mask: Array,
-    positions: Array | None = None,
-    *,
-    chunk_len: int | None = None,
-    num_chunks: int = 0,
-    position_keys: Sequence[str] | None = None,
+  per_token: Mapping[str, Array],
+  mask: Array,
+  positions: Array | None = None,
+  *,
+  chunk_len: int | None = None,
+  num_chunks: int = 0,
+  position_keys: Sequence[str] | None = None,
 ) -> MetricSums:
   """Additive (weighted_sum, weight) pairs for the masked metric means.
 
@@ -327,8 +324,7 @@ def accumulate(
     (see module docstring, ``{est}_var`` excepted: derived in ``finalize``)
     and, per chunk, ``{name}/pos_{a}_{b}`` and ``num_tokens/pos_{a}_{b}``.
   """
-  if num_chunks > 0 and (positions is None or chunk_len is None
-                         or chunk_len < 1):
+  if num_chunks > 0 and (positions is None or chunk_len is None or chunk_len < 1):
     raise ValueError("num_chunks > 0 needs positions and chunk_len >= 1")
   m = jnp.asarray(mask, jnp.float32)
   terms = _terms(per_token)
@@ -338,8 +334,9 @@ def accumulate(
   # [M, B, T] numerators / denominators, zeroed where masked out (they may
   # hold inf / NaN there). Every bucket mask below is a sub-mask of m.
   num = jnp.stack([ones] + [jnp.where(keep, terms[n][0], 0.0) for n in names])
-  den = jnp.stack([ones] + [ones if terms[n][1] is None else
-                            jnp.where(keep, terms[n][1], 0.0) for n in names])
+  den = jnp.stack(
+    [ones] + [ones if terms[n][1] is None else jnp.where(keep, terms[n][1], 0.0) for n in names]
+  )
   names = [COUNT_KEY] + names
   # [K, B, T] bucket masks: everything, then the position chunks.
   buckets, suffixes = [m], [""]
@@ -350,8 +347,9 @@ def accumulate(
   mb = jnp.stack(buckets)
   # Two contractions instead of K * M separate masked reductions.
   dims = tuple(range(1, num.ndim))
-  contract = functools.partial(jnp.tensordot, axes=(dims, dims),
-                               precision=jax.lax.Precision.HIGHEST)
+  contract = functools.partial(
+    jnp.tensordot, axes=(dims, dims), precision=jax.lax.Precision.HIGHEST
+  )
   num_sums = contract(mb, num).reshape(-1)  # [K * M], bucket-major
   den_sums = contract(mb, den).reshape(-1)
 
@@ -396,9 +394,7 @@ def finalize_names(sums: MetricSums) -> tuple[str, ...]:
 def finalize_array(sums: MetricSums, *, empty_value: float = 0.0) -> Array:
   """Vectorised :func:`finalize`: [N'] values, named by ``finalize_names``."""
   nonempty = sums.weight > 0
-  means = jnp.where(nonempty,
-                    sums.total / jnp.where(nonempty, sums.weight, 1.0),
-                    empty_value)
+  means = jnp.where(nonempty, sums.total / jnp.where(nonempty, sums.weight, 1.0), empty_value)
   is_count = np.array([n.partition("/")[0] == COUNT_KEY for n in sums.names])
   means = jnp.where(is_count, sums.total, means)
   var_names, mse_idx, bias_idx = _var_plan(sums.names)
@@ -424,8 +420,7 @@ def finalize(sums: MetricSums, *, empty_value: float = 0.0) -> dict[str, Array]:
   return {n: values[i] for i, n in enumerate(finalize_names(sums))}
 
 
-def masked_means(per_token: Mapping[str, Array],
-                 mask: Array) -> dict[str, Array]:
+def masked_means(per_token: Mapping[str, Array], mask: Array) -> dict[str, Array]:
   """Mask-weighted means of every metric plus estimator bias / mse / var.
 
   See the module docstring for the conventions (pooled advantages, audit).
@@ -434,13 +429,13 @@ def masked_means(per_token: Mapping[str, Array],
 
 
 def position_chunk_means(
-    per_token: Mapping[str, Array],
-    mask: Array,
-    positions: Array,
-    chunk_len: int,
-    num_chunks: int,
-    *,
-    position_keys: Sequence[str] | None = None,
+  per_token: Mapping[str, Array],
+  mask: Array,
+  positions: Array,
+  chunk_len: int,
+  num_chunks: int,
+  *,
+  position_keys: Sequence[str] | None = None,
 ) -> dict[str, Array]:
   """Means per response-position chunk, keys ``{name}/pos_{a}_{b}``.
 
@@ -449,6 +444,14 @@ def position_chunk_means(
   exact mask-weighted mean, so when the chunks cover every masked token the
   ``num_tokens/pos_a_b``-weighted average of chunk means is the overall mean.
   """
-  out = finalize(accumulate(per_token, mask, positions, chunk_len=chunk_len,
-                            num_chunks=num_chunks, position_keys=position_keys))
+  out = finalize(
+    accumulate(
+      per_token,
+      mask,
+      positions,
+      chunk_len=chunk_len,
+      num_chunks=num_chunks,
+      position_keys=position_keys,
+    )
+  )
   return {name: v for name, v in out.items() if "/pos_" in name}

@@ -56,29 +56,31 @@ OFF_POLICY_SOURCES = ("dataset", "teacher")
 @flax.struct.dataclass
 class TrainState:
   """Everything that changes during training (the teacher is not in here)."""
-  step: jax.Array          # int32 scalar
-  params: Any              # nnx.State of the student's parameters
-  opt_state: Any           # optax state (student only)
-  rng: jax.Array           # PRNG key
+
+  step: jax.Array  # int32 scalar
+  params: Any  # nnx.State of the student's parameters
+  opt_state: Any  # optax state (student only)
+  rng: jax.Array  # PRNG key
 
 
 @dataclasses.dataclass(frozen=True)
 class OPDConfig:
   """Static settings of the compiled step (hashable)."""
+
   sampling: SamplingConfig
   loss: str = "reverse_kl"
   loss_kwargs: tuple[tuple[str, Any], ...] = ()
   aggregation: str = "token_mean"
   normalizer: float | None = None
-  on_policy_fraction: float = 1.0            # GKD λ
-  off_policy_source: str = "dataset"         # or "teacher"
+  on_policy_fraction: float = 1.0  # GKD λ
+  off_policy_source: str = "dataset"  # or "teacher"
   teacher_sampling: SamplingConfig | None = None
-  loss_chunk: int = 64                       # 0: auto, from loss_chunk_budget_mib
+  loss_chunk: int = 64  # 0: auto, from loss_chunk_budget_mib
   loss_chunk_budget_mib: float = 1024.0
   metrics: bool = True
   metrics_top_k: int = 16
   position_chunk: int = 64
-  micro_batches: int = 1                     # M row groups per step, one update
+  micro_batches: int = 1  # M row groups per step, one update
   # ((target, schedules.Schedule), ...) or the config string "loss.beta=linear:...;...":
   # values computed in the step from its counter (traced), see check_schedules.
   schedules: tuple[tuple[str, Any], ...] = ()
@@ -91,13 +93,13 @@ class OPDConfig:
     if not 0.0 <= self.on_policy_fraction <= 1.0:
       raise ValueError(f"on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
     if self.off_policy_source not in OFF_POLICY_SOURCES:
-      raise ValueError(f"unknown off_policy_source {self.off_policy_source!r}; "
-                       f"valid: {OFF_POLICY_SOURCES}")
+      raise ValueError(
+        f"unknown off_policy_source {self.off_policy_source!r}; valid: {OFF_POLICY_SOURCES}"
+      )
     if self.loss_chunk < 0:
       raise ValueError(f"loss_chunk must be >= 0 (0: auto), got {self.loss_chunk}")
     if not self.loss_chunk_budget_mib > 0:
-      raise ValueError(f"loss_chunk_budget_mib must be positive, got "
-                       f"{self.loss_chunk_budget_mib}")
+      raise ValueError(f"loss_chunk_budget_mib must be positive, got {self.loss_chunk_budget_mib}")
     m = self.micro_batches
     if isinstance(m, bool) or int(m) != m or m < 1:
       raise ValueError(f"micro_batches must be an int >= 1, got {m!r}")
@@ -106,11 +108,17 @@ class OPDConfig:
     check_schedules(self)
 
 
-SCHEDULE_TARGETS = ("loss.<numeric loss keyword>", "on_policy_fraction",
-                    "data.mixture.<source> (data, host side)",
-                    "sampling.temperature", "teacher_sampling.temperature")
-TEMPERATURE_TARGETS = {"sampling.temperature": "sampling",
-                       "teacher_sampling.temperature": "teacher_sampling"}
+SCHEDULE_TARGETS = (
+  "loss.<numeric loss keyword>",
+  "on_policy_fraction",
+  "data.mixture.<source> (data, host side)",
+  "sampling.temperature",
+  "teacher_sampling.temperature",
+)
+TEMPERATURE_TARGETS = {
+  "sampling.temperature": "sampling",
+  "teacher_sampling.temperature": "teacher_sampling",
+}
 
 
 class _Tempered:
@@ -159,27 +167,31 @@ def check_schedules(cfg: OPDConfig) -> None:
     if target in TEMPERATURE_TARGETS:
       base = getattr(cfg, TEMPERATURE_TARGETS[target]) or cfg.sampling
       if base.greedy or not all(v > 0 for v in sched.values):
-        raise ValueError(f"schedules: {target} needs values > 0 and sampling (not greedy), "
-                         f"got {sched.values}")
+        raise ValueError(
+          f"schedules: {target} needs values > 0 and sampling (not greedy), got {sched.values}"
+        )
       continue
     if target == "on_policy_fraction":
       if not all(0.0 <= v <= 1.0 for v in sched.values):
-        raise ValueError(f"schedules: on_policy_fraction values must lie in [0, 1], got "
-                         f"{sched.values}")
+        raise ValueError(
+          f"schedules: on_policy_fraction values must lie in [0, 1], got {sched.values}"
+        )
       continue
     kind, _, name = target.partition(".")
     if kind != "loss" or not name:
-      raise ValueError(f"schedules: unknown target {target!r}; valid: "
-                       f"{list(SCHEDULE_TARGETS)}")
+      raise ValueError(f"schedules: unknown target {target!r}; valid: {list(SCHEDULE_TARGETS)}")
     valid = losses_lib.LOSSES.valid_kwargs(cfg.loss, exclude=losses_lib.ROW_INPUTS)
     if name not in valid:
-      raise ValueError(f"schedules: {target!r}: loss {cfg.loss!r} has no keyword {name!r}; "
-                       f"valid: {valid}")
+      raise ValueError(
+        f"schedules: {target!r}: loss {cfg.loss!r} has no keyword {name!r}; valid: {valid}"
+      )
     fn = losses_lib.LOSSES.get(cfg.loss)
     current = dict(cfg.loss_kwargs).get(name, inspect.signature(fn).parameters[name].default)
     if isinstance(current, bool) or not isinstance(current, (int, float)):
-      raise ValueError(f"schedules: {target!r}: loss keyword {name!r} is not numeric "
-                       f"(value {current!r}); only numbers can follow a schedule")
+      raise ValueError(
+        f"schedules: {target!r}: loss keyword {name!r} is not numeric "
+        f"(value {current!r}); only numbers can follow a schedule"
+      )
     traced[name] = jax.ShapeDtypeStruct((), jnp.float32)
   if not traced:
     return
@@ -187,16 +199,25 @@ def check_schedules(cfg: OPDConfig) -> None:
   logits = jax.ShapeDtypeStruct((1, 1, 2), jnp.float32)
   rows = losses_lib.row_inputs(cfg.loss, jax.ShapeDtypeStruct((1, 1), jnp.bool_))
   try:
-    jax.eval_shape(lambda s, hp, r: losses_lib.logits_value_and_grad(loss_fn)(
-        s, s, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1)), **hp, **r), logits, traced, rows)
+    jax.eval_shape(
+      lambda s, hp, r: losses_lib.logits_value_and_grad(loss_fn)(
+        s, s, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1)), **hp, **r
+      ),
+      logits,
+      traced,
+      rows,
+    )
   except (jax.errors.JAXTypeError, TypeError, ValueError) as e:
-    raise ValueError(f"schedules: loss {cfg.loss!r} uses {sorted(traced)} as static values "
-                     f"(Python control flow or shapes), so they cannot follow a schedule "
-                     f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    raise ValueError(
+      f"schedules: loss {cfg.loss!r} uses {sorted(traced)} as static values "
+      f"(Python control flow or shapes), so they cannot follow a schedule "
+      f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    ) from None
 
 
-def common_vocab_size(student: ModelConfig, teacher: ModelConfig,
-                      tokenizer_size: int | None = None) -> int:
+def common_vocab_size(
+  student: ModelConfig, teacher: ModelConfig, tokenizer_size: int | None = None
+) -> int:
   """Vocabulary the divergence is taken over.
 
   Checkpoints pad their embedding rows differently (Qwen2.5-1.5B: 151,936,
@@ -208,15 +229,17 @@ def common_vocab_size(student: ModelConfig, teacher: ModelConfig,
     small = min(student.vocab_size, teacher.vocab_size)
     if tokenizer_size > small:
       raise ValueError(
-          f"vocab mismatch: tokenizer has {tokenizer_size} tokens but the "
-          f"student has {student.vocab_size} and the teacher {teacher.vocab_size} "
-          "embedding rows")
+        f"vocab mismatch: tokenizer has {tokenizer_size} tokens but the "
+        f"student has {student.vocab_size} and the teacher {teacher.vocab_size} "
+        "embedding rows"
+      )
     return int(tokenizer_size)
   if student.vocab_size != teacher.vocab_size:
     raise ValueError(
-        f"vocab mismatch: student vocab_size={student.vocab_size}, teacher "
-        f"vocab_size={teacher.vocab_size}; if they share a tokenizer, pass its "
-        "size (tokenizer_size=len(tokenizer)) so the padded rows can be ignored")
+      f"vocab mismatch: student vocab_size={student.vocab_size}, teacher "
+      f"vocab_size={teacher.vocab_size}; if they share a tokenizer, pass its "
+      "size (tokenizer_size=len(tokenizer)) so the padded rows can be ignored"
+    )
   return int(student.vocab_size)
 
 
@@ -273,8 +296,11 @@ def sharded_top_k(sharder: Sharder, x: jax.Array, k: int) -> tuple[jax.Array, ja
     return _top_k_2d(x, k)
   spec = sharder.spec(LOGIT_AXES, x.shape)
   rows, _, vocab_axes = spec
-  vocab_axes = () if vocab_axes is None else (
-      (vocab_axes,) if isinstance(vocab_axes, str) else tuple(vocab_axes))
+  vocab_axes = (
+    ()
+    if vocab_axes is None
+    else ((vocab_axes,) if isinstance(vocab_axes, str) else tuple(vocab_axes))
+  )
   v_local = x.shape[-1] // math.prod(sharder.mesh.shape[a] for a in vocab_axes)
 
   def local(xl):
@@ -290,8 +316,9 @@ def sharded_top_k(sharder: Sharder, x: jax.Array, k: int) -> tuple[jax.Array, ja
   out = jax.sharding.PartitionSpec(rows, None, None)
   # Replicated over the vocabulary axes by construction (all-gathered, then
   # the same top-k everywhere); the static check cannot see it when unsplit.
-  return jax.shard_map(local, mesh=sharder.mesh, in_specs=spec, out_specs=(out, out),
-                       check_vma=False)(x)
+  return jax.shard_map(
+    local, mesh=sharder.mesh, in_specs=spec, out_specs=(out, out), check_vma=False
+  )(x)
 
 
 WEIGHT_AXES = ("embed", "vocab")
@@ -311,8 +338,9 @@ def _gather_unembedding(w: jax.Array, sharder: Sharder) -> jax.Array:
 LIVE_VOCAB_ARRAYS = {True: 7, False: 4}
 
 
-def auto_loss_chunk(rows: int, length: int, vocab: int, sharder: Sharder, *,
-                    budget_mib: float, metrics: bool) -> int:
+def auto_loss_chunk(
+  rows: int, length: int, vocab: int, sharder: Sharder, *, budget_mib: float, metrics: bool
+) -> int:
   """Largest loss chunk C whose estimated per-device working set fits.
 
   estimate(C) = R_dev · C · V_dev · 4 bytes · LIVE_VOCAB_ARRAYS[metrics], with
@@ -323,18 +351,36 @@ def auto_loss_chunk(rows: int, length: int, vocab: int, sharder: Sharder, *,
   r_dev, v_dev = rows, vocab
   if sharder.mesh is not None:
     spec = sharder.spec(LOGIT_AXES, (rows, 1, vocab))
-    per = lambda a: 1 if a is None else math.prod(
-        sharder.mesh.shape[x] for x in ((a,) if isinstance(a, str) else a))
+    per = lambda a: (
+      1
+      if a is None
+      else math.prod(sharder.mesh.shape[x] for x in ((a,) if isinstance(a, str) else a))
+    )
     r_dev, v_dev = math.ceil(rows / per(spec[0])), math.ceil(vocab / per(spec[2]))
   per_token = r_dev * v_dev * 4 * LIVE_VOCAB_ARRAYS[bool(metrics)]
   return int(max(1, min(length, budget_mib * 2**20 // per_token)))
 
 
-def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
-                       loss_fn, vocab: int, chunk: int, metrics: bool,
-                       top_k: int, position_chunk: int, sharder: Sharder,
-                       chunk_budget_mib: float = 1024.0, loss_inputs=None,
-                       loss_hparams=None):
+def chunked_divergence(
+  h_s,
+  w_s,
+  h_t,
+  w_t,
+  tokens,
+  weights,
+  metric_mask,
+  *,
+  loss_fn,
+  vocab: int,
+  chunk: int,
+  metrics: bool,
+  top_k: int,
+  position_chunk: int,
+  sharder: Sharder,
+  chunk_budget_mib: float = 1024.0,
+  loss_inputs=None,
+  loss_hparams=None,
+):
   """Σ_t weights·loss_t over a sequence, in chunks, plus metric sums.
 
   h_s ``[R, N, Ds]`` (differentiable), h_t ``[R, N, Dt]`` (teacher, constant),
@@ -364,8 +410,7 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
   extra_names = tuple(sorted(loss_inputs or {}))
   vmin = min(w_s.shape[-1], w_t.shape[-1]) if h_t is not None else w_s.shape[-1]
   if chunk == 0:
-    chunk = auto_loss_chunk(r, n, vmin, sharder, budget_mib=chunk_budget_mib,
-                            metrics=metrics)
+    chunk = auto_loss_chunk(r, n, vmin, sharder, budget_mib=chunk_budget_mib, metrics=metrics)
   # ceil(N / C) chunks of equal length <= C: padding stays < one per chunk
   # (N=64, C=256 -> one chunk of 64, not 256; N=100, C=64 -> 2 x 50).
   num_chunks = max(1, math.ceil(n / chunk))
@@ -378,25 +423,33 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
   if has_teacher:
     w_t = _gather_unembedding(jax.lax.stop_gradient(w_t[:, :vmin]), sharder)
   else:
-    h_t = jnp.zeros(h_s.shape[:2] + (0,), h_s.dtype)   # placeholder, unused
+    h_t = jnp.zeros(h_s.shape[:2] + (0,), h_s.dtype)  # placeholder, unused
   top_k_fn = lambda x, k: sharded_top_k(sharder, x, k)
   value_and_grad = losses_lib.logits_value_and_grad(loss_fn, top_k_fn)
   positions = jnp.broadcast_to(jnp.arange(n_pad, dtype=jnp.int32), (r, n_pad))
   chunk_axes = lambda a: (None, "activation_batch") + (None,) * (a.ndim - 2)
-  to_chunks = lambda a: sharder.constrain(_to_chunks(_pad_time(a, n_pad), chunk),
-                                          chunk_axes(a) + (None,))
-  consts = tuple(to_chunks(a) for a in
-                 (jax.lax.stop_gradient(h_t), tokens, weights, metric_mask, positions)
-                 + tuple(jax.lax.stop_gradient(loss_inputs[k]) for k in extra_names))
+  to_chunks = lambda a: sharder.constrain(
+    _to_chunks(_pad_time(a, n_pad), chunk), chunk_axes(a) + (None,)
+  )
+  consts = tuple(
+    to_chunks(a)
+    for a in (jax.lax.stop_gradient(h_t), tokens, weights, metric_mask, positions)
+    + tuple(jax.lax.stop_gradient(loss_inputs[k]) for k in extra_names)
+  )
   num_pos_chunks = max(1, int(math.ceil(n / position_chunk)))
   sums0 = {}
   if metrics:
     shapes = jax.eval_shape(
-        lambda: metrics_lib.accumulate(
-            metrics_lib.token_metrics(jnp.zeros((1, 1, 2)), jnp.zeros((1, 1, 2)),
-                                      jnp.zeros((1, 1), jnp.int32), k=top_k),
-            jnp.ones((1, 1)), jnp.zeros((1, 1), jnp.int32), chunk_len=position_chunk,
-            num_chunks=num_pos_chunks))
+      lambda: metrics_lib.accumulate(
+        metrics_lib.token_metrics(
+          jnp.zeros((1, 1, 2)), jnp.zeros((1, 1, 2)), jnp.zeros((1, 1), jnp.int32), k=top_k
+        ),
+        jnp.ones((1, 1)),
+        jnp.zeros((1, 1), jnp.int32),
+        chunk_len=position_chunk,
+        num_chunks=num_pos_chunks,
+      )
+    )
     sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
   def run(h_s, w_s, with_grad: bool):
@@ -411,33 +464,44 @@ def chunked_divergence(h_s, w_s, h_t, w_t, tokens, weights, metric_mask, *,
       dhs = None
       if with_grad:
         per_tok, dls = value_and_grad(ls, lt, y, w, **extra)
-        if vmin > vocab:   # masked (padded) columns get no gradient
+        if vmin > vocab:  # masked (padded) columns get no gradient
           dls = jnp.where(jnp.arange(vmin) < vocab, dls, 0.0)
         dls = sharder.constrain(dls.astype(hs.dtype), LOGIT_AXES)
         # 2-D matmuls over the chunk's R·C tokens (the N-d einsum's layout
         # makes XLA:CPU copy the [R, C, V] gradient once more).
         dls2, hs2 = dls.reshape(-1, vmin), hs.reshape(-1, hs.shape[-1])
-        dhs = jax.lax.dot_general(dls2, ws, (((1,), (1,)), ((), ())),
-                                  preferred_element_type=jnp.float32)
-        dhs = sharder.constrain(dhs.astype(hs.dtype).reshape(hs.shape),
-                                ("activation_batch", None, None))
-        dws = jax.lax.dot_general(hs2, dls2, (((0,), (0,)), ((), ())),
-                                  preferred_element_type=jnp.float32)
+        dhs = jax.lax.dot_general(
+          dls2, ws, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        dhs = sharder.constrain(
+          dhs.astype(hs.dtype).reshape(hs.shape), ("activation_batch", None, None)
+        )
+        dws = jax.lax.dot_general(
+          hs2, dls2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
         dw_acc = sharder.constrain(dw_acc + dws, weight_axes)
       else:
         per_tok = loss_fn(ls, lt, y, **extra)
       value = jnp.sum(w * per_tok)
       if metrics:
         per_tok = metrics_lib.token_metrics(ls, lt, y, k=top_k, top_k_fn=top_k_fn)
-        sums = metrics_lib.merge_sums(sums, metrics_lib.accumulate(
-            per_tok, mm, pos, chunk_len=position_chunk, num_chunks=num_pos_chunks))
+        sums = metrics_lib.merge_sums(
+          sums,
+          metrics_lib.accumulate(
+            per_tok, mm, pos, chunk_len=position_chunk, num_chunks=num_pos_chunks
+          ),
+        )
       return (total + value, sums, dw_acc), dhs
 
     hs_chunks = to_chunks(h_s)
-    dw0 = (sharder.constrain(jnp.zeros((w_s.shape[0], vmin), jnp.float32), weight_axes)
-           if with_grad else jnp.zeros((), jnp.float32))
+    dw0 = (
+      sharder.constrain(jnp.zeros((w_s.shape[0], vmin), jnp.float32), weight_axes)
+      if with_grad
+      else jnp.zeros((), jnp.float32)
+    )
     (total, sums, dw), dhs = jax.lax.scan(
-        body, (jnp.zeros((), jnp.float32), sums0, dw0), (hs_chunks,) + consts)
+      body, (jnp.zeros((), jnp.float32), sums0, dw0), (hs_chunks,) + consts
+    )
     if not with_grad:
       return total, sums
     dhs = sharder.constrain(dhs, (None, "activation_batch", None, None))
@@ -483,15 +547,20 @@ def check_micro_batches(rows: int, cfg: OPDConfig, dp: int = 1) -> None:
   m = cfg.micro_batches
   n_on = rows if lambda_scheduled(cfg) else split_rows(rows, cfg.on_policy_fraction)
   if rows % m:
-    raise ValueError(f"micro_batches={m} must divide the rows per step (batch_size x "
-                     f"num_samples = {rows})")
+    raise ValueError(
+      f"micro_batches={m} must divide the rows per step (batch_size x num_samples = {rows})"
+    )
   if m > 1 and (rows // m) % dp:
-    raise ValueError(f"micro_batches={m}: each group's {rows // m} rows must be a multiple "
-                     f"of the data-parallel size {dp} (rows per step {rows})")
+    raise ValueError(
+      f"micro_batches={m}: each group's {rows // m} rows must be a multiple "
+      f"of the data-parallel size {dp} (rows per step {rows})"
+    )
   if n_on % m or (rows - n_on) % m:
-    raise ValueError(f"micro_batches={m} must divide the on-policy rows ({n_on}) and the "
-                     f"off-policy rows ({rows - n_on}) of on_policy_fraction="
-                     f"{cfg.on_policy_fraction} x {rows} rows")
+    raise ValueError(
+      f"micro_batches={m} must divide the on-policy rows ({n_on}) and the "
+      f"off-policy rows ({rows - n_on}) of on_policy_fraction="
+      f"{cfg.on_policy_fraction} x {rows} rows"
+    )
 
 
 def plan_rows(batch, rng, cfg: OPDConfig, sharder: Sharder | None = None, lam=None):
@@ -528,12 +597,12 @@ def plan_rows(batch, rng, cfg: OPDConfig, sharder: Sharder | None = None, lam=No
   n_off = rows if scheduled else rows - n_on
   k_sample, k_perm, k_teacher = jax.random.split(rng, 3)
 
-  def groups(x, axis=0):   # [..., K, ...] -> [M, ..., K/M, ...] along `axis`
+  def groups(x, axis=0):  # [..., K, ...] -> [M, ..., K/M, ...] along `axis`
     x = jnp.moveaxis(x, axis, 0)
     x = x.reshape((m, x.shape[0] // m) + x.shape[1:])
     return jnp.moveaxis(x, 1, axis + 1)
 
-  def shard(x, batch_axis):   # group-major array: its rows over the data axes
+  def shard(x, batch_axis):  # group-major array: its rows over the data axes
     names = [None] * x.ndim
     names[batch_axis] = "activation_batch"
     return sh.constrain(x, names)
@@ -542,13 +611,13 @@ def plan_rows(batch, rng, cfg: OPDConfig, sharder: Sharder | None = None, lam=No
   if n_on:
     u = jax.random.uniform(k_sample, (big_n, n_on), jnp.float32)
     xs["u_on"] = shard(groups(u, axis=1), 2)
-  if scheduled:   # batch order; a traced mask picks each row's completion
+  if scheduled:  # batch order; a traced mask picks each row's completion
     order = None
-    rank = jnp.argsort(jax.random.permutation(k_perm, rows))   # row -> its place
+    rank = jnp.argsort(jax.random.permutation(k_perm, rows))  # row -> its place
     on_mask = rank < jnp.round(jnp.asarray(lam, jnp.float32) * rows).astype(jnp.int32)
     xs["on_mask"] = shard(groups(on_mask), 1)
     off_rows = jnp.arange(rows)
-  if n_on == rows and not scheduled:   # pure on-policy: rows keep prompt-grouped order
+  if n_on == rows and not scheduled:  # pure on-policy: rows keep prompt-grouped order
     order = None
   elif not scheduled:
     perm = jax.random.permutation(k_perm, rows)
@@ -561,8 +630,10 @@ def plan_rows(batch, rng, cfg: OPDConfig, sharder: Sharder | None = None, lam=No
       xs["u_off"] = shard(groups(u, axis=1), 2)
     else:
       if "completion_ids" not in batch:
-        raise ValueError("on_policy_fraction < 1 with off_policy_source='dataset' needs "
-                         "batch['completion_ids'] and batch['completion_mask']")
+        raise ValueError(
+          "on_policy_fraction < 1 with off_policy_source='dataset' needs "
+          "batch['completion_ids'] and batch['completion_mask']"
+        )
       comp = _pad_time(_repeat(batch["completion_ids"], n), big_n)[:, :big_n]
       comp_mask = _pad_time(_repeat(batch["completion_mask"], n), big_n)[:, :big_n]
       xs["off_tokens"] = shard(groups(comp[off_rows].astype(jnp.int32)), 1)
@@ -585,33 +656,45 @@ def group_completions(student, teacher, x, cfg: OPDConfig, hparams=None):
   prompt_ids, prompt_mask = x["prompt_ids"], x["prompt_mask"]
   g, big_n = prompt_ids.shape[0], cfg.sampling.max_new_tokens
   a = x["u_on"].shape[-1] if "u_on" in x else 0
-  scheduled = "on_mask" in x   # λ scheduled: both completions for every row
-  b0 = 0 if scheduled else a   # first off-policy row
+  scheduled = "on_mask" in x  # λ scheduled: both completions for every row
+  b0 = 0 if scheduled else a  # first off-policy row
   one = dataclasses.replace(cfg.sampling, num_samples=1)
   parts = []
   if a:
     out = sample(student, prompt_ids[:a], prompt_mask[:a], None, one, uniforms=x["u_on"])
-    parts.append(dict(tokens=out.tokens, mask=out.mask.astype(jnp.bool_),
-                      lengths=out.lengths, truncated=out.truncated))
+    parts.append(
+      dict(
+        tokens=out.tokens,
+        mask=out.mask.astype(jnp.bool_),
+        lengths=out.lengths,
+        truncated=out.truncated,
+      )
+    )
   if b0 < g:
     if cfg.off_policy_source == "teacher":
-      tcfg = dataclasses.replace(cfg.teacher_sampling or cfg.sampling, num_samples=1,
-                                 max_new_tokens=big_n)
-      out = sample(teacher, prompt_ids[b0:], prompt_mask[b0:], None, tcfg,
-                   uniforms=x["u_off"])
+      tcfg = dataclasses.replace(
+        cfg.teacher_sampling or cfg.sampling, num_samples=1, max_new_tokens=big_n
+      )
+      out = sample(teacher, prompt_ids[b0:], prompt_mask[b0:], None, tcfg, uniforms=x["u_off"])
       off_tokens, off_mask = out.tokens, out.mask.astype(jnp.bool_)
     else:
       off_tokens, off_mask = x["off_tokens"], x["off_mask"]
-    parts.append(dict(tokens=off_tokens.astype(jnp.int32), mask=off_mask,
-                      lengths=off_mask.sum(-1).astype(jnp.int32),
-                      truncated=jnp.zeros((g - b0,), jnp.bool_)))
+    parts.append(
+      dict(
+        tokens=off_tokens.astype(jnp.int32),
+        mask=off_mask,
+        lengths=off_mask.sum(-1).astype(jnp.int32),
+        truncated=jnp.zeros((g - b0,), jnp.bool_),
+      )
+    )
   if scheduled:
     on_policy = x["on_mask"]
     pick = lambda a_, b_: jnp.where(on_policy.reshape((g,) + (1,) * (a_.ndim - 1)), a_, b_)
     comp = {k: pick(parts[0][k], parts[1][k]) for k in parts[0]}
     return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, on_policy=on_policy, **comp)
-  comp = {k: jnp.concatenate([p[k] for p in parts]) if len(parts) > 1 else parts[0][k]
-          for k in parts[0]}
+  comp = {
+    k: jnp.concatenate([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]
+  }
   on_policy = jnp.arange(g) < a
   return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, on_policy=on_policy, **comp)
 
@@ -627,10 +710,12 @@ def build_completions(student, teacher, batch, rng, cfg: OPDConfig, hparams=None
   """
   hparams = hparams or {}
   order, xs = plan_rows(batch, rng, cfg, lam=hparams.get("on_policy_fraction"))
-  groups = [group_completions(student, teacher, jax.tree.map(lambda v: v[i], xs), cfg, hparams)
-            for i in range(cfg.micro_batches)]
+  groups = [
+    group_completions(student, teacher, jax.tree.map(lambda v: v[i], xs), cfg, hparams)
+    for i in range(cfg.micro_batches)
+  ]
   out = jax.tree.map(lambda *v: jnp.concatenate(v), *groups)
-  if order is not None:   # back to the batch's row order
+  if order is not None:  # back to the batch's row order
     out = {k: jnp.zeros_like(v).at[order].set(v) for k, v in out.items()}
   return out
 
@@ -646,15 +731,24 @@ def _unnormalised_weights(mask: jax.Array, mode: str, normalizer: float | None):
   if mode == "sequence_mean":
     per_seq = jnp.sum(m, axis=1, keepdims=True)
     has = per_seq > 0
-    return (jnp.where(has, m / jnp.where(has, per_seq, 1.0), 0.0),
-            jnp.sum(has.astype(jnp.float32)))
+    return (jnp.where(has, m / jnp.where(has, per_seq, 1.0), 0.0), jnp.sum(has.astype(jnp.float32)))
   return losses_lib.aggregate_weights(m, mode, normalizer), jnp.zeros((), jnp.float32)
 
 
-def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransformation,
-                  schedule: optax.Schedule, cfg: OPDConfig, *, vocab_size: int,
-                  sharder: Sharder, state_shardings=None, teacher_shardings=None,
-                  batch_shardings=None, donate: bool = True):
+def make_opd_step(
+  student_graphdef,
+  teacher_graphdef,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  cfg: OPDConfig,
+  *,
+  vocab_size: int,
+  sharder: Sharder,
+  state_shardings=None,
+  teacher_shardings=None,
+  batch_shardings=None,
+  donate: bool = True,
+):
   """Returns ``step(state, teacher_params, batch) -> (state, metrics)``, jitted
   once with explicit shardings, the train state donated.
 
@@ -671,9 +765,12 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
   loss_fn = losses_lib.get_loss(cfg.loss, dict(cfg.loss_kwargs))
   # Never sample ids outside the common vocabulary (padded embedding rows).
   run_cfg = dataclasses.replace(
-      cfg, sampling=dataclasses.replace(cfg.sampling, vocab_size=vocab_size),
-      teacher_sampling=None if cfg.teacher_sampling is None else dataclasses.replace(
-          cfg.teacher_sampling, vocab_size=vocab_size))
+    cfg,
+    sampling=dataclasses.replace(cfg.sampling, vocab_size=vocab_size),
+    teacher_sampling=None
+    if cfg.teacher_sampling is None
+    else dataclasses.replace(cfg.teacher_sampling, vocab_size=vocab_size),
+  )
   traces = [0]
   metric_names: list[tuple[str, ...]] = [()]
 
@@ -688,37 +785,55 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
     comp = group_completions(student, teacher, x, run_cfg, hparams)
     comp = jax.tree.map(jax.lax.stop_gradient, comp)
     p = comp["prompt_ids"].shape[1]
-    ids, mask, pos = full_sequence(comp["prompt_ids"], comp["prompt_mask"],
-                                   comp["tokens"], comp["mask"])
+    ids, mask, pos = full_sequence(
+      comp["prompt_ids"], comp["prompt_mask"], comp["tokens"], comp["mask"]
+    )
     n = comp["tokens"].shape[1]
     # Position P-1+i predicts completion token i.
     h_t = w_t = None
     if teacher is not None:
       h_t, _ = teacher.hidden(ids, mask, pos)
-      h_t = jax.lax.stop_gradient(h_t[:, p - 1:p - 1 + n])
+      h_t = jax.lax.stop_gradient(h_t[:, p - 1 : p - 1 + n])
       w_t = jax.lax.stop_gradient(teacher.unembedding())
     weights, z = _unnormalised_weights(comp["mask"], cfg.aggregation, cfg.normalizer)
     metric_mask = (comp["mask"] & comp["on_policy"][:, None]).astype(jnp.float32)
     loss_inputs = losses_lib.row_inputs(
-        cfg.loss, jnp.broadcast_to(comp["on_policy"][:, None], comp["mask"].shape))
+      cfg.loss, jnp.broadcast_to(comp["on_policy"][:, None], comp["mask"].shape)
+    )
 
     def loss_of(params):
       model = nnx.merge(student_graphdef, params)
       h_s, _ = model.hidden(ids, mask, pos)
       return chunked_divergence(
-          h_s[:, p - 1:p - 1 + n], model.unembedding(), h_t, w_t, comp["tokens"],
-          weights, metric_mask, loss_fn=loss_fn, vocab=vocab_size, chunk=cfg.loss_chunk,
-          metrics=cfg.metrics, top_k=cfg.metrics_top_k,
-          position_chunk=cfg.position_chunk, sharder=sharder,
-          chunk_budget_mib=cfg.loss_chunk_budget_mib, loss_inputs=loss_inputs,
-          loss_hparams={k[len("loss."):]: v for k, v in hparams.items()
-                        if k.startswith("loss.")})
+        h_s[:, p - 1 : p - 1 + n],
+        model.unembedding(),
+        h_t,
+        w_t,
+        comp["tokens"],
+        weights,
+        metric_mask,
+        loss_fn=loss_fn,
+        vocab=vocab_size,
+        chunk=cfg.loss_chunk,
+        metrics=cfg.metrics,
+        top_k=cfg.metrics_top_k,
+        position_chunk=cfg.position_chunk,
+        sharder=sharder,
+        chunk_budget_mib=cfg.loss_chunk_budget_mib,
+        loss_inputs=loss_inputs,
+        loss_hparams={k[len("loss.") :]: v for k, v in hparams.items() if k.startswith("loss.")},
+      )
 
     (loss, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     on = comp["on_policy"].astype(jnp.float32)
-    stats = dict(loss=loss, z=z, num_tokens=comp["mask"].sum().astype(jnp.float32),
-                 on=on.sum(), length_on=(comp["lengths"] * on).sum(),
-                 truncated_on=(comp["truncated"] * on).sum())
+    stats = dict(
+      loss=loss,
+      z=z,
+      num_tokens=comp["mask"].sum().astype(jnp.float32),
+      on=on.sum(),
+      length_on=(comp["lengths"] * on).sum(),
+      truncated_on=(comp["truncated"] * on).sum(),
+    )
     if cfg.metrics:
       stats["sums"] = sums
     return grads, stats
@@ -750,28 +865,34 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
 
       shapes = jax.eval_shape(one_group, jax.tree.map(lambda v: v[0], xs))
       zeros = lambda s, dt=None: jnp.zeros(s.shape, dt or s.dtype)
-      carry = (constrain_grads(jax.tree.map(lambda s: zeros(s, jnp.float32), shapes[0])),
-               jax.tree.map(zeros, shapes[1]))
+      carry = (
+        constrain_grads(jax.tree.map(lambda s: zeros(s, jnp.float32), shapes[0])),
+        jax.tree.map(zeros, shapes[1]),
+      )
       (grads, stats), _ = jax.lax.scan(body, carry, xs)
     # Normalise once all rows are in (token / sequence means need the totals).
-    scale = (jnp.ones((), jnp.float32) if cfg.aggregation == "constant"
-             else 1.0 / jnp.maximum(stats["z"], 1.0))
-    grads = jax.tree.map(lambda g, p_: (g.astype(jnp.float32) * scale).astype(p_.dtype),
-                         grads, state.params)
+    scale = (
+      jnp.ones((), jnp.float32)
+      if cfg.aggregation == "constant"
+      else 1.0 / jnp.maximum(stats["z"], 1.0)
+    )
+    grads = jax.tree.map(
+      lambda g, p_: (g.astype(jnp.float32) * scale).astype(p_.dtype), grads, state.params
+    )
     grads = constrain_grads(optim.nonfinite_if(grads, ~jnp.isfinite(stats["loss"])))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     n_on = jnp.maximum(stats["on"], 1.0)
     out = {
-        "loss": stats["loss"] * scale,
-        "grad_norm": optax.tree.norm(grads),
-        "lr": jnp.asarray(schedule(state.step), jnp.float32),
-        "num_tokens": stats["num_tokens"],
-        "mean_response_length": stats["length_on"] / n_on,
-        "truncated_frac": stats["truncated_on"] / n_on,
-        "on_policy_frac": stats["on"] / rows,
-        **optim.nonfinite_metrics(opt_state),   # optim.skip_nonfinite: skipped steps
-        **{f"schedule/{k}": v for k, v in hparams.items()},
+      "loss": stats["loss"] * scale,
+      "grad_norm": optax.tree.norm(grads),
+      "lr": jnp.asarray(schedule(state.step), jnp.float32),
+      "num_tokens": stats["num_tokens"],
+      "mean_response_length": stats["length_on"] / n_on,
+      "truncated_frac": stats["truncated_on"] / n_on,
+      "on_policy_frac": stats["on"] / rows,
+      **optim.nonfinite_metrics(opt_state),  # optim.skip_nonfinite: skipped steps
+      **{f"schedule/{k}": v for k, v in hparams.items()},
     }
     if cfg.metrics:
       # One vector (fast to compile); names are static. See `host_metrics`.
@@ -783,8 +904,10 @@ def make_opd_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransfor
   jit_kwargs = {}
   if sharder.mesh is not None:
     rep = sharder.replicated()
-    jit_kwargs = dict(in_shardings=(state_shardings, teacher_shardings, batch_shardings),
-                      out_shardings=(state_shardings, rep))
+    jit_kwargs = dict(
+      in_shardings=(state_shardings, teacher_shardings, batch_shardings),
+      out_shardings=(state_shardings, rep),
+    )
   jitted = jax.jit(step, donate_argnums=(0,) if donate else (), **jit_kwargs)
   jitted.trace_count = lambda: traces[0]
   jitted.token_metric_names = lambda: metric_names[0]
@@ -803,17 +926,20 @@ def host_metrics(metrics: Mapping[str, Any], token_metric_names=()) -> dict[str,
   return out
 
 
-def optimizer_shardings(tx: optax.GradientTransformation, params, param_shardings,
-                        replicated):
+def optimizer_shardings(tx: optax.GradientTransformation, params, param_shardings, replicated):
   """Shardings of ``tx.init(params)``: moments follow their parameters
   (``optax.tree_map_params``), counters and other state are replicated.
   ``params`` may be abstract (``jax.ShapeDtypeStruct`` s)."""
-  return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params),
-                               param_shardings, transform_non_params=lambda _: replicated)
+  return optax.tree_map_params(
+    tx,
+    lambda _, s: s,
+    jax.eval_shape(tx.init, params),
+    param_shardings,
+    transform_non_params=lambda _: replicated,
+  )
 
 
-def init_train_state(student, tx: optax.GradientTransformation, seed: int,
-                     sharder: Sharder):
+def init_train_state(student, tx: optax.GradientTransformation, seed: int, sharder: Sharder):
   """TrainState for an NNX student plus its sharding tree (for jit).
 
   The optimizer state is created directly on the parameters' shardings
@@ -823,11 +949,13 @@ def init_train_state(student, tx: optax.GradientTransformation, seed: int,
   (``nnx.merge(graphdef, state.params)`` gives the current model).
   """
   from opd_jax.models.factory import param_shardings
+
   params = nnx.state(student, nnx.Param)
   rng = jax.random.PRNGKey(seed)
   if sharder.mesh is None:
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                       opt_state=jax.jit(tx.init)(params), rng=rng)
+    state = TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params), rng=rng
+    )
     return state, None
   rep = sharder.replicated()
   p_shard = param_shardings(params, sharder)
@@ -835,6 +963,10 @@ def init_train_state(student, tx: optax.GradientTransformation, seed: int,
   opt_shard = optimizer_shardings(tx, params, p_shard, rep)
   opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
   shardings = TrainState(step=rep, params=p_shard, opt_state=opt_shard, rng=rep)
-  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
-                     opt_state=opt_state, rng=jax.device_put(rng, rep))
+  state = TrainState(
+    step=jax.device_put(jnp.zeros((), jnp.int32), rep),
+    params=params,
+    opt_state=opt_state,
+    rng=jax.device_put(rng, rep),
+  )
   return state, shardings

@@ -39,6 +39,7 @@ PREPARERS = Registry("preparer")
 @dataclasses.dataclass(frozen=True)
 class Arch:
   """A small Qwen3-style architecture."""
+
   num_layers: int
   hidden_size: int
   num_heads: int = 4
@@ -47,12 +48,21 @@ class Arch:
 
   def model_config(self, vocab_size: int, eos_id: int, pad_id: int) -> ModelConfig:
     return ModelConfig(
-        model_type="qwen3", vocab_size=vocab_size, hidden_size=self.hidden_size,
-        intermediate_size=self.mlp_ratio * self.hidden_size, num_layers=self.num_layers,
-        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-        head_dim=self.hidden_size // self.num_heads, qk_norm=True, rope_theta=10000.0,
-        max_position_embeddings=512, tie_word_embeddings=False,
-        eos_token_ids=(eos_id,), pad_token_id=pad_id)
+      model_type="qwen3",
+      vocab_size=vocab_size,
+      hidden_size=self.hidden_size,
+      intermediate_size=self.mlp_ratio * self.hidden_size,
+      num_layers=self.num_layers,
+      num_heads=self.num_heads,
+      num_kv_heads=self.num_kv_heads,
+      head_dim=self.hidden_size // self.num_heads,
+      qk_norm=True,
+      rope_theta=10000.0,
+      max_position_embeddings=512,
+      tie_word_embeddings=False,
+      eos_token_ids=(eos_id,),
+      pad_token_id=pad_id,
+    )
 
 
 def is_done(path: str) -> bool:
@@ -61,8 +71,10 @@ def is_done(path: str) -> bool:
 
 def ensure_tokenizer(path: str):
   from transformers import AutoTokenizer
+
   if not os.path.exists(os.path.join(path, "tokenizer.json")):
     from opd_jax.tasks.tokenizer import build_tokenizer
+
     build_tokenizer(path)
   return AutoTokenizer.from_pretrained(path)
 
@@ -77,17 +89,26 @@ def ensure_random_model(path: str, arch: Arch, tokenizer, seed: int) -> str:
   return path
 
 
-def ensure_task_data(path: str, *, n: int, seed: int, levels: Sequence[int],
-                     pattern: str = "A", split: str = "train", task: str = "arithmetic",
-                     extra: tuple[int, Sequence[int]] | None = None) -> str:
+def ensure_task_data(
+  path: str,
+  *,
+  n: int,
+  seed: int,
+  levels: Sequence[int],
+  pattern: str = "A",
+  split: str = "train",
+  task: str = "arithmetic",
+  extra: tuple[int, Sequence[int]] | None = None,
+) -> str:
   """``n`` examples over ``levels`` (+ ``extra = (n2, levels2)`` more, mixed
   in at random positions), written once."""
   if not os.path.exists(path):
     t = get_task(task)
     examples = t.generate(n, seed=seed, levels=tuple(levels), pattern=pattern, split=split)
     if extra and extra[0]:
-      more = t.generate(extra[0], seed=seed + 7919, levels=tuple(extra[1]), pattern=pattern,
-                        split=split)
+      more = t.generate(
+        extra[0], seed=seed + 7919, levels=tuple(extra[1]), pattern=pattern, split=split
+      )
       examples += more
       order = np.random.default_rng(seed).permutation(len(examples))
       examples = [examples[i] for i in order]
@@ -95,10 +116,20 @@ def ensure_task_data(path: str, *, n: int, seed: int, levels: Sequence[int],
   return path
 
 
-def sft_config(*, init: str, tokenizer: str, data_file: str, steps: int, lr: float,
-               batch_size: int, max_prompt_len: int, max_new_tokens: int, seed: int = 0,
-               evals: dict[str, Any] | None = None,
-               mesh: dict[str, int] | None = None) -> ml_collections.ConfigDict:
+def sft_config(
+  *,
+  init: str,
+  tokenizer: str,
+  data_file: str,
+  steps: int,
+  lr: float,
+  batch_size: int,
+  max_prompt_len: int,
+  max_new_tokens: int,
+  seed: int = 0,
+  evals: dict[str, Any] | None = None,
+  mesh: dict[str, int] | None = None,
+) -> ml_collections.ConfigDict:
   """Driver config for supervised fine-tuning on dataset completions."""
   c = configs_lib.base_config()
   c.seed = seed
@@ -113,8 +144,16 @@ def sft_config(*, init: str, tokenizer: str, data_file: str, steps: int, lr: flo
   c.off_policy_source = "dataset"
   c.loss = configs_lib.loss_config("sft", chunk=max(8, max_new_tokens // 2))
   c.metrics.enabled = False
-  c.optimizer.update(dict(lr=lr, schedule="cosine", warmup_steps=max(1, steps // 20),
-                          end_lr_factor=0.1, weight_decay=0.01, grad_clip=1.0))
+  c.optimizer.update(
+    dict(
+      lr=lr,
+      schedule="cosine",
+      warmup_steps=max(1, steps // 20),
+      end_lr_factor=0.1,
+      weight_decay=0.01,
+      grad_clip=1.0,
+    )
+  )
   c.total_steps = steps
   c.log_every = max(1, steps // 20)
   c.checkpoint_every = max(1, steps // 2)
@@ -135,8 +174,9 @@ def train_organism(workdir: str, train_fn: TrainFn, config: ml_collections.Confi
   if not is_done(export):
     last = train_fn(config, workdir)
     if last.get("status") != "finished":
-      raise SystemExit(f"organism training in {workdir} stopped ({last.get('status')}); "
-                       "rerun to resume")
+      raise SystemExit(
+        f"organism training in {workdir} stopped ({last.get('status')}); rerun to resume"
+      )
   return export
 
 
@@ -145,15 +185,24 @@ def train_organism(workdir: str, train_fn: TrainFn, config: ml_collections.Confi
 # that knows the easy levels, both trained here in a couple of minutes.
 
 QUICKSTART = dict(
-    levels=(1, 2, 3, 4), easy=(1, 2), hard=(3, 4),
-    teacher=Arch(num_layers=4, hidden_size=128), student=Arch(num_layers=2, hidden_size=64),
-    teacher_steps=400, student_steps=150, teacher_examples=6000, student_examples=2000,
-    max_prompt_len=12, max_new_tokens=48)
+  levels=(1, 2, 3, 4),
+  easy=(1, 2),
+  hard=(3, 4),
+  teacher=Arch(num_layers=4, hidden_size=128),
+  student=Arch(num_layers=2, hidden_size=64),
+  teacher_steps=400,
+  student_steps=150,
+  teacher_examples=6000,
+  student_examples=2000,
+  max_prompt_len=12,
+  max_new_tokens=48,
+)
 
 
 @PREPARERS.register("quickstart")
-def prepare_quickstart(config: ml_collections.ConfigDict, workdir: str,
-                       train_fn: TrainFn) -> ml_collections.ConfigDict:
+def prepare_quickstart(
+  config: ml_collections.ConfigDict, workdir: str, train_fn: TrainFn
+) -> ml_collections.ConfigDict:
   """Makes (or finds) the quickstart's tokenizer, data, teacher and student
   under ``workdir/assets``; returns ``config`` pointed at them (a copy)."""
   q = QUICKSTART
@@ -162,22 +211,58 @@ def prepare_quickstart(config: ml_collections.ConfigDict, workdir: str,
   tok_dir = os.path.join(assets, "tokenizer")
   tokenizer = ensure_tokenizer(tok_dir)
   p, n = q["max_prompt_len"], q["max_new_tokens"]
-  teacher_data = ensure_task_data(os.path.join(assets, "teacher_sft.jsonl"),
-                                  n=q["teacher_examples"], seed=1, levels=q["levels"])
-  student_data = ensure_task_data(os.path.join(assets, "student_sft.jsonl"),
-                                  n=q["student_examples"], seed=2, levels=q["easy"])
-  prompts = ensure_task_data(os.path.join(assets, "opd_prompts.jsonl"),
-                             n=2000, seed=3, levels=q["levels"])
-  evals = {"hard": configs_lib.eval_config(levels="+".join(map(str, q["hard"])),
-                                           num_examples=64, max_new_tokens=n)}
-  teacher = train_organism(os.path.join(assets, "teacher_sft"), train_fn, sft_config(
+  teacher_data = ensure_task_data(
+    os.path.join(assets, "teacher_sft.jsonl"), n=q["teacher_examples"], seed=1, levels=q["levels"]
+  )
+  student_data = ensure_task_data(
+    os.path.join(assets, "student_sft.jsonl"), n=q["student_examples"], seed=2, levels=q["easy"]
+  )
+  prompts = ensure_task_data(
+    os.path.join(assets, "opd_prompts.jsonl"), n=2000, seed=3, levels=q["levels"]
+  )
+  evals = {
+    "hard": configs_lib.eval_config(
+      levels="+".join(map(str, q["hard"])), num_examples=64, max_new_tokens=n
+    )
+  }
+  teacher = train_organism(
+    os.path.join(assets, "teacher_sft"),
+    train_fn,
+    sft_config(
       init=ensure_random_model(os.path.join(assets, "teacher_init"), q["teacher"], tokenizer, 1),
-      tokenizer=tok_dir, data_file=teacher_data, steps=q["teacher_steps"], lr=3e-3,
-      batch_size=32, max_prompt_len=p, max_new_tokens=n, evals=evals))
-  student = train_organism(os.path.join(assets, "student_sft"), train_fn, sft_config(
+      tokenizer=tok_dir,
+      data_file=teacher_data,
+      steps=q["teacher_steps"],
+      lr=3e-3,
+      batch_size=32,
+      max_prompt_len=p,
+      max_new_tokens=n,
+      evals=evals,
+    ),
+  )
+  student = train_organism(
+    os.path.join(assets, "student_sft"),
+    train_fn,
+    sft_config(
       init=ensure_random_model(os.path.join(assets, "student_init"), q["student"], tokenizer, 2),
-      tokenizer=tok_dir, data_file=student_data, steps=q["student_steps"], lr=3e-3,
-      batch_size=32, max_prompt_len=p, max_new_tokens=n, evals=evals))
-  return configs_lib.updated(config, {
-      "student.path": student, "teacher.path": teacher, "tokenizer": tok_dir,
-      "data.train_files": prompts, "data.max_prompt_len": p, "sampling.max_new_tokens": n})
+      tokenizer=tok_dir,
+      data_file=student_data,
+      steps=q["student_steps"],
+      lr=3e-3,
+      batch_size=32,
+      max_prompt_len=p,
+      max_new_tokens=n,
+      evals=evals,
+    ),
+  )
+  return configs_lib.updated(
+    config,
+    {
+      "student.path": student,
+      "teacher.path": teacher,
+      "tokenizer": tok_dir,
+      "data.train_files": prompts,
+      "data.max_prompt_len": p,
+      "sampling.max_new_tokens": n,
+    },
+  )

@@ -31,8 +31,9 @@ class Registry:
   def register(self, name: str | None = None, **info: Any):
     bad = sorted(set(info) - set(self._defaults))
     if bad:
-      raise ValueError(f"{self.kind} registration got unknown fact(s) {bad}; "
-                       f"valid: {sorted(self._defaults)}")
+      raise ValueError(
+        f"{self.kind} registration got unknown fact(s) {bad}; valid: {sorted(self._defaults)}"
+      )
 
     def deco(fn):
       key = name or fn.__name__
@@ -41,6 +42,7 @@ class Registry:
       self._items[key] = fn
       self._info[key] = {**self._defaults, **info}
       return fn
+
     return deco
 
   def info(self, name: str) -> dict[str, Any]:
@@ -56,26 +58,29 @@ class Registry:
 
   def get(self, name: str) -> Callable[..., Any]:
     if name not in self._items:
-      raise ValueError(f"unknown {self.kind} {name!r}; valid {self.kind}s: "
-                       f"{', '.join(self.names())}")
+      raise ValueError(
+        f"unknown {self.kind} {name!r}; valid {self.kind}s: {', '.join(self.names())}"
+      )
     return self._items[name]
 
   def valid_kwargs(self, name: str, exclude: tuple[str, ...] = ()) -> list[str]:
     sig = inspect.signature(self.get(name))
-    return [p.name for p in sig.parameters.values()
-            if p.kind == p.KEYWORD_ONLY and p.name not in exclude]
+    return [
+      p.name for p in sig.parameters.values() if p.kind == p.KEYWORD_ONLY and p.name not in exclude
+    ]
 
-  def check_kwargs(self, name: str, kwargs: Mapping[str, Any],
-                   exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+  def check_kwargs(
+    self, name: str, kwargs: Mapping[str, Any], exclude: tuple[str, ...] = ()
+  ) -> dict[str, Any]:
     valid = self.valid_kwargs(name, exclude)
     bad = sorted(set(kwargs) - set(valid))
     if bad:
-      raise ValueError(f"{self.kind} {name!r} got unknown argument(s) {bad}; "
-                       f"valid: {valid}")
+      raise ValueError(f"{self.kind} {name!r} got unknown argument(s) {bad}; valid: {valid}")
     return dict(kwargs)
 
-  def build(self, name: str, kwargs: Mapping[str, Any] | None = None,
-            exclude: tuple[str, ...] = ()) -> Callable[..., Any]:
+  def build(
+    self, name: str, kwargs: Mapping[str, Any] | None = None, exclude: tuple[str, ...] = ()
+  ) -> Callable[..., Any]:
     """``get(name)`` with keyword-only ``kwargs`` bound (validated)."""
     kwargs = self.check_kwargs(name, kwargs or {}, exclude)
     return functools.partial(self.get(name), **kwargs)

@@ -103,8 +103,10 @@ class SamplingConfig:
     object.__setattr__(self, "top_p", float(self.top_p))
     object.__setattr__(self, "greedy", bool(self.greedy))
     if not self.greedy and not self.temperature > 0:
-      raise ValueError(f"temperature must be > 0 when sampling (use greedy=True for "
-                       f"argmax), got {self.temperature!r}")
+      raise ValueError(
+        f"temperature must be > 0 when sampling (use greedy=True for "
+        f"argmax), got {self.temperature!r}"
+      )
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
     if self.prefix_sum not in PREFIX_SUMS:
@@ -153,13 +155,13 @@ def process_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
   if k == 0 and config.top_p >= 1.0:
     return z
   if k > 0:
-    desc = jax.lax.top_k(z, k)[0]                     # [..., k] descending
+    desc = jax.lax.top_k(z, k)[0]  # [..., k] descending
     z = jnp.where(z >= desc[..., -1:], z, -jnp.inf)
   else:
-    desc = -jnp.sort(-z, axis=-1)                     # [..., V] descending
+    desc = -jnp.sort(-z, axis=-1)  # [..., V] descending
   if config.top_p < 1.0:
     p = jax.nn.softmax(desc, axis=-1)
-    exclusive = jnp.cumsum(p, axis=-1) - p            # mass strictly above
+    exclusive = jnp.cumsum(p, axis=-1) - p  # mass strictly above
     keep = exclusive < config.top_p
     keep = keep.at[..., 0].set(True)
     threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
@@ -183,8 +185,7 @@ def _inclusive_prefix_sum(x: jax.Array, method: str = "matmul") -> jax.Array:
   if method == "cumsum":
     return jnp.cumsum(x, axis=-1)
   n = x.shape[-1]
-  return jnp.matmul(x, jnp.triu(jnp.ones((n, n), x.dtype)),
-                    precision=jax.lax.Precision.HIGHEST)
+  return jnp.matmul(x, jnp.triu(jnp.ones((n, n), x.dtype)), precision=jax.lax.Precision.HIGHEST)
 
 
 def _inverse_cdf(p: jax.Array, u: jax.Array, prefix_sum: str = "matmul") -> jax.Array:
@@ -203,17 +204,18 @@ def _inverse_cdf(p: jax.Array, u: jax.Array, prefix_sum: str = "matmul") -> jax.
   size = int(math.ceil(math.sqrt(v)))
   num = -(-v // size)
   blocks = jnp.pad(p, ((0, 0), (0, num * size - v))).reshape(rows, num, size)
-  mass = jnp.sum(blocks, axis=-1)                                   # [R, nb]
-  upto = _inclusive_prefix_sum(mass, prefix_sum)                              # [R, nb]
+  mass = jnp.sum(blocks, axis=-1)  # [R, nb]
+  upto = _inclusive_prefix_sum(mass, prefix_sum)  # [R, nb]
   target = (1.0 - u.astype(jnp.float32))[:, None] * upto[:, -1:]
   hit = (upto >= target) & (mass > 0)
   block = jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), jnp.argmax(mass, axis=-1))
-  before = jnp.take_along_axis(upto - mass, block[:, None], axis=-1)           # [R, 1]
-  inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]    # [R, size]
+  before = jnp.take_along_axis(upto - mass, block[:, None], axis=-1)  # [R, 1]
+  inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]  # [R, size]
   hit = ((before + _inclusive_prefix_sum(inside, prefix_sum)) >= target) & (inside > 0)
   last = size - 1 - jnp.argmax((inside > 0)[:, ::-1], axis=-1)
-  return (block * size + jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), last)
-          ).astype(jnp.int32)
+  return (block * size + jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), last)).astype(
+    jnp.int32
+  )
 
 
 def sample_token(logits: jax.Array, u: jax.Array, config: SamplingConfig):
@@ -237,10 +239,11 @@ def sample_token(logits: jax.Array, u: jax.Array, config: SamplingConfig):
     return tok, jnp.zeros(tok.shape, jnp.float32), _token_logprob(logits, tok)
   z = process_logits(logits, config)
   top = jnp.max(z, axis=-1, keepdims=True)
-  p = jnp.exp(z - top)                                  # unnormalised, 0 where filtered
+  p = jnp.exp(z - top)  # unnormalised, 0 where filtered
   tok = _inverse_cdf(p, u, config.prefix_sum)
-  lp = (jnp.take_along_axis(z, tok[:, None], axis=-1)[:, 0]
-        - top[:, 0] - jnp.log(jnp.sum(p, axis=-1)))
+  lp = (
+    jnp.take_along_axis(z, tok[:, None], axis=-1)[:, 0] - top[:, 0] - jnp.log(jnp.sum(p, axis=-1))
+  )
   unprocessed = config.temperature == 1.0 and config.top_k == 0 and config.top_p >= 1.0
   return tok, lp, (lp if unprocessed else _token_logprob(logits, tok))
 
@@ -255,8 +258,9 @@ def _check_inputs(model, prompt_ids, prompt_mask, config: SamplingConfig):
   if prompt_ids.ndim != 2:
     raise ValueError(f"prompt_ids must be [B, P], got shape {tuple(prompt_ids.shape)}")
   if tuple(prompt_mask.shape) != tuple(prompt_ids.shape):
-    raise ValueError(f"prompt_mask shape {tuple(prompt_mask.shape)} != prompt_ids shape "
-                     f"{tuple(prompt_ids.shape)}")
+    raise ValueError(
+      f"prompt_mask shape {tuple(prompt_mask.shape)} != prompt_ids shape {tuple(prompt_ids.shape)}"
+    )
   if not jnp.issubdtype(prompt_ids.dtype, jnp.integer):
     raise ValueError(f"prompt_ids must be integers, got {prompt_ids.dtype}")
   if prompt_ids.shape[0] < 1 or prompt_ids.shape[1] < 1:
@@ -265,25 +269,37 @@ def _check_inputs(model, prompt_ids, prompt_mask, config: SamplingConfig):
   p, n = prompt_ids.shape[1], config.max_new_tokens
   if p + n > cfg.max_position_embeddings:
     room = cfg.max_position_embeddings - n
-    hint = (f"prompts may be at most {room} tokens" if room > 0 else
-            "max_new_tokens alone is too large")
+    hint = (
+      f"prompts may be at most {room} tokens" if room > 0 else "max_new_tokens alone is too large"
+    )
     raise ValueError(
-        f"prompt length {p} + max_new_tokens {n} = {p + n} exceeds the model's "
-        f"max_position_embeddings {cfg.max_position_embeddings}; {hint}")
+      f"prompt length {p} + max_new_tokens {n} = {p + n} exceeds the model's "
+      f"max_position_embeddings {cfg.max_position_embeddings}; {hint}"
+    )
   bad = [t for t in (config.pad_id,) + config.eos_ids if t >= cfg.vocab_size]
   if bad:
     raise ValueError(f"pad_id / eos_ids {bad} out of range for vocab_size {cfg.vocab_size}")
   if config.vocab_size > cfg.padded_vocab_size:
-    raise ValueError(f"SamplingConfig.vocab_size {config.vocab_size} > the model's "
-                     f"{cfg.padded_vocab_size} logits")
+    raise ValueError(
+      f"SamplingConfig.vocab_size {config.vocab_size} > the model's {cfg.padded_vocab_size} logits"
+    )
   unreachable = [t for t in config.eos_ids if config.vocab_size and t >= config.vocab_size]
   if unreachable:
-    raise ValueError(f"eos_ids {unreachable} can never be sampled with "
-                     f"SamplingConfig.vocab_size={config.vocab_size}")
+    raise ValueError(
+      f"eos_ids {unreachable} can never be sampled with "
+      f"SamplingConfig.vocab_size={config.vocab_size}"
+    )
 
 
-def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array | None,
-           config: SamplingConfig, *, uniforms: jax.Array | None = None) -> SampleOutput:
+def sample(
+  model: Any,
+  prompt_ids: jax.Array,
+  prompt_mask: jax.Array,
+  rng: jax.Array | None,
+  config: SamplingConfig,
+  *,
+  uniforms: jax.Array | None = None,
+) -> SampleOutput:
   """Samples ``config.num_samples`` completions per left-padded prompt.
 
   Args:
@@ -315,7 +331,7 @@ def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.A
   ids = sh.constrain(ids, (_BATCH, None))
   pmask = sh.constrain(pmask, (_BATCH, None))
   rows, p = ids.shape
-  prompt_len = sh.constrain(jnp.sum(pmask, axis=-1), (_BATCH,))     # [R]
+  prompt_len = sh.constrain(jnp.sum(pmask, axis=-1), (_BATCH,))  # [R]
 
   def is_eos(tok):
     if not config.eos_ids:
@@ -326,7 +342,7 @@ def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.A
   # kept (left padding puts every row's last real token there).
   cache = model.init_cache(rows, p + n_new)
   h, cache = model.hidden(ids, pmask.astype(jnp.bool_), positions_from_mask(pmask), cache)
-  h = sh.constrain(h[:, -1], (_BATCH, "activation_embed"))             # [R, D]
+  h = sh.constrain(h[:, -1], (_BATCH, "activation_embed"))  # [R, D]
 
   def buf(dtype, fill):
     return sh.constrain(jnp.full((rows, n_new), fill, dtype), (_BATCH, None))
@@ -336,8 +352,9 @@ def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.A
       raise ValueError("sample needs rng or uniforms")
     uniforms = jax.random.uniform(rng, (n_new, rows), jnp.float32)
   elif tuple(uniforms.shape) != (n_new, rows):
-    raise ValueError(f"uniforms must be [max_new_tokens, rows] = {(n_new, rows)}, got "
-                     f"{tuple(uniforms.shape)}")
+    raise ValueError(
+      f"uniforms must be [max_new_tokens, rows] = {(n_new, rows)}, got {tuple(uniforms.shape)}"
+    )
   uniforms = sh.constrain(uniforms.astype(jnp.float32), (None, _BATCH))
 
   def emit(step, h, done, lengths, tokens, logprobs, logprobs_t1):
@@ -348,9 +365,16 @@ def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.A
     live = ~done
     tok = sh.constrain(jnp.where(live, tok, pad), (_BATCH,))
     col = lambda buf, x: sh.constrain(
-        jax.lax.dynamic_update_slice(buf, x[:, None], (0, step)), (_BATCH, None))
-    return (tok, done | is_eos(tok), lengths + live.astype(jnp.int32), col(tokens, tok),
-            col(logprobs, jnp.where(live, lp, 0.0)), col(logprobs_t1, jnp.where(live, lp1, 0.0)))
+      jax.lax.dynamic_update_slice(buf, x[:, None], (0, step)), (_BATCH, None)
+    )
+    return (
+      tok,
+      done | is_eos(tok),
+      lengths + live.astype(jnp.int32),
+      col(tokens, tok),
+      col(logprobs, jnp.where(live, lp, 0.0)),
+      col(logprobs_t1, jnp.where(live, lp1, 0.0)),
+    )
 
   # Token 0 comes from the prefill; every loop iteration first runs the
   # previous token through the cache (slot P + step - 1, position
@@ -358,8 +382,15 @@ def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.A
   # last token, and the body has no conditional.
   done = sh.constrain(jnp.zeros((rows,), jnp.bool_), (_BATCH,))
   lengths = sh.constrain(jnp.zeros((rows,), jnp.int32), (_BATCH,))
-  tok, *rest = emit(jnp.int32(0), h, done, lengths, buf(jnp.int32, config.pad_id),
-                    buf(jnp.float32, 0.0), buf(jnp.float32, 0.0))
+  tok, *rest = emit(
+    jnp.int32(0),
+    h,
+    done,
+    lengths,
+    buf(jnp.int32, config.pad_id),
+    buf(jnp.float32, 0.0),
+    buf(jnp.float32, 0.0),
+  )
   state = (jnp.int32(1), cache, tok, *rest)
 
   def cond(state):
@@ -377,9 +408,16 @@ def sample(model: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.A
   steps, _, _, done, lengths, tokens, logprobs, logprobs_t1 = state
   mask = (jnp.arange(n_new)[None, :] < lengths[:, None]).astype(jnp.int32)
   return SampleOutput(
-      tokens=tokens, logprobs=logprobs, logprobs_t1=logprobs_t1,
-      mask=sh.constrain(mask, (_BATCH, None)), lengths=lengths, truncated=~done,
-      prompt_ids=ids, prompt_mask=pmask, steps=steps)
+    tokens=tokens,
+    logprobs=logprobs,
+    logprobs_t1=logprobs_t1,
+    mask=sh.constrain(mask, (_BATCH, None)),
+    lengths=lengths,
+    truncated=~done,
+    prompt_ids=ids,
+    prompt_mask=pmask,
+    steps=steps,
+  )
 
 
 def full_sequence(prompt_ids, prompt_mask, tokens, mask):

@@ -34,6 +34,7 @@ KINDS = ("constant", "linear", "cosine", "step")
 @dataclasses.dataclass(frozen=True)
 class Schedule:
   """One parsed schedule (hashable: it is part of the static step config)."""
+
   kind: str
   values: tuple[float, ...]
   steps: tuple[int, ...] = ()
@@ -42,16 +43,20 @@ class Schedule:
     if self.kind not in KINDS:
       raise ValueError(f"unknown schedule kind {self.kind!r}; valid: {list(KINDS)}")
     n_v, n_s = len(self.values), len(self.steps)
-    ok = {"constant": n_v == 1 and n_s == 0,
-          "linear": n_v == 2 and n_s == 2, "cosine": n_v == 2 and n_s == 2,
-          "step": n_v >= 1 and n_s == n_v - 1}[self.kind]
+    ok = {
+      "constant": n_v == 1 and n_s == 0,
+      "linear": n_v == 2 and n_s == 2,
+      "cosine": n_v == 2 and n_s == 2,
+      "step": n_v >= 1 and n_s == n_v - 1,
+    }[self.kind]
     if not ok:
-      raise ValueError(f"schedule {self.kind!r} got {n_v} value(s) and {n_s} step(s); "
-                       "see opd_jax.schedules for the forms")
+      raise ValueError(
+        f"schedule {self.kind!r} got {n_v} value(s) and {n_s} step(s); "
+        "see opd_jax.schedules for the forms"
+      )
     if not all(math.isfinite(v) for v in self.values):
       raise ValueError(f"schedule values must be finite, got {self.values}")
-    if any(b <= a for a, b in zip(self.steps, self.steps[1:])) or any(
-        s < 0 for s in self.steps):
+    if any(b <= a for a, b in zip(self.steps, self.steps[1:])) or any(s < 0 for s in self.steps):
       raise ValueError(f"schedule steps must be increasing and >= 0, got {self.steps}")
 
 
@@ -105,8 +110,7 @@ def value(schedule: Schedule, step) -> jnp.ndarray:
   frac = jnp.clip((t - s0) / (s1 - s0), 0.0, 1.0)
   if schedule.kind == "cosine":
     frac = 0.5 * (1.0 - jnp.cos(jnp.pi * frac))
-  return (jnp.float32(v[0]) + (jnp.float32(v[1]) - jnp.float32(v[0])) * frac).astype(
-      jnp.float32)
+  return (jnp.float32(v[0]) + (jnp.float32(v[1]) - jnp.float32(v[0])) * frac).astype(jnp.float32)
 
 
 def host_value(schedule: Schedule, step: int) -> float:

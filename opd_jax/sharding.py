@@ -29,26 +29,26 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # parallelism the heads / mlp / vocab dims. Activations: batch over data+fsdp,
 # the model-parallel dims over tensor.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("norm", None),
-    ("layers", None),
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_heads", "tensor"),
-    ("activation_kv_heads", "tensor"),
-    ("activation_mlp", "tensor"),
-    ("activation_vocab", "tensor"),
-    ("cache_layers", None),
-    ("cache_batch", ("data", "fsdp")),
-    ("cache_length", None),
-    ("cache_kv_heads", "tensor"),
-    ("cache_head_dim", None),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("mlp", "tensor"),
+  ("norm", None),
+  ("layers", None),
+  ("activation_batch", ("data", "fsdp")),
+  ("activation_length", None),
+  ("activation_embed", None),
+  ("activation_heads", "tensor"),
+  ("activation_kv_heads", "tensor"),
+  ("activation_mlp", "tensor"),
+  ("activation_vocab", "tensor"),
+  ("cache_layers", None),
+  ("cache_batch", ("data", "fsdp")),
+  ("cache_length", None),
+  ("cache_kv_heads", "tensor"),
+  ("cache_head_dim", None),
 )
 
 
@@ -60,9 +60,11 @@ def _as_tuple(axes: Any) -> tuple[str, ...]:
   return tuple(axes)
 
 
-def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
-              axis_names: Sequence[str] = MESH_AXES,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  shape: Mapping[str, int] | Sequence[int] | None = None,
+  axis_names: Sequence[str] = MESH_AXES,
+  devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
   """Builds a mesh over ``devices`` (default: all devices).
 
   ``shape`` maps axis name -> size; one size may be -1 (fill with the rest).
@@ -86,8 +88,8 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
     raise ValueError(
-        f"mesh {dict(zip(axis_names, sizes))} needs {math.prod(sizes)} devices, "
-        f"have {len(devices)}")
+      f"mesh {dict(zip(axis_names, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}"
+    )
   try:
     grid = jax.experimental.mesh_utils.create_device_mesh(sizes, devices)
   except Exception:  # odd topologies / CPU: plain reshape
@@ -103,12 +105,18 @@ class Sharder:
   rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
 
   def __post_init__(self):
-    object.__setattr__(self, "rules", tuple(
-        (str(k), _as_tuple(v) or None) for k, v in
-        (self.rules.items() if isinstance(self.rules, Mapping) else self.rules)))
+    object.__setattr__(
+      self,
+      "rules",
+      tuple(
+        (str(k), _as_tuple(v) or None)
+        for k, v in (self.rules.items() if isinstance(self.rules, Mapping) else self.rules)
+      ),
+    )
 
-  def spec(self, logical_axes: Sequence[str | None],
-           shape: Sequence[int] | None = None) -> PartitionSpec:
+  def spec(
+    self, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None
+  ) -> PartitionSpec:
     """PartitionSpec for ``logical_axes``; drops mesh axes that do not divide
     ``shape`` or that an earlier dimension already uses."""
     table = dict(self.rules)
@@ -130,8 +138,9 @@ class Sharder:
       out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*out)
 
-  def named(self, logical_axes: Sequence[str | None],
-            shape: Sequence[int] | None = None) -> NamedSharding | None:
+  def named(
+    self, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None
+  ) -> NamedSharding | None:
     if self.mesh is None:
       return None
     return NamedSharding(self.mesh, self.spec(logical_axes, shape))
@@ -148,8 +157,9 @@ class Sharder:
     if self.mesh is None:
       return x
     if len(logical_axes) != x.ndim:
-      raise ValueError(f"{len(logical_axes)} logical axes {tuple(logical_axes)} "
-                       f"for an array of rank {x.ndim}")
+      raise ValueError(
+        f"{len(logical_axes)} logical axes {tuple(logical_axes)} for an array of rank {x.ndim}"
+      )
     return jax.lax.with_sharding_constraint(x, self.named(logical_axes, x.shape))
 
   def tree_shardings(self, tree: Any) -> Any:

@@ -10,8 +10,9 @@ import os
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "opd_jax_test_jax_cache"))
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "opd_jax_test_jax_cache")
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
 
 import jax  # noqa: E402
@@ -25,8 +26,7 @@ import pytest  # noqa: E402
 # extra installs a CPU torch; where none exists (CI's Python 3.12 leg) .ci/run
 # sets OPD_SKIP_TORCH_TESTS=1 and deselects them with -m "not torch", out loud.
 TORCH_MODULES = ("test_hf_io.py",)
-TORCH_TESTS = ("test_greedy_matches_hf_generate",
-               "test_process_logits_matches_hf_warpers")
+TORCH_TESTS = ("test_greedy_matches_hf_generate", "test_process_logits_matches_hf_warpers")
 collect_ignore = list(TORCH_MODULES) if os.environ.get("OPD_SKIP_TORCH_TESTS") == "1" else []
 
 
@@ -39,5 +39,6 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: slower end-to-end tests (still run in CI)")
   config.addinivalue_line(
-      "markers", "torch: parity tests against transformers' PyTorch models (need the "
-      "test extra's CPU torch)")
+    "markers",
+    "torch: parity tests against transformers' PyTorch models (need the test extra's CPU torch)",
+  )

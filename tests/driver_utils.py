@@ -41,8 +41,15 @@ PYTHON = sys.executable
 PROC_TIMEOUT_S = 300
 
 # Keys every logged training step carries.
-REQUIRED_STEP_KEYS = ("step", "loss", "grad_norm", "lr", "tokens_per_sec",
-                      "mean_response_length", "truncated_frac")
+REQUIRED_STEP_KEYS = (
+  "step",
+  "loss",
+  "grad_norm",
+  "lr",
+  "tokens_per_sec",
+  "mean_response_length",
+  "truncated_frac",
+)
 # Wall-clock metrics: excluded from equality checks between runs.
 TIMING_KEYS = ("step_time_s", "tokens_per_sec", "compile_time_s", "mfu")
 
@@ -51,11 +58,30 @@ REF_DEVICES = 2
 REF_STEPS = 6
 
 __all__ = [
-    "REPO", "PYTHON", "PROC_TIMEOUT_S", "REQUIRED_STEP_KEYS", "TIMING_KEYS",
-    "REF_DEVICES", "REF_STEPS", "Proc", "assets", "build_assets", "tiny_config",
-    "write_config_file", "driver_env", "start_driver", "free_port", "read_metrics",
-    "step_records", "assert_same_metrics", "max_rel_diff", "wait_for_step",
-    "checkpoint_steps", "last_json_line", "reference_run", "reference_command",
+  "REPO",
+  "PYTHON",
+  "PROC_TIMEOUT_S",
+  "REQUIRED_STEP_KEYS",
+  "TIMING_KEYS",
+  "REF_DEVICES",
+  "REF_STEPS",
+  "Proc",
+  "assets",
+  "build_assets",
+  "tiny_config",
+  "write_config_file",
+  "driver_env",
+  "start_driver",
+  "free_port",
+  "read_metrics",
+  "step_records",
+  "assert_same_metrics",
+  "max_rel_diff",
+  "wait_for_step",
+  "checkpoint_steps",
+  "last_json_line",
+  "reference_run",
+  "reference_command",
 ]
 
 
@@ -70,13 +96,14 @@ def build_assets(root: str) -> dict[str, str]:
   tok_dir = os.path.join(root, "tokenizer")
   tokenizer = organisms.ensure_tokenizer(tok_dir)
   student = organisms.ensure_random_model(
-      os.path.join(root, "student"), organisms.Arch(num_layers=1, hidden_size=32),
-      tokenizer, seed=1)
+    os.path.join(root, "student"), organisms.Arch(num_layers=1, hidden_size=32), tokenizer, seed=1
+  )
   teacher = organisms.ensure_random_model(
-      os.path.join(root, "teacher"), organisms.Arch(num_layers=2, hidden_size=32),
-      tokenizer, seed=2)
-  prompts = organisms.ensure_task_data(os.path.join(root, "prompts.jsonl"), n=64, seed=3,
-                                       levels=(1, 2))
+    os.path.join(root, "teacher"), organisms.Arch(num_layers=2, hidden_size=32), tokenizer, seed=2
+  )
+  prompts = organisms.ensure_task_data(
+    os.path.join(root, "prompts.jsonl"), n=64, seed=3, levels=(1, 2)
+  )
   with open(prompts) as f:
     lines = f.readlines()
   # The same records with one malformed line (line 3): with on_error=skip it
@@ -84,8 +111,15 @@ def build_assets(root: str) -> dict[str, str]:
   bad = os.path.join(root, "prompts_malformed.jsonl")
   with open(bad, "w") as f:
     f.writelines(lines[:2] + ['{"prompt": "1+1=", "answer": \n'] + lines[2:])
-  return dict(root=root, tokenizer=tok_dir, student=student, teacher=teacher,
-              prompts=prompts, prompts_malformed=bad, malformed_line=f"{bad}:3")
+  return dict(
+    root=root,
+    tokenizer=tok_dir,
+    student=student,
+    teacher=teacher,
+    prompts=prompts,
+    prompts_malformed=bad,
+    malformed_line=f"{bad}:3",
+  )
 
 
 # Persistent compilation cache shared by the driver subprocesses of a session
@@ -115,6 +149,7 @@ def tiny_config(assets: dict[str, str], **overrides: Any):
   ``**{"loss.beta": 0.5}``); unknown keys are an error.
   """
   from opd_jax import configs_lib
+
   c = configs_lib.base_config()
   c.student.path = assets["student"]
   c.teacher.path = assets["teacher"]
@@ -193,17 +228,20 @@ def driver_env(num_devices: int = 1, **extra: str) -> dict[str, str]:
   """Environment of a CPU driver subprocess with ``num_devices`` devices."""
   env = dict(os.environ)
   env["JAX_PLATFORMS"] = "cpu"
-  flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
-                 env.get("XLA_FLAGS", "")).split()
+  flags = re.sub(
+    r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")
+  ).split()
   if num_devices > 1:
     flags.append(f"--xla_force_host_platform_device_count={num_devices}")
   env["XLA_FLAGS"] = " ".join(flags)
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH", "")]))
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if COMPILE_CACHE_DIR:
-    env.update(JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE_DIR,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE_DIR,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    )
   env.update(extra)
   return env
 
@@ -213,14 +251,24 @@ class Proc:
 
   live: list["Proc"] = []
 
-  def __init__(self, args: list[str], log: str, env: dict[str, str] | None = None,
-               timeout: float = PROC_TIMEOUT_S):
+  def __init__(
+    self,
+    args: list[str],
+    log: str,
+    env: dict[str, str] | None = None,
+    timeout: float = PROC_TIMEOUT_S,
+  ):
     self.args, self.log, self.timeout = list(args), log, timeout
     self.t0 = time.time()
     self._f = open(log, "w")
-    self.popen = subprocess.Popen(args, cwd=REPO, env=env or driver_env(),
-                                  stdout=self._f, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+    self.popen = subprocess.Popen(
+      args,
+      cwd=REPO,
+      env=env or driver_env(),
+      stdout=self._f,
+      stderr=subprocess.STDOUT,
+      start_new_session=True,
+    )
     Proc.live.append(self)
 
   @property
@@ -249,7 +297,8 @@ class Proc:
     except subprocess.TimeoutExpired:
       self.kill()
       raise AssertionError(
-          f"timed out after {self.timeout:.0f} s: {' '.join(self.args)}\n{self.output()}")
+        f"timed out after {self.timeout:.0f} s: {' '.join(self.args)}\n{self.output()}"
+      )
     self._close()
     return rc, self.output()
 
@@ -276,10 +325,17 @@ class Proc:
       p.kill()
 
 
-def start_driver(config_file: str, workdir: str, *flags: str, num_devices: int = 1,
-                 pause_at: tuple[int, ...] = (), go_file: str = "", log: str | None = None,
-                 env_extra: dict[str, str] | None = None,
-                 timeout: float = PROC_TIMEOUT_S) -> Proc:
+def start_driver(
+  config_file: str,
+  workdir: str,
+  *flags: str,
+  num_devices: int = 1,
+  pause_at: tuple[int, ...] = (),
+  go_file: str = "",
+  log: str | None = None,
+  env_extra: dict[str, str] | None = None,
+  timeout: float = PROC_TIMEOUT_S,
+) -> Proc:
   """``python -m opd_jax.train --config=FILE --workdir=DIR FLAGS`` in the
   background (``pause_at``: through the pausing shim, see ``_PAUSE_SHIM``)."""
   os.makedirs(workdir, exist_ok=True)
@@ -340,15 +396,17 @@ def max_rel_diff(a: dict[str, Any], b: dict[str, Any], keys) -> float:
   return out
 
 
-def assert_same_metrics(got: dict[int, dict], want: dict[int, dict], steps, *,
-                        keys=None, rtol: float = 0.0):
+def assert_same_metrics(
+  got: dict[int, dict], want: dict[int, dict], steps, *, keys=None, rtol: float = 0.0
+):
   """Per-step equality (bitwise with ``rtol=0``) of metric records; ``keys``
   defaults to every non-timing training metric."""
   diffs = []
   for s in steps:
     assert s in got and s in want, f"step {s} missing: got {sorted(got)}, want {sorted(want)}"
-    names = keys or sorted(k for k in want[s] if k not in TIMING_KEYS and k != "step"
-                           and not k.startswith("eval/"))
+    names = keys or sorted(
+      k for k in want[s] if k not in TIMING_KEYS and k != "step" and not k.startswith("eval/")
+    )
     assert set(names) <= set(got[s]), f"step {s}: keys {set(names) - set(got[s])} missing"
     for k in names:
       x, y = got[s][k], want[s][k]
@@ -357,8 +415,11 @@ def assert_same_metrics(got: dict[int, dict], want: dict[int, dict], steps, *,
       rel = abs(x - y) / max(abs(x), abs(y), 1e-30)
       if rel > rtol:
         diffs.append((s, k, x, y, rel))
-  assert not diffs, "metrics differ (step, key, got, want, rel):\n" + "\n".join(
-      map(str, diffs[:40])) + f"\nmax rel diff {max(d[-1] for d in diffs):.3g}"
+  assert not diffs, (
+    "metrics differ (step, key, got, want, rel):\n"
+    + "\n".join(map(str, diffs[:40]))
+    + f"\nmax rel diff {max(d[-1] for d in diffs):.3g}"
+  )
 
 
 def wait_for_step(workdir: str, step: int, proc: Proc, timeout: float = PROC_TIMEOUT_S):
@@ -369,8 +430,9 @@ def wait_for_step(workdir: str, step: int, proc: Proc, timeout: float = PROC_TIM
     if recs and max(recs) >= step:
       return max(recs)
     if proc.poll() is not None:
-      raise AssertionError(f"run exited ({proc.poll()}) before step {step}:\n"
-                           f"{proc.output()[-6000:]}")
+      raise AssertionError(
+        f"run exited ({proc.poll()}) before step {step}:\n{proc.output()[-6000:]}"
+      )
     time.sleep(0.05)
   proc.kill()
   raise AssertionError(f"step {step} not reached in {timeout} s:\n{proc.output()[-6000:]}")
@@ -413,8 +475,7 @@ class _Reference:
     self.root = root
     self.workdir = os.path.join(root, "reference")
     self.config_file, self.flags = reference_command(assets, root)
-    self.proc = start_driver(self.config_file, self.workdir, *self.flags,
-                             num_devices=REF_DEVICES)
+    self.proc = start_driver(self.config_file, self.workdir, *self.flags, num_devices=REF_DEVICES)
     self._lock = threading.Lock()
     self._records = None
 

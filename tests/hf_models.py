@@ -20,20 +20,20 @@ import numpy as np
 FAMILIES = ("llama", "llama3", "qwen2", "qwen3")
 
 _COMMON = dict(
-    vocab_size=97,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-6,
-    hidden_act="silu",
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
+  vocab_size=97,
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=8,
+  max_position_embeddings=256,
+  rms_norm_eps=1e-6,
+  hidden_act="silu",
+  tie_word_embeddings=False,
+  bos_token_id=1,
+  eos_token_id=2,
+  pad_token_id=0,
 )
 
 
@@ -50,20 +50,43 @@ def tiny_hf_config(family: str, **overrides: Any) -> dict[str, Any]:
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
   cfg: dict[str, Any] = dict(_COMMON)
   if family == "llama":
-    cfg.update(model_type="llama", architectures=["LlamaForCausalLM"],
-               rope_theta=10000.0, attention_bias=False, mlp_bias=False)
+    cfg.update(
+      model_type="llama",
+      architectures=["LlamaForCausalLM"],
+      rope_theta=10000.0,
+      attention_bias=False,
+      mlp_bias=False,
+    )
   elif family == "llama3":
-    cfg.update(model_type="llama", architectures=["LlamaForCausalLM"],
-               rope_theta=10000.0, attention_bias=False, mlp_bias=False,
-               rope_scaling={"rope_type": "llama3", "factor": 8.0,
-                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                             "original_max_position_embeddings": 16})
+    cfg.update(
+      model_type="llama",
+      architectures=["LlamaForCausalLM"],
+      rope_theta=10000.0,
+      attention_bias=False,
+      mlp_bias=False,
+      rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+      },
+    )
   elif family == "qwen2":
-    cfg.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"],
-               rope_theta=1000000.0, use_sliding_window=False)
+    cfg.update(
+      model_type="qwen2",
+      architectures=["Qwen2ForCausalLM"],
+      rope_theta=1000000.0,
+      use_sliding_window=False,
+    )
   elif family == "qwen3":
-    cfg.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"],
-               rope_theta=1000000.0, attention_bias=False, use_sliding_window=False)
+    cfg.update(
+      model_type="qwen3",
+      architectures=["Qwen3ForCausalLM"],
+      rope_theta=1000000.0,
+      attention_bias=False,
+      use_sliding_window=False,
+    )
   cfg.update(overrides)
   return cfg
 
@@ -82,7 +105,8 @@ def make_hf_model(family: str, seed: int = 0, **overrides: Any):
   config = transformers.AutoConfig.for_model(cfg_dict["model_type"], **kwargs)
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_config(
-      config, dtype=torch.float32, attn_implementation="eager")
+    config, dtype=torch.float32, attn_implementation="eager"
+  )
   gen = torch.Generator().manual_seed(seed + 1)
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -99,9 +123,13 @@ def make_hf_model(family: str, seed: int = 0, **overrides: Any):
   return model
 
 
-def save_random_hf_model(path: str | os.PathLike, family: str, seed: int = 0,
-                         max_shard_size: str | int | None = None,
-                         **overrides: Any) -> str:
+def save_random_hf_model(
+  path: str | os.PathLike,
+  family: str,
+  seed: int = 0,
+  max_shard_size: str | int | None = None,
+  **overrides: Any,
+) -> str:
   """Saves a random tiny HF checkpoint (float32 safetensors) to ``path``.
 
   ``max_shard_size`` (e.g. ``"20KB"``) forces a sharded checkpoint with a
@@ -131,30 +159,34 @@ def hf_logits(path_or_model, input_ids, attention_mask=None) -> np.ndarray:
 
   if isinstance(path_or_model, (str, os.PathLike)):
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path_or_model), dtype=torch.float32, attn_implementation="eager")
+      str(path_or_model), dtype=torch.float32, attn_implementation="eager"
+    )
   else:
     model = path_or_model
   model.eval()
   ids = np.asarray(input_ids)
   mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
   with torch.no_grad():
-    out = model(input_ids=torch.as_tensor(ids, dtype=torch.long),
-                attention_mask=torch.as_tensor(mask, dtype=torch.long),
-                position_ids=torch.as_tensor(hf_position_ids(mask), dtype=torch.long),
-                use_cache=False)
+    out = model(
+      input_ids=torch.as_tensor(ids, dtype=torch.long),
+      attention_mask=torch.as_tensor(mask, dtype=torch.long),
+      position_ids=torch.as_tensor(hf_position_ids(mask), dtype=torch.long),
+      use_cache=False,
+    )
   return out.logits.float().numpy()
 
 
-def left_padded_batch(vocab_size: int = 97, lengths=(7, 4, 9), seed: int = 0,
-                      pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def left_padded_batch(
+  vocab_size: int = 97, lengths=(7, 4, 9), seed: int = 0, pad_id: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
   """A left-padded batch: (input_ids int32 ``[B, T]``, mask int32 ``[B, T]``)."""
   rng = np.random.default_rng(seed)
   t = max(lengths)
   ids = np.full((len(lengths), t), pad_id, np.int32)
   mask = np.zeros((len(lengths), t), np.int32)
   for i, n in enumerate(lengths):
-    ids[i, t - n:] = rng.integers(3, vocab_size, size=n)
-    mask[i, t - n:] = 1
+    ids[i, t - n :] = rng.integers(3, vocab_size, size=n)
+    mask[i, t - n :] = 1
   return ids, mask
 
 
@@ -186,8 +218,7 @@ def perturb_params(model, seed: int = 0):
       val = noise / np.sqrt(hidden)
     return var.replace(jax.device_put(val.astype(old.dtype), old.sharding))
 
-  new = jax.tree_util.tree_map_with_path(
-      one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  new = jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   nnx.update(model, new)
   return model
 
@@ -209,8 +240,11 @@ def random_model(cfg, seed: int = 0, sharder=None):
   graphdef, abs_state = nnx.split(abstract_model(cfg, sharder))
   shardings = param_shardings(abs_state, sharder) if sharder.mesh is not None else None
   is_var = lambda x: isinstance(x, nnx.Variable)
-  flat_sh = {} if shardings is None else dict(
-      jax.tree_util.tree_flatten_with_path(shardings, is_leaf=is_var)[0])
+  flat_sh = (
+    {}
+    if shardings is None
+    else dict(jax.tree_util.tree_flatten_with_path(shardings, is_leaf=is_var)[0])
+  )
 
   def zeros(path, var):
     v = var.get_value()

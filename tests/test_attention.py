@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from hf_models import left_padded_batch, random_model, tiny_hf_config
+
 from opd_jax import configs_lib
 from opd_jax.models import attention as A
 from opd_jax.models.config import ModelConfig
@@ -32,15 +32,15 @@ def _inputs(t, s, q_start, dt, b=3, kh=2, g=3, dh=16, seed=0):
   first = jnp.asarray([5, 0, 40])[:b]
   valid = (jnp.arange(s)[None] >= first[:, None]) & (jnp.arange(s)[None] < q_start + t)
   q_slot = q_start + jnp.arange(t)
-  rows = np.asarray(A.allowed(q_slot, valid, jnp.arange(s)).any(-1))     # [B, T]
+  rows = np.asarray(A.allowed(q_slot, valid, jnp.arange(s)).any(-1))  # [B, T]
   return qg, keys, values, valid, q_slot, rows
 
 
 def _impl(name, block_q=16, block_k=32):
-  cfg = types.SimpleNamespace(attention=name, attention_block=block_q,
-                              attention_key_block=block_k)
+  cfg = types.SimpleNamespace(attention=name, attention_block=block_q, attention_key_block=block_k)
   return lambda qg, k, v, valid, q_slot, dt, aligned: A.attend_many(
-      cfg, qg, k, v, valid, q_slot, dt, aligned)
+    cfg, qg, k, v, valid, q_slot, dt, aligned
+  )
 
 
 def _value_and_grads(fn, qg, keys, values, rows):
@@ -79,7 +79,7 @@ def test_matches_dense(impl, dtype, case):
   for g, r in zip(grads, ref_grads):
     assert g.dtype == dt
     assert _rel(g, r) < tol * 2
-  if dtype == "bfloat16":     # no worse than the bf16 dense path, up to rounding
+  if dtype == "bfloat16":  # no worse than the bf16 dense path, up to rounding
     dense_bf16 = A.dense(qg, keys, values, valid, q_slot, dt)
     assert _rel(out, ref, rows) < 2 * _rel(dense_bf16, ref, rows) + 1e-3
   # Fully masked rows (row 2's first queries) stay finite, values and grads.
@@ -97,7 +97,8 @@ def test_blockwise_block_shapes(blocks):
   fn = lambda q, k, v: A.blockwise(q, k, v, valid, q_slot, jnp.float32, *blocks)
   out, grads = _value_and_grads(fn, qg, keys, values, rows)
   ref, ref_grads = _value_and_grads(
-      lambda q, k, v: A.dense(q, k, v, valid, q_slot, jnp.float32), qg, keys, values, rows)
+    lambda q, k, v: A.dense(q, k, v, valid, q_slot, jnp.float32), qg, keys, values, rows
+  )
   assert _rel(out, ref, rows) < 1e-5
   for g, r in zip(grads, ref_grads):
     assert _rel(g, r) < 2e-5
@@ -107,6 +108,7 @@ def test_blockwise_block_shapes(blocks):
 def test_pallas_tpu_interpret_matches_dense():
   """The Pallas TPU kernel in TPU interpret mode (on CPU); a clear error without."""
   import jax.experimental.pallas.tpu as pltpu
+
   t, s, _ = CASES["train"]
   qg, keys, values, valid, q_slot, rows = _inputs(t, s, 0, jnp.float32, b=2)
   fn = lambda q, k, v: _impl("pallas_tpu")(q, k, v, valid, q_slot, jnp.float32, True)
@@ -116,7 +118,8 @@ def test_pallas_tpu_interpret_matches_dense():
   with pltpu.force_tpu_interpret_mode():
     out, grads = _value_and_grads(fn, qg, keys, values, rows)
   ref, ref_grads = _value_and_grads(
-      lambda q, k, v: A.dense(q, k, v, valid, q_slot, jnp.float32), qg, keys, values, rows)
+    lambda q, k, v: A.dense(q, k, v, valid, q_slot, jnp.float32), qg, keys, values, rows
+  )
   assert _rel(out, ref, rows) < 1e-5
   for g, r in zip(grads, ref_grads):
     assert _rel(g, r) < 2e-5
@@ -143,9 +146,12 @@ def test_model_logits_and_param_grads_match_dense(family, dtype):
   """Tiny blocks (4 x 8) so the blockwise path runs on a 12-token batch."""
   ids, mask = left_padded_batch(lengths=(12, 5, 9, 1), seed=4)
   ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-  models = {name: random_model(_cfg(family, dtype=dtype, attention=name, attention_block=4,
-                                    attention_key_block=8), seed=8)
-            for name in ("dense", "blockwise")}
+  models = {
+    name: random_model(
+      _cfg(family, dtype=dtype, attention=name, attention_block=4, attention_key_block=8), seed=8
+    )
+    for name in ("dense", "blockwise")
+  }
 
   def loss(m):
     logp = jax.nn.log_softmax(m(ids, mask)[:, :-1], axis=-1)
@@ -153,8 +159,9 @@ def test_model_logits_and_param_grads_match_dense(family, dtype):
     w = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
     return -(tok * w).sum() / w.sum()
 
-  res = {n: nnx.jit(lambda m: (m(ids, mask), *nnx.value_and_grad(loss)(m)))(m)
-         for n, m in models.items()}
+  res = {
+    n: nnx.jit(lambda m: (m(ids, mask), *nnx.value_and_grad(loss)(m)))(m) for n, m in models.items()
+  }
   (od, ld, gd), (ob, lb, gb) = res["dense"], res["blockwise"]
   real = np.asarray(mask) == 1
   tol = 1e-5 if dtype == "float32" else 3e-2
@@ -190,8 +197,10 @@ def test_model_prefill_into_cache_matches_full_forward():
 
 def _temp_bytes(fn, t, b=1, kh=2, g=2, dh=64):
   """XLA temporaries of d/d(q, k, v) sum(attention(...)^2) at T = S = t."""
-  shapes = [jax.ShapeDtypeStruct(s, jnp.float32)
-            for s in ((b, t, kh, g, dh), (b, kh, dh, t), (b, kh, t, dh))]
+  shapes = [
+    jax.ShapeDtypeStruct(s, jnp.float32)
+    for s in ((b, t, kh, g, dh), (b, kh, dh, t), (b, kh, t, dh))
+  ]
   valid = jax.ShapeDtypeStruct((b, t), jnp.bool_)
   loss = lambda q, k, v, m: jnp.sum(fn(q, k, v, m, jnp.arange(t), jnp.float32) ** 2)
   compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(*shapes, valid).compile()
@@ -201,7 +210,7 @@ def _temp_bytes(fn, t, b=1, kh=2, g=2, dh=64):
 def test_blockwise_memory_is_linear_in_length():
   blockwise = lambda *a: A.blockwise(*a, block_q=256, block_k=512)
   small, large = _temp_bytes(blockwise, 2048), _temp_bytes(blockwise, 8192)
-  assert large / small < 6          # dense scores: ~16
+  assert large / small < 6  # dense scores: ~16
   dense_large = _temp_bytes(lambda *a: A.dense(*a, block=0), 8192)
   dense_blocked = _temp_bytes(lambda *a: A.dense(*a, block=256), 8192)
   assert large * 20 < dense_large and large * 3 < dense_blocked
@@ -220,10 +229,13 @@ def test_attention_setting_is_validated_and_passed_through(tmp_path):
   assert (m.attention, m.attention_block, m.attention_key_block) == ("blockwise", 256, 512)
   m.attention, m.attention_key_block = "dense", 128
   from opd_jax.train import model_kwargs
+
   kw = model_kwargs(m)
   assert (kw["attention"], kw["attention_block"], kw["attention_key_block"]) == ("dense", 256, 128)
   import json
+
   from opd_jax.models.hf_io import config_from_hf
+
   (tmp_path / "config.json").write_text(json.dumps(tiny_hf_config("qwen3")))
   cfg = config_from_hf(tmp_path, **kw)
   assert (cfg.attention, cfg.attention_key_block) == ("dense", 128)

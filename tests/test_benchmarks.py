@@ -18,11 +18,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_opd_step_small_runs(tmp_path):
   out = tmp_path / "bench.json"
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "experiments", "bench_opd_step.py"), "--preset",
-       "small", "--no-trl", "--steps", "2", "--profile", "--profile-repeats", "1",
-       "--json", str(out)],
-      cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
-      timeout=900)
+    [
+      sys.executable,
+      os.path.join(ROOT, "experiments", "bench_opd_step.py"),
+      "--preset",
+      "small",
+      "--no-trl",
+      "--steps",
+      "2",
+      "--profile",
+      "--profile-repeats",
+      "1",
+      "--json",
+      str(out),
+    ],
+    cwd=ROOT,
+    env={**os.environ, "PYTHONPATH": ROOT},
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   (res,) = json.loads(out.read_text())
   assert res["gen_tokens"] == 8 * 64
@@ -38,5 +53,5 @@ def test_bench_opd_step_small_runs(tmp_path):
   # Reverse-KL loss (token mean) == the in-step exact reverse-KL metric.
   assert last["loss"] == pytest.approx(last["reverse_kl"], rel=1e-4)
   assert set(res["profile"]) >= {"sampling", "teacher forward (hidden)", "optimizer update"}
-  assert "(target >= 3x)" not in proc.stdout      # no TRL side: no ratio printed
+  assert "(target >= 3x)" not in proc.stdout  # no TRL side: no ratio printed
   assert "FLOP" in proc.stdout and "steps/s" in proc.stdout

@@ -19,8 +19,8 @@ ALPHABET = list("abcdefghijklmnopqrstuvwxyz0123456789 ?:<>/")
 VOCAB = {t: i for i, t in enumerate(SPECIALS + ALPHABET)}
 PAD, EOS = VOCAB["<pad>"], VOCAB["<eos>"]
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
+  "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+  "{% if add_generation_prompt %}<assistant>{% endif %}"
 )
 
 
@@ -31,11 +31,10 @@ def ids(text: str) -> list[int]:
 @pytest.fixture(scope="module")
 def tok():
   t = tokenizers.Tokenizer(models.WordLevel(vocab=VOCAB, unk_token="<unk>"))
-  t.pre_tokenizer = pre_tokenizers.Split(
-      tokenizers.Regex("."), behavior="isolated")
+  t.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex("."), behavior="isolated")
   hf = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=t, pad_token="<pad>", eos_token="<eos>",
-      bos_token="<bos>", unk_token="<unk>")
+    tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+  )
   hf.chat_template = CHAT_TEMPLATE
   return hf
 
@@ -71,17 +70,19 @@ def test_left_padding_and_masks_exact(tok, tmp_path):
   data.write_jsonl(path, [{"prompt": "abc", "answer": 7}, {"prompt": "hello"}])
   d = data.PromptData.build(path, tok, max_prompt_len=6)
   assert len(d) == 2 and not d.has_completions
-  np.testing.assert_array_equal(
-      d.prompt_ids, [[PAD] * 3 + ids("abc"), [PAD] + ids("hello")])
-  np.testing.assert_array_equal(
-      d.prompt_mask, [[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(d.prompt_ids, [[PAD] * 3 + ids("abc"), [PAD] + ids("hello")])
+  np.testing.assert_array_equal(d.prompt_mask, [[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
   assert d.prompt_ids.dtype == np.int32 and d.prompt_mask.dtype == bool
   assert d.answers == (7, None)
   assert d.origins == (f"{path}:1", f"{path}:2")
   assert d.stats == {
-      "num_records": 2, "num_read": 2, "num_malformed_skipped": 0,
-      "num_dropped_overlong": 0, "num_truncated": 0,
-      "num_completion_truncated": 0}
+    "num_records": 2,
+    "num_read": 2,
+    "num_malformed_skipped": 0,
+    "num_dropped_overlong": 0,
+    "num_truncated": 0,
+    "num_completion_truncated": 0,
+  }
   batch = next(d.iterator(2, shuffle=False, shard_index=0, shard_count=1))
   np.testing.assert_array_equal(batch["prompt_ids"], d.prompt_ids)
   np.testing.assert_array_equal(batch["prompt_mask"], d.prompt_mask)
@@ -91,19 +92,19 @@ def test_left_padding_and_masks_exact(tok, tmp_path):
 
 
 def test_completions_with_eos_and_truncation(tok):
-  recs = [{"prompt": "p", "c": "ab"}, {"prompt": "p", "c": "abcd"},
-          {"prompt": "p", "c": "abcdef"}]
+  recs = [{"prompt": "p", "c": "ab"}, {"prompt": "p", "c": "abcd"}, {"prompt": "p", "c": "abcdef"}]
   d = data.PromptData.from_records(
-      recs, tok, max_prompt_len=2, completion_field="c", max_completion_len=4)
-  np.testing.assert_array_equal(d.completion_ids, [
-      ids("ab") + [EOS, PAD], ids("abcd"), ids("abcd")])
-  np.testing.assert_array_equal(d.completion_mask, [
-      [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]])
+    recs, tok, max_prompt_len=2, completion_field="c", max_completion_len=4
+  )
+  np.testing.assert_array_equal(
+    d.completion_ids, [ids("ab") + [EOS, PAD], ids("abcd"), ids("abcd")]
+  )
+  np.testing.assert_array_equal(d.completion_mask, [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]])
   assert d.completion_ids.dtype == np.int32
   assert d.stats["num_completion_truncated"] == 1
   no_eos = data.PromptData.from_records(
-      recs[:1], tok, max_prompt_len=2, completion_field="c",
-      max_completion_len=4, append_eos=False)
+    recs[:1], tok, max_prompt_len=2, completion_field="c", max_completion_len=4, append_eos=False
+  )
   np.testing.assert_array_equal(no_eos.completion_ids, [ids("ab") + [PAD] * 2])
   batch = next(d.iterator(3, shuffle=False, shard_index=0, shard_count=1))
   assert {"completion_ids", "completion_mask"} <= batch.keys()
@@ -117,13 +118,13 @@ def test_overlong_drop_vs_truncate(tok):
   assert dropped.stats["num_dropped_overlong"] == 2
   assert dropped.stats["num_truncated"] == 0
   np.testing.assert_array_equal(dropped.prompt_ids, [[PAD, PAD] + ids("ab")])
-  trunc = data.PromptData.from_records(
-      recs, tok, max_prompt_len=4, overlong="truncate")
+  trunc = data.PromptData.from_records(recs, tok, max_prompt_len=4, overlong="truncate")
   assert len(trunc) == 3
   assert trunc.stats["num_truncated"] == 2
   assert trunc.stats["num_dropped_overlong"] == 0
-  np.testing.assert_array_equal(trunc.prompt_ids, [
-      ids("efgh"), [PAD, PAD] + ids("ab"), ids("cdef")])  # Keeps the end.
+  np.testing.assert_array_equal(
+    trunc.prompt_ids, [ids("efgh"), [PAD, PAD] + ids("ab"), ids("cdef")]
+  )  # Keeps the end.
   assert trunc.prompt_mask[0].all()
 
 
@@ -136,28 +137,34 @@ def test_malformed_lines_raise_with_file_and_line(tok, tmp_path):
   with pytest.raises(ValueError, match=r"data\.jsonl:3: invalid JSON"):
     data.read_jsonl(path)
   path.write_text('{"prompt": "ab"}\n{"question": "x"}\n')
-  with pytest.raises(
-      ValueError, match=r"data\.jsonl:2: missing field 'prompt'"):
+  with pytest.raises(ValueError, match=r"data\.jsonl:2: missing field 'prompt'"):
     data.PromptData.build(path, tok, max_prompt_len=4)
   path.write_text('{"prompt": 5}\n')
-  with pytest.raises(
-      ValueError, match=r"data\.jsonl:1: field 'prompt' must be"):
+  with pytest.raises(ValueError, match=r"data\.jsonl:1: field 'prompt' must be"):
     data.PromptData.build(path, tok, max_prompt_len=4)
   path.write_text('[1, 2]\n')
-  with pytest.raises(
-      ValueError, match=r"data\.jsonl:1: expected a JSON object"):
+  with pytest.raises(ValueError, match=r"data\.jsonl:1: expected a JSON object"):
     data.PromptData.build(path, tok, max_prompt_len=4)
   path.write_text('{"prompt": "ab"}\n')
   with pytest.raises(ValueError, match=r"data\.jsonl:1: missing field 'c'"):
-    data.PromptData.build(path, tok, max_prompt_len=4, completion_field="c",
-                          max_completion_len=4)
+    data.PromptData.build(path, tok, max_prompt_len=4, completion_field="c", max_completion_len=4)
 
 
 def test_skip_mode_counts(tok, tmp_path):
   path = tmp_path / "data.jsonl"
-  path.write_text("\n".join([
-      '{"prompt": "ab"}', "not json", '{"prompt": 3}', '{"x": 1}',
-      '{"prompt": "abcdefgh"}', '{"prompt": "cd"}']) + "\n")
+  path.write_text(
+    "\n".join(
+      [
+        '{"prompt": "ab"}',
+        "not json",
+        '{"prompt": 3}',
+        '{"x": 1}',
+        '{"prompt": "abcdefgh"}',
+        '{"prompt": "cd"}',
+      ]
+    )
+    + "\n"
+  )
   d = data.PromptData.build(path, tok, max_prompt_len=4, on_error="skip")
   assert len(d) == 2
   assert d.stats["num_malformed_skipped"] == 3
@@ -168,17 +175,16 @@ def test_skip_mode_counts(tok, tmp_path):
 
 
 def test_parquet_equals_jsonl(tok, tmp_path):
-  import pyarrow.parquet as pq
   import pyarrow as pa
-  recs = [{"prompt": f"q{i}", "c": "ab" * i, "answer": str(i)}
-          for i in range(5)]
+  import pyarrow.parquet as pq
+
+  recs = [{"prompt": f"q{i}", "c": "ab" * i, "answer": str(i)} for i in range(5)]
   data.write_jsonl(tmp_path / "d.jsonl", recs)
   pq.write_table(pa.Table.from_pylist(recs), tmp_path / "d.parquet")
   kw = dict(max_prompt_len=4, completion_field="c", max_completion_len=6)
   a = data.PromptData.build(tmp_path / "d.jsonl", tok, **kw)
   b = data.PromptData.build(str(tmp_path / "d.parquet"), tok, **kw)
-  for field in ("prompt_ids", "prompt_mask", "completion_ids",
-                "completion_mask"):
+  for field in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
     np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
   assert a.answers == b.answers and a.stats == b.stats
   assert a.source_names == b.source_names == ("d",)
@@ -196,16 +202,16 @@ def test_glob_and_sources_from_file_stem(tok, tmp_path):
 
 
 def test_chat_template_path(tok):
-  recs = [{"prompt": [{"role": "system", "content": "be"},
-                      {"role": "user", "content": "hi"}]},
-          {"prompt": "yo"}]
+  recs = [
+    {"prompt": [{"role": "system", "content": "be"}, {"role": "user", "content": "hi"}]},
+    {"prompt": "yo"},
+  ]
   d = data.PromptData.from_records(recs, tok, max_prompt_len=32)
   assert d.prompt_texts == ("<system>be<user>hi<assistant>", "yo")
   expect = ids("<system>be<user>hi<assistant>")
-  np.testing.assert_array_equal(d.prompt_ids[0, -len(expect):], expect)
+  np.testing.assert_array_equal(d.prompt_ids[0, -len(expect) :], expect)
   assert d.prompt_mask[0].sum() == len(expect)
-  wrapped = data.PromptData.from_records(
-      recs[1:], tok, max_prompt_len=32, use_chat_template=True)
+  wrapped = data.PromptData.from_records(recs[1:], tok, max_prompt_len=32, use_chat_template=True)
   assert wrapped.prompt_texts == ("<user>yo<assistant>",)
   bad = [{"prompt": [{"role": "user"}]}]
   with pytest.raises(ValueError, match=r"<records>:1: .*'content'"):
@@ -230,13 +236,27 @@ def test_bad_bytes_name_file_line_and_are_skipped(tok, tmp_path):
 
 def test_skip_counts_by_reason(tok, tmp_path):
   path = tmp_path / "data.jsonl"
-  path.write_text("\n".join([
-      '{"prompt": "ab"}', "not json", '{"prompt": 3}', '{"x": 1}', '{"x": 2}',
-      '{"prompt": "abcdefgh"}']) + "\n")
+  path.write_text(
+    "\n".join(
+      [
+        '{"prompt": "ab"}',
+        "not json",
+        '{"prompt": 3}',
+        '{"x": 1}',
+        '{"x": 2}',
+        '{"prompt": "abcdefgh"}',
+      ]
+    )
+    + "\n"
+  )
   d = data.PromptData.build(path, tok, max_prompt_len=4, on_error="skip")
   c = d.counts
-  assert (c["num_skipped_invalid_json"], c["num_skipped_invalid_field"],
-          c["num_skipped_missing_field"], c["num_skipped_invalid_utf8"]) == (1, 1, 2, 0)
+  assert (
+    c["num_skipped_invalid_json"],
+    c["num_skipped_invalid_field"],
+    c["num_skipped_missing_field"],
+    c["num_skipped_invalid_utf8"],
+  ) == (1, 1, 2, 0)
   assert c["max_prompt_tokens"] == 8 and c["num_files"] == 1 and c["num_empty_files"] == 0
 
 
@@ -247,10 +267,14 @@ def test_empty_result_names_files_and_reasons(tok, tmp_path):
   data.write_jsonl(long, [{"prompt": "abcdefgh" * (i + 1)} for i in range(20)])
   d = data.PromptData.build(long, tok, max_prompt_len=4)
   assert len(d) == 0 and d.stats["num_dropped_overlong"] == 20
-  with pytest.raises(ValueError, match=(
+  with pytest.raises(
+    ValueError,
+    match=(
       r"PromptData is empty: no prompt records left from .*long\.jsonl \(20 non-blank lines "
       r"read\): 20 longer than max_prompt_len=4 tokens \(overlong='drop'; the longest has 160 "
-      r"tokens")):
+      r"tokens"
+    ),
+  ):
     d.iterator(2, shard_index=0, shard_count=1)
   missing = tmp_path / "missing.jsonl"
   data.write_jsonl(missing, [{"question": "ab"}] * 3)
@@ -260,12 +284,14 @@ def test_empty_result_names_files_and_reasons(tok, tmp_path):
   assert d.counts["num_empty_files"] == 1 and d.counts["num_files"] == 2
   msg = d.empty_reason()
   assert f"from {missing}, {empty} (3 non-blank lines read)" in msg, msg
-  assert (f"3 skipped (on_error='skip'): 3 a missing field (first: {missing}:1: missing "
-          "field 'prompt')") in msg, msg
+  assert (
+    f"3 skipped (on_error='skip'): 3 a missing field (first: {missing}:1: missing field 'prompt')"
+  ) in msg, msg
   assert f"1 empty file(s): {empty}" in msg, msg
   d = data.PromptData.build(empty, tok, max_prompt_len=4)
-  assert d.empty_reason() == (f"no prompt records left from {empty} (0 non-blank lines read): "
-                              f"1 empty file(s): {empty}")
+  assert d.empty_reason() == (
+    f"no prompt records left from {empty} (0 non-blank lines read): 1 empty file(s): {empty}"
+  )
 
 
 def test_write_read_jsonl_atomic(tmp_path):
@@ -308,8 +334,7 @@ def test_deterministic_shuffle_and_epochs(d10):
   assert not np.array_equal(a[0], a[1])  # ... reshuffled each epoch.
   assert not np.array_equal(a[0], np.arange(10))
   plain = _take(_it(d10, shuffle=False), 2)
-  np.testing.assert_array_equal(
-      np.concatenate([x["index"] for x in plain]), np.arange(10))
+  np.testing.assert_array_equal(np.concatenate([x["index"] for x in plain]), np.arange(10))
 
 
 def test_repeat_and_finite_epochs(d10):
@@ -320,8 +345,7 @@ def test_repeat_and_finite_epochs(d10):
   assert set(counts.values()) == {2}
   forever = _take(_it(d10, batch_size=4), 50)  # num_epochs=None repeats.
   assert len(forever) == 50
-  last = list(_it(d10, batch_size=4, num_epochs=1, drop_remainder=False,
-                  shuffle=False))
+  last = list(_it(d10, batch_size=4, num_epochs=1, drop_remainder=False, shuffle=False))
   assert len(last) == 3
   np.testing.assert_array_equal(last[-1]["valid"], [True, True, False, False])
   np.testing.assert_array_equal(last[-1]["index"][:2], [8, 9])
@@ -344,8 +368,8 @@ def test_state_save_restore_exact(d10):
 @pytest.mark.parametrize("mixture", [None, {"a": 1.0, "b": 3.0}])
 def test_shard_union_equals_global_batch(tok, mixture):
   d = data.PromptData.from_records(
-      _records(7, "a") + _records(9, "b"), tok, max_prompt_len=4,
-      source_field="src")
+    _records(7, "a") + _records(9, "b"), tok, max_prompt_len=4, source_field="src"
+  )
   kw = dict(seed=5, mixture=mixture)
   glob_b = _take(d.iterator(8, shard_index=0, shard_count=1, **kw), 6)
   s0 = _take(d.iterator(8, shard_index=0, shard_count=2, **kw), 6)
@@ -353,16 +377,18 @@ def test_shard_union_equals_global_batch(tok, mixture):
   for g, a, b in zip(glob_b, s0, s1):
     assert a["prompt_ids"].shape == (4, 4)
     for key in g:
-      np.testing.assert_array_equal(
-          np.concatenate([a[key], b[key]]), g[key], err_msg=key)
+      np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), g[key], err_msg=key)
   with pytest.raises(ValueError, match="multiple of shard_count"):
     d.iterator(7, shard_index=0, shard_count=2)
 
 
 def test_mixture_proportions_and_determinism(tok):
   d = data.PromptData.from_records(
-      _records(5, "a") + _records(40, "b") + _records(6, "c"), tok,
-      max_prompt_len=4, source_field="src")
+    _records(5, "a") + _records(40, "b") + _records(6, "c"),
+    tok,
+    max_prompt_len=4,
+    source_field="src",
+  )
   assert d.source_names == ("a", "b", "c")
   mix = {"a": 3.0, "b": 1.0}
   batches = _take(_it(d, batch_size=8, seed=0, mixture=mix), 100)
@@ -378,8 +404,7 @@ def test_mixture_proportions_and_determinism(tok):
   again = _take(_it(d, batch_size=8, seed=0, mixture=mix), 100)
   _assert_batches_equal(batches, again)
   other = _take(_it(d, batch_size=8, seed=1, mixture=mix), 100)
-  assert not np.array_equal(
-      idx, np.concatenate([b["index"] for b in other]))
+  assert not np.array_equal(idx, np.concatenate([b["index"] for b in other]))
   # Finite epochs for a mixture: as many draws as the mixed sources hold.
   finite = list(_it(d, batch_size=5, seed=0, mixture=mix, num_epochs=1))
   assert len(finite) == 45 // 5
@@ -396,16 +421,16 @@ def test_scheduled_mixture_is_a_curriculum_exact_across_resume(tok):
   each batch's source fractions follow that batch's weights, the shards
   union to the global batch, and a restored iterator continues exactly."""
   from opd_jax import schedules
+
   d = data.PromptData.from_records(
-      _records(30, "easy") + _records(30, "hard"), tok, max_prompt_len=4, source_field="src")
+    _records(30, "easy") + _records(30, "hard"), tok, max_prompt_len=4, source_field="src"
+  )
   mix = {"easy": 1.0, "hard": 1.0}
-  sched = {"easy": schedules.parse("linear:1:0:0:20"),
-           "hard": schedules.parse("linear:0:1:0:20")}
+  sched = {"easy": schedules.parse("linear:1:0:0:20"), "hard": schedules.parse("linear:0:1:0:20")}
   kw = dict(seed=2, mixture=mix, mixture_schedules=sched)
   batches = _take(_it(d, batch_size=16, **kw), 40)
-  hard = np.array([np.mean(np.array(d.source_names)[b["source_id"]] == "hard")
-                   for b in batches])
-  assert hard[0] == 0.0 and np.all(hard[20:] == 1.0)   # all easy first, all hard after 20
+  hard = np.array([np.mean(np.array(d.source_names)[b["source_id"]] == "hard") for b in batches])
+  assert hard[0] == 0.0 and np.all(hard[20:] == 1.0)  # all easy first, all hard after 20
   want = np.clip(np.arange(40) / 20, 0, 1)
   assert np.abs(hard[:20].mean() - want[:20].mean()) < 0.05
   assert np.corrcoef(hard[:20], want[:20])[0, 1] > 0.8
@@ -423,9 +448,17 @@ def test_scheduled_mixture_is_a_curriculum_exact_across_resume(tok):
   with pytest.raises(ValueError, match="name no source"):
     _it(d, mixture={"easy": 1.0}, mixture_schedules=sched)
   with pytest.raises(ValueError, match="positive sum"):
-    _take(_it(d, mixture={"easy": 1.0, "hard": 1.0},
-              mixture_schedules={"easy": schedules.parse("constant:0"),
-                                 "hard": schedules.parse("constant:0")}), 1)
+    _take(
+      _it(
+        d,
+        mixture={"easy": 1.0, "hard": 1.0},
+        mixture_schedules={
+          "easy": schedules.parse("constant:0"),
+          "hard": schedules.parse("constant:0"),
+        },
+      ),
+      1,
+    )
 
 
 def test_build_with_options_and_iterate(tok, tmp_path):
@@ -434,8 +467,7 @@ def test_build_with_options_and_iterate(tok, tmp_path):
   it = d.iterator(2, seed=0, shard_index=0, shard_count=1)
   assert len(d) == 6
   batch = next(it)
-  assert set(batch) == {"prompt_ids", "prompt_mask", "index", "source_id",
-                        "valid"}
+  assert set(batch) == {"prompt_ids", "prompt_mask", "index", "source_id", "valid"}
   assert batch["prompt_ids"].shape == (2, 4)
 
 
@@ -444,6 +476,7 @@ def test_one_jsonl_implementation(tmp_path):
   unique temp file (a stale ``<path>.tmp`` is no obstacle), bad lines name
   ``file:line``."""
   from opd_jax import tasks
+
   assert tasks.read_jsonl is data.read_jsonl and tasks.write_jsonl is data.write_jsonl
   path = tmp_path / "x.jsonl"
   os.makedirs(str(path) + ".tmp")

@@ -32,10 +32,22 @@ P = 9
 
 
 def cfg_of(**kw) -> ModelConfig:
-  base = dict(model_type="qwen3", vocab_size=VOCAB, padded_vocab_size=64, hidden_size=32,
-              intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-              qk_norm=True, max_position_embeddings=256, decode_attention="dense",
-              decode_contraction="reduce", key_cache_layout="transposed")
+  base = dict(
+    model_type="qwen3",
+    vocab_size=VOCAB,
+    padded_vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    qk_norm=True,
+    max_position_embeddings=256,
+    decode_attention="dense",
+    decode_contraction="reduce",
+    key_cache_layout="transposed",
+  )
   base.update(kw)
   return ModelConfig(**base)
 
@@ -66,19 +78,31 @@ def reference(weights):
 # Block sizes dividing P + N = 209 slots or not (7 does, 16 / 48 do not,
 # 512 > the cache: one block), every contraction / key layout, scanned layers.
 @pytest.mark.slow
-@pytest.mark.parametrize("kw", [
+@pytest.mark.parametrize(
+  "kw",
+  [
     dict(decode_attention="blocked", decode_block=16),
-    dict(decode_attention="blocked", decode_block=48, decode_contraction="dot",
-         key_cache_layout="standard"),
+    dict(
+      decode_attention="blocked",
+      decode_block=48,
+      decode_contraction="dot",
+      key_cache_layout="standard",
+    ),
     dict(decode_attention="blocked", decode_block=7, key_cache_layout="standard"),
     dict(decode_attention="blocked", decode_block=512, decode_contraction="dot"),
     dict(decode_attention="blocked", decode_block=16, scan_layers=True),
-    dict(decode_attention="blocked", decode_block=48, scan_layers=True,
-         decode_contraction="dot", key_cache_layout="standard"),
+    dict(
+      decode_attention="blocked",
+      decode_block=48,
+      scan_layers=True,
+      decode_contraction="dot",
+      key_cache_layout="standard",
+    ),
     dict(decode_attention="dense", decode_contraction="dot", key_cache_layout="standard"),
     dict(decode_attention="blocked", decode_contraction="auto", key_cache_layout="auto"),
     dict(decode_attention="auto", decode_block=16, scan_layers=True),
-])
+  ],
+)
 def test_same_samples_as_dense_decode(weights, reference, kw):
   """200 sampled tokens per row identical to the dense-cache sampler's for one
   key; log-probs equal to float rounding."""
@@ -104,12 +128,27 @@ def test_decode_blocked_equals_dense(layout, contraction):
   ck = jnp.asarray(rng.standard_normal(kshape), jnp.float32)
   cv = jnp.asarray(rng.standard_normal((layers, b, kh, s, dh)), jnp.float32)
   valid = jnp.asarray(np.arange(s)[None] >= np.array([0, 5, 11])[:, None])
-  dense = jax.jit(lambda i, l: attention_lib.decode_dense(
-      q, ck[l], cv[l], valid, i, jnp.float32, contraction, layout))
+  dense = jax.jit(
+    lambda i, l: attention_lib.decode_dense(
+      q, ck[l], cv[l], valid, i, jnp.float32, contraction, layout
+    )
+  )
   for block in (1, 5, 8, 37, 64):
-    blocked = jax.jit(lambda i, l, stacked: attention_lib.decode_blocked(
-        q, ck if stacked else ck[l], cv if stacked else cv[l], valid, i, jnp.float32,
-        block, contraction, layout, l if stacked else None), static_argnums=2)
+    blocked = jax.jit(
+      lambda i, l, stacked: attention_lib.decode_blocked(
+        q,
+        ck if stacked else ck[l],
+        cv if stacked else cv[l],
+        valid,
+        i,
+        jnp.float32,
+        block,
+        contraction,
+        layout,
+        l if stacked else None,
+      ),
+      static_argnums=2,
+    )
     for i in (11, 12, 20, 36):
       for l, stacked in ((1, False), (2, True)):
         np.testing.assert_allclose(blocked(i, l, stacked), dense(i, l), atol=1e-5, rtol=1e-5)
@@ -145,12 +184,15 @@ def test_auto_knobs_resolve_per_backend(monkeypatch):
   assert attention_lib.resolve_decode("auto", scan_layers=False) == "blocked"
 
 
-@pytest.mark.parametrize("kw, name", [
+@pytest.mark.parametrize(
+  "kw, name",
+  [
     (dict(decode_attention="flash"), "decode_attention"),
     (dict(decode_attention="blocked", decode_block=0), "decode_block"),
     (dict(decode_contraction="matmul"), "decode_contraction"),
     (dict(key_cache_layout="bksd"), "key_cache_layout"),
-])
+  ],
+)
 def test_bad_decode_settings_raise(kw, name):
   with pytest.raises(ValueError, match=name):
     cfg_of(**kw)
@@ -158,6 +200,7 @@ def test_bad_decode_settings_raise(kw, name):
 
 def test_key_cache_layout_shapes():
   from opd_jax.models import abstract_model
+
   for layout, shape in (("transposed", (3, 2, 8, 16)), ("standard", (3, 2, 16, 8))):
     cache = abstract_model(cfg_of(key_cache_layout=layout)).init_cache(3, 16)
     assert cache.k[0].shape == shape and cache.v[0].shape == (3, 2, 16, 8)
@@ -197,20 +240,31 @@ def test_blocked_decode_step_copies_no_cache(scan):
   transpose of a cache-length buffer in the optimized HLO, and less temp
   memory than one layer's key cache."""
   s = 1000
-  cfg = cfg_of(decode_attention="blocked", decode_block=128, scan_layers=scan,
-               max_position_embeddings=2048, vocab_size=128, padded_vocab_size=128)
+  cfg = cfg_of(
+    decode_attention="blocked",
+    decode_block=128,
+    scan_layers=scan,
+    max_position_embeddings=2048,
+    vocab_size=128,
+    padded_vocab_size=128,
+  )
   from opd_jax.models import abstract_model
+
   graphdef, state = nnx.split(abstract_model(cfg))
   b = 4
 
   def step(state, cache, tok):
-    h, cache = nnx.merge(graphdef, state).hidden(tok, jnp.ones((b, 1), bool),
-                                                 jnp.full((b, 1), 7), cache)
+    h, cache = nnx.merge(graphdef, state).hidden(
+      tok, jnp.ones((b, 1), bool), jnp.full((b, 1), 7), cache
+    )
     return h, cache
 
   cache = jax.eval_shape(lambda: nnx.merge(graphdef, state).init_cache(b, s))
-  compiled = jax.jit(step, donate_argnums=1).lower(
-      state, cache, jax.ShapeDtypeStruct((b, 1), jnp.int32)).compile()
+  compiled = (
+    jax.jit(step, donate_argnums=1)
+    .lower(state, cache, jax.ShapeDtypeStruct((b, 1), jnp.int32))
+    .compile()
+  )
   assert _cache_copies(compiled.as_text(), s) == []
   key_bytes = b * cfg.num_kv_heads * cfg.head_dim * s * 4
   assert compiled.memory_analysis().temp_size_in_bytes < key_bytes
@@ -223,19 +277,26 @@ def test_blocked_decode_step_copies_no_cache(scan):
 def test_blocked_greedy_matches_hf_generate(tmp_path):
   import torch
   import transformers
+
   from opd_jax.models.hf_io import from_hf
 
   path = save_random_hf_model(tmp_path / "qwen3", "qwen3", seed=3)
   hf = transformers.AutoModelForCausalLM.from_pretrained(
-      path, dtype=torch.float32, attn_implementation="eager").eval()
-  model = from_hf(path, decode_attention="blocked", decode_block=4)   # 29 slots, 8 blocks
+    path, dtype=torch.float32, attn_implementation="eager"
+  ).eval()
+  model = from_hf(path, decode_attention="blocked", decode_block=4)  # 29 slots, 8 blocks
   ids, mask = left_padded_batch(97, lengths=(6, 3, 9, 1), seed=1)
   n_new = 20
   with torch.no_grad():
-    ref = hf.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
-                      attention_mask=torch.as_tensor(mask, dtype=torch.long),
-                      do_sample=False, max_new_tokens=n_new, pad_token_id=0,
-                      eos_token_id=None, bos_token_id=None)[:, ids.shape[1]:].numpy()
+    ref = hf.generate(
+      input_ids=torch.as_tensor(ids, dtype=torch.long),
+      attention_mask=torch.as_tensor(mask, dtype=torch.long),
+      do_sample=False,
+      max_new_tokens=n_new,
+      pad_token_id=0,
+      eos_token_id=None,
+      bos_token_id=None,
+    )[:, ids.shape[1] :].numpy()
   config = SamplingConfig(max_new_tokens=n_new, greedy=True)
   graphdef, state = nnx.split(model)
   out = _jit_sample(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), config)
@@ -249,13 +310,21 @@ def test_blocked_greedy_matches_hf_generate(tmp_path):
 def test_prefix_sum_knob_same_draws():
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.gamma(0.5, size=(64, 37)), jnp.float32)
-  np.testing.assert_allclose(sampling_lib._inclusive_prefix_sum(x, "matmul"),
-                             sampling_lib._inclusive_prefix_sum(x, "cumsum"), rtol=1e-6)
+  np.testing.assert_allclose(
+    sampling_lib._inclusive_prefix_sum(x, "matmul"),
+    sampling_lib._inclusive_prefix_sum(x, "cumsum"),
+    rtol=1e-6,
+  )
   logits = jnp.asarray(3 * rng.standard_normal((512, 200)), jnp.float32)
   u = jnp.asarray(rng.random(512), jnp.float32)
-  draws = {m: np.asarray(sampling_lib.sample_token(
-      logits, u, SamplingConfig(max_new_tokens=1, top_p=0.9, prefix_sum=m))[0])
-      for m in sampling_lib.PREFIX_SUMS}
+  draws = {
+    m: np.asarray(
+      sampling_lib.sample_token(
+        logits, u, SamplingConfig(max_new_tokens=1, top_p=0.9, prefix_sum=m)
+      )[0]
+    )
+    for m in sampling_lib.PREFIX_SUMS
+  }
   np.testing.assert_array_equal(draws["matmul"], draws["cumsum"])
   np.testing.assert_array_equal(draws["auto"], draws["matmul"])
   with pytest.raises(ValueError, match="prefix_sum"):
@@ -265,10 +334,19 @@ def test_prefix_sum_knob_same_draws():
 def test_decode_knobs_pass_through_config():
   from opd_jax import configs_lib
   from opd_jax.train import model_kwargs
+
   m = configs_lib.model_config()
-  assert (m.decode_attention, m.decode_block, m.decode_contraction,
-          m.key_cache_layout) == ("auto", 128, "auto", "auto")
+  assert (m.decode_attention, m.decode_block, m.decode_contraction, m.key_cache_layout) == (
+    "auto",
+    128,
+    "auto",
+    "auto",
+  )
   m.decode_attention, m.decode_block, m.key_cache_layout = "dense", 32, "standard"
   kw = model_kwargs(m)
-  assert (kw["decode_attention"], kw["decode_block"], kw["decode_contraction"],
-          kw["key_cache_layout"]) == ("dense", 32, "auto", "standard")
+  assert (
+    kw["decode_attention"],
+    kw["decode_block"],
+    kw["decode_contraction"],
+    kw["key_cache_layout"],
+  ) == ("dense", 32, "auto", "standard")

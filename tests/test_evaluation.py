@@ -41,7 +41,8 @@ def test_pass_at_k_matches_brute_force():
         want = _brute_pass_at_k(n, c, k)
         assert ev.pass_at_k(n, c, k) == pytest.approx(want, abs=1e-12)
         assert ev.pass_at_k(n, c, k) == pytest.approx(
-            1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
+          1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12
+        )
 
 
 def test_pass_at_k_edges_and_errors():
@@ -58,12 +59,20 @@ def test_pass_at_k_edges_and_errors():
 
 
 def test_aggregate_known_values():
-  scores = np.array([[1, 0, 0, 0],    # level 1
-                     [1, 1, 1, 1],    # level 2
-                     [0, 0, 0, 0],    # level 1
-                     [0, 1, 0, 1]])   # level 2
-  out = ev.aggregate(scores, lengths=np.arange(16), truncated=np.array([True] * 4 + [False] * 12),
-                     levels=[1, 2, 1, 2])
+  scores = np.array(
+    [
+      [1, 0, 0, 0],  # level 1
+      [1, 1, 1, 1],  # level 2
+      [0, 0, 0, 0],  # level 1
+      [0, 1, 0, 1],
+    ]
+  )  # level 2
+  out = ev.aggregate(
+    scores,
+    lengths=np.arange(16),
+    truncated=np.array([True] * 4 + [False] * 12),
+    levels=[1, 2, 1, 2],
+  )
   assert out["avg@4"] == pytest.approx(7 / 16)
   assert out["accuracy"] == out["avg@4"]
   assert out["pass@1"] == pytest.approx(out["avg@4"])
@@ -94,7 +103,7 @@ def test_evaluate_completions_reference_and_corrupted(task, pattern):
   corrupted = [c.replace("ans=", "ans=9") for c in ref]
   assert ev.evaluate_completions(task, examples, corrupted)["avg@1"] == 0.0
   # k = 2 samples per problem: one right, one truncated before the answer.
-  mixed = [t for c in ref for t in (c, c[:c.index("ans=")])]
+  mixed = [t for c in ref for t in (c, c[: c.index("ans=")])]
   out = ev.evaluate_completions("arithmetic", examples, mixed, num_samples=2)
   assert out["avg@2"] == 0.5 and out["pass@1"] == 0.5 and out["pass@2"] == 1.0
   with pytest.raises(ValueError):
@@ -122,9 +131,11 @@ def test_encode_prompts_left_padded(tok):
 def test_decode_completions_cuts_at_eos(tok):
   enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
   eos, pad = tok.eos_token_id, tok.pad_token_id
-  rows = [enc("ans=12") + [eos] + [pad] * 3,   # EOS then pads
-          enc("ans=12345") + [eos],            # EOS in the last slot
-          enc("3+4+0=07;a")]                   # truncated, no EOS
+  rows = [
+    enc("ans=12") + [eos] + [pad] * 3,  # EOS then pads
+    enc("ans=12345") + [eos],  # EOS in the last slot
+    enc("3+4+0=07;a"),
+  ]  # truncated, no EOS
   tokens = np.array(rows)
   mask = np.array([[1] * 7 + [0] * 3, [1] * 10, [1] * 10])
   assert ev.decode_completions(tok, tokens, mask, (eos,)) == ["ans=12", "ans=12345", "3+4+0=07;a"]
@@ -140,15 +151,28 @@ def _tiny_model(vocab_size, seed, eos_token_ids=()):
   import jax
   import jax.numpy as jnp
   from flax import nnx
+
   from opd_jax.models import ModelConfig, abstract_model
+
   cfg = ModelConfig(
-      model_type="qwen3", vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True,
-      eos_token_ids=tuple(eos_token_ids))
+    model_type="qwen3",
+    vocab_size=vocab_size,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    qk_norm=True,
+    eos_token_ids=tuple(eos_token_ids),
+  )
   graphdef, state = nnx.split(abstract_model(cfg))
   rng = np.random.default_rng(seed)
-  fill = lambda x: jnp.asarray(np.ones(x.shape, x.dtype) if x.ndim == 1   # norms
-                               else rng.normal(0.0, 0.5, x.shape).astype(x.dtype))
+  fill = lambda x: jnp.asarray(
+    np.ones(x.shape, x.dtype)
+    if x.ndim == 1  # norms
+    else rng.normal(0.0, 0.5, x.shape).astype(x.dtype)
+  )
   return nnx.merge(graphdef, jax.tree.map(fill, state))
 
 
@@ -161,30 +185,49 @@ def test_evals_stop_on_every_eos_id_training_stops_on(tiny_model, tok):
   """A checkpoint EOS id that is not the tokenizer's (Qwen / Llama list
   several): training's sampler stops on it, and so do the evals."""
   import jax
+
   from opd_jax import configs_lib, sampling, train
+
   ids, mask = ev.encode_prompts(tok, ["12+34="])
   greedy = ev.sampling_config(tok, tiny_model.cfg, max_new_tokens=6, greedy=True)
   first = int(sampling.sample(tiny_model, ids, mask, jax.random.PRNGKey(0), greedy).tokens[0, 0])
   assert first != tok.eos_token_id
-  model = _tiny_model(len(tok), seed=0, eos_token_ids=(first,))   # same weights
+  model = _tiny_model(len(tok), seed=0, eos_token_ids=(first,))  # same weights
   c = configs_lib.base_config()
   train_eos = train.sampling_config(c, tok, model.cfg).eos_ids
   assert set(train_eos) == {first, tok.eos_token_id}
-  comps = ev.generate_completions(model, tok, ["12+34="], greedy=True, max_new_tokens=6,
-                                  batch_size=1)
-  assert comps.lengths.tolist() == [1] and comps.texts == [""]   # stopped on `first`
+  comps = ev.generate_completions(
+    model, tok, ["12+34="], greedy=True, max_new_tokens=6, batch_size=1
+  )
+  assert comps.lengths.tolist() == [1] and comps.texts == [""]  # stopped on `first`
 
 
 def test_evaluate_end_to_end(tiny_model, tok, task):
-  examples = task.generate(7, seed=0, split="eval")   # 7 = 2 batches of 4, last padded
-  kw = dict(num_samples=2, temperature=1.0, top_p=0.95, max_new_tokens=8, batch_size=4,
-            seed=0, max_prompt_len=16)
+  examples = task.generate(7, seed=0, split="eval")  # 7 = 2 batches of 4, last padded
+  kw = dict(
+    num_samples=2,
+    temperature=1.0,
+    top_p=0.95,
+    max_new_tokens=8,
+    batch_size=4,
+    seed=0,
+    max_prompt_len=16,
+  )
   out = ev.evaluate(tiny_model, tok, examples, task, **kw)
-  keys = {"avg@2", "accuracy", "pass@1", "pass@2", "mean_length", "truncated_frac",
-          "num_problems", "num_samples"}
+  keys = {
+    "avg@2",
+    "accuracy",
+    "pass@1",
+    "pass@2",
+    "mean_length",
+    "truncated_frac",
+    "num_problems",
+    "num_samples",
+  }
   assert keys <= set(out)
   assert {k for k in out if k.startswith("acc/level_")} == {
-      f"acc/level_{ex['level']}" for ex in examples}
+    f"acc/level_{ex['level']}" for ex in examples
+  }
   assert all(isinstance(v, float) for v in out.values())
   assert 0.0 <= out["avg@2"] <= out["pass@2"] <= 1.0
   assert 1.0 <= out["mean_length"] <= 8.0
@@ -194,8 +237,9 @@ def test_evaluate_end_to_end(tiny_model, tok, task):
   # Same seed -> same result; other example counts reuse the compiled sampler.
   compiled = ev._sample_jit._cache_size()
   assert ev.EVALUATORS.build("accuracy", kw)(tiny_model, tok, examples, "arithmetic") == out
-  comps = ev.generate_completions(tiny_model, tok, [e["prompt"] for e in examples[:3]],
-                                  **{k: v for k, v in kw.items()})
+  comps = ev.generate_completions(
+    tiny_model, tok, [e["prompt"] for e in examples[:3]], **{k: v for k, v in kw.items()}
+  )
   assert ev._sample_jit._cache_size() == compiled
   # A new model instance with the same architecture (e.g. after a training
   # step) reuses the compiled sampler too.

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -13,11 +13,17 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from hf_models import (
+  FAMILIES,
+  hf_logits,
+  left_padded_batch,
+  random_model,
+  save_random_hf_model,
+  tiny_hf_config,
+)
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from hf_models import (FAMILIES, hf_logits, left_padded_batch, random_model,
-                       save_random_hf_model, tiny_hf_config)
 from opd_jax.models import hf_io
 from opd_jax.models.config import ModelConfig
 from opd_jax.models.hf_io import config_from_hf, from_hf, hf_config_dict, to_hf
@@ -51,8 +57,9 @@ def ckpts(tmp_path_factory):
 
   def get(family, tied=False):
     if (family, tied) not in cache:
-      path = save_random_hf_model(root / f"{family}_{tied}", family,
-                                  seed=len(cache), tie_word_embeddings=tied)
+      path = save_random_hf_model(
+        root / f"{family}_{tied}", family, seed=len(cache), tie_word_embeddings=tied
+      )
       cache[family, tied] = (path, hf_logits(path, IDS, MASK))
     return cache[family, tied]
 
@@ -78,8 +85,9 @@ def test_llama3_rope_scaling_matters(ckpts):
   path, ref = ckpts("llama3")
   cfg = config_from_hf(path)
   assert dict(cfg.rope_scaling)["rope_type"] == "llama3"
-  plain = ModelConfig.from_hf_dict({**cfg.hf_config, "rope_parameters": None,
-                                    "rope_scaling": None, "rope_theta": cfg.rope_theta})
+  plain = ModelConfig.from_hf_dict(
+    {**cfg.hf_config, "rope_parameters": None, "rope_scaling": None, "rope_theta": cfg.rope_theta}
+  )
   assert not np.allclose(cfg.inv_freq(), plain.inv_freq())
 
 
@@ -101,12 +109,18 @@ def test_from_hf_on_mesh(ckpts, monkeypatch):
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   reads = []
   orig = hf_io._read_slice
-  monkeypatch.setattr(hf_io, "_read_slice",
-                      lambda tm, sl, b: reads.append((tm.hf_name, b)) or orig(tm, sl, b))
+  monkeypatch.setattr(
+    hf_io, "_read_slice", lambda tm, sl, b: reads.append((tm.hf_name, b)) or orig(tm, sl, b)
+  )
   model = from_hf(path, mesh=mesh)
-  for arr in (model.embed[...], model.lm_head[...], model.layers[0].attn.q[...],
-              model.layers[1].attn.o[...], model.layers[0].mlp.gate[...],
-              model.layers[0].mlp.down[...]):
+  for arr in (
+    model.embed[...],
+    model.lm_head[...],
+    model.layers[0].attn.q[...],
+    model.layers[1].attn.o[...],
+    model.layers[0].mlp.gate[...],
+    model.layers[0].mlp.down[...],
+  ):
     assert len(arr.sharding.device_set) == 8
     assert arr.addressable_shards[0].data.shape != arr.shape
     assert np.prod(arr.addressable_shards[0].data.shape) <= arr.size // 2
@@ -123,9 +137,17 @@ def test_from_hf_split_head_dim_fallback(ckpts):
   """Sharding an inner split dim (head_dim) takes the read-whole-dim path."""
   path, ref = ckpts("llama")
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  model = from_hf(path, mesh=mesh, rules={"head_dim": "tensor", "heads": None,
-                                          "kv_heads": None, "activation_heads": None,
-                                          "activation_kv_heads": None})
+  model = from_hf(
+    path,
+    mesh=mesh,
+    rules={
+      "head_dim": "tensor",
+      "heads": None,
+      "kv_heads": None,
+      "activation_heads": None,
+      "activation_kv_heads": None,
+    },
+  )
   q = model.layers[0].attn.q[...]
   assert q.addressable_shards[0].data.shape == (16, 4, 4)
   assert _maxdiff(_logits(model), ref) <= 1e-4
@@ -176,11 +198,33 @@ def test_model_config_to_hf(tmp_path, family, tied):
   """A model made without HF (ModelConfig only) exports a loadable checkpoint."""
   hf = tiny_hf_config(family, tie_word_embeddings=tied)
   base = ModelConfig.from_hf_dict(hf)
-  cfg = ModelConfig(**{f: getattr(base, f) for f in (
-      "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
-      "num_heads", "num_kv_heads", "head_dim", "rms_norm_eps", "rope_theta",
-      "rope_scaling", "max_position_embeddings", "tie_word_embeddings", "qkv_bias",
-      "o_bias", "mlp_bias", "qk_norm", "bos_token_id", "eos_token_ids", "pad_token_id")})
+  cfg = ModelConfig(
+    **{
+      f: getattr(base, f)
+      for f in (
+        "model_type",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "rope_theta",
+        "rope_scaling",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "qkv_bias",
+        "o_bias",
+        "mlp_bias",
+        "qk_norm",
+        "bos_token_id",
+        "eos_token_ids",
+        "pad_token_id",
+      )
+    }
+  )
   assert cfg.hf_config == {}
   model = random_model(cfg, seed=2)  # == create_model(cfg) + perturb_params, no PRNG compile
   ours = _logits(model)
@@ -213,8 +257,9 @@ def test_bf16_round_trip(ckpts, tmp_path):
       assert got.dtype == ml_dtypes.bfloat16, name
       np.testing.assert_array_equal(got, value.astype(ml_dtypes.bfloat16), err_msg=name)
   again = from_hf(out_dir, param_dtype="bfloat16")
-  np.testing.assert_array_equal(np.asarray(again.layers[1].mlp.down[...]),
-                                np.asarray(model.layers[1].mlp.down[...]))
+  np.testing.assert_array_equal(
+    np.asarray(again.layers[1].mlp.down[...]), np.asarray(model.layers[1].mlp.down[...])
+  )
   hf = transformers.AutoModelForCausalLM.from_pretrained(out_dir, dtype="auto")
   assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
 
@@ -241,8 +286,9 @@ def test_scan_layers_parity_on_mesh(ckpts, monkeypatch, family, tied):
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   reads = []
   orig = hf_io._read_slice
-  monkeypatch.setattr(hf_io, "_read_slice",
-                      lambda tm, sl, b: reads.append((tm.hf_name, b)) or orig(tm, sl, b))
+  monkeypatch.setattr(
+    hf_io, "_read_slice", lambda tm, sl, b: reads.append((tm.hf_name, b)) or orig(tm, sl, b)
+  )
   model = from_hf(path, mesh=mesh, scan_layers=True)
   assert model.cfg.scan_layers and not isinstance(model.layers, nnx.List)
   q = model.layers.attn.q[...]
@@ -279,6 +325,7 @@ def test_scan_layers_round_trip_hf(ckpts, tmp_path):
 
 def _copy_ckpt(src, dst):
   import shutil
+
   shutil.copytree(src, dst)
   return str(dst)
 
@@ -291,8 +338,9 @@ def test_error_missing_config(tmp_path):
 
 
 def test_error_unsupported_architecture(tmp_path):
-  (tmp_path / "config.json").write_text(json.dumps(
-      {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 10}))
+  (tmp_path / "config.json").write_text(
+    json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 10})
+  )
   with pytest.raises(ValueError) as e:
     from_hf(tmp_path)
   msg = str(e.value)
@@ -341,8 +389,11 @@ def test_error_shape_mismatch(ckpts, tmp_path):
   tensors = load_file(file)
   tensors["model.layers.1.self_attn.k_proj.weight"] = np.zeros((8, 32), np.float32)
   save_file(tensors, file, metadata={"format": "pt"})
-  with pytest.raises(ValueError, match=r"k_proj.weight.*model.safetensors.*\(8, 32\).*"
-                                       r"config.json implies \(16, 32\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"k_proj.weight.*model.safetensors.*\(8, 32\).*"
+    r"config.json implies \(16, 32\)",
+  ):
     from_hf(path)
   # Editing config.json's sizes instead is reported against the first tensor.
   cfg = json.load(open(os.path.join(path, "config.json")))
@@ -377,8 +428,9 @@ def test_error_index_lists_tensor_missing_from_shard(tmp_path):
   index_file = os.path.join(path, hf_io.WEIGHTS_INDEX_NAME)
   index = json.load(open(index_file))
   name = "model.layers.1.mlp.gate_proj.weight"
-  other = next(f for f in sorted(set(index["weight_map"].values()))
-               if f != index["weight_map"][name])
+  other = next(
+    f for f in sorted(set(index["weight_map"].values())) if f != index["weight_map"][name]
+  )
   index["weight_map"][name] = other
   json.dump(index, open(index_file, "w"))
   with pytest.raises(ValueError, match=f"'{name}' not found in .*{other}"):

@@ -70,7 +70,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     stack.append(m)
     for n in sorted(graph.get(m, ())):
       if state.get(n) == 1:
-        return stack[stack.index(n):] + [n]
+        return stack[stack.index(n) :] + [n]
       if n not in state:
         found = visit(n)
         if found:

@@ -95,8 +95,7 @@ def _ref_estimator(which, s_sg, s, t, tok, ts, tt, mode):
 
   def k(lp):
     log_r = lq_y - lp
-    return {"k1": -log_r, "k2": 0.5 * log_r**2,
-            "k3": np.exp(log_r) - 1 - log_r}[which]
+    return {"k1": -log_r, "k2": 0.5 * log_r**2, "k3": np.exp(log_r) - 1 - log_r}[which]
 
   return k(lp_y) if mode == "direct" else k(lp_y_sg) * lp_y
 
@@ -120,13 +119,11 @@ def np_topk_sets(s, t, k, strategy, ts, tt):
   for idx in np.ndindex(*p.shape[:-1]):
     sp = set(np.argsort(-p[idx], kind="stable")[:k].tolist())
     sq = set(np.argsort(-q[idx], kind="stable")[:k].tolist())
-    out[idx] = {"student": sp, "teacher": sq, "union": sp | sq,
-                "intersection": sp & sq}[strategy]
+    out[idx] = {"student": sp, "teacher": sq, "union": sp | sq, "intersection": sp & sq}[strategy]
   return out
 
 
-def ref_topk_opd(s_sg, s, t, tok, ts, tt, k=16, strategy="student",
-                 weight="student"):
+def ref_topk_opd(s_sg, s, t, tok, ts, tt, k=16, strategy="student", weight="student"):
   lp, lq = np_log_softmax(s, ts), np_log_softmax(t, tt)
   lp_sg = np_log_softmax(s_sg, ts)
   if k == 0:
@@ -138,8 +135,11 @@ def ref_topk_opd(s_sg, s, t, tok, ts, tt, k=16, strategy="student",
     if not cand:
       continue
     p_s, q_s = np.exp(lp_sg[idx][cand]), np.exp(lq[idx][cand])
-    w = {"student": p_s / p_s.sum(), "teacher": q_s / q_s.sum(),
-         "none": np.full(len(cand), 1.0 / len(cand))}[weight]
+    w = {
+      "student": p_s / p_s.sum(),
+      "teacher": q_s / q_s.sum(),
+      "none": np.full(len(cand), 1.0 / len(cand)),
+    }[weight]
     r = -w * (lp_sg[idx][cand] - lq[idx][cand])
     out[idx] = -(r * lp[idx][cand]).sum()
   return out
@@ -154,8 +154,7 @@ def ref_sft(s_sg, s, t, tok, ts, tt):
 ON_POLICY = np.array([[True] * C, [False] * C])
 
 
-def ref_distillm2(s_sg, s, t, tok, ts, tt, alpha_teacher=0.1, alpha_student=0.1,
-                  beta=1.0):
+def ref_distillm2(s_sg, s, t, tok, ts, tt, alpha_teacher=0.1, alpha_student=0.1, beta=1.0):
   p, q = np.exp(np_log_softmax(s, ts)), np.exp(np_log_softmax(t, tt))
   p_sg = np.exp(np_log_softmax(s_sg, ts))
   teacher = np_kl(np_log(q), np_log(alpha_teacher * q + (1 - alpha_teacher) * p))
@@ -187,34 +186,61 @@ def ref_akl(s_sg, s, t, tok, ts, tt, mu=0.5):
 
 
 REFS = {
-    "forward_kl": ref_forward_kl, "reverse_kl": ref_reverse_kl,
-    "jsd": ref_jsd, "skew_kl": ref_skew_kl, "skew_rkl": ref_skew_rkl,
-    "tvd": ref_tvd, "k1": ref_k1, "sampled_reverse_kl": ref_k1,
-    "k2": ref_k2, "k3": ref_k3, "topk_opd": ref_topk_opd, "sft": ref_sft,
-    "distillm2": ref_distillm2, "todi": ref_todi, "akl": ref_akl,
+  "forward_kl": ref_forward_kl,
+  "reverse_kl": ref_reverse_kl,
+  "jsd": ref_jsd,
+  "skew_kl": ref_skew_kl,
+  "skew_rkl": ref_skew_rkl,
+  "tvd": ref_tvd,
+  "k1": ref_k1,
+  "sampled_reverse_kl": ref_k1,
+  "k2": ref_k2,
+  "k3": ref_k3,
+  "topk_opd": ref_topk_opd,
+  "sft": ref_sft,
+  "distillm2": ref_distillm2,
+  "todi": ref_todi,
+  "akl": ref_akl,
 }
 
 CASES = [
-    ("forward_kl", {}), ("reverse_kl", {}),
-    ("jsd", {}), ("jsd", {"beta": 0.0}), ("jsd", {"beta": 0.2}),
-    ("jsd", {"beta": 1.0}),
-    ("skew_kl", {}), ("skew_kl", {"alpha": 0.4}), ("skew_kl", {"alpha": 0.0}),
-    ("skew_rkl", {}), ("skew_rkl", {"alpha": 0.4}),
-    ("tvd", {}),
-    ("k1", {}), ("k1", {"mode": "direct"}), ("sampled_reverse_kl", {}),
-    ("k2", {}), ("k2", {"mode": "reward"}),
-    ("k3", {}), ("k3", {"mode": "reward"}),
-    ("topk_opd", {"k": 0}), ("topk_opd", {"k": 3}), ("topk_opd", {"k": V}),
-    ("topk_opd", {"k": 3, "strategy": "teacher", "weight": "teacher"}),
-    ("topk_opd", {"k": 3, "strategy": "union", "weight": "none"}),
-    ("topk_opd", {"k": 4, "strategy": "intersection", "weight": "student"}),
-    ("topk_opd", {"k": 2, "strategy": "intersection", "weight": "none"}),
-    ("topk_opd", {"k": 3, "strategy": "union", "weight": "teacher"}),
-    ("sft", {}),
-    ("distillm2", {}), ("distillm2", {"alpha_teacher": 0.3, "alpha_student": 0.0}),
-    ("distillm2", {"beta": 1.5, "alpha_student": 0.4}),
-    ("todi", {}), ("todi", {"beta": 2.5}), ("todi", {"beta": 0.0}),
-    ("akl", {}), ("akl", {"mu": 0.2}), ("akl", {"mu": 0.9}),
+  ("forward_kl", {}),
+  ("reverse_kl", {}),
+  ("jsd", {}),
+  ("jsd", {"beta": 0.0}),
+  ("jsd", {"beta": 0.2}),
+  ("jsd", {"beta": 1.0}),
+  ("skew_kl", {}),
+  ("skew_kl", {"alpha": 0.4}),
+  ("skew_kl", {"alpha": 0.0}),
+  ("skew_rkl", {}),
+  ("skew_rkl", {"alpha": 0.4}),
+  ("tvd", {}),
+  ("k1", {}),
+  ("k1", {"mode": "direct"}),
+  ("sampled_reverse_kl", {}),
+  ("k2", {}),
+  ("k2", {"mode": "reward"}),
+  ("k3", {}),
+  ("k3", {"mode": "reward"}),
+  ("topk_opd", {"k": 0}),
+  ("topk_opd", {"k": 3}),
+  ("topk_opd", {"k": V}),
+  ("topk_opd", {"k": 3, "strategy": "teacher", "weight": "teacher"}),
+  ("topk_opd", {"k": 3, "strategy": "union", "weight": "none"}),
+  ("topk_opd", {"k": 4, "strategy": "intersection", "weight": "student"}),
+  ("topk_opd", {"k": 2, "strategy": "intersection", "weight": "none"}),
+  ("topk_opd", {"k": 3, "strategy": "union", "weight": "teacher"}),
+  ("sft", {}),
+  ("distillm2", {}),
+  ("distillm2", {"alpha_teacher": 0.3, "alpha_student": 0.0}),
+  ("distillm2", {"beta": 1.5, "alpha_student": 0.4}),
+  ("todi", {}),
+  ("todi", {"beta": 2.5}),
+  ("todi", {"beta": 0.0}),
+  ("akl", {}),
+  ("akl", {"mu": 0.2}),
+  ("akl", {"mu": 0.9}),
 ]
 CASE_IDS = [f"{n}-{kw}" for n, kw in CASES]
 
@@ -225,10 +251,10 @@ def _rows(name):
 
 
 def _call(name, kwargs, s, t, tok, ts, tt):
-  fn = losses.get_loss(name, dict(kwargs, student_temperature=ts,
-                                  teacher_temperature=tt))
-  return fn(jnp.asarray(s), None if name == "sft" else jnp.asarray(t),
-            jnp.asarray(tok), **_rows(name))
+  fn = losses.get_loss(name, dict(kwargs, student_temperature=ts, teacher_temperature=tt))
+  return fn(
+    jnp.asarray(s), None if name == "sft" else jnp.asarray(t), jnp.asarray(tok), **_rows(name)
+  )
 
 
 def _ref(name, kwargs, s_sg, s, t, tok, ts, tt):
@@ -248,12 +274,12 @@ def test_value_and_grad_match_numpy(name, kwargs, temps):
   c = np.random.default_rng(3).normal(size=(B, C))
   ts, tt = temps
 
-  got, vjp = jax.vjp(lambda s_, t_: _call(name, kwargs, s_, t_, tok, ts, tt),
-                     jnp.asarray(s), jnp.asarray(t))
+  got, vjp = jax.vjp(
+    lambda s_, t_: _call(name, kwargs, s_, t_, tok, ts, tt), jnp.asarray(s), jnp.asarray(t)
+  )
   got = np.asarray(got)
   assert got.shape == (B, C) and got.dtype == np.float32
-  np.testing.assert_allclose(got, _ref(name, kwargs, s, s, t, tok, ts, tt),
-                             rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(got, _ref(name, kwargs, s, s, t, tok, ts, tt), rtol=2e-5, atol=2e-5)
 
   g_s, g_t = (np.asarray(g) for g in vjp(jnp.asarray(c, jnp.float32)))
   assert np.all(np.isfinite(g_s))
@@ -285,8 +311,9 @@ def test_logits_value_and_grad_matches_autodiff(name, kwargs, temps):
   t_in = None if name == "sft" else jnp.asarray(t)
   rows = _rows(name)
   want, vjp = jax.vjp(lambda s_: fn(s_, t_in, jnp.asarray(tok), **rows), jnp.asarray(s))
-  got, g = jax.jit(losses.logits_value_and_grad(fn))(jnp.asarray(s), t_in, jnp.asarray(tok), c,
-                                                     **rows)
+  got, g = jax.jit(losses.logits_value_and_grad(fn))(
+    jnp.asarray(s), t_in, jnp.asarray(tok), c, **rows
+  )
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(g, vjp(c)[0], rtol=1e-5, atol=1e-6)
   assert np.all(np.asarray(g)[..., PAD] == 0)
@@ -316,8 +343,7 @@ def test_no_nan_extreme_temperatures():
   tok = jnp.argmax(s, -1).astype(jnp.int32)  # a likely student sample
   for name, kwargs in CASES:
     for ts, tt in [(0.05, 3.0), (3.0, 0.05)]:
-      fn = losses.get_loss(name, dict(kwargs, student_temperature=ts,
-                                      teacher_temperature=tt))
+      fn = losses.get_loss(name, dict(kwargs, student_temperature=ts, teacher_temperature=tt))
       val, g = jax.value_and_grad(lambda x: jnp.sum(fn(x, t, tok, **_rows(name))))(s)
       assert np.isfinite(val), (name, kwargs, ts, tt)
       assert np.all(np.isfinite(g)), (name, kwargs, ts, tt)
@@ -332,9 +358,10 @@ def test_under_jit_and_chunked():
 
   def step(s_):
     w = losses.aggregate_weights(mask, "sequence_mean")
-    return sum(jnp.sum(w[:, i:i + 2] * fn(s_[:, i:i + 2], t[:, i:i + 2],
-                                           tok[:, i:i + 2]))
-               for i in range(0, C, 2))
+    return sum(
+      jnp.sum(w[:, i : i + 2] * fn(s_[:, i : i + 2], t[:, i : i + 2], tok[:, i : i + 2]))
+      for i in range(0, C, 2)
+    )
 
   whole = lambda s_: losses.aggregate(fn(s_, t, tok), mask, "sequence_mean")
   val, g = jax.jit(jax.value_and_grad(step))(jnp.asarray(s))
@@ -350,37 +377,39 @@ def test_under_jit_and_chunked():
 
 def _per_token_grads(fn, s, t):
   """[V_real, B, C, V]: ∇_s Σ_{b,c} loss(y at every position)."""
+
   def grad_for(y):
     tok = jnp.full((B, C), y, jnp.int32)
     return jax.grad(lambda x: jnp.sum(fn(x, t, tok)))(s)
+
   return jax.jit(jax.vmap(grad_for))(jnp.asarray(REAL))
 
 
 def _full_grad(name, s, t, ts, tt):
-  fn = losses.get_loss(name, {"student_temperature": ts,
-                              "teacher_temperature": tt})
+  fn = losses.get_loss(name, {"student_temperature": ts, "teacher_temperature": tt})
   return np.asarray(jax.grad(lambda x: jnp.sum(fn(x, t)))(s))
 
 
 @pytest.mark.parametrize("temps", [(0.7, 1.6)], ids=str)
-@pytest.mark.parametrize("name,kwargs,target", [
+@pytest.mark.parametrize(
+  "name,kwargs,target",
+  [
     ("k1", {"mode": "reward"}, "reverse_kl"),
     ("k2", {"mode": "direct"}, "reverse_kl"),
     ("k3", {"mode": "direct"}, "forward_kl"),
     ("topk_opd", {"k": 0}, "reverse_kl"),
     ("k1", {"mode": "direct"}, None),  # E_p[∇ log p] = 0
-])
+  ],
+)
 def test_estimator_exact_expectation(name, kwargs, target, temps):
   s, t, _ = _inputs(5)
   s, t = jnp.asarray(s), jnp.asarray(t)
   ts, tt = temps
-  fn = losses.get_loss(name, dict(kwargs, student_temperature=ts,
-                                  teacher_temperature=tt))
+  fn = losses.get_loss(name, dict(kwargs, student_temperature=ts, teacher_temperature=tt))
   grads = _per_token_grads(fn, s, t)
   p = np.exp(np_log_softmax(s, ts))[..., list(REAL)]  # [B, C, V_real]
   expect = np.einsum("ybcv,bcy->bcv", np.asarray(grads, np.float64), p)
-  want = (np.zeros_like(expect) if target is None
-          else _full_grad(target, s, t, ts, tt))
+  want = np.zeros_like(expect) if target is None else _full_grad(target, s, t, ts, tt)
   np.testing.assert_allclose(expect, want, atol=1e-5, rtol=1e-5)
 
 
@@ -394,13 +423,13 @@ def test_k1_reward_monte_carlo():
   ts, tt = 0.8, 1.2
   s, t, _ = _inputs(6)
   s, t = jnp.asarray(s), jnp.asarray(t)
-  fn = losses.get_loss("k1", {"student_temperature": ts,
-                              "teacher_temperature": tt})
+  fn = losses.get_loss("k1", {"student_temperature": ts, "teacher_temperature": tt})
   p = np.exp(np_log_softmax(s, ts))
   rng = np.random.default_rng(0)
   # Counts of n iid draws y ~ p at each position (= sampling, then counting).
-  counts = np.stack([rng.multinomial(n, p[idx] / p[idx].sum())
-                     for idx in np.ndindex(B, C)]).reshape(B, C, V)
+  counts = np.stack(
+    [rng.multinomial(n, p[idx] / p[idx].sum()) for idx in np.ndindex(B, C)]
+  ).reshape(B, C, V)
   assert counts[..., PAD].sum() == 0
   freq = counts[..., list(REAL)] / n
   g = np.asarray(_per_token_grads(fn, s, t), np.float64)  # [Vr, B, C, V]
@@ -424,25 +453,24 @@ def test_topk_full_vocab_grad_equals_reverse_kl(k, temps):
   s, t, tok = _inputs(7)
   s, t = jnp.asarray(s), jnp.asarray(t)
   ts, tt = temps
-  fn = losses.get_loss("topk_opd", {"k": k, "student_temperature": ts,
-                                    "teacher_temperature": tt})
+  fn = losses.get_loss("topk_opd", {"k": k, "student_temperature": ts, "teacher_temperature": tt})
   g = jax.grad(lambda x: jnp.sum(fn(x, t, tok)))(s)
-  np.testing.assert_allclose(g, _full_grad("reverse_kl", s, t, ts, tt),
-                             atol=1e-6, rtol=1e-5)
+  np.testing.assert_allclose(g, _full_grad("reverse_kl", s, t, ts, tt), atol=1e-6, rtol=1e-5)
   # The surrogate value is not the KL value.
   kl = losses.reverse_kl(s, t, student_temperature=ts, teacher_temperature=tt)
   assert not np.allclose(fn(s, t, tok), kl)
 
 
-@pytest.mark.parametrize("strategy", ["student", "teacher", "union",
-                                      "intersection"])
+@pytest.mark.parametrize("strategy", ["student", "teacher", "union", "intersection"])
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_topk_support_mask_matches_numpy_sets(strategy, k):
   s, t, _ = _inputs(8)
   ts, tt = 0.9, 1.3
-  mask = np.asarray(losses.topk_support_mask(
-      s, t, k=k, strategy=strategy, student_temperature=ts,
-      teacher_temperature=tt))
+  mask = np.asarray(
+    losses.topk_support_mask(
+      s, t, k=k, strategy=strategy, student_temperature=ts, teacher_temperature=tt
+    )
+  )
   sets = np_topk_sets(s, t, k, strategy, ts, tt)
   for idx in np.ndindex(B, C):
     assert set(np.flatnonzero(mask[idx]).tolist()) == sets[idx], idx
@@ -452,8 +480,7 @@ def test_topk_intersection_can_be_empty():
   s, t, tok = _inputs(9)
   t = -s  # teacher's top-1 is the student's bottom-1
   t[..., PAD] = -1e30
-  out = losses.topk_opd(jnp.asarray(s), jnp.asarray(t), tok, k=1,
-                        strategy="intersection")
+  out = losses.topk_opd(jnp.asarray(s), jnp.asarray(t), tok, k=1, strategy="intersection")
   assert np.all(np.asarray(out) == 0)
 
 
@@ -466,8 +493,8 @@ def test_jsd_endpoints_equal_kls():
     g = functools.partial(other, **kw)
     np.testing.assert_array_equal(f(s, t, tok), g(s, t, tok))
     np.testing.assert_array_equal(
-        jax.grad(lambda x: jnp.sum(f(x, t, tok)))(s),
-        jax.grad(lambda x: jnp.sum(g(x, t, tok)))(s))
+      jax.grad(lambda x: jnp.sum(f(x, t, tok)))(s), jax.grad(lambda x: jnp.sum(g(x, t, tok)))(s)
+    )
 
 
 def test_jsd_half_is_symmetric_js():
@@ -477,8 +504,7 @@ def test_jsd_half_is_symmetric_js():
   b = np.asarray(losses.jsd(t, s, tok))
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert np.all(a <= np.log(2) + 1e-6) and np.all(a >= 0)
-  np.testing.assert_allclose(a, ref_jsd(s, s, t, tok, 1.0, 1.0, beta=0.5),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(a, ref_jsd(s, s, t, tok, 1.0, 1.0, beta=0.5), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -492,17 +518,17 @@ def _np_aggregate(l, m, mode, normalizer=None):
     return (l * m).sum() / max(m.sum(), 1.0)
   if mode == "constant":
     return (l * m).sum() / normalizer
-  means = [(l[b] * m[b]).sum() / m[b].sum() for b in range(l.shape[0])
-           if m[b].sum() > 0]
+  means = [(l[b] * m[b]).sum() / m[b].sum() for b in range(l.shape[0]) if m[b].sum() > 0]
   return float(np.mean(means)) if means else 0.0
 
 
-@pytest.mark.parametrize("mode,normalizer", [
-    ("token_mean", None), ("sequence_mean", None), ("constant", 7.0)])
+@pytest.mark.parametrize(
+  "mode,normalizer", [("token_mean", None), ("sequence_mean", None), ("constant", 7.0)]
+)
 def test_aggregate_matches_numpy(mode, normalizer):
   rng = np.random.default_rng(12)
   l = rng.normal(size=(4, 9)).astype(np.float32)
-  m = (rng.random((4, 9)) < 0.6)
+  m = rng.random((4, 9)) < 0.6
   m[1] = False  # a sequence with no tokens
   m[2, 0] = True
   l[~m] = np.nan  # masked positions may hold garbage
@@ -513,7 +539,7 @@ def test_aggregate_matches_numpy(mode, normalizer):
   w = np.asarray(losses.aggregate_weights(m, mode, normalizer))
   lz = np.where(m, l, 0.0)
   np.testing.assert_allclose((w * lz).sum(), want, rtol=1e-6)
-  chunked = sum((w[:, i:i + 4] * lz[:, i:i + 4]).sum() for i in (0, 4, 8))
+  chunked = sum((w[:, i : i + 4] * lz[:, i : i + 4]).sum() for i in (0, 4, 8))
   np.testing.assert_allclose(chunked, want, rtol=1e-6)
   # All-masked input: 0, not NaN.
   assert float(losses.aggregate(l, np.zeros_like(m), mode, normalizer)) == 0.0
@@ -557,12 +583,18 @@ def test_bad_kwarg_lists_keys():
     assert repr(key) in str(e.value)
 
 
-@pytest.mark.parametrize("name,kwargs", [
-    ("k1", {"mode": "bogus"}), ("topk_opd", {"strategy": "only_stu"}),
-    ("topk_opd", {"weight": "student_p"}), ("topk_opd", {"k": -1}),
-    ("jsd", {"beta": 1.5}), ("skew_kl", {"alpha": -0.1}),
+@pytest.mark.parametrize(
+  "name,kwargs",
+  [
+    ("k1", {"mode": "bogus"}),
+    ("topk_opd", {"strategy": "only_stu"}),
+    ("topk_opd", {"weight": "student_p"}),
+    ("topk_opd", {"k": -1}),
+    ("jsd", {"beta": 1.5}),
+    ("skew_kl", {"alpha": -0.1}),
     ("reverse_kl", {"student_temperature": 0.0}),
-])
+  ],
+)
 def test_bad_values_fail_at_get_loss(name, kwargs):
   with pytest.raises(ValueError):
     losses.get_loss(name, kwargs)
@@ -575,7 +607,7 @@ def test_needs_teacher():
   assert losses.needs_teacher("topk_opd")
   with pytest.raises(ValueError):
     losses.needs_teacher("nope")
-  with pytest.raises(ValueError, match="unknown fact"):   # a typo is not a silent default
+  with pytest.raises(ValueError, match="unknown fact"):  # a typo is not a silent default
     losses.LOSSES.register("not_a_loss", needs_techer=False)
 
 
@@ -589,15 +621,26 @@ def test_distillm2_picks_its_term_per_row():
   value as skew_rkl); teacher rows: (2 − β)·skew KL, exactly skew_kl."""
   s, t, tok = (jnp.asarray(a) for a in _inputs(14))
   kw = {"student_temperature": 0.8, "teacher_temperature": 1.2}
-  out = losses.distillm2(s, t, tok, on_policy=jnp.asarray(ON_POLICY), alpha_teacher=0.2,
-                         alpha_student=0.3, beta=1.25, **kw)
+  out = losses.distillm2(
+    s,
+    t,
+    tok,
+    on_policy=jnp.asarray(ON_POLICY),
+    alpha_teacher=0.2,
+    alpha_student=0.3,
+    beta=1.25,
+    **kw,
+  )
   skl = losses.skew_kl(s, t, alpha=0.2, **kw)
   srkl = losses.skew_rkl(s, t, alpha=0.3, **kw)
   np.testing.assert_allclose(out[0], 1.25 * srkl[0], rtol=1e-6)
   np.testing.assert_allclose(out[1], 0.75 * skl[1], rtol=1e-6)
   # The detached mixture changes the reverse term's gradient vs skew_rkl.
-  g = jax.grad(lambda x: jnp.sum(losses.distillm2(
-      x, t, on_policy=jnp.asarray(ON_POLICY), alpha_student=0.3, **kw)[0]))(s)
+  g = jax.grad(
+    lambda x: jnp.sum(
+      losses.distillm2(x, t, on_policy=jnp.asarray(ON_POLICY), alpha_student=0.3, **kw)[0]
+    )
+  )(s)
   g_rkl = jax.grad(lambda x: jnp.sum(losses.skew_rkl(x, t, alpha=0.3, **kw)[0]))(s)
   assert not np.allclose(g, g_rkl)
   with pytest.raises(ValueError, match="on_policy"):
@@ -609,6 +652,7 @@ def test_row_role_is_not_a_setting():
   with pytest.raises(ValueError, match="unknown argument"):
     losses.get_loss("distillm2", {"on_policy": True})
   from opd_jax import configs_lib
+
   assert "on_policy" not in configs_lib.loss_config("distillm2")
   assert configs_lib.loss_config("distillm2").alpha_student == 0.1
 
@@ -624,7 +668,7 @@ def test_todi_endpoints():
 
 def test_akl_head_mask_matches_official_sort():
   s, t, _ = _inputs(16)
-  for mu in (0.0, 0.3, 0.5, 0.95):   # (μ = 1: f32 vs f64 rounding of Σq)
+  for mu in (0.0, 0.3, 0.5, 0.95):  # (μ = 1: f32 vs f64 rounding of Σq)
     got = np.asarray(losses.akl_head_mask(jnp.asarray(t), mu=mu, teacher_temperature=1.3))
     q = np.exp(np_log_softmax(t, 1.3))
     order = np.argsort(-q, axis=-1, kind="stable")

@@ -9,7 +9,6 @@ import pytest
 
 from opd_jax import metrics
 
-
 # ----------------------------------------------------------------------------
 # float64 numpy reference
 # ----------------------------------------------------------------------------
@@ -44,27 +43,27 @@ def ref_token_metrics(s_logits, t_logits, tokens, k):
     hp, hq = -(p * logp).sum(), -(q * logq).sum()
     log_r = logq[y] - logp[y]
     vals = {
-        "overlap_ratio": len(inter) / kk,
-        "overlap_count": len(inter),
-        "nonoverlap_count": len(non),
-        "overlap_mass_student": p[inter].sum(),
-        "overlap_mass_teacher": q[inter].sum(),
-        "topk_mass_student": p[S].sum(),
-        "topk_mass_teacher": q[T].sum(),
-        "overlap_advantage": np.mean([adv[v] for v in inter]) if inter else 0.0,
-        "overlap_advantage_sum": sum(adv[v] for v in inter),
-        "nonoverlap_advantage": np.mean([adv[v] for v in non]) if non else 0.0,
-        "nonoverlap_advantage_sum": sum(adv[v] for v in non),
-        "entropy_student": hp,
-        "entropy_teacher": hq,
-        "entropy_gap": abs(hq - hp),
-        "student_logprob": logp[y],
-        "teacher_logprob": logq[y],
-        "reverse_kl": (p * (logp - logq)).sum(),
-        "k1": -log_r,
-        "k2": 0.5 * log_r**2,
-        "k3": np.expm1(log_r) - log_r,
-        "topk_kl": -sum(adv.values()),
+      "overlap_ratio": len(inter) / kk,
+      "overlap_count": len(inter),
+      "nonoverlap_count": len(non),
+      "overlap_mass_student": p[inter].sum(),
+      "overlap_mass_teacher": q[inter].sum(),
+      "topk_mass_student": p[S].sum(),
+      "topk_mass_teacher": q[T].sum(),
+      "overlap_advantage": np.mean([adv[v] for v in inter]) if inter else 0.0,
+      "overlap_advantage_sum": sum(adv[v] for v in inter),
+      "nonoverlap_advantage": np.mean([adv[v] for v in non]) if non else 0.0,
+      "nonoverlap_advantage_sum": sum(adv[v] for v in non),
+      "entropy_student": hp,
+      "entropy_teacher": hq,
+      "entropy_gap": abs(hq - hp),
+      "student_logprob": logp[y],
+      "teacher_logprob": logq[y],
+      "reverse_kl": (p * (logp - logq)).sum(),
+      "k1": -log_r,
+      "k2": 0.5 * log_r**2,
+      "k3": np.expm1(log_r) - log_r,
+      "topk_kl": -sum(adv.values()),
     }
     for name, v in vals.items():
       out[name][idx] = v
@@ -101,16 +100,15 @@ def _assert_dict_close(got, want, rtol=1e-4, atol=2e-5, keys=None):
   keys = want.keys() if keys is None else keys
   for name in keys:
     np.testing.assert_allclose(
-        np.asarray(got[name], np.float64), want[name], rtol=rtol, atol=atol,
-        err_msg=name)
+      np.asarray(got[name], np.float64), want[name], rtol=rtol, atol=atol, err_msg=name
+    )
 
 
 _jit_token_metrics = jax.jit(metrics.token_metrics, static_argnames="k")
 _jit_accumulate = jax.jit(
-    metrics.accumulate,
-    static_argnames=("chunk_len", "num_chunks", "position_keys"))
-_jit_finalize_array = jax.jit(metrics.finalize_array,
-                              static_argnames="empty_value")
+  metrics.accumulate, static_argnames=("chunk_len", "num_chunks", "position_keys")
+)
+_jit_finalize_array = jax.jit(metrics.finalize_array, static_argnames="empty_value")
 
 
 def _means(per_token, mask, positions=None, **kwargs):
@@ -120,14 +118,15 @@ def _means(per_token, mask, positions=None, **kwargs):
   values = np.asarray(_jit_finalize_array(sums, empty_value=empty_value))
   return dict(zip(metrics.finalize_names(sums), values))
 
+
 # ----------------------------------------------------------------------------
 # token_metrics
 # ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "shape,k",
-    [((2, 3, 37), 5), ((2, 3, 37), 1), ((2, 3, 37), 37), ((2, 3, 37), 40)])
+  "shape,k", [((2, 3, 37), 5), ((2, 3, 37), 1), ((2, 3, 37), 37), ((2, 3, 37), 40)]
+)
 def test_token_metrics_match_numpy(shape, k):
   rng = np.random.default_rng(sum(shape) + k)
   s = _random_logits(rng, shape)
@@ -150,12 +149,15 @@ def test_k_at_least_vocab():
   np.testing.assert_array_equal(got["overlap_count"], 37.0)
   np.testing.assert_array_equal(got["nonoverlap_count"], 0.0)
   np.testing.assert_array_equal(got["nonoverlap_advantage"], 0.0)
-  for name in ("overlap_mass_student", "overlap_mass_teacher",
-               "topk_mass_student", "topk_mass_teacher"):
+  for name in (
+    "overlap_mass_student",
+    "overlap_mass_teacher",
+    "topk_mass_student",
+    "topk_mass_teacher",
+  ):
     np.testing.assert_allclose(got[name], 1.0, rtol=1e-5, err_msg=name)
   # Full-vocabulary top-k OPD estimate is the exact KL.
-  np.testing.assert_allclose(got["topk_kl"], got["reverse_kl"], rtol=1e-4,
-                             atol=1e-5)
+  np.testing.assert_allclose(got["topk_kl"], got["reverse_kl"], rtol=1e-4, atol=1e-5)
 
 
 def test_ties_lower_index_first():
@@ -166,11 +168,9 @@ def test_ties_lower_index_first():
   got = _jit_token_metrics(s, t, tokens, k=3)
   np.testing.assert_array_equal(got["overlap_count"], 2.0)
   np.testing.assert_allclose(got["overlap_ratio"], 2.0 / 3.0, rtol=1e-7)
-  np.testing.assert_allclose(got["overlap_mass_student"], 2.0 / vocab,
-                             rtol=1e-6)
+  np.testing.assert_allclose(got["overlap_mass_student"], 2.0 / vocab, rtol=1e-6)
   q = np.exp(_log_softmax(t[0, 0].astype(np.float64)))
-  np.testing.assert_allclose(got["overlap_mass_teacher"], q[1] + q[2],
-                             rtol=1e-6)
+  np.testing.assert_allclose(got["overlap_mass_teacher"], q[1] + q[2], rtol=1e-6)
   np.testing.assert_allclose(got["topk_mass_teacher"], q[1:4].sum(), rtol=1e-6)
   _assert_dict_close(got, ref_token_metrics(s, t, tokens, 3))
 
@@ -191,13 +191,20 @@ def test_student_equals_teacher():
   tokens = rng.integers(0, 37, (2, 3)).astype(np.int32)
   got = _jit_token_metrics(s, s, tokens, k=5)
   np.testing.assert_array_equal(got["overlap_ratio"], 1.0)
-  np.testing.assert_array_equal(got["overlap_mass_student"],
-                                got["topk_mass_student"])
-  np.testing.assert_array_equal(got["overlap_mass_teacher"],
-                                got["topk_mass_teacher"])
-  for name in ("entropy_gap", "reverse_kl", "overlap_advantage",
-               "overlap_advantage_sum", "nonoverlap_advantage",
-               "nonoverlap_advantage_sum", "k1", "k2", "k3", "topk_kl"):
+  np.testing.assert_array_equal(got["overlap_mass_student"], got["topk_mass_student"])
+  np.testing.assert_array_equal(got["overlap_mass_teacher"], got["topk_mass_teacher"])
+  for name in (
+    "entropy_gap",
+    "reverse_kl",
+    "overlap_advantage",
+    "overlap_advantage_sum",
+    "nonoverlap_advantage",
+    "nonoverlap_advantage_sum",
+    "k1",
+    "k2",
+    "k3",
+    "topk_kl",
+  ):
     np.testing.assert_array_equal(got[name], 0.0, err_msg=name)
 
 
@@ -214,13 +221,21 @@ def test_padded_vocab_columns(k):
   for name, v in got.items():
     assert np.all(np.isfinite(v)), name
   unpadded = _jit_token_metrics(s, t, tokens, k=min(k, real))
-  same = [n for n in metrics.TOKEN_METRIC_KEYS
-          if k <= real or n not in ("overlap_ratio", "overlap_count",
-                                    "nonoverlap_count", "nonoverlap_advantage",
-                                    "overlap_advantage")]
+  same = [
+    n
+    for n in metrics.TOKEN_METRIC_KEYS
+    if k <= real
+    or n
+    not in (
+      "overlap_ratio",
+      "overlap_count",
+      "nonoverlap_count",
+      "nonoverlap_advantage",
+      "overlap_advantage",
+    )
+  ]
   for name in same:
-    np.testing.assert_allclose(got[name], unpadded[name], rtol=1e-5, atol=1e-6,
-                               err_msg=name)
+    np.testing.assert_allclose(got[name], unpadded[name], rtol=1e-5, atol=1e-6, err_msg=name)
   if k > real:
     # Padded picks coincide in S and T (same columns, lower index first).
     np.testing.assert_array_equal(got["overlap_ratio"], 1.0)
@@ -242,8 +257,10 @@ def test_k1_k3_unbiased_under_student_sampling():
   s_rep = np.broadcast_to(s, (3, 24, vocab))
   t_rep = np.broadcast_to(t, (3, 24, vocab))
   tokens = (np.arange(72) % vocab).reshape(3, 24).astype(np.int32)
-  got = {n: np.asarray(v, np.float64).reshape(-1)[:vocab]
-         for n, v in _jit_token_metrics(s_rep, t_rep, tokens, k=5).items()}
+  got = {
+    n: np.asarray(v, np.float64).reshape(-1)[:vocab]
+    for n, v in _jit_token_metrics(s_rep, t_rep, tokens, k=5).items()
+  }
   p = np.exp(got["student_logprob"])
   np.testing.assert_allclose(p.sum(), 1.0, rtol=1e-5)
   kl = got["reverse_kl"][0]
@@ -290,8 +307,7 @@ def test_masked_means_match_numpy():
   _assert_dict_close(got, want, rtol=1e-4, atol=1e-5)
   # Float token weights are honoured.
   w = np.where(mask, np.linspace(0.5, 2.0, mask.size).reshape(mask.shape), 0.0)
-  _assert_dict_close(_means(per_token, w), ref_masked_means(per_token, w),
-                     rtol=1e-4, atol=1e-5)
+  _assert_dict_close(_means(per_token, w), ref_masked_means(per_token, w), rtol=1e-4, atol=1e-5)
 
 
 def test_public_wrappers():
@@ -299,19 +315,40 @@ def test_public_wrappers():
   s, t, tokens, mask = _random_batch(11)
   per_token = _jit_token_metrics(s, t, tokens, k=5)
   # A few keys keep the number of jit outputs (and compile time) small.
-  per_token = {n: per_token[n] for n in (
-      "overlap_ratio", "reverse_kl", "k1", "overlap_advantage_sum",
-      "overlap_count", "overlap_advantage")}
+  per_token = {
+    n: per_token[n]
+    for n in (
+      "overlap_ratio",
+      "reverse_kl",
+      "k1",
+      "overlap_advantage_sum",
+      "overlap_count",
+      "overlap_advantage",
+    )
+  }
   positions = np.broadcast_to(np.arange(24), mask.shape)
   got = jax.jit(metrics.masked_means)(per_token, mask)
   want = _means(per_token, mask)
-  assert set(got) == set(want) == {
-      "num_tokens", "overlap_ratio", "reverse_kl", "k1", "overlap_count",
-      "overlap_advantage_sum", "overlap_advantage", "k1_bias", "k1_mse",
-      "k1_var"}
+  assert (
+    set(got)
+    == set(want)
+    == {
+      "num_tokens",
+      "overlap_ratio",
+      "reverse_kl",
+      "k1",
+      "overlap_count",
+      "overlap_advantage_sum",
+      "overlap_advantage",
+      "k1_bias",
+      "k1_mse",
+      "k1_var",
+    }
+  )
   _assert_dict_close(got, want, rtol=1e-6, atol=1e-7)
   got = jax.jit(metrics.position_chunk_means, static_argnums=(3, 4))(
-      per_token, mask, positions, 8, 3)
+    per_token, mask, positions, 8, 3
+  )
   want = _means(per_token, mask, positions, chunk_len=8, num_chunks=3)
   assert set(got) == {n for n in want if "/pos_" in n}
   _assert_dict_close(got, want, rtol=1e-6, atol=1e-7, keys=got.keys())
@@ -319,12 +356,12 @@ def test_public_wrappers():
 
 def test_pooled_advantage_is_candidate_weighted():
   per_token = {
-      "overlap_advantage_sum": jnp.array([[3.0, 1.0, 0.0]]),
-      "overlap_count": jnp.array([[3.0, 1.0, 0.0]]),
-      "overlap_advantage": jnp.array([[1.0, 1.0, 0.0]]),
-      "nonoverlap_advantage_sum": jnp.array([[0.0, 0.0, 4.0]]),
-      "nonoverlap_count": jnp.array([[0.0, 2.0, 3.0]]),
-      "nonoverlap_advantage": jnp.array([[0.0, 0.0, 4.0 / 3.0]]),
+    "overlap_advantage_sum": jnp.array([[3.0, 1.0, 0.0]]),
+    "overlap_count": jnp.array([[3.0, 1.0, 0.0]]),
+    "overlap_advantage": jnp.array([[1.0, 1.0, 0.0]]),
+    "nonoverlap_advantage_sum": jnp.array([[0.0, 0.0, 4.0]]),
+    "nonoverlap_count": jnp.array([[0.0, 2.0, 3.0]]),
+    "nonoverlap_advantage": jnp.array([[0.0, 0.0, 4.0 / 3.0]]),
   }
   got = _means(per_token, jnp.ones((1, 3)))
   np.testing.assert_allclose(got["overlap_advantage"], 4.0 / 4.0)
@@ -358,9 +395,9 @@ def test_position_chunks_weighted_average_equals_overall():
     if name in metrics.RATIO_METRICS:
       continue
     means = np.array([got[f"{name}/pos_{a}_{b}"] for a, b in bounds])
-    np.testing.assert_allclose((counts * means).sum() / counts.sum(),
-                               overall[name], rtol=1e-5, atol=1e-6,
-                               err_msg=name)
+    np.testing.assert_allclose(
+      (counts * means).sum() / counts.sum(), overall[name], rtol=1e-5, atol=1e-6, err_msg=name
+    )
   # Each chunk mean is an exact masked mean over its positions.
   for a, b in bounds:
     sub = mask & (positions >= a) & (positions < b)
@@ -373,20 +410,21 @@ def test_position_chunks_exclude_beyond_last_chunk_and_select_keys():
   s, t, tokens, mask = _random_batch(8)
   per_token = _jit_token_metrics(s, t, tokens, k=5)
   positions = np.broadcast_to(np.arange(24), mask.shape)
-  got = _means(per_token, mask, positions, chunk_len=4, num_chunks=2,
-               position_keys=("overlap_ratio", "k1_var"))
+  got = _means(
+    per_token, mask, positions, chunk_len=4, num_chunks=2, position_keys=("overlap_ratio", "k1_var")
+  )
   chunk_keys = {n for n in got if "/pos_" in n}
   assert chunk_keys == {
-      f"{n}/pos_{a}_{b}" for n in ("overlap_ratio", "k1_bias", "k1_mse",
-                                   "k1_var", "num_tokens")
-      for a, b in ((0, 4), (4, 8))}
+    f"{n}/pos_{a}_{b}"
+    for n in ("overlap_ratio", "k1_bias", "k1_mse", "k1_var", "num_tokens")
+    for a, b in ((0, 4), (4, 8))
+  }
   total = got["num_tokens/pos_0_4"] + got["num_tokens/pos_4_8"]
   assert total == (mask & (positions < 8)).sum() < mask.sum()
   sub = mask & (positions >= 4) & (positions < 8)
   want = ref_masked_means(per_token, sub)
   for name in ("overlap_ratio", "k1_var"):
-    np.testing.assert_allclose(got[f"{name}/pos_4_8"], want[name], rtol=1e-4,
-                               atol=1e-6)
+    np.testing.assert_allclose(got[f"{name}/pos_4_8"], want[name], rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError):
     metrics.accumulate(per_token, mask, None, chunk_len=4, num_chunks=2)
 
@@ -409,11 +447,9 @@ def test_chunked_accumulation_equals_one_shot():
   got = metrics.finalize(sums)
   assert set(got) == set(want)
   for name in want:
-    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6,
-                               err_msg=name)
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
   with pytest.raises(ValueError):
-    metrics.merge_sums(sums, metrics.MetricSums(sums.total, sums.weight,
-                                                sums.names[::-1]))
+    metrics.merge_sums(sums, metrics.MetricSums(sums.total, sums.weight, sums.names[::-1]))
   # The accumulator is a pytree with two leaves: usable as a scan carry.
   leaves, treedef = jax.tree_util.tree_flatten(sums)
   assert len(leaves) == 2
@@ -427,9 +463,8 @@ def test_estimator_bias_var_match_numpy():
   kl = np.asarray(per_token["reverse_kl"], np.float64)[mask]
   for est in metrics.ESTIMATORS:
     err = np.asarray(per_token[est], np.float64)[mask] - kl
-    np.testing.assert_allclose(got[f"{est}_bias"], err.mean(), rtol=1e-4,
-                               atol=1e-5, err_msg=est)
-    np.testing.assert_allclose(got[f"{est}_mse"], (err**2).mean(), rtol=1e-4,
-                               atol=1e-5, err_msg=est)
-    np.testing.assert_allclose(got[f"{est}_var"], err.var(), rtol=1e-3,
-                               atol=1e-5, err_msg=est)
+    np.testing.assert_allclose(got[f"{est}_bias"], err.mean(), rtol=1e-4, atol=1e-5, err_msg=est)
+    np.testing.assert_allclose(
+      got[f"{est}_mse"], (err**2).mean(), rtol=1e-4, atol=1e-5, err_msg=est
+    )
+    np.testing.assert_allclose(got[f"{est}_var"], err.var(), rtol=1e-3, atol=1e-5, err_msg=est)

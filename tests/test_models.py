@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from hf_models import left_padded_batch, perturb_params, random_model, tiny_hf_config
+
 from opd_jax.models.config import ModelConfig
 from opd_jax.models.factory import create_model
 from opd_jax.models.transformer import dense, positions_from_mask
@@ -41,10 +41,13 @@ def _mesh():
 # -- KV cache -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("schedule", [
-    (5,) + (1,) * 7,      # prefill, then token-by-token decode (pads included)
-    (5, 7),               # two chunks (crossing prompt / generation)
-])
+@pytest.mark.parametrize(
+  "schedule",
+  [
+    (5,) + (1,) * 7,  # prefill, then token-by-token decode (pads included)
+    (5, 7),  # two chunks (crossing prompt / generation)
+  ],
+)
 @pytest.mark.parametrize("family", ["llama3", "qwen3"])
 def test_kv_cache_matches_full_forward(family, schedule):
   model = random_model(_cfg(family), seed=3)
@@ -70,8 +73,9 @@ def test_kv_cache_matches_full_forward(family, schedule):
 
 
 def test_sharded_create_model_matches_unsharded():
-  cfg = ModelConfig.from_hf_dict(tiny_hf_config("qwen3", num_hidden_layers=1,
-                                                tie_word_embeddings=True))
+  cfg = ModelConfig.from_hf_dict(
+    tiny_hf_config("qwen3", num_hidden_layers=1, tie_word_embeddings=True)
+  )
   sharded = create_model(cfg, seed=0, sharder=Sharder(_mesh()))
   perturb_params(sharded, seed=4)
   embed = sharded.embed[...]
@@ -91,11 +95,13 @@ def test_sharded_create_model_matches_unsharded():
   ids, mask = PROMPT, PMASK
   batch = sharded.sharder.batch(2, ids.shape[0])
   out_sharded = nnx.jit(lambda m, i, k: m(i, k))(
-      sharded, jax.device_put(ids, batch), jax.device_put(mask, batch))
+    sharded, jax.device_put(ids, batch), jax.device_put(mask, batch)
+  )
   assert len(out_sharded.sharding.device_set) == 8
   real = mask == 1
-  np.testing.assert_allclose(np.asarray(out_sharded)[real], np.asarray(plain(ids, mask))[real],
-                             atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+    np.asarray(out_sharded)[real], np.asarray(plain(ids, mask))[real], atol=1e-5, rtol=0
+  )
 
 
 # -- dtypes / remat -------------------------------------------------------------
@@ -135,8 +141,9 @@ def test_remat_same_logits_and_grads():
   flat_b = dict(jax.tree_util.tree_leaves_with_path(gb))
   assert len(flat_a) == len(flat_b) > 0
   for path, g in flat_a:
-    np.testing.assert_allclose(np.asarray(g), np.asarray(flat_b[path]), atol=1e-6,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      np.asarray(g), np.asarray(flat_b[path]), atol=1e-6, err_msg=jax.tree_util.keystr(path)
+    )
   assert any(np.abs(np.asarray(g)).max() > 0 for _, g in flat_a)
 
 
@@ -150,8 +157,9 @@ def test_config_validation_errors():
   with pytest.raises(ValueError, match="unsupported rope_scaling type 'yarn'"):
     base.replace(rope_scaling=(("factor", 4.0), ("rope_type", "yarn")))
   with pytest.raises(ValueError, match="unsupported rope_scaling type 'dynamic'"):
-    ModelConfig.from_hf_dict(tiny_hf_config(
-        "llama", rope_scaling={"type": "dynamic", "factor": 2.0}))
+    ModelConfig.from_hf_dict(
+      tiny_hf_config("llama", rope_scaling={"type": "dynamic", "factor": 2.0})
+    )
   with pytest.raises(ValueError, match="param_dtype"):
     base.replace(param_dtype="int8")
   with pytest.raises(ValueError, match="padded_vocab_size"):
@@ -166,18 +174,26 @@ def test_config_transformers4_and_5_styles_agree():
   new["rope_parameters"] = {**old["rope_scaling"], "rope_theta": old["rope_theta"]}
   a, b = ModelConfig.from_hf_dict(old), ModelConfig.from_hf_dict(new)
   assert a == b and dict(a.rope_scaling)["rope_type"] == "llama3"
-  plain = ModelConfig.from_hf_dict({**new, "rope_parameters": {"rope_type": "default",
-                                                               "rope_theta": 10000.0}})
+  plain = ModelConfig.from_hf_dict(
+    {**new, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+  )
   assert plain.rope_scaling is None
-  assert ModelConfig.from_hf_dict(tiny_hf_config("llama", vocab_size=97),
-                                  vocab_pad_multiple=64).padded_vocab_size == 128
+  assert (
+    ModelConfig.from_hf_dict(
+      tiny_hf_config("llama", vocab_size=97), vocab_pad_multiple=64
+    ).padded_vocab_size
+    == 128
+  )
 
 
-@pytest.mark.parametrize("x_shape,w_shape,n_in,spec", [
-    ((2, 5, 6), (6, 3, 4), 1, "btd,dnh->btnh"),     # q / k / v projection
+@pytest.mark.parametrize(
+  "x_shape,w_shape,n_in,spec",
+  [
+    ((2, 5, 6), (6, 3, 4), 1, "btd,dnh->btnh"),  # q / k / v projection
     ((2, 5, 3, 4), (3, 4, 6), 2, "btnh,nhd->btd"),  # output projection
-    ((7, 6), (6, 9), 1, "td,df->tf"),               # MLP on flat tokens
-])
+    ((7, 6), (6, 9), 1, "td,df->tf"),  # MLP on flat tokens
+  ],
+)
 def test_dense_value_and_gradients_match_einsum(x_shape, w_shape, n_in, spec):
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, x_shape, jnp.float32)
@@ -195,4 +211,4 @@ def test_dense_value_and_gradients_match_einsum(x_shape, w_shape, n_in, spec):
   hv_ref = jax.grad(lambda w: jnp.sum(jax.grad(lambda w: jnp.sum(ref(x, w) ** 2))(w) ** 2))(w)
   np.testing.assert_allclose(hv, hv_ref, rtol=1e-4, atol=1e-4)
   jv = jax.jvp(lambda x: dense(x, w, n_in), (x,), (x,))[1]
-  np.testing.assert_allclose(jv, ref(x, w), rtol=1e-5, atol=1e-5)   # linear in x
+  np.testing.assert_allclose(jv, ref(x, w), rtol=1e-5, atol=1e-5)  # linear in x

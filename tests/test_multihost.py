@@ -14,11 +14,20 @@ import os
 import time
 
 import pytest
-
-from driver_utils import assets, reference_run  # noqa: F401  (fixtures)
-from driver_utils import (PROC_TIMEOUT_S, REQUIRED_STEP_KEYS, Proc, assert_same_metrics,
-                          checkpoint_steps, free_port, last_json_line, read_metrics,
-                          start_driver, step_records)
+from driver_utils import (  # noqa: F401  (fixtures)
+  PROC_TIMEOUT_S,
+  REQUIRED_STEP_KEYS,
+  Proc,
+  assert_same_metrics,
+  assets,
+  checkpoint_steps,
+  free_port,
+  last_json_line,
+  read_metrics,
+  reference_run,
+  start_driver,
+  step_records,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -51,13 +60,18 @@ def two_process_run(reference_run, tmp_path_factory):
   workdir = os.path.join(root, "run")
   address = f"127.0.0.1:{free_port()}"
   procs = [
-      start_driver(reference_run.config_file, workdir, *reference_run.flags,
-                   f"--config.total_steps={STEPS}",
-                   "--config.distributed.num_processes=2",
-                   f"--config.distributed.process_id={i}",
-                   f"--config.distributed.coordinator_address={address}",
-                   num_devices=1, log=os.path.join(root, f"process_{i}.log"))
-      for i in range(2)
+    start_driver(
+      reference_run.config_file,
+      workdir,
+      *reference_run.flags,
+      f"--config.total_steps={STEPS}",
+      "--config.distributed.num_processes=2",
+      f"--config.distributed.process_id={i}",
+      f"--config.distributed.coordinator_address={address}",
+      num_devices=1,
+      log=os.path.join(root, f"process_{i}.log"),
+    )
+    for i in range(2)
   ]
   results = _wait_all(procs)
   for i, (rc, out) in enumerate(results):
@@ -82,6 +96,10 @@ def test_two_processes_match_one_process(two_process_run, reference_run):
     assert json.load(f)["distributed"]["num_processes"] == 2
   # Same numbers as 1 process x 2 devices on the same global batch.
   ref = reference_run.records()
-  assert_same_metrics(got, ref, range(1, STEPS + 1),
-                      keys=["loss", "grad_norm", "num_tokens", "mean_response_length"],
-                      rtol=RTOL)
+  assert_same_metrics(
+    got,
+    ref,
+    range(1, STEPS + 1),
+    keys=["loss", "grad_norm", "num_tokens", "mean_response_length"],
+    rtol=RTOL,
+  )

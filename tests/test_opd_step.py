@@ -17,7 +17,6 @@ Run with ``-s`` to see each step's first-call (trace + compile + run) time
 from __future__ import annotations
 
 import dataclasses
-
 import functools
 import time
 
@@ -35,9 +34,18 @@ from opd_jax.sampling import SamplingConfig
 from opd_jax.sharding import Sharder, make_mesh
 
 VOCAB = 64
-SCFG = ModelConfig(model_type="qwen3", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True,
-                   max_position_embeddings=64)
+SCFG = ModelConfig(
+  model_type="qwen3",
+  vocab_size=VOCAB,
+  hidden_size=32,
+  intermediate_size=64,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  qk_norm=True,
+  max_position_embeddings=64,
+)
 TCFG = SCFG.replace(hidden_size=48, num_layers=3)
 PROMPTS = np.array([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13], [0, 0, 0, 14]], np.int32)
 P = PROMPTS.shape[1]
@@ -82,8 +90,16 @@ def _timed(name: str, step, *args):
   return out
 
 
-def _build(cfg: opd_step.OPDConfig, *, opt=None, mesh=None, student_cfg=SCFG,
-           teacher_cfg=TCFG, teacher_params=None, vocab_size=VOCAB):
+def _build(
+  cfg: opd_step.OPDConfig,
+  *,
+  opt=None,
+  mesh=None,
+  student_cfg=SCFG,
+  teacher_cfg=TCFG,
+  teacher_params=None,
+  vocab_size=VOCAB,
+):
   """Student, teacher and jitted step. Returns a dict of the pieces."""
   sh = Sharder(mesh)
   student = create_model(student_cfg, seed=SEED, sharder=sh)
@@ -100,9 +116,18 @@ def _build(cfg: opd_step.OPDConfig, *, opt=None, mesh=None, student_cfg=SCFG,
       t_sh = sh.tree_shardings(t_params)
   if mesh is not None:
     b_sh = {k: sh.batch(2, PROMPTS.shape[0]) for k in _batch()}
-  step = opd_step.make_opd_step(gd_s, gd_t, tx, sched, cfg, vocab_size=vocab_size, sharder=sh,
-                                state_shardings=st_sh, teacher_shardings=t_sh,
-                                batch_shardings=b_sh)
+  step = opd_step.make_opd_step(
+    gd_s,
+    gd_t,
+    tx,
+    sched,
+    cfg,
+    vocab_size=vocab_size,
+    sharder=sh,
+    state_shardings=st_sh,
+    teacher_shardings=t_sh,
+    batch_shardings=b_sh,
+  )
   return dict(step=step, state=state, gd_s=gd_s, gd_t=gd_t, t_params=t_params, sharder=sh)
 
 
@@ -140,7 +165,7 @@ def _completion_logits(graphdef, params, comp, vocab):
   ids, mask, pos = _full_sequence_np(comp)
   logits = np.asarray(_logits(graphdef, params, ids, mask, pos), np.float64)
   n = comp["tokens"].shape[1]
-  return logits[:, P - 1:P - 1 + n, :vocab]
+  return logits[:, P - 1 : P - 1 + n, :vocab]
 
 
 def _log_softmax_np(x):
@@ -159,8 +184,14 @@ def _reverse_kl_np(ls, lt):
 
 
 def _base_cfg(**kw):
-  base = dict(sampling=_sampling(), loss="reverse_kl", loss_chunk=5, position_chunk=4,
-              metrics=True, metrics_top_k=8)
+  base = dict(
+    sampling=_sampling(),
+    loss="reverse_kl",
+    loss_chunk=5,
+    position_chunk=4,
+    metrics=True,
+    metrics_top_k=8,
+  )
   base.update(kw)
   return opd_step.OPDConfig(**base)
 
@@ -182,8 +213,17 @@ def base_run():
     params.append(_host(state.params))
     steps.append(int(state.step))
     rngs.append(np.array(state.rng))
-  return dict(cfg=cfg, b=b, metrics=metrics, params=params, steps=steps, rngs=rngs,
-              params0=params0, rng0=rng0, traces=step.trace_count())
+  return dict(
+    cfg=cfg,
+    b=b,
+    metrics=metrics,
+    params=params,
+    steps=steps,
+    rngs=rngs,
+    params0=params0,
+    rng0=rng0,
+    traces=step.trace_count(),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -192,10 +232,15 @@ def sharded_run():
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   b = _build(_base_cfg(metrics=False), mesh=mesh)
   params0 = _host(b["state"].params)
-  state, m = _timed("sharded (2x2x2 mesh, metrics off)", b["step"], b["state"],
-                    b["t_params"], _batch())
-  return dict(metrics=_metrics(b["step"], m), params=_host(state.params), params0=params0,
-              traces=b["step"].trace_count())
+  state, m = _timed(
+    "sharded (2x2x2 mesh, metrics off)", b["step"], b["state"], b["t_params"], _batch()
+  )
+  return dict(
+    metrics=_metrics(b["step"], m),
+    params=_host(state.params),
+    params0=params0,
+    traces=b["step"].trace_count(),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -208,11 +253,27 @@ def test_single_trace_state_advance_and_metric_keys(base_run):
   rngs = [base_run["rng0"]] + base_run["rngs"]
   for a, b in zip(rngs[:-1], rngs[1:]):
     assert not np.array_equal(a, b)
-  expected = {"loss", "grad_norm", "lr", "mean_response_length", "truncated_frac", "num_tokens",
-              "on_policy_frac", "overlap_ratio", "reverse_kl", "k1", "k1_bias", "k1_var",
-              "entropy_student", "entropy_teacher", "topk_kl",
-              "overlap_ratio/pos_0_4", "overlap_ratio/pos_4_8", "overlap_ratio/pos_8_12",
-              "num_tokens/pos_0_4"}
+  expected = {
+    "loss",
+    "grad_norm",
+    "lr",
+    "mean_response_length",
+    "truncated_frac",
+    "num_tokens",
+    "on_policy_frac",
+    "overlap_ratio",
+    "reverse_kl",
+    "k1",
+    "k1_bias",
+    "k1_var",
+    "entropy_student",
+    "entropy_teacher",
+    "topk_kl",
+    "overlap_ratio/pos_0_4",
+    "overlap_ratio/pos_4_8",
+    "overlap_ratio/pos_8_12",
+    "num_tokens/pos_0_4",
+  }
   for m in base_run["metrics"]:
     missing = expected - set(m)
     assert not missing, missing
@@ -222,8 +283,7 @@ def test_single_trace_state_advance_and_metric_keys(base_run):
     assert m["on_policy_frac"] == 1.0
     assert 0.0 <= m["overlap_ratio"] <= 1.0
   # Parameters move (the loss is not trivially zero).
-  diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), base_run["params0"],
-                      base_run["params"][0])
+  diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), base_run["params0"], base_run["params"][0])
   assert max(jax.tree.leaves(diff)) > 0
 
 
@@ -234,8 +294,9 @@ def test_single_trace_state_advance_and_metric_keys(base_run):
 def test_sharded_step_matches_single_device(base_run, sharded_run):
   assert sharded_run["traces"] == 1
   # Same initial parameters on both layouts.
-  init_diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), base_run["params0"],
-                           sharded_run["params0"])
+  init_diff = jax.tree.map(
+    lambda a, b: np.abs(a - b).max(), base_run["params0"], sharded_run["params0"]
+  )
   assert max(jax.tree.leaves(init_diff)) == 0.0
   m1, m8 = base_run["metrics"][0], sharded_run["metrics"]
   # Same sampled completions (lengths / counts are exact integers).
@@ -245,8 +306,9 @@ def test_sharded_step_matches_single_device(base_run, sharded_run):
   # the last bits (1.3e-6 relative seen on a loss of 0.015).
   np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
   np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
-  diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), base_run["params"][0],
-                      sharded_run["params"])
+  diff = jax.tree.map(
+    lambda a, b: np.abs(a - b).max(), base_run["params"][0], sharded_run["params"]
+  )
   assert max(jax.tree.leaves(diff)) < 1e-6, diff
 
 
@@ -263,8 +325,9 @@ def test_loss_equals_exact_reverse_kl_metric(base_run):
 def test_step_loss_and_grad_match_full_logits_reference(base_run):
   b, cfg = base_run["b"], base_run["cfg"]
   p0 = jax.tree.map(jnp.asarray, base_run["params0"])
-  comp = _completions(cfg, b["gd_s"], p0, b["gd_t"], b["t_params"], _batch(),
-                      jnp.asarray(base_run["rng0"]))
+  comp = _completions(
+    cfg, b["gd_s"], p0, b["gd_t"], b["t_params"], _batch(), jnp.asarray(base_run["rng0"])
+  )
   m = base_run["metrics"][0]
   mask = comp["mask"].astype(bool)
   lengths = comp["lengths"]
@@ -294,13 +357,14 @@ def test_step_loss_and_grad_match_full_logits_reference(base_run):
   logq = jax.nn.log_softmax(jnp.asarray(lt, jnp.float32), -1)
 
   def ref_loss(params):
-    logits = nnx.merge(b["gd_s"], params)(ids, fmask, pos)[:, P - 1:P - 1 + N_NEW]
+    logits = nnx.merge(b["gd_s"], params)(ids, fmask, pos)[:, P - 1 : P - 1 + N_NEW]
     logp = jax.nn.log_softmax(logits, -1)
     return jnp.sum(weights * jnp.sum(jnp.exp(logp) * (logp - logq), -1))
 
   ref_grad = _host(jax.jit(jax.grad(ref_loss))(p0))
-  step_grad = jax.tree.map(lambda a, b: (a - b) / SGD_LR, base_run["params0"],
-                           base_run["params"][0])
+  step_grad = jax.tree.map(
+    lambda a, b: (a - b) / SGD_LR, base_run["params0"], base_run["params"][0]
+  )
   err = jax.tree.map(lambda a, b: np.abs(a - b).max(), step_grad, ref_grad)
   assert max(jax.tree.leaves(err)) < 5e-6, err
   ref_norm = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in jax.tree.leaves(ref_grad)))
@@ -326,8 +390,7 @@ def _row_inputs(loss, r, n):
   return losses_lib.row_inputs(loss, on)
 
 
-@pytest.mark.parametrize("loss", ["reverse_kl", "k1", "jsd", "sft", "distillm2", "todi",
-                                  "akl"])
+@pytest.mark.parametrize("loss", ["reverse_kl", "k1", "jsd", "sft", "distillm2", "todi", "akl"])
 def test_chunked_divergence_matches_unchunked_reference(loss):
   """N=10 in chunks of 4 (padded to 12), padded vocab rows, value and grads."""
   h_s, w_s, h_t, w_t, tokens, weights, mm = _divergence_inputs()
@@ -341,26 +404,40 @@ def test_chunked_divergence_matches_unchunked_reference(loss):
 
   def chunked(h_s, w_s):
     return opd_step.chunked_divergence(
-        h_s, w_s, h_t, w_t, tokens, weights, mm, loss_fn=loss_fn, vocab=vocab, chunk=4,
-        metrics=metrics, top_k=4, position_chunk=3, sharder=Sharder(), loss_inputs=rows)
+      h_s,
+      w_s,
+      h_t,
+      w_t,
+      tokens,
+      weights,
+      mm,
+      loss_fn=loss_fn,
+      vocab=vocab,
+      chunk=4,
+      metrics=metrics,
+      top_k=4,
+      position_chunk=3,
+      sharder=Sharder(),
+      loss_inputs=rows,
+    )
 
   def reference(h_s, w_s):
     ls = jnp.einsum("rnd,dv->rnv", h_s, w_s[:, :vocab])
     lt = None if not has_teacher else jnp.einsum("rnd,dv->rnv", h_t, w_t[:, :vocab])
     return jnp.sum(weights * loss_fn(ls, lt, tokens, **rows))
 
-  (total, sums), (g_h, g_w) = jax.jit(jax.value_and_grad(chunked, (0, 1), has_aux=True))(
-      h_s, w_s)
+  (total, sums), (g_h, g_w) = jax.jit(jax.value_and_grad(chunked, (0, 1), has_aux=True))(h_s, w_s)
   ref, (r_h, r_w) = jax.jit(jax.value_and_grad(reference, (0, 1)))(h_s, w_s)
   np.testing.assert_allclose(total, ref, rtol=1e-5)
   np.testing.assert_allclose(g_h, r_h, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(g_w, r_w, rtol=1e-4, atol=1e-6)
-  assert np.all(np.asarray(g_w)[:, vocab:] == 0)   # padded columns get no gradient
-  if loss == "reverse_kl":   # and an explicit float64 formula
+  assert np.all(np.asarray(g_w)[:, vocab:] == 0)  # padded columns get no gradient
+  if loss == "reverse_kl":  # and an explicit float64 formula
     ls = np.einsum("rnd,dv->rnv", h_s, w_s[:, :vocab])
     lt = np.einsum("rnd,dv->rnv", h_t, w_t[:, :vocab])
-    np.testing.assert_allclose(total, (np.asarray(weights) * _reverse_kl_np(ls, lt)).sum(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      total, (np.asarray(weights) * _reverse_kl_np(ls, lt)).sum(), rtol=1e-5
+    )
   if metrics:
     out = metrics_lib.finalize(sums)
     ls = np.einsum("rnd,dv->rnv", h_s, w_s[:, :vocab])
@@ -370,15 +447,22 @@ def test_chunked_divergence_matches_unchunked_reference(loss):
     assert float(out["num_tokens"]) == m.sum()
     np.testing.assert_allclose(out["reverse_kl"], (kl * m).sum() / m.sum(), rtol=1e-5)
     # Position buckets [0,3) [3,6) [6,9) [9,12): the last one holds position 9 only.
-    np.testing.assert_allclose(out["reverse_kl/pos_9_12"], (kl * m)[:, 9].sum() / m[:, 9].sum(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      out["reverse_kl/pos_9_12"], (kl * m)[:, 9].sum() / m[:, 9].sum(), rtol=1e-5
+    )
     assert float(out["num_tokens/pos_3_6"]) == m[:, 3:6].sum()
 
 
-@pytest.mark.parametrize("loss,kwargs", [("topk_opd", {"k": 3, "strategy": "union"}),
-                                         ("reverse_kl", {}),
-                                         ("distillm2", {"beta": 1.2}),
-                                         ("todi", {}), ("akl", {})])
+@pytest.mark.parametrize(
+  "loss,kwargs",
+  [
+    ("topk_opd", {"k": 3, "strategy": "union"}),
+    ("reverse_kl", {}),
+    ("distillm2", {"beta": 1.2}),
+    ("todi", {}),
+    ("akl", {}),
+  ],
+)
 def test_chunked_divergence_sharded_matches_unsharded(loss, kwargs):
   """Rows over data x fsdp, vocabulary over tensor (the sharded top-k merges
   per-slice candidates; the sparse gradient scatters into a split vocabulary):
@@ -391,8 +475,23 @@ def test_chunked_divergence_sharded_matches_unsharded(loss, kwargs):
   def run(sharder):
     def f(h_s, w_s):
       return opd_step.chunked_divergence(
-          h_s, w_s, h_t, w_t, tokens, weights, mm, loss_fn=loss_fn, vocab=18, chunk=4,
-          metrics=True, top_k=4, position_chunk=3, sharder=sharder, loss_inputs=rows)
+        h_s,
+        w_s,
+        h_t,
+        w_t,
+        tokens,
+        weights,
+        mm,
+        loss_fn=loss_fn,
+        vocab=18,
+        chunk=4,
+        metrics=True,
+        top_k=4,
+        position_chunk=3,
+        sharder=sharder,
+        loss_inputs=rows,
+      )
+
     (total, sums), g = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(h_s, w_s)
     return total, metrics_lib.finalize_array(sums), g
 
@@ -413,8 +512,22 @@ def test_chunked_divergence_ignores_masked_positions():
   def run(h_s, h_t, tokens):
     def f(h_s):
       return opd_step.chunked_divergence(
-          h_s, w_s, h_t, w_t, tokens, weights, mm, loss_fn=loss_fn, vocab=20, chunk=4,
-          metrics=True, top_k=4, position_chunk=4, sharder=Sharder())
+        h_s,
+        w_s,
+        h_t,
+        w_t,
+        tokens,
+        weights,
+        mm,
+        loss_fn=loss_fn,
+        vocab=20,
+        chunk=4,
+        metrics=True,
+        top_k=4,
+        position_chunk=4,
+        sharder=Sharder(),
+      )
+
     (total, sums), g = jax.value_and_grad(f, has_aux=True)(h_s)
     return total, metrics_lib.finalize_array(sums), g
 
@@ -439,33 +552,42 @@ def test_step_masks_prompt_and_post_eos_tokens(base_run):
   """EOS fires in some rows; num_tokens counts completion tokens only."""
   for m in base_run["metrics"]:
     assert m["num_tokens"] == pytest.approx(m["mean_response_length"] * ROWS)
-    assert m["num_tokens"] < ROWS * N_NEW          # some rows stopped at an EOS
-    assert 0.0 < m["truncated_frac"] < 1.0          # ... and some did not
-    assert m["num_tokens/pos_0_4"] + m["num_tokens/pos_4_8"] + m["num_tokens/pos_8_12"] == \
-        m["num_tokens"]
+    assert m["num_tokens"] < ROWS * N_NEW  # some rows stopped at an EOS
+    assert 0.0 < m["truncated_frac"] < 1.0  # ... and some did not
+    assert (
+      m["num_tokens/pos_0_4"] + m["num_tokens/pos_4_8"] + m["num_tokens/pos_8_12"]
+      == m["num_tokens"]
+    )
 
 
 # ----------------------------------------------------------------------------
 # 5. GKD on/off-policy mix and SFT.
 
-COMP_LEN = 5   # every dataset completion has 5 real tokens (width 6: padded)
-DATASET_COMPLETIONS = np.array([[20, 21, 22, 23, 24, 0], [30, 31, 32, 33, 34, 0],
-                                [40, 41, 42, 43, 44, 0], [50, 51, 52, 53, 54, 0]], np.int32)
+COMP_LEN = 5  # every dataset completion has 5 real tokens (width 6: padded)
+DATASET_COMPLETIONS = np.array(
+  [
+    [20, 21, 22, 23, 24, 0],
+    [30, 31, 32, 33, 34, 0],
+    [40, 41, 42, 43, 44, 0],
+    [50, 51, 52, 53, 54, 0],
+  ],
+  np.int32,
+)
 
 
 def _dataset_batch(mask=None):
   if mask is None:
     mask = np.arange(DATASET_COMPLETIONS.shape[1])[None, :] < COMP_LEN
     mask = np.broadcast_to(mask, DATASET_COMPLETIONS.shape)
-  return _batch(completion_ids=jnp.asarray(DATASET_COMPLETIONS),
-                completion_mask=jnp.asarray(mask))
+  return _batch(completion_ids=jnp.asarray(DATASET_COMPLETIONS), completion_mask=jnp.asarray(mask))
 
 
 def test_on_off_policy_mix_with_dataset_completions():
   cfg = _base_cfg(on_policy_fraction=0.5, off_policy_source="dataset", metrics=False)
   b = _build(cfg)
-  state, m = _timed("lambda=0.5 dataset (metrics off)", b["step"], b["state"], b["t_params"],
-                    _dataset_batch())
+  state, m = _timed(
+    "lambda=0.5 dataset (metrics off)", b["step"], b["state"], b["t_params"], _dataset_batch()
+  )
   m = _metrics(b["step"], m)
   n_on = opd_step.split_rows(ROWS, 0.5)
   assert n_on == ROWS // 2
@@ -480,15 +602,21 @@ def test_on_off_policy_mix_with_dataset_completions():
 
 def test_sft_mode_matches_full_forward_cross_entropy():
   """λ=0, loss "sft", no teacher: mean −log p(dataset token) and its gradient."""
-  n_new = 8   # dataset completions (width 6) are right-padded to 8
-  cfg = opd_step.OPDConfig(sampling=_sampling(max_new_tokens=n_new), loss="sft",
-                           on_policy_fraction=0.0, metrics=False, loss_chunk=3)
+  n_new = 8  # dataset completions (width 6) are right-padded to 8
+  cfg = opd_step.OPDConfig(
+    sampling=_sampling(max_new_tokens=n_new),
+    loss="sft",
+    on_policy_fraction=0.0,
+    metrics=False,
+    loss_chunk=3,
+  )
   b = _build(cfg, teacher_cfg=None)
   params0 = _host(b["state"].params)
   lengths = np.array([6, 3, 1, 4])
   cmask = np.arange(6)[None, :] < lengths[:, None]
-  state, m = _timed("sft (no teacher, metrics off)", b["step"], b["state"], None,
-                    _dataset_batch(cmask))
+  state, m = _timed(
+    "sft (no teacher, metrics off)", b["step"], b["state"], None, _dataset_batch(cmask)
+  )
   m, params1 = _metrics(b["step"], m), _host(state.params)
   assert m["on_policy_frac"] == 0.0
   assert m["num_tokens"] == NUM_SAMPLES * lengths.sum()
@@ -507,7 +635,7 @@ def test_sft_mode_matches_full_forward_cross_entropy():
   weights = jnp.asarray(mask / mask.sum(), jnp.float32)
 
   def ref_loss(params):
-    logits = nnx.merge(b["gd_s"], params)(ids, fmask, pos)[:, P - 1:P - 1 + n_new]
+    logits = nnx.merge(b["gd_s"], params)(ids, fmask, pos)[:, P - 1 : P - 1 + n_new]
     lp = jax.nn.log_softmax(logits, -1)
     return -jnp.sum(weights * jnp.take_along_axis(lp, jnp.asarray(tokens)[..., None], -1)[..., 0])
 
@@ -519,21 +647,32 @@ def test_sft_mode_matches_full_forward_cross_entropy():
 
 def test_on_off_policy_mix_with_teacher_samples():
   """Sequence-level KD rows: the teacher samples the off-policy completions."""
-  cfg = _base_cfg(on_policy_fraction=0.5, off_policy_source="teacher", metrics=False,
-                  teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7,
-                                                  eos_ids=EOS))
+  cfg = _base_cfg(
+    on_policy_fraction=0.5,
+    off_policy_source="teacher",
+    metrics=False,
+    teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7, eos_ids=EOS),
+  )
   b = _build(cfg)
   params0 = _host(b["state"].params)
   rng0 = np.array(b["state"].rng)
-  _, m = _timed("lambda=0.5 teacher samples (metrics off)", b["step"], b["state"],
-                b["t_params"], _batch())
+  _, m = _timed(
+    "lambda=0.5 teacher samples (metrics off)", b["step"], b["state"], b["t_params"], _batch()
+  )
   m = _metrics(b["step"], m)
   assert m["on_policy_frac"] == 0.5
   assert np.isfinite(m["loss"]) and m["loss"] > 0
-  comp = _completions(cfg, b["gd_s"], jax.tree.map(jnp.asarray, params0), b["gd_t"],
-                      b["t_params"], _batch(), jnp.asarray(rng0))
+  comp = _completions(
+    cfg,
+    b["gd_s"],
+    jax.tree.map(jnp.asarray, params0),
+    b["gd_t"],
+    b["t_params"],
+    _batch(),
+    jnp.asarray(rng0),
+  )
   assert comp["on_policy"].sum() == ROWS // 2
-  assert comp["tokens"].shape == (ROWS, N_NEW)   # teacher buffer = student's N
+  assert comp["tokens"].shape == (ROWS, N_NEW)  # teacher buffer = student's N
   mask = comp["mask"].astype(bool)
   assert m["num_tokens"] == mask.sum()
   assert m["mean_response_length"] == pytest.approx(comp["lengths"][comp["on_policy"]].mean())
@@ -547,18 +686,22 @@ def test_distillm2_step_picks_term_by_row_role():
   """DistiLLM-2 in one step: λ = 0.5 with teacher samples; student rows get
   β·SRKL (mixture student detached), teacher rows (2 − β)·SKL; the step's loss
   equals the float64 token mean of the per-row terms."""
-  cfg = _base_cfg(on_policy_fraction=0.5, off_policy_source="teacher", metrics=False,
-                  loss="distillm2", loss_kwargs={"alpha_teacher": 0.2, "alpha_student": 0.3,
-                                                 "beta": 1.3},
-                  teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7,
-                                                  eos_ids=EOS))
+  cfg = _base_cfg(
+    on_policy_fraction=0.5,
+    off_policy_source="teacher",
+    metrics=False,
+    loss="distillm2",
+    loss_kwargs={"alpha_teacher": 0.2, "alpha_student": 0.3, "beta": 1.3},
+    teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7, eos_ids=EOS),
+  )
   b = _build(cfg)
   params0 = jax.tree.map(jnp.asarray, _host(b["state"].params))
   rng0 = np.array(b["state"].rng)
   _, m = b["step"](b["state"], b["t_params"], _batch())
   m = _metrics(b["step"], m)
-  comp = _completions(cfg, b["gd_s"], params0, b["gd_t"], b["t_params"], _batch(),
-                      jnp.asarray(rng0))
+  comp = _completions(
+    cfg, b["gd_s"], params0, b["gd_t"], b["t_params"], _batch(), jnp.asarray(rng0)
+  )
   on = comp["on_policy"].astype(bool)
   assert on.sum() == ROWS // 2
   lp = _log_softmax_np(_completion_logits(b["gd_s"], params0, comp, VOCAB))
@@ -574,8 +717,10 @@ def test_distillm2_step_picks_term_by_row_role():
 def _lam_completions(cfg, gd_s, sp, gd_t, tp, batch, rng, lam):
   @jax.jit
   def f(sp, tp, batch, rng, lam):
-    return opd_step.build_completions(nnx.merge(gd_s, sp), nnx.merge(gd_t, tp), batch, rng,
-                                      cfg, {"on_policy_fraction": lam})
+    return opd_step.build_completions(
+      nnx.merge(gd_s, sp), nnx.merge(gd_t, tp), batch, rng, cfg, {"on_policy_fraction": lam}
+    )
+
   return _host(f(sp, tp, batch, rng, jnp.float32(lam)))
 
 
@@ -585,8 +730,11 @@ def test_scheduled_lambda_picks_each_rows_completion(source):
   completion; a traced mask makes round(λ·R) rows on-policy. λ = 1 gives all
   student samples, λ = 0 all off-policy ones, λ = 0.5 a per-row pick of the
   two; the same for M = 1 and M = 4."""
-  kw = dict(off_policy_source=source, schedules="on_policy_fraction=linear:0:1:0:10",
-            teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7))
+  kw = dict(
+    off_policy_source=source,
+    schedules="on_policy_fraction=linear:0:1:0:10",
+    teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7),
+  )
   cfg = _base_cfg(**kw)
   assert opd_step.lambda_scheduled(cfg)
   batch = _batch() if source == "teacher" else _dataset_batch()
@@ -599,8 +747,7 @@ def test_scheduled_lambda_picks_each_rows_completion(source):
   assert half["on_policy"].sum() == round(0.5 * ROWS) and run(0.3)["on_policy"].sum() == 2
   assert not np.array_equal(on["tokens"], off["tokens"])
   for k in ("tokens", "mask", "lengths", "truncated"):
-    want = np.where(half["on_policy"].reshape((ROWS,) + (1,) * (on[k].ndim - 1)),
-                    on[k], off[k])
+    want = np.where(half["on_policy"].reshape((ROWS,) + (1,) * (on[k].ndim - 1)), on[k], off[k])
     np.testing.assert_array_equal(half[k], want, err_msg=k)
   assert not off["truncated"].any()
   four = run(0.5, dataclasses.replace(cfg, micro_batches=4))
@@ -619,17 +766,22 @@ def test_scheduled_temperature_samples_like_the_static_one():
   def comp(cfg, hp):
     @jax.jit
     def f(sp, tp, hp):
-      return opd_step.build_completions(nnx.merge(gd_s, sp), nnx.merge(gd_t, tp), _batch(),
-                                        rng, cfg, hp)
+      return opd_step.build_completions(
+        nnx.merge(gd_s, sp), nnx.merge(gd_t, tp), _batch(), rng, cfg, hp
+      )
+
     return _host(f(sp, tp, hp))
 
   kw = dict(on_policy_fraction=0.5, off_policy_source="teacher")
-  static = comp(_base_cfg(sampling=_sampling(temperature=0.6), teacher_sampling=tsamp(1.7),
-                          **kw), {})
-  sched_cfg = _base_cfg(teacher_sampling=tsamp(1.0), **kw, schedules=(
-      "sampling.temperature=linear:1:0.2:0:8;teacher_sampling.temperature=constant:1.7"))
-  hp = {"sampling.temperature": jnp.float32(0.6),
-        "teacher_sampling.temperature": jnp.float32(1.7)}
+  static = comp(
+    _base_cfg(sampling=_sampling(temperature=0.6), teacher_sampling=tsamp(1.7), **kw), {}
+  )
+  sched_cfg = _base_cfg(
+    teacher_sampling=tsamp(1.0),
+    **kw,
+    schedules=("sampling.temperature=linear:1:0.2:0:8;teacher_sampling.temperature=constant:1.7"),
+  )
+  hp = {"sampling.temperature": jnp.float32(0.6), "teacher_sampling.temperature": jnp.float32(1.7)}
   sched = comp(sched_cfg, hp)
   plain = comp(_base_cfg(teacher_sampling=tsamp(1.0), **kw), {})
   for k in static:
@@ -644,10 +796,12 @@ def test_scheduled_lambda_in_one_compiled_step():
   """λ from 0 to 1 in one run (off-policy first, then on-policy): logged as
   schedule/on_policy_fraction, on_policy_frac = round(λ_t·R)/R, one trace,
   and the step's loss is the float64 reverse KL over its completions."""
-  cfg = _base_cfg(off_policy_source="teacher", metrics=False,
-                  schedules="on_policy_fraction=linear:0:1:0:2",
-                  teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7,
-                                                  eos_ids=EOS))
+  cfg = _base_cfg(
+    off_policy_source="teacher",
+    metrics=False,
+    schedules="on_policy_fraction=linear:0:1:0:2",
+    teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7, eos_ids=EOS),
+  )
   b = _build(cfg)
   state, fracs, lams = b["state"], [], []
   for i in range(3):
@@ -657,19 +811,27 @@ def test_scheduled_lambda_in_one_compiled_step():
     m = _metrics(b["step"], m)
     fracs.append(m["on_policy_frac"])
     lams.append(m["schedule/on_policy_fraction"])
-    if i == 1:   # λ = 0.5: the loss over both row kinds
+    if i == 1:  # λ = 0.5: the loss over both row kinds
+
       @jax.jit
       def comp_of(sp, tp, rng):
         _, k_roll = jax.random.split(rng)
-        return opd_step.build_completions(nnx.merge(b["gd_s"], sp), nnx.merge(b["gd_t"], tp),
-                                          _batch(), k_roll, cfg,
-                                          {"on_policy_fraction": jnp.float32(0.5)})
+        return opd_step.build_completions(
+          nnx.merge(b["gd_s"], sp),
+          nnx.merge(b["gd_t"], tp),
+          _batch(),
+          k_roll,
+          cfg,
+          {"on_policy_fraction": jnp.float32(0.5)},
+        )
+
       comp = _host(comp_of(params0, b["t_params"], jnp.asarray(rng0)))
       ls = _completion_logits(b["gd_s"], params0, comp, VOCAB)
       lt = _completion_logits(b["gd_t"], b["t_params"], comp, VOCAB)
       mask = comp["mask"].astype(bool)
-      np.testing.assert_allclose(m["loss"], (_reverse_kl_np(ls, lt) * mask).sum() / mask.sum(),
-                                 rtol=1e-5)
+      np.testing.assert_allclose(
+        m["loss"], (_reverse_kl_np(ls, lt) * mask).sum() / mask.sum(), rtol=1e-5
+      )
   np.testing.assert_allclose(lams, [0.0, 0.5, 1.0])
   assert fracs == [0.0, round(0.5 * ROWS) / ROWS, 1.0]
   assert b["step"].trace_count() == 1
@@ -680,9 +842,13 @@ def test_scheduled_loss_kwarg_is_traced_in_one_step():
   """A scheduled loss keyword enters the step as a traced scalar: constant
   1.3 equals the static β = 1.3 (loss, parameters); a linear schedule is
   logged as schedule/loss.beta, follows its formula and never re-traces."""
-  kw = dict(on_policy_fraction=0.5, off_policy_source="teacher", metrics=False,
-            loss="distillm2", teacher_sampling=SamplingConfig(max_new_tokens=3,
-                                                             temperature=0.7, eos_ids=EOS))
+  kw = dict(
+    on_policy_fraction=0.5,
+    off_policy_source="teacher",
+    metrics=False,
+    loss="distillm2",
+    teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7, eos_ids=EOS),
+  )
   static = _build(_base_cfg(loss_kwargs={"beta": 1.3}, **kw))
   sched = _build(_base_cfg(schedules="loss.beta=constant:1.3", **kw))
   s1, m1 = static["step"](static["state"], static["t_params"], _batch())
@@ -713,11 +879,17 @@ def test_reverse_kl_converges_to_sharper_teacher():
   sh = Sharder()
   gd_t, t_params = nnx.split(create_model(SCFG, seed=SEED, sharder=sh))
   t_params = jax.tree_util.tree_map_with_path(
-      lambda p, x: 4.0 * x if "lm_head" in jax.tree_util.keystr(p) else x, t_params)
-  cfg = opd_step.OPDConfig(sampling=_sampling(max_new_tokens=8, eos_ids=(3,)),
-                           loss="reverse_kl", loss_chunk=4, metrics=False)
-  b = _build(cfg, opt={"name": "adamw", "lr": 3e-3, "weight_decay": 0.0},
-             teacher_params=(gd_t, t_params))
+    lambda p, x: 4.0 * x if "lm_head" in jax.tree_util.keystr(p) else x, t_params
+  )
+  cfg = opd_step.OPDConfig(
+    sampling=_sampling(max_new_tokens=8, eos_ids=(3,)),
+    loss="reverse_kl",
+    loss_chunk=4,
+    metrics=False,
+  )
+  b = _build(
+    cfg, opt={"name": "adamw", "lr": 3e-3, "weight_decay": 0.0}, teacher_params=(gd_t, t_params)
+  )
   state, losses = b["state"], []
   for i in range(30):
     if i == 0:
@@ -751,12 +923,13 @@ def test_config_errors():
     opd_step.OPDConfig(sampling=_sampling(), loss="jsd", loss_kwargs={"beta": 2.0})
   cfg = opd_step.OPDConfig(sampling=_sampling(), loss="jsd", loss_kwargs={"beta": 0.3})
   assert cfg.loss_kwargs == (("beta", 0.3),) and hash(cfg) == hash(
-      opd_step.OPDConfig(sampling=_sampling(), loss="jsd", loss_kwargs={"beta": 0.3}))
+    opd_step.OPDConfig(sampling=_sampling(), loss="jsd", loss_kwargs={"beta": 0.3})
+  )
   with pytest.raises(ValueError, match="on_policy_fraction"):
     opd_step.OPDConfig(sampling=_sampling(), on_policy_fraction=1.5)
   with pytest.raises(ValueError, match="off_policy_source"):
     opd_step.OPDConfig(sampling=_sampling(), off_policy_source="web")
-  with pytest.raises(ValueError, match="loss_chunk"):   # 0 is auto (loss_chunk_budget_mib)
+  with pytest.raises(ValueError, match="loss_chunk"):  # 0 is auto (loss_chunk_budget_mib)
     opd_step.OPDConfig(sampling=_sampling(), loss_chunk=-1)
   with pytest.raises(ValueError, match="loss_chunk_budget_mib"):
     opd_step.OPDConfig(sampling=_sampling(), loss_chunk=0, loss_chunk_budget_mib=0)
@@ -775,16 +948,18 @@ def test_common_vocab_size():
 
 def test_step_trace_time_errors():
   """Misconfigurations that can only be seen when the step is traced."""
-  b = _build(opd_step.OPDConfig(sampling=_sampling(), loss="sft", on_policy_fraction=0.0,
-                                metrics=False), teacher_cfg=None)
-  with pytest.raises(ValueError, match="completion_ids"):   # λ<1 without dataset rows
+  b = _build(
+    opd_step.OPDConfig(sampling=_sampling(), loss="sft", on_policy_fraction=0.0, metrics=False),
+    teacher_cfg=None,
+  )
+  with pytest.raises(ValueError, match="completion_ids"):  # λ<1 without dataset rows
     b["step"](b["state"], None, _batch())
-  b = _build(opd_step.OPDConfig(sampling=_sampling(), loss="reverse_kl", metrics=False),
-             teacher_cfg=None)
-  with pytest.raises(ValueError, match="teacher"):          # divergence without teacher
+  b = _build(
+    opd_step.OPDConfig(sampling=_sampling(), loss="reverse_kl", metrics=False), teacher_cfg=None
+  )
+  with pytest.raises(ValueError, match="teacher"):  # divergence without teacher
     b["step"](b["state"], None, _batch())
-  b = _build(opd_step.OPDConfig(sampling=_sampling(), loss="sft", metrics=True),
-             teacher_cfg=None)
+  b = _build(opd_step.OPDConfig(sampling=_sampling(), loss="sft", metrics=True), teacher_cfg=None)
   with pytest.raises(ValueError, match="metrics need a teacher"):
     b["step"](b["state"], None, _batch())
 
@@ -801,13 +976,12 @@ def tokenizer_run():
   b = _build(cfg, teacher_cfg=t_cfg, vocab_size=vocab)
   params0 = jax.tree.map(jnp.asarray, _host(b["state"].params))
   rng0 = jnp.asarray(np.array(b["state"].rng))
-  _, m = _timed("tokenizer_size=60 (metrics off)", b["step"], b["state"], b["t_params"],
-                _batch())
+  _, m = _timed("tokenizer_size=60 (metrics off)", b["step"], b["state"], b["t_params"], _batch())
   # The step samples only ids < vocab: re-derive its completions the same way.
   sample_cfg = dataclasses.replace(
-      cfg, sampling=dataclasses.replace(cfg.sampling, vocab_size=vocab))
-  comp = _completions(sample_cfg, b["gd_s"], params0, b["gd_t"], b["t_params"], _batch(),
-                      rng0)
+    cfg, sampling=dataclasses.replace(cfg.sampling, vocab_size=vocab)
+  )
+  comp = _completions(sample_cfg, b["gd_s"], params0, b["gd_t"], b["t_params"], _batch(), rng0)
   return dict(m=_metrics(b["step"], m), comp=comp, b=b, params0=params0, vocab=vocab)
 
 
@@ -836,33 +1010,46 @@ def test_sampler_never_emits_ids_beyond_tokenizer(tokenizer_run):
 QWEN_VOCAB = 151_936
 
 
-def _temp_bytes(n_new: int, rows: int = 2, prompt_len: int = 8, chunk: int = 8,
-                micro_batches: int = 1):
-  s_cfg = SCFG.replace(vocab_size=QWEN_VOCAB, padded_vocab_size=QWEN_VOCAB,
-                       max_position_embeddings=4096)
+def _temp_bytes(
+  n_new: int, rows: int = 2, prompt_len: int = 8, chunk: int = 8, micro_batches: int = 1
+):
+  s_cfg = SCFG.replace(
+    vocab_size=QWEN_VOCAB, padded_vocab_size=QWEN_VOCAB, max_position_embeddings=4096
+  )
   t_cfg = s_cfg.replace(hidden_size=48, num_layers=3)
   gd_s, s_abs = nnx.split(abstract_model(s_cfg))
   gd_t, t_abs = nnx.split(abstract_model(t_cfg))
   tx, sched = optim.make_optimizer({"name": "sgd", "lr": 0.1, "grad_clip": 0})
   state = opd_step.TrainState(
-      step=jax.ShapeDtypeStruct((), jnp.int32), params=s_abs,
-      opt_state=jax.eval_shape(tx.init, s_abs),
-      rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
-  cfg = opd_step.OPDConfig(sampling=SamplingConfig(max_new_tokens=n_new, eos_ids=(3,)),
-                           loss="reverse_kl", loss_chunk=chunk, metrics=False,
-                           micro_batches=micro_batches)
-  step = opd_step.make_opd_step(gd_s, gd_t, tx, sched, cfg, vocab_size=QWEN_VOCAB,
-                                sharder=Sharder())
-  batch = {"prompt_ids": jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32),
-           "prompt_mask": jax.ShapeDtypeStruct((rows, prompt_len), jnp.bool_)}
+    step=jax.ShapeDtypeStruct((), jnp.int32),
+    params=s_abs,
+    opt_state=jax.eval_shape(tx.init, s_abs),
+    rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)),
+  )
+  cfg = opd_step.OPDConfig(
+    sampling=SamplingConfig(max_new_tokens=n_new, eos_ids=(3,)),
+    loss="reverse_kl",
+    loss_chunk=chunk,
+    metrics=False,
+    micro_batches=micro_batches,
+  )
+  step = opd_step.make_opd_step(
+    gd_s, gd_t, tx, sched, cfg, vocab_size=QWEN_VOCAB, sharder=Sharder()
+  )
+  batch = {
+    "prompt_ids": jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32),
+    "prompt_mask": jax.ShapeDtypeStruct((rows, prompt_len), jnp.bool_),
+  }
   t0 = time.perf_counter()
   mem = step.lower(state, t_abs, batch).compile().memory_analysis()
   dt = time.perf_counter() - t0
   COMPILE_SECONDS[f"memory N={n_new} M={micro_batches}"] = dt
   full = rows * n_new * QWEN_VOCAB * 4
-  print(f"\n[test_opd_step] memory N={n_new} M={micro_batches}: lower+compile {dt:.1f}s, temp "
-        f"{mem.temp_size_in_bytes / 2**20:.1f} MiB vs one f32 [R,N,V] logits "
-        f"{full / 2**20:.1f} MiB")
+  print(
+    f"\n[test_opd_step] memory N={n_new} M={micro_batches}: lower+compile {dt:.1f}s, temp "
+    f"{mem.temp_size_in_bytes / 2**20:.1f} MiB vs one f32 [R,N,V] logits "
+    f"{full / 2**20:.1f} MiB"
+  )
   return mem.temp_size_in_bytes, full
 
 
@@ -896,8 +1083,13 @@ def _assert_same_step(m_ref, p_ref, m, p, *, rtol=1e-5):
 
 def _one_step(cfg, batch, **build_kw):
   b = _build(cfg, **build_kw)
-  state, m = _timed(f"micro_batches={cfg.micro_batches} {build_kw.get('mesh') is not None}",
-                    b["step"], b["state"], b["t_params"], batch)
+  state, m = _timed(
+    f"micro_batches={cfg.micro_batches} {build_kw.get('mesh') is not None}",
+    b["step"],
+    b["state"],
+    b["t_params"],
+    batch,
+  )
   assert b["step"].trace_count() == 1 and int(state.step) == 1
   return _metrics(b["step"], m), _host(state.params)
 
@@ -913,19 +1105,25 @@ def test_micro_batches_match_one_batch_on_policy(base_run, m):
 def test_micro_batches_same_completions():
   """build_completions: the same tokens for M = 1 and M = 4 in every λ mode
   (row roles and uniforms are drawn for all rows up front)."""
-  cases = [(_base_cfg(), _batch()),
-           (_base_cfg(on_policy_fraction=0.5), _dataset_batch()),
-           (_base_cfg(on_policy_fraction=0.5, off_policy_source="teacher",
-                      teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7)),
-            _batch())]
+  cases = [
+    (_base_cfg(), _batch()),
+    (_base_cfg(on_policy_fraction=0.5), _dataset_batch()),
+    (
+      _base_cfg(
+        on_policy_fraction=0.5,
+        off_policy_source="teacher",
+        teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7),
+      ),
+      _batch(),
+    ),
+  ]
   student, teacher = create_model(SCFG, seed=SEED), create_model(TCFG, seed=1)
   gd_s, sp = nnx.split(student)
   gd_t, tp = nnx.split(teacher)
   rng = jax.random.PRNGKey(3)
   for cfg, batch in cases:
     one = _completions(cfg, gd_s, sp, gd_t, tp, batch, rng)
-    four = _completions(dataclasses.replace(cfg, micro_batches=4), gd_s, sp, gd_t, tp, batch,
-                        rng)
+    four = _completions(dataclasses.replace(cfg, micro_batches=4), gd_s, sp, gd_t, tp, batch, rng)
     assert one["on_policy"].sum() == opd_step.split_rows(ROWS, cfg.on_policy_fraction)
     for k in one:
       np.testing.assert_array_equal(four[k], one[k], err_msg=k)
@@ -945,9 +1143,12 @@ def test_micro_batches_match_one_batch_dataset_mix_sequence_mean():
 @pytest.mark.slow
 def test_micro_batches_match_one_batch_teacher_samples():
   """λ = 0.5, off-policy rows sampled by the teacher: M = 2 == M = 1."""
-  cfg = _base_cfg(on_policy_fraction=0.5, off_policy_source="teacher", metrics=False,
-                  teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7,
-                                                  eos_ids=EOS))
+  cfg = _base_cfg(
+    on_policy_fraction=0.5,
+    off_policy_source="teacher",
+    metrics=False,
+    teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7, eos_ids=EOS),
+  )
   ref = _one_step(cfg, _batch())
   got = _one_step(dataclasses.replace(cfg, micro_batches=2), _batch())
   _assert_same_step(*ref, *got)
@@ -969,8 +1170,11 @@ def test_micro_batches_errors():
     _base_cfg(micro_batches=1.5)
   with pytest.raises(ValueError, match=r"micro_batches=3 must divide the rows per step"):
     opd_step.check_micro_batches(ROWS, _base_cfg(micro_batches=3))
-  with pytest.raises(ValueError, match=r"micro_batches=4: each group's 2 rows .* "
-                                       r"data-parallel size 4"):
+  with pytest.raises(
+    ValueError,
+    match=r"micro_batches=4: each group's 2 rows .* "
+    r"data-parallel size 4",
+  ):
     opd_step.check_micro_batches(ROWS, _base_cfg(micro_batches=4), dp=4)
   opd_step.check_micro_batches(ROWS, _base_cfg(micro_batches=4), dp=2)
   with pytest.raises(ValueError, match=r"micro_batches=8 must divide the on-policy rows \(4\)"):
@@ -995,14 +1199,16 @@ def test_micro_batches_cut_step_memory():
   assert four < 0.5 * one, (one / 2**20, four / 2**20)
 
 
-def _step_temp_mib(*, rows: int, n_new: int, chunk: int, mesh=None, metrics: bool = True,
-                   budget_mib: float = 1024.0) -> float:
+def _step_temp_mib(
+  *, rows: int, n_new: int, chunk: int, mesh=None, metrics: bool = True, budget_mib: float = 1024.0
+) -> float:
   """Compile-only temporaries (MiB per device) of the whole step with the
   paper's loss (top-k OPD, k=16) at vocabulary 151,936 and tiny model dims;
   ``mesh`` e.g. ``{"data": 8}`` (None: one device, no mesh)."""
   sh = Sharder(None if mesh is None else make_mesh(mesh))
-  s_cfg = SCFG.replace(vocab_size=QWEN_VOCAB, padded_vocab_size=QWEN_VOCAB,
-                       max_position_embeddings=4096)
+  s_cfg = SCFG.replace(
+    vocab_size=QWEN_VOCAB, padded_vocab_size=QWEN_VOCAB, max_position_embeddings=4096
+  )
   t_cfg = s_cfg.replace(hidden_size=48, num_layers=3)
 
   def abstract(cfg):
@@ -1010,39 +1216,64 @@ def _step_temp_mib(*, rows: int, n_new: int, chunk: int, mesh=None, metrics: boo
     if sh.mesh is None:
       return gd, params, None
     shardings = sh.tree_shardings(params)
-    return gd, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            params, shardings), shardings
+    return (
+      gd,
+      jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings
+      ),
+      shardings,
+    )
 
   gd_s, s_abs, s_sh = abstract(s_cfg)
   gd_t, t_abs, t_sh = abstract(t_cfg)
   tx, sched = optim.make_optimizer({"name": "sgd", "lr": 0.1, "grad_clip": 0})
   rep = sh.replicated()
   scalar = lambda dt, shape=(): jax.ShapeDtypeStruct(shape, dt, sharding=rep)
-  state = opd_step.TrainState(step=scalar(jnp.int32), params=s_abs,
-                              opt_state=jax.eval_shape(tx.init, s_abs),
-                              rng=scalar(jnp.uint32, (2,)))
+  state = opd_step.TrainState(
+    step=scalar(jnp.int32),
+    params=s_abs,
+    opt_state=jax.eval_shape(tx.init, s_abs),
+    rng=scalar(jnp.uint32, (2,)),
+  )
   state_sh = batch_sh = None
   if sh.mesh is not None:
     state_sh = opd_step.TrainState(
-        step=rep, params=s_sh, rng=rep,
-        opt_state=opd_step.optimizer_shardings(tx, s_abs, s_sh, rep))
+      step=rep, params=s_sh, rng=rep, opt_state=opd_step.optimizer_shardings(tx, s_abs, s_sh, rep)
+    )
     batch_sh = {k: sh.batch(2, rows) for k in ("prompt_ids", "prompt_mask")}
-  cfg = opd_step.OPDConfig(sampling=SamplingConfig(max_new_tokens=n_new, eos_ids=(3,)),
-                           loss="topk_opd", loss_kwargs={"k": 16}, loss_chunk=chunk,
-                           loss_chunk_budget_mib=budget_mib, metrics=metrics)
-  step = opd_step.make_opd_step(gd_s, gd_t, tx, sched, cfg, vocab_size=QWEN_VOCAB, sharder=sh,
-                                state_shardings=state_sh, teacher_shardings=t_sh,
-                                batch_shardings=batch_sh)
-  batch = {k: jax.ShapeDtypeStruct((rows, 16), dt, sharding=None if batch_sh is None
-                                   else batch_sh[k])
-           for k, dt in (("prompt_ids", jnp.int32), ("prompt_mask", jnp.bool_))}
+  cfg = opd_step.OPDConfig(
+    sampling=SamplingConfig(max_new_tokens=n_new, eos_ids=(3,)),
+    loss="topk_opd",
+    loss_kwargs={"k": 16},
+    loss_chunk=chunk,
+    loss_chunk_budget_mib=budget_mib,
+    metrics=metrics,
+  )
+  step = opd_step.make_opd_step(
+    gd_s,
+    gd_t,
+    tx,
+    sched,
+    cfg,
+    vocab_size=QWEN_VOCAB,
+    sharder=sh,
+    state_shardings=state_sh,
+    teacher_shardings=t_sh,
+    batch_shardings=batch_sh,
+  )
+  batch = {
+    k: jax.ShapeDtypeStruct((rows, 16), dt, sharding=None if batch_sh is None else batch_sh[k])
+    for k, dt in (("prompt_ids", jnp.int32), ("prompt_mask", jnp.bool_))
+  }
   t0 = time.perf_counter()
   mem = step.lower(state, t_abs, batch).compile().memory_analysis()
   dt = time.perf_counter() - t0
   COMPILE_SECONDS[f"step memory {rows}x{n_new} C={chunk} {mesh}"] = dt
   temp = mem.temp_size_in_bytes / 2**20
-  print(f"\n[test_opd_step] step memory rows={rows} N={n_new} C={chunk} mesh={mesh} "
-        f"metrics={metrics}: compile {dt:.1f}s, temp {temp:.1f} MiB")
+  print(
+    f"\n[test_opd_step] step memory rows={rows} N={n_new} C={chunk} mesh={mesh} "
+    f"metrics={metrics}: compile {dt:.1f}s, temp {temp:.1f} MiB"
+  )
   return temp
 
 

@@ -13,18 +13,38 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
-FIGURES = ("organisms", "f1_gap_recovery", "f2_compatibility", "f3_overlap_dynamics",
-           "f4_overlap_mass", "f5_weak_to_strong", "f6_cold_start", "f7_prompt_selection",
-           "f8_long_horizon", "f9_loss_ablation")
+FIGURES = (
+  "organisms",
+  "f1_gap_recovery",
+  "f2_compatibility",
+  "f3_overlap_dynamics",
+  "f4_overlap_mass",
+  "f5_weak_to_strong",
+  "f6_cold_start",
+  "f7_prompt_selection",
+  "f8_long_horizon",
+  "f9_loss_ablation",
+)
 
 pytestmark = pytest.mark.slow
 
 
 def _run(workdir, *extra):
   env = {**os.environ, "PYTHONPATH": ROOT}
-  return subprocess.run([sys.executable, os.path.join(EXPERIMENTS, "reproduce.py"),
-                         f"--workdir={workdir}", "--smoke", *extra],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+  return subprocess.run(
+    [
+      sys.executable,
+      os.path.join(EXPERIMENTS, "reproduce.py"),
+      f"--workdir={workdir}",
+      "--smoke",
+      *extra,
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1800,
+  )
 
 
 @pytest.fixture(scope="session")
@@ -85,11 +105,12 @@ def test_prompt_selection_arm_trains_on_selected_prompts(smoke_repro):
 
 def test_rerun_is_resumable_and_skips_finished_runs(smoke_repro):
   runs_dir = os.path.join(smoke_repro, "runs")
-  before = {r: os.path.getmtime(os.path.join(runs_dir, r, "metrics.jsonl"))
-            for r in os.listdir(runs_dir)}
+  before = {
+    r: os.path.getmtime(os.path.join(runs_dir, r, "metrics.jsonl")) for r in os.listdir(runs_dir)
+  }
   proc = _run(smoke_repro, "--stages=organisms,f1_gap_recovery,f3_overlap_dynamics")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "[repro] run " not in proc.stdout           # nothing retrained
+  assert "[repro] run " not in proc.stdout  # nothing retrained
   after = {r: os.path.getmtime(os.path.join(runs_dir, r, "metrics.jsonl")) for r in before}
   assert after == before
 
@@ -97,17 +118,22 @@ def test_rerun_is_resumable_and_skips_finished_runs(smoke_repro):
 def test_analysis_notebook_executes_on_smoke_runs(smoke_repro):
   import nbclient
   import nbformat
+
   path = os.path.join(ROOT, "notebooks", "analysis.ipynb")
   nb = nbformat.read(path, as_version=4)
   os.environ["OPD_REPRO_DIR"] = smoke_repro
   try:
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+    nbclient.NotebookClient(
+      nb,
+      timeout=300,
+      kernel_name="python3",
+      resources={"metadata": {"path": os.path.dirname(path)}},
+    ).execute()
   finally:
     del os.environ["OPD_REPRO_DIR"]
-  text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                 for o in c.outputs)
+  text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
   assert "student-from-teacher_new_reverse_kl" in text
-  images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
-               for o in c.outputs)
+  images = sum(
+    "image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs
+  )
   assert images >= 2 + len(FIGURES)

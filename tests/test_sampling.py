@@ -12,8 +12,13 @@ from flax import nnx
 
 from opd_jax import sampling as sampling_lib
 from opd_jax.models import ModelConfig, abstract_model, param_shardings, positions_from_mask
-from opd_jax.sampling import (SampleOutput, SamplingConfig, concat_prompt_completion,
-                              process_logits, sample)
+from opd_jax.sampling import (
+  SampleOutput,
+  SamplingConfig,
+  concat_prompt_completion,
+  process_logits,
+  sample,
+)
 from opd_jax.sharding import Sharder, make_mesh
 
 try:
@@ -26,9 +31,18 @@ VOCAB = 61  # padded to 64: the 3 padded logits (-1e30) must never be sampled
 
 def tiny_cfg(**kw) -> ModelConfig:
   """One layer keeps each sampler compile short; the HF parity tests run 2 layers."""
-  base = dict(model_type="llama", vocab_size=VOCAB, padded_vocab_size=64, hidden_size=32,
-              intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
-              max_position_embeddings=64)
+  base = dict(
+    model_type="llama",
+    vocab_size=VOCAB,
+    padded_vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=1,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+  )
   base.update(kw)
   return ModelConfig(**base)
 
@@ -92,8 +106,9 @@ def forward(model, ids, mask, positions=None):
   graphdef, state = nnx.split(model)
   if positions is None:
     positions = positions_from_mask(jnp.asarray(mask))
-  return np.asarray(_jit_forward(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
-                                 jnp.asarray(positions)))
+  return np.asarray(
+    _jit_forward(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions))
+  )
 
 
 @pytest.fixture(scope="module")
@@ -135,12 +150,18 @@ def check_invariants(out: SampleOutput, config: SamplingConfig, vocab: int = VOC
 # Config / input validation.
 
 
-@pytest.mark.parametrize("kw", [
-    dict(max_new_tokens=0), dict(max_new_tokens=4, temperature=0.0),
-    dict(max_new_tokens=4, top_p=0.0), dict(max_new_tokens=4, top_p=1.5),
-    dict(max_new_tokens=4, top_k=-1), dict(max_new_tokens=4, num_samples=0),
+@pytest.mark.parametrize(
+  "kw",
+  [
+    dict(max_new_tokens=0),
+    dict(max_new_tokens=4, temperature=0.0),
+    dict(max_new_tokens=4, top_p=0.0),
+    dict(max_new_tokens=4, top_p=1.5),
+    dict(max_new_tokens=4, top_k=-1),
+    dict(max_new_tokens=4, num_samples=0),
     dict(max_new_tokens=4, eos_ids=(-3,)),
-])
+  ],
+)
 def test_config_validation(kw):
   with pytest.raises(ValueError):
     SamplingConfig(**kw)
@@ -148,8 +169,9 @@ def test_config_validation(kw):
 
 def test_config_hashable_and_greedy_temperature():
   c = SamplingConfig(max_new_tokens=4, greedy=True, temperature=0.0, eos_ids=[2, 3])
-  assert c.eos_ids == (2, 3) and hash(c) == hash(SamplingConfig(4, 0.0, greedy=True,
-                                                                eos_ids=(2, 3)))
+  assert c.eos_ids == (2, 3) and hash(c) == hash(
+    SamplingConfig(4, 0.0, greedy=True, eos_ids=(2, 3))
+  )
 
 
 def test_bad_inputs_raise_at_trace_time(model):
@@ -175,22 +197,29 @@ def test_bad_inputs_raise_at_trace_time(model):
 def test_greedy_matches_hf_generate(tmp_path, family):
   import torch
   import transformers
+
   from opd_jax.models.hf_io import from_hf
 
   path = save_random_hf_model(tmp_path / family, family, seed=3)
   hf = transformers.AutoModelForCausalLM.from_pretrained(
-      path, dtype=torch.float32, attn_implementation="eager").eval()
+    path, dtype=torch.float32, attn_implementation="eager"
+  ).eval()
   model = from_hf(path)
   ids, mask = left_padded_batch(97, lengths=(6, 3, 9, 1), seed=1)
   n_new, pad = 20, 0
 
   def hf_generate(eos):
     with torch.no_grad():
-      out = hf.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
-                        attention_mask=torch.as_tensor(mask, dtype=torch.long),
-                        do_sample=False, max_new_tokens=n_new, pad_token_id=pad,
-                        eos_token_id=eos, bos_token_id=None)
-    return out[:, ids.shape[1]:].numpy()
+      out = hf.generate(
+        input_ids=torch.as_tensor(ids, dtype=torch.long),
+        attention_mask=torch.as_tensor(mask, dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=n_new,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        bos_token_id=None,
+      )
+    return out[:, ids.shape[1] :].numpy()
 
   # Pick as EOS a token greedy emits mid-way in row 0 (first occurrence >= 4).
   free = hf_generate(None)
@@ -224,7 +253,7 @@ def _hf_processed(logits: np.ndarray, config: SamplingConfig) -> np.ndarray:
 
   scores = torch.as_tensor(logits, dtype=torch.float32)
   if config.vocab_size:
-    scores[..., config.vocab_size:] = -float("inf")
+    scores[..., config.vocab_size :] = -float("inf")
   warpers = [lp.TemperatureLogitsWarper(config.temperature)]
   if config.top_k:
     warpers.append(lp.TopKLogitsWarper(config.top_k))
@@ -244,7 +273,7 @@ def _np_processed(logits: np.ndarray, config: SamplingConfig) -> np.ndarray:
     kth = np.sort(z, -1)[..., -min(config.top_k, z.shape[-1]), None]
     z = np.where(z < kth, -np.inf, z)
   if config.top_p < 1.0:
-    order = np.argsort(z, -1, kind="stable")                   # ascending, as HF
+    order = np.argsort(z, -1, kind="stable")  # ascending, as HF
     asc = np.take_along_axis(z, order, -1)
     cum = np.cumsum(np.exp(_log_softmax(asc)), -1)
     remove = cum <= 1 - config.top_p
@@ -279,8 +308,10 @@ def _chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
   return float(jax.scipy.stats.chi2.sf(stat, len(exp) - 1))
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8),
-                                dict(temperature=1.5, vocab_size=40)])
+@pytest.mark.parametrize(
+  "kw",
+  [dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8), dict(temperature=1.5, vocab_size=40)],
+)
 def test_first_token_distribution(model, kw):
   ids, mask = prompts(lengths=(6, 3))
   reps = 10_000
@@ -288,8 +319,9 @@ def test_first_token_distribution(model, kw):
   out = jit_sampler(model, config)(ids, mask, jax.random.key(42))
   raw = forward(model, ids, mask)[:, -1, :VOCAB].astype(np.float64)
   ref_logp = _np_processed(raw, config)  # HF warper semantics (checked against HF below)
-  ref_logp_t1 = _log_softmax(np.where(np.arange(VOCAB) < (config.vocab_size or VOCAB), raw,
-                                      -np.inf))
+  ref_logp_t1 = _log_softmax(
+    np.where(np.arange(VOCAB) < (config.vocab_size or VOCAB), raw, -np.inf)
+  )
   tokens = np.asarray(out.tokens)[:, 0].reshape(len(ids), reps)
   assert (tokens < (config.vocab_size or VOCAB)).all()
   lp = np.asarray(out.logprobs)[:, 0].reshape(len(ids), reps)
@@ -313,9 +345,9 @@ def test_inverse_cdf_matches_numpy_searchsorted(vocab):
   rng = np.random.default_rng(vocab)
   rows, grid = 4, (4096 if vocab < 10_000 else 32)
   p = rng.gamma(0.3, size=(rows, vocab)) * (rng.random((rows, vocab)) < 0.6)
-  p[:, rng.integers(vocab)] += 1.0                  # every row has mass
+  p[:, rng.integers(vocab)] += 1.0  # every row has mass
   p[1] = 0.0
-  p[1, -1] = 2.0                                    # a single id, the last one
+  p[1, -1] = 2.0  # a single id, the last one
   u = (np.arange(grid) + 0.5) / grid
   pr = np.repeat(p, grid, axis=0).astype(np.float32)
   ur = np.tile(u, rows).astype(np.float32)
@@ -332,11 +364,11 @@ def test_inverse_cdf_matches_numpy_searchsorted(vocab):
   tol = 1e-6 * cdf[:, -1]
   assert ((hi - picked - tol <= target) & (target <= hi + tol)).all()
   for r in range(rows):
-    big = p[r] / p[r].sum() > 4.0 / grid           # owns >= 4 grid points
+    big = p[r] / p[r].sum() > 4.0 / grid  # owns >= 4 grid points
     seen = np.zeros(vocab, bool)
-    seen[got[r * grid:(r + 1) * grid]] = True
+    seen[got[r * grid : (r + 1) * grid]] = True
     assert seen[big].all()
-  assert (got[grid:2 * grid] == vocab - 1).all()
+  assert (got[grid : 2 * grid] == vocab - 1).all()
 
 
 def test_process_logits_matches_hf_warpers():
@@ -356,9 +388,15 @@ def test_logprobs_match_full_forward_over_completion(model):
   ids, mask = prompts()
   # EOS = each prompt's 2nd most likely first token: some rows end early.
   first = forward(model, ids, mask)[:, -1, :VOCAB].argsort(-1)[:, -2]
-  config = SamplingConfig(max_new_tokens=12, temperature=0.8, top_k=10, top_p=0.9,
-                          eos_ids=tuple(sorted({int(t) for t in first})), pad_id=3,
-                          num_samples=4)
+  config = SamplingConfig(
+    max_new_tokens=12,
+    temperature=0.8,
+    top_k=10,
+    top_p=0.9,
+    eos_ids=tuple(sorted({int(t) for t in first})),
+    pad_id=3,
+    num_samples=4,
+  )
   out = jit_sampler(model, config)(ids, mask, jax.random.key(5))
   check_invariants(out, config)
   trunc = np.asarray(out.truncated)
@@ -373,9 +411,10 @@ def test_logprobs_match_full_forward_over_completion(model):
   lens = np.asarray(out.prompt_mask).sum(-1)
   expect_pos = np.where(np.asarray(out.mask) == 1, lens[:, None] + np.arange(n), 0)
   np.testing.assert_array_equal(np.asarray(fpos)[:, p:], expect_pos)
-  np.testing.assert_array_equal(np.asarray(fpos)[:, :p],
-                                positions_from_mask(jnp.asarray(out.prompt_mask)))
-  logits = forward(model, full, fmask, fpos)[:, p - 1:-1, :VOCAB]   # predicts token i
+  np.testing.assert_array_equal(
+    np.asarray(fpos)[:, :p], positions_from_mask(jnp.asarray(out.prompt_mask))
+  )
+  logits = forward(model, full, fmask, fpos)[:, p - 1 : -1, :VOCAB]  # predicts token i
   ref = _np_processed(logits, config)
   ref_t1 = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
   tok = np.asarray(out.tokens)
@@ -400,7 +439,7 @@ def test_eos_handling_and_early_stop(model):
   # greedy: the uncached forward on prompt + completion reproduces every token
   full, fmask, fpos = concat_prompt_completion(free)
   logits = forward(model, full, fmask, fpos)
-  np.testing.assert_array_equal(logits[:, ids.shape[1] - 1:-1].argmax(-1), free_tok)
+  np.testing.assert_array_equal(logits[:, ids.shape[1] - 1 : -1].argmax(-1), free_tok)
 
   # (a) one EOS id = a token row 0 emits mid-way: some rows stop, others truncate.
   row0 = list(free_tok[0])
@@ -414,8 +453,8 @@ def test_eos_handling_and_early_stop(model):
   np.testing.assert_array_equal(np.asarray(out.truncated), [h.size == 0 for h in hits])
   tok = np.asarray(out.tokens)
   for r in range(len(ids)):
-    np.testing.assert_array_equal(tok[r, :expect_len[r]], free_tok[r, :expect_len[r]])
-    assert (tok[r, expect_len[r]:] == VOCAB - 1).all()
+    np.testing.assert_array_equal(tok[r, : expect_len[r]], free_tok[r, : expect_len[r]])
+    assert (tok[r, expect_len[r] :] == VOCAB - 1).all()
   assert int(out.steps) == expect_len.max()
 
   # (b) every row emits one of the EOS ids by step 3 -> the loop stops early.
@@ -438,8 +477,9 @@ def test_same_key_same_samples_on_any_mesh_compiled_once(model, weights):
   sampler is traced once however many keys it is called with."""
   single_model, cfg = model, tiny_cfg()
   ids, mask = prompts()
-  config = SamplingConfig(max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.95,
-                          eos_ids=(5,), num_samples=2)
+  config = SamplingConfig(
+    max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.95, eos_ids=(5,), num_samples=2
+  )
   key = jax.random.key(7)
   single = jit_sampler(single_model, config)(ids, mask, key)
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -453,8 +493,9 @@ def test_same_key_same_samples_on_any_mesh_compiled_once(model, weights):
   np.testing.assert_array_equal(np.asarray(single.tokens), np.asarray(multi.tokens))
   np.testing.assert_array_equal(np.asarray(single.mask), np.asarray(multi.mask))
   np.testing.assert_allclose(np.asarray(single.logprobs), np.asarray(multi.logprobs), atol=1e-4)
-  np.testing.assert_allclose(np.asarray(single.logprobs_t1), np.asarray(multi.logprobs_t1),
-                             atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(single.logprobs_t1), np.asarray(multi.logprobs_t1), atol=1e-4
+  )
   # other keys: different samples, no retrace (one trace for each of the 2 models)
   run = jit_sampler(model, config)
   others = [run(sharded_ids, sharded_mask, jax.random.key(s)) for s in (8, 9)]
@@ -475,7 +516,7 @@ def test_sample_inside_differentiated_function(model):
   def rescored(state, out):
     student = nnx.merge(graphdef, state)
     full, fmask, fpos = concat_prompt_completion(out)
-    logp = jax.nn.log_softmax(student(full, fmask, fpos)[:, ids.shape[1] - 1:-1], -1)
+    logp = jax.nn.log_softmax(student(full, fmask, fpos)[:, ids.shape[1] - 1 : -1], -1)
     logp = jnp.take_along_axis(logp, out.tokens[..., None], -1)[..., 0]
     return -(logp * out.mask).sum()
 
@@ -503,8 +544,9 @@ def test_precomputed_uniforms_match_key_and_split_rows(model):
   subset of rows given its columns samples exactly those rows' tokens (how
   the OPD step samples in micro-batches)."""
   ids, mask = prompts(lengths=(5, 2, 7, 4, 3, 6))
-  config = SamplingConfig(max_new_tokens=10, temperature=0.9, top_p=0.95, eos_ids=(7,),
-                          num_samples=2)
+  config = SamplingConfig(
+    max_new_tokens=10, temperature=0.9, top_p=0.95, eos_ids=(7,), num_samples=2
+  )
   graphdef, state = nnx.split(model)
   key = jax.random.key(5)
   rows = ids.shape[0] * config.num_samples

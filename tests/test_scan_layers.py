@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from hf_models import left_padded_batch, random_model, tiny_hf_config
+
 from opd_jax.models.config import ModelConfig
 from opd_jax.models.factory import abstract_model, convert_layers, create_model
 from opd_jax.models.transformer import positions_from_mask
@@ -48,8 +48,10 @@ def _pair(family="qwen3", **kw):
 def _stack(pure_unrolled, n):
   """Unrolled pure dict -> the stacked layout (per-layer leaves stacked on axis 0)."""
   layers = pure_unrolled["layers"]
-  return {**pure_unrolled,
-          "layers": jax.tree.map(lambda *xs: np.stack(xs), *[layers[i] for i in range(n)])}
+  return {
+    **pure_unrolled,
+    "layers": jax.tree.map(lambda *xs: np.stack(xs), *[layers[i] for i in range(n)]),
+  }
 
 
 def _pure(state):
@@ -64,10 +66,16 @@ def test_stacked_params_and_logical_axes():
   model = abstract_model(cfg)
   assert not isinstance(model.layers, nnx.List)
   per_layer = nnx.state(abstract_model(cfg.replace(scan_layers=False)).layers[0], nnx.Param)
-  flat = dict(jax.tree_util.tree_flatten_with_path(
-      nnx.state(model.layers, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))[0])
-  ref = dict(jax.tree_util.tree_flatten_with_path(
-      per_layer, is_leaf=lambda x: isinstance(x, nnx.Variable))[0])
+  flat = dict(
+    jax.tree_util.tree_flatten_with_path(
+      nnx.state(model.layers, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )[0]
+  )
+  ref = dict(
+    jax.tree_util.tree_flatten_with_path(per_layer, is_leaf=lambda x: isinstance(x, nnx.Variable))[
+      0
+    ]
+  )
   assert flat.keys() == ref.keys() and len(flat) >= 9
   for path, var in flat.items():
     axes = var.get_metadata()["logical_axes"]
@@ -105,6 +113,7 @@ def test_scanned_grads_equal_unrolled(remat):
     def loss(s):
       logits = nnx.merge(graphdef, s)(IDS, MASK)
       return jnp.sum(jnp.where(REAL[..., None], logits * w, 0.0))
+
     return jax.grad(loss)(state)
 
   def run(model):
@@ -114,8 +123,9 @@ def test_scanned_grads_equal_unrolled(remat):
   n = unrolled.cfg.num_layers
   g_unrolled, g_scanned = _stack(run(unrolled), n), run(scanned)
   scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(g_unrolled))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=0),
-               g_scanned, g_unrolled)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=0), g_scanned, g_unrolled
+  )
 
 
 def test_remat_scan_same_logits():
@@ -129,7 +139,8 @@ def test_remat_scan_saves_only_layer_inputs():
   """Under remat the backward pass of the scan keeps, per layer, only the layer
   input ``[B, T, D]`` (stacked ``[L, B, T, D]``) besides the stacked params."""
   cfg = _cfg(remat=True, scan_layers=True, num_hidden_layers=4).replace(
-      attention="dense", attention_block=0)
+    attention="dense", attention_block=0
+  )
   b, t, n = 2, 16, cfg.num_layers
   ids = jnp.zeros((b, t), jnp.int32)
 
@@ -138,8 +149,7 @@ def test_remat_scan_saves_only_layer_inputs():
     loss = lambda s: jnp.sum(nnx.merge(graphdef, s).hidden(ids)[0])
     res = jax.tree.leaves(jax.eval_shape(lambda s: jax.vjp(loss, s)[1], state))
     params = {x.shape for x in jax.tree.leaves(state)}
-    return sorted(x.shape for x in res
-                  if x.ndim > 1 and x.shape[0] == n and x.shape not in params)
+    return sorted(x.shape for x in res if x.ndim > 1 and x.shape[0] == n and x.shape not in params)
 
   assert stacked_residuals(cfg) == [(n, b, t, cfg.hidden_size)]
   # Without remat every layer's intermediates are kept.
@@ -176,8 +186,7 @@ def _jit_sample(graphdef, state, ids, mask, key, config):
 
 def test_sample_same_tokens_as_unrolled():
   unrolled, scanned = _pair()
-  config = SamplingConfig(max_new_tokens=8, temperature=0.9, top_k=20, eos_ids=(5,),
-                          num_samples=2)
+  config = SamplingConfig(max_new_tokens=8, temperature=0.9, top_k=20, eos_ids=(5,), num_samples=2)
   key = jax.random.key(7)
   a = _jit_sample(*nnx.split(unrolled), IDS, MASK, key, config)
   b = _jit_sample(*nnx.split(scanned), IDS, MASK, key, config)
@@ -196,14 +205,14 @@ def test_sharded_stacked_params_same_logits():
   sharded = convert_layers(random_model(cfg, seed=3, sharder=sharder), scan_layers=True)
   q, gate = sharded.layers.attn.q[...], sharded.layers.mlp.gate[...]
   assert q.shape == (3, 32, 4, 8) and len(q.sharding.device_set) == 8
-  assert q.sharding.spec[0] is None        # "layers" -> replicated by default
+  assert q.sharding.spec[0] is None  # "layers" -> replicated by default
   assert q.addressable_shards[0].data.shape == (3, 16, 2, 8)
   assert gate.addressable_shards[0].data.shape == (3, 16, 32)
   ids = jax.device_put(IDS, sharder.batch(2, IDS.shape[0]))
   mask = jax.device_put(MASK, sharder.batch(2, IDS.shape[0]))
   got = _forward(*nnx.split(sharded), ids, mask)
   assert len(got.sharding.device_set) == 8
-  plain = random_model(cfg, seed=3)        # same values, one device, unrolled
+  plain = random_model(cfg, seed=3)  # same values, one device, unrolled
   np.testing.assert_allclose(np.asarray(got)[REAL], _logits(plain)[REAL], atol=1e-5, rtol=0)
 
 
@@ -230,22 +239,30 @@ def _program_size(cfg, what: str) -> int:
   ids = jnp.zeros((2, 8), jnp.int32)
 
   if what == "fwd_bwd":
+
     def fn(s):
       return jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s).hidden(ids)[0]))(s)
   else:
+
     def fn(s):
-      return sample(nnx.merge(graphdef, s), ids, jnp.ones_like(ids), jax.random.key(0),
-                    SamplingConfig(max_new_tokens=4)).tokens
+      return sample(
+        nnx.merge(graphdef, s),
+        ids,
+        jnp.ones_like(ids),
+        jax.random.key(0),
+        SamplingConfig(max_new_tokens=4),
+      ).tokens
 
   return len(jax.jit(fn).lower(state).as_text())
 
 
-@pytest.mark.parametrize("what,remat", [("fwd_bwd", False), ("fwd_bwd", True),
-                                        ("sample", False)])
+@pytest.mark.parametrize("what,remat", [("fwd_bwd", False), ("fwd_bwd", True), ("sample", False)])
 def test_program_size_flat_in_depth_when_scanned(what, remat):
-  sizes = {(scan, n): _program_size(_cfg(num_hidden_layers=n, remat=remat,
-                                         scan_layers=scan), what)
-           for scan in (False, True) for n in (2, 8)}
+  sizes = {
+    (scan, n): _program_size(_cfg(num_hidden_layers=n, remat=remat, scan_layers=scan), what)
+    for scan in (False, True)
+    for n in (2, 8)
+  }
   assert sizes[True, 8] <= 1.2 * sizes[True, 2], sizes
   assert sizes[False, 8] >= 2.0 * sizes[False, 2], sizes
 
@@ -258,15 +275,29 @@ def test_opd_step_scanned_equals_unrolled():
   from opd_jax import opd_step, optim
 
   vocab = 64
-  s_cfg = ModelConfig(model_type="qwen3", vocab_size=vocab, hidden_size=32,
-                      intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                      head_dim=8, qk_norm=True, max_position_embeddings=64, remat=True)
+  s_cfg = ModelConfig(
+    model_type="qwen3",
+    vocab_size=vocab,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    qk_norm=True,
+    max_position_embeddings=64,
+    remat=True,
+  )
   t_cfg = s_cfg.replace(hidden_size=48, num_layers=3)
   prompts = np.array([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13], [0, 0, 0, 14]], np.int32)
   batch = {"prompt_ids": jnp.asarray(prompts), "prompt_mask": jnp.asarray(prompts > 0)}
   cfg = opd_step.OPDConfig(
-      sampling=SamplingConfig(max_new_tokens=8, eos_ids=(1, 2, 3), num_samples=2),
-      loss="reverse_kl", loss_chunk=5, position_chunk=4, metrics=False)
+    sampling=SamplingConfig(max_new_tokens=8, eos_ids=(1, 2, 3), num_samples=2),
+    loss="reverse_kl",
+    loss_chunk=5,
+    position_chunk=4,
+    metrics=False,
+  )
   tx, sched = optim.make_optimizer({"name": "sgd", "lr": 0.1, "grad_clip": 0})
   out = {}
   for scan in (False, True):
@@ -276,14 +307,17 @@ def test_opd_step_scanned_equals_unrolled():
       teacher = convert_layers(teacher, scan_layers=True)
     state, _ = opd_step.init_train_state(student, tx, 0, Sharder())
     gd_t, t_params = nnx.split(teacher)
-    step = opd_step.make_opd_step(nnx.graphdef(student), gd_t, tx, sched, cfg,
-                                  vocab_size=vocab, sharder=Sharder())
+    step = opd_step.make_opd_step(
+      nnx.graphdef(student), gd_t, tx, sched, cfg, vocab_size=vocab, sharder=Sharder()
+    )
     state, m = step(state, t_params, batch)
-    out[scan] = (opd_step.host_metrics(m, step.token_metric_names()),
-                 _pure(state.params))
+    out[scan] = (opd_step.host_metrics(m, step.token_metric_names()), _pure(state.params))
   (m0, p0), (m1, p1) = out[False], out[True]
   assert m0["loss"] > 0
   np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-5)
   np.testing.assert_allclose(m1["mean_response_length"], m0["mean_response_length"])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
-               p1, _stack(p0, s_cfg.num_layers))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
+    p1,
+    _stack(p0, s_cfg.num_layers),
+  )

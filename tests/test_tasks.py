@@ -33,6 +33,7 @@ def tok(tok_dir):
   # The saved files through the generic fast class (AutoTokenizer is tested
   # once below; it pulls in torch, which is slow to import).
   from transformers import PreTrainedTokenizerFast
+
   return PreTrainedTokenizerFast.from_pretrained(tok_dir)
 
 
@@ -47,11 +48,11 @@ def _check_steps_a(a, b, completion):
   carry, digits = 0, []
   for i, step in enumerate(steps):
     x, y, c, s = map(int, re.fullmatch(r"(\d)\+(\d)\+([01])=(\d\d)", step).groups())
-    assert (x, y) == ((a // 10 ** i) % 10, (b // 10 ** i) % 10)
+    assert (x, y) == ((a // 10**i) % 10, (b // 10**i) % 10)
     assert c == carry and s == x + y + c
     carry = s // 10
     digits.append(s % 10)
-  value = sum(d * 10 ** i for i, d in enumerate(digits)) + carry * 10 ** len(digits)
+  value = sum(d * 10**i for i, d in enumerate(digits)) + carry * 10 ** len(digits)
   assert ans == f"ans={value}"
 
 
@@ -61,16 +62,16 @@ def _check_steps_b(a, b, completion):
   for i, step in enumerate(steps):
     m = re.fullmatch(r"([a-z])([01]):(?:(\d)\+(\d))?>(\d)", step)
     assert m and m.group(1) == ar.PLACES[i] and int(m.group(2)) == carry, step
-    if m.group(3) is None:   # final carry step
+    if m.group(3) is None:  # final carry step
       assert i == len(steps) - 1 and carry == 1 and m.group(5) == "1"
       digits.append(1)
       continue
     y, x, d = int(m.group(3)), int(m.group(4)), int(m.group(5))
-    assert (x, y) == ((a // 10 ** i) % 10, (b // 10 ** i) % 10)
+    assert (x, y) == ((a // 10**i) % 10, (b // 10**i) % 10)
     assert d == (x + y + carry) % 10
     carry = (x + y + carry) // 10
     digits.append(d)
-  assert ans == f"ans={sum(d * 10 ** i for i, d in enumerate(digits))}"
+  assert ans == f"ans={sum(d * 10**i for i, d in enumerate(digits))}"
 
 
 # ----------------------------------------------------------------------------
@@ -97,7 +98,7 @@ def test_reference_completions_score_one(task, pattern, split):
     a, b = _operands(ex["prompt"])
     level = ex["level"]
     lo = 0 if level == 1 else 10 ** (level - 1)
-    assert lo <= a < 10 ** level and lo <= b < 10 ** level
+    assert lo <= a < 10**level and lo <= b < 10**level
     assert ex["answer"] == str(a + b)
     assert ex["source"] == f"arithmetic/L{level}"
     assert ex["completion"].endswith("ans=" + ex["answer"])
@@ -216,6 +217,7 @@ def test_write_jsonl_roundtrip(task, tmp_path):
 
 def test_tokenizer_files_and_autoload(tok_dir):
   from transformers import AutoTokenizer
+
   assert (tok_dir / "tokenizer.json").exists()
   assert (tok_dir / "tokenizer_config.json").exists()
   tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -224,8 +226,12 @@ def test_tokenizer_files_and_autoload(tok_dir):
   assert tok.convert_ids_to_tokens(list(range(4))) == list(SPECIAL_TOKENS)
   assert {tok.bos_token, tok.eos_token, tok.unk_token} == {"<bos>", "<eos>", "<unk>"}
   assert tok.padding_side == "left"
-  assert tok.apply_chat_template([{"role": "user", "content": "1+2="}], tokenize=False,
-                                 add_generation_prompt=True) == "1+2="
+  assert (
+    tok.apply_chat_template(
+      [{"role": "user", "content": "1+2="}], tokenize=False, add_generation_prompt=True
+    )
+    == "1+2="
+  )
 
 
 def test_tokenizer_round_trip(task, tok):
@@ -233,7 +239,7 @@ def test_tokenizer_round_trip(task, tok):
     for ex in task.generate(120, seed=1, pattern=pattern):
       text = ex["prompt"] + ex["completion"]
       ids = tok(text)["input_ids"]
-      assert len(ids) == len(text)          # one token per character
+      assert len(ids) == len(text)  # one token per character
       assert tok.unk_token_id not in ids
       assert tok.decode(ids) == text
       assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == text
@@ -281,6 +287,7 @@ def test_extract_boxed():
 
 def test_math_verify_scoring():
   import math_verify  # noqa: F401  (the test extra installs it; no silent skip)
+
   task = get_task("math")
   assert task.score(r"\frac{1}{2}", r"The answer is \boxed{0.5}.") == 1.0
   assert task.score({"answer": "0.5"}, r"so \boxed{\frac{1}{2}}") == 1.0

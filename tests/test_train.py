@@ -35,13 +35,27 @@ import time
 import jax
 import numpy as np
 import pytest
-
-from driver_utils import assets, reference_run  # noqa: F401  (fixtures)
-from driver_utils import (PROC_TIMEOUT_S, PYTHON, REF_DEVICES, REF_STEPS, REPO,
-                          REQUIRED_STEP_KEYS, Proc,
-                          assert_same_metrics, checkpoint_steps, driver_env,
-                          last_json_line, read_metrics, start_driver, step_records,
-                          tiny_config, wait_for_step, write_config_file)
+from driver_utils import (  # noqa: F401  (fixtures)
+  PROC_TIMEOUT_S,
+  PYTHON,
+  REF_DEVICES,
+  REF_STEPS,
+  REPO,
+  REQUIRED_STEP_KEYS,
+  Proc,
+  assert_same_metrics,
+  assets,
+  checkpoint_steps,
+  driver_env,
+  last_json_line,
+  read_metrics,
+  reference_run,
+  start_driver,
+  step_records,
+  tiny_config,
+  wait_for_step,
+  write_config_file,
+)
 
 FUTURE_TIMEOUT_S = 900
 
@@ -68,22 +82,29 @@ class _Runs:
     # Failures that never reach compilation: start at once.
     bad = os.path.join(root, "bad")
     self.bad = {
-        "loss_key": start_driver("configs/opd.py", bad, "--config.loss.nope=1",
-                                 log=os.path.join(root, "bad_loss_key.log")),
-        "typo": start_driver("configs/opd.py", bad, "--config.totl_steps=3",
-                             log=os.path.join(root, "bad_typo.log")),
-        "loss_name": start_driver("configs/opd.py:loss=nope", bad,
-                                  log=os.path.join(root, "bad_loss_name.log")),
+      "loss_key": start_driver(
+        "configs/opd.py", bad, "--config.loss.nope=1", log=os.path.join(root, "bad_loss_key.log")
+      ),
+      "typo": start_driver(
+        "configs/opd.py", bad, "--config.totl_steps=3", log=os.path.join(root, "bad_typo.log")
+      ),
+      "loss_name": start_driver(
+        "configs/opd.py:loss=nope", bad, log=os.path.join(root, "bad_loss_name.log")
+      ),
     }
     cfg = tiny_config(assets)
     cfg.data.train_files = assets["prompts_malformed"]
-    self.bad["data"] = start_driver(write_config_file(cfg, os.path.join(root, "bad_data.py")),
-                                    os.path.join(root, "bad_data"),
-                                    num_devices=REF_DEVICES)
+    self.bad["data"] = start_driver(
+      write_config_file(cfg, os.path.join(root, "bad_data.py")),
+      os.path.join(root, "bad_data"),
+      num_devices=REF_DEVICES,
+    )
     # 4 rows per step cannot form 3 micro-batches: fails when the step is traced.
     self.bad["micro"] = start_driver(
-        write_config_file(tiny_config(assets), os.path.join(root, "bad_micro.py")),
-        os.path.join(root, "bad_micro"), "--config.micro_batches=3")
+      write_config_file(tiny_config(assets), os.path.join(root, "bad_micro.py")),
+      os.path.join(root, "bad_micro"),
+      "--config.micro_batches=3",
+    )
     self.cli = self.pool.submit(self._cli_chain)
     self.kill = self.pool.submit(self._kill_chain)
     self.micro = self.pool.submit(self._micro_run)
@@ -91,7 +112,7 @@ class _Runs:
     self.random_kills = self.pool.submit(self._random_kill_chain)
 
   def _start(self, *args, **kwargs) -> Proc:
-    if self.closed:   # torn down while a chain was waiting
+    if self.closed:  # torn down while a chain was waiting
       raise RuntimeError("test module finished")
     return start_driver(*args, **kwargs)
 
@@ -102,9 +123,11 @@ class _Runs:
   def _cli_chain(self):
     """3 steps + eval, then resumed to 4 with ``--config.total_steps=4``."""
     from opd_jax import configs_lib
+
     cfg = tiny_config(self.assets, total_steps=3)
-    cfg.evals.small = configs_lib.eval_config(levels="1+2", num_examples=4, batch_size=4,
-                                              max_new_tokens=8, seed=7)
+    cfg.evals.small = configs_lib.eval_config(
+      levels="1+2", num_examples=4, batch_size=4, max_new_tokens=8, seed=7
+    )
     config_file = write_config_file(cfg, os.path.join(self.root, "cli_config.py"))
     workdir = os.path.join(self.root, "cli")
     self._after_reference_compiled()
@@ -114,8 +137,9 @@ class _Runs:
     out["ckpts1"] = checkpoint_steps(workdir)
     with open(os.path.join(workdir, "config.json")) as f:
       out["config1"] = json.load(f)
-    out["log2"] = self._start(config_file, workdir, "--config.total_steps=4",
-                              num_devices=REF_DEVICES).check()
+    out["log2"] = self._start(
+      config_file, workdir, "--config.total_steps=4", num_devices=REF_DEVICES
+    ).check()
     out["metrics2"] = read_metrics(workdir)
     out["ckpts2"] = checkpoint_steps(workdir)
     with open(os.path.join(workdir, "config.json")) as f:
@@ -128,8 +152,14 @@ class _Runs:
     ref = self.reference
     workdir = os.path.join(self.root, "micro")
     self._after_reference_compiled()
-    log = self._start(ref.config_file, workdir, *ref.flags, "--config.micro_batches=4",
-                      "--config.total_steps=3", num_devices=1).check()
+    log = self._start(
+      ref.config_file,
+      workdir,
+      *ref.flags,
+      "--config.micro_batches=4",
+      "--config.total_steps=3",
+      num_devices=1,
+    ).check()
     with open(os.path.join(workdir, "config.json")) as f:
       micro_batches = json.load(f)["micro_batches"]
     return dict(log=log, records=step_records(workdir), micro_batches=micro_batches)
@@ -141,8 +171,14 @@ class _Runs:
     out = {"workdir": workdir}
 
     def start(pause_at, go):
-      return self._start(ref.config_file, workdir, *ref.flags, num_devices=REF_DEVICES,
-                         pause_at=(pause_at,), go_file=os.path.join(self.root, go))
+      return self._start(
+        ref.config_file,
+        workdir,
+        *ref.flags,
+        num_devices=REF_DEVICES,
+        pause_at=(pause_at,),
+        go_file=os.path.join(self.root, go),
+      )
 
     self._after_reference_compiled()
     # 1. SIGKILL once step 3 is logged (checkpoints: every 2 steps).
@@ -176,19 +212,20 @@ class _Runs:
     workdir = os.path.join(self.root, "damaged")
     out = {"workdir": workdir}
     self._after_reference_compiled()
-    self._start(ref.config_file, workdir, *ref.flags, "--config.total_steps=4",
-                num_devices=REF_DEVICES).check()
+    self._start(
+      ref.config_file, workdir, *ref.flags, "--config.total_steps=4", num_devices=REF_DEVICES
+    ).check()
     out["ckpts_before"] = checkpoint_steps(workdir)
     _damage(os.path.join(workdir, "checkpoints", "4"))
-    out["log"] = self._start(ref.config_file, workdir, *ref.flags,
-                             num_devices=REF_DEVICES).check()
+    out["log"] = self._start(ref.config_file, workdir, *ref.flags, num_devices=REF_DEVICES).check()
     out["ckpts_after"] = checkpoint_steps(workdir)
     out["aside"] = sorted(os.listdir(os.path.join(workdir, "checkpoints.damaged")))
     out["metrics"] = read_metrics(workdir)
     for step in out["ckpts_after"]:
       _damage(os.path.join(workdir, "checkpoints", str(step)))
-    out["rc_none"], out["log_none"] = self._start(ref.config_file, workdir, *ref.flags,
-                                                  num_devices=REF_DEVICES).wait()
+    out["rc_none"], out["log_none"] = self._start(
+      ref.config_file, workdir, *ref.flags, num_devices=REF_DEVICES
+    ).wait()
     out["ckpts_none"] = checkpoint_steps(workdir)
     out["metrics_none"] = read_metrics(workdir)
     return out
@@ -201,8 +238,12 @@ class _Runs:
     uninterrupted."""
     ref, n = self.reference, RANDOM_KILLS
     total = 3 * n + 2
-    flags = [*ref.flags, f"--config.total_steps={total}", "--config.checkpoint_every=1",
-             "--config.keep_checkpoints=2"]
+    flags = [
+      *ref.flags,
+      f"--config.total_steps={total}",
+      "--config.checkpoint_every=1",
+      "--config.keep_checkpoints=2",
+    ]
     straight = os.path.join(self.root, "straight")
     workdir = os.path.join(self.root, "random_kills")
     rng = random.Random(15)
@@ -218,16 +259,22 @@ class _Runs:
           p.kill()
           raise AssertionError(f"no step after {resumed_from} logged:\n{p.output()[-6000:]}")
         time.sleep(0.02)
-      if p.poll() is not None:   # finished (or failed) before the kill
+      if p.poll() is not None:  # finished (or failed) before the kill
         p.check()
         break
       delay = rng.uniform(0.0, 0.8)
       time.sleep(delay)
       p.kill()
       names = os.listdir(os.path.join(workdir, "checkpoints"))
-      kills.append(dict(delay=delay, rc=p.popen.returncode, resumed_from=resumed_from,
-                        last_logged=_last_step_since(workdir, 0),
-                        in_save=any(not x.isdigit() for x in names)))
+      kills.append(
+        dict(
+          delay=delay,
+          rc=p.popen.returncode,
+          resumed_from=resumed_from,
+          last_logged=_last_step_since(workdir, 0),
+          in_save=any(not x.isdigit() for x in names),
+        )
+      )
     log = self._start(ref.config_file, workdir, *flags, num_devices=REF_DEVICES).check()
     uninterrupted.check()
     return dict(n=n, total=total, kills=kills, log=log, workdir=workdir, straight=straight)
@@ -282,6 +329,7 @@ def _last_step_since(workdir: str, t0: float) -> int:
 def _checkpoint_arrays(workdir: str, step: int) -> dict:
   """A checkpoint's train state as numpy arrays (no devices needed)."""
   import orbax.checkpoint as ocp
+
   path = os.path.join(workdir, "checkpoints", str(step), "state")
   ck = ocp.PyTreeCheckpointer()
   meta = ck.metadata(path)
@@ -300,8 +348,10 @@ def _result(future):
 
 def _load_config_file(path: str, arg: str | None = None):
   import importlib.util
+
   spec = importlib.util.spec_from_file_location(
-      "cfg_" + re.sub(r"\W", "_", path), os.path.join(REPO, path))
+    "cfg_" + re.sub(r"\W", "_", path), os.path.join(REPO, path)
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
@@ -312,10 +362,12 @@ def _parse_cli(argv: list[str]):
   config) on a fresh FlagValues; returns (config, workdir)."""
   from absl import flags
   from ml_collections import config_flags
+
   argv = ["opd_jax.train"] + list(argv)
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                  sys_argv=argv)   # overrides are found in sys_argv
+  config_flags.DEFINE_config_file(
+    "config", None, "", flag_values=fv, lock_config=True, sys_argv=argv
+  )  # overrides are found in sys_argv
   flags.DEFINE_string("workdir", None, "", flag_values=fv)
   fv(argv)
   return fv.config, fv.workdir
@@ -325,17 +377,22 @@ def _step_config(config):
   """The compiled step's static config (validates loss name and kwargs)."""
   from opd_jax import train
   from opd_jax.sampling import SamplingConfig
+
   s = config.sampling
-  sampling = SamplingConfig(max_new_tokens=int(s.max_new_tokens),
-                            temperature=float(s.temperature), top_k=int(s.top_k),
-                            top_p=float(s.top_p), eos_ids=(2,), pad_id=0,
-                            num_samples=int(s.num_samples))
+  sampling = SamplingConfig(
+    max_new_tokens=int(s.max_new_tokens),
+    temperature=float(s.temperature),
+    top_k=int(s.top_k),
+    top_p=float(s.top_p),
+    eos_ids=(2,),
+    pad_id=0,
+    num_samples=int(s.num_samples),
+  )
   return train.opd_config(config, sampling)
 
 
 def test_opd_config_builds_with_args():
-  c = _load_config_file("configs/opd.py",
-                        "student=/s,teacher=/t,prompts=/p.jsonl,loss=jsd,steps=7")
+  c = _load_config_file("configs/opd.py", "student=/s,teacher=/t,prompts=/p.jsonl,loss=jsd,steps=7")
   assert (c.student.path, c.teacher.path, c.data.train_files) == ("/s", "/t", "/p.jsonl")
   assert c.total_steps == 7
   assert c.loss.name == "jsd" and "beta" in c.loss
@@ -358,6 +415,7 @@ def test_resolved_config_is_a_copy(tmp_path):
   """$WORKDIR expansion (and a preparer) return the resolved config; the
   loaded (locked) config is not modified."""
   from opd_jax import train
+
   c = _load_config_file("configs/repro.py", "smoke=True")
   before = c.to_json()
   r = train.resolve_config(c, str(tmp_path))
@@ -377,13 +435,20 @@ def test_weak_to_strong_config_builds():
 def test_sweep_prints_parseable_commands(tmp_path, monkeypatch):
   root = str(tmp_path / "sweep_root")
   out = subprocess.run(
-      [PYTHON, "experiments/sweep.py", "--sweep=configs/sweeps/loss_ablation.py",
-       f"--root={root}"], cwd=REPO, env=driver_env(), capture_output=True, text=True,
-      timeout=120, check=True)
+    [PYTHON, "experiments/sweep.py", "--sweep=configs/sweeps/loss_ablation.py", f"--root={root}"],
+    cwd=REPO,
+    env=driver_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=True,
+  )
   lines = [l for l in out.stdout.splitlines() if l.strip()]
   import importlib.util
+
   spec = importlib.util.spec_from_file_location(
-      "loss_ablation", os.path.join(REPO, "configs/sweeps/loss_ablation.py"))
+    "loss_ablation", os.path.join(REPO, "configs/sweeps/loss_ablation.py")
+  )
   sweep = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(sweep)
   _, expected = sweep.get_sweep()
@@ -397,25 +462,38 @@ def test_sweep_prints_parseable_commands(tmp_path, monkeypatch):
     assert os.path.dirname(workdir) == root and workdir not in workdirs, line
     workdirs.add(workdir)
     names.add(config.loss.name)
-    for key, value in overrides.items():   # overrides landed, with their types
+    for key, value in overrides.items():  # overrides landed, with their types
       node = config
       for part in key.split("."):
         node = node[part]
       assert node == value, (line, key)
-    _step_config(config)                   # loss kwargs valid for the loss
-    assert not os.path.exists(workdir)     # printed, not run
+    _step_config(config)  # loss kwargs valid for the loss
+    assert not os.path.exists(workdir)  # printed, not run
   assert {"reverse_kl", "jsd", "topk_opd", "distillm2", "todi", "akl"} <= names
 
 
 def _write_qwen3_config(path, *, hidden, layers, heads, kv_heads, intermediate):
   os.makedirs(path, exist_ok=True)
-  cfg = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=hidden,
-             num_hidden_layers=layers, num_attention_heads=heads,
-             num_key_value_heads=kv_heads, head_dim=128, intermediate_size=intermediate,
-             vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
-             eos_token_id=151645, bos_token_id=151643, max_position_embeddings=40960,
-             rms_norm_eps=1e-6, hidden_act="silu", attention_bias=False,
-             torch_dtype="bfloat16")
+  cfg = dict(
+    architectures=["Qwen3ForCausalLM"],
+    model_type="qwen3",
+    hidden_size=hidden,
+    num_hidden_layers=layers,
+    num_attention_heads=heads,
+    num_key_value_heads=kv_heads,
+    head_dim=128,
+    intermediate_size=intermediate,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    rope_theta=1000000.0,
+    eos_token_id=151645,
+    bos_token_id=151643,
+    max_position_embeddings=40960,
+    rms_norm_eps=1e-6,
+    hidden_act="silu",
+    attention_bias=False,
+    torch_dtype="bfloat16",
+  )
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(cfg, f)
   return str(path)
@@ -424,8 +502,8 @@ def _write_qwen3_config(path, *, hidden, layers, heads, kv_heads, intermediate):
 def _main_arg_shardings(text: str) -> list[tuple[tuple[int, ...], list[list[str]] | None]]:
   """(shape, per-dim mesh axes) of every argument of ``@main`` in StableHLO
   text (Shardy ``sdy.sharding`` attributes)."""
-  head = text[text.index("func.func public @main("):]
-  head = head[:head.index(") -> (")]
+  head = text[text.index("func.func public @main(") :]
+  head = head[: head.index(") -> (")]
   out = []
   for part in re.split(r"%arg\d+: ", head)[1:]:
     dims = re.match(r"tensor<([^>]*)>", part).group(1).split("x")[:-1]
@@ -441,13 +519,17 @@ def _main_arg_shardings(text: str) -> list[tuple[tuple[int, ...], list[list[str]
 def test_paper_config_lowers_on_simulated_mesh(tmp_path):
   """Qwen3-1.7B <- Qwen3-4B at the paper's settings lowers on fsdp=4 x tensor=2."""
   from opd_jax.aot import lower_abstract
+
   assert len(jax.devices()) == 8
-  student = _write_qwen3_config(tmp_path / "qwen3-1.7b", hidden=2048, layers=28, heads=16,
-                                kv_heads=8, intermediate=6144)
-  teacher = _write_qwen3_config(tmp_path / "qwen3-4b", hidden=2560, layers=36, heads=32,
-                                kv_heads=8, intermediate=9728)
-  c = _load_config_file("configs/paper_qwen3.py",
-                        f"student={student},teacher={teacher},fsdp=4,tensor=2")
+  student = _write_qwen3_config(
+    tmp_path / "qwen3-1.7b", hidden=2048, layers=28, heads=16, kv_heads=8, intermediate=6144
+  )
+  teacher = _write_qwen3_config(
+    tmp_path / "qwen3-4b", hidden=2560, layers=36, heads=32, kv_heads=8, intermediate=9728
+  )
+  c = _load_config_file(
+    "configs/paper_qwen3.py", f"student={student},teacher={teacher},fsdp=4,tensor=2"
+  )
   # The paper's settings.
   assert (c.batch_size, c.sampling.num_samples) == (64, 4)
   assert c.optimizer.lr == 1e-6 and c.optimizer.schedule == "constant"
@@ -455,8 +537,12 @@ def test_paper_config_lowers_on_simulated_mesh(tmp_path):
   assert c.sampling.temperature == 1.0 and c.teacher_sampling.temperature == 1.0
   assert c.on_policy_fraction == 1.0
   assert (c.data.max_prompt_len, c.sampling.max_new_tokens) == (1024, 7168)
-  assert (c.optimizer.b1, c.optimizer.b2, c.optimizer.weight_decay,
-          c.optimizer.grad_clip) == (0.9, 0.999, 0.01, 1.0)
+  assert (c.optimizer.b1, c.optimizer.b2, c.optimizer.weight_decay, c.optimizer.grad_clip) == (
+    0.9,
+    0.999,
+    0.01,
+    1.0,
+  )
   assert (c.student.dtype, c.student.param_dtype) == ("bfloat16", "float32")
   assert dict(c.mesh.shape) == dict(data=1, fsdp=4, tensor=2)
 
@@ -488,8 +574,11 @@ def test_paper_config_lowers_on_simulated_mesh(tmp_path):
   shape, axes = axes_of("[0][0].params", "['layers']['mlp']['down'].value")
   assert shape == (28, 6144, 2048) and axes == [[], ["tensor"], ["fsdp"]]
   # Adam moments follow their parameters.
-  mu = [v for k, v in by_path.items() if k.startswith("[0][0].opt_state")
-        and k.endswith("['embed'].value")]
+  mu = [
+    v
+    for k, v in by_path.items()
+    if k.startswith("[0][0].opt_state") and k.endswith("['embed'].value")
+  ]
   assert mu and all(a == [["tensor"], ["fsdp"]] for _, a in mu)
   shape, axes = axes_of("[0][1]", "['embed'].value")
   assert shape == (151936, 2560) and axes == [["tensor"], ["fsdp"]]
@@ -506,8 +595,7 @@ def test_paper_config_aime_eval_is_an_argument(tmp_path):
   assert "aime" not in c.evals
   aime = str(tmp_path / "aime.jsonl")
   c = _load_config_file("configs/paper_qwen3.py", f"student=/s,teacher=/t,aime={aime}")
-  assert (c.evals.aime.task, c.evals.aime.data_file, c.evals.aime.num_samples) == (
-      "math", aime, 16)
+  assert (c.evals.aime.task, c.evals.aime.data_file, c.evals.aime.num_samples) == ("math", aime, 16)
 
 
 # -----------------------------------------------------------------------------
@@ -516,14 +604,25 @@ def test_paper_config_aime_eval_is_an_argument(tmp_path):
 
 def _model_cfg(max_len=512):
   from opd_jax.models import ModelConfig
-  return ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=16, intermediate_size=32,
-                     num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
-                     max_position_embeddings=max_len)
+
+  return ModelConfig(
+    model_type="qwen3",
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=8,
+    max_position_embeddings=max_len,
+  )
 
 
 def _eval_case(tmp_path, case):
   """A base config with one eval ``x`` broken as ``case`` says."""
-  from opd_jax import configs_lib, data as data_lib
+  from opd_jax import configs_lib
+  from opd_jax import data as data_lib
+
   c = configs_lib.base_config()
   prompts = str(tmp_path / "prompts.jsonl")
   data_lib.write_jsonl(prompts, [{"prompt": "1+1=", "answer": "2"}])
@@ -553,21 +652,34 @@ def _eval_case(tmp_path, case):
   return c
 
 
-@pytest.mark.parametrize("case, message", [
-    ("math_without_file", r"config\.evals\.x\.data_file is empty and task 'math' cannot "
-     "generate"),
-    ("unknown_task", r"config\.evals\.x\.task: unknown task 'nope'; valid tasks: "
-     "arithmetic, math"),
+@pytest.mark.parametrize(
+  "case, message",
+  [
+    (
+      "math_without_file",
+      r"config\.evals\.x\.data_file is empty and task 'math' cannot "
+      "generate",
+    ),
+    (
+      "unknown_task",
+      r"config\.evals\.x\.task: unknown task 'nope'; valid tasks: "
+      "arithmetic, math",
+    ),
     ("unknown_evaluator", r"config\.evals\.x\.evaluator: unknown evaluator 'nope'"),
     ("missing_file", r"config\.evals\.x\.data_file: file not found: .*missing\.jsonl"),
-    ("too_long", r"config\.evals\.x\.max_new_tokens: config\.data\.max_prompt_len \(64\) "
-     r"\+ 449 new tokens = 513 exceeds the student's max_position_embeddings 512"),
+    (
+      "too_long",
+      r"config\.evals\.x\.max_new_tokens: config\.data\.max_prompt_len \(64\) "
+      r"\+ 449 new tokens = 513 exceeds the student's max_position_embeddings 512",
+    ),
     ("no_answer", r"config\.evals\.x\.data_file: example 0 has no \['answer'\]"),
     ("bad_json", r"config\.evals\.x: "),
     ("empty_file", r"config\.evals\.x: no examples"),
-])
+  ],
+)
 def test_eval_settings_checked_at_startup(tmp_path, case, message):
   from opd_jax.train import prepare_evals
+
   with pytest.raises(ValueError, match=message):
     prepare_evals(_eval_case(tmp_path, case), _model_cfg())
 
@@ -575,12 +687,14 @@ def test_eval_settings_checked_at_startup(tmp_path, case, message):
 def test_valid_evals_prepared_at_startup(tmp_path):
   from opd_jax import data as data_lib
   from opd_jax.train import prepare_evals
+
   c = _eval_case(tmp_path, "ok")
   c.evals.y = c.evals.x.copy_and_resolve_references()
   c.evals.y.task = "math"
   c.evals.y.data_file = str(tmp_path / "aime.jsonl")
-  data_lib.write_jsonl(c.evals.y.data_file, [{"prompt": f"{i}+1?", "answer": str(i + 1)}
-                                             for i in range(3)])
+  data_lib.write_jsonl(
+    c.evals.y.data_file, [{"prompt": f"{i}+1?", "answer": str(i + 1)} for i in range(3)]
+  )
   cache = prepare_evals(c, _model_cfg())
   assert sorted(cache) == ["x", "y"]
   assert len(cache["x"][1]) == 4 and cache["x"][0].name == "arithmetic"
@@ -589,11 +703,15 @@ def test_valid_evals_prepared_at_startup(tmp_path):
 
 def test_run_settings_checked_at_startup(tmp_path):
   from opd_jax.train import check_run_settings
+
   c = _eval_case(tmp_path, "ok")
   check_run_settings(c, _model_cfg(), _model_cfg())
   c.sampling.max_new_tokens = 512 - int(c.data.max_prompt_len) + 1
-  with pytest.raises(ValueError, match=r"config\.data\.max_prompt_len \(64\) \+ "
-                     r"config\.sampling\.max_new_tokens \(449\) = 513 exceeds the teacher's"):
+  with pytest.raises(
+    ValueError,
+    match=r"config\.data\.max_prompt_len \(64\) \+ "
+    r"config\.sampling\.max_new_tokens \(449\) = 513 exceeds the teacher's",
+  ):
     check_run_settings(c, _model_cfg(max_len=1024), _model_cfg())
   c.sampling.max_new_tokens = 64
   c.data.train_files = str(tmp_path / "nope.jsonl")
@@ -616,8 +734,10 @@ def test_driver_checks_evals_before_loading(assets, tmp_path):
   """``train`` fails on a broken eval before reading weights or compiling:
   the 'math' task with no file, and an eval prompt longer than max_prompt_len
   (found by encoding the eval prompts with the run's tokenizer)."""
-  from opd_jax import configs_lib, data as data_lib
+  from opd_jax import configs_lib
+  from opd_jax import data as data_lib
   from opd_jax.train import train
+
   c = tiny_config(assets)
   c.evals.aime = configs_lib.eval_config(task="math")
   with pytest.raises(ValueError, match=r"config\.evals\.aime\.data_file is empty"):
@@ -625,8 +745,11 @@ def test_driver_checks_evals_before_loading(assets, tmp_path):
   long_file = str(tmp_path / "long.jsonl")
   data_lib.write_jsonl(long_file, [{"prompt": "1+1=" * 40, "answer": "2"}])
   c.evals.aime.data_file = long_file
-  with pytest.raises(ValueError, match=r"config\.evals\.aime: prompt 0 has \d+ tokens > "
-                     r"max_prompt_len=12.*\(config\.data\.max_prompt_len\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"config\.evals\.aime: prompt 0 has \d+ tokens > "
+    r"max_prompt_len=12.*\(config\.data\.max_prompt_len\)",
+  ):
     train(c, str(tmp_path / "b"))
   assert not os.path.exists(str(tmp_path / "b" / "checkpoints"))
 
@@ -640,7 +763,7 @@ def test_bad_override_names_the_key(runs):
   assert rc != 0 and "nope" in out, out[-3000:]
   rc, out = runs.bad["typo"].wait()
   assert rc != 0 and "totl_steps" in out, out[-3000:]
-  assert "total_steps" in out      # the suggestion
+  assert "total_steps" in out  # the suggestion
 
 
 def test_unknown_loss_lists_valid_losses(runs):
@@ -702,8 +825,8 @@ def test_cli_end_to_end_and_resume_with_override(runs, reference_run):
   assert last_json_line(r["log2"])["step"] == 4
   m2 = r["metrics2"]
   assert [x["step"] for x in m2] == [0, 1, 2, 3, 4]
-  assert m2[:4] == m1                       # steps 1..3 not re-run (timings equal)
-  assert "compile_time_s" in m2[4]          # step 4 was the restarted run's first
+  assert m2[:4] == m1  # steps 1..3 not re-run (timings equal)
+  assert "compile_time_s" in m2[4]  # step 4 was the restarted run's first
   assert any(k.startswith("eval/small/") for k in m2[4])
   assert r["ckpts2"] == [2, 3, 4]
   # Same batches and constant lr as the reference: identical numbers.
@@ -720,7 +843,7 @@ def test_cli_micro_batches_match_one_batch(runs, reference_run):
   exact = ["num_tokens", "mean_response_length", "truncated_frac", "on_policy_frac", "lr"]
   assert_same_metrics(r["records"], ref, range(1, 4), keys=exact)
   assert_same_metrics(r["records"], ref, range(1, 4), keys=["loss", "grad_norm"], rtol=1e-5)
-  assert_same_metrics(r["records"], ref, range(1, 4), rtol=1e-3)   # token metrics too
+  assert_same_metrics(r["records"], ref, range(1, 4), rtol=1e-3)  # token metrics too
 
 
 def test_bad_micro_batches_is_a_clear_error(runs):
@@ -731,6 +854,7 @@ def test_bad_micro_batches_is_a_clear_error(runs):
 
 def test_micro_batches_config_key():
   from opd_jax import configs_lib
+
   c = configs_lib.base_config()
   assert c.micro_batches == 1 and _step_config(c).micro_batches == 1
   c.micro_batches = 4
@@ -763,9 +887,13 @@ def test_sigkill_and_sigterm_resume_matches_uninterrupted(runs, reference_run):
   assert [x["step"] for x in read_metrics(r["workdir"])].count(0) == 1
   ref = reference_run.records()
   assert sorted(ref) == list(range(1, REF_STEPS + 1))
-  assert_same_metrics(got, ref, range(1, REF_STEPS + 1),
-                      keys=["loss", "grad_norm", "mean_response_length", "num_tokens"])
-  assert_same_metrics(got, ref, range(1, REF_STEPS + 1))   # and every other metric
+  assert_same_metrics(
+    got,
+    ref,
+    range(1, REF_STEPS + 1),
+    keys=["loss", "grad_norm", "mean_response_length", "num_tokens"],
+  )
+  assert_same_metrics(got, ref, range(1, REF_STEPS + 1))  # and every other metric
 
 
 def test_damaged_latest_checkpoint_is_skipped_on_resume(runs, reference_run):
@@ -778,7 +906,7 @@ def test_damaged_latest_checkpoint_is_skipped_on_resume(runs, reference_run):
   assert r["ckpts_before"] == [2, 4]
   ckpt4 = os.path.join(workdir, "checkpoints", "4")
   assert f"cannot restore checkpoint 4 ({ckpt4}): " in log, log[-6000:]
-  assert "OCDBT" in log, log[-6000:]   # TensorStore's error, quoted
+  assert "OCDBT" in log, log[-6000:]  # TensorStore's error, quoted
   assert "trying the previous checkpoint" in log
   assert f"moved to {os.path.join(workdir, 'checkpoints.damaged', '4')}" in log, log[-6000:]
   assert r["aside"] == ["4"] and r["ckpts_after"] == [2, 4, 6]
@@ -806,8 +934,10 @@ def test_random_sigkills_resume_matches_uninterrupted(runs):
   kills, total = r["kills"], r["total"]
   assert len(kills) == r["n"] == RANDOM_KILLS, kills
   assert all(k["rc"] == -signal.SIGKILL for k in kills), kills
-  print(f"random kills: N={len(kills)}, {sum(k['in_save'] for k in kills)} during a "
-        f"checkpoint save; {kills}")
+  print(
+    f"random kills: N={len(kills)}, {sum(k['in_save'] for k in kills)} during a "
+    f"checkpoint save; {kills}"
+  )
   assert last_json_line(r["log"])["step"] == total
   got, want = step_records(r["workdir"]), step_records(r["straight"])
   assert sorted(got) == sorted(want) == list(range(1, total + 1))
@@ -835,6 +965,7 @@ def _fake_rollouts(assets, path):
   """Verified 'rollouts' (the reference completions; a random teacher solves
   nothing) so the test controls the SFT set."""
   from opd_jax import data as data_lib
+
   recs = data_lib.read_jsonl(assets["prompts"])[:16]
   data_lib.write_jsonl(path, recs)
   return path
@@ -842,6 +973,7 @@ def _fake_rollouts(assets, path):
 
 def test_cold_start_switches_at_step_and_resumes_across_switch(assets, tmp_path):
   from opd_jax.train import train
+
   rollouts = _fake_rollouts(assets, str(tmp_path / "rollouts.jsonl"))
   a = _cold_config(assets, 4)
   a.cold_start.rollouts_file = rollouts
@@ -850,7 +982,7 @@ def test_cold_start_switches_at_step_and_resumes_across_switch(assets, tmp_path)
   assert [ra[s]["cold_start"] for s in (1, 2, 3, 4)] == [1.0, 1.0, 0.0, 0.0]
   assert ra[1]["on_policy_frac"] == 0.0 and ra[2]["on_policy_frac"] == 0.0
   assert ra[3]["on_policy_frac"] == 1.0 and "overlap_ratio" in ra[3]
-  assert "overlap_ratio" not in ra[2]             # SFT phase: no teacher, no metrics
+  assert "overlap_ratio" not in ra[2]  # SFT phase: no teacher, no metrics
   # Interrupted right after the switch (3 steps), then resumed to 4.
   for total in (3, 4):
     b = _cold_config(assets, total)
@@ -864,6 +996,7 @@ def test_cold_start_generates_verified_rollouts(assets, tmp_path):
   """Rollouts come from the teacher with the task verifier as filter: a
   random teacher solves nothing, so the run refuses to cold-start."""
   from opd_jax.train import train
+
   c = _cold_config(assets, 3)
   c.cold_start.max_prompts = 4
   with pytest.raises(ValueError, match="no teacher rollout passed the verifier"):
@@ -875,22 +1008,26 @@ def test_driver_logs_flops_per_step_and_mfu(assets, tmp_path):
   ``mfu`` = flops / step time / (config.peak_flops x devices)."""
   from opd_jax import flops as flops_lib
   from opd_jax.train import model_config_of, peak_flops, train, vocab_of
+
   c = tiny_config(assets, total_steps=2, peak_flops=1e12)
   train(c, str(tmp_path / "run"))
   recs = step_records(str(tmp_path / "run"))
   from transformers import AutoTokenizer
+
   s_cfg, t_cfg = model_config_of(c, "student"), model_config_of(c, "teacher")
   vocab = vocab_of(s_cfg, t_cfg, len(AutoTokenizer.from_pretrained(assets["tokenizer"])))
-  want = flops_lib.step_flops(_step_config(c), s_cfg, t_cfg, batch_size=4, prompt_len=12,
-                              vocab=vocab)
+  want = flops_lib.step_flops(
+    _step_config(c), s_cfg, t_cfg, batch_size=4, prompt_len=12, vocab=vocab
+  )
   for step in (1, 2):
     r = recs[step]
     assert r["flops_per_step"] == want["total"] > 0
     assert r["mfu"] == pytest.approx(
-        r["flops_per_step"] / r["step_time_s"] / (1e12 * jax.device_count()), rel=1e-6)
+      r["flops_per_step"] / r["step_time_s"] / (1e12 * jax.device_count()), rel=1e-6
+    )
   assert peak_flops(c) == 1e12
   c.peak_flops = 0.0
-  assert peak_flops(c) is None       # CPU: no table entry, so no mfu is logged
+  assert peak_flops(c) is None  # CPU: no table entry, so no mfu is logged
 
 
 def test_build_run_abstract_is_the_same_step(assets):
@@ -899,14 +1036,20 @@ def test_build_run_abstract_is_the_same_step(assets):
   config, train state / teacher / batch shapes and shardings, FLOPs and
   lowered program."""
   from opd_jax.train import build_run
+
   c = tiny_config(assets)
   real = build_run(c)
   opd = real.phases["opd"]
   assert set(real.phases) == {"opd"} and opd.compiled is not None and real.tokenizer
   assert real.settings.total_steps == 3 and real.settings.data.max_prompt_len == 12
   sampling = opd.cfg.sampling
-  ab = build_run(c, abstract=True, vocab_size=len(real.tokenizer), eos_ids=sampling.eos_ids,
-                 pad_id=sampling.pad_id)
+  ab = build_run(
+    c,
+    abstract=True,
+    vocab_size=len(real.tokenizer),
+    eos_ids=sampling.eos_ids,
+    pad_id=sampling.pad_id,
+  )
   a_opd = ab.phases["opd"]
   assert ab.tokenizer is None and a_opd.compiled is None and a_opd.it is None
   assert a_opd.cfg == opd.cfg and ab.vocab == real.vocab and a_opd.flops == opd.flops
@@ -914,8 +1057,9 @@ def test_build_run_abstract_is_the_same_step(assets):
   assert spec(ab.state) == spec(real.state)
   assert spec(a_opd.teacher) == spec(opd.teacher)
   assert spec(a_opd.batch) == spec(opd.batch)
-  assert (a_opd.fn.lower(*a_opd.args(ab.state)).as_text()
-          == opd.fn.lower(*opd.args(real.state)).as_text())
+  assert (
+    a_opd.fn.lower(*a_opd.args(ab.state)).as_text() == opd.fn.lower(*opd.args(real.state)).as_text()
+  )
 
 
 # -----------------------------------------------------------------------------
@@ -927,7 +1071,7 @@ def _damage(step_dir: str) -> None:
   n = 0
   for root, _, files in os.walk(os.path.join(step_dir, "state")):
     for name in files:
-      if os.path.basename(root) == "d":   # OCDBT data files (.../d/<hash>)
+      if os.path.basename(root) == "d":  # OCDBT data files (.../d/<hash>)
         path = os.path.join(root, name)
         with open(path, "r+b") as f:
           f.write(b"\0" * os.path.getsize(path))
@@ -940,7 +1084,9 @@ def test_restore_skips_damaged_checkpoints(tmp_path):
   is reported and moved aside; none readable, or a missing
   ``config.restore_step``, is a RestoreError naming each checkpoint."""
   import jax.numpy as jnp
+
   from opd_jax import checkpointing
+
   directory = str(tmp_path / "checkpoints")
 
   def state(s):
@@ -963,17 +1109,24 @@ def test_restore_skips_damaged_checkpoints(tmp_path):
   # An explicit step: the newer ones are set aside (the run saves them again).
   step, got, _, _ = ck.restore_newest(abstract, step=2)
   assert step == 2 and ck.manager.all_steps() == [2]
-  with pytest.raises(checkpointing.RestoreError, match=r"config\.restore_step=3: there is no "
-                     r"checkpoint 3 in .*checkpoints \(checkpoints: \[2\]\)"):
+  with pytest.raises(
+    checkpointing.RestoreError,
+    match=r"config\.restore_step=3: there is no "
+    r"checkpoint 3 in .*checkpoints \(checkpoints: \[2\]\)",
+  ):
     ck.restore_newest(abstract, step=3)
   ck.close()
   _damage(os.path.join(directory, "2"))
   ck = manager()
-  with pytest.raises(checkpointing.RestoreError, match=(
+  with pytest.raises(
+    checkpointing.RestoreError,
+    match=(
       r"no checkpoint of this run can be restored .*\n  checkpoint 2 \(.*checkpoints/2\): "
-      r"ValueError: .*OCDBT(.|\n)*config\.restore_step=N restores one explicitly")):
+      r"ValueError: .*OCDBT(.|\n)*config\.restore_step=N restores one explicitly"
+    ),
+  ):
     ck.restore_newest(abstract)
-  assert ck.manager.all_steps() == [2]   # nothing is replaced
+  assert ck.manager.all_steps() == [2]  # nothing is replaced
   ck.close()
   empty = checkpointing.Checkpointer(str(tmp_path / "none"), save_every=1)
   assert empty.restore_newest(abstract) is None
@@ -984,7 +1137,9 @@ def test_nonfinite_step_never_reaches_the_parameters(assets):
   into one compiled step: the student's parameters and the optimizer state
   are kept, the step is counted; the next finite step updates as usual."""
   import jax.numpy as jnp
+
   from opd_jax.train import build_run, global_batch
+
   run = build_run(tiny_config(assets))
   phase = run.phases["opd"]
   batch = global_batch(next(phase.it), run.sharder, run.settings.batch_size)
@@ -995,16 +1150,18 @@ def test_nonfinite_step_never_reaches_the_parameters(assets):
   assert not np.isfinite(float(m["loss"])) or not np.isfinite(float(m["grad_norm"]))
   assert (float(m["nonfinite_steps"]), float(m["nonfinite_in_a_row"])) == (1.0, 1.0)
   assert int(state.step) == 1
-  same = jax.tree.map(lambda a, b: np.array_equal(a, b), before.params, jax.device_get(
-      state.params))
+  same = jax.tree.map(
+    lambda a, b: np.array_equal(a, b), before.params, jax.device_get(state.params)
+  )
   assert all(jax.tree.leaves(same))
   inner = lambda s: jax.tree.leaves(jax.device_get(s.opt_state.inner_state))
   assert all(np.array_equal(a, b) for a, b in zip(inner(before), inner(state)))
   state, m = phase.compiled(state, phase.teacher, batch)
   assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
   assert (float(m["nonfinite_steps"]), float(m["nonfinite_in_a_row"])) == (1.0, 0.0)
-  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), before.params,
-                       jax.device_get(state.params))
+  moved = jax.tree.map(
+    lambda a, b: not np.array_equal(a, b), before.params, jax.device_get(state.params)
+  )
   assert any(jax.tree.leaves(moved))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
 
@@ -1017,13 +1174,18 @@ def test_diverging_run_stops_with_last_good_checkpoint(assets, tmp_path):
   which the streak never overwrote."""
   from opd_jax import checkpointing
   from opd_jax.train import NonFiniteError, build_run, train
+
   c = tiny_config(assets, total_steps=8, checkpoint_every=1, max_nonfinite_steps=3)
   c.optimizer.lr = 1e30
   workdir = str(tmp_path / "run")
-  with pytest.raises(NonFiniteError, match=(
+  with pytest.raises(
+    NonFiniteError,
+    match=(
       r"step 4: 3 steps in a row with a non-finite loss or gradient .* the parameters are "
       r"those of step 1; the run stops \(config\.max_nonfinite_steps=3\)\. Last good state: "
-      r"checkpoint 1 \(.*checkpoints/1\); lower config\.optimizer\.lr")):
+      r"checkpoint 1 \(.*checkpoints/1\); lower config\.optimizer\.lr"
+    ),
+  ):
     train(c, workdir)
   recs = step_records(workdir)
   assert sorted(recs) == [1, 2, 3, 4]
@@ -1049,31 +1211,45 @@ def test_driver_data_errors_name_file_line_and_settings(assets, tmp_path):
   (skipped and counted with on_error=skip); an empty result names the files,
   the counts by reason and the config.data settings."""
   from transformers import AutoTokenizer
+
   from opd_jax.train import build_data, settings_of
+
   tok = AutoTokenizer.from_pretrained(assets["tokenizer"])
   good = [json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}).encode() for i in range(8)]
   c = tiny_config(assets)
-  c.data.train_files = _prompt_file(tmp_path / "bytes.jsonl",
-                                    good[:1] + [b'{"prompt": "1\xff+1="}'] + good[1:])
-  with pytest.raises(ValueError, match=r"bytes\.jsonl:2: invalid UTF-8 .*\(config\.data\."
-                     r"on_error=skip skips such records"):
+  c.data.train_files = _prompt_file(
+    tmp_path / "bytes.jsonl", good[:1] + [b'{"prompt": "1\xff+1="}'] + good[1:]
+  )
+  with pytest.raises(
+    ValueError,
+    match=r"bytes\.jsonl:2: invalid UTF-8 .*\(config\.data\."
+    r"on_error=skip skips such records",
+  ):
     build_data(settings_of(c), tok)
   c.data.on_error = "skip"
   data, _ = build_data(settings_of(c), tok)
   assert len(data) == 8 and data.counts["num_skipped_invalid_utf8"] == 1
   assert data.stats["num_malformed_skipped"] == 1
   # Every prompt longer than max_prompt_len (overlong=drop).
-  c.data.train_files = _prompt_file(tmp_path / "long.jsonl", [json.dumps(
-      {"prompt": "1+1=" * 10, "answer": "2"}).encode()] * 20)
-  with pytest.raises(ValueError, match=(
+  c.data.train_files = _prompt_file(
+    tmp_path / "long.jsonl", [json.dumps({"prompt": "1+1=" * 10, "answer": "2"}).encode()] * 20
+  )
+  with pytest.raises(
+    ValueError,
+    match=(
       r"config\.data\.train_files: no prompt records left from .*long\.jsonl \(20 non-blank "
       r"lines read\): 20 longer than max_prompt_len=12 tokens \(overlong='drop'; the longest "
-      r"has \d+ tokens.*\(settings: config\.data\.max_prompt_len / overlong / on_error")):
+      r"has \d+ tokens.*\(settings: config\.data\.max_prompt_len / overlong / on_error"
+    ),
+  ):
     build_data(settings_of(c), tok)
   # An empty prompt file.
   c.data.train_files = _prompt_file(tmp_path / "empty.jsonl", [])
-  with pytest.raises(ValueError, match=r"config\.data\.train_files: no prompt records left "
-                     r"from .*empty\.jsonl \(0 non-blank lines read\): 1 empty file\(s\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"config\.data\.train_files: no prompt records left "
+    r"from .*empty\.jsonl \(0 non-blank lines read\): 1 empty file\(s\)",
+  ):
     build_data(settings_of(c), tok)
 
 
@@ -1087,17 +1263,24 @@ def test_logged_data_stats_count_skips_by_reason(runs, reference_run):
   assert step0["data/num_files"] == 1 and step0["data/num_empty_files"] == 0
 
 
-@pytest.mark.parametrize("case, message", [
+@pytest.mark.parametrize(
+  "case, message",
+  [
     ("unknown_evaluator", r"config\.evals\.x\.evaluator: unknown evaluator 'nope'"),
-    ("too_long", r"config\.evals\.x\.max_new_tokens: config\.data\.max_prompt_len \(12\) \+ "
-     r"\d+ new tokens = \d+ exceeds the student's max_position_embeddings"),
+    (
+      "too_long",
+      r"config\.evals\.x\.max_new_tokens: config\.data\.max_prompt_len \(12\) \+ "
+      r"\d+ new tokens = \d+ exceeds the student's max_position_embeddings",
+    ),
     ("math_without_file", r"config\.evals\.x\.data_file is empty and task 'math' cannot"),
-])
+  ],
+)
 def test_driver_fails_on_evals_that_cannot_run_before_step_1(assets, tmp_path, case, message):
   """Evals that cannot run stop ``train`` at start-up: nothing is compiled,
   logged or checkpointed."""
   from opd_jax import configs_lib
   from opd_jax.train import model_config_of, train
+
   c = tiny_config(assets)
   c.evals.x = configs_lib.eval_config(num_examples=4)
   if case == "unknown_evaluator":
@@ -1121,11 +1304,15 @@ def test_scheduled_loss_kwarg_logged_every_step_and_exact_across_resume(assets, 
   metrics as one of 4 (the data iterator resumes the curriculum exactly)."""
   from opd_jax import configs_lib, schedules
   from opd_jax.train import train
+
   spec = "linear:0.1:0.4:0:3"
 
-  def config(total):   # + a curriculum: level-2 prompts' weight 0 -> 1
-    c = tiny_config(assets, total_steps=total, schedules=(
-        f"loss.alpha={spec};data.mixture.arithmetic/L2=linear:0:1:0:3"))
+  def config(total):  # + a curriculum: level-2 prompts' weight 0 -> 1
+    c = tiny_config(
+      assets,
+      total_steps=total,
+      schedules=(f"loss.alpha={spec};data.mixture.arithmetic/L2=linear:0:1:0:3"),
+    )
     c.loss = configs_lib.loss_config("skew_kl", chunk=4)
     c.data.source_field = "source"
     c.data.mixture = {"arithmetic/L1": 1.0, "arithmetic/L2": 1.0}
@@ -1137,7 +1324,8 @@ def test_scheduled_loss_kwarg_logged_every_step_and_exact_across_resume(assets, 
   assert [ra[s]["schedule/loss.alpha"] for s in (1, 2, 3, 4)] == pytest.approx(want)
   assert want == pytest.approx([0.1, 0.2, 0.3, 0.4])
   assert [ra[s]["schedule/data.mixture.arithmetic/L2"] for s in (1, 2, 3, 4)] == pytest.approx(
-      [0.0, 1 / 3, 2 / 3, 1.0])
+    [0.0, 1 / 3, 2 / 3, 1.0]
+  )
   for total in (2, 4):
     train(config(total), str(tmp_path / "b"))
   rb = step_records(str(tmp_path / "b"))
@@ -1149,12 +1337,13 @@ def test_schedules_split_between_step_and_data():
   the rest to the step (OPDConfig); a data schedule needs a mixture."""
   from opd_jax import configs_lib, schedules
   from opd_jax.train import settings_of
+
   c = configs_lib.base_config()
   c.data.mixture = {"easy": 1.0, "hard": 1.0}
   c.schedules = "data.mixture.hard=linear:0:1:0:10;on_policy_fraction=step:0:5:1"
   s = settings_of(c)
   assert s.mixture_schedules == (("hard", schedules.parse("linear:0:1:0:10")),)
-  assert s.on_policy_fraction == 0.0           # the scheduled λ's lowest value
+  assert s.on_policy_fraction == 0.0  # the scheduled λ's lowest value
   assert [t for t, _ in _step_config(c).schedules] == ["on_policy_fraction"]
   c.data.mixture = {}
   with pytest.raises(ValueError, match="need config.data.mixture"):

@@ -13,15 +13,26 @@ BASE = "configs/quickstart.py"
 def get_sweep():
   """Returns (base config file, list of (run name, config arg, overrides))."""
   runs = []
-  losses = [("reverse_kl", {}), ("k1", {}), ("forward_kl", {}),
-            ("jsd", {"loss.beta": 0.5}), ("skew_kl", {"loss.alpha": 0.1}),
-            ("topk_opd", {"loss.k": 16}), ("todi", {}), ("akl", {"loss.mu": 0.5})]
+  losses = [
+    ("reverse_kl", {}),
+    ("k1", {}),
+    ("forward_kl", {}),
+    ("jsd", {"loss.beta": 0.5}),
+    ("skew_kl", {"loss.alpha": 0.1}),
+    ("topk_opd", {"loss.k": 16}),
+    ("todi", {}),
+    ("akl", {"loss.mu": 0.5}),
+  ]
   for loss, extra in losses:
     runs.append((f"loss={loss}", f"loss={loss}", dict(extra)))
   # DistiLLM-2 needs both row kinds in a step: half teacher samples.
-  runs.append(("loss=distillm2", "loss=distillm2,lam=0.5",
-               {"off_policy_source": "teacher", "loss.alpha_teacher": 0.1,
-                "loss.alpha_student": 0.1}))
+  runs.append(
+    (
+      "loss=distillm2",
+      "loss=distillm2,lam=0.5",
+      {"off_policy_source": "teacher", "loss.alpha_teacher": 0.1, "loss.alpha_student": 0.1},
+    )
+  )
   for lam in (0.5, 0.0):
     runs.append((f"lam={lam}", f"loss=reverse_kl,lam={lam}", {}))
   for temp in (0.7, 1.3):

@@ -14,9 +14,14 @@ BASE = "configs/repro.py"
 # (loss, registry kwargs): full and sampled reverse KL (k1 as a policy-gradient
 # reward), forward KL, JSD(β=0.5, TRL convention), skew KL (α=0.1, DistiLLM)
 # and top-k OPD (Eq. 5, k=16, student top-k set, student weights).
-LOSSES = (("reverse_kl", {}), ("k1", {"mode": "reward"}), ("forward_kl", {}),
-          ("jsd", {"beta": 0.5}), ("skew_kl", {"alpha": 0.1}),
-          ("topk_opd", {"k": 16, "strategy": "student", "weight": "student"}))
+LOSSES = (
+  ("reverse_kl", {}),
+  ("k1", {"mode": "reward"}),
+  ("forward_kl", {}),
+  ("jsd", {"beta": 0.5}),
+  ("skew_kl", {"alpha": 0.1}),
+  ("topk_opd", {"k": 16, "strategy": "student", "weight": "student"}),
+)
 
 
 def get_sweep(seeds=(0, 1, 2), smoke=False):

@@ -42,5 +42,15 @@ from opd_jax.data.pipeline import Batch, PromptData, validate_mixture
 from opd_jax.data.records import DataOptions, data_options
 from opd_jax.data.state import restore_iterator_state, save_iterator_state
 
-__all__ = ["Batch", "DataOptions", "PromptData", "data_options", "expand_paths", "read_jsonl",
-           "restore_iterator_state", "save_iterator_state", "validate_mixture", "write_jsonl"]
+__all__ = [
+  "Batch",
+  "DataOptions",
+  "PromptData",
+  "data_options",
+  "expand_paths",
+  "read_jsonl",
+  "restore_iterator_state",
+  "save_iterator_state",
+  "validate_mixture",
+  "write_jsonl",
+]

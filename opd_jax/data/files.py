@@ -40,8 +40,7 @@ def iter_file(path: str) -> Iterable[tuple[int, Any, str | None]]:
   read at all (corrupt gzip / Parquet) is a ValueError naming it."""
   if not path.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
     raise ValueError(
-        f"{path}: unsupported file type; expected one of "
-        f"{JSONL_SUFFIXES + PARQUET_SUFFIXES}."
+      f"{path}: unsupported file type; expected one of {JSONL_SUFFIXES + PARQUET_SUFFIXES}."
     )
   lineno = 0
   try:
@@ -53,9 +52,10 @@ def iter_file(path: str) -> Iterable[tuple[int, Any, str | None]]:
 
       for row, record in enumerate(pq.read_table(path).to_pylist(), start=1):
         yield row, record, None
-  except (OSError, EOFError, ValueError) as e:   # gzip.BadGzipFile, pyarrow.ArrowInvalid
-    raise ValueError(f"{path}: cannot read the file after line {lineno}: "
-                     f"{type(e).__name__}: {e}") from None
+  except (OSError, EOFError, ValueError) as e:  # gzip.BadGzipFile, pyarrow.ArrowInvalid
+    raise ValueError(
+      f"{path}: cannot read the file after line {lineno}: {type(e).__name__}: {e}"
+    ) from None
 
 
 def source_from_path(path: str) -> str:

@@ -17,9 +17,7 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]):
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(
-      dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
-  )
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   os.close(fd)
   try:
     opener = gzip.open if path.endswith(".gz") else open
@@ -54,9 +52,7 @@ def iter_jsonl(path: str) -> Iterable[tuple[int, Any, str | None]]:
         yield lineno, None, f"invalid JSON ({e.msg} at column {e.colno})"
         continue
       if not isinstance(record, dict):
-        yield lineno, None, (
-            f"expected a JSON object, got {type(record).__name__}"
-        )
+        yield lineno, None, (f"expected a JSON object, got {type(record).__name__}")
         continue
       yield lineno, record, None
 

@@ -22,23 +22,27 @@ _MAX_ERRORS_KEPT = 20
 
 # Why a record is skipped (on_error="skip"), counted as num_skipped_<reason>.
 SKIP_REASONS = {
-    "invalid_utf8": "not UTF-8",
-    "invalid_json": "not a JSON object",
-    "missing_field": "a missing field",
-    "invalid_field": "a field of the wrong type or empty (or a failing chat template)",
-    "empty_prompt": "a prompt of zero tokens",
+  "invalid_utf8": "not UTF-8",
+  "invalid_json": "not a JSON object",
+  "missing_field": "a missing field",
+  "invalid_field": "a field of the wrong type or empty (or a failing chat template)",
+  "empty_prompt": "a prompt of zero tokens",
 }
 
 
 def _reason(error: str) -> str:
   """The :data:`SKIP_REASONS` key of a record's error message."""
-  for prefix, reason in (("invalid UTF-8", "invalid_utf8"), ("invalid JSON", "invalid_json"),
-                         ("expected a JSON object", "invalid_json"),
-                         ("expected a mapping", "invalid_json"),
-                         ("missing field", "missing_field")):
+  for prefix, reason in (
+    ("invalid UTF-8", "invalid_utf8"),
+    ("invalid JSON", "invalid_json"),
+    ("expected a JSON object", "invalid_json"),
+    ("expected a mapping", "invalid_json"),
+    ("missing field", "missing_field"),
+  ):
     if error.startswith(prefix):
       return reason
   return "invalid_field"
+
 
 Batch = dict[str, np.ndarray]
 
@@ -52,8 +56,7 @@ class _EpochShuffle:
   shuffle costs milliseconds per element on small datasets.
   """
 
-  def __init__(self, members: np.ndarray, seed: int, stream: int,
-               shuffle: bool):
+  def __init__(self, members: np.ndarray, seed: int, stream: int, shuffle: bool):
     self._members = np.asarray(members, np.int64)
     self._seed = int(seed)
     self._stream = int(stream)
@@ -91,12 +94,20 @@ class _ScheduledMix:
     self.seed, self.batch_size = seed, batch_size
 
   def weights_at(self, t: int) -> np.ndarray:
-    from opd_jax import schedules as schedules_lib   # pylint: disable=g-import-not-at-top
-    w = np.array([schedules_lib.host_value(self.schedules[n], t) if n in self.schedules
-                  else self.static[n] for n in self.names], np.float64)
+    from opd_jax import schedules as schedules_lib  # pylint: disable=g-import-not-at-top
+
+    w = np.array(
+      [
+        schedules_lib.host_value(self.schedules[n], t) if n in self.schedules else self.static[n]
+        for n in self.names
+      ],
+      np.float64,
+    )
     if not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
-      raise ValueError(f"mixture weights at batch {t} must be >= 0 with a positive sum, "
-                       f"got {dict(zip(self.names, w.tolist()))}")
+      raise ValueError(
+        f"mixture weights at batch {t} must be >= 0 with a positive sum, "
+        f"got {dict(zip(self.names, w.tolist()))}"
+      )
     return w / w.sum()
 
   def __call__(self, index: int, _: Any) -> int:
@@ -157,11 +168,11 @@ class PromptData:
 
   @classmethod
   def build(
-      cls,
-      paths: str | os.PathLike | Sequence[str | os.PathLike],
-      tokenizer,
-      options: DataOptions | None = None,
-      **kwargs: Any,
+    cls,
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    tokenizer,
+    options: DataOptions | None = None,
+    **kwargs: Any,
   ) -> PromptData:
     """Reads, validates and tokenises JSONL / Parquet prompt files.
 
@@ -186,18 +197,23 @@ class PromptData:
       if len(records) == n:
         logging.warning("%s: no records (empty file)", path)
         empty.append(path)
-    return cls._from_raw(records, tokenizer, data_options(options, **kwargs),
-                         files=tuple(files), empty_files=tuple(empty))
+    return cls._from_raw(
+      records,
+      tokenizer,
+      data_options(options, **kwargs),
+      files=tuple(files),
+      empty_files=tuple(empty),
+    )
 
   @classmethod
   def from_records(
-      cls,
-      records: Sequence[Mapping[str, Any]],
-      tokenizer,
-      options: DataOptions | None = None,
-      *,
-      name: str = "<records>",
-      **kwargs: Any,
+    cls,
+    records: Sequence[Mapping[str, Any]],
+    tokenizer,
+    options: DataOptions | None = None,
+    *,
+    name: str = "<records>",
+    **kwargs: Any,
   ) -> PromptData:
     """Like :meth:`build` for in-memory dicts (origins are ``name:i``)."""
     raw = []
@@ -205,19 +221,25 @@ class PromptData:
       if isinstance(record, Mapping):
         raw.append((f"{name}:{i}", dict(record), None, name))
       else:
-        raw.append((f"{name}:{i}", None, (
-            f"expected a mapping, got {type(record).__name__}"), name))
-    return cls._from_raw(raw, tokenizer, data_options(options, **kwargs), files=(name,),
-                         empty_files=() if raw else (name,))
+        raw.append(
+          (f"{name}:{i}", None, (f"expected a mapping, got {type(record).__name__}"), name)
+        )
+    return cls._from_raw(
+      raw,
+      tokenizer,
+      data_options(options, **kwargs),
+      files=(name,),
+      empty_files=() if raw else (name,),
+    )
 
   @classmethod
   def _from_raw(
-      cls,
-      raw: list[tuple[str, Any, str | None, str]],
-      tokenizer,
-      opts: DataOptions,
-      files: tuple[str, ...] = (),
-      empty_files: tuple[str, ...] = (),
+    cls,
+    raw: list[tuple[str, Any, str | None, str]],
+    tokenizer,
+    opts: DataOptions,
+    files: tuple[str, ...] = (),
+    empty_files: tuple[str, ...] = (),
   ) -> PromptData:
     max_prompt_len, max_completion_len = opts.max_prompt_len, opts.max_completion_len
     prompt_field, completion_field = opts.prompt_field, opts.completion_field
@@ -225,28 +247,21 @@ class PromptData:
     use_chat_template, add_special_tokens = opts.use_chat_template, opts.add_special_tokens
     append_eos, overlong, on_error = opts.append_eos, opts.overlong, opts.on_error
     if overlong not in ("drop", "truncate"):
-      raise ValueError(
-          f"overlong must be 'drop' or 'truncate', got {overlong!r}")
+      raise ValueError(f"overlong must be 'drop' or 'truncate', got {overlong!r}")
     if on_error not in ("raise", "skip"):
       raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if max_prompt_len <= 0:
       raise ValueError(f"max_prompt_len must be positive, got {max_prompt_len}")
-    if completion_field is not None and (
-        max_completion_len is None or max_completion_len <= 0
-    ):
-      raise ValueError(
-          "max_completion_len must be a positive int with a completion_field."
-      )
+    if completion_field is not None and (max_completion_len is None or max_completion_len <= 0):
+      raise ValueError("max_completion_len must be a positive int with a completion_field.")
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if use_chat_template and not has_template:
-      raise ValueError("use_chat_template=True but the tokenizer has no "
-                       "chat_template.")
-    spec = FieldSpec(prompt_field, completion_field, answer_field,
-                      source_field, use_chat_template)
+      raise ValueError("use_chat_template=True but the tokenizer has no chat_template.")
+    spec = FieldSpec(prompt_field, completion_field, answer_field, source_field, use_chat_template)
 
     # 1. Validate and render.
     errors: list[str] = []
-    reasons = collections.Counter()   # skipped records by reason (labels)
+    reasons = collections.Counter()  # skipped records by reason (labels)
     parsed: list[dict[str, Any]] = []
     for origin, record, error, default_source in raw:
       item = None
@@ -255,12 +270,11 @@ class PromptData:
       if error is None and item["messages"] is not None:
         if not has_template:
           raise ValueError(
-              f"{origin}: prompt is a message list but the tokenizer has no "
-              "chat_template."
+            f"{origin}: prompt is a message list but the tokenizer has no chat_template."
           )
         try:
           item["prompt"] = tokenizer.apply_chat_template(
-              item["messages"], add_generation_prompt=True, tokenize=False
+            item["messages"], add_generation_prompt=True, tokenize=False
           )
         except Exception as e:  # pylint: disable=broad-except
           error = f"chat template failed: {e}"
@@ -281,20 +295,16 @@ class PromptData:
     # 2. Tokenise (one batched call per kind).
     plain = [p["messages"] is None for p in parsed]
     texts = [p["prompt"] for p in parsed]
-    plain_ids = iter(encode(
-        tokenizer, [t for t, is_plain in zip(texts, plain) if is_plain],
-        add_special_tokens))
-    chat_ids = iter(encode(
-        tokenizer, [t for t, is_plain in zip(texts, plain) if not is_plain],
-        False))
-    prompt_tokens = [
-        next(plain_ids) if is_plain else next(chat_ids) for is_plain in plain
-    ]
+    plain_ids = iter(
+      encode(tokenizer, [t for t, is_plain in zip(texts, plain) if is_plain], add_special_tokens)
+    )
+    chat_ids = iter(
+      encode(tokenizer, [t for t, is_plain in zip(texts, plain) if not is_plain], False)
+    )
+    prompt_tokens = [next(plain_ids) if is_plain else next(chat_ids) for is_plain in plain]
     completion_tokens = None
     if completion_field is not None:
-      completion_tokens = encode(
-          tokenizer, [p["completion"] for p in parsed], False
-      )
+      completion_tokens = encode(tokenizer, [p["completion"] for p in parsed], False)
 
     # 3. Length handling.
     longest = max(map(len, prompt_tokens), default=0)
@@ -313,7 +323,7 @@ class PromptData:
         if overlong == "drop":
           num_dropped += 1
           continue
-        prompt_tokens[i] = ids[len(ids) - max_prompt_len:]
+        prompt_tokens[i] = ids[len(ids) - max_prompt_len :]
         num_truncated += 1
       keep.append(i)
 
@@ -324,8 +334,8 @@ class PromptData:
     prompt_mask = np.zeros((n, max_prompt_len), bool)
     for row, i in enumerate(keep):
       ids = prompt_tokens[i]
-      prompt_ids[row, max_prompt_len - len(ids):] = ids
-      prompt_mask[row, max_prompt_len - len(ids):] = True
+      prompt_ids[row, max_prompt_len - len(ids) :] = ids
+      prompt_mask[row, max_prompt_len - len(ids) :] = True
 
     completion_ids = completion_mask = completion_texts = None
     if completion_tokens is not None:
@@ -336,48 +346,48 @@ class PromptData:
         if len(ids) > max_completion_len:
           ids = ids[:max_completion_len]
           num_completion_truncated += 1
-        elif (append_eos and eos_id is not None
-              and len(ids) < max_completion_len):
+        elif append_eos and eos_id is not None and len(ids) < max_completion_len:
           ids.append(int(eos_id))
-        completion_ids[row, :len(ids)] = ids
-        completion_mask[row, :len(ids)] = True
+        completion_ids[row, : len(ids)] = ids
+        completion_mask[row, : len(ids)] = True
       completion_texts = tuple(parsed[i]["completion"] for i in keep)
 
     source_names = tuple(sorted({parsed[i]["source"] for i in keep}))
     source_index = {s: k for k, s in enumerate(source_names)}
     stats = {
-        "num_records": n,
-        "num_read": len(raw) - len(errors) + num_empty,
-        "num_malformed_skipped": len(errors),
-        "num_dropped_overlong": num_dropped,
-        "num_truncated": num_truncated,
-        "num_completion_truncated": num_completion_truncated,
+      "num_records": n,
+      "num_read": len(raw) - len(errors) + num_empty,
+      "num_malformed_skipped": len(errors),
+      "num_dropped_overlong": num_dropped,
+      "num_truncated": num_truncated,
+      "num_completion_truncated": num_completion_truncated,
     }
-    counts = {"num_files": len(files), "num_empty_files": len(empty_files),
-              "num_lines": len(raw),
-              **{f"num_skipped_{r}": reasons[r] for r in SKIP_REASONS},
-              "max_prompt_tokens": longest}
+    counts = {
+      "num_files": len(files),
+      "num_empty_files": len(empty_files),
+      "num_lines": len(raw),
+      **{f"num_skipped_{r}": reasons[r] for r in SKIP_REASONS},
+      "max_prompt_tokens": longest,
+    }
     return cls(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        completion_ids=completion_ids,
-        completion_mask=completion_mask,
-        source_ids=np.array(
-            [source_index[parsed[i]["source"]] for i in keep], np.int32
-        ),
-        source_names=source_names,
-        prompt_texts=tuple(parsed[i]["prompt"] for i in keep),
-        completion_texts=completion_texts,
-        answers=tuple(parsed[i]["answer"] for i in keep),
-        origins=tuple(parsed[i]["origin"] for i in keep),
-        stats=stats,
-        errors=tuple(errors[:_MAX_ERRORS_KEPT]),
-        pad_id=pad_id,
-        eos_id=None if eos_id is None else int(eos_id),
-        files=tuple(files),
-        counts=counts,
-        empty_files=tuple(empty_files),
-        options=opts,
+      prompt_ids=prompt_ids,
+      prompt_mask=prompt_mask,
+      completion_ids=completion_ids,
+      completion_mask=completion_mask,
+      source_ids=np.array([source_index[parsed[i]["source"]] for i in keep], np.int32),
+      source_names=source_names,
+      prompt_texts=tuple(parsed[i]["prompt"] for i in keep),
+      completion_texts=completion_texts,
+      answers=tuple(parsed[i]["answer"] for i in keep),
+      origins=tuple(parsed[i]["origin"] for i in keep),
+      stats=stats,
+      errors=tuple(errors[:_MAX_ERRORS_KEPT]),
+      pad_id=pad_id,
+      eos_id=None if eos_id is None else int(eos_id),
+      files=tuple(files),
+      counts=counts,
+      empty_files=tuple(empty_files),
+      options=opts,
     )
 
   # ------------------------------------------------------------- accessors
@@ -392,24 +402,31 @@ class PromptData:
     parts = []
     if st["num_dropped_overlong"]:
       limit = f" max_prompt_len={o.max_prompt_len}" if o else " max_prompt_len"
-      parts.append(f"{st['num_dropped_overlong']} longer than{limit} tokens (overlong='drop'; "
-                   f"the longest has {c.get('max_prompt_tokens')} tokens: raise max_prompt_len "
-                   "or set overlong='truncate')")
-    first = {}   # reason -> its first error ("file:line: message")
+      parts.append(
+        f"{st['num_dropped_overlong']} longer than{limit} tokens (overlong='drop'; "
+        f"the longest has {c.get('max_prompt_tokens')} tokens: raise max_prompt_len "
+        "or set overlong='truncate')"
+      )
+    first = {}  # reason -> its first error ("file:line: message")
     for e in self.errors:
       m = re.match(r"^(.*?:\d+): (.*)$", e)
       first.setdefault(_reason(m.group(2)) if m else "", e)
-    skipped = [f"{c[f'num_skipped_{r}']} {label}" + (f" (first: {first[r]})" if r in first
-                                                    else "")
-               for r, label in SKIP_REASONS.items() if c.get(f"num_skipped_{r}")]
+    skipped = [
+      f"{c[f'num_skipped_{r}']} {label}" + (f" (first: {first[r]})" if r in first else "")
+      for r, label in SKIP_REASONS.items()
+      if c.get(f"num_skipped_{r}")
+    ]
     if skipped:
       field = f" (prompt_field={o.prompt_field!r})" if o else ""
-      parts.append(f"{st['num_malformed_skipped']} skipped (on_error='skip'): "
-                   + ", ".join(skipped) + field)
+      parts.append(
+        f"{st['num_malformed_skipped']} skipped (on_error='skip'): " + ", ".join(skipped) + field
+      )
     if self.empty_files:
       parts.append(f"{len(self.empty_files)} empty file(s): {', '.join(self.empty_files)}")
-    return (f"no prompt records left from {files} ({c.get('num_lines', 0)} non-blank lines "
-            "read): " + ("; ".join(parts) or "no records"))
+    return (
+      f"no prompt records left from {files} ({c.get('num_lines', 0)} non-blank lines "
+      "read): " + ("; ".join(parts) or "no records")
+    )
 
   @property
   def has_completions(self) -> bool:
@@ -428,11 +445,11 @@ class PromptData:
     """The batch dict for record indices ``index`` (all rows valid)."""
     index = np.asarray(index, np.int64)
     batch = {
-        "prompt_ids": self.prompt_ids[index],
-        "prompt_mask": self.prompt_mask[index],
-        "index": index,
-        "source_id": self.source_ids[index],
-        "valid": np.ones(index.shape, bool),
+      "prompt_ids": self.prompt_ids[index],
+      "prompt_mask": self.prompt_mask[index],
+      "index": index,
+      "source_id": self.source_ids[index],
+      "valid": np.ones(index.shape, bool),
     }
     if self.completion_ids is not None:
       batch["completion_ids"] = self.completion_ids[index]
@@ -442,13 +459,13 @@ class PromptData:
   # ------------------------------------------------------------- iteration
 
   def _index_dataset(
-      self,
-      seed: int,
-      num_epochs: int | None,
-      shuffle: bool,
-      mixture: Mapping[str, float] | None,
-      mixture_schedules: Mapping[str, Any] | None = None,
-      batch_size: int = 1,
+    self,
+    seed: int,
+    num_epochs: int | None,
+    shuffle: bool,
+    mixture: Mapping[str, float] | None,
+    mixture_schedules: Mapping[str, Any] | None = None,
+    batch_size: int = 1,
   ) -> grain.MapDataset:
     """Record-index stream (before batching)."""
     if num_epochs is not None and num_epochs <= 0:
@@ -465,8 +482,9 @@ class PromptData:
     weights = validate_mixture(mixture, self.source_names)
     unknown = sorted(set(mixture_schedules or {}) - set(weights))
     if unknown:
-      raise ValueError(f"mixture schedules for {unknown} name no source of the mixture "
-                       f"{sorted(weights)}")
+      raise ValueError(
+        f"mixture schedules for {unknown} name no source of the mixture {sorted(weights)}"
+      )
     parts, total = [], 0
     for name in weights:
       source_id = self.source_names.index(name)
@@ -474,8 +492,11 @@ class PromptData:
       total += len(members)
       parts.append(stream(members, 1 + source_id, None))
     if mixture_schedules:
-      ds = grain.MapDataset.range(total).repeat(None).map_with_index(
-          _ScheduledMix(parts, weights, mixture_schedules, seed, batch_size))
+      ds = (
+        grain.MapDataset.range(total)
+        .repeat(None)
+        .map_with_index(_ScheduledMix(parts, weights, mixture_schedules, seed, batch_size))
+      )
     else:
       ds = grain.MapDataset.mix(parts, list(weights.values()))
     if num_epochs is not None:
@@ -484,18 +505,18 @@ class PromptData:
     return ds
 
   def dataset(
-      self,
-      batch_size: int,
-      *,
-      seed: int = 0,
-      num_epochs: int | None = None,
-      shard_index: int | None = None,
-      shard_count: int | None = None,
-      drop_remainder: bool = True,
-      shuffle: bool = True,
-      mixture: Mapping[str, float] | None = None,
-      num_threads: int = 0,
-      mixture_schedules: Mapping[str, Any] | None = None,
+    self,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    drop_remainder: bool = True,
+    shuffle: bool = True,
+    mixture: Mapping[str, float] | None = None,
+    num_threads: int = 0,
+    mixture_schedules: Mapping[str, Any] | None = None,
   ) -> grain.IterDataset:
     """The grain pipeline behind :meth:`iterator` (same arguments)."""
     if len(self) == 0:
@@ -507,8 +528,7 @@ class PromptData:
       shard_count = jax.process_count() if shard_count is None else shard_count
     if batch_size <= 0 or batch_size % shard_count:
       raise ValueError(
-          f"batch_size={batch_size} must be a positive multiple of "
-          f"shard_count={shard_count}."
+        f"batch_size={batch_size} must be a positive multiple of shard_count={shard_count}."
       )
     if not 0 <= shard_index < shard_count:
       raise ValueError(f"shard_index={shard_index} not in [0, {shard_count}).")
@@ -520,31 +540,32 @@ class PromptData:
       n_valid = len(global_index)
       if n_valid < batch_size:  # Final partial batch: pad with valid=False.
         global_index = np.resize(global_index, batch_size)
-      batch = self.gather(global_index[start:start + local])
+      batch = self.gather(global_index[start : start + local])
       batch["valid"] = np.arange(start, start + local) < n_valid
       return batch
 
-    ds = self._index_dataset(seed, num_epochs, shuffle, mixture, mixture_schedules,
-                             batch_size)
+    ds = self._index_dataset(seed, num_epochs, shuffle, mixture, mixture_schedules, batch_size)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(to_batch)
     return ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=0
-                          if num_threads == 0 else max(1, 2 * num_threads))
+      grain.ReadOptions(
+        num_threads=num_threads,
+        prefetch_buffer_size=0 if num_threads == 0 else max(1, 2 * num_threads),
+      )
     )
 
   def iterator(
-      self,
-      batch_size: int,
-      *,
-      seed: int = 0,
-      num_epochs: int | None = None,
-      shard_index: int | None = None,
-      shard_count: int | None = None,
-      drop_remainder: bool = True,
-      shuffle: bool = True,
-      mixture: Mapping[str, float] | None = None,
-      num_threads: int = 0,
-      mixture_schedules: Mapping[str, Any] | None = None,
+    self,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    drop_remainder: bool = True,
+    shuffle: bool = True,
+    mixture: Mapping[str, float] | None = None,
+    num_threads: int = 0,
+    mixture_schedules: Mapping[str, Any] | None = None,
   ) -> grain.DatasetIterator:
     """Returns a grain iterator of this process's share of global batches.
 
@@ -573,31 +594,33 @@ class PromptData:
       A ``grain.DatasetIterator`` of batch dicts (see module docstring) with
       JSON-serialisable ``get_state()`` / ``set_state()``.
     """
-    return iter(self.dataset(
-        batch_size, seed=seed, num_epochs=num_epochs, shard_index=shard_index,
-        shard_count=shard_count, drop_remainder=drop_remainder,
-        shuffle=shuffle, mixture=mixture, num_threads=num_threads,
-        mixture_schedules=mixture_schedules))
+    return iter(
+      self.dataset(
+        batch_size,
+        seed=seed,
+        num_epochs=num_epochs,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        drop_remainder=drop_remainder,
+        shuffle=shuffle,
+        mixture=mixture,
+        num_threads=num_threads,
+        mixture_schedules=mixture_schedules,
+      )
+    )
 
 
-def validate_mixture(
-    mixture: Mapping[str, float], source_names: Sequence[str]
-) -> dict[str, float]:
+def validate_mixture(mixture: Mapping[str, float], source_names: Sequence[str]) -> dict[str, float]:
   """Checks source names and weights; returns ``{name: float weight}``."""
   if not mixture:
     raise ValueError("mixture must name at least one source.")
   unknown = sorted(set(mixture) - set(source_names))
   if unknown:
-    raise ValueError(
-        f"Unknown mixture source(s) {unknown}; available: {list(source_names)}."
-    )
+    raise ValueError(f"Unknown mixture source(s) {unknown}; available: {list(source_names)}.")
   out = {}
   for name, weight in mixture.items():
     w = float(weight)
     if not math.isfinite(w) or w <= 0:
-      raise ValueError(
-          f"Mixture weight for {name!r} must be positive and finite, got "
-          f"{weight!r}."
-      )
+      raise ValueError(f"Mixture weight for {name!r} must be positive and finite, got {weight!r}.")
     out[name] = w
   return out

@@ -26,6 +26,7 @@ class DataOptions:
     overlong: ``"drop"`` or ``"truncate"`` (keep the last P tokens).
     on_error: ``"raise"`` (ValueError naming ``file:line``) or ``"skip"``.
   """
+
   max_prompt_len: int
   max_completion_len: int | None = None
   prompt_field: str = "prompt"
@@ -68,7 +69,7 @@ def _check_messages(messages: list[Any]) -> str | None:
 
 
 def parse_record(
-    record: dict[str, Any], spec: FieldSpec, default_source: str
+  record: dict[str, Any], spec: FieldSpec, default_source: str
 ) -> tuple[dict[str, Any] | None, str | None]:
   """Returns ``(parsed, None)`` or ``(None, error message)``."""
   prompt = record.get(spec.prompt_field)
@@ -87,15 +88,15 @@ def parse_record(
     messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
   else:
     return None, (
-        f"field {spec.prompt_field!r} must be a string or a list of messages, "
-        f"got {type(prompt).__name__}"
+      f"field {spec.prompt_field!r} must be a string or a list of messages, "
+      f"got {type(prompt).__name__}"
     )
   parsed = {
-      "prompt": prompt if messages is None else None,
-      "messages": messages,
-      "completion": None,
-      "answer": None,
-      "source": default_source,
+    "prompt": prompt if messages is None else None,
+    "messages": messages,
+    "completion": None,
+    "answer": None,
+    "source": default_source,
   }
   if spec.completion_field is not None:
     completion = record.get(spec.completion_field)
@@ -103,8 +104,7 @@ def parse_record(
       return None, f"missing field {spec.completion_field!r}"
     if not isinstance(completion, str):
       return None, (
-          f"field {spec.completion_field!r} must be a string, got "
-          f"{type(completion).__name__}"
+        f"field {spec.completion_field!r} must be a string, got {type(completion).__name__}"
       )
     parsed["completion"] = completion
   if spec.answer_field is not None:
@@ -114,9 +114,6 @@ def parse_record(
     if source is None:
       return None, f"missing field {spec.source_field!r}"
     if not isinstance(source, str):
-      return None, (
-          f"field {spec.source_field!r} must be a string, got "
-          f"{type(source).__name__}"
-      )
+      return None, (f"field {spec.source_field!r} must be a string, got {type(source).__name__}")
     parsed["source"] = source
   return parsed, None

@@ -32,7 +32,7 @@ def save_iterator_state(it: grain.DatasetIterator) -> dict[str, Any]:
 
 
 def restore_iterator_state(
-    it: grain.DatasetIterator, state: Mapping[str, Any]
+  it: grain.DatasetIterator, state: Mapping[str, Any]
 ) -> grain.DatasetIterator:
   """Restores ``state`` (from :func:`save_iterator_state`) into ``it``."""
   if not isinstance(state, Mapping):

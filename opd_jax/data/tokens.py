@@ -6,9 +6,7 @@ from __future__ import annotations
 def encode(tokenizer, texts: list[str], add_special_tokens: bool):
   if not texts:
     return []
-  return list(
-      tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-  )
+  return list(tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"])
 
 
 def pad_id_of(tokenizer) -> int:

@@ -49,11 +49,12 @@ def validate(attention: str, query_block: int, key_block: int) -> None:
   if attention not in IMPLEMENTATIONS:
     raise ValueError(f"attention={attention!r}; expected one of {IMPLEMENTATIONS}")
   if attention == "blockwise" and (query_block < 1 or key_block < 1):
-    raise ValueError(f"attention='blockwise' needs attention_block >= 1 and "
-                     f"attention_key_block >= 1, got {query_block}, {key_block}")
+    raise ValueError(
+      f"attention='blockwise' needs attention_block >= 1 and "
+      f"attention_key_block >= 1, got {query_block}, {key_block}"
+    )
   if query_block < 0 or key_block < 0:
-    raise ValueError(f"attention_block={query_block}, attention_key_block={key_block} "
-                     f"must be >= 0")
+    raise ValueError(f"attention_block={query_block}, attention_key_block={key_block} must be >= 0")
 
 
 def allowed(q_slot, key_valid, k_slot):
@@ -66,8 +67,9 @@ def _dense_core(qg, keys, values, key_valid, q_slot, dt):
   mask = allowed(q_slot, key_valid, jnp.arange(s))
   # Keys back to [B, K, S, Dh]; on fresh keys this undoes the caller's
   # transpose and XLA drops the pair.
-  scores = jnp.einsum("btkgd,bksd->bkgts", qg, jnp.swapaxes(keys, 2, 3),
-                      preferred_element_type=jnp.float32) / np.sqrt(qg.shape[-1])
+  scores = jnp.einsum(
+    "btkgd,bksd->bkgts", qg, jnp.swapaxes(keys, 2, 3), preferred_element_type=jnp.float32
+  ) / np.sqrt(qg.shape[-1])
   scores = jnp.where(mask[:, None, None], scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1).astype(dt)
   return jnp.einsum("bkgts,bksd->btkgd", probs, values)
@@ -91,11 +93,13 @@ def dense(qg, keys, values, key_valid, q_slot, dt, block: int = 0):
 
 # -- blockwise (flash) attention ----------------------------------------------
 
+
 def _tile(qi, kj, si, valid_j, j, bk):
   """Masked float32 scores of one tile ``[B, K, G, bq, bk]`` and its mask
   (qi ``[B, bq, K, G, Dh]``, kj ``[B, K, bk, Dh]``)."""
-  s = jnp.einsum("bqkgd,bksd->bkgqs", qi, kj,
-                 preferred_element_type=jnp.float32) / np.sqrt(qi.shape[-1])
+  s = jnp.einsum("bqkgd,bksd->bkgqs", qi, kj, preferred_element_type=jnp.float32) / np.sqrt(
+    qi.shape[-1]
+  )
   mask = allowed(si, valid_j, j * bk + jnp.arange(bk))[:, None, None]
   return jnp.where(mask, s, NEG_INF), mask
 
@@ -112,7 +116,7 @@ def _flash_fwd_impl(q, k, v, valid, q_slot, bq, bk, dt):
     si = jax.lax.dynamic_slice_in_dim(q_slot, i * bq, bq)
 
     def body(j, carry):
-      m, l, acc = carry                       # [B,K,G,bq] x2, [B,K,G,bq,Dh]
+      m, l, acc = carry  # [B,K,G,bq] x2, [B,K,G,bq,Dh]
       kj = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
       vj = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
       vaj = jax.lax.dynamic_slice_in_dim(valid, j * bk, bk, axis=1)
@@ -121,19 +125,20 @@ def _flash_fwd_impl(q, k, v, valid, q_slot, bq, bk, dt):
       p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
       corr = jnp.exp(m - m_new)
       l = l * corr + jnp.sum(p, axis=-1)
-      pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(dt), vj,
-                      preferred_element_type=jnp.float32)
+      pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(dt), vj, preferred_element_type=jnp.float32)
       return m_new, l, acc * corr[..., None] + pv
 
-    init = (jnp.full((b, kh, g, bq), NEG_INF, jnp.float32),
-            jnp.zeros((b, kh, g, bq), jnp.float32),
-            jnp.zeros((b, kh, g, bq, dh), jnp.float32))
+    init = (
+      jnp.full((b, kh, g, bq), NEG_INF, jnp.float32),
+      jnp.zeros((b, kh, g, bq), jnp.float32),
+      jnp.zeros((b, kh, g, bq, dh), jnp.float32),
+    )
     # Causal: key blocks past the block's last query slot hold no allowed key.
     hi = jnp.minimum(nk, si[-1] // bk + 1)
     m, l, acc = jax.lax.fori_loop(0, hi, body, init)
-    l = jnp.where(l == 0, 1.0, l)             # fully masked row: out 0
+    l = jnp.where(l == 0, 1.0, l)  # fully masked row: out 0
     out = (acc / l[..., None]).astype(dt)
-    return jnp.moveaxis(out, 3, 1), m + jnp.log(l)   # [B,bq,K,G,Dh], [B,K,G,bq]
+    return jnp.moveaxis(out, 3, 1), m + jnp.log(l)  # [B,bq,K,G,Dh], [B,K,G,bq]
 
   out, lse = jax.lax.map(q_block, jnp.arange(nq))
   return jnp.moveaxis(out, 0, 1).reshape(b, tp, kh, g, dh), lse
@@ -160,7 +165,7 @@ def _flash_bwd(bq, bk, dt, res, d_out):
   scale = 1.0 / np.sqrt(dh)
   d_out = d_out.astype(dt)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  delta = delta.reshape(b, nq, bq, kh, g).transpose(1, 0, 3, 4, 2)   # [nq,B,K,G,bq]
+  delta = delta.reshape(b, nq, bq, kh, g).transpose(1, 0, 3, 4, 2)  # [nq,B,K,G,bq]
   last_slot = q_slot.reshape(nq, bq)[:, -1]
 
   def k_block(dq, j):
@@ -175,25 +180,26 @@ def _flash_bwd(bq, bk, dt, res, d_out):
       si = jax.lax.dynamic_slice_in_dim(q_slot, i * bq, bq)
       s, mask = _tile(qi, kj, si, vaj, j, bk)
       p = jnp.where(mask, jnp.exp(s - lse[i][..., None]), 0.0)
-      dv = dv + jnp.einsum("bkgqs,bqkgd->bksd", p.astype(dt), doi,
-                           preferred_element_type=jnp.float32)
+      dv = dv + jnp.einsum(
+        "bkgqs,bqkgd->bksd", p.astype(dt), doi, preferred_element_type=jnp.float32
+      )
       dp = jnp.einsum("bqkgd,bksd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
       ds = (p * (dp - delta[i][..., None]) * scale).astype(dt)
       dk = dk + jnp.einsum("bkgqs,bqkgd->bksd", ds, qi, preferred_element_type=jnp.float32)
       dqi = jnp.einsum("bkgqs,bksd->bqkgd", ds, kj, preferred_element_type=jnp.float32)
       dq = jax.lax.dynamic_update_slice_in_dim(
-          dq, jax.lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=1) + dqi, i * bq, axis=1)
+        dq, jax.lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=1) + dqi, i * bq, axis=1
+      )
       return dq, dk, dv
 
-    init = (dq, jnp.zeros((b, kh, bk, dh), jnp.float32),
-            jnp.zeros((b, kh, bk, dh), jnp.float32))
+    init = (dq, jnp.zeros((b, kh, bk, dh), jnp.float32), jnp.zeros((b, kh, bk, dh), jnp.float32))
     # Query blocks whose last slot is before this key block see none of it.
     lo = jnp.sum(last_slot < j * bk).astype(jnp.int32)
     dq, dk, dv = jax.lax.fori_loop(lo, nq, body, init)
     return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
 
   dq, (dk, dv) = jax.lax.scan(k_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))
-  dk = jnp.moveaxis(dk, 0, 2).reshape(k.shape)     # [B, K, nk, bk, Dh] -> S
+  dk = jnp.moveaxis(dk, 0, 2).reshape(k.shape)  # [B, K, nk, bk, Dh] -> S
   dv = jnp.moveaxis(dv, 0, 2).reshape(v.shape)
   return dq.astype(q.dtype), dk, dv, None, None
 
@@ -201,8 +207,7 @@ def _flash_bwd(bq, bk, dt, res, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def blockwise(qg, keys, values, key_valid, q_slot, dt, block_q: int = 256,
-              block_k: int = 512):
+def blockwise(qg, keys, values, key_valid, q_slot, dt, block_q: int = 256, block_k: int = 512):
   """Flash attention (see module doc); memory O(T + S) plus one
   ``[B, K, G, block_q, block_k]`` tile. One tile's worth of queries and keys
   (T <= block_q, S <= block_k) takes the dense path: same memory, fewer ops."""
@@ -223,43 +228,51 @@ def blockwise(qg, keys, values, key_valid, q_slot, dt, block_q: int = 256,
     keys = jnp.pad(keys, [(0, 0), (0, 0), (0, sp - s), (0, 0)])
     values = jnp.pad(values, [(0, 0), (0, 0), (0, sp - s), (0, 0)])
     key_valid = jnp.pad(key_valid, [(0, 0), (0, sp - s)])
-  out = _flash(qg.astype(dt), keys.astype(dt), values.astype(dt), key_valid, q_slot,
-               bq, bk, jnp.dtype(dt))
+  out = _flash(
+    qg.astype(dt), keys.astype(dt), values.astype(dt), key_valid, q_slot, bq, bk, jnp.dtype(dt)
+  )
   return out[:, :t]
 
 
 # -- library kernels ------------------------------------------------------------
 
+
 def _bnth(qg, keys, values):
   """Grouped layouts -> ``[B, T, H, Dh]`` queries, ``[B, S, K, Dh]`` keys/values."""
   b, t, kh, g, dh = qg.shape
-  return (qg.reshape(b, t, kh * g, dh), jnp.transpose(keys, (0, 3, 1, 2)),
-          jnp.swapaxes(values, 1, 2))
+  return (
+    qg.reshape(b, t, kh * g, dh),
+    jnp.transpose(keys, (0, 3, 1, 2)),
+    jnp.swapaxes(values, 1, 2),
+  )
 
 
-def library(qg, keys, values, key_valid, q_slot, dt, implementation: str,
-            aligned: bool):
+def library(qg, keys, values, key_valid, q_slot, dt, implementation: str, aligned: bool):
   """``jax.nn.dot_product_attention(implementation=...)``. ``aligned``: no
   cache (S == T, query t at slot t), so causality is ``is_causal`` and the
   mask is only key validity ``[B, 1, 1, S]``; else an explicit ``[B, 1, T, S]``
   mask of cache slots."""
   if implementation == "cudnn" and jax.default_backend() != "gpu":
-    raise ValueError(f"attention='cudnn' needs a GPU backend; this one is "
-                     f"{jax.default_backend()!r} (use 'blockwise')")
+    raise ValueError(
+      f"attention='cudnn' needs a GPU backend; this one is "
+      f"{jax.default_backend()!r} (use 'blockwise')"
+    )
   b, t, kh, g, dh = qg.shape
   q, k, v = _bnth(qg.astype(dt), keys.astype(dt), values.astype(dt))
   if aligned:
     mask, causal = key_valid[:, None, None, :], True
   else:
     mask, causal = allowed(q_slot, key_valid, jnp.arange(keys.shape[3]))[:, None], False
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
-                                     implementation=implementation)
+  out = jax.nn.dot_product_attention(
+    q, k, v, mask=mask, is_causal=causal, implementation=implementation
+  )
   return out.reshape(b, t, kh, g, dh).astype(dt)
 
 
 def _tpu_interpret_mode() -> bool:
   try:
     from jax._src import config as jax_config
+
     return jax_config.pallas_tpu_interpret_mode_context_manager.value is not None
   except AttributeError:
     return False
@@ -274,39 +287,61 @@ def pallas_tpu(qg, keys, values, key_valid, dt, block: int = 128, sharder=None):
   (batch and heads split as the activations; a Pallas call is not partitioned
   by XLA itself)."""
   if jax.default_backend() != "tpu" and not _tpu_interpret_mode():
-    raise ValueError(f"attention='pallas_tpu' needs a TPU backend (or Pallas TPU "
-                     f"interpret mode); this one is {jax.default_backend()!r} "
-                     f"(use 'blockwise')")
+    raise ValueError(
+      f"attention='pallas_tpu' needs a TPU backend (or Pallas TPU "
+      f"interpret mode); this one is {jax.default_backend()!r} "
+      f"(use 'blockwise')"
+    )
   from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
   b, t, kh, g, dh = qg.shape
   tp = -(-t // block) * block
   q = jnp.transpose(qg.astype(dt).reshape(b, t, kh * g, dh), (0, 2, 1, 3))  # [B,H,T,Dh]
-  k = jnp.repeat(jnp.transpose(keys.astype(dt), (0, 1, 3, 2)), g, axis=1)   # [B,H,S,Dh]
+  k = jnp.repeat(jnp.transpose(keys.astype(dt), (0, 1, 3, 2)), g, axis=1)  # [B,H,S,Dh]
   v = jnp.repeat(values.astype(dt), g, axis=1)
   seg = key_valid.astype(jnp.int32)
   if tp > t:
     pad4 = [(0, 0), (0, 0), (0, tp - t), (0, 0)]
     q, k, v = jnp.pad(q, pad4), jnp.pad(k, pad4), jnp.pad(v, pad4)
     seg = jnp.pad(seg, [(0, 0), (0, tp - t)])
-  sizes = fa.BlockSizes(block_q=block, block_k_major=block, block_k=block, block_b=1,
-                        block_q_major_dkv=block, block_k_major_dkv=block,
-                        block_k_dkv=block, block_q_dkv=block, block_k_major_dq=block,
-                        block_k_dq=block, block_q_dq=block)
+  sizes = fa.BlockSizes(
+    block_q=block,
+    block_k_major=block,
+    block_k=block,
+    block_b=1,
+    block_q_major_dkv=block,
+    block_k_major_dkv=block,
+    block_k_dkv=block,
+    block_q_dkv=block,
+    block_k_major_dq=block,
+    block_k_dq=block,
+    block_q_dq=block,
+  )
   kernel = lambda q, k, v, seg: fa.flash_attention(
-      q, k, v, segment_ids=fa.SegmentIds(seg, seg), causal=True,
-      sm_scale=1.0 / np.sqrt(dh), block_sizes=sizes)
+    q,
+    k,
+    v,
+    segment_ids=fa.SegmentIds(seg, seg),
+    causal=True,
+    sm_scale=1.0 / np.sqrt(dh),
+    block_sizes=sizes,
+  )
   if sharder is not None and sharder.mesh is not None:
     qspec = sharder.spec(("activation_batch", "activation_heads", None, None), q.shape)
     sspec = jax.sharding.PartitionSpec(qspec[0], None)
-    kernel = jax.shard_map(kernel, mesh=sharder.mesh, in_specs=(qspec, qspec, qspec, sspec),
-                           out_specs=qspec, check_vma=False)
+    kernel = jax.shard_map(
+      kernel,
+      mesh=sharder.mesh,
+      in_specs=(qspec, qspec, qspec, sspec),
+      out_specs=qspec,
+      check_vma=False,
+    )
   out = kernel(q, k, v, seg)
-  out = jnp.transpose(out[:, :, :t], (0, 2, 1, 3))                          # [B,T,H,Dh]
+  out = jnp.transpose(out[:, :, :t], (0, 2, 1, 3))  # [B,T,H,Dh]
   return out.reshape(b, t, kh, g, dh).astype(dt)
 
 
-def attend_many(cfg, qg, keys, values, key_valid, q_slot, dt, aligned: bool,
-                sharder=None):
+def attend_many(cfg, qg, keys, values, key_valid, q_slot, dt, aligned: bool, sharder=None):
   """Dispatch on ``cfg.attention`` (T > 1 queries). ``aligned``: no cache
   (S == T, query t at slot t); ``sharder``: the mesh for ``pallas_tpu``."""
   impl = cfg.attention
@@ -317,8 +352,16 @@ def attend_many(cfg, qg, keys, values, key_valid, q_slot, dt, aligned: bool,
   if impl == "pallas_tpu" and aligned:
     return pallas_tpu(qg, keys, values, key_valid, dt, sharder=sharder)
   if impl in ("blockwise", "pallas_tpu"):
-    return blockwise(qg, keys, values, key_valid, q_slot, dt,
-                     cfg.attention_block or 256, cfg.attention_key_block or 512)
+    return blockwise(
+      qg,
+      keys,
+      values,
+      key_valid,
+      q_slot,
+      dt,
+      cfg.attention_block or 256,
+      cfg.attention_key_block or 512,
+    )
   raise ValueError(f"attention={impl!r}; expected one of {IMPLEMENTATIONS}")
 
 
@@ -329,12 +372,12 @@ CONTRACTIONS = ("auto", "reduce", "dot")
 KEY_LAYOUTS = ("auto", "transposed", "standard")
 
 
-def validate_decode(decode_attention: str, block: int, contraction: str,
-                    key_layout: str) -> None:
+def validate_decode(decode_attention: str, block: int, contraction: str, key_layout: str) -> None:
   """ValueError naming the setting for an unknown decode choice or block size."""
   if decode_attention not in DECODE_IMPLEMENTATIONS:
-    raise ValueError(f"decode_attention={decode_attention!r}; expected one of "
-                     f"{DECODE_IMPLEMENTATIONS}")
+    raise ValueError(
+      f"decode_attention={decode_attention!r}; expected one of {DECODE_IMPLEMENTATIONS}"
+    )
   if decode_attention == "blocked" and block < 1:
     raise ValueError(f"decode_attention='blocked' needs decode_block >= 1, got {block}")
   if contraction not in CONTRACTIONS:
@@ -415,25 +458,36 @@ def _read(cache, layer, axis, start, size):
     return jax.lax.dynamic_slice_in_dim(cache, start, size, axis=axis)
   starts = [layer] + [0] * (cache.ndim - 1)
   starts[axis + 1] = start
-  sizes = (1,) + cache.shape[1:axis + 1] + (size,) + cache.shape[axis + 2:]
+  sizes = (1,) + cache.shape[1 : axis + 1] + (size,) + cache.shape[axis + 2 :]
   return jax.lax.dynamic_slice(cache, starts, sizes)[0]
 
 
-def decode_dense(q, keys, values, key_valid, slot, dt, contraction="reduce",
-                 key_layout="transposed"):
+def decode_dense(
+  q, keys, values, key_valid, slot, dt, contraction="reduce", key_layout="transposed"
+):
   """softmax(q kᵀ / sqrt(Dh) + mask) v over every cache slot: q ``[B, K, G, Dh]``,
   keys / values one layer's cache (layout ``key_layout``), key_valid ``[B, S]``,
   slot: the query's slot (keys at slots <= it). Returns ``[B, K, G, Dh]`` in dt."""
   s = key_valid.shape[1]
-  ok = (jnp.arange(s)[None, :] <= slot) & key_valid                       # [B, S]
+  ok = (jnp.arange(s)[None, :] <= slot) & key_valid  # [B, S]
   scores = _scores(q.astype(jnp.float32), keys, contraction, key_layout)
   scores = jnp.where(ok[:, None, None], scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1)
   return _weighted_values(probs, values, contraction).astype(dt)
 
 
-def decode_blocked(q, cache_k, cache_v, key_valid, index, dt, block: int = 128,
-                   contraction="reduce", key_layout="transposed", layer=None):
+def decode_blocked(
+  q,
+  cache_k,
+  cache_v,
+  key_valid,
+  index,
+  dt,
+  block: int = 128,
+  contraction="reduce",
+  key_layout="transposed",
+  layer=None,
+):
   """Flash-decoding: the same softmax as :func:`decode_dense`, but only over
   the cache blocks that hold a slot <= ``index`` (the query's slot): a loop of
   ceil((index + 1) / block) trips, each reading one ``block`` of keys and
@@ -457,21 +511,29 @@ def decode_blocked(q, cache_k, cache_v, key_valid, index, dt, block: int = 128,
   trips = jnp.minimum(index // bk + 1, -(-s // bk))
 
   def body(j, carry):
-    m, l, acc = carry                              # [B,K,G], [B,K,G], [B,K,G,Dh]
+    m, l, acc = carry  # [B,K,G], [B,K,G], [B,K,G,Dh]
     start = jnp.minimum(j * bk, s - bk)
     kj = _read(cache_k, layer, k_axis, start, bk)
     vj = _read(cache_v, layer, 2, start, bk)
     slots = start + jnp.arange(bk)
-    ok = (jax.lax.dynamic_slice_in_dim(key_valid, start, bk, axis=1)
-          & ((slots >= j * bk) & (slots <= index))[None])[:, None, None]   # [B,1,1,bk]
+    ok = (
+      jax.lax.dynamic_slice_in_dim(key_valid, start, bk, axis=1)
+      & ((slots >= j * bk) & (slots <= index))[None]
+    )[:, None, None]  # [B,1,1,bk]
     sc = jnp.where(ok, _scores(q, kj, contraction, key_layout), NEG_INF)
     m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
     p = jnp.where(ok, jnp.exp(sc - m_new[..., None]), 0.0)
     corr = jnp.exp(m - m_new)
-    return (m_new, l * corr + jnp.sum(p, axis=-1),
-            acc * corr[..., None] + _weighted_values(p, vj, contraction))
+    return (
+      m_new,
+      l * corr + jnp.sum(p, axis=-1),
+      acc * corr[..., None] + _weighted_values(p, vj, contraction),
+    )
 
-  init = (jnp.full((b, kh, g), NEG_INF, jnp.float32), jnp.zeros((b, kh, g), jnp.float32),
-          jnp.zeros((b, kh, g, dh), jnp.float32))
+  init = (
+    jnp.full((b, kh, g), NEG_INF, jnp.float32),
+    jnp.zeros((b, kh, g), jnp.float32),
+    jnp.zeros((b, kh, g, dh), jnp.float32),
+  )
   _, l, acc = jax.lax.fori_loop(0, trips, body, init)
   return (acc / jnp.where(l == 0, 1.0, l)[..., None]).astype(dt)

@@ -60,7 +60,7 @@ class ModelConfig:
   attention: str = "blockwise"
   attention_block: int = 256
   attention_key_block: int = 512
-  scan_layers: bool = False         # layers stacked [L, ...] and run as one lax.scan
+  scan_layers: bool = False  # layers stacked [L, ...] and run as one lax.scan
   # One-query (decode) attention over the KV cache, models/attention.py:
   # "blocked" (flash-decoding over the filled cache blocks of decode_block
   # slots) or "dense" (every allocated slot); "auto": dense for unrolled layers
@@ -76,27 +76,31 @@ class ModelConfig:
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(f"unsupported model_type {self.model_type!r}; "
-                       f"supported: {SUPPORTED_MODEL_TYPES}")
+      raise ValueError(
+        f"unsupported model_type {self.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}"
+      )
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of "
-                       f"num_key_value_heads={self.num_kv_heads}")
+      raise ValueError(
+        f"num_attention_heads={self.num_heads} is not a multiple of "
+        f"num_key_value_heads={self.num_kv_heads}"
+      )
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {DTYPES}")
     attention_lib.validate(self.attention, self.attention_block, self.attention_key_block)
-    attention_lib.validate_decode(self.decode_attention, self.decode_block,
-                                  self.decode_contraction, self.key_cache_layout)
+    attention_lib.validate_decode(
+      self.decode_attention, self.decode_block, self.decode_contraction, self.key_cache_layout
+    )
     if self.padded_vocab_size == 0:
       object.__setattr__(self, "padded_vocab_size", self.vocab_size)
     if self.padded_vocab_size < self.vocab_size:
-      raise ValueError(f"padded_vocab_size={self.padded_vocab_size} < "
-                       f"vocab_size={self.vocab_size}")
+      raise ValueError(f"padded_vocab_size={self.padded_vocab_size} < vocab_size={self.vocab_size}")
     if self.rope_scaling is not None:
       rope_type = dict(self.rope_scaling).get("rope_type", "default")
       if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"unsupported rope_scaling type {rope_type!r}; "
-                         f"supported: {SUPPORTED_ROPE_TYPES}")
+        raise ValueError(
+          f"unsupported rope_scaling type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}"
+        )
 
   @property
   def hf_config(self) -> dict[str, Any]:
@@ -106,8 +110,13 @@ class ModelConfig:
     return dataclasses.replace(self, **kw)
 
   def num_params(self) -> int:
-    d, f, h, kh, dh = (self.hidden_size, self.intermediate_size, self.num_heads,
-                       self.num_kv_heads, self.head_dim)
+    d, f, h, kh, dh = (
+      self.hidden_size,
+      self.intermediate_size,
+      self.num_heads,
+      self.num_kv_heads,
+      self.head_dim,
+    )
     attn = d * h * dh * 2 + d * kh * dh * 2
     per_layer = attn + 3 * d * f + 2 * d + (2 * dh if self.qk_norm else 0)
     emb = self.padded_vocab_size * d * (1 if self.tie_word_embeddings else 2)
@@ -138,22 +147,34 @@ class ModelConfig:
     return inv
 
   @classmethod
-  def from_hf_dict(cls, hf: Mapping[str, Any], *, dtype: str = "float32",
-                   param_dtype: str = "float32", vocab_pad_multiple: int = 1,
-                   remat: bool = False, scan_layers: bool = False,
-                   attention: str = "blockwise", attention_block: int = 256,
-                   attention_key_block: int = 512, decode_attention: str = "auto",
-                   decode_block: int = 128, decode_contraction: str = "auto",
-                   key_cache_layout: str = "auto",
-                   source: str = "config.json") -> "ModelConfig":
+  def from_hf_dict(
+    cls,
+    hf: Mapping[str, Any],
+    *,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    vocab_pad_multiple: int = 1,
+    remat: bool = False,
+    scan_layers: bool = False,
+    attention: str = "blockwise",
+    attention_block: int = 256,
+    attention_key_block: int = 512,
+    decode_attention: str = "auto",
+    decode_block: int = 128,
+    decode_contraction: str = "auto",
+    key_cache_layout: str = "auto",
+    source: str = "config.json",
+  ) -> "ModelConfig":
     """Builds a config from a HF ``config.json`` dict (transformers 4.x or 5.x)."""
     hf = dict(hf)
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
       arch = hf.get("architectures")
-      raise ValueError(f"{source}: unsupported architecture model_type={model_type!r} "
-                       f"(architectures={arch}); supported model types: "
-                       f"{SUPPORTED_MODEL_TYPES}")
+      raise ValueError(
+        f"{source}: unsupported architecture model_type={model_type!r} "
+        f"(architectures={arch}); supported model types: "
+        f"{SUPPORTED_MODEL_TYPES}"
+      )
     act = hf.get("hidden_act", "silu")
     if act != "silu":
       raise ValueError(f"{source}: unsupported hidden_act {act!r} (only 'silu')")
@@ -181,22 +202,37 @@ class ModelConfig:
     attn_bias = bool(hf.get("attention_bias", False))
     padded = int(math.ceil(vocab / vocab_pad_multiple) * vocab_pad_multiple)
     return cls(
-        model_type=model_type, vocab_size=vocab, hidden_size=d, intermediate_size=inter,
-        num_layers=layers, num_heads=h, num_kv_heads=int(hf.get("num_key_value_heads") or h),
-        head_dim=int(head_dim), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
-        rope_scaling=None if scaling is None else tuple(sorted(scaling.items())),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=attn_bias or model_type == "qwen2",
-        o_bias=attn_bias and model_type != "qwen2",
-        mlp_bias=bool(hf.get("mlp_bias", False)),
-        qk_norm=model_type == "qwen3",
-        bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos,
-        pad_token_id=hf.get("pad_token_id"), padded_vocab_size=padded,
-        dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers,
-        attention=attention, attention_block=attention_block,
-        attention_key_block=attention_key_block, decode_attention=decode_attention,
-        decode_block=decode_block, decode_contraction=decode_contraction,
-        key_cache_layout=key_cache_layout,
-        hf_config_json=json.dumps(hf, sort_keys=True))
+      model_type=model_type,
+      vocab_size=vocab,
+      hidden_size=d,
+      intermediate_size=inter,
+      num_layers=layers,
+      num_heads=h,
+      num_kv_heads=int(hf.get("num_key_value_heads") or h),
+      head_dim=int(head_dim),
+      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      rope_theta=theta,
+      rope_scaling=None if scaling is None else tuple(sorted(scaling.items())),
+      max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      qkv_bias=attn_bias or model_type == "qwen2",
+      o_bias=attn_bias and model_type != "qwen2",
+      mlp_bias=bool(hf.get("mlp_bias", False)),
+      qk_norm=model_type == "qwen3",
+      bos_token_id=hf.get("bos_token_id"),
+      eos_token_ids=eos,
+      pad_token_id=hf.get("pad_token_id"),
+      padded_vocab_size=padded,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      remat=remat,
+      scan_layers=scan_layers,
+      attention=attention,
+      attention_block=attention_block,
+      attention_key_block=attention_key_block,
+      decode_attention=decode_attention,
+      decode_block=decode_block,
+      decode_contraction=decode_contraction,
+      key_cache_layout=key_cache_layout,
+      hf_config_json=json.dumps(hf, sort_keys=True),
+    )

@@ -21,8 +21,7 @@ def param_shardings(model_or_state, sharder: Sharder):
   return sharder.tree_shardings(state)
 
 
-def create_model(cfg: ModelConfig, *, seed: int = 0,
-                 sharder: Sharder = Sharder()) -> Transformer:
+def create_model(cfg: ModelConfig, *, seed: int = 0, sharder: Sharder = Sharder()) -> Transformer:
   """Random-init model whose parameters are created already sharded
   (the init is jitted with ``out_shardings``; nothing lands on one device)."""
   abstract = abstract_model(cfg, sharder)

@@ -51,9 +51,9 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 HF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
+  "llama": "LlamaForCausalLM",
+  "qwen2": "Qwen2ForCausalLM",
+  "qwen3": "Qwen3ForCausalLM",
 }
 # Checkpoint tensors we know about but do not load.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -72,6 +72,7 @@ class _TensorMap:
   dims that make up HF dim ``i`` (consecutive, row-major). ``vocab_dim`` is our
   dim holding the (possibly padded) vocabulary, rows >= ``vocab`` are zeros.
   """
+
   hf_name: str
   hf_shape: tuple[int, ...]
   split: tuple[int, ...]
@@ -99,37 +100,49 @@ def _identity(name: str, shape: Sequence[int]) -> _TensorMap:
 def _tensor_maps(cfg: ModelConfig) -> dict[tuple[Any, ...], _TensorMap]:
   """Our per-layer state path (tuple of keys, ``("layers", i, ...)`` for layer
   params) -> :class:`_TensorMap`."""
-  d, f, h, k, dh = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
-                    cfg.num_kv_heads, cfg.head_dim)
+  d, f, h, k, dh = (
+    cfg.hidden_size,
+    cfg.intermediate_size,
+    cfg.num_heads,
+    cfg.num_kv_heads,
+    cfg.head_dim,
+  )
   v = cfg.vocab_size
   out: dict[tuple[Any, ...], _TensorMap] = {}
-  out[("embed",)] = _TensorMap("model.embed_tokens.weight", (v, d), (v, d),
-                               ((0,), (1,)), (0, 1), vocab_dim=0, vocab=v)
+  out[("embed",)] = _TensorMap(
+    "model.embed_tokens.weight", (v, d), (v, d), ((0,), (1,)), (0, 1), vocab_dim=0, vocab=v
+  )
   out[("final_norm", "weight")] = _identity("model.norm.weight", (d,))
   if not cfg.tie_word_embeddings:
-    out[("lm_head",)] = _TensorMap("lm_head.weight", (v, d), (v, d), ((0,), (1,)),
-                                   (1, 0), vocab_dim=1, vocab=v)
+    out[("lm_head",)] = _TensorMap(
+      "lm_head.weight", (v, d), (v, d), ((0,), (1,)), (1, 0), vocab_dim=1, vocab=v
+    )
   for i in range(cfg.num_layers):
     p, a, m = f"model.layers.{i}.", ("layers", i, "attn"), ("layers", i, "mlp")
     out[("layers", i, "input_norm", "weight")] = _identity(p + "input_layernorm.weight", (d,))
     out[("layers", i, "post_attn_norm", "weight")] = _identity(
-        p + "post_attention_layernorm.weight", (d,))
+      p + "post_attention_layernorm.weight", (d,)
+    )
     for name, n in (("q", h), ("k", k), ("v", k)):
-      out[a + (name,)] = _TensorMap(p + f"self_attn.{name}_proj.weight", (n * dh, d),
-                                    (n, dh, d), ((0, 1), (2,)), (2, 0, 1))
+      out[a + (name,)] = _TensorMap(
+        p + f"self_attn.{name}_proj.weight", (n * dh, d), (n, dh, d), ((0, 1), (2,)), (2, 0, 1)
+      )
       if cfg.qkv_bias:
-        out[a + (f"{name}_bias",)] = _TensorMap(p + f"self_attn.{name}_proj.bias", (n * dh,),
-                                                (n, dh), ((0, 1),), (0, 1))
-    out[a + ("o",)] = _TensorMap(p + "self_attn.o_proj.weight", (d, h * dh), (d, h, dh),
-                                 ((0,), (1, 2)), (1, 2, 0))
+        out[a + (f"{name}_bias",)] = _TensorMap(
+          p + f"self_attn.{name}_proj.bias", (n * dh,), (n, dh), ((0, 1),), (0, 1)
+        )
+    out[a + ("o",)] = _TensorMap(
+      p + "self_attn.o_proj.weight", (d, h * dh), (d, h, dh), ((0,), (1, 2)), (1, 2, 0)
+    )
     if cfg.o_bias:
       out[a + ("o_bias",)] = _identity(p + "self_attn.o_proj.bias", (d,))
     if cfg.qk_norm:
       out[a + ("q_norm", "weight")] = _identity(p + "self_attn.q_norm.weight", (dh,))
       out[a + ("k_norm", "weight")] = _identity(p + "self_attn.k_norm.weight", (dh,))
     for name, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
-      out[m + (name,)] = _TensorMap(p + f"mlp.{name}_proj.weight", shape, shape,
-                                    ((0,), (1,)), (1, 0))
+      out[m + (name,)] = _TensorMap(
+        p + f"mlp.{name}_proj.weight", shape, shape, ((0,), (1,)), (1, 0)
+      )
       if cfg.mlp_bias:
         out[m + (f"{name}_bias",)] = _identity(p + f"mlp.{name}_proj.bias", (shape[0],))
   return out
@@ -163,7 +176,8 @@ def _path_key(path) -> tuple[Any, ...]:
 
 def _flat_params(state) -> list[tuple[tuple[Any, ...], nnx.Variable]]:
   leaves = jax.tree_util.tree_flatten_with_path(
-      state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )[0]
   return [(_path_key(p), v) for p, v in leaves]
 
 
@@ -177,8 +191,10 @@ def _read_config_json(path: str) -> dict[str, Any]:
     raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
   cfg_file = os.path.join(path, CONFIG_NAME)
   if not os.path.isfile(cfg_file):
-    raise FileNotFoundError(f"{cfg_file} not found: {path!r} is not a Hugging Face "
-                            "checkpoint directory (needs config.json + safetensors)")
+    raise FileNotFoundError(
+      f"{cfg_file} not found: {path!r} is not a Hugging Face "
+      "checkpoint directory (needs config.json + safetensors)"
+    )
   try:
     with open(cfg_file) as fh:
       return json.load(fh)
@@ -186,23 +202,37 @@ def _read_config_json(path: str) -> dict[str, Any]:
     raise ValueError(f"{cfg_file}: invalid JSON ({e})") from None
 
 
-def config_from_hf(path: str | os.PathLike, *, dtype: str = "float32",
-                   param_dtype: str = "float32", vocab_pad_multiple: int = 1,
-                   remat: bool = False, scan_layers: bool = False, **attention) -> ModelConfig:
+def config_from_hf(
+  path: str | os.PathLike,
+  *,
+  dtype: str = "float32",
+  param_dtype: str = "float32",
+  vocab_pad_multiple: int = 1,
+  remat: bool = False,
+  scan_layers: bool = False,
+  **attention,
+) -> ModelConfig:
   """Reads ``<path>/config.json`` into a :class:`ModelConfig`.
 
   ``attention``: ``attention`` / ``attention_block`` / ``attention_key_block``
   and the decode knobs ``decode_attention`` / ``decode_block`` /
-  ``decode_contraction`` / ``key_cache_layout`` of :class:`ModelConfig`. Raises FileNotFoundError / ValueError naming the
-  config file.
+  ``decode_contraction`` / ``key_cache_layout`` of :class:`ModelConfig`.
+  Raises FileNotFoundError / ValueError naming the config file.
   """
   path = os.fspath(path)
   hf = _read_config_json(path)
   cfg_file = os.path.join(path, CONFIG_NAME)
   try:
-    return ModelConfig.from_hf_dict(hf, dtype=dtype, param_dtype=param_dtype,
-                                    vocab_pad_multiple=vocab_pad_multiple, remat=remat,
-                                    scan_layers=scan_layers, source=cfg_file, **attention)
+    return ModelConfig.from_hf_dict(
+      hf,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      vocab_pad_multiple=vocab_pad_multiple,
+      remat=remat,
+      scan_layers=scan_layers,
+      source=cfg_file,
+      **attention,
+    )
   except (ValueError, TypeError) as e:
     if cfg_file in str(e):
       raise
@@ -223,18 +253,23 @@ def _weight_files(path: str) -> dict[str, str]:
     for name, fname in weight_map.items():
       file = os.path.join(path, fname)
       if not os.path.isfile(file):
-        raise FileNotFoundError(f"{index} maps tensor {name!r} to shard file {file}, "
-                                "which does not exist")
+        raise FileNotFoundError(
+          f"{index} maps tensor {name!r} to shard file {file}, which does not exist"
+        )
       out[name] = file
     return out
   single = os.path.join(path, WEIGHTS_NAME)
-  files = [single] if os.path.isfile(single) else sorted(
-      os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+  files = (
+    [single]
+    if os.path.isfile(single)
+    else sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+  )
   if not files:
     others = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".h5"))]
     hint = f" (found {others}; only safetensors are supported)" if others else ""
-    raise FileNotFoundError(f"no safetensors weights in {path}: expected {WEIGHTS_NAME} "
-                            f"or {WEIGHTS_INDEX_NAME}{hint}")
+    raise FileNotFoundError(
+      f"no safetensors weights in {path}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}{hint}"
+    )
   out = {}
   for file in files:
     with safe_open(file, "np") as fh:
@@ -277,8 +312,7 @@ def _read_slice(tm: _TensorMap, hf_slice, bounds: tuple[tuple[int, int], ...]) -
   return np.transpose(block, tm.perm)
 
 
-def _read_block(tm: _TensorMap, hf_slice, bounds: tuple[tuple[int, int], ...],
-                dtype) -> np.ndarray:
+def _read_block(tm: _TensorMap, hf_slice, bounds: tuple[tuple[int, int], ...], dtype) -> np.ndarray:
   """Our-layout block ``bounds`` (per our dim, padded vocab) as ``dtype``; rows
   past the checkpoint's vocabulary are zeros."""
   real = list(bounds)
@@ -298,8 +332,9 @@ def _read_block(tm: _TensorMap, hf_slice, bounds: tuple[tuple[int, int], ...],
   return block
 
 
-def _load_param(tms: Sequence[_TensorMap], hf_slices: Sequence[Any], shape, sharding,
-                dtype, stacked: bool = False) -> jax.Array:
+def _load_param(
+  tms: Sequence[_TensorMap], hf_slices: Sequence[Any], shape, sharding, dtype, stacked: bool = False
+) -> jax.Array:
   """Builds one parameter on ``sharding`` (``None``: default device).
 
   ``stacked``: dim 0 of ``shape`` is the layer and ``tms[l]`` / ``hf_slices[l]``
@@ -314,8 +349,9 @@ def _load_param(tms: Sequence[_TensorMap], hf_slices: Sequence[Any], shape, shar
     if bounds not in cache:
       if stacked:
         (lo, hi), rest = bounds[0], bounds[1:]
-        cache[bounds] = np.stack([_read_block(tms[l], hf_slices[l], rest, dtype)
-                                  for l in range(lo, hi)])
+        cache[bounds] = np.stack(
+          [_read_block(tms[l], hf_slices[l], rest, dtype) for l in range(lo, hi)]
+        )
       else:
         cache[bounds] = _read_block(tms[0], hf_slices[0], bounds, dtype)
     return cache[bounds]
@@ -325,10 +361,18 @@ def _load_param(tms: Sequence[_TensorMap], hf_slices: Sequence[Any], shape, shar
   return jax.make_array_from_callback(full_shape, sharding, cb)
 
 
-def from_hf(path: str | os.PathLike, *, dtype: str = "float32",
-            param_dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
-            rules: Any = None, vocab_pad_multiple: int = 1,
-            remat: bool = False, scan_layers: bool = False, **attention) -> Transformer:
+def from_hf(
+  path: str | os.PathLike,
+  *,
+  dtype: str = "float32",
+  param_dtype: str = "float32",
+  mesh: jax.sharding.Mesh | None = None,
+  rules: Any = None,
+  vocab_pad_multiple: int = 1,
+  remat: bool = False,
+  scan_layers: bool = False,
+  **attention,
+) -> Transformer:
   """Loads a local HF checkpoint dir (config.json + safetensors) as a Transformer.
 
   Each parameter is created directly on its sharding (``mesh``, ``rules``);
@@ -340,9 +384,15 @@ def from_hf(path: str | os.PathLike, *, dtype: str = "float32",
   from safetensors import safe_open
 
   path = os.fspath(path)
-  cfg = config_from_hf(path, dtype=dtype, param_dtype=param_dtype,
-                       vocab_pad_multiple=vocab_pad_multiple, remat=remat,
-                       scan_layers=scan_layers, **attention)
+  cfg = config_from_hf(
+    path,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    vocab_pad_multiple=vocab_pad_multiple,
+    remat=remat,
+    scan_layers=scan_layers,
+    **attention,
+  )
   files = _weight_files(path)
   sharder = Sharder(mesh, rules_from_config(rules))
   graphdef, abs_state = nnx.split(abstract_model(cfg, sharder))
@@ -351,7 +401,7 @@ def from_hf(path: str | os.PathLike, *, dtype: str = "float32",
   np_dtype = np.dtype(jnp.dtype(param_dtype))
 
   params = _flat_params(abs_state)
-  shard_leaves = (dict(_flat_params(shardings)) if shardings is not None else {})
+  shard_leaves = dict(_flat_params(shardings)) if shardings is not None else {}
   missing_maps = [k for k, _ in params if k not in maps]
   if missing_maps:
     raise RuntimeError(f"internal: no HF mapping for params {missing_maps}")
@@ -370,31 +420,42 @@ def from_hf(path: str | os.PathLike, *, dtype: str = "float32",
           handles[file] = safe_open(file, "np").__enter__()
           names[file] = set(handles[file].keys())
         if tm.hf_name not in names[file]:
-          raise ValueError(f"tensor {tm.hf_name!r} not found in {file} (listed in "
-                           f"{os.path.join(path, WEIGHTS_INDEX_NAME)})")
+          raise ValueError(
+            f"tensor {tm.hf_name!r} not found in {file} (listed in "
+            f"{os.path.join(path, WEIGHTS_INDEX_NAME)})"
+          )
         hf_slice = handles[file].get_slice(tm.hf_name)
         got = tuple(hf_slice.get_shape())
         if got != tm.hf_shape:
-          raise ValueError(f"tensor {tm.hf_name!r} in file {file} has shape {got} but "
-                           f"{os.path.join(path, CONFIG_NAME)} implies {tm.hf_shape}")
+          raise ValueError(
+            f"tensor {tm.hf_name!r} in file {file} has shape {got} but "
+            f"{os.path.join(path, CONFIG_NAME)} implies {tm.hf_shape}"
+          )
         slices.append(hf_slice)
         used.add(tm.hf_name)
       shape = var.get_value().shape
       sharding = shard_leaves[key].get_value() if key in shard_leaves else None
-      loaded[key] = _load_param(maps[key], slices, shape, sharding, np_dtype,
-                                stacked=cfg.scan_layers and key[0] == "layers")
+      loaded[key] = _load_param(
+        maps[key], slices, shape, sharding, np_dtype, stacked=cfg.scan_layers and key[0] == "layers"
+      )
   finally:
     for fh in handles.values():
       fh.__exit__(None, None, None)
-  unused = [n for n in files if n not in used and not n.endswith(_IGNORED_SUFFIXES)
-            and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
+  unused = [
+    n
+    for n in files
+    if n not in used
+    and not n.endswith(_IGNORED_SUFFIXES)
+    and not (n == "lm_head.weight" and cfg.tie_word_embeddings)
+  ]
   if unused:
-    log.warning("from_hf(%s): ignoring %d unused tensors, e.g. %s", path, len(unused),
-                unused[:5])
+    log.warning("from_hf(%s): ignoring %d unused tensors, e.g. %s", path, len(unused), unused[:5])
 
   state = jax.tree_util.tree_map_with_path(
-      lambda p, v: v.replace(loaded[_path_key(p)]), abs_state,
-      is_leaf=lambda x: isinstance(x, nnx.Variable))
+    lambda p, v: v.replace(loaded[_path_key(p)]),
+    abs_state,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
   return nnx.merge(graphdef, state)
 
 
@@ -408,42 +469,47 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
   mt = cfg.model_type
   if mt == "qwen2":
     if not cfg.qkv_bias or cfg.o_bias:
-      raise ValueError("qwen2 in transformers has q/k/v biases and no o bias; got "
-                       f"qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}")
+      raise ValueError(
+        "qwen2 in transformers has q/k/v biases and no o bias; got "
+        f"qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}"
+      )
     attention_bias = None
   else:
     if cfg.qkv_bias != cfg.o_bias:
-      raise ValueError(f"{mt}: transformers' attention_bias sets q/k/v and o biases "
-                       f"together; got qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}")
+      raise ValueError(
+        f"{mt}: transformers' attention_bias sets q/k/v and o biases "
+        f"together; got qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}"
+      )
     attention_bias = cfg.qkv_bias
   if cfg.qk_norm != (mt == "qwen3"):
-    raise ValueError(f"{mt}: qk_norm={cfg.qk_norm} is not representable in transformers "
-                     "(only qwen3 has q/k norms)")
+    raise ValueError(
+      f"{mt}: qk_norm={cfg.qk_norm} is not representable in transformers (only qwen3 has q/k norms)"
+    )
   if cfg.mlp_bias and mt != "llama":
     raise ValueError(f"{mt}: mlp_bias is only supported by llama in transformers")
   eos = list(cfg.eos_token_ids)
   hf: dict[str, Any] = {
-      "model_type": mt,
-      "architectures": [HF_ARCHITECTURES[mt]],
-      "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.hidden_size,
-      "intermediate_size": cfg.intermediate_size,
-      "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads,
-      "num_key_value_heads": cfg.num_kv_heads,
-      "head_dim": cfg.head_dim,
-      "hidden_act": "silu",
-      "max_position_embeddings": cfg.max_position_embeddings,
-      "rms_norm_eps": cfg.rms_norm_eps,
-      "rope_theta": cfg.rope_theta,
-      "rope_scaling": None if cfg.rope_scaling is None else dict(cfg.rope_scaling),
-      "tie_word_embeddings": cfg.tie_word_embeddings,
-      "bos_token_id": cfg.bos_token_id,
-      "eos_token_id": None if not eos else eos[0] if len(eos) == 1 else eos,
-      "pad_token_id": cfg.pad_token_id,
-      "initializer_range": 0.02,
-      "use_cache": True,
-      "attention_dropout": 0.0,
+    "model_type": mt,
+    "architectures": [HF_ARCHITECTURES[mt]],
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.hidden_size,
+    "intermediate_size": cfg.intermediate_size,
+    "num_hidden_layers": cfg.num_layers,
+    "num_attention_heads": cfg.num_heads,
+    "num_key_value_heads": cfg.num_kv_heads,
+    "head_dim": cfg.head_dim,
+    "hidden_act": "silu",
+    "max_position_embeddings": cfg.max_position_embeddings,
+    "rms_norm_eps": cfg.rms_norm_eps,
+    "rope_theta": cfg.rope_theta,
+    "rope_scaling": None if cfg.rope_scaling is None else dict(cfg.rope_scaling),
+    "tie_word_embeddings": cfg.tie_word_embeddings,
+    "bos_token_id": cfg.bos_token_id,
+    "eos_token_id": None if not eos else eos[0] if len(eos) == 1 else eos,
+    "pad_token_id": cfg.pad_token_id,
+    "initializer_range": 0.02,
+    "use_cache": True,
+    "attention_dropout": 0.0,
   }
   if attention_bias is not None:
     hf["attention_bias"] = attention_bias
@@ -454,11 +520,28 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
   return hf
 
 
-_ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size",
-                "num_layers", "num_heads", "num_kv_heads", "head_dim", "rms_norm_eps",
-                "rope_theta", "rope_scaling", "max_position_embeddings",
-                "tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
-                "bos_token_id", "eos_token_ids", "pad_token_id")
+_ARCH_FIELDS = (
+  "model_type",
+  "vocab_size",
+  "hidden_size",
+  "intermediate_size",
+  "num_layers",
+  "num_heads",
+  "num_kv_heads",
+  "head_dim",
+  "rms_norm_eps",
+  "rope_theta",
+  "rope_scaling",
+  "max_position_embeddings",
+  "tie_word_embeddings",
+  "qkv_bias",
+  "o_bias",
+  "mlp_bias",
+  "qk_norm",
+  "bos_token_id",
+  "eos_token_ids",
+  "pad_token_id",
+)
 
 
 def _export_config(cfg: ModelConfig, dtype_name: str) -> dict[str, Any]:
@@ -469,13 +552,19 @@ def _export_config(cfg: ModelConfig, dtype_name: str) -> dict[str, Any]:
   else:
     hf = cfg.hf_config
     hf.update(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        bos_token_id=cfg.bos_token_id, pad_token_id=cfg.pad_token_id)
+      vocab_size=cfg.vocab_size,
+      hidden_size=cfg.hidden_size,
+      intermediate_size=cfg.intermediate_size,
+      num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads,
+      head_dim=cfg.head_dim,
+      rms_norm_eps=cfg.rms_norm_eps,
+      max_position_embeddings=cfg.max_position_embeddings,
+      tie_word_embeddings=cfg.tie_word_embeddings,
+      bos_token_id=cfg.bos_token_id,
+      pad_token_id=cfg.pad_token_id,
+    )
     back = ModelConfig.from_hf_dict(hf)
     if back.eos_token_ids != cfg.eos_token_ids:
       eos = list(cfg.eos_token_ids)
@@ -489,23 +578,33 @@ def _export_config(cfg: ModelConfig, dtype_name: str) -> dict[str, Any]:
   hf["torch_dtype"] = dtype_name
   hf["dtype"] = dtype_name
   back = ModelConfig.from_hf_dict(hf)
-  diff = {f: (getattr(cfg, f), getattr(back, f)) for f in _ARCH_FIELDS
-          if getattr(cfg, f) != getattr(back, f)}
+  diff = {
+    f: (getattr(cfg, f), getattr(back, f))
+    for f in _ARCH_FIELDS
+    if getattr(cfg, f) != getattr(back, f)
+  }
   if diff:
-    raise ValueError("model config is not representable as a HF config.json: "
-                     f"(ours, written) differ in {diff}")
+    raise ValueError(
+      f"model config is not representable as a HF config.json: (ours, written) differ in {diff}"
+    )
   return hf
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
   if jax.process_count() > 1 and not x.is_fully_addressable:
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
 
 
-def to_hf(model: Transformer, out_dir: str | os.PathLike, *,
-          max_shard_size: int | str = "5GB", dtype: str | None = None) -> str:
+def to_hf(
+  model: Transformer,
+  out_dir: str | os.PathLike,
+  *,
+  max_shard_size: int | str = "5GB",
+  dtype: str | None = None,
+) -> str:
   """Writes ``model`` as a HF checkpoint (config.json + safetensors) to ``out_dir``.
 
   ``dtype``: saved dtype (default: the params' dtype). Shards above
@@ -530,14 +629,22 @@ def to_hf(model: Transformer, out_dir: str | os.PathLike, *,
   hf_config = _export_config(cfg, dtype_name)  # fail before any gathering
 
   # HF name -> (our key, layer of a stacked param or None, map).
-  by_name = {tm.hf_name: (k, l if cfg.scan_layers and k[0] == "layers" else None, tm)
-             for k in params for l, tm in enumerate(maps[k])}
+  by_name = {
+    tm.hf_name: (k, l if cfg.scan_layers and k[0] == "layers" else None, tm)
+    for k in params
+    for l, tm in enumerate(maps[k])
+  }
   # Plan shards from shapes only (zero-memory placeholder arrays: nbytes = size).
-  specs = {name: np.broadcast_to(np.zeros((), save_dtype), tm.hf_shape)
-           for name, (_, _, tm) in by_name.items()}
+  specs = {
+    name: np.broadcast_to(np.zeros((), save_dtype), tm.hf_shape)
+    for name, (_, _, tm) in by_name.items()
+  }
   split = split_state_dict_into_shards_factory(
-      specs, get_storage_size=lambda t: int(t.nbytes),
-      filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    specs,
+    get_storage_size=lambda t: int(t.nbytes),
+    filename_pattern="model{suffix}.safetensors",
+    max_shard_size=max_shard_size,
+  )
 
   writer = jax.process_index() == 0
   parent = os.path.dirname(out_dir)
@@ -579,5 +686,6 @@ def to_hf(model: Transformer, out_dir: str | os.PathLike, *,
       shutil.rmtree(tmp, ignore_errors=True)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(f"opd_jax.to_hf:{out_dir}")
   return out_dir

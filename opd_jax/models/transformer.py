@@ -49,6 +49,7 @@ class KVCache(NamedTuple):
   slots hold real tokens; ``index``: scalar int32, the next slot to write (all
   rows share it: prompts are left-padded to a common length).
   """
+
   k: list[jax.Array] | jax.Array
   v: list[jax.Array] | jax.Array
   valid: jax.Array
@@ -77,7 +78,7 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
   """
   k = math.prod(w.shape[:n_in])
   y = x.reshape(-1, k) @ w.reshape(k, -1)
-  return y.reshape(x.shape[:x.ndim - n_in] + w.shape[n_in:])
+  return y.reshape(x.shape[: x.ndim - n_in] + w.shape[n_in:])
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
@@ -124,9 +125,10 @@ def _attend(qg, keys, values, key_valid, q_slot, dt, cfg=None, aligned=False, sh
   if qg.shape[1] == 1:
     # One query per row without a cache (cached decode steps go to
     # attention_lib.decode_blocked / decode_dense from Attention).
-    out = attention_lib.decode_dense(qg[:, 0], keys, values, key_valid, q_slot[0], dt,
-                                     "reduce", "transposed")
-    return out[:, None]                                                # [B, 1, K, G, Dh]
+    out = attention_lib.decode_dense(
+      qg[:, 0], keys, values, key_valid, q_slot[0], dt, "reduce", "transposed"
+    )
+    return out[:, None]  # [B, 1, K, G, Dh]
   # Many queries (prefill, training): the configured implementation.
   if cfg is None:
     return attention_lib.dense(qg, keys, values, key_valid, q_slot, dt)
@@ -137,8 +139,13 @@ class Attention(nnx.Module):
   """Grouped-query causal self-attention with optional KV cache."""
 
   def __init__(self, cfg: ModelConfig, sharder: Sharder, *, rngs: nnx.Rngs):
-    d, h, k, dh, pd = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
-                       cfg.head_dim, cfg.param_dtype)
+    d, h, k, dh, pd = (
+      cfg.hidden_size,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+      cfg.param_dtype,
+    )
     self.cfg, self.sharder = cfg, sharder
     self.inv_freq = tuple(float(f) for f in cfg.inv_freq())
     self.q = _param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), pd)
@@ -170,7 +177,7 @@ class Attention(nnx.Module):
     cfg, dt, sh = self.cfg, jnp.dtype(self.cfg.dtype), self.sharder
 
     def proj(w, b):
-      y = dense(x, w[...].astype(dt))                    # [B, T, N, Dh]
+      y = dense(x, w[...].astype(dt))  # [B, T, N, Dh]
       return y if b is None else y + b[...].astype(dt)
 
     q = proj(self.q, getattr(self, "q_bias", None))
@@ -194,26 +201,46 @@ class Attention(nnx.Module):
     v = jnp.swapaxes(v, 1, 2)
     k = jnp.transpose(k, (0, 2, 3, 1)) if transposed else jnp.swapaxes(k, 1, 2)
     if cache_kv is None:
-      out = _attend(qg, k if transposed else jnp.swapaxes(k, 2, 3), v, key_valid,
-                    jnp.arange(t), dt, cfg, True, sh)
+      out = _attend(
+        qg,
+        k if transposed else jnp.swapaxes(k, 2, 3),
+        v,
+        key_valid,
+        jnp.arange(t),
+        dt,
+        cfg,
+        True,
+        sh,
+      )
       new_kv = None
     else:
       ck, cv = cache_kv
       lead = () if layer is None else (layer,)
       at = lambda c, x, axis: jax.lax.dynamic_update_slice(
-          c, x.astype(c.dtype)[None] if layer is not None else x.astype(c.dtype),
-          lead + tuple(q_start if a == axis else 0 for a in range(4)))
+        c,
+        x.astype(c.dtype)[None] if layer is not None else x.astype(c.dtype),
+        lead + tuple(q_start if a == axis else 0 for a in range(4)),
+      )
       ck, cv = at(ck, k, 3 if transposed else 2), at(cv, v, 2)
       pre = () if layer is None else (CACHE_LAYERS_AXIS,)
       ck = sh.constrain(ck, pre + key_cache_axes(cfg))
       cv = sh.constrain(cv, pre + VALUE_CACHE_AXES)
       new_kv = (ck, cv)
-      if t == 1 and attention_lib.resolve_decode(cfg.decode_attention,
-                                                 cfg.scan_layers) == "blocked":
+      if (
+        t == 1 and attention_lib.resolve_decode(cfg.decode_attention, cfg.scan_layers) == "blocked"
+      ):
         out = attention_lib.decode_blocked(
-            qg[:, 0], ck, cv, key_valid, q_start, dt, cfg.decode_block,
-            attention_lib.resolve_contraction(cfg.decode_contraction),
-            "transposed" if transposed else "standard", layer)[:, None]
+          qg[:, 0],
+          ck,
+          cv,
+          key_valid,
+          q_start,
+          dt,
+          cfg.decode_block,
+          attention_lib.resolve_contraction(cfg.decode_contraction),
+          "transposed" if transposed else "standard",
+          layer,
+        )[:, None]
       else:
         if layer is not None:
           ck = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False)
@@ -221,16 +248,31 @@ class Attention(nnx.Module):
         keys, values = ck.astype(dt), cv.astype(dt)
         if t == 1:
           out = attention_lib.decode_dense(
-              qg[:, 0], keys, values, key_valid, q_start, dt,
-              attention_lib.resolve_contraction(cfg.decode_contraction),
-              "transposed" if transposed else "standard")[:, None]
+            qg[:, 0],
+            keys,
+            values,
+            key_valid,
+            q_start,
+            dt,
+            attention_lib.resolve_contraction(cfg.decode_contraction),
+            "transposed" if transposed else "standard",
+          )[:, None]
         else:
-          out = _attend(qg, keys if transposed else jnp.swapaxes(keys, 2, 3), values,
-                        key_valid, q_start + jnp.arange(t), dt, cfg, False, sh)
+          out = _attend(
+            qg,
+            keys if transposed else jnp.swapaxes(keys, 2, 3),
+            values,
+            key_valid,
+            q_start + jnp.arange(t),
+            dt,
+            cfg,
+            False,
+            sh,
+          )
 
     out = out.reshape(b, t, h, dh)
     out = sh.constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
-    y = dense(out, self.o[...].astype(dt), n_in=2)     # [B, T, D]
+    y = dense(out, self.o[...].astype(dt), n_in=2)  # [B, T, D]
     if cfg.o_bias:
       y = y + self.o_bias[...].astype(dt)
     return y, new_kv
@@ -256,8 +298,9 @@ class MLP(nnx.Module):
     u = dense(x, self.up[...].astype(dt))
     if self.cfg.mlp_bias:
       g, u = g + self.gate_bias[...].astype(dt), u + self.up_bias[...].astype(dt)
-    hidden = self.sharder.constrain(jax.nn.silu(g) * u,
-                                    ("activation_batch", "activation_length", "activation_mlp"))
+    hidden = self.sharder.constrain(
+      jax.nn.silu(g) * u, ("activation_batch", "activation_length", "activation_mlp")
+    )
     y = dense(hidden, self.down[...].astype(dt))
     if self.cfg.mlp_bias:
       y = y + self.down_bias[...].astype(dt)
@@ -303,16 +346,14 @@ def stacked_layers(cfg: ModelConfig, sharder: Sharder, rngs: nnx.Rngs) -> Decode
 class Transformer(nnx.Module):
   """Causal LM. ``model(ids, mask, positions)`` -> float32 logits ``[B, T, V]``."""
 
-  def __init__(self, cfg: ModelConfig, *, sharder: Sharder = Sharder(),
-               rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, sharder: Sharder = Sharder(), rngs: nnx.Rngs):
     self.cfg, self.sharder = cfg, sharder
     v, d, pd = cfg.padded_vocab_size, cfg.hidden_size, cfg.param_dtype
     self.embed = _param(rngs, (v, d), ("vocab", "embed"), pd)
     if cfg.scan_layers:
       self.layers = stacked_layers(cfg, sharder, rngs)
     else:
-      self.layers = nnx.List([DecoderLayer(cfg, sharder, rngs=rngs)
-                              for _ in range(cfg.num_layers)])
+      self.layers = nnx.List([DecoderLayer(cfg, sharder, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(d, cfg.rms_norm_eps, cfg, rngs=rngs)
     if not cfg.tie_word_embeddings:
       self.lm_head = _param(rngs, (d, v), ("embed", "vocab"), pd)
@@ -326,15 +367,13 @@ class Transformer(nnx.Module):
 
   def logits_from_hidden(self, h: jax.Array) -> jax.Array:
     """Final hidden ``[..., D]`` -> float32 logits ``[..., V]``; padded rows masked."""
-    logits = jnp.einsum("...d,dv->...v", h, self.unembedding(),
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum("...d,dv->...v", h, self.unembedding(), preferred_element_type=jnp.float32)
     if self.cfg.padded_vocab_size > self.cfg.vocab_size:
       real = jnp.arange(self.cfg.padded_vocab_size) < self.cfg.vocab_size
       logits = jnp.where(real, logits, NEG_INF)
     return logits
 
-  def hidden(self, input_ids, attention_mask=None, positions=None,
-             cache: KVCache | None = None):
+  def hidden(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None):
     """Final normed hidden states ``[B, T, D]`` (and the updated cache).
 
     Without a cache, ``attention_mask`` ``[B, T]`` marks real tokens (left
@@ -358,8 +397,9 @@ class Transformer(nnx.Module):
       q_start = cache.index
     if cfg.scan_layers:
       h, new_k, new_v = self._scan_layers(h, positions, key_valid, q_start, cache)
-      return self.final_norm(h), (None if cache is None else
-                                  KVCache(new_k, new_v, key_valid, cache.index + t))
+      return self.final_norm(h), (
+        None if cache is None else KVCache(new_k, new_v, key_valid, cache.index + t)
+      )
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
@@ -389,6 +429,7 @@ class Transformer(nnx.Module):
     """
     graphdef, state = nnx.split(self.layers)
     if cache is None:
+
       def body(h, layer_state):
         h, _ = nnx.merge(graphdef, layer_state)(h, positions, key_valid, 0)
         return h, None
@@ -401,21 +442,24 @@ class Transformer(nnx.Module):
     def body_cached(carry, xs):
       h, ck, cv = carry
       layer_state, i = xs
-      h, (ck, cv) = nnx.merge(graphdef, layer_state)(h, positions, key_valid, q_start,
-                                                     (ck, cv), i)
+      h, (ck, cv) = nnx.merge(graphdef, layer_state)(h, positions, key_valid, q_start, (ck, cv), i)
       return (h, ck, cv), None
 
     layer_ids = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
     (h, ck, cv), _ = jax.lax.scan(body_cached, (h, cache.k, cache.v), (state, layer_ids))
     sh = self.sharder
-    return (h, sh.constrain(ck, (CACHE_LAYERS_AXIS,) + key_cache_axes(self.cfg)),
-            sh.constrain(cv, (CACHE_LAYERS_AXIS,) + VALUE_CACHE_AXES))
+    return (
+      h,
+      sh.constrain(ck, (CACHE_LAYERS_AXIS,) + key_cache_axes(self.cfg)),
+      sh.constrain(cv, (CACHE_LAYERS_AXIS,) + VALUE_CACHE_AXES),
+    )
 
   def __call__(self, input_ids, attention_mask=None, positions=None):
     h, _ = self.hidden(input_ids, attention_mask, positions)
     logits = self.logits_from_hidden(h)
     return self.sharder.constrain(
-        logits, ("activation_batch", "activation_length", "activation_vocab"))
+      logits, ("activation_batch", "activation_length", "activation_vocab")
+    )
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
     """Empty cache of ``max_len`` slots, sharded by the cache rules."""
@@ -425,17 +469,22 @@ class Transformer(nnx.Module):
     zeros = lambda shape, axes: self.sharder.constrain(jnp.zeros(shape, dtype), axes)
     valid, index = jnp.zeros((batch, max_len), jnp.bool_), jnp.zeros((), jnp.int32)
     k_axes = key_cache_axes(cfg)
-    k_shape = ((batch, kv, dh, max_len) if k_axes == KEY_CACHE_AXES else
-               (batch, kv, max_len, dh))
+    k_shape = (batch, kv, dh, max_len) if k_axes == KEY_CACHE_AXES else (batch, kv, max_len, dh)
     v_shape = (batch, kv, max_len, dh)
     if cfg.scan_layers:
       n = cfg.num_layers
-      return KVCache(zeros((n,) + k_shape, (CACHE_LAYERS_AXIS,) + k_axes),
-                     zeros((n,) + v_shape, (CACHE_LAYERS_AXIS,) + VALUE_CACHE_AXES),
-                     valid, index)
-    return KVCache([zeros(k_shape, k_axes) for _ in range(cfg.num_layers)],
-                   [zeros(v_shape, VALUE_CACHE_AXES) for _ in range(cfg.num_layers)],
-                   valid, index)
+      return KVCache(
+        zeros((n,) + k_shape, (CACHE_LAYERS_AXIS,) + k_axes),
+        zeros((n,) + v_shape, (CACHE_LAYERS_AXIS,) + VALUE_CACHE_AXES),
+        valid,
+        index,
+      )
+    return KVCache(
+      [zeros(k_shape, k_axes) for _ in range(cfg.num_layers)],
+      [zeros(v_shape, VALUE_CACHE_AXES) for _ in range(cfg.num_layers)],
+      valid,
+      index,
+    )
 
   def decode(self, input_ids, attention_mask, positions, cache: KVCache):
     """Runs T new tokens through the cache -> (float32 logits ``[B,T,V]``, cache)."""

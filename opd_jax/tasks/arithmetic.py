@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from opd_jax.tasks.base import TASKS, answer_of, write_jsonl as _write_jsonl
+from opd_jax.tasks.base import TASKS, answer_of
+from opd_jax.tasks.base import write_jsonl as _write_jsonl
 
 PATTERNS = ("A", "B")
 SPLITS = ("train", "eval")
@@ -48,7 +49,7 @@ ANSWER_MARKER = "ans="
 
 _ANSWER_RE = re.compile(r"ans\s*=\s*(-?\d+)")
 _HASH_BUCKETS = 1 << 20
-_ENUMERATE_LIMIT = 20_000   # levels with at most this many problems are enumerated
+_ENUMERATE_LIMIT = 20_000  # levels with at most this many problems are enumerated
 
 
 def prompt_for(a: int, b: int) -> str:
@@ -58,7 +59,7 @@ def prompt_for(a: int, b: int) -> str:
 
 def _digits(x: int, width: int) -> list[int]:
   """Least-significant-first digits of ``x``, zero-padded to ``width``."""
-  return [(x // 10 ** i) % 10 for i in range(width)]
+  return [(x // 10**i) % 10 for i in range(width)]
 
 
 def solve(a: int, b: int, pattern: str = "A") -> str:
@@ -110,7 +111,7 @@ def split_of(prompt: str, eval_fraction: float) -> str:
 
 def _operand_range(level: int) -> tuple[int, int]:
   """Inclusive range of ``level``-digit operands (level 1 includes 0)."""
-  return (0 if level == 1 else 10 ** (level - 1)), 10 ** level - 1
+  return (0 if level == 1 else 10 ** (level - 1)), 10**level - 1
 
 
 def _level_counts(n: int, num_levels: int) -> list[int]:
@@ -152,20 +153,20 @@ class ArithmeticTask:
     """The split (``"train"`` / ``"eval"``) a prompt belongs to."""
     return split_of(prompt, self.eval_fraction)
 
-  def _problems(self, level: int, count: int, rng: np.random.Generator,
-                split: str) -> list[tuple[int, int]]:
+  def _problems(
+    self, level: int, count: int, rng: np.random.Generator, split: str
+  ) -> list[tuple[int, int]]:
     """``count`` problems of one level and split, unique while possible."""
     lo, hi = _operand_range(level)
     size = hi - lo + 1
     in_split = lambda a, b: self.split_of(prompt_for(a, b)) == split
     if size * size <= _ENUMERATE_LIMIT:
-      pool = [(a, b) for a in range(lo, hi + 1) for b in range(lo, hi + 1)
-              if in_split(a, b)]
+      pool = [(a, b) for a in range(lo, hi + 1) for b in range(lo, hi + 1) if in_split(a, b)]
       if not pool:
         raise ValueError(f"level {level} has no {split!r} problems")
       out = []
-      while len(out) < count:   # repeats only once the pool is exhausted
-        out.extend(pool[i] for i in rng.permutation(len(pool))[:count - len(out)])
+      while len(out) < count:  # repeats only once the pool is exhausted
+        out.extend(pool[i] for i in rng.permutation(len(pool))[: count - len(out)])
       return out
     out, seen = [], set()
     while len(out) < count:
@@ -175,21 +176,29 @@ class ArithmeticTask:
         out.append((a, b))
     return out
 
-  def make_example(self, a: int, b: int, pattern: str = "A",
-                   level: int | None = None) -> dict[str, Any]:
+  def make_example(
+    self, a: int, b: int, pattern: str = "A", level: int | None = None
+  ) -> dict[str, Any]:
     """The example dict of problem ``a + b``."""
     level = level or max(len(str(a)), len(str(b)))
     return {
-        "prompt": prompt_for(a, b),
-        "completion": solve(a, b, pattern),
-        "answer": str(a + b),
-        "level": int(level),
-        "source": f"{self.name}/L{level}",
-        "pattern": pattern,
+      "prompt": prompt_for(a, b),
+      "completion": solve(a, b, pattern),
+      "answer": str(a + b),
+      "level": int(level),
+      "source": f"{self.name}/L{level}",
+      "pattern": pattern,
     }
 
-  def generate(self, n: int, *, seed: int, levels: Sequence[int] | None = None,
-               pattern: str = "A", split: str = "train") -> list[dict[str, Any]]:
+  def generate(
+    self,
+    n: int,
+    *,
+    seed: int,
+    levels: Sequence[int] | None = None,
+    pattern: str = "A",
+    split: str = "train",
+  ) -> list[dict[str, Any]]:
     """``n`` examples, spread evenly over ``levels``, in shuffled order.
 
     Deterministic in ``(seed, levels, split, n)``; the pattern only changes the
@@ -222,8 +231,9 @@ class ArithmeticTask:
     """The number after the first ``ans=`` marker, or None."""
     return extract_answer(text)
 
-  def score(self, example_or_answer: Mapping[str, Any] | str | int,
-            completion_text: str | None) -> float:
+  def score(
+    self, example_or_answer: Mapping[str, Any] | str | int, completion_text: str | None
+  ) -> float:
     """1.0 iff the extracted answer equals the reference exactly, else 0.0."""
     pred = extract_answer(completion_text)
     return float(pred is not None and pred == answer_of(example_or_answer).strip())
@@ -234,7 +244,6 @@ class ArithmeticTask:
 
 
 @TASKS.register("arithmetic")
-def arithmetic(*, levels: Sequence[int] = ALL_LEVELS,
-               eval_fraction: float = 0.1) -> ArithmeticTask:
+def arithmetic(*, levels: Sequence[int] = ALL_LEVELS, eval_fraction: float = 0.1) -> ArithmeticTask:
   """Registered factory of :class:`ArithmeticTask`."""
   return ArithmeticTask(levels=tuple(levels), eval_fraction=eval_fraction)

@@ -13,7 +13,8 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from opd_jax.tasks.base import TASKS, answer_of, write_jsonl as _write_jsonl
+from opd_jax.tasks.base import TASKS, answer_of
+from opd_jax.tasks.base import write_jsonl as _write_jsonl
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 
@@ -28,8 +29,8 @@ def _braced(text: str, start: int) -> str | None:
     elif c == "}":
       depth -= 1
       if depth == 0:
-        return text[start + 1:i]
-  return None   # unbalanced
+        return text[start + 1 : i]
+  return None  # unbalanced
 
 
 def extract_boxed(text: str | None) -> str | None:
@@ -73,8 +74,9 @@ def _math_verify():
     import math_verify  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError(
-        "the 'math' task scores answers with the math-verify package; install it "
-        "with `pip install opd_jax[math]` (or `pip install math-verify`)") from e
+      "the 'math' task scores answers with the math-verify package; install it "
+      "with `pip install opd_jax[math]` (or `pip install math-verify`)"
+    ) from e
   return math_verify
 
 
@@ -103,15 +105,17 @@ class MathTask:
   name: str = "math"
 
   def generate(self, n: int, *, seed: int, **kwargs) -> list[dict[str, Any]]:
-    raise NotImplementedError("the 'math' task only verifies; load prompts from a "
-                              "dataset file instead")
+    raise NotImplementedError(
+      "the 'math' task only verifies; load prompts from a dataset file instead"
+    )
 
   def extract_answer(self, text: str | None) -> str | None:
     """The last boxed answer, or None."""
     return extract_boxed(text)
 
-  def score(self, example_or_answer: Mapping[str, Any] | str | int,
-            completion_text: str | None) -> float:
+  def score(
+    self, example_or_answer: Mapping[str, Any] | str | int, completion_text: str | None
+  ) -> float:
     """1.0 iff math-verify finds the completion's answer equivalent."""
     return float(verify_answer(answer_of(example_or_answer), completion_text))
 

@@ -20,8 +20,9 @@ DEFAULT_ALPHABET = string.digits + string.ascii_lowercase + " \n+-*=;:|,.>()?"
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 
-def build_tokenizer(out_dir: str | os.PathLike, alphabet: str | None = None, *,
-                    model_max_length: int = 4096):
+def build_tokenizer(
+  out_dir: str | os.PathLike, alphabet: str | None = None, *, model_max_length: int = 4096
+):
   """Builds, saves (``save_pretrained(out_dir)``) and returns the tokenizer.
 
   Args:
@@ -53,9 +54,15 @@ def build_tokenizer(out_dir: str | os.PathLike, alphabet: str | None = None, *,
   tok.add_special_tokens(list(SPECIAL_TOKENS))
 
   fast = PreTrainedTokenizerFast(
-      tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
-      eos_token="<eos>", unk_token="<unk>", model_max_length=model_max_length,
-      padding_side="left", clean_up_tokenization_spaces=False)
+    tokenizer_object=tok,
+    pad_token="<pad>",
+    bos_token="<bos>",
+    eos_token="<eos>",
+    unk_token="<unk>",
+    model_max_length=model_max_length,
+    padding_side="left",
+    clean_up_tokenization_spaces=False,
+  )
   fast.chat_template = CHAT_TEMPLATE
   os.makedirs(os.fspath(out_dir), exist_ok=True)
   fast.save_pretrained(os.fspath(out_dir))
