@@ -26,7 +26,11 @@ import pytest  # noqa: E402
 # extra installs a CPU torch; where none exists (CI's Python 3.12 leg) .ci/run
 # sets OPD_SKIP_TORCH_TESTS=1 and deselects them with -m "not torch", out loud.
 TORCH_MODULES = ("test_hf_io.py",)
-TORCH_TESTS = ("test_greedy_matches_hf_generate", "test_process_logits_matches_hf_warpers")
+TORCH_TESTS = (
+  "test_greedy_matches_hf_generate",
+  "test_process_logits_matches_hf_warpers",
+  "test_blocked_greedy_matches_hf_generate",
+)
 collect_ignore = list(TORCH_MODULES) if os.environ.get("OPD_SKIP_TORCH_TESTS") == "1" else []
 
 

@@ -65,6 +65,10 @@ def allowed(q_slot, key_valid, k_slot):
 def _dense_core(qg, keys, values, key_valid, q_slot, dt):
   s = keys.shape[3]
   mask = allowed(q_slot, key_valid, jnp.arange(s))
+  if jax.default_backend() == "cpu":
+    # XLA:CPU (jax >= 0.12) has no bf16 x bf16 -> f32 dot (the backward pass
+    # needs one): float32 operands give the same exact products and sums.
+    qg, keys = qg.astype(jnp.float32), keys.astype(jnp.float32)
   # Keys back to [B, K, S, Dh]; on fresh keys this undoes the caller's
   # transpose and XLA drops the pair.
   scores = jnp.einsum(
@@ -228,10 +232,21 @@ def blockwise(qg, keys, values, key_valid, q_slot, dt, block_q: int = 256, block
     keys = jnp.pad(keys, [(0, 0), (0, 0), (0, sp - s), (0, 0)])
     values = jnp.pad(values, [(0, 0), (0, 0), (0, sp - s), (0, 0)])
     key_valid = jnp.pad(key_valid, [(0, 0), (0, sp - s)])
+  # XLA:CPU (jax >= 0.12) has no bf16 x bf16 -> f32 dot at all: there the
+  # tiles multiply in float32 (exact products of the bf16 values, the same
+  # accumulation); accelerators keep bf16 operands with float32 accumulation.
+  op_dt = jnp.float32 if jax.default_backend() == "cpu" else jnp.dtype(dt)
   out = _flash(
-    qg.astype(dt), keys.astype(dt), values.astype(dt), key_valid, q_slot, bq, bk, jnp.dtype(dt)
+    qg.astype(dt).astype(op_dt),
+    keys.astype(dt).astype(op_dt),
+    values.astype(dt).astype(op_dt),
+    key_valid,
+    q_slot,
+    bq,
+    bk,
+    op_dt,
   )
-  return out[:, :t]
+  return out[:, :t].astype(dt)
 
 
 # -- library kernels ------------------------------------------------------------
