@@ -442,7 +442,10 @@ def last_json_line(log: str) -> dict[str, Any]:
   """The driver's printed result (its last line that is a JSON object)."""
   for line in reversed(log.splitlines()):
     if line.startswith("{"):
-      return json.loads(line)
+      try:   # stderr can interleave with a long stdout line of the killed run
+        return json.loads(line)
+      except json.JSONDecodeError:
+        continue
   raise AssertionError(f"no result line in:\n{log[-3000:]}")
 
 
