@@ -442,7 +442,7 @@ def last_json_line(log: str) -> dict[str, Any]:
   """The driver's printed result (its last line that is a JSON object)."""
   for line in reversed(log.splitlines()):
     if line.startswith("{"):
-      try:   # stderr can interleave with a long stdout line of the killed run
+      try:  # stderr can interleave with a long stdout line of the killed run
         return json.loads(line)
       except json.JSONDecodeError:
         continue
