@@ -198,33 +198,7 @@ def test_model_config_to_hf(tmp_path, family, tied):
   """A model made without HF (ModelConfig only) exports a loadable checkpoint."""
   hf = tiny_hf_config(family, tie_word_embeddings=tied)
   base = ModelConfig.from_hf_dict(hf)
-  cfg = ModelConfig(
-    **{
-      f: getattr(base, f)
-      for f in (
-        "model_type",
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_layers",
-        "num_heads",
-        "num_kv_heads",
-        "head_dim",
-        "rms_norm_eps",
-        "rope_theta",
-        "rope_scaling",
-        "max_position_embeddings",
-        "tie_word_embeddings",
-        "qkv_bias",
-        "o_bias",
-        "mlp_bias",
-        "qk_norm",
-        "bos_token_id",
-        "eos_token_ids",
-        "pad_token_id",
-      )
-    }
-  )
+  cfg = ModelConfig(**{f: getattr(base, f) for f in hf_io._ARCH_FIELDS})
   assert cfg.hf_config == {}
   model = random_model(cfg, seed=2)  # == create_model(cfg) + perturb_params, no PRNG compile
   ours = _logits(model)
