@@ -898,20 +898,30 @@ def build_run(
 class Hook:
   """A periodic side effect of the loop: ``fn(step, state, metrics)`` runs
   after every ``every`` steps (0: never periodically) and, with ``at_end``,
-  after the last step (levanter's / flax ``periodic_actions`` style)."""
+  after the last step (levanter's / flax ``periodic_actions`` style).
+
+  ``needs_state``: the hook reads the train state (evals, checkpoints). The
+  loop runs a step's hooks after dispatching the next step (asynchronous
+  metrics) unless one of them needs the state at that step; those get
+  ``state=None`` otherwise."""
 
   every: int
   fn: Callable[[int, Any, dict], Any]
   at_end: bool = True
+  needs_state: bool = False
+
+  def due(self, step: int, total: int) -> bool:
+    return bool(self.every and step % self.every == 0) or (self.at_end and step == total)
 
   def __call__(self, step: int, total: int, state, metrics: dict):
-    if (self.every and step % self.every == 0) or (self.at_end and step == total):
-      return self.fn(step, state, metrics)
-    return None
+    return self.fn(step, state, metrics) if self.due(step, total) else None
 
 
 def step_metrics(run: Run, phase: Phase, metrics, dt: float, peak: float | None) -> dict:
-  """The step's host metrics plus timing, phase and FLOP keys."""
+  """The step's host metrics plus timing, phase and FLOP keys. ``dt``: wall
+  seconds of the step's loop iteration (:func:`_loop`), so ``tokens_per_sec``
+  is generated tokens (``num_tokens``: the completions' real tokens, EOS
+  included, padding not) per wall second of the whole loop."""
   metrics = host_metrics(metrics, phase.fn.token_metric_names())
   metrics.update(
     step_time_s=dt,
@@ -988,14 +998,30 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def _loop(run: Run, state, start: int, hooks, saved, ckpt, preempt, peak):
-  """Steps ``start + 1 ..`` with the hooks; ``(status, last metrics, state)``."""
+  """Steps ``start + 1 ..`` with the hooks; ``(status, last metrics, state)``.
+
+  The loop never waits for a step it need not: step ``n`` is dispatched
+  (asynchronously), step ``n - 1``'s metrics are fetched and its hooks run,
+  and step ``n + 1``'s batch is assembled and put on the devices, all while
+  ``n`` runs. A step whose hooks read the state (eval, checkpoint) and the
+  last step are finished before the next dispatch, so every checkpoint holds
+  the data state of the batches its step consumed. On a pre-emption signal
+  the step in flight is finished, checkpointed, and the loop stops.
+  ``step_time_s`` is the wall time between two consecutive steps' metrics
+  arriving on the host (the whole loop iteration, hooks included).
+  """
   s, last, status = run.settings, {"step": start}, "finished"
-  for step in range(start + 1, s.total_steps + 1):
+  clock = [time.time()]  # when the previous step's metrics reached the host
+
+  def batch_of(step):
     phase = run.phase_at(step)
-    batch = global_batch(next(phase.it), run.sharder, s.batch_size)
-    t0 = time.time()
-    state, metrics = phase.compiled(state, phase.teacher, batch)
-    metrics = step_metrics(run, phase, metrics, time.time() - t0, peak)
+    return phase, global_batch(next(phase.it), run.sharder, s.batch_size)
+
+  def finish(step, phase, device_metrics, state):
+    metrics = host_metrics(device_metrics, phase.fn.token_metric_names())
+    now = time.time()
+    metrics = step_metrics(run, phase, metrics, now - clock[0], peak)
+    clock[0] = now
     if phase.name == "opd":  # host-side schedules: the weights of this step's batch
       metrics.update(
         {
@@ -1009,13 +1035,30 @@ def _loop(run: Run, state, start: int, hooks, saved, ckpt, preempt, peak):
       metrics["compile_time_s"] = run.compile_s
     for hook in hooks:
       hook(step, s.total_steps, state, metrics)
-    last = {"step": step, **metrics}
-    if preempt.requested():
-      if saved[-1] != step and not metrics.get("nonfinite_in_a_row", 0):
+    return {"step": step, **metrics}
+
+  pending, ready = None, batch_of(start + 1) if start < s.total_steps else None
+  for step in range(start + 1, s.total_steps + 1):
+    phase, batch = ready
+    state, device_metrics = phase.compiled(state, phase.teacher, batch)  # dispatched
+    if pending is not None:  # the previous step's metrics and hooks, while this one runs
+      last = finish(*pending, None)
+    pending = (step, phase, device_metrics)
+    stop = preempt.requested()
+    if (
+      stop
+      or step == s.total_steps
+      or any(h.needs_state and h.due(step, s.total_steps) for h in hooks)
+    ):
+      last, pending = finish(*pending, state), None
+    if stop:  # the step in flight was finished: save it (its batch was the last one read)
+      if saved[-1] != step and not last.get("nonfinite_in_a_row", 0):
         # (orbax refuses to save a step twice; a non-finite streak is not saved)
         _checkpoint(run, ckpt, step, state, force=True)
       status = "preempted"
       break
+    if step < s.total_steps:
+      ready = batch_of(step + 1)  # overlaps this step on the devices
   return status, last, state
 
 
@@ -1076,12 +1119,13 @@ def _hooks(run: Run, ckpt, writer: MetricWriter, bar) -> tuple[list[Hook], list[
     _checkpoint(run, ckpt, step, state)
     saved.append(step)
 
-  hooks = [Hook(s.eval_every, evaluate), Hook(1, log_evals, at_end=False)] if run.evals else []
+  hooks = [Hook(s.eval_every, evaluate, needs_state=True)] if run.evals else []
+  hooks += [Hook(1, log_evals, at_end=False)] if run.evals else []
   return hooks + [
     Hook(s.log_every, log),
     Hook(1, progress),
     Hook(1, stop_if_nonfinite),
-    Hook(s.checkpoint_every, checkpoint),
+    Hook(s.checkpoint_every, checkpoint, needs_state=True),
   ], saved
 
 

@@ -7,9 +7,10 @@ the background while the in-process tests of this module execute:
 * the session's reference run (6 steps, malformed prompt file skipped through
   a command-line override, 2 devices; ``driver_utils.reference_run``);
 * the CLI run: 3 steps with an eval, then ``--config.total_steps=4`` resumes;
-* the kill chain: SIGKILL after step 3, restart; SIGTERM after step 5 (exit
-  0, checkpoint 5), restart; SIGTERM after the last step, which is also a
-  checkpoint step;
+* the kill chain: SIGKILL after step 3, restart; SIGTERM once step 4 is
+  logged, while step 5 runs (the loop logs a step after dispatching the next:
+  exit 0, step 5 finished and checkpointed), restart; SIGTERM after the last
+  step, which is also a checkpoint step;
 * the damaged chain: 4 steps, checkpoint 4's files overwritten, resumed to
   the end; then every checkpoint damaged, resumed once more (a clear error);
 * the random-kill chain: SIGKILL at ``RANDOM_KILLS`` random moments of the
@@ -188,9 +189,9 @@ class _Runs:
     p.kill()
     out["rc_kill"] = p.popen.returncode
     out["steps_after_kill"] = sorted(step_records(workdir))
-    # 2. Restart; SIGTERM once step 5 is logged.
-    p = start(5, "go2")
-    wait_for_step(workdir, 5, p)
+    # 2. Restart; SIGTERM once step 4 is logged (step 5 is in flight then).
+    p = start(4, "go2")
+    wait_for_step(workdir, 4, p)
     out["steps_before_term"] = sorted(step_records(workdir))
     p.signal(signal.SIGTERM)
     _touch(os.path.join(self.root, "go2"))
@@ -872,8 +873,9 @@ def test_sigkill_and_sigterm_resume_matches_uninterrupted(runs, reference_run):
   assert r["ckpts_before_kill"] == [2]
   assert r["steps_after_kill"] == [1, 2, 3]
   # The restart resumed from 2 and re-ran step 3 (logged once).
-  assert r["steps_before_term"] == [1, 2, 3, 4, 5]
-  # SIGTERM after step 5: clean exit with a checkpoint at step 5.
+  assert r["steps_before_term"] == [1, 2, 3, 4]
+  # SIGTERM after step 4 is logged, step 5 in flight: step 5 finishes, is
+  # logged and checkpointed, clean exit.
   assert r["rc_term"] == 0, r["log_term"][-3000:]
   assert last_json_line(r["log_term"])["status"] == "preempted"
   assert max(r["ckpts_after_term"]) == 5
