@@ -24,6 +24,7 @@ so only the reference pays for compiling the step.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import random
@@ -1350,3 +1351,120 @@ def test_schedules_split_between_step_and_data():
   c.data.mixture = {}
   with pytest.raises(ValueError, match="need config.data.mixture"):
     settings_of(c)
+
+
+# -----------------------------------------------------------------------------
+# The loop's order of work (asynchronous metrics, batches prepared ahead).
+
+
+class _Recorder:
+  """Wraps a phase's executable and iterator and the loop's hooks so that
+  the order of dispatches (D), batch reads (B) and hook runs (H) is logged."""
+
+  def __init__(self, phase):
+    self.events, self.phase = [], phase
+    dispatches = [0]
+
+    def compiled(*args):
+      dispatches[0] += 1
+      self.events.append(("D", dispatches[0]))
+      return phase.compiled(*args)
+
+    class It:
+      def __init__(it):
+        it.n = 0
+
+      def __next__(it):
+        it.n += 1
+        self.events.append(("B", it.n))
+        return next(phase.it)
+
+      def get_state(it):  # what a checkpoint saves: the batches read so far
+        return {"batches_read": it.n}
+
+    self.wrapped = dataclasses.replace(phase, compiled=compiled, it=It())
+
+  def hooks(self, state_every: int):
+    from opd_jax.train import Hook
+
+    log = lambda step, state, m: self.events.append(("H", step, state is not None))
+    return [Hook(1, log), Hook(state_every, lambda *a: None, needs_state=True)]
+
+
+class _Flag:
+  def __init__(self, at: int, events):
+    self.at, self.events = at, events
+
+  def requested(self):
+    return any(e[0] == "H" and e[1] == self.at for e in self.events)
+
+
+class _FakeCheckpointer:
+  def __init__(self):
+    self.saved = []
+
+  def save(self, step, state, data_state, meta, force=False):
+    self.saved.append((step, int(state.step), data_state, force))
+
+
+def _recorded_loop(assets, total: int, state_every: int, preempt_after: int = 0):
+  from opd_jax import train as train_lib
+
+  run = train_lib.build_run(tiny_config(assets, total_steps=total))
+  rec = _Recorder(run.phases["opd"])
+  run = dataclasses.replace(run, phases={"opd": rec.wrapped})
+  ckpt = _FakeCheckpointer()
+  status, last, state = train_lib._loop(
+    run,
+    run.state,
+    0,
+    rec.hooks(state_every),
+    [0],
+    ckpt,
+    _Flag(preempt_after, rec.events),
+    None,
+  )
+  return rec.events, status, last, int(state.step), ckpt.saved
+
+
+def test_loop_fetches_metrics_after_the_next_dispatch(assets):
+  """Step n's hooks run after step n + 1 is dispatched (with no state),
+  step n + 1's batch is read while step n runs; a step whose hooks read the
+  state (every 3rd here) and the last step finish before the next dispatch."""
+  events, status, last, step, saved = _recorded_loop(assets, total=5, state_every=3)
+  assert events == [
+    ("B", 1),
+    ("D", 1),
+    ("B", 2),
+    ("D", 2),
+    ("H", 1, False),
+    ("B", 3),
+    ("D", 3),
+    ("H", 2, False),
+    ("H", 3, True),
+    ("B", 4),
+    ("D", 4),
+    ("B", 5),
+    ("D", 5),
+    ("H", 4, False),
+    ("H", 5, True),
+  ]
+  assert (status, last["step"], step, saved) == ("finished", 5, 5, [])
+  assert last["step_time_s"] > 0 and last["tokens_per_sec"] > 0
+
+
+def test_loop_preemption_finishes_and_saves_the_step_in_flight(assets):
+  """A pre-emption noticed while step 2's hooks run (step 3 in flight): step 3
+  is finished with its state and saved (forced) with the data state of the
+  3 batches its steps read; no further batch is read."""
+  events, status, last, step, saved = _recorded_loop(
+    assets, total=6, state_every=0, preempt_after=2
+  )
+  assert events[-3:] == [("D", 3), ("H", 2, False), ("H", 3, True)]
+  assert ("B", 4) not in events
+  assert (status, last["step"], step, saved) == (
+    "preempted",
+    3,
+    3,
+    [(3, 3, {"opd": {"batches_read": 3}}, True)],
+  )
