@@ -148,6 +148,11 @@ def base_config() -> ml_collections.ConfigDict:
       source_field="",
       use_chat_template=False,
       max_prompt_len=64,
+      # Each batch's prompts are padded to the smallest of these widths that
+      # holds its longest prompt (one compile per width used): "auto" is
+      # max_prompt_len and its halves down to 1/8 (multiples of 8); "none":
+      # always max_prompt_len; or a comma list, e.g. "128,512".
+      prompt_buckets="auto",
       max_completion_len=0,  # 0: sampling.max_new_tokens
       overlong="drop",
       on_error="raise",

@@ -130,6 +130,7 @@ class Settings:
   progress_bar: bool
   peak_flops: float  # 0: from the device kind
   data: data_lib.DataOptions
+  prompt_buckets: tuple[int, ...]  # ascending prompt widths, the last max_prompt_len
   train_files: str
   num_epochs: int | None  # None: repeat forever
   mixture: dict[str, float] | None
@@ -202,6 +203,7 @@ def settings_of(config) -> Settings:
       overlong=d.overlong,
       on_error=d.on_error,
     ),
+    prompt_buckets=prompt_buckets(str(d.prompt_buckets), int(d.max_prompt_len)),
     train_files=d.train_files,
     num_epochs=int(d.num_epochs) or None,
     mixture=d.mixture.to_dict() if len(d.mixture) else None,
@@ -228,6 +230,48 @@ def settings_of(config) -> Settings:
       max_prompts=int(cs.max_prompts),
     ),
   )
+
+
+def prompt_buckets(spec: str, max_len: int) -> tuple[int, ...]:
+  """``config.data.prompt_buckets`` -> ascending prompt widths ending at
+  ``max_len``: ``"auto"`` is ``max_len`` and its halves down to ``max_len /
+  8`` (rounded up to multiples of 8, at least 8); ``"none"`` only ``max_len``;
+  otherwise a comma list of widths <= ``max_len`` (``max_len`` is added)."""
+  if spec == "none":
+    return (max_len,)
+  if spec == "auto":
+    widths = {max(8, -(-(max_len >> k) // 8) * 8) for k in range(1, 4)}
+  else:
+    try:
+      widths = {int(x) for x in spec.split(",") if x.strip()}
+    except ValueError:
+      widths = {0}
+    if not widths or min(widths) <= 0 or max(widths) > max_len:
+      raise ValueError(
+        f"config.data.prompt_buckets={spec!r}: expected 'auto', 'none' or a comma list of "
+        f"positive widths <= data.max_prompt_len={max_len}"
+      )
+  return tuple(sorted(w for w in widths | {max_len} if w <= max_len))
+
+
+def prompt_width(local: dict[str, np.ndarray], buckets: tuple[int, ...]) -> int:
+  """The smallest bucket holding every prompt of the global batch (the
+  processes' longest prompts are gathered when there are several)."""
+  longest = int(np.asarray(local["prompt_mask"]).sum(axis=1).max(initial=0))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
+  return next(w for w in buckets if w >= longest)
+
+
+def trim_prompts(local: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
+  """Left-padded ``[B, P]`` prompts -> their last ``width`` columns (only
+  padding is dropped: ``width`` holds the longest prompt)."""
+  out = dict(local)
+  for key in ("prompt_ids", "prompt_mask"):
+    out[key] = np.asarray(local[key])[:, local[key].shape[1] - width :]
+  return out
 
 
 # -----------------------------------------------------------------------------
@@ -719,11 +763,28 @@ class Phase:
   flops: int  # model FLOPs per step (flops.step_flops at the compiled shapes)
   it: Any  # its data iterator (None when abstract)
   teacher: Any  # teacher parameters (None: no teacher pass)
-  batch: dict  # the step's batch as sharded ShapeDtypeStructs
+  batch: dict  # the step's batch as sharded ShapeDtypeStructs (prompts at max width)
+  flops_at: Any = None  # prompt width -> model FLOPs per step
+  # prompt width -> (executable, FLOPs); the other buckets compile when first used
+  by_width: dict = dataclasses.field(default_factory=dict)
 
   def args(self, state) -> tuple:
     """The step's arguments ``(state, teacher, batch)`` (abstract batch)."""
     return state, self.teacher, self.batch
+
+  def executable(self, state, batch) -> tuple[Any, int, float]:
+    """``(executable, model FLOPs, seconds compiling)`` for ``batch``'s
+    prompt width (compiled on first use of a width)."""
+    width = batch["prompt_ids"].shape[1]
+    if width == self.batch["prompt_ids"].shape[1]:
+      return self.compiled, self.flops, 0.0
+    if width not in self.by_width:
+      t0 = time.time()
+      exe = self.fn.lower(state, self.teacher, batch).compile()
+      self.by_width[width] = (exe, self.flops_at(width), time.time() - t0)
+      return self.by_width[width]
+    exe, flops, _ = self.by_width[width]
+    return exe, flops, 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -839,18 +900,19 @@ def build_run(
       teacher_shardings=shardings,
       batch_shardings={k: v.sharding for k, v in batch.items()},
     )
-    flops = flops_lib.step_flops(
+    flops_at = lambda width: flops_lib.step_flops(
       cfg,
       s_cfg,
       t_cfg if graphdef is not None else None,
       batch_size=b,
-      prompt_len=batch["prompt_ids"].shape[1],
+      prompt_len=width,
       vocab=vocab,
     )["total"]
     t0 = time.time()
     compiled = None if abstract else fn.lower(state, params, batch).compile()
     compile_s.append(time.time() - t0)
-    return Phase(name, cfg, fn, compiled, flops, it, params, batch)
+    flops = flops_at(batch["prompt_ids"].shape[1])
+    return Phase(name, cfg, fn, compiled, flops, it, params, batch, flops_at)
 
   def example_batch(phase_data):
     example = global_batch(next(iter(phase_data.iterator(b, seed=0))), sharder, b)
@@ -917,20 +979,23 @@ class Hook:
     return self.fn(step, state, metrics) if self.due(step, total) else None
 
 
-def step_metrics(run: Run, phase: Phase, metrics, dt: float, peak: float | None) -> dict:
+def step_metrics(
+  run: Run, phase: Phase, metrics, dt: float, peak: float | None, flops: int | None = None
+) -> dict:
   """The step's host metrics plus timing, phase and FLOP keys. ``dt``: wall
   seconds of the step's loop iteration (:func:`_loop`), so ``tokens_per_sec``
   is generated tokens (``num_tokens``: the completions' real tokens, EOS
   included, padding not) per wall second of the whole loop."""
   metrics = host_metrics(metrics, phase.fn.token_metric_names())
+  flops = phase.flops if flops is None else flops
   metrics.update(
     step_time_s=dt,
     tokens_per_sec=metrics["num_tokens"] / dt,
     cold_start=float(phase.name == "sft"),
-    flops_per_step=float(phase.flops),
+    flops_per_step=float(flops),
   )
   if peak:  # model FLOPs at the static shapes (flops.step_flops) / time / peak
-    metrics["mfu"] = phase.flops / dt / (peak * jax.device_count())
+    metrics["mfu"] = flops / dt / (peak * jax.device_count())
   return metrics
 
 
@@ -1014,14 +1079,15 @@ def _loop(run: Run, state, start: int, hooks, saved, ckpt, preempt, peak):
   clock = [time.time()]  # when the previous step's metrics reached the host
 
   def batch_of(step):
-    phase = run.phase_at(step)
-    return phase, global_batch(next(phase.it), run.sharder, s.batch_size)
+    phase, local = run.phase_at(step), next(run.phase_at(step).it)
+    local = trim_prompts(local, prompt_width(local, s.prompt_buckets))
+    return phase, global_batch(local, run.sharder, s.batch_size)
 
-  def finish(step, phase, device_metrics, state):
-    metrics = host_metrics(device_metrics, phase.fn.token_metric_names())
+  def finish(step, phase, device_metrics, width, flops, compile_s, state):
     now = time.time()
-    metrics = step_metrics(run, phase, metrics, now - clock[0], peak)
+    metrics = step_metrics(run, phase, device_metrics, now - clock[0], peak, flops)
     clock[0] = now
+    metrics["prompt_len"] = float(width)
     if phase.name == "opd":  # host-side schedules: the weights of this step's batch
       metrics.update(
         {
@@ -1031,8 +1097,9 @@ def _loop(run: Run, state, start: int, hooks, saved, ckpt, preempt, peak):
           for src, sched in s.mixture_schedules
         }
       )
-    if step == start + 1:
-      metrics["compile_time_s"] = run.compile_s
+    compile_s += run.compile_s if step == start + 1 else 0.0
+    if compile_s:  # the run's phases, or a prompt width's first step (in step_time_s)
+      metrics["compile_time_s"] = compile_s
     for hook in hooks:
       hook(step, s.total_steps, state, metrics)
     return {"step": step, **metrics}
@@ -1040,10 +1107,11 @@ def _loop(run: Run, state, start: int, hooks, saved, ckpt, preempt, peak):
   pending, ready = None, batch_of(start + 1) if start < s.total_steps else None
   for step in range(start + 1, s.total_steps + 1):
     phase, batch = ready
-    state, device_metrics = phase.compiled(state, phase.teacher, batch)  # dispatched
+    exe, flops, compile_s = phase.executable(state, batch)
+    state, device_metrics = exe(state, phase.teacher, batch)  # dispatched
     if pending is not None:  # the previous step's metrics and hooks, while this one runs
       last = finish(*pending, None)
-    pending = (step, phase, device_metrics)
+    pending = (step, phase, device_metrics, batch["prompt_ids"].shape[1], flops, compile_s)
     stop = preempt.requested()
     if (
       stop

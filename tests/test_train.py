@@ -1410,7 +1410,7 @@ class _FakeCheckpointer:
 def _recorded_loop(assets, total: int, state_every: int, preempt_after: int = 0):
   from opd_jax import train as train_lib
 
-  run = train_lib.build_run(tiny_config(assets, total_steps=total))
+  run = train_lib.build_run(tiny_config(assets, total_steps=total, data__prompt_buckets="none"))
   rec = _Recorder(run.phases["opd"])
   run = dataclasses.replace(run, phases={"opd": rec.wrapped})
   ckpt = _FakeCheckpointer()
@@ -1468,3 +1468,47 @@ def test_loop_preemption_finishes_and_saves_the_step_in_flight(assets):
     3,
     [(3, 3, {"opd": {"batches_read": 3}}, True)],
   )
+
+
+def test_prompt_buckets_parse_and_reject():
+  from opd_jax.train import prompt_buckets
+
+  assert prompt_buckets("auto", 64) == (8, 16, 32, 64)
+  assert prompt_buckets("auto", 1024) == (128, 256, 512, 1024)
+  assert prompt_buckets("auto", 12) == (8, 12)
+  assert prompt_buckets("none", 64) == (64,)
+  assert prompt_buckets("16, 32", 64) == (16, 32, 64)
+  for bad in ("0,16", "128", "x", ","):
+    with pytest.raises(ValueError, match="config.data.prompt_buckets"):
+      prompt_buckets(bad, 64)
+
+
+def test_bucketed_prompts_give_the_full_width_step(assets):
+  """A batch trimmed to its prompt bucket (only padding columns dropped) runs
+  the step of the full-width batch: same loss, tokens, lengths and update,
+  through an executable compiled for the narrower width on first use."""
+  import jax.numpy as jnp
+
+  from opd_jax.train import build_run, global_batch, prompt_width, trim_prompts
+
+  run = build_run(tiny_config(assets, data__prompt_buckets="4,8"))
+  phase = run.phases["opd"]
+  local = next(phase.it)
+  width = prompt_width(local, run.settings.prompt_buckets)
+  assert width < local["prompt_ids"].shape[1] == 12
+  full = global_batch(local, run.sharder, 4)
+  trimmed = global_batch(trim_prompts(local, width), run.sharder, 4)
+  copy = lambda t: jax.tree.map(jnp.copy, t)
+  exe, flops, _ = phase.executable(run.state, full)
+  assert exe is phase.compiled and flops == phase.flops
+  s_full, m_full = exe(copy(run.state), phase.teacher, full)
+  exe_w, flops_w, compile_s = phase.executable(run.state, trimmed)
+  assert exe_w is not phase.compiled and flops_w < flops and compile_s > 0
+  assert phase.executable(run.state, trimmed)[0] is exe_w  # compiled once
+  s_w, m_w = exe_w(copy(run.state), phase.teacher, trimmed)
+  for k in ("num_tokens", "mean_response_length"):
+    assert float(m_w[k]) == float(m_full[k]), k
+  for k in ("loss", "grad_norm"):
+    np.testing.assert_allclose(float(m_w[k]), float(m_full[k]), rtol=1e-5, err_msg=k)
+  for a, b in zip(jax.tree.leaves(s_full.params), jax.tree.leaves(s_w.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
