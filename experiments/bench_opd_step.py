@@ -3,6 +3,7 @@
     PYTHONPATH=. python experiments/bench_opd_step.py [--preset small[,medium,large]]
         [--steps N] [--trl-steps N] [--no-trl] [--profile]
         [--threads 0|1] [--mesh data=2,fsdp=1,tensor=1 --num-cpu-devices 2] [--json F]
+        [--cli]
 
 For every preset a Qwen3-architecture student and teacher are created, written
 as Hugging Face checkpoints (``to_hf``) into a temp dir and loaded back
@@ -314,7 +315,10 @@ def setup_ours(
   if got != sorted(map(tuple, prompts.tolist())):
     raise RuntimeError("the data pipeline does not round-trip the prompts")
   return dict(
-    name="ours (opd_jax)",
+    name="ours (opd_jax), compiled step",
+    root=root,
+    tok_dir=tok_dir,
+    prompts_file=prompts_file,
     step=phase.fn,
     compiled=phase.compiled,
     state=run.state,
@@ -331,6 +335,74 @@ def setup_ours(
     xla_flops=xla_flops(phase.compiled),
     deltas=[],
   )
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bench_cli(ctx: dict[str, Any], n_steps: int, args) -> None:
+  """The real driver, as a user runs it: ``python -m opd_jax.train`` with
+  ``configs/opd.py`` on the same checkpoints, tokenizer and prompts, its
+  default ``data.max_prompt_len`` (64: prompts go to their length bucket) and
+  the benchmark's sampling / loss / metrics settings, ``n_steps`` steps after
+  2 warm-up steps. Appends each timed step's logged ``step_time_s`` (the wall
+  time of the driver's loop iteration) to ``ctx["deltas"]`` (no CPU time: NaN)
+  and its logged ``tokens_per_sec`` to ``ctx["logged_tok_s"]``."""
+  import sys
+
+  ctx["runs"] = ctx.get("runs", 0) + 1
+  workdir = os.path.join(ctx["root"], f"cli_{ctx['runs']}")
+  warm = 2
+  arg = ",".join(
+    f"{k}={v}"
+    for k, v in dict(
+      student=ctx["s_dir"],
+      teacher=ctx["t_dir"],
+      prompts=ctx["prompts_file"],
+      tokenizer=ctx["tok_dir"],
+      steps=n_steps + warm,
+    ).items()
+  )
+  p = ctx["preset"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "opd_jax.train",
+    f"--config={os.path.join(REPO, 'configs', 'opd.py')}:{arg}",
+    f"--workdir={workdir}",
+    f"--config.batch_size={p.batch}",
+    "--config.sampling.num_samples=1",
+    f"--config.sampling.max_new_tokens={p.new_tokens}",
+    "--config.sampling.ignore_eos=True",
+    f"--config.loss.chunk={args.loss_chunk}",
+    f"--config.metrics.enabled={not args.no_metrics}",
+    "--config.progress_bar=False",
+  ]
+  if args.mesh:
+    cmd += [
+      f"--config.mesh.shape.{kv.split('=')[0]}={kv.split('=')[1]}" for kv in args.mesh.split(",")
+    ]
+  env = dict(
+    os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+  )
+  if args.num_cpu_devices:
+    env["XLA_FLAGS"] = (
+      env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.num_cpu_devices}"
+    ).strip()
+  one_cpu = (
+    (lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})) if args.threads == 1 else None
+  )
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, preexec_fn=one_cpu)
+  if out.returncode:
+    raise RuntimeError(f"the driver failed ({' '.join(cmd)}):\n{out.stderr[-4000:]}")
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    recs = [json.loads(line) for line in f]
+  timed = [r for r in recs if "loss" in r and r["step"] > warm]
+  ctx["deltas"] += [(r["step_time_s"], float("nan")) for r in timed]
+  ctx.setdefault("logged_tok_s", []).extend(r["tokens_per_sec"] for r in timed)
+  ctx["prompt_len"] = timed[-1].get("prompt_len")
+  ctx["compile_s"] = next((r["compile_time_s"] for r in recs if "compile_time_s" in r), None)
+  ctx["last"] = timed[-1]
 
 
 def bench_ours(ctxs: list[dict[str, Any]], n_steps: int, warmup: int) -> None:
@@ -617,6 +689,21 @@ def run_preset(preset: Preset, args) -> dict[str, Any]:
     prompts = make_prompts(preset)
     ctxs = [setup_ours(preset, s_dir, t_dir, prompts, args, root)]
     n_steps = args.steps or preset.steps
+    cli = None
+    if args.cli:  # the driver as a user runs it, before and after TRL (A-B-A)
+      cli = dict(
+        name="ours, CLI driver loop (opd_jax.train)",
+        preset=preset,
+        root=root,
+        s_dir=s_dir,
+        t_dir=t_dir,
+        tok_dir=ctxs[0]["tok_dir"],
+        prompts_file=ctxs[0]["prompts_file"],
+        compile_s=float("nan"),
+        xla_flops=None,
+        deltas=[],
+      )
+      bench_cli(cli, max(2, n_steps // 2), args)
     warmup = preset.warmup if args.warmup < 0 else args.warmup
     bench_ours(ctxs, 0, warmup)
     res: dict[str, Any] = {
@@ -648,9 +735,14 @@ def run_preset(preset: Preset, args) -> dict[str, Any]:
         )
     if not ctxs[0]["deltas"]:
       bench_ours(ctxs, n_steps, 0)
+    if cli is not None:
+      bench_cli(cli, max(2, n_steps // 2), args)
+      ctxs.append(cli)
     res["ours"] = [
       {k: ctx[k] for k in ("name", "compile_s", "xla_flops", "deltas", "last")} for ctx in ctxs
     ]
+    if cli is not None:
+      res["cli"] = dict(logged_tok_s=median(cli["logged_tok_s"]), prompt_len=cli["prompt_len"])
     return res
   finally:
     shutil.rmtree(root, ignore_errors=True)
@@ -735,6 +827,13 @@ def report(res: dict[str, Any]) -> list[dict[str, Any]]:
     )
   elif "trl_error" in res:
     print(f"  TRL: {res['trl_error']}")
+  if "cli" in res:
+    c = res["cli"]
+    print(
+      f"  CLI: the driver logged {c['logged_tok_s']:.0f} tokens_per_sec (median; generated "
+      f"tokens per wall second of its loop iteration); prompts padded to {c['prompt_len']:.0f} "
+      "(their bucket of data.max_prompt_len=64); its CPU time is not measured (nan)"
+    )
   last = res["ours"][0]["last"]
   losses = ", ".join(f"{o['last']['loss']:.4f}" for o in res["ours"])
   print(
@@ -759,6 +858,11 @@ def main(argv=None):
   ap.add_argument("--trl-steps", type=int, default=0, help="0: the preset's")
   ap.add_argument("--trl-warmup", type=int, default=2, help=">= 1")
   ap.add_argument("--no-trl", action="store_true")
+  ap.add_argument(
+    "--cli",
+    action="store_true",
+    help="also time the real driver loop (python -m opd_jax.train), before and after TRL",
+  )
   ap.add_argument("--profile", action="store_true", help="time the step's pieces")
   ap.add_argument("--profile-repeats", type=int, default=5)
   ap.add_argument("--loss-chunk", type=int, default=64)

@@ -29,6 +29,7 @@ def test_bench_opd_step_small_runs(tmp_path):
       "--profile",
       "--profile-repeats",
       "1",
+      "--cli",
       "--json",
       str(out),
     ],
@@ -53,5 +54,12 @@ def test_bench_opd_step_small_runs(tmp_path):
   # Reverse-KL loss (token mean) == the in-step exact reverse-KL metric.
   assert last["loss"] == pytest.approx(last["reverse_kl"], rel=1e-4)
   assert set(res["profile"]) >= {"sampling", "teacher forward (hidden)", "optimizer update"}
+  # --cli: the real driver (python -m opd_jax.train), 2 steps before and 2
+  # after where TRL would run; prompts in their 16-token bucket of the default 64.
+  cli = res["ours"][1]
+  assert cli["name"].startswith("ours, CLI driver loop")
+  assert len(cli["deltas"]) == 4 and all(w > 0 for w, _ in cli["deltas"])
+  assert cli["last"]["num_tokens"] == 512 and cli["last"]["prompt_len"] == 16
+  assert res["cli"]["prompt_len"] == 16 and res["cli"]["logged_tok_s"] > 0
   assert "(target >= 3x)" not in proc.stdout  # no TRL side: no ratio printed
   assert "FLOP" in proc.stdout and "steps/s" in proc.stdout
