@@ -917,8 +917,8 @@ def make_opd_step(
 def host_metrics(metrics: Mapping[str, Any], token_metric_names=()) -> dict[str, float]:
   """Step metrics -> flat dict of Python floats (unpacks ``token_metrics``)."""
   out = {}
-  for k, v in metrics.items():
-    v = np.asarray(jax.device_get(v))
+  for k, v in jax.device_get(dict(metrics)).items():  # one transfer for all
+    v = np.asarray(v)
     if k == "token_metrics":
       out.update({n: float(x) for n, x in zip(token_metric_names, v)})
     else:

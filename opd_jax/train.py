@@ -1159,6 +1159,7 @@ def _hooks(run: Run, ckpt, writer: MetricWriter, bar) -> tuple[list[Hook], list[
       loss=f"{metrics['loss']:.4f}",
       tok_s=f"{metrics['tokens_per_sec']:.0f}",
       len=f"{metrics['mean_response_length']:.1f}",
+      refresh=False,  # the bar redraws at its own pace (tqdm mininterval)
     )
 
   def stop_if_nonfinite(step, state, metrics):
