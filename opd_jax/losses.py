@@ -220,17 +220,22 @@ def jsd(
   (1 − β)·kl_student``). The endpoints are special-cased like TRL:
   β = 0 → forward KL(q‖p), β = 1 → reverse KL(p‖q). (The formula itself tends
   to 0 at both ends, so the family is discontinuous there by construction.)
-  [B, C]. ``tokens`` is unused.
+  A traced β (a schedule, a vmapped sweep) selects among the three with
+  ``jnp.where``. [B, C]. ``tokens`` is unused.
   """
   del tokens
   _check_range("beta", beta, 0.0, 1.0)
   logp, logq = _log_probs(student_logits, teacher_logits, student_temperature, teacher_temperature)
-  if beta == 0:
-    return _kl(logq, logp)
-  if beta == 1:
-    return _kl(logp, logq)
+  if isinstance(beta, numbers.Real):
+    if beta == 0:
+      return _kl(logq, logp)
+    if beta == 1:
+      return _kl(logp, logq)
   logm = _log_mixture(logq, logp, beta)
-  return beta * _kl(logq, logm) + (1.0 - beta) * _kl(logp, logm)
+  mixed = beta * _kl(logq, logm) + (1.0 - beta) * _kl(logp, logm)
+  if isinstance(beta, numbers.Real):
+    return mixed
+  return jnp.where(beta == 0, _kl(logq, logp), jnp.where(beta == 1, _kl(logp, logq), mixed))
 
 
 @LOSSES.register("skew_kl")

@@ -843,11 +843,17 @@ def make_opd_step(
       return g
     return jax.lax.with_sharding_constraint(g, state_shardings.params)
 
-  def step(state: TrainState, teacher_params, batch):
+  def step(state: TrainState, teacher_params, batch, point=None):
+    """``point``: a vmapped sweep's per-point values ({target: float32
+    scalar}) replacing those scheduled targets' values, and ``lr_scale``
+    multiplying the optimizer's update (see :mod:`opd_jax.vmap_sweep`)."""
     traces[0] += 1
     rng, k_roll = jax.random.split(state.rng)
     # Scheduled settings: traced float32 scalars from the step counter.
     hparams = schedules_lib.values(cfg.schedules, state.step)
+    point = dict(point or {})
+    lr_scale = point.pop("lr_scale", None)
+    hparams.update(point)
     _, xs = plan_rows(batch, k_roll, run_cfg, sharder, lam=hparams.get("on_policy_fraction"))
     xs = jax.tree.map(jax.lax.stop_gradient, xs)
     rows = batch["prompt_ids"].shape[0] * cfg.sampling.num_samples
@@ -881,12 +887,16 @@ def make_opd_step(
     )
     grads = constrain_grads(optim.nonfinite_if(grads, ~jnp.isfinite(stats["loss"])))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    lr = jnp.asarray(schedule(state.step), jnp.float32)
+    if lr_scale is not None:  # lr_k · (adam + wd · p): the update at lr_scale · lr
+      updates = jax.tree.map(lambda u: (u * lr_scale).astype(u.dtype), updates)
+      lr = lr * lr_scale
     params = optax.apply_updates(state.params, updates)
     n_on = jnp.maximum(stats["on"], 1.0)
     out = {
       "loss": stats["loss"] * scale,
       "grad_norm": optax.tree.norm(grads),
-      "lr": jnp.asarray(schedule(state.step), jnp.float32),
+      "lr": lr,
       "num_tokens": stats["num_tokens"],
       "mean_response_length": stats["length_on"] / n_on,
       "truncated_frac": stats["truncated_on"] / n_on,
@@ -908,7 +918,12 @@ def make_opd_step(
       in_shardings=(state_shardings, teacher_shardings, batch_shardings),
       out_shardings=(state_shardings, rep),
     )
-  jitted = jax.jit(step, donate_argnums=(0,) if donate else (), **jit_kwargs)
+  jitted = jax.jit(
+    lambda state, teacher_params, batch: step(state, teacher_params, batch),
+    donate_argnums=(0,) if donate else (),
+    **jit_kwargs,
+  )
+  jitted.step_fn = step  # the function itself (vmapped sweeps: step(..., point))
   jitted.trace_count = lambda: traces[0]
   jitted.token_metric_names = lambda: metric_names[0]
   return jitted

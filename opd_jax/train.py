@@ -831,6 +831,7 @@ def build_run(
   vocab_size: int | None = None,
   eos_ids: tuple[int, ...] = (),
   pad_id: int = 0,
+  compile_phases: bool = True,
 ) -> Run:
   """The run of a resolved ``config`` (see :func:`resolve_config`): mesh,
   settings, tokenizer, models, data, optimizer, train state and compiled
@@ -841,7 +842,9 @@ def build_run(
   weights, tokenizer or data; ``num_layers > 0`` overrides both depths,
   ``vocab_size`` stands in for the tokenizer's size (default: the models'
   common vocabulary), ``eos_ids`` / ``pad_id`` for its ids (default: the
-  student's ``config.json``)); nothing is compiled.
+  student's ``config.json``)); nothing is compiled. ``compile_phases=False``:
+  the phases' steps are jitted but not compiled (``Phase.compiled`` None; a
+  vmapped sweep compiles its own program around ``Phase.fn.step_fn``).
   """
   settings = settings_of(config)
   # --- Mesh.
@@ -909,7 +912,9 @@ def build_run(
       vocab=vocab,
     )["total"]
     t0 = time.time()
-    compiled = None if abstract else fn.lower(state, params, batch).compile()
+    compiled = None
+    if compile_phases and not abstract:
+      compiled = fn.lower(state, params, batch).compile()
     compile_s.append(time.time() - t0)
     flops = flops_at(batch["prompt_ids"].shape[1])
     return Phase(name, cfg, fn, compiled, flops, it, params, batch, flops_at)

@@ -686,3 +686,23 @@ def test_akl_equal_distributions_is_zero():
   s = jnp.asarray(s)
   val, g = jax.value_and_grad(lambda x: jnp.sum(losses.akl(x, s)))(s)
   assert abs(float(val)) < 1e-6 and np.all(np.isfinite(g)) and np.abs(g).max() < 1e-5
+
+
+def test_jsd_traced_beta_equals_static_beta():
+  """JSD with β traced (a schedule / vmapped sweep) equals the static β,
+  endpoints (forward / reverse KL) included, in value and gradient."""
+  import jax
+  import jax.numpy as jnp
+
+  from opd_jax import losses
+
+  k1, k2 = jax.random.split(jax.random.PRNGKey(3))
+  s = jax.random.normal(k1, (2, 3, 7))
+  t = jax.random.normal(k2, (2, 3, 7))
+  for beta in (0.0, 0.3, 1.0):
+    f_static = lambda x, b=beta: losses.jsd(x, t, beta=b).sum()
+    f_traced = jax.jit(lambda x, b: losses.jsd(x, t, beta=b).sum())
+    np.testing.assert_allclose(f_traced(s, jnp.float32(beta)), f_static(s), rtol=1e-5)
+    np.testing.assert_allclose(
+      jax.grad(f_traced)(s, jnp.float32(beta)), jax.grad(f_static)(s), rtol=1e-4, atol=1e-6
+    )
