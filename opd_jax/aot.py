@@ -126,7 +126,7 @@ def report(config, *, num_layers: int = 0) -> dict[str, Any]:
     rows=int(b) * sampling.num_samples,
     prompt_len=int(p),
     new_tokens=sampling.max_new_tokens,
-    micro_batches=int(config.micro_batches),
+    micro_batches=phase.cfg.micro_batches,
     student_layers=run.student_cfg.num_layers,
     teacher_layers=run.teacher_cfg.num_layers if run.teacher_cfg is not None else 0,
     vocab=run.vocab,
@@ -158,10 +158,10 @@ def main(argv):
   fl = flags.FLAGS
   # Before any device use: N simulated CPU devices.
   jax.config.update("jax_platforms", "cpu")
-  jax.config.update("jax_num_cpu_devices", int(fl.devices))
-  rep = report(fl.config, num_layers=int(fl.num_layers))
+  jax.config.update("jax_num_cpu_devices", fl.devices)
+  rep = report(fl.config, num_layers=fl.num_layers)
   print(json.dumps(rep), flush=True)
-  msg = over_budget(rep, float(fl.budget_gib))
+  msg = over_budget(rep, fl.budget_gib)
   if msg:
     print(msg, file=sys.stderr, flush=True)
     sys.exit(1)

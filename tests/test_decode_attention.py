@@ -333,7 +333,7 @@ def test_prefix_sum_knob_same_draws():
 
 def test_decode_knobs_pass_through_config():
   from opd_jax import configs_lib
-  from opd_jax.train import model_kwargs
+  from opd_jax.train import model_spec
 
   m = configs_lib.model_config()
   assert (m.decode_attention, m.decode_block, m.decode_contraction, m.key_cache_layout) == (
@@ -343,7 +343,7 @@ def test_decode_knobs_pass_through_config():
     "auto",
   )
   m.decode_attention, m.decode_block, m.key_cache_layout = "dense", 32, "standard"
-  kw = model_kwargs(m)
+  kw = model_spec(m).kwargs()
   assert (
     kw["decode_attention"],
     kw["decode_block"],

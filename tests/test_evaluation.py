@@ -194,7 +194,7 @@ def test_evals_stop_on_every_eos_id_training_stops_on(tiny_model, tok):
   assert first != tok.eos_token_id
   model = _tiny_model(len(tok), seed=0, eos_token_ids=(first,))  # same weights
   c = configs_lib.base_config()
-  train_eos = train.sampling_config(c, tok, model.cfg).eos_ids
+  train_eos = train.sampling_config(train.settings_of(c), tok, model.cfg).eos_ids
   assert set(train_eos) == {first, tok.eos_token_id}
   comps = ev.generate_completions(
     model, tok, ["12+34="], greedy=True, max_new_tokens=6, batch_size=1

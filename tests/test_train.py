@@ -388,7 +388,7 @@ def _step_config(config):
     pad_id=0,
     num_samples=int(s.num_samples),
   )
-  return train.opd_config(config, sampling)
+  return train.opd_config(train.settings_of(config), sampling)
 
 
 def test_opd_config_builds_with_args():
@@ -678,15 +678,15 @@ def _eval_case(tmp_path, case):
   ],
 )
 def test_eval_settings_checked_at_startup(tmp_path, case, message):
-  from opd_jax.train import prepare_evals
+  from opd_jax.train import prepare_evals, settings_of
 
   with pytest.raises(ValueError, match=message):
-    prepare_evals(_eval_case(tmp_path, case), _model_cfg())
+    prepare_evals(settings_of(_eval_case(tmp_path, case)), _model_cfg())
 
 
 def test_valid_evals_prepared_at_startup(tmp_path):
   from opd_jax import data as data_lib
-  from opd_jax.train import prepare_evals
+  from opd_jax.train import prepare_evals, settings_of
 
   c = _eval_case(tmp_path, "ok")
   c.evals.y = c.evals.x.copy_and_resolve_references()
@@ -695,14 +695,18 @@ def test_valid_evals_prepared_at_startup(tmp_path):
   data_lib.write_jsonl(
     c.evals.y.data_file, [{"prompt": f"{i}+1?", "answer": str(i + 1)} for i in range(3)]
   )
-  cache = prepare_evals(c, _model_cfg())
+  cache = prepare_evals(settings_of(c), _model_cfg())
   assert sorted(cache) == ["x", "y"]
   assert len(cache["x"][1]) == 4 and cache["x"][0].name == "arithmetic"
   assert [ex["answer"] for ex in cache["y"][1]] == ["1", "2", "3"]
 
 
 def test_run_settings_checked_at_startup(tmp_path):
-  from opd_jax.train import check_run_settings
+  from opd_jax.train import check_run_settings as check
+  from opd_jax.train import settings_of
+
+  def check_run_settings(c, *model_cfgs):
+    check(settings_of(c), *model_cfgs)
 
   c = _eval_case(tmp_path, "ok")
   check_run_settings(c, _model_cfg(), _model_cfg())
@@ -1007,14 +1011,15 @@ def test_driver_logs_flops_per_step_and_mfu(assets, tmp_path):
   """``flops_per_step`` = the analytic model FLOPs of the compiled shapes;
   ``mfu`` = flops / step time / (config.peak_flops x devices)."""
   from opd_jax import flops as flops_lib
-  from opd_jax.train import model_config_of, peak_flops, train, vocab_of
+  from opd_jax.train import model_config_of, peak_flops, settings_of, train, vocab_of
 
   c = tiny_config(assets, total_steps=2, peak_flops=1e12)
   train(c, str(tmp_path / "run"))
   recs = step_records(str(tmp_path / "run"))
   from transformers import AutoTokenizer
 
-  s_cfg, t_cfg = model_config_of(c, "student"), model_config_of(c, "teacher")
+  s = settings_of(c)
+  s_cfg, t_cfg = model_config_of(s.student), model_config_of(s.teacher)
   vocab = vocab_of(s_cfg, t_cfg, len(AutoTokenizer.from_pretrained(assets["tokenizer"])))
   want = flops_lib.step_flops(
     _step_config(c), s_cfg, t_cfg, batch_size=4, prompt_len=12, vocab=vocab
@@ -1025,9 +1030,9 @@ def test_driver_logs_flops_per_step_and_mfu(assets, tmp_path):
     assert r["mfu"] == pytest.approx(
       r["flops_per_step"] / r["step_time_s"] / (1e12 * jax.device_count()), rel=1e-6
     )
-  assert peak_flops(c) == 1e12
+  assert peak_flops(s) == 1e12
   c.peak_flops = 0.0
-  assert peak_flops(c) is None  # CPU: no table entry, so no mfu is logged
+  assert peak_flops(settings_of(c)) is None  # CPU: no table entry, so no mfu is logged
 
 
 def test_build_run_abstract_is_the_same_step(assets):
@@ -1279,14 +1284,14 @@ def test_driver_fails_on_evals_that_cannot_run_before_step_1(assets, tmp_path, c
   """Evals that cannot run stop ``train`` at start-up: nothing is compiled,
   logged or checkpointed."""
   from opd_jax import configs_lib
-  from opd_jax.train import model_config_of, train
+  from opd_jax.train import model_config_of, settings_of, train
 
   c = tiny_config(assets)
   c.evals.x = configs_lib.eval_config(num_examples=4)
   if case == "unknown_evaluator":
     c.evals.x.evaluator = "nope"
   elif case == "too_long":
-    limit = model_config_of(c, "student").max_position_embeddings
+    limit = model_config_of(settings_of(c).student).max_position_embeddings
     c.evals.x.max_new_tokens = limit - int(c.data.max_prompt_len) + 1
   else:
     c.evals.x.task = "math"
