@@ -288,32 +288,35 @@ class Settings:
   cold_start: ColdStartSpec
 
 
-def _sampling_of(f: _Fields) -> SamplingConfig:
-  """``config.sampling`` -> the student's :class:`SamplingConfig` (no stop ids)."""
+def _sampling_of(f: _Fields) -> tuple[SamplingConfig, SamplingConfig]:
+  """``config.sampling`` / ``config.teacher_sampling`` -> the student's and the
+  teacher's :class:`SamplingConfig` (no stop ids yet)."""
+  knobs = dict(
+    max_new_tokens=f("sampling.max_new_tokens", int),
+    temperature=f("sampling.temperature", float),
+    top_k=f("sampling.top_k", int),
+    top_p=f("sampling.top_p", float),
+    num_samples=f("sampling.num_samples", int),
+    prefix_sum=f("sampling.prefix_sum", str, "auto"),
+  )
+  teacher = dict(
+    temperature=f("teacher_sampling.temperature", float),
+    top_k=f("teacher_sampling.top_k", int),
+    top_p=f("teacher_sampling.top_p", float),
+  )
   try:
-    return SamplingConfig(
-      max_new_tokens=f("sampling.max_new_tokens", int),
-      temperature=f("sampling.temperature", float),
-      top_k=f("sampling.top_k", int),
-      top_p=f("sampling.top_p", float),
-      num_samples=f("sampling.num_samples", int),
-      prefix_sum=f("sampling.prefix_sum", str, "auto"),
-    )
+    sampling = SamplingConfig(**knobs)
   except ValueError as e:  # SamplingConfig's own checks
     raise ValueError(f"config.sampling: {e}") from None
-
-
-def _step_of(f: _Fields, config, sampling: SamplingConfig, schedules: tuple) -> OPDConfig:
-  """The step's :class:`OPDConfig` (``schedules``: the step's, not the data's)."""
   try:
-    teacher_sampling = dataclasses.replace(
-      sampling,
-      temperature=f("teacher_sampling.temperature", float),
-      top_k=f("teacher_sampling.top_k", int),
-      top_p=f("teacher_sampling.top_p", float),
-    )
+    return sampling, dataclasses.replace(sampling, **teacher)
   except ValueError as e:
     raise ValueError(f"config.teacher_sampling: {e}") from None
+
+
+def _step_of(f: _Fields, config, schedules: tuple) -> OPDConfig:
+  """The step's :class:`OPDConfig` (``schedules``: the step's, not the data's)."""
+  sampling, teacher_sampling = _sampling_of(f)
   return OPDConfig(
     sampling=sampling,
     loss=f("loss.name", str),
@@ -357,12 +360,7 @@ def settings_of(config) -> Settings:
       "schedules on data.mixture.<source> need config.data.mixture (the "
       "sources and their static weights)"
     )
-  step = _step_of(
-    f,
-    config,
-    _sampling_of(f),
-    tuple((t, v) for t, v in scheduled if not t.startswith(data_key)),
-  )
+  step = _step_of(f, config, tuple((t, v) for t, v in scheduled if not t.startswith(data_key)))
   lam, source = step.on_policy_fraction, step.off_policy_source
   if lam_schedule is not None:  # a scheduled λ: data / teacher for its lowest value
     lam = min(lam_schedule.values)

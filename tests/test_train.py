@@ -23,6 +23,7 @@ so only the reference pays for compiling the step.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import random
@@ -1065,6 +1066,111 @@ def test_build_run_abstract_is_the_same_step(assets):
   assert (
     a_opd.fn.lower(*a_opd.args(ab.state)).as_text() == opd.fn.lower(*opd.args(real.state)).as_text()
   )
+
+
+def test_sampling_and_decode_overrides_reach_the_step(assets, tmp_path, monkeypatch):
+  """Command-line ``--config.sampling.prefix_sum`` is the compiled step's
+  (student and teacher sampling: another lowered program) and the evals';
+  the models' decode knobs are their ``ModelConfig`` s; a bad value stops
+  ``build_run`` at start-up, naming the setting."""
+  from opd_jax import configs_lib, evaluation
+  from opd_jax.train import build_run, run_evals
+
+  c = tiny_config(assets)
+  c.evals.x = configs_lib.eval_config(num_examples=2)
+  path = write_config_file(c, str(tmp_path / "c.py"))
+  knobs = [
+    "--config.student.decode_attention=dense",
+    "--config.student.decode_contraction=dot",
+    "--config.teacher.key_cache_layout=standard",
+  ]
+  runs = {
+    m: build_run(
+      _parse_cli([f"--config={path}", f"--config.sampling.prefix_sum={m}"] + knobs)[0],
+      abstract=True,
+    )
+    for m in ("auto", "cumsum")
+  }
+  run = runs["cumsum"]
+  cfg = run.phases["opd"].cfg
+  assert cfg.sampling.prefix_sum == cfg.teacher_sampling.prefix_sum == "cumsum"
+  assert runs["auto"].phases["opd"].cfg == dataclasses.replace(
+    cfg,
+    sampling=dataclasses.replace(cfg.sampling, prefix_sum="auto"),
+    teacher_sampling=dataclasses.replace(cfg.teacher_sampling, prefix_sum="auto"),
+  )
+  text = {
+    m: r.phases["opd"].fn.lower(*r.phases["opd"].args(r.state)).as_text() for m, r in runs.items()
+  }
+  assert text["cumsum"] != text["auto"]
+  s, t = run.student_cfg, run.teacher_cfg
+  assert (s.decode_attention, s.decode_contraction, s.key_cache_layout) == ("dense", "dot", "auto")
+  assert (t.decode_attention, t.decode_contraction, t.key_cache_layout) == (
+    "auto",
+    "auto",
+    "standard",
+  )
+  seen = {}
+
+  def evaluator(*args, **kw):
+    seen.update(kw)
+    return {"accuracy": 1.0}
+
+  monkeypatch.setattr(evaluation.EVALUATORS, "get", lambda name: evaluator)
+  assert run_evals(run.settings, {"x": (None, [])}, None, None) == {"eval/x/accuracy": 1.0}
+  assert seen["prefix_sum"] == "cumsum"
+  with pytest.raises(ValueError, match=r"config\.sampling: prefix_sum='scan'; expected one of"):
+    build_run(_parse_cli([f"--config={path}", "--config.sampling.prefix_sum=scan"])[0])
+
+
+@pytest.mark.parametrize(
+  "key",
+  [
+    "batch_size",
+    "sampling.temperature",
+    "student.remat",
+    "teacher.attention_block",
+    "optimizer.lr",
+    "mesh.shape.data",
+    "evals.x.num_examples",
+    "cold_start.steps",
+    "distributed.num_processes",
+    "data.max_prompt_len",
+    "loss.chunk",
+  ],
+)
+def test_settings_reject_a_field_of_the_wrong_type(key):
+  """``settings_of`` is where config fields are read: a value of the wrong
+  type (a string where a number or bool belongs) stops ``build_run`` there,
+  naming the field, before any model or file is touched."""
+  import ml_collections
+
+  from opd_jax import configs_lib
+  from opd_jax.train import build_run
+
+  c = configs_lib.base_config()
+  c.evals.x = configs_lib.eval_config()
+  c = ml_collections.ConfigDict(c.to_dict(), type_safe=False)
+  *parents, leaf = key.split(".")
+  node = c
+  for p in parents:
+    node = node[p]
+  node[leaf] = "8"
+  with pytest.raises(ValueError, match=rf"^config\.{re.escape(key)}='8' must be \w+, not str$"):
+    build_run(c, abstract=True)
+
+
+def test_settings_reject_an_unknown_spec_key():
+  """A spec node (``config.optimizer``, a model, an eval, ...) holds exactly
+  its fields: a key nothing reads is an error naming it."""
+  from opd_jax import configs_lib
+  from opd_jax.train import settings_of
+
+  c = configs_lib.base_config()
+  c.optimizer.unlock()
+  c.optimizer.momentum = 0.9
+  with pytest.raises(ValueError, match=r"config\.optimizer: unknown settings \['momentum'\]"):
+    settings_of(c)
 
 
 # -----------------------------------------------------------------------------
