@@ -131,7 +131,7 @@ def report(config, *, num_layers: int = 0) -> dict[str, Any]:
     teacher_layers=run.teacher_cfg.num_layers if run.teacher_cfg is not None else 0,
     vocab=run.vocab,
     loss=phase.cfg.loss,
-    remat=bool(run.student_cfg.remat),
+    remat=run.student_cfg.remat,
     param_dtype=run.student_cfg.param_dtype,
     dtype=run.student_cfg.dtype,
   )
