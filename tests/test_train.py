@@ -604,17 +604,15 @@ def test_paper_config_aime_eval_is_an_argument(tmp_path):
 
 
 def _model_cfg(max_len=512):
-  from opd_jax.models import ModelConfig
+  from tiny import tiny_model_config
 
-  return ModelConfig(
-    model_type="qwen3",
-    vocab_size=64,
+  return tiny_model_config(
     hidden_size=16,
     intermediate_size=32,
     num_layers=1,
     num_heads=2,
     num_kv_heads=1,
-    head_dim=8,
+    qk_norm=False,
     max_position_embeddings=max_len,
   )
 
