@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import re
 import time
@@ -100,10 +101,11 @@ class _Fields:
     """``node[key]`` (``key`` as is: a mixture source may hold dots) as ``kind``."""
     node, at = self.node if node is None else node, at or self.at
     v = node[key] if default is _REQUIRED else node.get(key, default)
-    if kind is float:
-      ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-    elif kind is int:
-      ok = isinstance(v, int) and not isinstance(v, bool)
+    if kind is bool:
+      ok = isinstance(v, (bool, np.bool_))
+    elif kind in (int, float):  # numpy scalars too; a bool is no number here
+      ok = isinstance(v, numbers.Integral if kind is int else numbers.Real)
+      ok = ok and not isinstance(v, (bool, np.bool_))
     else:
       ok = isinstance(v, kind)
     if not ok:
