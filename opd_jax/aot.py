@@ -65,7 +65,9 @@ def lower_abstract(
   return lowered.compile() if compile else lowered
 
 
-def _xla_flops(compiled) -> float | None:
+def xla_flops(compiled) -> float | None:
+  """XLA's cost-analysis FLOPs of ``compiled`` (None when it has none); a
+  loop's body counts once."""
   try:
     ca = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except
@@ -118,7 +120,7 @@ def report(config, *, num_layers: int = 0) -> dict[str, Any]:
     flops_sampling=fl["sampling"],
     flops_teacher=fl["teacher"],
     flops_student_fwd_bwd=fl["student_fwd_bwd"],
-    xla_flops_per_device=_xla_flops(compiled),  # counts each loop body once
+    xla_flops_per_device=xla_flops(compiled),  # counts each loop body once
     devices=n_dev,
     mesh=dict(mesh.shape) if mesh is not None else {},
     batch_size=int(b),
