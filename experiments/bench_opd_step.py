@@ -94,7 +94,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from opd_jax import configs_lib, opd_step
+from opd_jax import aot, configs_lib, opd_step
 from opd_jax import losses as losses_lib
 from opd_jax import sampling as sampling_lib
 from opd_jax import train as train_lib
@@ -239,16 +239,6 @@ def model_config(arch: dict[str, int], vocab: int, max_len: int) -> ModelConfig:
   )
 
 
-def xla_flops(compiled) -> float | None:
-  try:
-    ca = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if isinstance(ca, (list, tuple)):
-    ca = ca[0] if ca else None
-  return float(ca["flops"]) if ca and ca.get("flops") is not None else None
-
-
 def parse_mesh(text: str) -> dict[str, int] | None:
   if not text:
     return None
@@ -332,7 +322,7 @@ def setup_ours(
     student_cfg=run.student_cfg,
     teacher_cfg=run.teacher_cfg,
     compile_s=run.compile_s,
-    xla_flops=xla_flops(phase.compiled),
+    xla_flops=aot.xla_flops(phase.compiled),
     deltas=[],
   )
 

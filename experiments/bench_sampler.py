@@ -14,36 +14,19 @@ the whole batch); the jitted compile time is measured separately and excluded.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench_lib
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from opd_jax.models.hf_io import from_hf  # noqa: E402
-from opd_jax.sampling import SamplingConfig, sample  # noqa: E402
+from opd_jax.models.hf_io import from_hf
+from opd_jax.sampling import SamplingConfig
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
-  p.add_argument("--layers", type=int, default=2)
-  p.add_argument("--hidden", type=int, default=128)
-  p.add_argument("--intermediate", type=int, default=384)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--kv-heads", type=int, default=2)
-  p.add_argument("--vocab", type=int, default=512)
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--prompt-len", type=int, default=32, help="padded prompt length P")
+  p = bench_lib.arg_parser(__doc__, layers=2, prompt_len_help="padded prompt length P")
   p.add_argument("--new-tokens", type=int, nargs="+", default=[64, 256, 1024])
   p.add_argument(
     "--decode-attention",
@@ -121,26 +104,6 @@ def make_batch(args):
   return ids, mask
 
 
-def ours_runner(model, ids, mask, config: SamplingConfig):
-  """Compiles the jitted sampler; returns (compile seconds, run(key) -> tokens)."""
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def run(state, ids, mask, key):
-    return sample(nnx.merge(graphdef, state), ids, mask, key, config)
-
-  ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-  t0 = time.perf_counter()
-  compiled = run.lower(state, ids, mask, jax.random.key(0)).compile()
-  compile_s = time.perf_counter() - t0
-
-  def call(seed):
-    out = compiled(state, ids, mask, jax.random.key(seed))
-    return np.asarray(jax.block_until_ready(out.tokens))
-
-  return compile_s, call
-
-
 def hf_generate(hf, ids, mask, n_new, *, greedy, temperature=1.0):
   import torch
 
@@ -160,15 +123,6 @@ def hf_generate(hf, ids, mask, n_new, *, greedy, temperature=1.0):
       **kw,
     )
   return out[:, ids.shape[1] :].numpy()
-
-
-def best_time(fn, repeats):
-  times = []
-  for i in range(repeats):
-    t0 = time.perf_counter()
-    fn(i)
-    times.append(time.perf_counter() - t0)
-  return min(times)
 
 
 def main(argv=None):
@@ -201,7 +155,7 @@ def main(argv=None):
 
   if args.parity_tokens:
     config = SamplingConfig(max_new_tokens=args.parity_tokens, greedy=True)
-    _, run = ours_runner(model, ids, mask, config)
+    _, run = bench_lib.sampler_runner(model, ids, mask, config)
     ours, ref = run(0), hf_generate(hf, ids, mask, args.parity_tokens, greedy=True)
     print(
       f"greedy parity over {args.parity_tokens} tokens: "
@@ -218,10 +172,10 @@ def main(argv=None):
   print("-" * len(header))
   for n in args.new_tokens:
     config = SamplingConfig(max_new_tokens=n, temperature=args.temperature)
-    compile_s, run = ours_runner(model, ids, mask, config)
+    compile_s, run = bench_lib.sampler_runner(model, ids, mask, config)
     assert run(0).shape == (args.batch, n)
-    ours_s = best_time(run, args.repeats)
-    hf_s = best_time(
+    ours_s = bench_lib.best_time(run, args.repeats)
+    hf_s = bench_lib.best_time(
       lambda i: hf_generate(hf, ids, mask, n, greedy=False, temperature=args.temperature),
       args.repeats,
     )

@@ -10,54 +10,22 @@ seconds and ms per decode step (best of ``--repeats``), then the ratio.
 
 from __future__ import annotations
 
-import argparse
-import sys
-import time
-from pathlib import Path
+import bench_lib
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from opd_jax.models.config import ModelConfig  # noqa: E402
-from opd_jax.models.factory import convert_layers, create_model  # noqa: E402
-from opd_jax.sampling import SamplingConfig, sample  # noqa: E402
+from opd_jax.models.config import ModelConfig
+from opd_jax.models.factory import convert_layers, create_model
+from opd_jax.sampling import SamplingConfig
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
-  p.add_argument("--layers", type=int, default=4)
-  p.add_argument("--hidden", type=int, default=128)
-  p.add_argument("--intermediate", type=int, default=384)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--kv-heads", type=int, default=2)
-  p.add_argument("--vocab", type=int, default=512)
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--prompt-len", type=int, default=32)
+  p = bench_lib.arg_parser(__doc__, layers=4)
   p.add_argument("--new-tokens", type=int, default=256)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--repeats", type=int, default=3)
   return p.parse_args(argv)
-
-
-def runner(model, ids, mask, config):
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def run(state, key):
-    return sample(nnx.merge(graphdef, state), ids, mask, key, config).tokens
-
-  t0 = time.perf_counter()
-  compiled = run.lower(state, jax.random.key(0)).compile()
-  compile_s = time.perf_counter() - t0
-  return compile_s, lambda seed: np.asarray(
-    jax.block_until_ready(compiled(state, jax.random.key(seed)))
-  )
 
 
 def main(argv=None):
@@ -88,9 +56,9 @@ def main(argv=None):
   )
   ms, tokens = {}, {}
   for name, model in models.items():
-    compile_s, run = runner(model, ids, mask, config)
+    compile_s, run = bench_lib.sampler_runner(model, ids, mask, config)
     tokens[name] = run(0)
-    best = min(_timed(run, i) for i in range(args.repeats))
+    best = bench_lib.best_time(run, args.repeats)
     ms[name] = 1e3 * best / args.new_tokens
     print(f"{name:>9}: compile {compile_s:6.2f} s, {ms[name]:.3f} ms per decode step")
   same = np.array_equal(tokens["unrolled"], tokens["scanned"])
@@ -98,12 +66,6 @@ def main(argv=None):
     f"scanned / unrolled decode time: {ms['scanned'] / ms['unrolled']:.3f}; "
     f"tokens {'identical' if same else 'DIFFER'}"
   )
-
-
-def _timed(run, seed):
-  t0 = time.perf_counter()
-  run(seed)
-  return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ def lower_abstract(
   return lowered.compile() if compile else lowered
 
 
-def _xla_flops(compiled) -> float | None:
+def xla_flops(compiled) -> float | None:
+  """XLA's cost-analysis FLOPs of ``compiled`` (None when it has none); a
+  loop's body counts once."""
   try:
     ca = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except
@@ -118,7 +120,7 @@ def report(config, *, num_layers: int = 0) -> dict[str, Any]:
     flops_sampling=fl["sampling"],
     flops_teacher=fl["teacher"],
     flops_student_fwd_bwd=fl["student_fwd_bwd"],
-    xla_flops_per_device=_xla_flops(compiled),  # counts each loop body once
+    xla_flops_per_device=xla_flops(compiled),  # counts each loop body once
     devices=n_dev,
     mesh=dict(mesh.shape) if mesh is not None else {},
     batch_size=int(b),
@@ -126,12 +128,12 @@ def report(config, *, num_layers: int = 0) -> dict[str, Any]:
     rows=int(b) * sampling.num_samples,
     prompt_len=int(p),
     new_tokens=sampling.max_new_tokens,
-    micro_batches=int(config.micro_batches),
+    micro_batches=phase.cfg.micro_batches,
     student_layers=run.student_cfg.num_layers,
     teacher_layers=run.teacher_cfg.num_layers if run.teacher_cfg is not None else 0,
     vocab=run.vocab,
     loss=phase.cfg.loss,
-    remat=bool(run.student_cfg.remat),
+    remat=run.student_cfg.remat,
     param_dtype=run.student_cfg.param_dtype,
     dtype=run.student_cfg.dtype,
   )
@@ -158,10 +160,10 @@ def main(argv):
   fl = flags.FLAGS
   # Before any device use: N simulated CPU devices.
   jax.config.update("jax_platforms", "cpu")
-  jax.config.update("jax_num_cpu_devices", int(fl.devices))
-  rep = report(fl.config, num_layers=int(fl.num_layers))
+  jax.config.update("jax_num_cpu_devices", fl.devices)
+  rep = report(fl.config, num_layers=fl.num_layers)
   print(json.dumps(rep), flush=True)
-  msg = over_budget(rep, float(fl.budget_gib))
+  msg = over_budget(rep, fl.budget_gib)
   if msg:
     print(msg, file=sys.stderr, flush=True)
     sys.exit(1)

@@ -39,6 +39,7 @@ def make_teacher_rollouts(
   seed: int = 0,
   max_prompt_len: int | None = None,
   use_chat_template: bool = False,
+  prefix_sum: str = "auto",
 ) -> dict[str, Any]:
   """Writes verified teacher rollouts to ``out_file``; returns statistics.
 
@@ -59,6 +60,7 @@ def make_teacher_rollouts(
     seed=seed,
     max_prompt_len=max_prompt_len,
     use_chat_template=use_chat_template,
+    prefix_sum=prefix_sum,
   )
   scores = evaluation.score_completions(task, records, comps.texts, attempts)
   out, solved = [], 0

@@ -161,9 +161,20 @@ def base_config() -> ml_collections.ConfigDict:
     )
   )
   c.batch_size = 8  # prompts per step (global)
+  # ignore_eos=True: every row runs max_new_tokens (benchmarks); prefix_sum: the
+  # inverse-CDF draw's prefix sums (SamplingConfig.prefix_sum: "auto" picks per
+  # backend, "matmul" / "cumsum"), for training, the evals and the cold start.
   c.sampling = ml_collections.ConfigDict(
-    dict(max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, num_samples=1, ignore_eos=False)
-  )  # True: every row runs max_new_tokens (benchmarks)
+    dict(
+      max_new_tokens=64,
+      temperature=1.0,
+      top_k=0,
+      top_p=1.0,
+      num_samples=1,
+      ignore_eos=False,
+      prefix_sum="auto",
+    )
+  )
   c.teacher_sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0))
   c.on_policy_fraction = 1.0  # GKD λ
   c.off_policy_source = "dataset"  # or "teacher"

@@ -179,7 +179,7 @@ def sampling_config(tokenizer, model_cfg=None, **knobs: Any) -> sampling.Samplin
   prompt selection: stops on :func:`eos_ids_of` ``(tokenizer, model_cfg)``,
   pads with :func:`pad_id_of`; ``knobs`` are the other fields
   (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``greedy``,
-  ``num_samples``)."""
+  ``num_samples``, ``prefix_sum``, ...)."""
   return sampling.SamplingConfig(
     eos_ids=eos_ids_of(tokenizer, model_cfg), pad_id=pad_id_of(tokenizer), **knobs
   )
@@ -280,11 +280,13 @@ def generate_completions(
   seed: int = 0,
   max_prompt_len: int | None = None,
   use_chat_template: bool = False,
+  prefix_sum: str = "auto",
 ) -> Completions:
   """Samples ``num_samples`` completions for each prompt (``batch_size`` prompts
   per compiled call; batch ``i`` uses ``fold_in(PRNGKey(seed), i)``). Sampling
   stops on every EOS id training stops on (:func:`sampling_config` with the
-  model's config)."""
+  model's config); ``prefix_sum``: ``SamplingConfig.prefix_sum`` (the run's
+  ``config.sampling.prefix_sum``)."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   config = sampling_config(
@@ -296,6 +298,7 @@ def generate_completions(
     top_p=top_p,
     greedy=greedy,
     num_samples=num_samples,
+    prefix_sum=prefix_sum,
   )
   ids, mask = encode_prompts(
     tokenizer, prompts, max_prompt_len=max_prompt_len, use_chat_template=use_chat_template
@@ -344,6 +347,7 @@ def evaluate(
   max_prompt_len: int | None = None,
   use_chat_template: bool = False,
   ks: Sequence[int] | None = None,
+  prefix_sum: str = "auto",
 ) -> dict[str, float]:
   """Samples, scores with ``task`` (object or registered name) and aggregates.
 
@@ -368,6 +372,7 @@ def evaluate(
     seed=seed,
     max_prompt_len=max_prompt_len,
     use_chat_template=use_chat_template,
+    prefix_sum=prefix_sum,
   )
   return evaluate_completions(
     task,

@@ -92,8 +92,10 @@ def score_prompts(
   seed: int = 0,
   max_prompt_len: int | None = None,
   use_chat_template: bool = False,
+  prefix_sum: str = "auto",
 ) -> list[dict[str, Any]]:
-  """Per-prompt scores (see module docstring), in input order."""
+  """Per-prompt scores (see module docstring), in input order (``prefix_sum``:
+  ``SamplingConfig.prefix_sum`` of both models' samples)."""
   prompts = [r["prompt"] for r in records]
   ids, mask = evaluation.encode_prompts(
     tokenizer, prompts, max_prompt_len=max_prompt_len, use_chat_template=use_chat_template
@@ -104,6 +106,7 @@ def score_prompts(
     max_new_tokens=max_new_tokens,
     temperature=temperature,
     num_samples=num_samples,
+    prefix_sum=prefix_sum,
   )
   s_graphdef, s_state = nnx.split(student)
   t_graphdef, t_state = nnx.split(teacher)
@@ -147,6 +150,7 @@ def score_prompts(
     seed=seed + 1,
     max_prompt_len=max_prompt_len,
     use_chat_template=use_chat_template,
+    prefix_sum=prefix_sum,
   ).texts
   per_row = {k: np.concatenate(v).reshape(len(records), num_samples) for k, v in rows.items()}
   s_correct = evaluation.score_completions(task, records, student_texts, num_samples)
@@ -210,6 +214,7 @@ def run_selection(
   seed: int = 0,
   max_prompt_len: int | None = None,
   limit: int = 0,
+  prefix_sum: str = "auto",
 ) -> dict[str, Any]:
   """Loads models and prompts, scores, selects and writes the three files."""
   from transformers import AutoTokenizer
@@ -233,6 +238,7 @@ def run_selection(
     batch_size=batch_size,
     seed=seed,
     max_prompt_len=max_prompt_len,
+    prefix_sum=prefix_sum,
   )
   kept = select(scores, score=score, top_fraction=top_fraction, threshold=threshold)
   os.makedirs(out_dir, exist_ok=True)
@@ -275,6 +281,7 @@ def main(argv):
     seed=f.seed,
     max_prompt_len=f.max_prompt_len or None,
     limit=f.limit,
+    prefix_sum=f.prefix_sum,
   )
   print(json.dumps(summary))
 
@@ -298,6 +305,9 @@ def run():
   flags.DEFINE_integer("seed", 0, "seed")
   flags.DEFINE_integer("max_prompt_len", 0, "prompt length (0: longest)")
   flags.DEFINE_integer("limit", 0, "score only the first N prompts (0: all)")
+  flags.DEFINE_enum(
+    "prefix_sum", "auto", list(sampling.PREFIX_SUMS), "the sampler's prefix sums (per backend)"
+  )
   flags.mark_flags_as_required(["student", "teacher", "prompts", "out_dir"])
   app.run(main)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import re
 import time
@@ -64,7 +65,7 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
   config = configs_lib.expand_workdir(config, workdir)
   if config.get("prepare"):
     config = PREPARERS.get(config.prepare)(config, workdir, train)
-  if int(config.cold_start.steps) > 0 and not config.cold_start.rollouts_file:
+  if config.cold_start.steps > 0 and not config.cold_start.rollouts_file:
     config = configs_lib.updated(
       config, {"cold_start.rollouts_file": os.path.join(workdir, "cold_start_rollouts.jsonl")}
     )
@@ -74,6 +75,142 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
 class NonFiniteError(RuntimeError):
   """``config.max_nonfinite_steps`` steps in a row had a non-finite loss or
   gradient (each was skipped; see ``optim.skip_nonfinite``)."""
+
+
+_REQUIRED = object()
+_KINDS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+class _Fields:
+  """Typed reads of one ConfigDict node (``at``: its name in errors,
+  ``config.data``): the only place a config field is converted."""
+
+  def __init__(self, node, at: str = "config"):
+    self.node, self.at = node, at
+
+  def __call__(self, key: str, kind: type, default: Any = _REQUIRED):
+    """``node.<key>`` (dotted) as ``kind`` (int, float, bool or str; an int
+    is a float too); ValueError naming the setting when it is not one."""
+    *parents, leaf = key.split(".")
+    node = self.node
+    for name in parents:
+      node = node[name]
+    return self.leaf(leaf, kind, default, node=node, at=".".join([self.at, *parents]))
+
+  def leaf(self, key: str, kind: type, default: Any = _REQUIRED, *, node=None, at=None):
+    """``node[key]`` (``key`` as is: a mixture source may hold dots) as ``kind``."""
+    node, at = self.node if node is None else node, at or self.at
+    v = node[key] if default is _REQUIRED else node.get(key, default)
+    if kind is bool:
+      ok = isinstance(v, (bool, np.bool_))
+    elif kind in (int, float):  # numpy scalars too; a bool is no number here
+      ok = isinstance(v, numbers.Integral if kind is int else numbers.Real)
+      ok = ok and not isinstance(v, (bool, np.bool_))
+    else:
+      ok = isinstance(v, kind)
+    if not ok:
+      raise ValueError(f"{at}.{key}={v!r} must be {kind.__name__}, not {type(v).__name__}")
+    return kind(v)
+
+
+def _read_spec(cls, fields: _Fields, **given):
+  """``cls`` (a spec dataclass) from a config node: each field not ``given``
+  is read as its annotated kind; a key of the node that is no field is an
+  error naming it (the node is the spec, nothing is ignored)."""
+  names = [f.name for f in dataclasses.fields(cls)]
+  unknown = sorted(set(fields.node.keys()) - set(names))
+  if unknown:
+    raise ValueError(f"{fields.at}: unknown settings {unknown}; valid: {names}")
+  read = {
+    f.name: fields.leaf(f.name, _KINDS[f.type])
+    for f in dataclasses.fields(cls)
+    if f.name not in given
+  }
+  return cls(**read, **given)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """``config.student`` / ``config.teacher``: the checkpoint directory and the
+  model knobs (``ModelConfig`` fields, see ``configs_lib.model_config``)."""
+
+  name: str  # "student" or "teacher"
+  path: str
+  dtype: str
+  param_dtype: str
+  vocab_pad_multiple: int
+  remat: bool
+  scan_layers: bool
+  attention: str
+  attention_block: int
+  attention_key_block: int
+  decode_attention: str
+  decode_block: int
+  decode_contraction: str
+  key_cache_layout: str
+
+  def kwargs(self) -> dict[str, Any]:
+    """The keyword arguments of ``models.from_hf`` / ``hf_io.config_from_hf``."""
+    return {
+      f.name: getattr(self, f.name)
+      for f in dataclasses.fields(self)
+      if f.name not in ("name", "path")
+    }
+
+
+def model_spec(node, name: str = "student") -> ModelSpec:
+  """``config.<name>`` (a ``configs_lib.model_config`` node) -> :class:`ModelSpec`."""
+  return _read_spec(ModelSpec, _Fields(node, f"config.{name}"), name=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+  """``config.mesh``: axis sizes (one may be -1: the rest) and the logical
+  axis rules (``sharding.DEFAULT_RULES`` updated by ``mesh.rules``)."""
+
+  shape: tuple[tuple[str, int], ...]
+  rules: tuple[tuple[str, Any], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSpec:
+  """``config.distributed`` (``jax.distributed.initialize``)."""
+
+  coordinator_address: str  # "": JAX's own detection
+  num_processes: int  # <= 1: a single process
+  process_id: int  # -1: $OPD_PROCESS_ID, else JAX's detection
+  local_device_ids: tuple[int, ...]  # (): all
+
+
+def distributed_spec(config) -> DistributedSpec:
+  """``config.distributed`` -> :class:`DistributedSpec` (also read before the
+  config is resolved: the processes come first)."""
+  f = _Fields(config.distributed, "config.distributed")
+  ids = f("local_device_ids", str)
+  try:
+    local = tuple(int(x) for x in ids.split(",")) if ids else ()
+  except ValueError:
+    raise ValueError(f"config.distributed.local_device_ids={ids!r}: comma-separated ints") from None
+  return _read_spec(DistributedSpec, f, local_device_ids=local)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """``config.optimizer`` (``optim.make_optimizer`` reads these fields)."""
+
+  name: str
+  lr: float
+  schedule: str
+  warmup_steps: int
+  total_steps: int  # resolved (config 0: config.total_steps)
+  end_lr_factor: float
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float
+  grad_clip: float  # 0: no clipping
+  decay_matrices_only: bool
+  skip_nonfinite: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +249,9 @@ class ColdStartSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """The run's ConfigDict converted once into typed fields (the loop's,
-  the data's, the evals' and the cold start's; the step's are
-  :func:`opd_config`)."""
+  """The run's ConfigDict converted once into typed fields and specs (the
+  loop's, the models', the mesh's, the optimizer's, the data's, the step's,
+  the evals' and the cold start's); every set-up helper reads these."""
 
   seed: int
   batch_size: int
@@ -129,6 +266,16 @@ class Settings:
   export_hf: bool
   progress_bar: bool
   peak_flops: float  # 0: from the device kind
+  student: ModelSpec
+  teacher: ModelSpec
+  tokenizer: str  # config.tokenizer, else the student's directory ("": none)
+  mesh: MeshSpec
+  distributed: DistributedSpec
+  optimizer: OptimizerSpec
+  # The compiled step's static config; its sampling configs stop on no id yet
+  # (see sampling_config / opd_config: the ids come from the tokenizer).
+  step: OPDConfig
+  ignore_eos: bool  # sampling.ignore_eos: no EOS id (every row runs max_new_tokens)
   data: data_lib.DataOptions
   prompt_buckets: tuple[int, ...]  # ascending prompt widths, the last max_prompt_len
   train_files: str
@@ -137,98 +284,148 @@ class Settings:
   mixture_schedules: tuple  # ((source, schedules.Schedule), ...): "data.mixture.<source>"
   new_tokens: int  # sampling.max_new_tokens
   completion_len: int  # data.max_completion_len (0: new_tokens)
-  on_policy_fraction: float  # GKD λ
+  on_policy_fraction: float  # GKD λ (a scheduled one: its lowest value)
   off_policy_source: str  # "dataset" or "teacher"
   use_teacher: bool  # the loss, the metrics or the off-policy rows read it
   evals: tuple[EvalSpec, ...]
   cold_start: ColdStartSpec
 
 
-def settings_of(config) -> Settings:
-  """``config`` -> :class:`Settings` (the one place its fields are cast)."""
-  d, n = config.data, int(config.sampling.max_new_tokens)
-  evals = tuple(
-    EvalSpec(
-      name=name,
-      evaluator=e.evaluator,
-      task=e.task,
-      data_file=e.data_file,
-      num_examples=int(e.num_examples),
-      levels=str(e.levels),
-      pattern=e.pattern,
-      num_samples=int(e.num_samples),
-      temperature=float(e.temperature),
-      top_p=float(e.top_p),
-      max_new_tokens=int(e.max_new_tokens) or n,
-      batch_size=int(e.batch_size),
-      seed=int(e.seed),
-    )
-    for name, e in config.evals.items()
+def _sampling_of(f: _Fields) -> tuple[SamplingConfig, SamplingConfig]:
+  """``config.sampling`` / ``config.teacher_sampling`` -> the student's and the
+  teacher's :class:`SamplingConfig` (no stop ids yet)."""
+  knobs = dict(
+    max_new_tokens=f("sampling.max_new_tokens", int),
+    temperature=f("sampling.temperature", float),
+    top_k=f("sampling.top_k", int),
+    top_p=f("sampling.top_p", float),
+    num_samples=f("sampling.num_samples", int),
+    prefix_sum=f("sampling.prefix_sum", str, "auto"),
   )
-  cs = config.cold_start
-  lam, source = float(config.on_policy_fraction), config.off_policy_source
-  scheduled = schedules_lib.parse_all(str(config.get("schedules", "")))
+  teacher = dict(
+    temperature=f("teacher_sampling.temperature", float),
+    top_k=f("teacher_sampling.top_k", int),
+    top_p=f("teacher_sampling.top_p", float),
+  )
+  try:
+    sampling = SamplingConfig(**knobs)
+  except ValueError as e:  # SamplingConfig's own checks
+    raise ValueError(f"config.sampling: {e}") from None
+  try:
+    return sampling, dataclasses.replace(sampling, **teacher)
+  except ValueError as e:
+    raise ValueError(f"config.teacher_sampling: {e}") from None
+
+
+def _step_of(f: _Fields, config, schedules: tuple) -> OPDConfig:
+  """The step's :class:`OPDConfig` (``schedules``: the step's, not the data's)."""
+  sampling, teacher_sampling = _sampling_of(f)
+  return OPDConfig(
+    sampling=sampling,
+    loss=f("loss.name", str),
+    loss_kwargs=tuple(sorted(configs_lib.loss_kwargs(config.loss).items())),
+    aggregation=f("loss.aggregation", str),
+    normalizer=f("loss.normalizer", float) or None,
+    on_policy_fraction=f("on_policy_fraction", float),
+    off_policy_source=f("off_policy_source", str),
+    teacher_sampling=teacher_sampling,
+    loss_chunk=f("loss.chunk", int),
+    loss_chunk_budget_mib=f("loss.chunk_budget_mib", float),
+    metrics=f("metrics.enabled", bool),
+    metrics_top_k=f("metrics.top_k", int),
+    position_chunk=f("metrics.position_chunk", int),
+    micro_batches=f("micro_batches", int),
+    schedules=schedules,
+  )
+
+
+def _eval_spec(name: str, node, new_tokens: int) -> EvalSpec:
+  """``config.evals.<name>`` -> :class:`EvalSpec` (``max_new_tokens`` 0:
+  ``new_tokens``, the run's)."""
+  f = _Fields(node, f"config.evals.{name}")
+  return _read_spec(EvalSpec, f, name=name, max_new_tokens=f("max_new_tokens", int) or new_tokens)
+
+
+def settings_of(config) -> Settings:
+  """``config`` -> :class:`Settings` (the one place its fields are cast;
+  a field of the wrong type is a ValueError naming it)."""
+  f = _Fields(config)
+  n = f("sampling.max_new_tokens", int)
+  evals = tuple(_eval_spec(name, e, n) for name, e in config.evals.items())
+  scheduled = schedules_lib.parse_all(f("schedules", str, ""))
   lam_schedule = dict(scheduled).get("on_policy_fraction")
   data_key = "data.mixture."
   mixture_schedules = tuple((t[len(data_key) :], v) for t, v in scheduled if t.startswith(data_key))
-  if mixture_schedules and not len(d.mixture):
+  m = _Fields(config.data.mixture, "config.data.mixture")
+  mixture = {k: m.leaf(k, float) for k in config.data.mixture.keys()}
+  if mixture_schedules and not mixture:
     raise ValueError(
       "schedules on data.mixture.<source> need config.data.mixture (the "
       "sources and their static weights)"
     )
+  step = _step_of(f, config, tuple((t, v) for t, v in scheduled if not t.startswith(data_key)))
+  lam, source = step.on_policy_fraction, step.off_policy_source
   if lam_schedule is not None:  # a scheduled λ: data / teacher for its lowest value
     lam = min(lam_schedule.values)
+  max_completion_len = f("data.max_completion_len", int)
+  completion_field = f("data.completion_field", str)
+  student = model_spec(config.student, "student")
+  total_steps = f("total_steps", int)
+  shape = _Fields(config.mesh.shape, "config.mesh.shape")
   return Settings(
-    seed=int(config.seed),
-    batch_size=int(config.batch_size),
-    total_steps=int(config.total_steps),
-    log_every=int(config.log_every),
-    eval_every=int(config.eval_every),
-    eval_at_start=bool(config.get("eval_at_start", False)),
-    checkpoint_every=int(config.checkpoint_every),
-    keep_checkpoints=int(config.keep_checkpoints),
-    restore_step=int(config.restore_step),
-    max_nonfinite_steps=int(config.max_nonfinite_steps),
-    export_hf=bool(config.export_hf),
-    progress_bar=bool(config.progress_bar),
-    peak_flops=float(config.peak_flops),
-    data=data_lib.DataOptions(
-      max_prompt_len=int(d.max_prompt_len),
-      max_completion_len=int(d.max_completion_len) or n if d.completion_field else None,
-      prompt_field=d.prompt_field,
-      completion_field=d.completion_field or None,
-      answer_field=d.answer_field or None,
-      source_field=d.source_field or None,
-      use_chat_template=bool(d.use_chat_template),
-      overlong=d.overlong,
-      on_error=d.on_error,
+    seed=f("seed", int),
+    batch_size=f("batch_size", int),
+    total_steps=total_steps,
+    log_every=f("log_every", int),
+    eval_every=f("eval_every", int),
+    eval_at_start=f("eval_at_start", bool, False),
+    checkpoint_every=f("checkpoint_every", int),
+    keep_checkpoints=f("keep_checkpoints", int),
+    restore_step=f("restore_step", int),
+    max_nonfinite_steps=f("max_nonfinite_steps", int),
+    export_hf=f("export_hf", bool),
+    progress_bar=f("progress_bar", bool),
+    peak_flops=f("peak_flops", float),
+    student=student,
+    teacher=model_spec(config.teacher, "teacher"),
+    tokenizer=f("tokenizer", str) or student.path,
+    mesh=MeshSpec(
+      shape=tuple((k, shape.leaf(k, int)) for k in config.mesh.shape.keys()),
+      rules=rules_from_config(config.mesh.rules),
     ),
-    prompt_buckets=prompt_buckets(str(d.prompt_buckets), int(d.max_prompt_len)),
-    train_files=d.train_files,
-    num_epochs=int(d.num_epochs) or None,
-    mixture=d.mixture.to_dict() if len(d.mixture) else None,
+    distributed=distributed_spec(config),
+    optimizer=_read_spec(
+      OptimizerSpec,
+      _Fields(config.optimizer, "config.optimizer"),
+      total_steps=f("optimizer.total_steps", int) or total_steps,
+    ),
+    step=step,
+    ignore_eos=f("sampling.ignore_eos", bool, False),
+    data=data_lib.DataOptions(
+      max_prompt_len=f("data.max_prompt_len", int),
+      max_completion_len=max_completion_len or n if completion_field else None,
+      prompt_field=f("data.prompt_field", str),
+      completion_field=completion_field or None,
+      answer_field=f("data.answer_field", str) or None,
+      source_field=f("data.source_field", str) or None,
+      use_chat_template=f("data.use_chat_template", bool),
+      overlong=f("data.overlong", str),
+      on_error=f("data.on_error", str),
+    ),
+    prompt_buckets=prompt_buckets(f("data.prompt_buckets", str), f("data.max_prompt_len", int)),
+    train_files=f("data.train_files", str),
+    num_epochs=f("data.num_epochs", int) or None,
+    mixture=mixture or None,
     mixture_schedules=mixture_schedules,
     new_tokens=n,
-    completion_len=int(d.max_completion_len) or n,
+    completion_len=max_completion_len or n,
     on_policy_fraction=lam,
     off_policy_source=source,
     use_teacher=(
-      losses_lib.needs_teacher(config.loss.name)
-      or bool(config.metrics.enabled)
-      or (lam < 1 and source == "teacher")
+      losses_lib.needs_teacher(step.loss) or step.metrics or (lam < 1 and source == "teacher")
     ),
     evals=evals,
-    cold_start=ColdStartSpec(
-      steps=int(cs.steps),
-      task=cs.task,
-      prompts_file=cs.prompts_file,
-      rollouts_file=cs.rollouts_file,
-      attempts=int(cs.attempts),
-      keep_per_prompt=int(cs.keep_per_prompt),
-      temperature=float(cs.temperature),
-      top_p=float(cs.top_p),
-      max_prompts=int(cs.max_prompts),
-    ),
+    cold_start=_read_spec(ColdStartSpec, _Fields(config.cold_start, "config.cold_start")),
   )
 
 
@@ -278,22 +475,23 @@ def trim_prompts(local: dict[str, np.ndarray], width: int) -> dict[str, np.ndarr
 # Set-up pieces.
 
 
-def init_distributed(cfg: ml_collections.ConfigDict) -> None:
-  """``jax.distributed.initialize`` from config (or JAX's own env detection)."""
-  if int(cfg.num_processes) <= 1:
+def init_distributed(spec: DistributedSpec) -> None:
+  """``jax.distributed.initialize`` from ``config.distributed`` (or JAX's own
+  env detection)."""
+  if spec.num_processes <= 1:
     return
   if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
     return
-  pid = int(cfg.process_id)
+  pid = spec.process_id
   if pid < 0:
     pid = int(os.environ.get("OPD_PROCESS_ID", "-1"))
-  kwargs: dict[str, Any] = dict(num_processes=int(cfg.num_processes))
-  if cfg.coordinator_address:
-    kwargs["coordinator_address"] = cfg.coordinator_address
+  kwargs: dict[str, Any] = dict(num_processes=spec.num_processes)
+  if spec.coordinator_address:
+    kwargs["coordinator_address"] = spec.coordinator_address
   if pid >= 0:
     kwargs["process_id"] = pid
-  if cfg.local_device_ids:
-    kwargs["local_device_ids"] = [int(x) for x in str(cfg.local_device_ids).split(",")]
+  if spec.local_device_ids:
+    kwargs["local_device_ids"] = list(spec.local_device_ids)
   if not jax.config.jax_cpu_collectives_implementation:  # CPU cross-process collectives
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
@@ -313,60 +511,39 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.replace(tmp, os.path.join(workdir, name))
 
 
-def _tokenizer(config):
+def _tokenizer(settings: Settings):
   from transformers import AutoTokenizer
 
-  path = config.tokenizer or config.student.path
-  if not path:
+  if not settings.tokenizer:
     raise ValueError("no tokenizer: set config.tokenizer or config.student.path")
-  return AutoTokenizer.from_pretrained(path)
+  return AutoTokenizer.from_pretrained(settings.tokenizer)
 
 
-def model_kwargs(model_cfg) -> dict[str, Any]:
-  """``config.student`` / ``config.teacher`` -> the keyword arguments of
-  ``models.from_hf`` and ``hf_io.config_from_hf`` (the one place model knobs
-  are read, for the loading and the abstract path alike)."""
-  return dict(
-    dtype=model_cfg.dtype,
-    param_dtype=model_cfg.param_dtype,
-    vocab_pad_multiple=int(model_cfg.vocab_pad_multiple),
-    remat=bool(model_cfg.remat),
-    scan_layers=bool(model_cfg.scan_layers),
-    attention=str(model_cfg.attention),
-    attention_block=int(model_cfg.attention_block),
-    attention_key_block=int(model_cfg.attention_key_block),
-    decode_attention=str(model_cfg.decode_attention),
-    decode_block=int(model_cfg.decode_block),
-    decode_contraction=str(model_cfg.decode_contraction),
-    key_cache_layout=str(model_cfg.key_cache_layout),
-  )
+def _model_path(spec: ModelSpec) -> str:
+  if not spec.path:
+    raise ValueError(f"model path is empty (config.{spec.name}.path)")
+  return spec.path
 
 
-def model_config_of(config, name: str, *, num_layers: int = 0):
-  """The ``ModelConfig`` of ``config.<name>`` (student / teacher) from its
-  ``config.json`` alone; ``num_layers > 0`` overrides the depth (compile-only
-  checks at reduced depth)."""
+def model_config_of(spec: ModelSpec, *, num_layers: int = 0):
+  """The ``ModelConfig`` of ``spec`` (``config.student`` / ``teacher``) from
+  its ``config.json`` alone; ``num_layers > 0`` overrides the depth
+  (compile-only checks at reduced depth)."""
   from opd_jax.models.hf_io import config_from_hf
 
-  m = config[name]
-  if not m.path:
-    raise ValueError(f"model path is empty (config.{name}.path)")
-  cfg = config_from_hf(m.path, **model_kwargs(m))
-  return dataclasses.replace(cfg, num_layers=int(num_layers)) if num_layers else cfg
+  cfg = config_from_hf(_model_path(spec), **spec.kwargs())
+  return dataclasses.replace(cfg, num_layers=num_layers) if num_layers else cfg
 
 
-def _load(config, name: str, sharder: Sharder):
+def _load(spec: ModelSpec, sharder: Sharder):
   from opd_jax.models import from_hf
 
-  m = config[name]
-  if not m.path:
-    raise ValueError(f"model path is empty (config.{name}.path)")
-  return from_hf(m.path, mesh=sharder.mesh, rules=sharder.rules, **model_kwargs(m))
+  return from_hf(_model_path(spec), mesh=sharder.mesh, rules=sharder.rules, **spec.kwargs())
 
 
-def make_sharder(config) -> Sharder:
+def make_sharder(mesh: MeshSpec) -> Sharder:
   """``config.mesh`` -> a :class:`Sharder` over all devices."""
-  return Sharder(make_mesh(config.mesh.shape.to_dict()), rules_from_config(config.mesh.rules))
+  return Sharder(make_mesh(dict(mesh.shape)), mesh.rules)
 
 
 def vocab_of(student_cfg, teacher_cfg=None, tokenizer_size: int | None = None) -> int:
@@ -376,12 +553,9 @@ def vocab_of(student_cfg, teacher_cfg=None, tokenizer_size: int | None = None) -
   return min(tokenizer_size, student_cfg.vocab_size) if tokenizer_size else (student_cfg.vocab_size)
 
 
-def make_optimizer(config):
-  """``config.optimizer`` -> ``(tx, schedule)``; ``optimizer.total_steps = 0``
-  means ``config.total_steps``."""
-  opt_cfg = config.optimizer.to_dict()
-  opt_cfg["total_steps"] = int(opt_cfg["total_steps"]) or int(config.total_steps)
-  return optim.make_optimizer(opt_cfg)
+def make_optimizer(spec: OptimizerSpec):
+  """``config.optimizer`` -> ``(tx, schedule)`` (``optim.make_optimizer``)."""
+  return optim.make_optimizer(spec)
 
 
 def batch_sharding(sharder: Sharder, shape: tuple[int, ...]):
@@ -389,10 +563,10 @@ def batch_sharding(sharder: Sharder, shape: tuple[int, ...]):
   return sharder.named(("activation_batch",) + (None,) * (len(shape) - 1), shape)
 
 
-def batch_specs(config, sharder: Sharder) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_specs(settings: Settings, sharder: Sharder) -> dict[str, jax.ShapeDtypeStruct]:
   """The step's batch as sharded ``ShapeDtypeStruct`` s: ``[B, P]`` prompts
   (and ``[B, N]`` dataset completions when off-policy rows read them)."""
-  s = settings_of(config)
+  s = settings
   b, p, n = s.batch_size, s.data.max_prompt_len, s.completion_len
   keys = [("prompt_ids", jnp.int32, p), ("prompt_mask", jnp.bool_, p)]
   if s.on_policy_fraction < 1 and s.off_policy_source == "dataset":
@@ -417,53 +591,34 @@ def sft_config(step_cfg: OPDConfig) -> OPDConfig:
 
 
 def sampling_config(
-  config, tokenizer=None, student_cfg=None, *, eos_ids=(), pad_id: int = 0
+  settings: Settings, tokenizer=None, student_cfg=None, *, eos_ids=(), pad_id: int = 0
 ) -> SamplingConfig:
-  """``config.sampling`` as a :class:`SamplingConfig`: EOS and pad ids from the
-  tokenizer and the student's config (``evaluation.sampling_config``, as the
-  evals and prompt selection), or ``eos_ids``/``pad_id`` without a tokenizer;
-  ``sampling.ignore_eos``: no EOS id (every row runs ``max_new_tokens``)."""
-  s = config.sampling
-  knobs = dict(
-    max_new_tokens=int(s.max_new_tokens),
-    temperature=float(s.temperature),
-    top_k=int(s.top_k),
-    top_p=float(s.top_p),
-    num_samples=int(s.num_samples),
-  )
+  """``config.sampling`` (``settings.step.sampling``) with its stop ids: EOS
+  and pad ids from the tokenizer and the student's config
+  (``evaluation.sampling_config``, as the evals and prompt selection), or
+  ``eos_ids``/``pad_id`` without a tokenizer; ``sampling.ignore_eos``: no EOS
+  id (every row runs ``max_new_tokens``)."""
+  knobs = dataclasses.asdict(settings.step.sampling)
+  del knobs["eos_ids"], knobs["pad_id"]
   if tokenizer is not None:
     out = evaluation.sampling_config(tokenizer, student_cfg, **knobs)
   else:
-    out = SamplingConfig(eos_ids=tuple(eos_ids), pad_id=int(pad_id), **knobs)
-  return dataclasses.replace(out, eos_ids=()) if s.get("ignore_eos", False) else out
+    out = SamplingConfig(eos_ids=tuple(eos_ids), pad_id=pad_id, **knobs)
+  return dataclasses.replace(out, eos_ids=()) if settings.ignore_eos else out
 
 
-def opd_config(config, sampling: SamplingConfig) -> OPDConfig:
-  ts = config.teacher_sampling
-  teacher_sampling = dataclasses.replace(
-    sampling, temperature=float(ts.temperature), top_k=int(ts.top_k), top_p=float(ts.top_p)
-  )
-  return OPDConfig(
+def opd_config(settings: Settings, sampling: SamplingConfig) -> OPDConfig:
+  """The step's :class:`OPDConfig` (``settings.step``) sampling with
+  ``sampling`` (:func:`sampling_config`); the teacher's sampling is the same
+  with ``config.teacher_sampling``'s temperature, top-k and top-p."""
+  ts = settings.step.teacher_sampling
+  return dataclasses.replace(
+    settings.step,
     sampling=sampling,
-    loss=config.loss.name,
-    loss_kwargs=tuple(sorted(configs_lib.loss_kwargs(config.loss).items())),
-    aggregation=config.loss.aggregation,
-    normalizer=float(config.loss.normalizer) or None,
-    on_policy_fraction=float(config.on_policy_fraction),
-    off_policy_source=config.off_policy_source,
-    teacher_sampling=teacher_sampling,
-    loss_chunk=int(config.loss.chunk),
-    loss_chunk_budget_mib=float(config.loss.chunk_budget_mib),
-    metrics=bool(config.metrics.enabled),
-    metrics_top_k=int(config.metrics.top_k),
-    position_chunk=int(config.metrics.position_chunk),
-    micro_batches=int(config.micro_batches),
-    schedules=tuple(
-      (t, v)
-      for t, v in schedules_lib.parse_all(str(config.get("schedules", "")))
-      if not t.startswith("data.mixture.")
+    teacher_sampling=dataclasses.replace(
+      sampling, temperature=ts.temperature, top_k=ts.top_k, top_p=ts.top_p
     ),
-  )  # those are the data's
+  )
 
 
 def build_data(settings: Settings, tokenizer):
@@ -535,6 +690,7 @@ def cold_start_data(settings: Settings, tokenizer, teacher, new_tokens: int):
       seed=settings.seed,
       max_prompt_len=opts.max_prompt_len,
       use_chat_template=opts.use_chat_template,
+      prefix_sum=settings.step.sampling.prefix_sum,
     )
     absl_logging.info("cold-start rollouts: %s", stats)
     if jax.process_count() > 1:
@@ -564,7 +720,7 @@ def _check_files(setting: str, paths) -> None:
     raise ValueError(f"{setting}: {e}") from None
 
 
-def check_run_settings(config, student_cfg, teacher_cfg=None) -> None:
+def check_run_settings(settings: Settings, student_cfg, teacher_cfg=None) -> None:
   """Start-up checks of the data and length settings of the step (before
   anything is loaded or compiled); ValueError naming the setting.
 
@@ -576,8 +732,8 @@ def check_run_settings(config, student_cfg, teacher_cfg=None) -> None:
   """
   from opd_jax.tasks import TASKS
 
-  check_lengths(config, student_cfg, teacher_cfg)
-  s = settings_of(config)
+  check_lengths(settings, student_cfg, teacher_cfg)
+  s = settings
   if not s.train_files:
     raise ValueError("config.data.train_files is empty")
   _check_files("config.data.train_files", s.train_files)
@@ -601,14 +757,14 @@ def check_run_settings(config, student_cfg, teacher_cfg=None) -> None:
       _check_files("config.cold_start.prompts_file", cs.prompts_file)
 
 
-def check_lengths(config, student_cfg, teacher_cfg=None) -> None:
+def check_lengths(settings: Settings, student_cfg, teacher_cfg=None) -> None:
   """``data.max_prompt_len + sampling.max_new_tokens`` fits in the student's
   and the teacher's ``max_position_embeddings`` (ValueError otherwise)."""
-  s = settings_of(config)
-  p, n = s.data.max_prompt_len, s.new_tokens
-  for name, cfg in (("student", student_cfg), ("teacher", teacher_cfg)):
+  p, n = settings.data.max_prompt_len, settings.new_tokens
+  for spec, cfg in ((settings.student, student_cfg), (settings.teacher, teacher_cfg)):
+    name = spec.name
     if cfg is not None and p + n > cfg.max_position_embeddings:
-      where = f" ({config[name].path})" if config[name].path else ""
+      where = f" ({spec.path})" if spec.path else ""
       raise ValueError(
         f"config.data.max_prompt_len ({p}) + config.sampling.max_new_tokens ({n}) = "
         f"{p + n} exceeds the {name}'s max_position_embeddings "
@@ -616,7 +772,9 @@ def check_lengths(config, student_cfg, teacher_cfg=None) -> None:
       )
 
 
-def prepare_evals(config, student_cfg, tokenizer=None) -> dict[str, tuple[Any, list[dict]]]:
+def prepare_evals(
+  settings: Settings, student_cfg, tokenizer=None
+) -> dict[str, tuple[Any, list[dict]]]:
   """Checks every entry of ``config.evals`` and reads (or generates) its
   examples at start-up; returns the :func:`run_evals` cache
   ``{name: (task, examples)}``.
@@ -631,7 +789,6 @@ def prepare_evals(config, student_cfg, tokenizer=None) -> dict[str, tuple[Any, l
   """
   from opd_jax.tasks import TASKS, get_task
 
-  settings = settings_of(config)
   cache = {}
   p = settings.data.max_prompt_len
   for spec in settings.evals:
@@ -708,17 +865,16 @@ def run_evals(settings: Settings, cache: dict, model, tokenizer) -> dict[str, fl
       seed=spec.seed,
       max_prompt_len=data.max_prompt_len,
       use_chat_template=data.use_chat_template,
+      prefix_sum=settings.step.sampling.prefix_sum,
     )
     out.update({f"eval/{spec.name}/{k}": float(v) for k, v in res.items()})
   return out
 
 
-def peak_flops(config) -> float | None:
+def peak_flops(settings: Settings) -> float | None:
   """Peak FLOP/s of one device: ``config.peak_flops``, or (0) from the
   device kind (``flops.PEAK_FLOPS_BF16``; None, e.g. on CPU)."""
-  return settings_of(config).peak_flops or flops_lib.peak_flops_per_device(
-    jax.devices()[0].device_kind
-  )
+  return settings.peak_flops or flops_lib.peak_flops_per_device(jax.devices()[0].device_kind)
 
 
 def _spec(x, sharding) -> jax.ShapeDtypeStruct:
@@ -848,18 +1004,18 @@ def build_run(
   """
   settings = settings_of(config)
   # --- Mesh.
-  sharder = make_sharder(config)
+  sharder = make_sharder(settings.mesh)
   # --- Start-up checks, from the config.json files.
   use_teacher = settings.use_teacher
-  s_cfg = model_config_of(config, "student", num_layers=num_layers)
-  t_cfg = model_config_of(config, "teacher", num_layers=num_layers) if use_teacher else None
+  s_cfg = model_config_of(settings.student, num_layers=num_layers)
+  t_cfg = model_config_of(settings.teacher, num_layers=num_layers) if use_teacher else None
   tokenizer = evals = None
   if abstract:
-    check_lengths(config, s_cfg, t_cfg)
+    check_lengths(settings, s_cfg, t_cfg)
   else:
-    tokenizer = _tokenizer(config)
-    check_run_settings(config, s_cfg, t_cfg)
-    evals = prepare_evals(config, s_cfg, tokenizer)
+    tokenizer = _tokenizer(settings)
+    check_run_settings(settings, s_cfg, t_cfg)
+    evals = prepare_evals(settings, s_cfg, tokenizer)
   # --- Models.
   teacher = t_graphdef = t_params = t_shardings = None
   if abstract:
@@ -867,20 +1023,20 @@ def build_run(
     if t_cfg is not None:
       t_graphdef, t_params, t_shardings = abstract_params(t_cfg, sharder)
     vocab = vocab_size or vocab_of(s_cfg, t_cfg)
-    sampling = sampling_config(config, eos_ids=eos_ids or s_cfg.eos_token_ids, pad_id=pad_id)
+    sampling = sampling_config(settings, eos_ids=eos_ids or s_cfg.eos_token_ids, pad_id=pad_id)
   else:
-    student = _load(config, "student", sharder)
+    student = _load(settings.student, sharder)
     s_cfg, s_graphdef = student.cfg, nnx.graphdef(student)
     if use_teacher:
-      teacher = _load(config, "teacher", sharder)
+      teacher = _load(settings.teacher, sharder)
       t_cfg = teacher.cfg
       t_graphdef, t_params = nnx.split(teacher)
       t_shardings = sharder.tree_shardings(t_params)
     vocab = vocab_of(s_cfg, t_cfg, len(tokenizer))
-    sampling = sampling_config(config, tokenizer, s_cfg)
-  step_cfg = opd_config(config, sampling)
+    sampling = sampling_config(settings, tokenizer, s_cfg)
+  step_cfg = opd_config(settings, sampling)
   # --- Optimizer and train state.
-  tx, schedule = make_optimizer(config)
+  tx, schedule = make_optimizer(settings.optimizer)
   if abstract:
     state, state_shardings = abstract_train_state(tx, s_params, s_shardings, sharder)
   else:
@@ -925,7 +1081,9 @@ def build_run(
 
   teacher_args, compile_s = (t_graphdef, t_params, t_shardings), []
   if abstract:
-    phases = {"opd": make_phase("opd", step_cfg, None, batch_specs(config, sharder), teacher_args)}
+    phases = {
+      "opd": make_phase("opd", step_cfg, None, batch_specs(settings, sharder), teacher_args)
+    }
     data_stats = {}
   else:
     data, it = build_data(settings, tokenizer)
@@ -1008,7 +1166,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) a training run; returns the final logged metrics."""
   # --- Mesh (processes), the resolved config.
   workdir = os.path.abspath(workdir)
-  init_distributed(config.distributed)
+  init_distributed(distributed_spec(config))
   config = resolve_config(config, workdir)
   save_config(config, workdir)
   # --- Data, Models, Step.
@@ -1045,7 +1203,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   hooks, saved = _hooks(run, ckpt, writer, bar)
   if run.evals and start == 0 and s.eval_at_start:
     writer.write(0, run_evals(s, run.evals, run.student(state), run.tokenizer))
-  preempt, peak = checkpointing.PreemptionFlag(), peak_flops(config)
+  preempt, peak = checkpointing.PreemptionFlag(), peak_flops(s)
   try:
     status, last, state = _loop(run, state, start, hooks, saved, ckpt, preempt, peak)
   finally:

@@ -166,7 +166,7 @@ def build_vmapped(configs, workdirs, names=None):
     Point(n, os.path.abspath(w), c, train_lib.settings_of(shared_config(c, plan)))
     for n, w, c in zip(names, workdirs, resolved)
   ]
-  lr0 = float(base.optimizer.lr)
+  lr0 = run.settings.optimizer.lr
   point_values = {t: jnp.asarray(plan.values[t], jnp.float32) for t in plan.targets}
   if "optimizer.lr" in plan.values:
     point_values["lr_scale"] = jnp.asarray(

@@ -228,9 +228,9 @@ def test_attention_setting_is_validated_and_passed_through(tmp_path):
   m = configs_lib.model_config()
   assert (m.attention, m.attention_block, m.attention_key_block) == ("blockwise", 256, 512)
   m.attention, m.attention_key_block = "dense", 128
-  from opd_jax.train import model_kwargs
+  from opd_jax.train import model_spec
 
-  kw = model_kwargs(m)
+  kw = model_spec(m).kwargs()
   assert (kw["attention"], kw["attention_block"], kw["attention_key_block"]) == ("dense", 256, 128)
   import json
 

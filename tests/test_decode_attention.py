@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import tiny_model_config
 
 from opd_jax import sampling as sampling_lib
 from opd_jax.models import ModelConfig
@@ -33,23 +34,14 @@ P = 9
 
 def cfg_of(**kw) -> ModelConfig:
   base = dict(
-    model_type="qwen3",
     vocab_size=VOCAB,
     padded_vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    qk_norm=True,
     max_position_embeddings=256,
     decode_attention="dense",
     decode_contraction="reduce",
     key_cache_layout="transposed",
   )
-  base.update(kw)
-  return ModelConfig(**base)
+  return tiny_model_config(**{**base, **kw})
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
@@ -333,7 +325,7 @@ def test_prefix_sum_knob_same_draws():
 
 def test_decode_knobs_pass_through_config():
   from opd_jax import configs_lib
-  from opd_jax.train import model_kwargs
+  from opd_jax.train import model_spec
 
   m = configs_lib.model_config()
   assert (m.decode_attention, m.decode_block, m.decode_contraction, m.key_cache_layout) == (
@@ -343,7 +335,7 @@ def test_decode_knobs_pass_through_config():
     "auto",
   )
   m.decode_attention, m.decode_block, m.key_cache_layout = "dense", 32, "standard"
-  kw = model_kwargs(m)
+  kw = model_spec(m).kwargs()
   assert (
     kw["decode_attention"],
     kw["decode_block"],

@@ -151,20 +151,12 @@ def _tiny_model(vocab_size, seed, eos_token_ids=()):
   import jax
   import jax.numpy as jnp
   from flax import nnx
+  from tiny import tiny_model_config
 
-  from opd_jax.models import ModelConfig, abstract_model
+  from opd_jax.models import abstract_model
 
-  cfg = ModelConfig(
-    model_type="qwen3",
-    vocab_size=vocab_size,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    qk_norm=True,
-    eos_token_ids=tuple(eos_token_ids),
+  cfg = tiny_model_config(
+    vocab_size=vocab_size, max_position_embeddings=4096, eos_token_ids=tuple(eos_token_ids)
   )
   graphdef, state = nnx.split(abstract_model(cfg))
   rng = np.random.default_rng(seed)
@@ -194,7 +186,7 @@ def test_evals_stop_on_every_eos_id_training_stops_on(tiny_model, tok):
   assert first != tok.eos_token_id
   model = _tiny_model(len(tok), seed=0, eos_token_ids=(first,))  # same weights
   c = configs_lib.base_config()
-  train_eos = train.sampling_config(c, tok, model.cfg).eos_ids
+  train_eos = train.sampling_config(train.settings_of(c), tok, model.cfg).eos_ids
   assert set(train_eos) == {first, tok.eos_token_id}
   comps = ev.generate_completions(
     model, tok, ["12+34="], greedy=True, max_new_tokens=6, batch_size=1

@@ -25,27 +25,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import tiny_model_config
 
 from opd_jax import losses as losses_lib
 from opd_jax import metrics as metrics_lib
 from opd_jax import opd_step, optim
-from opd_jax.models import ModelConfig, abstract_model, create_model
+from opd_jax.models import abstract_model, create_model
 from opd_jax.sampling import SamplingConfig
 from opd_jax.sharding import Sharder, make_mesh
 
 VOCAB = 64
-SCFG = ModelConfig(
-  model_type="qwen3",
-  vocab_size=VOCAB,
-  hidden_size=32,
-  intermediate_size=64,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
-  qk_norm=True,
-  max_position_embeddings=64,
-)
+SCFG = tiny_model_config(vocab_size=VOCAB)
 TCFG = SCFG.replace(hidden_size=48, num_layers=3)
 PROMPTS = np.array([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13], [0, 0, 0, 14]], np.int32)
 P = PROMPTS.shape[1]

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import tiny_model_config
 
 from opd_jax import sampling as sampling_lib
 from opd_jax.models import ModelConfig, abstract_model, param_shardings, positions_from_mask
@@ -32,19 +33,9 @@ VOCAB = 61  # padded to 64: the 3 padded logits (-1e30) must never be sampled
 def tiny_cfg(**kw) -> ModelConfig:
   """One layer keeps each sampler compile short; the HF parity tests run 2 layers."""
   base = dict(
-    model_type="llama",
-    vocab_size=VOCAB,
-    padded_vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=1,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    max_position_embeddings=64,
+    model_type="llama", vocab_size=VOCAB, padded_vocab_size=64, num_layers=1, qk_norm=False
   )
-  base.update(kw)
-  return ModelConfig(**base)
+  return tiny_model_config(**{**base, **kw})
 
 
 def peaky_state(cfg: ModelConfig, seed: int = 0):

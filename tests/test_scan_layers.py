@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from hf_models import left_padded_batch, random_model, tiny_hf_config
+from tiny import tiny_model_config
 
 from opd_jax.models.config import ModelConfig
 from opd_jax.models.factory import abstract_model, convert_layers, create_model
@@ -275,19 +276,7 @@ def test_opd_step_scanned_equals_unrolled():
   from opd_jax import opd_step, optim
 
   vocab = 64
-  s_cfg = ModelConfig(
-    model_type="qwen3",
-    vocab_size=vocab,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    qk_norm=True,
-    max_position_embeddings=64,
-    remat=True,
-  )
+  s_cfg = tiny_model_config(vocab_size=vocab, remat=True)
   t_cfg = s_cfg.replace(hidden_size=48, num_layers=3)
   prompts = np.array([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13], [0, 0, 0, 14]], np.int32)
   batch = {"prompt_ids": jnp.asarray(prompts), "prompt_mask": jnp.asarray(prompts > 0)}

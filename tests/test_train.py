@@ -390,7 +390,7 @@ def _step_config(config):
     pad_id=0,
     num_samples=int(s.num_samples),
   )
-  return train.opd_config(config, sampling)
+  return train.opd_config(train.settings_of(config), sampling)
 
 
 def test_opd_config_builds_with_args():
@@ -605,17 +605,15 @@ def test_paper_config_aime_eval_is_an_argument(tmp_path):
 
 
 def _model_cfg(max_len=512):
-  from opd_jax.models import ModelConfig
+  from tiny import tiny_model_config
 
-  return ModelConfig(
-    model_type="qwen3",
-    vocab_size=64,
+  return tiny_model_config(
     hidden_size=16,
     intermediate_size=32,
     num_layers=1,
     num_heads=2,
     num_kv_heads=1,
-    head_dim=8,
+    qk_norm=False,
     max_position_embeddings=max_len,
   )
 
@@ -680,15 +678,15 @@ def _eval_case(tmp_path, case):
   ],
 )
 def test_eval_settings_checked_at_startup(tmp_path, case, message):
-  from opd_jax.train import prepare_evals
+  from opd_jax.train import prepare_evals, settings_of
 
   with pytest.raises(ValueError, match=message):
-    prepare_evals(_eval_case(tmp_path, case), _model_cfg())
+    prepare_evals(settings_of(_eval_case(tmp_path, case)), _model_cfg())
 
 
 def test_valid_evals_prepared_at_startup(tmp_path):
   from opd_jax import data as data_lib
-  from opd_jax.train import prepare_evals
+  from opd_jax.train import prepare_evals, settings_of
 
   c = _eval_case(tmp_path, "ok")
   c.evals.y = c.evals.x.copy_and_resolve_references()
@@ -697,14 +695,18 @@ def test_valid_evals_prepared_at_startup(tmp_path):
   data_lib.write_jsonl(
     c.evals.y.data_file, [{"prompt": f"{i}+1?", "answer": str(i + 1)} for i in range(3)]
   )
-  cache = prepare_evals(c, _model_cfg())
+  cache = prepare_evals(settings_of(c), _model_cfg())
   assert sorted(cache) == ["x", "y"]
   assert len(cache["x"][1]) == 4 and cache["x"][0].name == "arithmetic"
   assert [ex["answer"] for ex in cache["y"][1]] == ["1", "2", "3"]
 
 
 def test_run_settings_checked_at_startup(tmp_path):
-  from opd_jax.train import check_run_settings
+  from opd_jax.train import check_run_settings as check
+  from opd_jax.train import settings_of
+
+  def check_run_settings(c, *model_cfgs):
+    check(settings_of(c), *model_cfgs)
 
   c = _eval_case(tmp_path, "ok")
   check_run_settings(c, _model_cfg(), _model_cfg())
@@ -1010,14 +1012,15 @@ def test_driver_logs_flops_per_step_and_mfu(assets, tmp_path):
   """``flops_per_step`` = the analytic model FLOPs of the compiled shapes;
   ``mfu`` = flops / step time / (config.peak_flops x devices)."""
   from opd_jax import flops as flops_lib
-  from opd_jax.train import model_config_of, peak_flops, train, vocab_of
+  from opd_jax.train import model_config_of, peak_flops, settings_of, train, vocab_of
 
   c = tiny_config(assets, total_steps=2, peak_flops=1e12)
   train(c, str(tmp_path / "run"))
   recs = step_records(str(tmp_path / "run"))
   from transformers import AutoTokenizer
 
-  s_cfg, t_cfg = model_config_of(c, "student"), model_config_of(c, "teacher")
+  s = settings_of(c)
+  s_cfg, t_cfg = model_config_of(s.student), model_config_of(s.teacher)
   vocab = vocab_of(s_cfg, t_cfg, len(AutoTokenizer.from_pretrained(assets["tokenizer"])))
   want = flops_lib.step_flops(
     _step_config(c), s_cfg, t_cfg, batch_size=4, prompt_len=12, vocab=vocab
@@ -1028,9 +1031,9 @@ def test_driver_logs_flops_per_step_and_mfu(assets, tmp_path):
     assert r["mfu"] == pytest.approx(
       r["flops_per_step"] / r["step_time_s"] / (1e12 * jax.device_count()), rel=1e-6
     )
-  assert peak_flops(c) == 1e12
+  assert peak_flops(s) == 1e12
   c.peak_flops = 0.0
-  assert peak_flops(c) is None  # CPU: no table entry, so no mfu is logged
+  assert peak_flops(settings_of(c)) is None  # CPU: no table entry, so no mfu is logged
 
 
 def test_build_run_abstract_is_the_same_step(assets):
@@ -1063,6 +1066,111 @@ def test_build_run_abstract_is_the_same_step(assets):
   assert (
     a_opd.fn.lower(*a_opd.args(ab.state)).as_text() == opd.fn.lower(*opd.args(real.state)).as_text()
   )
+
+
+def test_sampling_and_decode_overrides_reach_the_step(assets, tmp_path, monkeypatch):
+  """Command-line ``--config.sampling.prefix_sum`` is the compiled step's
+  (student and teacher sampling: another lowered program) and the evals';
+  the models' decode knobs are their ``ModelConfig`` s; a bad value stops
+  ``build_run`` at start-up, naming the setting."""
+  from opd_jax import configs_lib, evaluation
+  from opd_jax.train import build_run, run_evals
+
+  c = tiny_config(assets)
+  c.evals.x = configs_lib.eval_config(num_examples=2)
+  path = write_config_file(c, str(tmp_path / "c.py"))
+  knobs = [
+    "--config.student.decode_attention=dense",
+    "--config.student.decode_contraction=dot",
+    "--config.teacher.key_cache_layout=standard",
+  ]
+  runs = {
+    m: build_run(
+      _parse_cli([f"--config={path}", f"--config.sampling.prefix_sum={m}"] + knobs)[0],
+      abstract=True,
+    )
+    for m in ("auto", "cumsum")
+  }
+  run = runs["cumsum"]
+  cfg = run.phases["opd"].cfg
+  assert cfg.sampling.prefix_sum == cfg.teacher_sampling.prefix_sum == "cumsum"
+  assert runs["auto"].phases["opd"].cfg == dataclasses.replace(
+    cfg,
+    sampling=dataclasses.replace(cfg.sampling, prefix_sum="auto"),
+    teacher_sampling=dataclasses.replace(cfg.teacher_sampling, prefix_sum="auto"),
+  )
+  text = {
+    m: r.phases["opd"].fn.lower(*r.phases["opd"].args(r.state)).as_text() for m, r in runs.items()
+  }
+  assert text["cumsum"] != text["auto"]
+  s, t = run.student_cfg, run.teacher_cfg
+  assert (s.decode_attention, s.decode_contraction, s.key_cache_layout) == ("dense", "dot", "auto")
+  assert (t.decode_attention, t.decode_contraction, t.key_cache_layout) == (
+    "auto",
+    "auto",
+    "standard",
+  )
+  seen = {}
+
+  def evaluator(*args, **kw):
+    seen.update(kw)
+    return {"accuracy": 1.0}
+
+  monkeypatch.setattr(evaluation.EVALUATORS, "get", lambda name: evaluator)
+  assert run_evals(run.settings, {"x": (None, [])}, None, None) == {"eval/x/accuracy": 1.0}
+  assert seen["prefix_sum"] == "cumsum"
+  with pytest.raises(ValueError, match=r"config\.sampling: prefix_sum='scan'; expected one of"):
+    build_run(_parse_cli([f"--config={path}", "--config.sampling.prefix_sum=scan"])[0])
+
+
+@pytest.mark.parametrize(
+  "key",
+  [
+    "batch_size",
+    "sampling.temperature",
+    "student.remat",
+    "teacher.attention_block",
+    "optimizer.lr",
+    "mesh.shape.data",
+    "evals.x.num_examples",
+    "cold_start.steps",
+    "distributed.num_processes",
+    "data.max_prompt_len",
+    "loss.chunk",
+  ],
+)
+def test_settings_reject_a_field_of_the_wrong_type(key):
+  """``settings_of`` is where config fields are read: a value of the wrong
+  type (a string where a number or bool belongs) stops ``build_run`` there,
+  naming the field, before any model or file is touched."""
+  import ml_collections
+
+  from opd_jax import configs_lib
+  from opd_jax.train import build_run
+
+  c = configs_lib.base_config()
+  c.evals.x = configs_lib.eval_config()
+  c = ml_collections.ConfigDict(c.to_dict(), type_safe=False)
+  *parents, leaf = key.split(".")
+  node = c
+  for p in parents:
+    node = node[p]
+  node[leaf] = "8"
+  with pytest.raises(ValueError, match=rf"^config\.{re.escape(key)}='8' must be \w+, not str$"):
+    build_run(c, abstract=True)
+
+
+def test_settings_reject_an_unknown_spec_key():
+  """A spec node (``config.optimizer``, a model, an eval, ...) holds exactly
+  its fields: a key nothing reads is an error naming it."""
+  from opd_jax import configs_lib
+  from opd_jax.train import settings_of
+
+  c = configs_lib.base_config()
+  c.optimizer.unlock()
+  c.optimizer.momentum = 0.9
+  with pytest.raises(ValueError, match=r"config\.optimizer: unknown settings \['momentum'\]"):
+    settings_of(c)
 
 
 # -----------------------------------------------------------------------------
@@ -1282,14 +1390,14 @@ def test_driver_fails_on_evals_that_cannot_run_before_step_1(assets, tmp_path, c
   """Evals that cannot run stop ``train`` at start-up: nothing is compiled,
   logged or checkpointed."""
   from opd_jax import configs_lib
-  from opd_jax.train import model_config_of, train
+  from opd_jax.train import model_config_of, settings_of, train
 
   c = tiny_config(assets)
   c.evals.x = configs_lib.eval_config(num_examples=4)
   if case == "unknown_evaluator":
     c.evals.x.evaluator = "nope"
   elif case == "too_long":
-    limit = model_config_of(c, "student").max_position_embeddings
+    limit = model_config_of(settings_of(c).student).max_position_embeddings
     c.evals.x.max_new_tokens = limit - int(c.data.max_prompt_len) + 1
   else:
     c.evals.x.task = "math"

@@ -518,7 +518,32 @@ class PromptData:
     num_threads: int = 0,
     mixture_schedules: Mapping[str, Any] | None = None,
   ) -> grain.IterDataset:
-    """The grain pipeline behind :meth:`iterator` (same arguments)."""
+    """The grain pipeline behind :meth:`iterator`.
+
+    Args:
+      batch_size: GLOBAL batch size; each process gets
+        ``batch_size // shard_count`` rows.
+      seed: shuffle seed (each epoch is reshuffled deterministically).
+      num_epochs: passes over the data; None repeats forever.
+      shard_index: this process's index (default ``jax.process_index()``).
+      shard_count: number of processes (default ``jax.process_count()``).
+      drop_remainder: drop the final partial global batch; otherwise it is
+        padded to full size with repeated rows marked ``valid=False``.
+      shuffle: shuffle records (False: file order, e.g. for evaluation).
+      mixture: optional ``{source_name: weight}``; sources are interleaved
+        deterministically in these proportions (grain ``MapDataset.mix``),
+        each one shuffled and repeated independently. Sources not named are
+        not used. With ``num_epochs``, an epoch is as many draws as the mixed
+        sources hold records.
+      num_threads: grain read threads (0 is best for in-memory data).
+      mixture_schedules: optional ``{source_name: schedules.Schedule}`` over
+        global batches: the weight of a named source of ``mixture`` at batch
+        t (a curriculum over difficulty levels); each draw then picks its
+        source from that batch's weights (:class:`_ScheduledMix`).
+
+    Returns:
+      A ``grain.IterDataset`` of this process's share of global batches.
+    """
     if len(self) == 0:
       raise ValueError(f"PromptData is empty: {self.empty_reason()}.")
     if shard_index is None or shard_count is None:
@@ -553,61 +578,17 @@ class PromptData:
       )
     )
 
-  def iterator(
-    self,
-    batch_size: int,
-    *,
-    seed: int = 0,
-    num_epochs: int | None = None,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    drop_remainder: bool = True,
-    shuffle: bool = True,
-    mixture: Mapping[str, float] | None = None,
-    num_threads: int = 0,
-    mixture_schedules: Mapping[str, Any] | None = None,
-  ) -> grain.DatasetIterator:
-    """Returns a grain iterator of this process's share of global batches.
-
-    Args:
-      batch_size: GLOBAL batch size; each process gets
-        ``batch_size // shard_count`` rows.
-      seed: shuffle seed (each epoch is reshuffled deterministically).
-      num_epochs: passes over the data; None repeats forever.
-      shard_index: this process's index (default ``jax.process_index()``).
-      shard_count: number of processes (default ``jax.process_count()``).
-      drop_remainder: drop the final partial global batch; otherwise it is
-        padded to full size with repeated rows marked ``valid=False``.
-      shuffle: shuffle records (False: file order, e.g. for evaluation).
-      mixture: optional ``{source_name: weight}``; sources are interleaved
-        deterministically in these proportions (grain ``MapDataset.mix``),
-        each one shuffled and repeated independently. Sources not named are
-        not used. With ``num_epochs``, an epoch is as many draws as the mixed
-        sources hold records.
-      num_threads: grain read threads (0 is best for in-memory data).
-      mixture_schedules: optional ``{source_name: schedules.Schedule}`` over
-        global batches: the weight of a named source of ``mixture`` at batch
-        t (a curriculum over difficulty levels); each draw then picks its
-        source from that batch's weights (:class:`_ScheduledMix`).
+  def iterator(self, batch_size: int, **options: Any) -> grain.DatasetIterator:
+    """Returns a grain iterator of this process's share of global batches:
+    ``iter(self.dataset(batch_size, **options))`` (the options of
+    :meth:`dataset`: seed, epochs, sharding, shuffle, mixture and its
+    schedules).
 
     Returns:
       A ``grain.DatasetIterator`` of batch dicts (see module docstring) with
       JSON-serialisable ``get_state()`` / ``set_state()``.
     """
-    return iter(
-      self.dataset(
-        batch_size,
-        seed=seed,
-        num_epochs=num_epochs,
-        shard_index=shard_index,
-        shard_count=shard_count,
-        drop_remainder=drop_remainder,
-        shuffle=shuffle,
-        mixture=mixture,
-        num_threads=num_threads,
-        mixture_schedules=mixture_schedules,
-      )
-    )
+    return iter(self.dataset(batch_size, **options))
 
 
 def validate_mixture(mixture: Mapping[str, float], source_names: Sequence[str]) -> dict[str, float]:
