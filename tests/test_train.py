@@ -1022,11 +1022,12 @@ def test_driver_logs_flops_per_step_and_mfu(assets, tmp_path):
   s = settings_of(c)
   s_cfg, t_cfg = model_config_of(s.student), model_config_of(s.teacher)
   vocab = vocab_of(s_cfg, t_cfg, len(AutoTokenizer.from_pretrained(assets["tokenizer"])))
-  want = flops_lib.step_flops(
-    _step_config(c), s_cfg, t_cfg, batch_size=4, prompt_len=12, vocab=vocab
-  )
   for step in (1, 2):
-    r = recs[step]
+    r = recs[step]  # at the step's prompt width (its bucket of max_prompt_len 12)
+    assert r["prompt_len"] in settings_of(c).prompt_buckets
+    want = flops_lib.step_flops(
+      _step_config(c), s_cfg, t_cfg, batch_size=4, prompt_len=int(r["prompt_len"]), vocab=vocab
+    )
     assert r["flops_per_step"] == want["total"] > 0
     assert r["mfu"] == pytest.approx(
       r["flops_per_step"] / r["step_time_s"] / (1e12 * jax.device_count()), rel=1e-6
