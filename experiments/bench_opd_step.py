@@ -134,6 +134,20 @@ def _arch(layers, hidden, heads, kv_heads, head_dim, mlp):
 
 
 PRESETS = {
+  # The quickstart's organisms' size (student 2x64, teacher 4x128, character
+  # vocabulary): per-step overheads dominate, as in most small-model sweeps.
+  "tiny": Preset(
+    "tiny",
+    student=_arch(2, 64, 4, 2, 16, 256),
+    teacher=_arch(4, 128, 4, 2, 32, 512),
+    vocab=64,
+    batch=32,
+    prompt_len=12,
+    new_tokens=48,
+    steps=12,
+    warmup=2,
+    trl_steps=4,
+  ),
   # The reference target (TRL: ~0.165 s/step, ~60% in generate, elsewhere).
   "small": Preset(
     "small",

@@ -82,6 +82,11 @@ class SamplingConfig:
   num_samples: int = 1
   vocab_size: int = 0
   prefix_sum: str = "auto"
+  # Under ``jax.vmap(..., axis_name=...)`` (a vmapped sweep's points): the
+  # decode loop runs until every point is done (``lax.pmin`` over the axis),
+  # so its predicate is not batched and no per-iteration select copies the
+  # carried caches; rows already done only emit padding, as they do anyway.
+  loop_axis_name: str | None = None
 
   def __post_init__(self):
     def whole(name, lo):
@@ -395,7 +400,10 @@ def sample(
 
   def cond(state):
     step, _, _, done = state[:4]
-    return (step < n_new) & ~jnp.all(done)
+    finished = jnp.all(done)
+    if config.loop_axis_name:  # every vmapped point done
+      finished = jax.lax.pmin(finished.astype(jnp.int32), config.loop_axis_name) > 0
+    return (step < n_new) & ~finished
 
   def body(state):
     step, cache, tok, *rest = state

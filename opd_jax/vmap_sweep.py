@@ -42,7 +42,7 @@ from opd_jax import checkpointing, configs_lib
 from opd_jax import train as train_lib
 from opd_jax.data import restore_iterator_state, save_iterator_state
 from opd_jax.logging_utils import MetricWriter
-from opd_jax.opd_step import host_metrics
+from opd_jax.opd_step import host_metrics, make_opd_step
 
 # Settings whose values may differ between the points of one program.
 TRACED_TARGETS = (
@@ -155,7 +155,13 @@ def build_vmapped(configs, workdirs, names=None):
   names = list(names or [os.path.basename(os.path.normpath(w)) for w in workdirs])
   if len(configs) != len(workdirs):
     raise ValueError("one workdir per point")
-  resolved = [train_lib.resolve_config(c, os.path.abspath(w)) for c, w in zip(configs, workdirs)]
+  # $WORKDIR is each point's own; a preparer's assets (config.prepare) are
+  # made once, under the first point's workdir, and shared.
+  first = os.path.abspath(workdirs[0])
+  resolved = [
+    train_lib.resolve_config(configs_lib.expand_workdir(c, os.path.abspath(w)), first)
+    for c, w in zip(configs, workdirs)
+  ]
   # $WORKDIR expansion differs per point by design: compare the loaded configs.
   plan = plan_sweep(configs, names)
   base = shared_config(resolved[0], plan)
@@ -172,12 +178,44 @@ def build_vmapped(configs, workdirs, names=None):
     point_values["lr_scale"] = jnp.asarray(
       [v / lr0 for v in plan.values["optimizer.lr"]], jnp.float32
     )
-  step_fn = run.phases["opd"].fn.step_fn
+  single = vmappable_step(run)
 
   def vstep(states, teacher, batches, values):
-    return jax.vmap(lambda s, b, v: step_fn(s, teacher, b, v))(states, batches, values)
+    return jax.vmap(lambda s, b, v: single.step_fn(s, teacher, b, v), axis_name=POINTS_AXIS)(
+      states, batches, values
+    )
 
-  return run, points, plan, jax.jit(vstep, donate_argnums=(0,)), point_values
+  jitted = jax.jit(vstep, donate_argnums=(0,))
+  jitted.trace_count, jitted.token_metric_names = single.trace_count, single.token_metric_names
+  return run, points, plan, jitted, point_values
+
+
+POINTS_AXIS = "points"
+
+
+def vmappable_step(run):
+  """The run's OPD step (``make_opd_step``: ``.step_fn`` is the function to
+  vmap, ``.trace_count`` / ``.token_metric_names`` as usual) with its
+  samplers' decode loops in lockstep over the points
+  (``SamplingConfig.loop_axis_name``)."""
+  phase = run.phases["opd"]
+  lockstep = lambda sc: None if sc is None else dataclasses.replace(sc, loop_axis_name=POINTS_AXIS)
+  cfg = dataclasses.replace(
+    phase.cfg,
+    sampling=lockstep(phase.cfg.sampling),
+    teacher_sampling=lockstep(phase.cfg.teacher_sampling),
+  )
+  fn = make_opd_step(
+    run.student_graphdef,
+    run.teacher_graphdef,
+    run.tx,
+    run.schedule,
+    cfg,
+    vocab_size=run.vocab,
+    sharder=run.sharder,
+    state_shardings=run.state_shardings,
+  )
+  return fn
 
 
 def initial_states(run, points):
@@ -231,7 +269,7 @@ def train_vmapped(
     dynamic_ncols=True,
   )
   phase, last = run.phases["opd"], [{"step": start} for _ in points]
-  names_of = phase.fn.token_metric_names
+  names_of = vstep.token_metric_names
   preempt, t_prev = checkpointing.PreemptionFlag(), time.time()
   status = "finished"
   try:
@@ -285,4 +323,4 @@ def train_vmapped(
       c.close()
     for w in writers:
       w.close()
-  return [{**m, "status": status, "trace_count": phase.fn.trace_count()} for m in last]
+  return [{**m, "status": status, "trace_count": vstep.trace_count()} for m in last]
