@@ -122,10 +122,13 @@ def _schedule_entries(config) -> list[tuple[str, str]]:
   return [tuple(e.split("=", 1)) for e in text.split(";") if e.strip()]
 
 
-def shared_config(config: ml_collections.ConfigDict, plan: SweepPlan) -> ml_collections.ConfigDict:
-  """Point 0's config with a ``constant`` schedule on every traced target
-  (the step then reads them as traced values, replaced per point)."""
-  entries = [f"{t}=constant:{plan.values[t][0]!r}" for t in plan.targets]
+def shared_config(
+  config: ml_collections.ConfigDict, plan: SweepPlan, point: int = 0
+) -> ml_collections.ConfigDict:
+  """``config`` with a ``constant`` schedule (at point ``point``'s value) on
+  every traced target: the step then reads them as traced values (the shared
+  step's, replaced per point; or one point's run alone, the same program)."""
+  entries = [f"{t}=constant:{plan.values[t][point]!r}" for t in plan.targets]
   text = ";".join(filter(None, [str(config.get("schedules", ""))] + entries))
   return configs_lib.updated(config, {"schedules": text}) if entries else config
 
@@ -169,8 +172,8 @@ def build_vmapped(configs, workdirs, names=None):
   if run.settings.cold_start.steps:
     raise ValueError("vmapped sweep: config.cold_start is not supported (one phase only)")
   points = [
-    Point(n, os.path.abspath(w), c, train_lib.settings_of(shared_config(c, plan)))
-    for n, w, c in zip(names, workdirs, resolved)
+    Point(n, os.path.abspath(w), c, train_lib.settings_of(shared_config(c, plan, k)))
+    for k, (n, w, c) in enumerate(zip(names, workdirs, resolved))
   ]
   lr0 = run.settings.optimizer.lr
   point_values = {t: jnp.asarray(plan.values[t], jnp.float32) for t in plan.targets}

@@ -60,7 +60,7 @@ def test_points_that_cannot_share_a_program_are_rejected(assets):
 def test_vmapped_points_equal_single_runs_and_resume(assets, tmp_path):
   from opd_jax import checkpointing
   from opd_jax.train import build_run, train
-  from opd_jax.vmap_sweep import train_vmapped
+  from opd_jax.vmap_sweep import plan_sweep, shared_config, train_vmapped
 
   cs = _configs(assets, total_steps=3)
   vdirs = [str(tmp_path / "vmap" / n) for n in cs]
@@ -71,9 +71,14 @@ def test_vmapped_points_equal_single_runs_and_resume(assets, tmp_path):
   res = train_vmapped(list(cs.values()), vdirs)
   assert [r["status"] for r in res] == ["finished"] * 3 and res[0]["trace_count"] == 1
   np.testing.assert_allclose([r["lr"] for r in res], [1e-3, 3e-3, 1e-3], rtol=1e-6)
+  plan = plan_sweep(list(cs.values()), list(cs))
   for name, c in cs.items():
     alone = str(tmp_path / "alone" / name)
-    train(c, alone)
+    # Point c's λ = 0.5 varies, so the sweep reads λ as a traced value: the
+    # run alone with λ as a constant schedule (the scheduled-λ path samples
+    # every row with both policies and masks: other draws than a static λ).
+    # a and b (λ = 1, β traced at its static value) equal the plain runs.
+    train(shared_config(c, plan, 2) if name == "c" else c, alone)
     got, want = step_records(str(tmp_path / "vmap" / name)), step_records(alone)
     assert sorted(got) == sorted(want) == [1, 2, 3]
     assert_same_metrics(
