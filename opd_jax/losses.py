@@ -514,16 +514,27 @@ def distillm2(
       β·KL(p ‖ α_s·sg(p) + (1 − α_s)·q)            skew reverse KL: lowers p(y_student)
   The student inside the reverse term's mixture is stop-gradient'ed, as in
   the official code (``student_vocab_logps.detach()``), so this reverse term
-  differs in gradient from ``skew_rkl``. β = 1 weighs the two equally; the
-  official "gradual β" raises it linearly from 1 to 1.5 over the first half of
-  training, β(t) = 1 + 0.5·min(1, 2t/T): set ``loss.schedules.beta`` to a
-  linear schedule (1.0 → 1.5 over T/2 steps). α_t, α_s are the paper's fixed
-  base α (0.1); its adaptive α (a clip of 1 − anchor/Δ, needing per-sample
-  log-prob statistics of the initial models precomputed over the dataset) is
-  not implemented. With off_policy_source="dataset" the dataset responses
-  take the teacher-response role. Reduction is the step's aggregation
-  (the official code averages per sequence, = aggregation "sequence_mean").
-  ``tokens`` is unused.
+  differs in gradient from ``skew_rkl``. β = 1 weighs the two equally.
+
+  Coefficient schedules of the official code (``distillm_v2`` trainer):
+    * gradual β: β(t) = 1 + 0.5·min(1, 2t/T) over T training steps (more
+      weight on the student-response term as training goes on). A plain
+      schedule over steps: ``config.schedules =
+      distillm2_beta_schedule(T)`` = ``"loss.beta=linear:1.0:1.5:0:T/2"``
+      (exact for even T; tested against the formula).
+    * adaptive α, per sample i (reading of the official code; the paper's
+      curriculum-based α update): α_i = clip(1 − (1 − α_0)·Δ_0 / (Δ_i + 1e-5),
+      0.01, α_0), Δ_i = exp(mean_t log q(y_t)) − exp(mean_t log p(y_t)) on a
+      teacher response (swapped on a student response) and Δ_0 a fixed
+      anchor gap. NOT implemented: it needs each row's sequence-mean token
+      log-probs of both models before the per-token pass (an extra head pass
+      over the sequence in our chunked step) and the anchor Δ_0 precomputed
+      from the initial models over the dataset; the released defaults run
+      without it (base α), which is what this loss computes.
+  With off_policy_source="dataset" the dataset responses take the
+  teacher-response role. Reduction is the step's aggregation (the official
+  code averages per sequence, = aggregation "sequence_mean"). ``tokens`` is
+  unused.
   """
   del tokens
   _check_range("alpha_teacher", alpha_teacher, 0.0, 1.0, hi_open=True)
@@ -537,6 +548,16 @@ def distillm2(
   teacher_term = _kl(logq, _log_mixture(logq, logp, alpha_teacher))
   student_term = _kl(logp, _log_mixture(jax.lax.stop_gradient(logp), logq, alpha_student))
   return jnp.where(jnp.asarray(on_policy, bool), beta * student_term, (2.0 - beta) * teacher_term)
+
+
+def distillm2_beta_schedule(total_steps: int) -> str:
+  """``config.schedules`` entry of DistiLLM-2's gradual β (official
+  ``distillm_v2`` trainer): β(t) = 1 + 0.5·min(1, 2t/T), i.e. ``loss.beta``
+  linear from 1.0 to 1.5 over the first T/2 of T steps, then 1.5 (exact for
+  even T; odd T reaches 1.5 at round(T/2))."""
+  if isinstance(total_steps, bool) or int(total_steps) != total_steps or total_steps < 2:
+    raise ValueError(f"total_steps must be an integer >= 2, got {total_steps!r}")
+  return f"loss.beta=linear:1.0:1.5:0:{max(1, round(total_steps / 2))}"
 
 
 @LOSSES.register("todi")

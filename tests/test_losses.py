@@ -647,6 +647,21 @@ def test_distillm2_picks_its_term_per_row():
     losses.distillm2(s, t, tok)
 
 
+def test_distillm2_gradual_beta_schedule_is_the_official_formula():
+  """β(t) = 1 + 0.5·min(1, 2t/T) (official ``distillm_v2`` gradual β), from
+  the built-in schedule string, at every step of a T-step run."""
+  from opd_jax import schedules
+
+  for total in (10, 400):
+    ((target, sched),) = schedules.parse_all(losses.distillm2_beta_schedule(total))
+    assert target == "loss.beta"
+    for t in range(total + 3):
+      want = 1.0 + 0.5 * min(1.0, 2.0 * t / total)
+      np.testing.assert_allclose(float(schedules.value(sched, t)), want, rtol=1e-6)
+  with pytest.raises(ValueError, match="total_steps"):
+    losses.distillm2_beta_schedule(1)
+
+
 def test_row_role_is_not_a_setting():
   assert losses.needs_row_role("distillm2") and not losses.needs_row_role("reverse_kl")
   with pytest.raises(ValueError, match="unknown argument"):
