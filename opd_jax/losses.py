@@ -593,23 +593,53 @@ def todi(
   return jnp.sum(jnp.where(live, terms, 0.0), axis=-1)
 
 
+def _akl_head(q: jax.Array, mu: float) -> jax.Array:
+  """AKL's head as a [..., V] bool mask of the probabilities ``q`` [..., V]
+  (see :func:`akl_head_mask`), without sorting the vocabulary.
+
+  With M(t) = Σ_{v: q(v) ≥ t} q(v) (non-increasing in t), the head is
+  {q ≥ b} for b the smallest value with M(b) ≤ μ (the sorted prefix whose
+  cumulative mass stays ≤ μ); if even the top value has M > μ, the top
+  value's entries. Found by bisection on the float32 bit pattern of the
+  threshold (monotone for q ≥ 0): 31 passes of a masked sum over V, each an
+  [...] reduction, so no sorted copy, permutation or cumsum of [..., V]
+  is formed, and under a vocabulary-sharded layout every pass is a local
+  sum plus a scalar all-reduce (a sort would all-gather V). Ties: if the
+  largest value a < b has M(b) + a ≤ μ (its first sorted copy still fits;
+  possible only when a is tied), a's entries join, as the sort reading
+  below does."""
+  q = jnp.asarray(q, jnp.float32)
+  bits = jax.lax.bitcast_convert_type(jnp.maximum(q, 0.0), jnp.int32)
+  top = jnp.max(bits, axis=-1, keepdims=True)
+  mass = lambda t: jnp.sum(jnp.where(bits >= t, q, 0.0), axis=-1, keepdims=True)
+
+  def halve(_, lo_hi):  # invariant: M(lo) > μ (lo = −1: none), M(hi) ≤ μ
+    lo, hi = lo_hi
+    mid = lo + (hi - lo) // 2
+    fits = mass(mid) <= mu
+    return jnp.where(fits, lo, mid), jnp.where(fits, mid, hi)
+
+  lo0 = jnp.full(top.shape, -1, jnp.int32)
+  _, t = jax.lax.fori_loop(0, 31, halve, (lo0, top + 1))  # 2^31 > the bit range
+  t = jnp.minimum(t, top)  # at least the top value's entries
+  below = jnp.max(jnp.where(bits < t, q, -1.0), axis=-1, keepdims=True)
+  tied_in = (below >= 0) & (mass(t) + below <= mu)
+  return (bits >= t) | (tied_in & (q == below))
+
+
 def akl_head_mask(
   teacher_logits, *, mu: float = 0.5, teacher_temperature: float = 1.0
 ) -> jax.Array:
   """AKL's head set as a [..., V] bool mask (no gradient): the teacher's most
   probable entries whose cumulative teacher probability, in descending order,
   stays ≤ μ, and always the top-1 (official ``get_ratio``: ``mask = cum_sum >
-  mu; mask[..., 0] = False``). Found from the sorted values as a threshold,
-  q(v) ≥ q_(h) with h = max(1, #{i : Σ_{j≤i} q_(j) ≤ μ}), so entries tied
-  with the last head entry all join the head (the official argsort splits
-  ties arbitrarily)."""
+  mu; mask[..., 0] = False``). Reading: q(v) ≥ q_(h) with h = max(1, #{i :
+  Σ_{j≤i} q_(j) ≤ μ}), so entries tied with the last head entry all join the
+  head (the official argsort splits ties arbitrarily). Computed without a
+  sort (:func:`_akl_head`)."""
+  _check_range("mu", mu, 0.0, 1.0)
   logq = _log_softmax(jax.lax.stop_gradient(teacher_logits), teacher_temperature)
-  q = jnp.exp(logq)
-  q_sorted = -jnp.sort(-q, axis=-1)  # descending
-  count = jnp.sum(jnp.cumsum(q_sorted, axis=-1) <= mu, axis=-1, keepdims=True)
-  h = jnp.maximum(count, 1)
-  threshold = jnp.take_along_axis(q_sorted, h - 1, axis=-1)
-  return q >= threshold
+  return _akl_head(jnp.exp(logq), mu)
 
 
 @LOSSES.register("akl")
@@ -631,14 +661,16 @@ def akl(
 
   with H the teacher's head (:func:`akl_head_mask`, μ = 0.5) and both gaps
   stop-gradient'ed. If p = q (both gaps 0) the weights are ½ each (the loss
-  and its gradient are 0 either way). Needs a sort of the teacher's
-  probabilities over the vocabulary per position. ``tokens`` is unused.
+  and its gradient are 0 either way). The head needs no sort of the
+  vocabulary (bisection on the threshold, :func:`_akl_head`). ``tokens`` is
+  unused.
   """
   del tokens
   _check_range("mu", mu, 0.0, 1.0)
   logp, logq = _log_probs(student_logits, teacher_logits, student_temperature, teacher_temperature)
-  head = akl_head_mask(teacher_logits, mu=mu, teacher_temperature=teacher_temperature)
-  gap = jnp.abs(jnp.exp(logq) - jnp.exp(jax.lax.stop_gradient(logp)))
+  q = jnp.exp(logq)
+  head = _akl_head(q, mu)
+  gap = jnp.abs(q - jnp.exp(jax.lax.stop_gradient(logp)))
   g_head = jnp.sum(jnp.where(head, gap, 0.0), axis=-1)
   g_tail = jnp.sum(jnp.where(head, 0.0, gap), axis=-1)
   total = g_head + g_tail
@@ -869,13 +901,143 @@ def _topk_opd_rule(
   return value, _sparse_grad(p, cotangent, student_temperature, idx, coef)
 
 
+def _parts_log_probs(student_logits, teacher_logits, student_temperature, teacher_temperature):
+  """(log p, log q, p, q) [..., V] via the shared normalisers."""
+  a, (ma, za), b, (mb, zb) = _probs_parts(
+    student_logits, teacher_logits, student_temperature, teacher_temperature
+  )
+  logp, logq = (a - ma) - za, (b - mb) - zb
+  return logp, logq, jnp.exp(logp), jnp.exp(logq)
+
+
+def _softmax_pullback(u, p):
+  """u − p·Σ_v u(v): the logit gradient (×τ) of Σ_v u(v)·log p(v) for a
+  constant u, over the last axis."""
+  return u - p * jnp.sum(u, axis=-1, keepdims=True)
+
+
+@_fused_rule(akl)
+def _akl_rule(
+  student_logits,
+  teacher_logits,
+  tokens,
+  cotangent,
+  *,
+  top_k_fn: TopK,
+  mu: float = 0.5,
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+):
+  """:func:`akl` and c·∂/∂s = (c/τ_s)·[w·(p − q) + (1 − w)·p·(log p − log q −
+  KL(p‖q))], w = sg(g_head/(g_head + g_tail)) (∂KL(q‖p)/∂s = (p − q)/τ_s)."""
+  del tokens, top_k_fn
+  _check_range("mu", mu, 0.0, 1.0)
+  logp, logq, p, q = _parts_log_probs(
+    student_logits, teacher_logits, student_temperature, teacher_temperature
+  )
+  head = _akl_head(q, mu)
+  gap = jnp.abs(q - p)
+  g_head = jnp.sum(jnp.where(head, gap, 0.0), axis=-1)
+  g_tail = jnp.sum(jnp.where(head, 0.0, gap), axis=-1)
+  total = g_head + g_tail
+  w = jnp.where(total > 0, g_head / jnp.where(total > 0, total, 1.0), 0.5)
+  d = jnp.where((p > 0) | (q > 0), logp - logq, 0.0)  # log p − log q
+  fkl = jnp.sum(jnp.where(q > 0, -q * d, 0.0), axis=-1)
+  rkl = jnp.sum(jnp.where(p > 0, p * d, 0.0), axis=-1)
+  wv = w[..., None]
+  grad = wv * (p - q) + (1.0 - wv) * jnp.where(p > 0, p * (d - rkl[..., None]), 0.0)
+  return w * fkl + (1.0 - w) * rkl, grad * (cotangent / student_temperature)[..., None]
+
+
+@_fused_rule(todi)
+def _todi_rule(
+  student_logits,
+  teacher_logits,
+  tokens,
+  cotangent,
+  *,
+  top_k_fn: TopK,
+  beta: float = 1.0,
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+):
+  """:func:`todi` and its logit gradient: with d = log p − log q and the
+  constant w(v), τ_s·∂/∂s = pullback(−w·q) + pullback((1 − w)·p·(d + 1))
+  (:func:`_softmax_pullback`), times c."""
+  del tokens, top_k_fn
+  _check_range("beta", beta, 0.0, math.inf, hi_open=True)
+  logp, logq, p, q = _parts_log_probs(
+    student_logits, teacher_logits, student_temperature, teacher_temperature
+  )
+  live = (p > 0) | (q > 0)
+  diff = jnp.where(live, logq - logp, 0.0)  # log q − log p
+  w = jax.nn.sigmoid(beta * diff)
+  wq = jnp.where(q > 0, w * q, 0.0)
+  up = jnp.where(p > 0, (1.0 - w) * p, 0.0)
+  terms = wq * diff - up * diff
+  value = jnp.sum(jnp.where(live, terms, 0.0), axis=-1)
+  grad = _softmax_pullback(up * (1.0 - diff) - wq, p)
+  return value, grad * (cotangent / student_temperature)[..., None]
+
+
+@_fused_rule(distillm2)
+def _distillm2_rule(
+  student_logits,
+  teacher_logits,
+  tokens,
+  cotangent,
+  *,
+  top_k_fn: TopK,
+  on_policy=None,
+  alpha_teacher: float = 0.1,
+  alpha_student: float = 0.1,
+  beta: float = 1.0,
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+):
+  """:func:`distillm2` and its logit gradient, per row role:
+    teacher rows, m = α_t·q + (1 − α_t)·p: τ_s·∂KL(q‖m)/∂s =
+      −(1 − α_t)·pullback(q·p/m);
+    student rows, m' = α_s·sg(p) + (1 − α_s)·q (constant):
+      τ_s·∂KL(p‖m')/∂s = pullback(p·(log p − log m'))
+  (:func:`_softmax_pullback`), scaled by (2 − β) / β and c."""
+  del tokens, top_k_fn
+  _check_range("alpha_teacher", alpha_teacher, 0.0, 1.0, hi_open=True)
+  _check_range("alpha_student", alpha_student, 0.0, 1.0, hi_open=True)
+  _check_range("beta", beta, 0.0, 2.0)
+  if on_policy is None:
+    raise ValueError(
+      "distillm2 needs on_policy (the row role, [B, C] bool; the OPD step passes it)"
+    )
+  logp, logq, p, q = _parts_log_probs(
+    student_logits, teacher_logits, student_temperature, teacher_temperature
+  )
+  on = jnp.asarray(on_policy, bool)
+  # Teacher term KL(q ‖ m).
+  logm = _log_mixture(logq, logp, alpha_teacher)
+  dq = jnp.where(q > 0, logq - logm, 0.0)
+  teacher_value = jnp.sum(jnp.where(q > 0, q * dq, 0.0), axis=-1)
+  rho = jnp.where(q > 0, q * jnp.exp(jnp.where(q > 0, logp - logm, 0.0)), 0.0)
+  teacher_grad = -(1.0 - jnp.asarray(alpha_teacher, jnp.float32)) * _softmax_pullback(rho, p)
+  # Student term KL(p ‖ m').
+  logm2 = _log_mixture(logp, logq, alpha_student)
+  dp = jnp.where(p > 0, logp - logm2, 0.0)
+  student_value = jnp.sum(jnp.where(p > 0, p * dp, 0.0), axis=-1)
+  student_grad = _softmax_pullback(jnp.where(p > 0, p * dp, 0.0), p)
+  scale = jnp.where(on, beta, 2.0 - beta)
+  value = scale * jnp.where(on, student_value, teacher_value)
+  grad = jnp.where(on[..., None], student_grad, teacher_grad)
+  return value, grad * (scale * cotangent / student_temperature)[..., None]
+
+
 def logits_value_and_grad(loss_fn: Callable[..., Any], top_k_fn: TopK = jax.lax.top_k):
   """``f(s, t, tokens, c, **extra) -> (loss [B, C], c·∂loss/∂s [B, C, V])`` for
   a loss from :func:`get_loss` (a registry function with its kwargs bound);
   ``extra`` (row inputs such as ``on_policy``, traced hyperparameters) is
   passed on to the loss as keywords.
 
-  Losses with a closed-form rule (reverse KL, top-k OPD) get it: a few passes
+  Losses with a closed-form rule (reverse KL, top-k OPD, AKL, ToDi,
+  DistiLLM-2) get it: a few passes
   over the chunk's logits, no autodiff tape of [B, C, V] intermediates, and
   ``top_k_fn`` (e.g. a sharding-aware top-k) for their candidate sets. Other
   losses fall back to ``jax.vjp`` of ``loss_fn``. Same values and gradients.

@@ -335,6 +335,7 @@ def test_logits_value_and_grad_uses_rules():
     assert fn.func in losses._FUSED
     losses.logits_value_and_grad(fn, top_k)(s, t, tok, c)
   assert calls == [3]
+  assert all(losses.LOSSES.get(n) in losses._FUSED for n in ("akl", "todi", "distillm2"))
 
 
 def test_no_nan_extreme_temperatures():
@@ -694,6 +695,23 @@ def test_akl_head_mask_matches_official_sort():
     # Padded columns (q = 0) are tied: compare the real ones.
     np.testing.assert_array_equal(got[..., list(REAL)], want[..., list(REAL)])
     assert np.all(got.sum(-1) >= 1)
+
+
+def test_akl_head_without_sort_matches_the_sort_reading_with_ties():
+  """The bisection head equals the sort reading q ≥ q_(h), h = max(1,
+  #{i : Σ_{j≤i} q_(j) ≤ μ}), also with many tied probabilities (integer
+  logits) and for μ past the top value's mass."""
+  rng = np.random.default_rng(18)
+  logits = rng.integers(0, 4, size=(64, 12)).astype(np.float32)
+  logits[:4] = 0.0  # all tied
+  logits[4, :3] = 9.0  # a tied top group heavier than μ
+  for mu in (0.0, 0.1, 0.3, 0.5, 0.77, 0.99):
+    got = np.asarray(losses.akl_head_mask(jnp.asarray(logits), mu=mu))
+    q = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1)).astype(np.float64)
+    srt = -np.sort(-q, axis=-1)
+    h = np.maximum((np.cumsum(srt, -1) <= mu).sum(-1), 1)
+    want = q >= np.take_along_axis(srt, h[:, None] - 1, -1)
+    np.testing.assert_array_equal(got, want, err_msg=f"mu={mu}")
 
 
 def test_akl_equal_distributions_is_zero():

@@ -1200,11 +1200,21 @@ def test_micro_batches_cut_step_memory():
 
 
 def _step_temp_mib(
-  *, rows: int, n_new: int, chunk: int, mesh=None, metrics: bool = True, budget_mib: float = 1024.0
+  *,
+  rows: int,
+  n_new: int,
+  chunk: int,
+  mesh=None,
+  metrics: bool = True,
+  budget_mib: float = 1024.0,
+  loss: str = "topk_opd",
+  loss_kwargs=None,
+  **cfg_kwargs,
 ) -> float:
   """Compile-only temporaries (MiB per device) of the whole step with the
-  paper's loss (top-k OPD, k=16) at vocabulary 151,936 and tiny model dims;
-  ``mesh`` e.g. ``{"data": 8}`` (None: one device, no mesh)."""
+  paper's loss (top-k OPD, k=16; or ``loss`` / ``loss_kwargs``) at vocabulary
+  151,936 and tiny model dims; ``mesh`` e.g. ``{"data": 8}`` (None: one
+  device, no mesh); ``cfg_kwargs``: more OPDConfig fields."""
   sh = Sharder(None if mesh is None else make_mesh(mesh))
   s_cfg = SCFG.replace(
     vocab_size=QWEN_VOCAB, padded_vocab_size=QWEN_VOCAB, max_position_embeddings=4096
@@ -1243,11 +1253,12 @@ def _step_temp_mib(
     batch_sh = {k: sh.batch(2, rows) for k in ("prompt_ids", "prompt_mask")}
   cfg = opd_step.OPDConfig(
     sampling=SamplingConfig(max_new_tokens=n_new, eos_ids=(3,)),
-    loss="topk_opd",
-    loss_kwargs={"k": 16},
+    loss=loss,
+    loss_kwargs={"k": 16} if loss_kwargs is None and loss == "topk_opd" else (loss_kwargs or {}),
     loss_chunk=chunk,
     loss_chunk_budget_mib=budget_mib,
     metrics=metrics,
+    **cfg_kwargs,
   )
   step = opd_step.make_opd_step(
     gd_s,
