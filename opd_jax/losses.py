@@ -41,9 +41,13 @@ import jax.numpy as jnp
 from opd_jax.registry import Registry
 
 # needs_teacher: reads teacher logits; row_role: reads ``on_policy`` [B, C] bool
-# (True where the position's row is a student sample), passed by the step.
-LOSSES = Registry("loss", needs_teacher=True, row_role=False)
-ROW_INPUTS = ("on_policy",)  # per-position inputs the step passes, never config
+# (True where the position's row is a student sample); outcome: reads
+# ``outcome_reward`` [B, C] f32 (the verifier's reward of the row's completion)
+# and ``outcome_group`` [B, C] int32 (the row's prompt: GRPO groups), all
+# constant along C and passed by the step.
+LOSSES = Registry("loss", needs_teacher=True, row_role=False, outcome=False)
+OUTCOME_INPUTS = ("outcome_reward", "outcome_group")
+ROW_INPUTS = ("on_policy",) + OUTCOME_INPUTS  # per-position inputs the step passes, never config
 
 _TOPK_STRATEGIES = ("student", "teacher", "union", "intersection")
 _TOPK_WEIGHTS = ("student", "teacher", "none")
@@ -681,6 +685,110 @@ def akl(
 
 
 # ----------------------------------------------------------------------------
+# OPD + outcome reward (issue #16 §3).
+# ----------------------------------------------------------------------------
+
+_DISTILL_REWARDS = ("k1", "topk")
+
+
+def grpo_advantages(
+  rewards: jax.Array, groups: jax.Array, *, eps: float = 1e-6, norm_by_std: bool = True
+) -> tuple[jax.Array, jax.Array]:
+  """GRPO's group-normalised outcome advantage (verl
+  ``compute_grpo_outcome_advantage``). [R] each.
+
+    Â_i = (r_i − mean_g r) / (std_g r + eps)   (norm_by_std; else r_i − mean_g r)
+
+  over the rows i of the same group g (``groups`` [R] int: the prompt of each
+  row, i.e. its ``num_samples`` completions), std unbiased (torch.std); a
+  group of one row has mean 0 and std 1, as in verl. Returns (Â [R] f32, the
+  row's group has zero reward variance [R] bool)."""
+  r = jnp.asarray(rewards, jnp.float32)
+  g = jnp.asarray(groups)
+  same = (g[:, None] == g[None, :]).astype(jnp.float32)  # [R, R]
+  count = jnp.sum(same, axis=1)
+  single = count <= 1
+  mean = jnp.where(single, 0.0, same @ r / count)
+  dev = r - mean
+  var = (same @ jnp.square(dev)) / jnp.maximum(count - 1.0, 1.0)
+  std = jnp.where(single, 1.0, jnp.sqrt(var))
+  adv = dev / (std + eps) if norm_by_std else dev
+  return adv, (std == 0) & ~single
+
+
+def _outcome_coef(outcome_reward, outcome_group, alpha, eps, norm_by_std) -> jax.Array:
+  """sg(α·Â) per row as [B, 1] from the step's [B, C] row inputs (rows on
+  axis 0, constant along C)."""
+  if outcome_reward is None or outcome_group is None:
+    raise ValueError(
+      "opd_grpo needs outcome_reward and outcome_group ([B, C]; the step passes them)"
+    )
+  adv, _ = grpo_advantages(
+    outcome_reward[:, 0], outcome_group[:, 0], eps=eps, norm_by_std=norm_by_std
+  )
+  return jax.lax.stop_gradient(alpha * adv)[:, None]
+
+
+def _check_opd_grpo(reward, k, eps):
+  _check_choice("reward", reward, _DISTILL_REWARDS)
+  if not isinstance(k, numbers.Integral) or k < 1:
+    raise ValueError(f"k={k!r} must be an integer ≥ 1 (reward='topk')")
+  _check_range("eps", eps, 0.0, math.inf, hi_open=True)
+
+
+@LOSSES.register("opd_grpo", outcome=True)
+def opd_grpo(
+  student_logits,
+  teacher_logits,
+  tokens,
+  *,
+  outcome_reward=None,
+  outcome_group=None,
+  alpha: float = 1.0,
+  reward: str = "k1",
+  k: int = 16,
+  strategy: str = "student",
+  weight: str = "student",
+  eps: float = 1e-6,
+  norm_by_std: bool = True,
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+) -> jax.Array:
+  """OPD + outcome reward, policy-gradient form (the arXiv 2604.13016 code's
+  ``token_reward_direct_plus_grpo``; verl OPD recipes). [B, C].
+
+  Per token the advantage is the distillation reward plus α times the
+  row's GRPO advantage (:func:`grpo_advantages` of the verifier's reward
+  over the ``num_samples`` completions of the row's prompt):
+    reward="k1":   A_t = sg(log q(y_t) − log p(y_t)) + α·Â,
+                   loss_t = −A_t·log p(y_t)   (= ``k1`` reward form − α·Â·log p(y_t))
+    reward="topk": loss_t = ``topk_opd`` (Eq. 5, its k / strategy / weight)
+                   − α·Â·log p(y_t)
+  so E[∇loss] = ∇KL(p‖q) − α·E[Â·∇log p(y)]: distillation plus REINFORCE
+  with a group baseline on the outcome. The value is a surrogate. α = 0 is
+  exactly the plain distillation loss (``k1`` reward form / ``topk_opd``).
+  ``outcome_reward`` / ``outcome_group`` [B, C] are the step's row inputs
+  (constant along C; rows on axis 0; every row of a group must be in the
+  same call, as the step's rows are); eps / norm_by_std are GRPO's.
+  """
+  _check_opd_grpo(reward, k, eps)
+  coef = _outcome_coef(outcome_reward, outcome_group, alpha, eps, norm_by_std)
+  kk = 0 if reward == "k1" else k
+  distill = topk_opd(
+    student_logits,
+    teacher_logits,
+    tokens,
+    k=kk,
+    strategy=strategy,
+    weight=weight,
+    student_temperature=student_temperature,
+    teacher_temperature=teacher_temperature,
+  )
+  logp_y = _gather(_log_softmax(student_logits, student_temperature), tokens)
+  return distill - coef * logp_y
+
+
+# ----------------------------------------------------------------------------
 # Supervised cross-entropy.
 # ----------------------------------------------------------------------------
 
@@ -718,10 +826,28 @@ def needs_row_role(name: str) -> bool:
   return bool(LOSSES.info(name)["row_role"])
 
 
-def row_inputs(name: str, on_policy: jax.Array) -> dict[str, jax.Array]:
+def needs_outcome(name: str) -> bool:
+  """Whether loss ``name`` reads an outcome reward (``outcome_reward`` /
+  ``outcome_group``, [B, C]), as declared at its registration."""
+  return bool(LOSSES.info(name)["outcome"])
+
+
+def row_inputs(
+  name: str, on_policy: jax.Array, outcome_reward=None, outcome_group=None
+) -> dict[str, jax.Array]:
   """The per-position keyword inputs loss ``name`` reads: {"on_policy":
-  on_policy} for a row-role loss, else {} (``on_policy`` [B, C] bool)."""
-  return {"on_policy": on_policy} if needs_row_role(name) else {}
+  on_policy} for a row-role loss, {"outcome_reward", "outcome_group"} for an
+  outcome loss, else {} (all [B, C]). For an abstract ``on_policy``
+  (``jax.ShapeDtypeStruct``) missing outcome inputs are made abstract too."""
+  out = {"on_policy": on_policy} if needs_row_role(name) else {}
+  if needs_outcome(name):
+    if outcome_reward is None or outcome_group is None:
+      if not isinstance(on_policy, jax.ShapeDtypeStruct):
+        raise ValueError(f"loss {name!r} needs outcome_reward and outcome_group ([B, C])")
+      outcome_reward = jax.ShapeDtypeStruct(on_policy.shape, jnp.float32)
+      outcome_group = jax.ShapeDtypeStruct(on_policy.shape, jnp.int32)
+    out.update(outcome_reward=outcome_reward, outcome_group=outcome_group)
+  return out
 
 
 def get_loss(name: str, kwargs: Mapping[str, Any] | None = None) -> Callable[..., Any]:
@@ -1028,6 +1154,52 @@ def _distillm2_rule(
   value = scale * jnp.where(on, student_value, teacher_value)
   grad = jnp.where(on[..., None], student_grad, teacher_grad)
   return value, grad * (scale * cotangent / student_temperature)[..., None]
+
+
+@_fused_rule(opd_grpo)
+def _opd_grpo_rule(
+  student_logits,
+  teacher_logits,
+  tokens,
+  cotangent,
+  *,
+  top_k_fn: TopK,
+  outcome_reward=None,
+  outcome_group=None,
+  alpha: float = 1.0,
+  reward: str = "k1",
+  k: int = 16,
+  strategy: str = "student",
+  weight: str = "student",
+  eps: float = 1e-6,
+  norm_by_std: bool = True,
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+):
+  """:func:`opd_grpo`: the top-k OPD rule (k = 0 for the sampled k1 reward)
+  plus the outcome term −α·Â·log p(y): c/τ_s·(−α·Â)·(onehot(y) − p)."""
+  _check_opd_grpo(reward, k, eps)
+  coef = _outcome_coef(outcome_reward, outcome_group, alpha, eps, norm_by_std)
+  value, grad = _topk_opd_rule(
+    student_logits,
+    teacher_logits,
+    tokens,
+    cotangent,
+    top_k_fn=top_k_fn,
+    k=0 if reward == "k1" else k,
+    strategy=strategy,
+    weight=weight,
+    student_temperature=student_temperature,
+    teacher_temperature=teacher_temperature,
+  )
+  a = _scaled(student_logits, student_temperature)
+  ma, za = log_normalizer(a)
+  p = jnp.exp((a - ma) - za)
+  idx = jnp.asarray(tokens, jnp.int32)[..., None]
+  logp_y = ((_take(a, idx) - ma) - za)[..., 0]
+  c_out = -jnp.broadcast_to(coef, logp_y.shape)
+  grad = grad + _sparse_grad(p, cotangent, student_temperature, idx, c_out[..., None])
+  return value + c_out * logp_y, grad
 
 
 def logits_value_and_grad(loss_fn: Callable[..., Any], top_k_fn: TopK = jax.lax.top_k):
