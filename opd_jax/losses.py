@@ -1075,37 +1075,6 @@ def _akl_rule(
   return w * fkl + (1.0 - w) * rkl, grad * (cotangent / student_temperature)[..., None]
 
 
-@_fused_rule(todi)
-def _todi_rule(
-  student_logits,
-  teacher_logits,
-  tokens,
-  cotangent,
-  *,
-  top_k_fn: TopK,
-  beta: float = 1.0,
-  student_temperature: float = 1.0,
-  teacher_temperature: float = 1.0,
-):
-  """:func:`todi` and its logit gradient: with d = log p − log q and the
-  constant w(v), τ_s·∂/∂s = pullback(−w·q) + pullback((1 − w)·p·(d + 1))
-  (:func:`_softmax_pullback`), times c."""
-  del tokens, top_k_fn
-  _check_range("beta", beta, 0.0, math.inf, hi_open=True)
-  logp, logq, p, q = _parts_log_probs(
-    student_logits, teacher_logits, student_temperature, teacher_temperature
-  )
-  live = (p > 0) | (q > 0)
-  diff = jnp.where(live, logq - logp, 0.0)  # log q − log p
-  w = jax.nn.sigmoid(beta * diff)
-  wq = jnp.where(q > 0, w * q, 0.0)
-  up = jnp.where(p > 0, (1.0 - w) * p, 0.0)
-  terms = wq * diff - up * diff
-  value = jnp.sum(jnp.where(live, terms, 0.0), axis=-1)
-  grad = _softmax_pullback(up * (1.0 - diff) - wq, p)
-  return value, grad * (cotangent / student_temperature)[..., None]
-
-
 @_fused_rule(distillm2)
 def _distillm2_rule(
   student_logits,
@@ -1208,8 +1177,8 @@ def logits_value_and_grad(loss_fn: Callable[..., Any], top_k_fn: TopK = jax.lax.
   ``extra`` (row inputs such as ``on_policy``, traced hyperparameters) is
   passed on to the loss as keywords.
 
-  Losses with a closed-form rule (reverse KL, top-k OPD, AKL, ToDi,
-  DistiLLM-2) get it: a few passes
+  Losses with a closed-form rule (reverse KL, top-k OPD, AKL, DistiLLM-2,
+  OPD + GRPO) get it: a few passes
   over the chunk's logits, no autodiff tape of [B, C, V] intermediates, and
   ``top_k_fn`` (e.g. a sharding-aware top-k) for their candidate sets. Other
   losses fall back to ``jax.vjp`` of ``loss_fn``. Same values and gradients.

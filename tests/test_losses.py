@@ -373,7 +373,7 @@ def test_logits_value_and_grad_uses_rules():
     assert fn.func in losses._FUSED
     losses.logits_value_and_grad(fn, top_k)(s, t, tok, c)
   assert calls == [3]
-  assert all(losses.LOSSES.get(n) in losses._FUSED for n in ("akl", "todi", "distillm2"))
+  assert all(losses.LOSSES.get(n) in losses._FUSED for n in ("akl", "distillm2", "opd_grpo"))
 
 
 def test_no_nan_extreme_temperatures():
