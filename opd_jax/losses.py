@@ -751,6 +751,7 @@ def opd_grpo(
   weight: str = "student",
   eps: float = 1e-6,
   norm_by_std: bool = True,
+  task: str = "arithmetic",
   student_temperature: float = 1.0,
   teacher_temperature: float = 1.0,
 ) -> jax.Array:
@@ -769,8 +770,12 @@ def opd_grpo(
   exactly the plain distillation loss (``k1`` reward form / ``topk_opd``).
   ``outcome_reward`` / ``outcome_group`` [B, C] are the step's row inputs
   (constant along C; rows on axis 0; every row of a group must be in the
-  same call, as the step's rows are); eps / norm_by_std are GRPO's.
+  same call, as the step's rows are); eps / norm_by_std are GRPO's. ``task``
+  names the verifier's task (``opd_jax.tasks``; train.py builds
+  ``OPDConfig.verifier`` from it: JAX-native for "arithmetic" on a
+  character-level tokenizer, else the task's host verifier); unused here.
   """
+  del task
   _check_opd_grpo(reward, k, eps)
   coef = _outcome_coef(outcome_reward, outcome_group, alpha, eps, norm_by_std)
   kk = 0 if reward == "k1" else k
@@ -1142,11 +1147,13 @@ def _opd_grpo_rule(
   weight: str = "student",
   eps: float = 1e-6,
   norm_by_std: bool = True,
+  task: str = "arithmetic",
   student_temperature: float = 1.0,
   teacher_temperature: float = 1.0,
 ):
   """:func:`opd_grpo`: the top-k OPD rule (k = 0 for the sampled k1 reward)
   plus the outcome term −α·Â·log p(y): c/τ_s·(−α·Â)·(onehot(y) − p)."""
+  del task
   _check_opd_grpo(reward, k, eps)
   coef = _outcome_coef(outcome_reward, outcome_group, alpha, eps, norm_by_std)
   value, grad = _topk_opd_rule(

@@ -50,7 +50,8 @@ from opd_jax.organisms import PREPARERS
 from opd_jax.sampling import SamplingConfig
 from opd_jax.sharding import Sharder, make_mesh, rules_from_config
 
-BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "answer_ids")
+ANSWER_TOKENS = 64  # answer_ids width of an outcome loss's batches (opd_grpo)
 
 
 # -----------------------------------------------------------------------------
@@ -353,6 +354,8 @@ def batch_specs(config, sharder: Sharder) -> dict[str, jax.ShapeDtypeStruct]:
   keys = [("prompt_ids", jnp.int32, p), ("prompt_mask", jnp.bool_, p)]
   if s.on_policy_fraction < 1 and s.off_policy_source == "dataset":
     keys += [("completion_ids", jnp.int32, n), ("completion_mask", jnp.bool_, n)]
+  if losses_lib.needs_outcome(config.loss.name):
+    keys += [("answer_ids", jnp.int32, ANSWER_TOKENS)]
   return {
     k: jax.ShapeDtypeStruct((b, w), dt, sharding=batch_sharding(sharder, (b, w)))
     for k, dt, w in keys
@@ -394,7 +397,24 @@ def sampling_config(
   return dataclasses.replace(out, eos_ids=()) if s.get("ignore_eos", False) else out
 
 
-def opd_config(config, sampling: SamplingConfig) -> OPDConfig:
+def outcome_verifier(config, tokenizer=None):
+  """The in-step verifier of an outcome loss (opd_grpo) from
+  ``config.loss.task`` (``tasks.verify.make_verifier``; without a tokenizer,
+  e.g. for the abstract lowering, the task's host verifier), else None."""
+  if not losses_lib.needs_outcome(config.loss.name):
+    return None
+  from opd_jax.tasks import get_task, verify  # pylint: disable=import-outside-toplevel
+
+  try:
+    task = get_task(config.loss.task)
+  except ValueError as e:
+    raise ValueError(f"config.loss.task: {e}") from None
+  if tokenizer is None:
+    return verify.HostVerifier(task, None)
+  return verify.make_verifier(task, tokenizer)
+
+
+def opd_config(config, sampling: SamplingConfig, verifier=None) -> OPDConfig:
   ts = config.teacher_sampling
   teacher_sampling = dataclasses.replace(
     sampling, temperature=float(ts.temperature), top_k=int(ts.top_k), top_p=float(ts.top_p)
@@ -414,6 +434,7 @@ def opd_config(config, sampling: SamplingConfig) -> OPDConfig:
     metrics_top_k=int(config.metrics.top_k),
     position_chunk=int(config.metrics.position_chunk),
     micro_batches=int(config.micro_batches),
+    verifier=verifier,
     schedules=tuple(
       (t, v)
       for t, v in schedules_lib.parse_all(str(config.get("schedules", "")))
@@ -422,8 +443,9 @@ def opd_config(config, sampling: SamplingConfig) -> OPDConfig:
   )  # those are the data's
 
 
-def build_data(settings: Settings, tokenizer):
-  """The OPD phase's prompts (:class:`data.PromptData`) and their iterator."""
+def build_data(settings: Settings, tokenizer, answers: bool = False):
+  """The OPD phase's prompts (:class:`data.PromptData`) and their iterator
+  (``answers``: batches carry ``answer_ids``, for an in-step verifier)."""
   if not settings.train_files:
     raise ValueError("config.data.train_files is empty")
   try:
@@ -439,6 +461,11 @@ def build_data(settings: Settings, tokenizer):
       f"config.data.train_files: {data.empty_reason()} (settings: "
       "config.data.max_prompt_len / overlong / on_error / prompt_field)"
     )
+  if answers:
+    try:
+      data = data.with_answer_ids(tokenizer, ANSWER_TOKENS)
+    except ValueError as e:
+      raise ValueError(f"config.data.answer_field: {e}") from None
   it = data.iterator(
     settings.batch_size,
     seed=settings.seed,
@@ -814,7 +841,7 @@ def build_run(
       t_shardings = sharder.tree_shardings(t_params)
     vocab = vocab_of(s_cfg, t_cfg, len(tokenizer))
     sampling = sampling_config(config, tokenizer, s_cfg)
-  step_cfg = opd_config(config, sampling)
+  step_cfg = opd_config(config, sampling, outcome_verifier(config, tokenizer))
   # --- Optimizer and train state.
   tx, schedule = make_optimizer(config)
   if abstract:
@@ -861,7 +888,7 @@ def build_run(
     phases = {"opd": make_phase("opd", step_cfg, None, batch_specs(config, sharder), teacher_args)}
     data_stats = {}
   else:
-    data, it = build_data(settings, tokenizer)
+    data, it = build_data(settings, tokenizer, answers=step_cfg.verifier is not None)
     data_stats = {**data.stats, **data.counts}
     phases = {"opd": make_phase("opd", step_cfg, it, example_batch(data), teacher_args)}
     if settings.cold_start.steps > 0:

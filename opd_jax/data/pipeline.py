@@ -163,6 +163,9 @@ class PromptData:
   counts: dict[str, int] = dataclasses.field(default_factory=dict)
   empty_files: tuple[str, ...] = ()
   options: DataOptions | None = None
+  # [n, A] int32 token ids of each record's answer (-1 padded), or None; set
+  # with :meth:`with_answer_ids` for steps that verify in the step (opd_grpo).
+  answer_ids: np.ndarray | None = None
 
   # --------------------------------------------------------------- building
 
@@ -441,6 +444,13 @@ class PromptData:
     """Reference answers for a batch's ``index`` array."""
     return [self.answers[int(i)] for i in index]
 
+  def with_answer_ids(self, tokenizer, width: int) -> PromptData:
+    """A copy whose batches carry ``answer_ids`` [B, width] (each answer's
+    ``str(answer).strip()`` tokens, -1 padded; ValueError if longer)."""
+    from opd_jax.tasks.verify import encode_answers  # pylint: disable=import-outside-toplevel
+
+    return dataclasses.replace(self, answer_ids=encode_answers(self.answers, tokenizer, width))
+
   def gather(self, index: np.ndarray) -> Batch:
     """The batch dict for record indices ``index`` (all rows valid)."""
     index = np.asarray(index, np.int64)
@@ -454,6 +464,8 @@ class PromptData:
     if self.completion_ids is not None:
       batch["completion_ids"] = self.completion_ids[index]
       batch["completion_mask"] = self.completion_mask[index]
+    if self.answer_ids is not None:
+      batch["answer_ids"] = self.answer_ids[index]
     return batch
 
   # ------------------------------------------------------------- iteration
