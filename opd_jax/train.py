@@ -415,6 +415,10 @@ def outcome_verifier(config, tokenizer=None):
 
 
 def opd_config(config, sampling: SamplingConfig, verifier=None) -> OPDConfig:
+  """The step's static config; ``verifier``: an outcome loss's in-step
+  verifier (default :func:`outcome_verifier` without a tokenizer)."""
+  if verifier is None:
+    verifier = outcome_verifier(config)
   ts = config.teacher_sampling
   teacher_sampling = dataclasses.replace(
     sampling, temperature=float(ts.temperature), top_k=int(ts.top_k), top_p=float(ts.top_p)
