@@ -99,8 +99,10 @@ def _build(
   teacher_cfg=TCFG,
   teacher_params=None,
   vocab_size=VOCAB,
+  batch_keys=None,
 ):
-  """Student, teacher and jitted step. Returns a dict of the pieces."""
+  """Student, teacher and jitted step (``batch_keys``: the batch's keys on a
+  mesh, default the prompts'). Returns a dict of the pieces."""
   sh = Sharder(mesh)
   student = create_model(student_cfg, seed=SEED, sharder=sh)
   tx, sched = optim.make_optimizer(opt or {"name": "sgd", "lr": SGD_LR, "grad_clip": 0})
@@ -115,7 +117,7 @@ def _build(
     if mesh is not None:
       t_sh = sh.tree_shardings(t_params)
   if mesh is not None:
-    b_sh = {k: sh.batch(2, PROMPTS.shape[0]) for k in _batch()}
+    b_sh = {k: sh.batch(2, PROMPTS.shape[0]) for k in (batch_keys or _batch())}
   step = opd_step.make_opd_step(
     gd_s,
     gd_t,
@@ -989,6 +991,36 @@ def test_opd_grpo_step_outcome_metrics_match_reference():
   np.testing.assert_allclose(
     m["outcome/advantage_outcome_abs"], (np.abs(adv) * tok).sum() / tok.sum(), rtol=1e-5
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class _HostEvenFirstToken:
+  """_EvenFirstToken on the host, through jax.pure_callback (as HostVerifier)."""
+
+  def __call__(self, tokens, mask, answer_ids):
+    def score(t, m, a):
+      del a
+      return ((np.asarray(t)[:, 0] % 2 == 0) & np.asarray(m)[:, 0]).astype(np.float32)
+
+    out = jax.ShapeDtypeStruct((tokens.shape[0],), jnp.float32)
+    return jax.pure_callback(score, out, tokens, mask, answer_ids)
+
+
+@pytest.mark.slow
+def test_opd_grpo_host_verifier_on_a_mesh_matches_single_device():
+  """A pure_callback verifier inside the step on a (data=2, fsdp=2, tensor=2)
+  mesh gives the single-device, JAX-native verifier's step (one program)."""
+  cfg = _grpo_cfg(loss_kwargs={"alpha": 0.7})
+  batch = _grpo_batch()
+  m_ref, p_ref = _one_step(cfg, batch)
+  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  host = dataclasses.replace(cfg, verifier=_HostEvenFirstToken())
+  b = _build(host, mesh=mesh, batch_keys=tuple(batch))
+  sh = b["sharder"]
+  batch = {k: jax.device_put(v, sh.batch(2, PROMPTS.shape[0])) for k, v in batch.items()}
+  state, m = b["step"](b["state"], b["t_params"], batch)
+  assert b["step"].trace_count() == 1
+  _assert_same_step(m_ref, p_ref, _metrics(b["step"], m), _host(state.params), rtol=2e-5)
 
 
 def test_opd_grpo_config_errors():
