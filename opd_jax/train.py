@@ -466,10 +466,13 @@ def build_data(settings: Settings, tokenizer, answers: bool = False):
       "config.data.max_prompt_len / overlong / on_error / prompt_field)"
     )
   if answers:
+    from opd_jax.tasks.verify import encode_answers  # pylint: disable=import-outside-toplevel
+
     try:
-      data = data.with_answer_ids(tokenizer, ANSWER_TOKENS)
+      answer_ids = encode_answers(data.answers, tokenizer, ANSWER_TOKENS)
     except ValueError as e:
       raise ValueError(f"config.data.answer_field: {e}") from None
+    data = dataclasses.replace(data, answer_ids=answer_ids)
   it = data.iterator(
     settings.batch_size,
     seed=settings.seed,

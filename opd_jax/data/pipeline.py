@@ -164,7 +164,8 @@ class PromptData:
   empty_files: tuple[str, ...] = ()
   options: DataOptions | None = None
   # [n, A] int32 token ids of each record's answer (-1 padded), or None; set
-  # with :meth:`with_answer_ids` for steps that verify in the step (opd_grpo).
+  # (dataclasses.replace, tasks.verify.encode_answers) for steps that verify
+  # in the step (opd_grpo): batches then carry "answer_ids".
   answer_ids: np.ndarray | None = None
 
   # --------------------------------------------------------------- building
@@ -443,13 +444,6 @@ class PromptData:
   def answers_for(self, index: Iterable[int]) -> list[Any]:
     """Reference answers for a batch's ``index`` array."""
     return [self.answers[int(i)] for i in index]
-
-  def with_answer_ids(self, tokenizer, width: int) -> PromptData:
-    """A copy whose batches carry ``answer_ids`` [B, width] (each answer's
-    ``str(answer).strip()`` tokens, -1 padded; ValueError if longer)."""
-    from opd_jax.tasks.verify import encode_answers  # pylint: disable=import-outside-toplevel
-
-    return dataclasses.replace(self, answer_ids=encode_answers(self.answers, tokenizer, width))
 
   def gather(self, index: np.ndarray) -> Batch:
     """The batch dict for record indices ``index`` (all rows valid)."""
