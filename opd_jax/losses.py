@@ -41,9 +41,13 @@ import jax.numpy as jnp
 from opd_jax.registry import Registry
 
 # needs_teacher: reads teacher logits; row_role: reads ``on_policy`` [B, C] bool
-# (True where the position's row is a student sample), passed by the step.
-LOSSES = Registry("loss", needs_teacher=True, row_role=False)
-ROW_INPUTS = ("on_policy",)  # per-position inputs the step passes, never config
+# (True where the position's row is a student sample); outcome: reads
+# ``outcome_reward`` [B, C] f32 (the verifier's reward of the row's completion)
+# and ``outcome_group`` [B, C] int32 (the row's prompt: GRPO groups), all
+# constant along C and passed by the step.
+LOSSES = Registry("loss", needs_teacher=True, row_role=False, outcome=False)
+OUTCOME_INPUTS = ("outcome_reward", "outcome_group")
+ROW_INPUTS = ("on_policy",) + OUTCOME_INPUTS  # per-position inputs the step passes, never config
 
 _TOPK_STRATEGIES = ("student", "teacher", "union", "intersection")
 _TOPK_WEIGHTS = ("student", "teacher", "none")
@@ -519,16 +523,27 @@ def distillm2(
       β·KL(p ‖ α_s·sg(p) + (1 − α_s)·q)            skew reverse KL: lowers p(y_student)
   The student inside the reverse term's mixture is stop-gradient'ed, as in
   the official code (``student_vocab_logps.detach()``), so this reverse term
-  differs in gradient from ``skew_rkl``. β = 1 weighs the two equally; the
-  official "gradual β" raises it linearly from 1 to 1.5 over the first half of
-  training, β(t) = 1 + 0.5·min(1, 2t/T): set ``loss.schedules.beta`` to a
-  linear schedule (1.0 → 1.5 over T/2 steps). α_t, α_s are the paper's fixed
-  base α (0.1); its adaptive α (a clip of 1 − anchor/Δ, needing per-sample
-  log-prob statistics of the initial models precomputed over the dataset) is
-  not implemented. With off_policy_source="dataset" the dataset responses
-  take the teacher-response role. Reduction is the step's aggregation
-  (the official code averages per sequence, = aggregation "sequence_mean").
-  ``tokens`` is unused.
+  differs in gradient from ``skew_rkl``. β = 1 weighs the two equally.
+
+  Coefficient schedules of the official code (``distillm_v2`` trainer):
+    * gradual β: β(t) = 1 + 0.5·min(1, 2t/T) over T training steps (more
+      weight on the student-response term as training goes on). A plain
+      schedule over steps: ``config.schedules =
+      distillm2_beta_schedule(T)`` = ``"loss.beta=linear:1.0:1.5:0:T/2"``
+      (exact for even T; tested against the formula).
+    * adaptive α, per sample i (reading of the official code; the paper's
+      curriculum-based α update): α_i = clip(1 − (1 − α_0)·Δ_0 / (Δ_i + 1e-5),
+      0.01, α_0), Δ_i = exp(mean_t log q(y_t)) − exp(mean_t log p(y_t)) on a
+      teacher response (swapped on a student response) and Δ_0 a fixed
+      anchor gap. NOT implemented: it needs each row's sequence-mean token
+      log-probs of both models before the per-token pass (an extra head pass
+      over the sequence in our chunked step) and the anchor Δ_0 precomputed
+      from the initial models over the dataset; the released defaults run
+      without it (base α), which is what this loss computes.
+  With off_policy_source="dataset" the dataset responses take the
+  teacher-response role. Reduction is the step's aggregation (the official
+  code averages per sequence, = aggregation "sequence_mean"). ``tokens`` is
+  unused.
   """
   del tokens
   _check_range("alpha_teacher", alpha_teacher, 0.0, 1.0, hi_open=True)
@@ -542,6 +557,16 @@ def distillm2(
   teacher_term = _kl(logq, _log_mixture(logq, logp, alpha_teacher))
   student_term = _kl(logp, _log_mixture(jax.lax.stop_gradient(logp), logq, alpha_student))
   return jnp.where(jnp.asarray(on_policy, bool), beta * student_term, (2.0 - beta) * teacher_term)
+
+
+def distillm2_beta_schedule(total_steps: int) -> str:
+  """``config.schedules`` entry of DistiLLM-2's gradual β (official
+  ``distillm_v2`` trainer): β(t) = 1 + 0.5·min(1, 2t/T), i.e. ``loss.beta``
+  linear from 1.0 to 1.5 over the first T/2 of T steps, then 1.5 (exact for
+  even T; odd T reaches 1.5 at round(T/2))."""
+  if isinstance(total_steps, bool) or int(total_steps) != total_steps or total_steps < 2:
+    raise ValueError(f"total_steps must be an integer >= 2, got {total_steps!r}")
+  return f"loss.beta=linear:1.0:1.5:0:{max(1, round(total_steps / 2))}"
 
 
 @LOSSES.register("todi")
@@ -577,23 +602,53 @@ def todi(
   return jnp.sum(jnp.where(live, terms, 0.0), axis=-1)
 
 
+def _akl_head(q: jax.Array, mu: float) -> jax.Array:
+  """AKL's head as a [..., V] bool mask of the probabilities ``q`` [..., V]
+  (see :func:`akl_head_mask`), without sorting the vocabulary.
+
+  With M(t) = Σ_{v: q(v) ≥ t} q(v) (non-increasing in t), the head is
+  {q ≥ b} for b the smallest value with M(b) ≤ μ (the sorted prefix whose
+  cumulative mass stays ≤ μ); if even the top value has M > μ, the top
+  value's entries. Found by bisection on the float32 bit pattern of the
+  threshold (monotone for q ≥ 0): 31 passes of a masked sum over V, each an
+  [...] reduction, so no sorted copy, permutation or cumsum of [..., V]
+  is formed, and under a vocabulary-sharded layout every pass is a local
+  sum plus a scalar all-reduce (a sort would all-gather V). Ties: if the
+  largest value a < b has M(b) + a ≤ μ (its first sorted copy still fits;
+  possible only when a is tied), a's entries join, as the sort reading
+  below does."""
+  q = jnp.asarray(q, jnp.float32)
+  bits = jax.lax.bitcast_convert_type(jnp.maximum(q, 0.0), jnp.int32)
+  top = jnp.max(bits, axis=-1, keepdims=True)
+  mass = lambda t: jnp.sum(jnp.where(bits >= t, q, 0.0), axis=-1, keepdims=True)
+
+  def halve(_, lo_hi):  # invariant: M(lo) > μ (lo = −1: none), M(hi) ≤ μ
+    lo, hi = lo_hi
+    mid = lo + (hi - lo) // 2
+    fits = mass(mid) <= mu
+    return jnp.where(fits, lo, mid), jnp.where(fits, mid, hi)
+
+  lo0 = jnp.full(top.shape, -1, jnp.int32)
+  _, t = jax.lax.fori_loop(0, 31, halve, (lo0, top + 1))  # 2^31 > the bit range
+  t = jnp.minimum(t, top)  # at least the top value's entries
+  below = jnp.max(jnp.where(bits < t, q, -1.0), axis=-1, keepdims=True)
+  tied_in = (below >= 0) & (mass(t) + below <= mu)
+  return (bits >= t) | (tied_in & (q == below))
+
+
 def akl_head_mask(
   teacher_logits, *, mu: float = 0.5, teacher_temperature: float = 1.0
 ) -> jax.Array:
   """AKL's head set as a [..., V] bool mask (no gradient): the teacher's most
   probable entries whose cumulative teacher probability, in descending order,
   stays ≤ μ, and always the top-1 (official ``get_ratio``: ``mask = cum_sum >
-  mu; mask[..., 0] = False``). Found from the sorted values as a threshold,
-  q(v) ≥ q_(h) with h = max(1, #{i : Σ_{j≤i} q_(j) ≤ μ}), so entries tied
-  with the last head entry all join the head (the official argsort splits
-  ties arbitrarily)."""
+  mu; mask[..., 0] = False``). Reading: q(v) ≥ q_(h) with h = max(1, #{i :
+  Σ_{j≤i} q_(j) ≤ μ}), so entries tied with the last head entry all join the
+  head (the official argsort splits ties arbitrarily). Computed without a
+  sort (:func:`_akl_head`)."""
+  _check_range("mu", mu, 0.0, 1.0)
   logq = _log_softmax(jax.lax.stop_gradient(teacher_logits), teacher_temperature)
-  q = jnp.exp(logq)
-  q_sorted = -jnp.sort(-q, axis=-1)  # descending
-  count = jnp.sum(jnp.cumsum(q_sorted, axis=-1) <= mu, axis=-1, keepdims=True)
-  h = jnp.maximum(count, 1)
-  threshold = jnp.take_along_axis(q_sorted, h - 1, axis=-1)
-  return q >= threshold
+  return _akl_head(jnp.exp(logq), mu)
 
 
 @LOSSES.register("akl")
@@ -615,14 +670,16 @@ def akl(
 
   with H the teacher's head (:func:`akl_head_mask`, μ = 0.5) and both gaps
   stop-gradient'ed. If p = q (both gaps 0) the weights are ½ each (the loss
-  and its gradient are 0 either way). Needs a sort of the teacher's
-  probabilities over the vocabulary per position. ``tokens`` is unused.
+  and its gradient are 0 either way). The head needs no sort of the
+  vocabulary (bisection on the threshold, :func:`_akl_head`). ``tokens`` is
+  unused.
   """
   del tokens
   _check_range("mu", mu, 0.0, 1.0)
   logp, logq = _log_probs(student_logits, teacher_logits, student_temperature, teacher_temperature)
-  head = akl_head_mask(teacher_logits, mu=mu, teacher_temperature=teacher_temperature)
-  gap = jnp.abs(jnp.exp(logq) - jnp.exp(jax.lax.stop_gradient(logp)))
+  q = jnp.exp(logq)
+  head = _akl_head(q, mu)
+  gap = jnp.abs(q - jnp.exp(jax.lax.stop_gradient(logp)))
   g_head = jnp.sum(jnp.where(head, gap, 0.0), axis=-1)
   g_tail = jnp.sum(jnp.where(head, 0.0, gap), axis=-1)
   total = g_head + g_tail
@@ -630,6 +687,115 @@ def akl(
     jnp.where(total > 0, g_head / jnp.where(total > 0, total, 1.0), 0.5)
   )
   return w_head * _kl(logq, logp) + (1.0 - w_head) * _kl(logp, logq)
+
+
+# ----------------------------------------------------------------------------
+# OPD + outcome reward (issue #16 §3).
+# ----------------------------------------------------------------------------
+
+_DISTILL_REWARDS = ("k1", "topk")
+
+
+def grpo_advantages(
+  rewards: jax.Array, groups: jax.Array, *, eps: float = 1e-6, norm_by_std: bool = True
+) -> tuple[jax.Array, jax.Array]:
+  """GRPO's group-normalised outcome advantage (verl
+  ``compute_grpo_outcome_advantage``). [R] each.
+
+    Â_i = (r_i − mean_g r) / (std_g r + eps)   (norm_by_std; else r_i − mean_g r)
+
+  over the rows i of the same group g (``groups`` [R] int: the prompt of each
+  row, i.e. its ``num_samples`` completions), std unbiased (torch.std); a
+  group of one row has mean 0 and std 1, as in verl. Returns (Â [R] f32, the
+  row's group has zero reward variance [R] bool)."""
+  r = jnp.asarray(rewards, jnp.float32)
+  g = jnp.asarray(groups)
+  same = (g[:, None] == g[None, :]).astype(jnp.float32)  # [R, R]
+  count = jnp.sum(same, axis=1)
+  single = count <= 1
+  mean = jnp.where(single, 0.0, same @ r / count)
+  dev = r - mean
+  var = (same @ jnp.square(dev)) / jnp.maximum(count - 1.0, 1.0)
+  std = jnp.where(single, 1.0, jnp.sqrt(var))
+  adv = dev / (std + eps) if norm_by_std else dev
+  return adv, (std == 0) & ~single
+
+
+def _outcome_coef(outcome_reward, outcome_group, alpha, eps, norm_by_std) -> jax.Array:
+  """sg(α·Â) per row as [B, 1] from the step's [B, C] row inputs (rows on
+  axis 0, constant along C)."""
+  if outcome_reward is None or outcome_group is None:
+    raise ValueError(
+      "opd_grpo needs outcome_reward and outcome_group ([B, C]; the step passes them)"
+    )
+  adv, _ = grpo_advantages(
+    outcome_reward[:, 0], outcome_group[:, 0], eps=eps, norm_by_std=norm_by_std
+  )
+  return jax.lax.stop_gradient(alpha * adv)[:, None]
+
+
+def _check_opd_grpo(reward, k, eps):
+  _check_choice("reward", reward, _DISTILL_REWARDS)
+  if not isinstance(k, numbers.Integral) or k < 1:
+    raise ValueError(f"k={k!r} must be an integer ≥ 1 (reward='topk')")
+  _check_range("eps", eps, 0.0, math.inf, hi_open=True)
+
+
+@LOSSES.register("opd_grpo", outcome=True)
+def opd_grpo(
+  student_logits,
+  teacher_logits,
+  tokens,
+  *,
+  outcome_reward=None,
+  outcome_group=None,
+  alpha: float = 1.0,
+  reward: str = "k1",
+  k: int = 16,
+  strategy: str = "student",
+  weight: str = "student",
+  eps: float = 1e-6,
+  norm_by_std: bool = True,
+  task: str = "arithmetic",
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+) -> jax.Array:
+  """OPD + outcome reward, policy-gradient form (the arXiv 2604.13016 code's
+  ``token_reward_direct_plus_grpo``; verl OPD recipes). [B, C].
+
+  Per token the advantage is the distillation reward plus α times the
+  row's GRPO advantage (:func:`grpo_advantages` of the verifier's reward
+  over the ``num_samples`` completions of the row's prompt):
+    reward="k1":   A_t = sg(log q(y_t) − log p(y_t)) + α·Â,
+                   loss_t = −A_t·log p(y_t)   (= ``k1`` reward form − α·Â·log p(y_t))
+    reward="topk": loss_t = ``topk_opd`` (Eq. 5, its k / strategy / weight)
+                   − α·Â·log p(y_t)
+  so E[∇loss] = ∇KL(p‖q) − α·E[Â·∇log p(y)]: distillation plus REINFORCE
+  with a group baseline on the outcome. The value is a surrogate. α = 0 is
+  exactly the plain distillation loss (``k1`` reward form / ``topk_opd``).
+  ``outcome_reward`` / ``outcome_group`` [B, C] are the step's row inputs
+  (constant along C; rows on axis 0; every row of a group must be in the
+  same call, as the step's rows are); eps / norm_by_std are GRPO's. ``task``
+  names the verifier's task (``opd_jax.tasks``; train.py builds
+  ``OPDConfig.verifier`` from it: JAX-native for "arithmetic" on a
+  character-level tokenizer, else the task's host verifier); unused here.
+  """
+  del task
+  _check_opd_grpo(reward, k, eps)
+  coef = _outcome_coef(outcome_reward, outcome_group, alpha, eps, norm_by_std)
+  kk = 0 if reward == "k1" else k
+  distill = topk_opd(
+    student_logits,
+    teacher_logits,
+    tokens,
+    k=kk,
+    strategy=strategy,
+    weight=weight,
+    student_temperature=student_temperature,
+    teacher_temperature=teacher_temperature,
+  )
+  logp_y = _gather(_log_softmax(student_logits, student_temperature), tokens)
+  return distill - coef * logp_y
 
 
 # ----------------------------------------------------------------------------
@@ -670,10 +836,28 @@ def needs_row_role(name: str) -> bool:
   return bool(LOSSES.info(name)["row_role"])
 
 
-def row_inputs(name: str, on_policy: jax.Array) -> dict[str, jax.Array]:
+def needs_outcome(name: str) -> bool:
+  """Whether loss ``name`` reads an outcome reward (``outcome_reward`` /
+  ``outcome_group``, [B, C]), as declared at its registration."""
+  return bool(LOSSES.info(name)["outcome"])
+
+
+def row_inputs(
+  name: str, on_policy: jax.Array, outcome_reward=None, outcome_group=None
+) -> dict[str, jax.Array]:
   """The per-position keyword inputs loss ``name`` reads: {"on_policy":
-  on_policy} for a row-role loss, else {} (``on_policy`` [B, C] bool)."""
-  return {"on_policy": on_policy} if needs_row_role(name) else {}
+  on_policy} for a row-role loss, {"outcome_reward", "outcome_group"} for an
+  outcome loss, else {} (all [B, C]). For an abstract ``on_policy``
+  (``jax.ShapeDtypeStruct``) missing outcome inputs are made abstract too."""
+  out = {"on_policy": on_policy} if needs_row_role(name) else {}
+  if needs_outcome(name):
+    if outcome_reward is None or outcome_group is None:
+      if not isinstance(on_policy, jax.ShapeDtypeStruct):
+        raise ValueError(f"loss {name!r} needs outcome_reward and outcome_group ([B, C])")
+      outcome_reward = jax.ShapeDtypeStruct(on_policy.shape, jnp.float32)
+      outcome_group = jax.ShapeDtypeStruct(on_policy.shape, jnp.int32)
+    out.update(outcome_reward=outcome_reward, outcome_group=outcome_group)
+  return out
 
 
 def get_loss(name: str, kwargs: Mapping[str, Any] | None = None) -> Callable[..., Any]:
@@ -853,13 +1037,160 @@ def _topk_opd_rule(
   return value, _sparse_grad(p, cotangent, student_temperature, idx, coef)
 
 
+def _parts_log_probs(student_logits, teacher_logits, student_temperature, teacher_temperature):
+  """(log p, log q, p, q) [..., V] via the shared normalisers."""
+  a, (ma, za), b, (mb, zb) = _probs_parts(
+    student_logits, teacher_logits, student_temperature, teacher_temperature
+  )
+  logp, logq = (a - ma) - za, (b - mb) - zb
+  return logp, logq, jnp.exp(logp), jnp.exp(logq)
+
+
+def _softmax_pullback(u, p):
+  """u − p·Σ_v u(v): the logit gradient (×τ) of Σ_v u(v)·log p(v) for a
+  constant u, over the last axis."""
+  return u - p * jnp.sum(u, axis=-1, keepdims=True)
+
+
+@_fused_rule(akl)
+def _akl_rule(
+  student_logits,
+  teacher_logits,
+  tokens,
+  cotangent,
+  *,
+  top_k_fn: TopK,
+  mu: float = 0.5,
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+):
+  """:func:`akl` and c·∂/∂s = (c/τ_s)·[w·(p − q) + (1 − w)·p·(log p − log q −
+  KL(p‖q))], w = sg(g_head/(g_head + g_tail)) (∂KL(q‖p)/∂s = (p − q)/τ_s)."""
+  del tokens, top_k_fn
+  _check_range("mu", mu, 0.0, 1.0)
+  logp, logq, p, q = _parts_log_probs(
+    student_logits, teacher_logits, student_temperature, teacher_temperature
+  )
+  head = _akl_head(q, mu)
+  gap = jnp.abs(q - p)
+  g_head = jnp.sum(jnp.where(head, gap, 0.0), axis=-1)
+  g_tail = jnp.sum(jnp.where(head, 0.0, gap), axis=-1)
+  total = g_head + g_tail
+  w = jnp.where(total > 0, g_head / jnp.where(total > 0, total, 1.0), 0.5)
+  d = jnp.where((p > 0) | (q > 0), logp - logq, 0.0)  # log p − log q
+  fkl = jnp.sum(jnp.where(q > 0, -q * d, 0.0), axis=-1)
+  rkl = jnp.sum(jnp.where(p > 0, p * d, 0.0), axis=-1)
+  wv = w[..., None]
+  grad = wv * (p - q) + (1.0 - wv) * jnp.where(p > 0, p * (d - rkl[..., None]), 0.0)
+  return w * fkl + (1.0 - w) * rkl, grad * (cotangent / student_temperature)[..., None]
+
+
+@_fused_rule(distillm2)
+def _distillm2_rule(
+  student_logits,
+  teacher_logits,
+  tokens,
+  cotangent,
+  *,
+  top_k_fn: TopK,
+  on_policy=None,
+  alpha_teacher: float = 0.1,
+  alpha_student: float = 0.1,
+  beta: float = 1.0,
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+):
+  """:func:`distillm2` and its logit gradient, per row role:
+    teacher rows, m = α_t·q + (1 − α_t)·p: τ_s·∂KL(q‖m)/∂s =
+      −(1 − α_t)·pullback(q·p/m);
+    student rows, m' = α_s·sg(p) + (1 − α_s)·q (constant):
+      τ_s·∂KL(p‖m')/∂s = pullback(p·(log p − log m'))
+  (:func:`_softmax_pullback`), scaled by (2 − β) / β and c."""
+  del tokens, top_k_fn
+  _check_range("alpha_teacher", alpha_teacher, 0.0, 1.0, hi_open=True)
+  _check_range("alpha_student", alpha_student, 0.0, 1.0, hi_open=True)
+  _check_range("beta", beta, 0.0, 2.0)
+  if on_policy is None:
+    raise ValueError(
+      "distillm2 needs on_policy (the row role, [B, C] bool; the OPD step passes it)"
+    )
+  logp, logq, p, q = _parts_log_probs(
+    student_logits, teacher_logits, student_temperature, teacher_temperature
+  )
+  on = jnp.asarray(on_policy, bool)
+  # Teacher term KL(q ‖ m).
+  logm = _log_mixture(logq, logp, alpha_teacher)
+  dq = jnp.where(q > 0, logq - logm, 0.0)
+  teacher_value = jnp.sum(jnp.where(q > 0, q * dq, 0.0), axis=-1)
+  rho = jnp.where(q > 0, q * jnp.exp(jnp.where(q > 0, logp - logm, 0.0)), 0.0)
+  teacher_grad = -(1.0 - jnp.asarray(alpha_teacher, jnp.float32)) * _softmax_pullback(rho, p)
+  # Student term KL(p ‖ m').
+  logm2 = _log_mixture(logp, logq, alpha_student)
+  dp = jnp.where(p > 0, logp - logm2, 0.0)
+  student_value = jnp.sum(jnp.where(p > 0, p * dp, 0.0), axis=-1)
+  student_grad = _softmax_pullback(jnp.where(p > 0, p * dp, 0.0), p)
+  scale = jnp.where(on, beta, 2.0 - beta)
+  value = scale * jnp.where(on, student_value, teacher_value)
+  grad = jnp.where(on[..., None], student_grad, teacher_grad)
+  return value, grad * (scale * cotangent / student_temperature)[..., None]
+
+
+@_fused_rule(opd_grpo)
+def _opd_grpo_rule(
+  student_logits,
+  teacher_logits,
+  tokens,
+  cotangent,
+  *,
+  top_k_fn: TopK,
+  outcome_reward=None,
+  outcome_group=None,
+  alpha: float = 1.0,
+  reward: str = "k1",
+  k: int = 16,
+  strategy: str = "student",
+  weight: str = "student",
+  eps: float = 1e-6,
+  norm_by_std: bool = True,
+  task: str = "arithmetic",
+  student_temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+):
+  """:func:`opd_grpo`: the top-k OPD rule (k = 0 for the sampled k1 reward)
+  plus the outcome term −α·Â·log p(y): c/τ_s·(−α·Â)·(onehot(y) − p)."""
+  del task
+  _check_opd_grpo(reward, k, eps)
+  coef = _outcome_coef(outcome_reward, outcome_group, alpha, eps, norm_by_std)
+  value, grad = _topk_opd_rule(
+    student_logits,
+    teacher_logits,
+    tokens,
+    cotangent,
+    top_k_fn=top_k_fn,
+    k=0 if reward == "k1" else k,
+    strategy=strategy,
+    weight=weight,
+    student_temperature=student_temperature,
+    teacher_temperature=teacher_temperature,
+  )
+  a = _scaled(student_logits, student_temperature)
+  ma, za = log_normalizer(a)
+  p = jnp.exp((a - ma) - za)
+  idx = jnp.asarray(tokens, jnp.int32)[..., None]
+  logp_y = ((_take(a, idx) - ma) - za)[..., 0]
+  c_out = -jnp.broadcast_to(coef, logp_y.shape)
+  grad = grad + _sparse_grad(p, cotangent, student_temperature, idx, c_out[..., None])
+  return value + c_out * logp_y, grad
+
+
 def logits_value_and_grad(loss_fn: Callable[..., Any], top_k_fn: TopK = jax.lax.top_k):
   """``f(s, t, tokens, c, **extra) -> (loss [B, C], c·∂loss/∂s [B, C, V])`` for
   a loss from :func:`get_loss` (a registry function with its kwargs bound);
   ``extra`` (row inputs such as ``on_policy``, traced hyperparameters) is
   passed on to the loss as keywords.
 
-  Losses with a closed-form rule (reverse KL, top-k OPD) get it: a few passes
+  Losses with a closed-form rule (reverse KL, top-k OPD, AKL, DistiLLM-2,
+  OPD + GRPO) get it: a few passes
   over the chunk's logits, no autodiff tape of [B, C, V] intermediates, and
   ``top_k_fn`` (e.g. a sharding-aware top-k) for their candidate sets. Other
   losses fall back to ``jax.vjp`` of ``loss_fn``. Same values and gradients.

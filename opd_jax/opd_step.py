@@ -84,6 +84,10 @@ class OPDConfig:
   # ((target, schedules.Schedule), ...) or the config string "loss.beta=linear:...;...":
   # values computed in the step from its counter (traced), see check_schedules.
   schedules: tuple[tuple[str, Any], ...] = ()
+  # Outcome losses (opd_grpo): verifier(tokens [R, N], mask [R, N], answer_ids
+  # [R, A]) -> reward [R] f32, run in the step (opd_jax.tasks.verify); the batch
+  # then carries answer_ids [B, A] (-1 padded).
+  verifier: Any = None
 
   def __post_init__(self):
     if isinstance(self.loss_kwargs, Mapping):
@@ -106,6 +110,7 @@ class OPDConfig:
     object.__setattr__(self, "micro_batches", int(m))
     losses_lib.get_loss(self.loss, dict(self.loss_kwargs))  # fail fast, clear error
     check_schedules(self)
+    check_outcome(self)
 
 
 SCHEDULE_TARGETS = (
@@ -213,6 +218,45 @@ def check_schedules(cfg: OPDConfig) -> None:
       f"(Python control flow or shapes), so they cannot follow a schedule "
       f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
     ) from None
+
+
+def check_outcome(cfg: OPDConfig) -> None:
+  """An outcome loss (``losses.needs_outcome``) needs ``cfg.verifier`` and
+  student samples only (λ = 1, not scheduled: GRPO groups are a prompt's
+  ``num_samples`` on-policy completions); ValueError naming the setting."""
+  if not losses_lib.needs_outcome(cfg.loss):
+    return
+  if cfg.verifier is None or not callable(cfg.verifier):
+    raise ValueError(
+      f"loss {cfg.loss!r} needs a verifier (OPDConfig.verifier, e.g. "
+      "opd_jax.tasks.verify.make_verifier(task, tokenizer))"
+    )
+  if cfg.on_policy_fraction != 1.0 or lambda_scheduled(cfg):
+    raise ValueError(
+      f"loss {cfg.loss!r} needs on_policy_fraction=1 (got {cfg.on_policy_fraction}"
+      f"{', scheduled' if lambda_scheduled(cfg) else ''}): its GRPO groups are student samples"
+    )
+
+
+def outcome_stats(cfg: OPDConfig, reward, group, mask, hparams=None) -> dict[str, jax.Array]:
+  """Additive sums for the outcome metrics of one group of rows: reward [G],
+  group [G] (prompt of each row), mask [G, N] (completion tokens)."""
+  params = inspect.signature(losses_lib.LOSSES.get(cfg.loss)).parameters
+  kw = {k: p.default for k, p in params.items() if p.kind == p.KEYWORD_ONLY}
+  kw.update(cfg.loss_kwargs)
+  alpha = (hparams or {}).get("loss.alpha", kw["alpha"])
+  adv, zero = losses_lib.grpo_advantages(
+    reward, group, eps=kw["eps"], norm_by_std=kw["norm_by_std"]
+  )
+  inv = 1.0 / jnp.sum((group[:, None] == group[None, :]).astype(jnp.float32), axis=1)
+  part = alpha * adv[:, None] * mask.astype(jnp.float32)
+  return dict(
+    outcome_reward=jnp.sum(reward),
+    outcome_groups=jnp.sum(inv),
+    outcome_zero_var_groups=jnp.sum(jnp.where(zero, inv, 0.0)),
+    outcome_adv=jnp.sum(part),
+    outcome_adv_abs=jnp.sum(jnp.abs(part)),
+  )
 
 
 def common_vocab_size(
@@ -638,6 +682,20 @@ def plan_rows(batch, rng, cfg: OPDConfig, sharder: Sharder | None = None, lam=No
       comp_mask = _pad_time(_repeat(batch["completion_mask"], n), big_n)[:, :big_n]
       xs["off_tokens"] = shard(groups(comp[off_rows].astype(jnp.int32)), 1)
       xs["off_mask"] = shard(groups(comp_mask[off_rows].astype(jnp.bool_)), 1)
+  if losses_lib.needs_outcome(cfg.loss):  # GRPO: answers and each row's prompt
+    if "answer_ids" not in batch:
+      raise ValueError(f"loss {cfg.loss!r} needs batch['answer_ids'] ([B, A], -1 padded)")
+    if (rows // m) % n:
+      raise ValueError(
+        f"loss {cfg.loss!r}: micro_batches={m} must keep each prompt's {n} samples "
+        f"in one group ({rows // m} rows per group)"
+      )
+    prompt_index = jnp.arange(rows, dtype=jnp.int32) // n
+    answer_ids = _repeat(jnp.asarray(batch["answer_ids"], jnp.int32), n)
+    if order is not None:
+      prompt_index, answer_ids = prompt_index[order], answer_ids[order]
+    xs["prompt_index"] = shard(groups(prompt_index), 1)
+    xs["answer_ids"] = shard(groups(answer_ids), 1)
   xs["prompt_ids"] = shard(groups(prompt_ids), 1)
   xs["prompt_mask"] = shard(groups(prompt_mask), 1)
   return order, xs
@@ -797,8 +855,15 @@ def make_opd_step(
       w_t = jax.lax.stop_gradient(teacher.unembedding())
     weights, z = _unnormalised_weights(comp["mask"], cfg.aggregation, cfg.normalizer)
     metric_mask = (comp["mask"] & comp["on_policy"][:, None]).astype(jnp.float32)
+    outcome = None
+    if losses_lib.needs_outcome(cfg.loss):  # the verifier, inside the step
+      reward = jnp.asarray(cfg.verifier(comp["tokens"], comp["mask"], x["answer_ids"]), jnp.float32)
+      outcome = (reward, x["prompt_index"])
+    per_row = lambda v: None if v is None else jnp.broadcast_to(v[:, None], comp["mask"].shape)
     loss_inputs = losses_lib.row_inputs(
-      cfg.loss, jnp.broadcast_to(comp["on_policy"][:, None], comp["mask"].shape)
+      cfg.loss,
+      per_row(comp["on_policy"]),
+      *((per_row(outcome[0]), per_row(outcome[1])) if outcome else ()),
     )
 
     def loss_of(params):
@@ -834,6 +899,8 @@ def make_opd_step(
       length_on=(comp["lengths"] * on).sum(),
       truncated_on=(comp["truncated"] * on).sum(),
     )
+    if outcome is not None:
+      stats.update(outcome_stats(cfg, *outcome, comp["mask"], hparams))
     if cfg.metrics:
       stats["sums"] = sums
     return grads, stats
@@ -908,6 +975,17 @@ def make_opd_step(
       # One vector (fast to compile); names are static. See `host_metrics`.
       out["token_metrics"] = metrics_lib.finalize_array(stats["sums"])
       metric_names[0] = metrics_lib.finalize_names(stats["sums"])
+    if "outcome_reward" in stats:  # OPD + outcome reward: the advantage's two parts
+      tokens = jnp.maximum(stats["num_tokens"], 1.0)
+      out["outcome/reward_mean"] = stats["outcome_reward"] / rows
+      out["outcome/zero_variance_groups"] = stats["outcome_zero_var_groups"] / jnp.maximum(
+        stats["outcome_groups"], 1.0
+      )
+      out["outcome/advantage_outcome"] = stats["outcome_adv"] / tokens
+      out["outcome/advantage_outcome_abs"] = stats["outcome_adv_abs"] / tokens
+      distill = "topk_kl" if dict(cfg.loss_kwargs).get("reward") == "topk" else "k1"
+      if cfg.metrics and distill in metric_names[0]:  # distillation reward = −k1 / −topk_kl
+        out["outcome/advantage_distill"] = -out["token_metrics"][metric_names[0].index(distill)]
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     return new_state, out
 

@@ -51,7 +51,8 @@ from opd_jax.organisms import PREPARERS
 from opd_jax.sampling import SamplingConfig
 from opd_jax.sharding import Sharder, make_mesh, rules_from_config
 
-BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+BATCH_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "answer_ids")
+ANSWER_TOKENS = 64  # answer_ids width of an outcome loss's batches (opd_grpo)
 
 
 # -----------------------------------------------------------------------------
@@ -571,6 +572,8 @@ def batch_specs(settings: Settings, sharder: Sharder) -> dict[str, jax.ShapeDtyp
   keys = [("prompt_ids", jnp.int32, p), ("prompt_mask", jnp.bool_, p)]
   if s.on_policy_fraction < 1 and s.off_policy_source == "dataset":
     keys += [("completion_ids", jnp.int32, n), ("completion_mask", jnp.bool_, n)]
+  if losses_lib.needs_outcome(s.step.loss):
+    keys += [("answer_ids", jnp.int32, ANSWER_TOKENS)]
   return {
     k: jax.ShapeDtypeStruct((b, w), dt, sharding=batch_sharding(sharder, (b, w)))
     for k, dt, w in keys
@@ -607,22 +610,48 @@ def sampling_config(
   return dataclasses.replace(out, eos_ids=()) if settings.ignore_eos else out
 
 
-def opd_config(settings: Settings, sampling: SamplingConfig) -> OPDConfig:
+def outcome_verifier(settings: Settings, tokenizer=None):
+  """The in-step verifier of an outcome loss (opd_grpo) from its ``task``
+  keyword (``config.loss.task``; ``tasks.verify.make_verifier``; without a
+  tokenizer, e.g. for the abstract lowering, the task's host verifier), else
+  None."""
+  step = settings.step
+  if not losses_lib.needs_outcome(step.loss):
+    return None
+  from opd_jax.tasks import get_task, verify  # pylint: disable=import-outside-toplevel
+
+  name = dict(step.loss_kwargs).get("task", "arithmetic")
+  try:
+    task = get_task(name)
+  except ValueError as e:
+    raise ValueError(f"config.loss.task: {e}") from None
+  if tokenizer is None:
+    return verify.HostVerifier(task, None)
+  return verify.make_verifier(task, tokenizer)
+
+
+def opd_config(settings: Settings, sampling: SamplingConfig, verifier=None) -> OPDConfig:
   """The step's :class:`OPDConfig` (``settings.step``) sampling with
   ``sampling`` (:func:`sampling_config`); the teacher's sampling is the same
-  with ``config.teacher_sampling``'s temperature, top-k and top-p."""
+  with ``config.teacher_sampling``'s temperature, top-k and top-p.
+  ``verifier``: an outcome loss's in-step verifier (default
+  :func:`outcome_verifier` without a tokenizer)."""
+  if verifier is None:
+    verifier = outcome_verifier(settings)
   ts = settings.step.teacher_sampling
   return dataclasses.replace(
     settings.step,
     sampling=sampling,
+    verifier=verifier,
     teacher_sampling=dataclasses.replace(
       sampling, temperature=ts.temperature, top_k=ts.top_k, top_p=ts.top_p
     ),
   )
 
 
-def build_data(settings: Settings, tokenizer):
-  """The OPD phase's prompts (:class:`data.PromptData`) and their iterator."""
+def build_data(settings: Settings, tokenizer, answers: bool = False):
+  """The OPD phase's prompts (:class:`data.PromptData`) and their iterator
+  (``answers``: batches carry ``answer_ids``, for an in-step verifier)."""
   if not settings.train_files:
     raise ValueError("config.data.train_files is empty")
   try:
@@ -638,6 +667,14 @@ def build_data(settings: Settings, tokenizer):
       f"config.data.train_files: {data.empty_reason()} (settings: "
       "config.data.max_prompt_len / overlong / on_error / prompt_field)"
     )
+  if answers:
+    from opd_jax.tasks.verify import encode_answers  # pylint: disable=import-outside-toplevel
+
+    try:
+      answer_ids = encode_answers(data.answers, tokenizer, ANSWER_TOKENS)
+    except ValueError as e:
+      raise ValueError(f"config.data.answer_field: {e}") from None
+    data = dataclasses.replace(data, answer_ids=answer_ids)
   it = data.iterator(
     settings.batch_size,
     seed=settings.seed,
@@ -1034,7 +1071,7 @@ def build_run(
       t_shardings = sharder.tree_shardings(t_params)
     vocab = vocab_of(s_cfg, t_cfg, len(tokenizer))
     sampling = sampling_config(settings, tokenizer, s_cfg)
-  step_cfg = opd_config(settings, sampling)
+  step_cfg = opd_config(settings, sampling, outcome_verifier(settings, tokenizer))
   # --- Optimizer and train state.
   tx, schedule = make_optimizer(settings.optimizer)
   if abstract:
@@ -1086,7 +1123,7 @@ def build_run(
     }
     data_stats = {}
   else:
-    data, it = build_data(settings, tokenizer)
+    data, it = build_data(settings, tokenizer, answers=step_cfg.verifier is not None)
     data_stats = {**data.stats, **data.counts}
     phases = {"opd": make_phase("opd", step_cfg, it, example_batch(data), teacher_args)}
     if settings.cold_start.steps > 0:

@@ -154,6 +154,38 @@ def ref_sft(s_sg, s, t, tok, ts, tt):
 ON_POLICY = np.array([[True] * C, [False] * C])
 
 
+# Outcome inputs of the outcome losses (opd_grpo): one group of both rows,
+# row 0 verified right, row 1 wrong.
+OUTCOME_REWARD = np.array([[1.0] * C, [0.0] * C], np.float32)
+OUTCOME_GROUP = np.zeros((B, C), np.int32)
+
+
+def np_grpo(rewards, groups, eps=1e-6, norm_by_std=True):
+  """verl's GRPO outcome advantage, per group, float64."""
+  r, g = np.asarray(rewards, np.float64), np.asarray(groups)
+  adv, zero = np.zeros_like(r), np.zeros(r.shape, bool)
+  for gid in np.unique(g):
+    rows = g == gid
+    if rows.sum() == 1:
+      mean, std = 0.0, 1.0
+    else:
+      mean, std = r[rows].mean(), r[rows].std(ddof=1)
+      zero[rows] = std == 0
+    adv[rows] = (r[rows] - mean) / (std + eps) if norm_by_std else r[rows] - mean
+  return adv, zero
+
+
+def ref_opd_grpo(
+  s_sg, s, t, tok, ts, tt, alpha=1.0, reward="k1", eps=1e-6, norm_by_std=True, **topk
+):
+  if reward == "k1":
+    distill = ref_k1(s_sg, s, t, tok, ts, tt)
+  else:
+    distill = ref_topk_opd(s_sg, s, t, tok, ts, tt, **topk)
+  adv, _ = np_grpo(OUTCOME_REWARD[:, 0], OUTCOME_GROUP[:, 0], eps, norm_by_std)
+  return distill - alpha * adv[:, None] * np_take(np_log_softmax(s, ts), tok)
+
+
 def ref_distillm2(s_sg, s, t, tok, ts, tt, alpha_teacher=0.1, alpha_student=0.1, beta=1.0):
   p, q = np.exp(np_log_softmax(s, ts)), np.exp(np_log_softmax(t, tt))
   p_sg = np.exp(np_log_softmax(s_sg, ts))
@@ -201,6 +233,7 @@ REFS = {
   "distillm2": ref_distillm2,
   "todi": ref_todi,
   "akl": ref_akl,
+  "opd_grpo": ref_opd_grpo,
 }
 
 CASES = [
@@ -241,13 +274,18 @@ CASES = [
   ("akl", {}),
   ("akl", {"mu": 0.2}),
   ("akl", {"mu": 0.9}),
+  ("opd_grpo", {}),
+  ("opd_grpo", {"alpha": 0.5, "norm_by_std": False}),
+  ("opd_grpo", {"alpha": 2.0, "reward": "topk", "k": 3, "strategy": "union"}),
 ]
 CASE_IDS = [f"{n}-{kw}" for n, kw in CASES]
 
 
 def _rows(name):
   """The row inputs the step passes to loss ``name`` (ON_POLICY here)."""
-  return losses.row_inputs(name, jnp.asarray(ON_POLICY))
+  return losses.row_inputs(
+    name, jnp.asarray(ON_POLICY), jnp.asarray(OUTCOME_REWARD), jnp.asarray(OUTCOME_GROUP)
+  )
 
 
 def _call(name, kwargs, s, t, tok, ts, tt):
@@ -335,6 +373,7 @@ def test_logits_value_and_grad_uses_rules():
     assert fn.func in losses._FUSED
     losses.logits_value_and_grad(fn, top_k)(s, t, tok, c)
   assert calls == [3]
+  assert all(losses.LOSSES.get(n) in losses._FUSED for n in ("akl", "distillm2", "opd_grpo"))
 
 
 def test_no_nan_extreme_temperatures():
@@ -647,6 +686,21 @@ def test_distillm2_picks_its_term_per_row():
     losses.distillm2(s, t, tok)
 
 
+def test_distillm2_gradual_beta_schedule_is_the_official_formula():
+  """β(t) = 1 + 0.5·min(1, 2t/T) (official ``distillm_v2`` gradual β), from
+  the built-in schedule string, at every step of a T-step run."""
+  from opd_jax import schedules
+
+  for total in (10, 400):
+    ((target, sched),) = schedules.parse_all(losses.distillm2_beta_schedule(total))
+    assert target == "loss.beta"
+    for t in range(total + 3):
+      want = 1.0 + 0.5 * min(1.0, 2.0 * t / total)
+      np.testing.assert_allclose(float(schedules.value(sched, t)), want, rtol=1e-6)
+  with pytest.raises(ValueError, match="total_steps"):
+    losses.distillm2_beta_schedule(1)
+
+
 def test_row_role_is_not_a_setting():
   assert losses.needs_row_role("distillm2") and not losses.needs_row_role("reverse_kl")
   with pytest.raises(ValueError, match="unknown argument"):
@@ -679,6 +733,64 @@ def test_akl_head_mask_matches_official_sort():
     # Padded columns (q = 0) are tied: compare the real ones.
     np.testing.assert_array_equal(got[..., list(REAL)], want[..., list(REAL)])
     assert np.all(got.sum(-1) >= 1)
+
+
+def test_akl_head_without_sort_matches_the_sort_reading_with_ties():
+  """The bisection head equals the sort reading q ≥ q_(h), h = max(1,
+  #{i : Σ_{j≤i} q_(j) ≤ μ}), also with many tied probabilities (integer
+  logits) and for μ past the top value's mass."""
+  rng = np.random.default_rng(18)
+  logits = rng.integers(0, 4, size=(64, 12)).astype(np.float32)
+  logits[:4] = 0.0  # all tied
+  logits[4, :3] = 9.0  # a tied top group heavier than μ
+  for mu in (0.0, 0.1, 0.3, 0.5, 0.77, 0.99):
+    got = np.asarray(losses.akl_head_mask(jnp.asarray(logits), mu=mu))
+    q = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1)).astype(np.float64)
+    srt = -np.sort(-q, axis=-1)
+    h = np.maximum((np.cumsum(srt, -1) <= mu).sum(-1), 1)
+    want = q >= np.take_along_axis(srt, h[:, None] - 1, -1)
+    np.testing.assert_array_equal(got, want, err_msg=f"mu={mu}")
+
+
+def test_grpo_advantages_match_numpy():
+  """Group mean / unbiased std per prompt, eps, std normalisation off, a
+  one-row group (mean 0, std 1) and zero-variance groups flagged."""
+  rng = np.random.default_rng(19)
+  groups = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 3, 3, 5, 5, 5], np.int32)
+  rewards = rng.integers(0, 2, size=groups.shape).astype(np.float32)
+  rewards[4:8] = 1.0  # a zero-variance group
+  rewards[11:] = rng.normal(size=3)
+  for kw in ({}, {"eps": 0.1}, {"norm_by_std": False}):
+    adv, zero = losses.grpo_advantages(jnp.asarray(rewards), jnp.asarray(groups), **kw)
+    want, want_zero = np_grpo(rewards, groups, **kw)
+    np.testing.assert_allclose(adv, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(zero, want_zero)
+  assert np.asarray(zero)[4:8].all() and not np.asarray(zero)[8]
+
+
+def test_opd_grpo_alpha_zero_is_plain_distillation():
+  """α = 0: value and gradient of the sampled-k1 reward form (reward="k1")
+  and of top-k OPD (reward="topk"), through the step's fused rule too."""
+  s, t, tok = (jnp.asarray(a) for a in _inputs(20))
+  rows = _rows("opd_grpo")
+  c = jnp.asarray(np.random.default_rng(21).normal(size=(B, C)), jnp.float32)
+  for kw, plain in (
+    ({}, losses.get_loss("k1", {})),
+    ({"reward": "topk", "k": 4}, losses.get_loss("topk_opd", {"k": 4})),
+  ):
+    fn = losses.get_loss("opd_grpo", dict(kw, alpha=0.0))
+    want, want_g = losses.logits_value_and_grad(plain)(s, t, tok, c)
+    got, got_g = losses.logits_value_and_grad(fn)(s, t, tok, c, **rows)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-6, atol=1e-7)
+    v1, g1 = jax.value_and_grad(lambda x: jnp.sum(c * fn(x, t, tok, **rows)))(s)
+    v0, g0 = jax.value_and_grad(lambda x: jnp.sum(c * plain(x, t, tok)))(s)
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    np.testing.assert_allclose(g1, g0, rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="outcome_reward"):
+    losses.opd_grpo(s, t, tok)
+  with pytest.raises(ValueError, match="reward"):
+    losses.get_loss("opd_grpo", {"reward": "k3"})
 
 
 def test_akl_equal_distributions_is_zero():

@@ -1621,3 +1621,29 @@ def test_bucketed_prompts_give_the_full_width_step(assets):
     np.testing.assert_allclose(float(m_w[k]), float(m_full[k]), rtol=1e-5, err_msg=k)
   for a, b in zip(jax.tree.leaves(s_full.params), jax.tree.leaves(s_w.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_opd_grpo_run_verifies_in_the_step(assets, tmp_path):
+  """loss=opd_grpo end to end: the batches carry the answers' token ids, the
+  arithmetic task's JAX-native verifier runs inside the one compiled step,
+  and the outcome metrics are logged every step."""
+  from opd_jax import configs_lib
+  from opd_jax.tasks.verify import ArithmeticVerifier
+  from opd_jax.train import build_run, train
+
+  c = tiny_config(assets, total_steps=2, sampling__num_samples=2)
+  c.loss = configs_lib.loss_config("opd_grpo", chunk=4, alpha=0.5)
+  run = build_run(c)
+  assert isinstance(run.phases["opd"].cfg.verifier, ArithmeticVerifier)
+  assert run.phases["opd"].batch["answer_ids"].shape[0] == c.batch_size
+  train(c, str(tmp_path / "run"))
+  recs = step_records(str(tmp_path / "run"))
+  for step in (1, 2):
+    r = recs[step]
+    assert 0.0 <= r["outcome/reward_mean"] <= 1.0
+    assert 0.0 <= r["outcome/zero_variance_groups"] <= 1.0
+    assert r["outcome/advantage_distill"] == pytest.approx(-r["k1"])
+    assert np.isfinite(r["outcome/advantage_outcome"]) and np.isfinite(r["loss"])
+  c.loss.task = "nope"
+  with pytest.raises(ValueError, match="config.loss.task"):
+    build_run(c)

@@ -33,6 +33,16 @@ def get_sweep():
       {"off_policy_source": "teacher", "loss.alpha_teacher": 0.1, "loss.alpha_student": 0.1},
     )
   )
+  # ... and with the official gradual β (1 -> 1.5 over the first half of the 80 steps).
+  runs.append(
+    (
+      "loss=distillm2,gradual_beta",
+      "loss=distillm2,lam=0.5",
+      {"off_policy_source": "teacher", "schedules": "loss.beta=linear:1.0:1.5:0:40"},
+    )
+  )
+  # OPD + the arithmetic task's verified outcome (GRPO over the 2 samples of a prompt).
+  runs.append(("loss=opd_grpo", "loss=opd_grpo", {"loss.alpha": 1.0}))
   for lam in (0.5, 0.0):
     runs.append((f"lam={lam}", f"loss=reverse_kl,lam={lam}", {}))
   for temp in (0.7, 1.3):

@@ -163,6 +163,10 @@ class PromptData:
   counts: dict[str, int] = dataclasses.field(default_factory=dict)
   empty_files: tuple[str, ...] = ()
   options: DataOptions | None = None
+  # [n, A] int32 token ids of each record's answer (-1 padded), or None; set
+  # (dataclasses.replace, tasks.verify.encode_answers) for steps that verify
+  # in the step (opd_grpo): batches then carry "answer_ids".
+  answer_ids: np.ndarray | None = None
 
   # --------------------------------------------------------------- building
 
@@ -454,6 +458,8 @@ class PromptData:
     if self.completion_ids is not None:
       batch["completion_ids"] = self.completion_ids[index]
       batch["completion_mask"] = self.completion_mask[index]
+    if self.answer_ids is not None:
+      batch["answer_ids"] = self.answer_ids[index]
     return batch
 
   # ------------------------------------------------------------- iteration
