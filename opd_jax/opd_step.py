@@ -110,7 +110,7 @@ class OPDConfig:
     object.__setattr__(self, "micro_batches", int(m))
     losses_lib.get_loss(self.loss, dict(self.loss_kwargs))  # fail fast, clear error
     check_schedules(self)
-    check_outcome(self)
+    check_outcome(self, require_verifier=False)  # the verifier: at make_opd_step
 
 
 SCHEDULE_TARGETS = (
@@ -220,13 +220,14 @@ def check_schedules(cfg: OPDConfig) -> None:
     ) from None
 
 
-def check_outcome(cfg: OPDConfig) -> None:
-  """An outcome loss (``losses.needs_outcome``) needs ``cfg.verifier`` and
-  student samples only (λ = 1, not scheduled: GRPO groups are a prompt's
+def check_outcome(cfg: OPDConfig, require_verifier: bool = True) -> None:
+  """An outcome loss (``losses.needs_outcome``) needs ``cfg.verifier`` (made
+  once the tokenizer is known: ``require_verifier=False`` before) and student
+  samples only (λ = 1, not scheduled: GRPO groups are a prompt's
   ``num_samples`` on-policy completions); ValueError naming the setting."""
   if not losses_lib.needs_outcome(cfg.loss):
     return
-  if cfg.verifier is None or not callable(cfg.verifier):
+  if require_verifier and (cfg.verifier is None or not callable(cfg.verifier)):
     raise ValueError(
       f"loss {cfg.loss!r} needs a verifier (OPDConfig.verifier, e.g. "
       "opd_jax.tasks.verify.make_verifier(task, tokenizer))"
@@ -820,6 +821,7 @@ def make_opd_step(
   the token metrics come back as one vector ``metrics["token_metrics"]`` named
   by ``step.token_metric_names()`` (see :func:`host_metrics`).
   """
+  check_outcome(cfg)
   loss_fn = losses_lib.get_loss(cfg.loss, dict(cfg.loss_kwargs))
   # Never sample ids outside the common vocabulary (padded embedding rows).
   run_cfg = dataclasses.replace(
