@@ -128,7 +128,9 @@ def report(config, *, num_layers: int = 0) -> dict[str, Any]:
     new_tokens=sampling.max_new_tokens,
     micro_batches=int(config.micro_batches),
     student_layers=run.student_cfg.num_layers,
-    teacher_layers=run.teacher_cfg.num_layers if run.teacher_cfg is not None else 0,
+    teacher_layers=max(
+      (c.num_layers for c in _as_tuple(run.teacher_cfg) if c is not None), default=0
+    ),
     vocab=run.vocab,
     loss=phase.cfg.loss,
     remat=bool(run.student_cfg.remat),
@@ -185,3 +187,8 @@ def run():
 
 if __name__ == "__main__":
   run()
+
+
+def _as_tuple(x) -> tuple:
+  """A multi-teacher run's teacher configs (a tuple) or the one teacher's."""
+  return tuple(x) if isinstance(x, (tuple, list)) else (x,)

@@ -36,6 +36,7 @@ from opd_jax import data as data_lib
 from opd_jax import flops as flops_lib
 from opd_jax import losses as losses_lib
 from opd_jax import schedules as schedules_lib
+from opd_jax import teachers as teachers_lib
 from opd_jax.logging_utils import MetricWriter
 from opd_jax.opd_step import (
   OPDConfig,
@@ -311,6 +312,12 @@ def model_config_of(config, name: str, *, num_layers: int = 0):
   return dataclasses.replace(cfg, num_layers=int(num_layers)) if num_layers else cfg
 
 
+def teacher_specs(config) -> tuple[teachers_lib.TeacherSpec, ...]:
+  """``config.teachers`` -> typed :class:`teachers.TeacherSpec` s (multi-teacher
+  OPD; () for the single ``config.teacher``); start-up errors name the setting."""
+  return teachers_lib.teacher_specs(config, model_kwargs)
+
+
 def _load(config, name: str, sharder: Sharder):
   from opd_jax.models import from_hf
 
@@ -369,6 +376,7 @@ def sft_config(step_cfg: OPDConfig) -> OPDConfig:
     off_policy_source="dataset",
     metrics=False,
     schedules=(),
+    teachers=(),
   )
 
 
@@ -422,8 +430,10 @@ def opd_config(config, sampling: SamplingConfig) -> OPDConfig:
   )  # those are the data's
 
 
-def build_data(settings: Settings, tokenizer):
-  """The OPD phase's prompts (:class:`data.PromptData`) and their iterator."""
+def build_data(settings: Settings, tokenizer, teachers=()):
+  """The OPD phase's prompts (:class:`data.PromptData`) and their iterator;
+  with ``teachers`` (:func:`teacher_specs`), each batch holds every teacher's
+  fixed rows in order (``teachers.groups``)."""
   if not settings.train_files:
     raise ValueError("config.data.train_files is empty")
   try:
@@ -445,6 +455,7 @@ def build_data(settings: Settings, tokenizer):
     num_epochs=settings.num_epochs,
     mixture=settings.mixture,
     mixture_schedules=dict(settings.mixture_schedules) or None,
+    groups=teachers_lib.groups(teachers, data.source_names, settings.mixture) if teachers else None,
   )
   return data, it
 
@@ -740,14 +751,14 @@ class Run:
   sharder: Sharder
   tokenizer: Any  # None when abstract
   student_cfg: Any  # ModelConfig
-  teacher_cfg: Any  # ModelConfig, or None (no teacher pass)
+  teacher_cfg: Any  # ModelConfig, a tuple of them (config.teachers), or None (no teacher pass)
   vocab: int
   tx: Any
   schedule: Any
   state: TrainState  # the initial train state
   state_shardings: Any
   student_graphdef: Any
-  teacher_graphdef: Any  # None: no teacher pass
+  teacher_graphdef: Any  # None: no teacher pass; a tuple with config.teachers
   phases: dict[str, Phase]
   data_stats: dict[str, int]
   evals: dict  # prepare_evals: {name: (task, examples)}
@@ -787,34 +798,61 @@ def build_run(
   sharder = make_sharder(config)
   # --- Start-up checks, from the config.json files.
   use_teacher = settings.use_teacher
+  specs = teacher_specs(config)  # multi-teacher OPD (checked even when unused)
+  multi = bool(specs) and use_teacher
   s_cfg = model_config_of(config, "student", num_layers=num_layers)
-  t_cfg = model_config_of(config, "teacher", num_layers=num_layers) if use_teacher else None
+  t_cfg = None
+  if multi:
+    t_cfg = tuple(teachers_lib.model_config(t, num_layers) for t in specs)
+  elif use_teacher:
+    t_cfg = model_config_of(config, "teacher", num_layers=num_layers)
   tokenizer = evals = None
+  one_t_cfg = None if multi else t_cfg
   if abstract:
-    check_lengths(config, s_cfg, t_cfg)
+    check_lengths(config, s_cfg, one_t_cfg)
   else:
     tokenizer = _tokenizer(config)
-    check_run_settings(config, s_cfg, t_cfg)
+    check_run_settings(config, s_cfg, one_t_cfg)
     evals = prepare_evals(config, s_cfg, tokenizer)
+  if multi:
+    vocab = teachers_lib.check_models(
+      specs,
+      s_cfg,
+      t_cfg,
+      prompt_len=settings.data.max_prompt_len,
+      new_tokens=settings.new_tokens,
+      tokenizer_size=None if abstract else len(tokenizer),
+    )
   # --- Models.
   teacher = t_graphdef = t_params = t_shardings = None
   if abstract:
     s_graphdef, s_params, s_shardings = abstract_params(s_cfg, sharder)
-    if t_cfg is not None:
+    if multi:
+      t_graphdef, t_params, t_shardings = zip(*(abstract_params(c, sharder) for c in t_cfg))
+    elif t_cfg is not None:
       t_graphdef, t_params, t_shardings = abstract_params(t_cfg, sharder)
-    vocab = vocab_size or vocab_of(s_cfg, t_cfg)
+    vocab = vocab_size or (vocab if multi else vocab_of(s_cfg, t_cfg))
     sampling = sampling_config(config, eos_ids=eos_ids or s_cfg.eos_token_ids, pad_id=pad_id)
   else:
     student = _load(config, "student", sharder)
     s_cfg, s_graphdef = student.cfg, nnx.graphdef(student)
-    if use_teacher:
+    if multi:  # one teacher per spec, in batch order
+      loaded = [teachers_lib.load(t, sharder) for t in specs]
+      t_cfg = tuple(t.cfg for t in loaded)
+      t_graphdef, t_params = zip(*(nnx.split(t) for t in loaded))
+      del loaded
+      t_shardings = tuple(sharder.tree_shardings(p) for p in t_params)
+    elif use_teacher:
       teacher = _load(config, "teacher", sharder)
       t_cfg = teacher.cfg
       t_graphdef, t_params = nnx.split(teacher)
       t_shardings = sharder.tree_shardings(t_params)
-    vocab = vocab_of(s_cfg, t_cfg, len(tokenizer))
+    if not multi:
+      vocab = vocab_of(s_cfg, t_cfg, len(tokenizer))
     sampling = sampling_config(config, tokenizer, s_cfg)
   step_cfg = opd_config(config, sampling)
+  if multi:
+    step_cfg = dataclasses.replace(step_cfg, teachers=tuple((t.name, t.rows) for t in specs))
   # --- Optimizer and train state.
   tx, schedule = make_optimizer(config)
   if abstract:
@@ -861,7 +899,7 @@ def build_run(
     phases = {"opd": make_phase("opd", step_cfg, None, batch_specs(config, sharder), teacher_args)}
     data_stats = {}
   else:
-    data, it = build_data(settings, tokenizer)
+    data, it = build_data(settings, tokenizer, specs if multi else ())
     data_stats = {**data.stats, **data.counts}
     phases = {"opd": make_phase("opd", step_cfg, it, example_batch(data), teacher_args)}
     if settings.cold_start.steps > 0:
