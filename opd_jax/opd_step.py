@@ -21,6 +21,14 @@ count) is applied once at the end, and one update follows. Every row's
 on/off-policy role and sampler uniforms are drawn up front for all rows, so
 the step's result does not depend on M (up to float summation order).
 
+Multi-teacher OPD (``cfg.teachers`` = ((name, q_k), ...), ``opd_jax.teachers``):
+the batch holds teacher k's q_k prompts contiguously, in order; the step
+slices those static row ranges, plans each one on its own (λ split, M groups,
+sampler key ``fold_in(key, k)``), and teacher k scores (and, off-policy,
+samples) only its rows; micro-batch g holds group g of every teacher. The
+loss, gradient and metrics are sums over the teachers' rows, also logged per
+teacher (``teacher/<name>/<metric>``).
+
 Shapes: R = B·n rows, P prompt length, N completion length, C loss chunk,
 V common vocabulary.
 """
@@ -784,6 +792,10 @@ def make_opd_step(
   the result equals M = 1's up to float summation order. M must divide the
   rows and both λ row counts, and each group's rows must fill the data axes
   (:func:`check_micro_batches`, raised when the step is traced).
+
+  With ``cfg.teachers`` (multi-teacher), ``teacher_graphdef`` and the step's
+  ``teacher_params`` (and ``teacher_shardings``) are tuples, one per teacher in
+  ``cfg.teachers`` order (:func:`teacher_segments`).
 
   ``step.trace_count()`` says how often it was traced (1 in steady state);
   the token metrics come back as one vector ``metrics["token_metrics"]`` named
