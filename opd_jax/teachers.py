@@ -8,7 +8,7 @@ A record's source is its ``data.source_field`` value (or its file's stem, see
 ``data.files.source_from_path``). Teacher k takes the sources it lists
 (``sources``, a comma list) and the default teacher (``default=True``, at most
 one) every source no teacher lists. Each global batch holds a FIXED number of
-prompts per teacher, q_k, in teacher order (contiguous rows; the data pipeline's
+prompts per teacher, q_k, in teacher name order (contiguous rows; the data pipeline's
 ``groups``): with ``data.mixture``, q_k = B·W_k/ΣW (W_k: the mixture weights of
 teacher k's sources), else B/K. The step (``opd_step.OPDConfig.teachers``)
 slices those static row ranges, and each teacher scores only its own rows.
@@ -45,8 +45,8 @@ def _split(sources: Any) -> tuple[str, ...]:
 
 
 def teacher_specs(config, model_kwargs: Callable[[Any], dict]) -> tuple[TeacherSpec, ...]:
-  """``config.teachers`` -> one :class:`TeacherSpec` per teacher, in config
-  order (() when none: the single ``config.teacher``), with its prompts per
+  """``config.teachers`` -> one :class:`TeacherSpec` per teacher, in name
+  order (a ConfigDict's; () when none: the single ``config.teacher``), with its prompts per
   batch from :func:`quotas`. ``model_kwargs``: the driver's reader of a model
   node's knobs. ValueError naming the setting for: ``config.teacher.path`` set
   as well, an empty path, a teacher with no sources that is not the default,

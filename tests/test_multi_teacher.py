@@ -167,3 +167,56 @@ def test_multi_teacher_cli_end_to_end(assets, tmp_path):
   with open(os.path.join(workdir, "config.json")) as f:
     saved = json.load(f)
   assert saved["teachers"]["one"]["sources"] == L1 and saved["teachers"]["two"]["default"]
+
+
+def _load_config(arg=None, *flags):
+  """configs/multi_teacher.py through the driver's flag parsing (locked)."""
+  from absl import flags as absl_flags
+  from ml_collections import config_flags
+
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs/multi_teacher.py")
+  argv = ["opd_jax.train", f"--config={path}" + (f":{arg}" if arg else ""), *flags]
+  fv = absl_flags.FlagValues()
+  config_flags.DEFINE_config_file(
+    "config", None, "", flag_values=fv, lock_config=True, sys_argv=argv
+  )
+  fv(argv)
+  return fv.config
+
+
+def test_multi_teacher_config_builds():
+  """The config file: two teachers routed by level, overridable per teacher;
+  an unknown teacher name on the command line is an error naming the key."""
+  c = _load_config("steps=3", "--config.teachers.low.dtype=bfloat16")
+  assert c.prepare == "multi_teacher" and c.total_steps == 3 and not c.teacher.path
+  assert c.teachers.low.dtype == "bfloat16" and c.teachers.high.default
+  c.teachers.low.path, c.teachers.high.path = "low_dir", "high_dir"
+  high, low = _specs(c)  # in name order (a ConfigDict's keys are sorted)
+  assert (low.rows, high.rows) == (8, 8) and dict(low.model)["dtype"] == "bfloat16"
+  assert dict(high.model)["dtype"] == "float32"
+  sources = [f"arithmetic/L{i}" for i in (1, 2, 3, 4)]
+  assert teachers.groups((high, low), sources) == [(tuple(sources[2:]), 8), (tuple(sources[:2]), 8)]
+  with pytest.raises(Exception, match="nope"):
+    _load_config(None, "--config.teachers.nope.path=x")
+
+
+def test_multi_teacher_lowers_abstract(assets):
+  """The abstract run (config.json files only) lowers the multi-teacher step;
+  its FLOPs are the two single-teacher steps' on their prompts."""
+  import dataclasses
+
+  from opd_jax import flops as flops_lib
+  from opd_jax.train import build_run
+
+  run = build_run(_multi_config(assets), abstract=True)
+  phase = run.phases["opd"]
+  assert phase.cfg.teachers == (("one", 2), ("two", 2)) and len(run.teacher_cfg) == 2
+  phase.fn.lower(*phase.args(run.state))
+  one = dataclasses.replace(phase.cfg, teachers=())
+  want = sum(
+    flops_lib.step_flops(one, run.student_cfg, t, batch_size=2, prompt_len=12, vocab=run.vocab)[
+      "total"
+    ]
+    for t in run.teacher_cfg
+  )
+  assert phase.flops == want > 0
