@@ -1,8 +1,8 @@
 """CPU multi-teacher OPD (MOPD): one student distilled from two teachers at
 once, each teacher scoring only the rows of its own skill. No downloads: the
 tokenizer, the level-tagged prompts, teacher ``low`` (strong on arithmetic
-levels 1-2), teacher ``high`` (levels 3-4) and a student that knows level 1
-are made under ``$WORKDIR/assets`` on the first run (cached after).
+levels 1-2), teacher ``high`` (levels 3-4) and a student that knows levels
+1-2 only are made under ``$WORKDIR/assets`` on the first run (cached after).
 
   python -m opd_jax.train --config=configs/multi_teacher.py --workdir=/tmp/opd_multi_teacher
 
@@ -16,7 +16,7 @@ from opd_jax import configs_lib, organisms
 
 
 def get_config(arg=None):
-  a = configs_lib.parse_arg(arg, loss="reverse_kl", steps=60, lam=1.0, lr=3e-4)
+  a = configs_lib.parse_arg(arg, loss="reverse_kl", steps=60, lam=1.0, lr=1e-3)
   q = organisms.MULTI_TEACHER
   c = configs_lib.base_config()
   c.prepare = "multi_teacher"  # fills student / teachers / data paths
@@ -36,6 +36,6 @@ def get_config(arg=None):
   c.checkpoint_every = 20
   c.eval_every = 0
   c.eval_at_start = True
-  c.evals.low = configs_lib.eval_config(levels="2", num_examples=64)
+  c.evals.low = configs_lib.eval_config(levels="1+2", num_examples=64)
   c.evals.high = configs_lib.eval_config(levels="3+4", num_examples=64)
   return c

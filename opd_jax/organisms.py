@@ -270,13 +270,13 @@ def prepare_quickstart(
 
 # -----------------------------------------------------------------------------
 # Multi-teacher OPD: two teachers, each strong on its own level range, and a
-# student that only knows level 1; the prompts carry their level as source
+# student that knows the low range only; the prompts carry their level as source
 # ("arithmetic/L<n>"), so the driver routes each row to its level's teacher.
 
 MULTI_TEACHER = dict(
   low_levels=(1, 2),
   high_levels=(3, 4),
-  student_levels=(1,),
+  student_levels=(1, 2),
   low=Arch(num_layers=3, hidden_size=96),
   high=Arch(num_layers=4, hidden_size=128),
   student=Arch(num_layers=2, hidden_size=64),
@@ -302,7 +302,7 @@ def prepare_multi_teacher(
 ) -> ml_collections.ConfigDict:
   """Makes (or finds) the multi-teacher run's tokenizer, prompts (tagged by
   level), teachers ``low`` (levels 1-2) and ``high`` (levels 3-4) and the
-  student (level 1) under ``workdir/assets``; returns ``config`` pointed at
+  student (levels 1-2) under ``workdir/assets``; returns ``config`` pointed at
   them (a copy; ``config.teachers.low`` / ``high`` must exist)."""
   q = MULTI_TEACHER
   assets = os.path.join(workdir, "assets")
