@@ -75,6 +75,11 @@ def _xla_flops(compiled) -> float | None:
   return float(ca["flops"]) if ca and ca.get("flops") is not None else None
 
 
+def _as_tuple(x) -> tuple:
+  """A multi-teacher run's teacher configs (a tuple) or the one teacher's."""
+  return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
 def report(config, *, num_layers: int = 0) -> dict[str, Any]:
   """Compiles the abstract step; its per-device memory, model FLOPs, shape."""
   t0 = time.perf_counter()
@@ -187,8 +192,3 @@ def run():
 
 if __name__ == "__main__":
   run()
-
-
-def _as_tuple(x) -> tuple:
-  """A multi-teacher run's teacher configs (a tuple) or the one teacher's."""
-  return tuple(x) if isinstance(x, (tuple, list)) else (x,)
