@@ -220,3 +220,31 @@ def test_multi_teacher_lowers_abstract(assets):
     for t in run.teacher_cfg
   )
   assert phase.flops == want > 0
+
+
+@pytest.mark.slow
+def test_multi_teacher_config_runs_with_tiny_organisms(tmp_path, monkeypatch):
+  """configs/multi_teacher.py out of the box (its preparer makes the
+  tokenizer, tagged prompts, both teachers and the student), with the
+  organisms shrunk to a few steps of one-layer models."""
+  from opd_jax import organisms
+  from opd_jax.train import train
+
+  tiny = organisms.Arch(num_layers=1, hidden_size=32)
+  small = dict(low=tiny, high=tiny, student=tiny, max_new_tokens=24)
+  small.update(low_steps=2, high_steps=2, student_steps=2, teacher_examples=64)
+  monkeypatch.setattr(organisms, "MULTI_TEACHER", {**organisms.MULTI_TEACHER, **small})
+  c = _load_config("steps=2")
+  c.progress_bar = False
+  c.evals.low.num_examples = c.evals.high.num_examples = 8
+  last = train(c, str(tmp_path / "run"))
+  assert last["status"] == "finished" and last["step"] == 2
+  assert last["teacher/low/num_tokens"] + last["teacher/high/num_tokens"] == last["num_tokens"]
+  assert "eval/high/accuracy" in last and last["teacher/high/on_policy_frac"] == 1.0
+  with open(tmp_path / "run" / "config.json") as f:
+    saved = json.load(f)
+  assert saved["data"]["source_field"] == "source" and not saved["teacher"]["path"]
+  assert all(
+    os.path.isfile(os.path.join(saved["teachers"][t]["path"], "config.json"))
+    for t in ("low", "high")
+  )
