@@ -16,7 +16,7 @@ from opd_jax import configs_lib, organisms
 
 
 def get_config(arg=None):
-  a = configs_lib.parse_arg(arg, loss="reverse_kl", steps=60, lam=1.0, lr=1e-3)
+  a = configs_lib.parse_arg(arg, loss="reverse_kl", steps=200, lam=1.0, lr=3e-4)
   q = organisms.MULTI_TEACHER
   c = configs_lib.base_config()
   c.prepare = "multi_teacher"  # fills student / teachers / data paths
