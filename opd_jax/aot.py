@@ -77,6 +77,11 @@ def xla_flops(compiled) -> float | None:
   return float(ca["flops"]) if ca and ca.get("flops") is not None else None
 
 
+def _as_tuple(x) -> tuple:
+  """A multi-teacher run's teacher configs (a tuple) or the one teacher's."""
+  return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
 def report(config, *, num_layers: int = 0) -> dict[str, Any]:
   """Compiles the abstract step; its per-device memory, model FLOPs, shape."""
   t0 = time.perf_counter()
@@ -130,7 +135,9 @@ def report(config, *, num_layers: int = 0) -> dict[str, Any]:
     new_tokens=sampling.max_new_tokens,
     micro_batches=phase.cfg.micro_batches,
     student_layers=run.student_cfg.num_layers,
-    teacher_layers=run.teacher_cfg.num_layers if run.teacher_cfg is not None else 0,
+    teacher_layers=max(
+      (c.num_layers for c in _as_tuple(run.teacher_cfg) if c is not None), default=0
+    ),
     vocab=run.vocab,
     loss=phase.cfg.loss,
     remat=run.student_cfg.remat,

@@ -126,12 +126,28 @@ def model_config(path: str = "", **kw) -> ml_collections.ConfigDict:
   )
 
 
+def teacher_config(
+  path: str = "", *, sources: str = "", default: bool = False, **kw
+) -> ml_collections.ConfigDict:
+  """One entry of ``config.teachers`` (multi-teacher OPD, ``opd_jax.teachers``):
+  the model knobs of ``config.teacher`` plus its routing, ``sources`` (a comma
+  list of the data's source names) and ``default`` (takes every unlisted
+  source)."""
+  c = model_config(path, **kw)
+  c.sources = sources
+  c.default = default
+  return c
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every setting a run reads, with defaults (a generic OPD run)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.student = model_config()
   c.teacher = model_config()
+  # Multi-teacher OPD: {name: teacher_config(...)} (then config.teacher.path stays
+  # empty); rows go to a teacher by their data source (opd_jax.teachers).
+  c.teachers = ml_collections.ConfigDict()
   c.tokenizer = ""  # default: the student's directory
   c.mesh = ml_collections.ConfigDict(
     dict(

@@ -29,6 +29,7 @@ with short responses the true count is lower).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 # Dense bf16 peak FLOP/s per chip, by a lower-case substring of
@@ -122,6 +123,13 @@ def step_flops(
   all R teacher-sampled with that source, when λ is scheduled)."""
   from opd_jax.opd_step import lambda_scheduled, split_rows
 
+  if cfg.teachers and isinstance(teacher, (tuple, list)):  # multi-teacher: per teacher's rows
+    one = dataclasses.replace(cfg, teachers=())
+    parts = [
+      step_flops(one, student, t, batch_size=q, prompt_len=prompt_len, vocab=vocab)
+      for (_, q), t in zip(cfg.teachers, teacher)
+    ]
+    return {k: sum(p[k] for p in parts) for k in parts[0]}
   rows = batch_size * cfg.sampling.num_samples
   on = split_rows(rows, cfg.on_policy_fraction)
   by_teacher = rows - on if cfg.off_policy_source == "teacher" else 0

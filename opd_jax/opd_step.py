@@ -21,6 +21,14 @@ count) is applied once at the end, and one update follows. Every row's
 on/off-policy role and sampler uniforms are drawn up front for all rows, so
 the step's result does not depend on M (up to float summation order).
 
+Multi-teacher OPD (``cfg.teachers`` = ((name, q_k), ...), ``opd_jax.teachers``):
+the batch holds teacher k's q_k prompts contiguously, in order; the step
+slices those static row ranges, plans each one on its own (λ split, M groups,
+sampler key ``fold_in(key, k)``), and teacher k scores (and, off-policy,
+samples) only its rows; micro-batch g holds group g of every teacher. The
+loss, gradient and metrics are sums over the teachers' rows, also logged per
+teacher (``teacher/<name>/<metric>``).
+
 Shapes: R = B·n rows, P prompt length, N completion length, C loss chunk,
 V common vocabulary.
 """
@@ -88,6 +96,9 @@ class OPDConfig:
   # [R, A]) -> reward [R] f32, run in the step (opd_jax.tasks.verify); the batch
   # then carries answer_ids [B, A] (-1 padded).
   verifier: Any = None
+  # Multi-teacher OPD: ((name, prompts per step), ...) in batch order; the batch
+  # holds each teacher's prompts contiguously (see teacher_segments). (): one teacher.
+  teachers: tuple[tuple[str, int], ...] = ()
 
   def __post_init__(self):
     if isinstance(self.loss_kwargs, Mapping):
@@ -111,6 +122,12 @@ class OPDConfig:
     losses_lib.get_loss(self.loss, dict(self.loss_kwargs))  # fail fast, clear error
     check_schedules(self)
     check_outcome(self, require_verifier=False)  # the verifier: at make_opd_step
+    object.__setattr__(self, "teachers", tuple((str(k), int(q)) for k, q in self.teachers))
+    names = [k for k, _ in self.teachers]
+    if len(set(names)) != len(names) or any(q < 1 for _, q in self.teachers):
+      raise ValueError(f"teachers must have distinct names and >= 1 prompt each: {self.teachers}")
+    if self.teachers and losses_lib.needs_outcome(self.loss):
+      raise ValueError(f"loss {self.loss!r} (an outcome loss) does not support multi-teacher OPD")
 
 
 SCHEDULE_TARGETS = (
@@ -779,6 +796,26 @@ def build_completions(student, teacher, batch, rng, cfg: OPDConfig, hparams=None
   return out
 
 
+def teacher_segments(cfg: OPDConfig, batch_size: int) -> tuple[tuple[str, int, int], ...]:
+  """``(name, first prompt, prompts)`` of each teacher of ``cfg.teachers`` in a
+  batch of ``batch_size`` prompts (contiguous, in order; rows r = prompt·n ..
+  prompt·n + n-1 follow their prompt); () for a single-teacher step. The
+  quotas must add up to the batch (the data pipeline fills them)."""
+  if not cfg.teachers:
+    return ()
+  total = sum(q for _, q in cfg.teachers)
+  if total != batch_size:
+    raise ValueError(
+      f"teachers' prompts per step {dict(cfg.teachers)} add up to {total}, "
+      f"not the batch's {batch_size} prompts"
+    )
+  out, start = [], 0
+  for name, q in cfg.teachers:
+    out.append((name, start, q))
+    start += q
+  return tuple(out)
+
+
 def _unnormalised_weights(mask: jax.Array, mode: str, normalizer: float | None):
   """Per-group (w ``[G, N]``, z scalar) such that, over all groups,
   ``aggregate_weights(mask) = w / max(Σ_g z, 1)`` ("token_mean": w = m, z =
@@ -817,6 +854,10 @@ def make_opd_step(
   rows and both λ row counts, and each group's rows must fill the data axes
   (:func:`check_micro_batches`, raised when the step is traced).
 
+  With ``cfg.teachers`` (multi-teacher), ``teacher_graphdef`` and the step's
+  ``teacher_params`` (and ``teacher_shardings``) are tuples, one per teacher in
+  ``cfg.teachers`` order (:func:`teacher_segments`).
+
   ``step.trace_count()`` says how often it was traced (1 in steady state);
   the token metrics come back as one vector ``metrics["token_metrics"]`` named
   by ``step.token_metric_names()`` (see :func:`host_metrics`).
@@ -834,14 +875,15 @@ def make_opd_step(
   traces = [0]
   metric_names: list[tuple[str, ...]] = [()]
 
-  def group_step(params, teacher_params, hparams, x):
-    """Samples, scores and differentiates one group of rows: (grads of the
-    unnormalised loss Σ w·l, stats of additive sums). The models are merged
-    here from fresh Variable objects (``tree.map``): NNX refuses to update,
-    e.g. in ``nnx.remat``, Variables created outside the scan's trace."""
+  def group_step(t_graphdef, params, teacher_params, hparams, x):
+    """Samples, scores and differentiates one group of rows with the teacher
+    ``t_graphdef`` / ``teacher_params``: (grads of the unnormalised loss Σ w·l,
+    stats of additive sums). The models are merged here from fresh Variable
+    objects (``tree.map``): NNX refuses to update, e.g. in ``nnx.remat``,
+    Variables created outside the scan's trace."""
     params, teacher_params = jax.tree.map(lambda a: a, (params, teacher_params))
     student = nnx.merge(student_graphdef, params)
-    teacher = None if teacher_graphdef is None else nnx.merge(teacher_graphdef, teacher_params)
+    teacher = None if t_graphdef is None else nnx.merge(t_graphdef, teacher_params)
     comp = group_completions(student, teacher, x, run_cfg, hparams)
     comp = jax.tree.map(jax.lax.stop_gradient, comp)
     p = comp["prompt_ids"].shape[1]
@@ -907,6 +949,42 @@ def make_opd_step(
       stats["sums"] = sums
     return grads, stats
 
+  def multi_teacher_groups(params, teacher_params, batch, k_roll, hparams):
+    """Multi-teacher rows: teacher k's prompts are the batch's static slice
+    ``[start_k, start_k + q_k)`` (:func:`teacher_segments`), planned by
+    :func:`plan_rows` on their own (λ split, M groups and sampler uniforms per
+    teacher, key ``fold_in(k_roll, k)``; ``k_roll`` itself for one teacher).
+    Returns (xs: one plan per teacher, ``one_group(x) -> (grads, stats)``: group
+    g of every teacher, each scored by its own teacher only; stats are the
+    teachers' sums plus their own under ``"teachers"``)."""
+    segments = teacher_segments(cfg, batch["prompt_ids"].shape[0])
+    if not isinstance(teacher_params, (tuple, list)) or len(teacher_params) != len(segments):
+      raise ValueError(
+        f"multi-teacher step: teacher_params must be a tuple of {len(segments)} teachers' "
+        f"parameters ({[name for name, _, _ in segments]})"
+      )
+    lam = hparams.get("on_policy_fraction")
+    xs = []
+    for k, (name, start, q) in enumerate(segments):
+      part = {key: v[start : start + q] for key, v in batch.items()}
+      key = k_roll if len(segments) == 1 else jax.random.fold_in(k_roll, k)
+      try:
+        xs.append(plan_rows(part, key, run_cfg, sharder, lam=lam)[1])
+      except ValueError as e:
+        raise ValueError(f"teacher {name!r} ({q} prompts per step): {e}") from None
+
+    def one_group(x):
+      grads, per = None, []
+      for k, xk in enumerate(x):
+        g, st = group_step(teacher_graphdef[k], params, teacher_params[k], hparams, xk)
+        g = jax.tree.map(lambda a: a.astype(jnp.float32), g)
+        grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+        per.append(st)
+      total = jax.tree.map(lambda *v: functools.reduce(jnp.add, v), *per)
+      return grads, dict(total, teachers=tuple(per))
+
+    return tuple(xs), one_group
+
   def constrain_grads(g):
     if sharder.mesh is None or state_shardings is None:
       return g
@@ -923,10 +1001,16 @@ def make_opd_step(
     point = dict(point or {})
     lr_scale = point.pop("lr_scale", None)
     hparams.update(point)
-    _, xs = plan_rows(batch, k_roll, run_cfg, sharder, lam=hparams.get("on_policy_fraction"))
-    xs = jax.tree.map(jax.lax.stop_gradient, xs)
     rows = batch["prompt_ids"].shape[0] * cfg.sampling.num_samples
-    one_group = functools.partial(group_step, state.params, teacher_params, hparams)
+    segments = teacher_segments(cfg, batch["prompt_ids"].shape[0])
+    if segments:  # multi-teacher: each teacher plans, samples and scores its own rows
+      xs, one_group = multi_teacher_groups(state.params, teacher_params, batch, k_roll, hparams)
+    else:
+      _, xs = plan_rows(batch, k_roll, run_cfg, sharder, lam=hparams.get("on_policy_fraction"))
+      one_group = functools.partial(
+        group_step, teacher_graphdef, state.params, teacher_params, hparams
+      )
+    xs = jax.tree.map(jax.lax.stop_gradient, xs)
     if cfg.micro_batches == 1:
       grads, stats = one_group(jax.tree.map(lambda v: v[0], xs))
     else:
@@ -973,10 +1057,31 @@ def make_opd_step(
       **optim.nonfinite_metrics(opt_state),  # optim.skip_nonfinite: skipped steps
       **{f"schedule/{k}": v for k, v in hparams.items()},
     }
+    token_arrays, token_names = [], []
     if cfg.metrics:
       # One vector (fast to compile); names are static. See `host_metrics`.
-      out["token_metrics"] = metrics_lib.finalize_array(stats["sums"])
-      metric_names[0] = metrics_lib.finalize_names(stats["sums"])
+      token_arrays.append(metrics_lib.finalize_array(stats["sums"]))
+      token_names += metrics_lib.finalize_names(stats["sums"])
+    for (name, _, q), st in zip(segments, stats.get("teachers", ())):
+      # Per teacher: its rows' loss (over its own normaliser) and counts.
+      pre = f"teacher/{name}/"
+      own = 1.0 if cfg.aggregation == "constant" else 1.0 / jnp.maximum(st["z"], 1.0)
+      on_k = jnp.maximum(st["on"], 1.0)
+      out.update(
+        {
+          pre + "loss": st["loss"] * own,
+          pre + "num_tokens": st["num_tokens"],
+          pre + "mean_response_length": st["length_on"] / on_k,
+          pre + "truncated_frac": st["truncated_on"] / on_k,
+          pre + "on_policy_frac": st["on"] / (q * cfg.sampling.num_samples),
+        }
+      )
+      if cfg.metrics:
+        token_arrays.append(metrics_lib.finalize_array(st["sums"]))
+        token_names += [pre + n for n in metrics_lib.finalize_names(st["sums"])]
+    if token_arrays:
+      out["token_metrics"] = jnp.concatenate(token_arrays)
+      metric_names[0] = tuple(token_names)
     if "outcome_reward" in stats:  # OPD + outcome reward: the advantage's two parts
       tokens = jnp.maximum(stats["num_tokens"], 1.0)
       out["outcome/reward_mean"] = stats["outcome_reward"] / rows

@@ -266,3 +266,90 @@ def prepare_quickstart(
       "sampling.max_new_tokens": n,
     },
   )
+
+
+# -----------------------------------------------------------------------------
+# Multi-teacher OPD: two teachers, each strong on its own level range, and a
+# student that knows the low range only; the prompts carry their level as source
+# ("arithmetic/L<n>"), so the driver routes each row to its level's teacher.
+
+MULTI_TEACHER = dict(
+  low_levels=(1, 2),
+  high_levels=(3, 4),
+  student_levels=(1, 2),
+  low=Arch(num_layers=3, hidden_size=96),
+  high=Arch(num_layers=4, hidden_size=128),
+  student=Arch(num_layers=2, hidden_size=64),
+  low_steps=400,
+  high_steps=400,
+  student_steps=600,
+  teacher_examples=4000,
+  student_examples=2000,
+  max_prompt_len=12,
+  max_new_tokens=48,
+)
+
+
+def multi_teacher_sources(levels: Sequence[int], task: str = "arithmetic") -> str:
+  """``config.teachers.<name>.sources`` of a level range: the task's source
+  names (``"arithmetic/L1,arithmetic/L2"``)."""
+  return ",".join(f"{task}/L{level}" for level in levels)
+
+
+@PREPARERS.register("multi_teacher")
+def prepare_multi_teacher(
+  config: ml_collections.ConfigDict, workdir: str, train_fn: TrainFn
+) -> ml_collections.ConfigDict:
+  """Makes (or finds) the multi-teacher run's tokenizer, prompts (tagged by
+  level), teachers ``low`` (levels 1-2) and ``high`` (levels 3-4) and the
+  student (levels 1-2) under ``workdir/assets``; returns ``config`` pointed at
+  them (a copy; ``config.teachers.low`` / ``high`` must exist)."""
+  q = MULTI_TEACHER
+  assets = os.path.join(workdir, "assets")
+  os.makedirs(assets, exist_ok=True)
+  tok_dir = os.path.join(assets, "tokenizer")
+  tokenizer = ensure_tokenizer(tok_dir)
+  p, n = q["max_prompt_len"], q["max_new_tokens"]
+  levels = q["low_levels"] + q["high_levels"]
+  prompts = ensure_task_data(
+    os.path.join(assets, "opd_prompts.jsonl"), n=2000, seed=3, levels=levels
+  )
+
+  def organism(name: str, arch: Arch, levels, steps: int, n_examples: int, seed: int) -> str:
+    data = ensure_task_data(
+      os.path.join(assets, f"{name}_sft.jsonl"), n=n_examples, seed=10 + seed, levels=levels
+    )
+    init = ensure_random_model(os.path.join(assets, f"{name}_init"), arch, tokenizer, seed)
+    return train_organism(
+      os.path.join(assets, f"{name}_sft"),
+      train_fn,
+      sft_config(
+        init=init,
+        tokenizer=tok_dir,
+        data_file=data,
+        steps=steps,
+        lr=3e-3,
+        batch_size=32,
+        max_prompt_len=p,
+        max_new_tokens=n,
+      ),
+    )
+
+  low = organism("low", q["low"], q["low_levels"], q["low_steps"], q["teacher_examples"], 1)
+  high = organism("high", q["high"], q["high_levels"], q["high_steps"], q["teacher_examples"], 2)
+  student = organism(
+    "student", q["student"], q["student_levels"], q["student_steps"], q["student_examples"], 3
+  )
+  return configs_lib.updated(
+    config,
+    {
+      "student.path": student,
+      "teachers.low.path": low,
+      "teachers.high.path": high,
+      "tokenizer": tok_dir,
+      "data.train_files": prompts,
+      "data.source_field": "source",
+      "data.max_prompt_len": p,
+      "sampling.max_new_tokens": n,
+    },
+  )

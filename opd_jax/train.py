@@ -37,6 +37,7 @@ from opd_jax import data as data_lib
 from opd_jax import flops as flops_lib
 from opd_jax import losses as losses_lib
 from opd_jax import schedules as schedules_lib
+from opd_jax import teachers as teachers_lib
 from opd_jax.logging_utils import MetricWriter
 from opd_jax.opd_step import (
   OPDConfig,
@@ -276,6 +277,7 @@ class Settings:
   # The compiled step's static config; its sampling configs stop on no id yet
   # (see sampling_config / opd_config: the ids come from the tokenizer).
   step: OPDConfig
+  teachers: tuple  # teachers.TeacherSpec per config.teachers.<name> (): one teacher
   ignore_eos: bool  # sampling.ignore_eos: no EOS id (every row runs max_new_tokens)
   data: data_lib.DataOptions
   prompt_buckets: tuple[int, ...]  # ascending prompt widths, the last max_prompt_len
@@ -401,6 +403,7 @@ def settings_of(config) -> Settings:
       total_steps=f("optimizer.total_steps", int) or total_steps,
     ),
     step=step,
+    teachers=teacher_specs(config),
     ignore_eos=f("sampling.ignore_eos", bool, False),
     data=data_lib.DataOptions(
       max_prompt_len=f("data.max_prompt_len", int),
@@ -536,6 +539,16 @@ def model_config_of(spec: ModelSpec, *, num_layers: int = 0):
   return dataclasses.replace(cfg, num_layers=num_layers) if num_layers else cfg
 
 
+def teacher_specs(config) -> tuple[teachers_lib.TeacherSpec, ...]:
+  """``config.teachers`` -> typed :class:`teachers.TeacherSpec` s (multi-teacher
+  OPD; () for the single ``config.teacher``); start-up errors name the setting.
+  Read by :func:`settings_of` (``Settings.teachers``)."""
+  knobs = lambda node: model_spec(
+    ml_collections.ConfigDict({**node, "path": ""}), "teachers.<name>"
+  ).kwargs()
+  return teachers_lib.teacher_specs(config, knobs)
+
+
 def _load(spec: ModelSpec, sharder: Sharder):
   from opd_jax.models import from_hf
 
@@ -590,6 +603,7 @@ def sft_config(step_cfg: OPDConfig) -> OPDConfig:
     off_policy_source="dataset",
     metrics=False,
     schedules=(),
+    teachers=(),
   )
 
 
@@ -649,9 +663,11 @@ def opd_config(settings: Settings, sampling: SamplingConfig, verifier=None) -> O
   )
 
 
-def build_data(settings: Settings, tokenizer, answers: bool = False):
+def build_data(settings: Settings, tokenizer, answers: bool = False, teachers=()):
   """The OPD phase's prompts (:class:`data.PromptData`) and their iterator
-  (``answers``: batches carry ``answer_ids``, for an in-step verifier)."""
+  (``answers``: batches carry ``answer_ids``, for an in-step verifier); with
+  ``teachers`` (``Settings.teachers``), each batch holds every teacher's
+  fixed rows in order (``teachers.groups``)."""
   if not settings.train_files:
     raise ValueError("config.data.train_files is empty")
   try:
@@ -681,6 +697,7 @@ def build_data(settings: Settings, tokenizer, answers: bool = False):
     num_epochs=settings.num_epochs,
     mixture=settings.mixture,
     mixture_schedules=dict(settings.mixture_schedules) or None,
+    groups=teachers_lib.groups(teachers, data.source_names, settings.mixture) if teachers else None,
   )
   return data, it
 
@@ -994,14 +1011,14 @@ class Run:
   sharder: Sharder
   tokenizer: Any  # None when abstract
   student_cfg: Any  # ModelConfig
-  teacher_cfg: Any  # ModelConfig, or None (no teacher pass)
+  teacher_cfg: Any  # ModelConfig, a tuple of them (config.teachers), or None (no teacher pass)
   vocab: int
   tx: Any
   schedule: Any
   state: TrainState  # the initial train state
   state_shardings: Any
   student_graphdef: Any
-  teacher_graphdef: Any  # None: no teacher pass
+  teacher_graphdef: Any  # None: no teacher pass; a tuple with config.teachers
   phases: dict[str, Phase]
   data_stats: dict[str, int]
   evals: dict  # prepare_evals: {name: (task, examples)}
@@ -1044,34 +1061,61 @@ def build_run(
   sharder = make_sharder(settings.mesh)
   # --- Start-up checks, from the config.json files.
   use_teacher = settings.use_teacher
+  specs = settings.teachers  # multi-teacher OPD (checked even when unused)
+  multi = bool(specs) and use_teacher
   s_cfg = model_config_of(settings.student, num_layers=num_layers)
-  t_cfg = model_config_of(settings.teacher, num_layers=num_layers) if use_teacher else None
+  t_cfg = None
+  if multi:
+    t_cfg = tuple(teachers_lib.model_config(t, num_layers) for t in specs)
+  elif use_teacher:
+    t_cfg = model_config_of(settings.teacher, num_layers=num_layers)
   tokenizer = evals = None
+  one_t_cfg = None if multi else t_cfg
   if abstract:
-    check_lengths(settings, s_cfg, t_cfg)
+    check_lengths(settings, s_cfg, one_t_cfg)
   else:
     tokenizer = _tokenizer(settings)
-    check_run_settings(settings, s_cfg, t_cfg)
+    check_run_settings(settings, s_cfg, one_t_cfg)
     evals = prepare_evals(settings, s_cfg, tokenizer)
+  if multi:
+    vocab = teachers_lib.check_models(
+      specs,
+      s_cfg,
+      t_cfg,
+      prompt_len=settings.data.max_prompt_len,
+      new_tokens=settings.new_tokens,
+      tokenizer_size=None if abstract else len(tokenizer),
+    )
   # --- Models.
   teacher = t_graphdef = t_params = t_shardings = None
   if abstract:
     s_graphdef, s_params, s_shardings = abstract_params(s_cfg, sharder)
-    if t_cfg is not None:
+    if multi:
+      t_graphdef, t_params, t_shardings = zip(*(abstract_params(c, sharder) for c in t_cfg))
+    elif t_cfg is not None:
       t_graphdef, t_params, t_shardings = abstract_params(t_cfg, sharder)
-    vocab = vocab_size or vocab_of(s_cfg, t_cfg)
+    vocab = vocab_size or (vocab if multi else vocab_of(s_cfg, t_cfg))
     sampling = sampling_config(settings, eos_ids=eos_ids or s_cfg.eos_token_ids, pad_id=pad_id)
   else:
     student = _load(settings.student, sharder)
     s_cfg, s_graphdef = student.cfg, nnx.graphdef(student)
-    if use_teacher:
+    if multi:  # one teacher per spec, in batch order
+      loaded = [teachers_lib.load(t, sharder) for t in specs]
+      t_cfg = tuple(t.cfg for t in loaded)
+      t_graphdef, t_params = zip(*(nnx.split(t) for t in loaded))
+      del loaded
+      t_shardings = tuple(sharder.tree_shardings(p) for p in t_params)
+    elif use_teacher:
       teacher = _load(settings.teacher, sharder)
       t_cfg = teacher.cfg
       t_graphdef, t_params = nnx.split(teacher)
       t_shardings = sharder.tree_shardings(t_params)
-    vocab = vocab_of(s_cfg, t_cfg, len(tokenizer))
+    if not multi:
+      vocab = vocab_of(s_cfg, t_cfg, len(tokenizer))
     sampling = sampling_config(settings, tokenizer, s_cfg)
   step_cfg = opd_config(settings, sampling, outcome_verifier(settings, tokenizer))
+  if multi:
+    step_cfg = dataclasses.replace(step_cfg, teachers=tuple((t.name, t.rows) for t in specs))
   # --- Optimizer and train state.
   tx, schedule = make_optimizer(settings.optimizer)
   if abstract:
@@ -1123,7 +1167,9 @@ def build_run(
     }
     data_stats = {}
   else:
-    data, it = build_data(settings, tokenizer, answers=step_cfg.verifier is not None)
+    data, it = build_data(
+      settings, tokenizer, answers=step_cfg.verifier is not None, teachers=specs if multi else ()
+    )
     data_stats = {**data.stats, **data.counts}
     phases = {"opd": make_phase("opd", step_cfg, it, example_batch(data), teacher_args)}
     if settings.cold_start.steps > 0:

@@ -486,3 +486,49 @@ def test_one_jsonl_implementation(tmp_path):
     f.write("{bad\n")
   with pytest.raises(ValueError, match=r"x\.jsonl:3: invalid JSON"):
     tasks.read_jsonl(path)
+
+
+@pytest.mark.parametrize("mixture", [None, {"a": 1.0, "b": 3.0, "c": 2.0}])
+def test_group_quotas_fixed_rows_per_group_and_exact_resume(tok, mixture):
+  """Multi-teacher batches: every batch holds exactly q_k rows of group k, in
+  group order; the groups' streams cover their records; shards union to the
+  global batch; a restored iterator continues exactly."""
+  d = data.PromptData.from_records(
+    _records(5, "a") + _records(11, "b") + _records(7, "c"),
+    tok,
+    max_prompt_len=4,
+    source_field="src",
+  )
+  groups = [(("b",), 3), (("a", "c"), 5)]
+  kw = dict(seed=4, mixture=mixture, groups=groups)
+  batches = _take(_it(d, batch_size=8, **kw), 30)
+  names = np.array(d.source_names)
+  for b in batches:
+    src = names[b["source_id"]]
+    assert list(src[:3]) == ["b"] * 3 and set(src[3:]) <= {"a", "c"}
+    assert all(d.source_names[d.source_ids[i]] == s for i, s in zip(b["index"], src))
+  idx = np.concatenate([b["index"][3:] for b in batches])
+  assert set(idx) == set(np.flatnonzero(d.source_ids != 1))  # a and c records all drawn
+  if mixture is None:  # one shuffled stream over a + c: each epoch a permutation
+    first = np.concatenate([b["index"][3:] for b in batches[:12]])[:12]
+    assert sorted(first) == sorted(np.flatnonzero(d.source_ids != 1))
+  _assert_batches_equal(batches, _take(_it(d, batch_size=8, **kw), 30))
+  s0 = _take(d.iterator(8, shard_index=0, shard_count=2, **kw), 4)
+  s1 = _take(d.iterator(8, shard_index=1, shard_count=2, **kw), 4)
+  for g, a, b in zip(batches, s0, s1):
+    np.testing.assert_array_equal(np.concatenate([a["index"], b["index"]]), g["index"])
+  it = _it(d, batch_size=8, **kw)
+  _take(it, 7)
+  state = json.loads(json.dumps(data.save_iterator_state(it)))
+  fresh = data.restore_iterator_state(_it(d, batch_size=8, **kw), state)
+  _assert_batches_equal(_take(fresh, 5), batches[7:12])
+  finite = list(_it(d, batch_size=8, seed=4, groups=groups, num_epochs=2))
+  assert len(finite) == 2 * 23 // 8
+  with pytest.raises(ValueError, match="add up to 8"):
+    _it(d, batch_size=8, groups=[(("b",), 3), (("a",), 4)])
+  with pytest.raises(ValueError, match="disjoint"):
+    _it(d, batch_size=8, groups=[(("b",), 4), (("b", "a"), 4)])
+  with pytest.raises(ValueError, match="in the data"):
+    _it(d, batch_size=8, groups=[(("b",), 4), (("z",), 4)])
+  with pytest.raises(ValueError, match=r"\['c'\] have no mixture weight"):
+    _it(d, batch_size=8, groups=[(("b",), 4), (("c",), 4)], mixture={"b": 1.0})

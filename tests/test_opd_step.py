@@ -1479,3 +1479,123 @@ def test_auto_loss_chunk_fits_budget():
   assert auto(8, 3, v, Sharder()) == 3 and auto(4096, 512, v, Sharder()) == 1
   temp = _step_temp_mib(rows=8, n_new=128, chunk=0, budget_mib=256)
   assert temp < 1.5 * 256, temp
+
+
+# ----------------------------------------------------------------------------
+# Multi-teacher OPD: each teacher scores only its own (contiguous) rows.
+
+TCFG_B = SCFG.replace(hidden_size=40, num_layers=2)
+TEACHERS = (("a", 2), ("b", 2))  # prompts 0-1 -> teacher a, 2-3 -> teacher b
+
+
+def _build_multi(cfg, *, mesh=None):
+  """Student (as :func:`_build`), teachers a (TCFG, seed 1) and b (TCFG_B,
+  seed 2), the multi-teacher step over both."""
+  sh = Sharder(mesh)
+  student = create_model(SCFG, seed=SEED, sharder=sh)
+  tx, sched = optim.make_optimizer({"name": "sgd", "lr": SGD_LR, "grad_clip": 0})
+  state, st_sh = opd_step.init_train_state(student, tx, SEED, sh)
+  gd_s, _ = nnx.split(student)
+  teachers = [nnx.split(create_model(c, seed=s, sharder=sh)) for c, s in ((TCFG, 1), (TCFG_B, 2))]
+  gds, tps = tuple(t[0] for t in teachers), tuple(t[1] for t in teachers)
+  t_sh = b_sh = None
+  if mesh is not None:
+    t_sh = tuple(sh.tree_shardings(p) for p in tps)
+    b_sh = {k: sh.batch(2, PROMPTS.shape[0]) for k in _dataset_batch()}
+  step = opd_step.make_opd_step(
+    gd_s,
+    gds,
+    tx,
+    sched,
+    cfg,
+    vocab_size=VOCAB,
+    sharder=sh,
+    state_shardings=st_sh,
+    teacher_shardings=t_sh,
+    batch_shardings=b_sh,
+  )
+  return dict(step=step, state=state, t_params=tps, gds=gds)
+
+
+def _multi_step(cfg, batch, **kw):
+  b = _build_multi(cfg, **kw)
+  p0 = _host(b["state"].params)
+  state, m = _timed(
+    f"multi-teacher M={cfg.micro_batches}", b["step"], b["state"], b["t_params"], batch
+  )
+  assert b["step"].trace_count() == 1
+  return _metrics(b["step"], m), p0, _host(state.params), b
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["greedy_on_policy", "dataset_off_policy"])
+def test_two_teachers_equal_single_teacher_runs_on_their_rows(mode):
+  """Two teachers over prompts 0-1 / 2-3 == the two single-teacher steps on
+  those rows: per-teacher loss and metrics are the single runs', the total
+  loss and SGD update are their token-weighted mix (token_mean: Σ w·l / Σ z).
+  Deterministic completions (greedy / dataset) so both sides see the same."""
+  if mode == "greedy_on_policy":
+    kw = dict(sampling=_sampling(greedy=True))
+  else:
+    kw = dict(on_policy_fraction=0.0, off_policy_source="dataset", metrics=False)
+  batch = _dataset_batch()
+  m2, p0, p2, multi = _multi_step(_base_cfg(teachers=TEACHERS, **kw), batch)
+  singles = []
+  for k, (name, _) in enumerate(TEACHERS):
+    rows = slice(2 * k, 2 * k + 2)
+    part = {key: v[rows] for key, v in batch.items()}
+    tcfg = (TCFG, TCFG_B)[k]
+    b = _build(
+      _base_cfg(**kw), teacher_cfg=tcfg, teacher_params=(multi["gds"][k], multi["t_params"][k])
+    )
+    np.testing.assert_array_equal(
+      jax.tree.leaves(_host(b["state"].params))[0], jax.tree.leaves(p0)[0]
+    )
+    state, m = b["step"](b["state"], b["t_params"], part)
+    m = _metrics(b["step"], m)
+    singles.append((m, _host(state.params)))
+    for key, v in m.items():
+      if key in ("lr", "grad_norm") or key.startswith("nonfinite") or key == "skipped_steps":
+        continue
+      np.testing.assert_allclose(m2[f"teacher/{name}/{key}"], v, rtol=2e-5, atol=1e-6, err_msg=key)
+  (ma, pa), (mb, pb) = singles
+  za, zb = ma["num_tokens"], mb["num_tokens"]
+  assert m2["num_tokens"] == za + zb
+  np.testing.assert_allclose(m2["loss"], (za * ma["loss"] + zb * mb["loss"]) / (za + zb), rtol=1e-5)
+  # SGD: Δp = -lr·g, so the multi-teacher Δp is the token-weighted mix of the two.
+  want = jax.tree.map(lambda a, b_, c: (za * (b_ - a) + zb * (c - a)) / (za + zb) + a, p0, pa, pb)
+  diff = jax.tree.map(lambda a, b_: np.abs(a - b_).max(), want, p2)
+  assert max(jax.tree.leaves(diff)) < 1e-6, diff
+  assert m2["teacher/a/num_tokens"] + m2["teacher/b/num_tokens"] == m2["num_tokens"]
+
+
+@pytest.fixture(scope="module")
+def multi_run():
+  """One sampled (λ = 0.5, dataset) multi-teacher step on one device, M = 1."""
+  cfg = _base_cfg(teachers=TEACHERS, on_policy_fraction=0.5)
+  m, p0, p, _ = _multi_step(cfg, _dataset_batch())
+  return dict(cfg=cfg, metrics=m, params=p, params0=p0)
+
+
+@pytest.mark.slow
+def test_multi_teacher_micro_batches_and_sharded_match(multi_run):
+  """M = 2 (each group keeps both teachers' quotas, one row of each role per
+  teacher) and a (data=2, fsdp=2, tensor=2) mesh == one device, M = 1."""
+  m_ref, p_ref = multi_run["metrics"], multi_run["params"]
+  assert {"teacher/a/loss", "teacher/b/reverse_kl", "teacher/a/on_policy_frac"} <= set(m_ref)
+  assert m_ref["teacher/a/on_policy_frac"] == 0.5 == m_ref["on_policy_frac"]
+  m, _, p, _ = _multi_step(dataclasses.replace(multi_run["cfg"], micro_batches=2), _dataset_batch())
+  _assert_same_step(m_ref, p_ref, m, p)
+  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  m, _, p, _ = _multi_step(multi_run["cfg"], _dataset_batch(), mesh=mesh)
+  _assert_same_step(m_ref, p_ref, m, p)
+
+
+def test_multi_teacher_config_errors():
+  with pytest.raises(ValueError, match="distinct names"):
+    _base_cfg(teachers=(("a", 2), ("a", 2)))
+  with pytest.raises(ValueError, match="distinct names"):
+    _base_cfg(teachers=(("a", 0), ("b", 4)))
+  with pytest.raises(ValueError, match="add up to 3, not the batch's 4"):
+    opd_step.teacher_segments(_base_cfg(teachers=(("a", 1), ("b", 2))), 4)
+  assert opd_step.teacher_segments(_base_cfg(teachers=TEACHERS), 4) == (("a", 0, 2), ("b", 2, 2))

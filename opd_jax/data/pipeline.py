@@ -510,6 +510,65 @@ class PromptData:
       ds = ds[: num_epochs * total]
     return ds
 
+  def _group_batches(
+    self,
+    seed: int,
+    num_epochs: int | None,
+    shuffle: bool,
+    mixture: Mapping[str, float] | None,
+    groups: Sequence[tuple[Sequence[str], int]],
+    batch_size: int,
+  ) -> grain.MapDataset:
+    """Global batches of record ids ``[batch_size]`` with fixed rows per group:
+    batch t = ``s_0[t·q_0 .. t·q_0+q_0-1] ++ s_1[t·q_1 ..] ++ ...`` where
+    ``s_k`` is group k's stream (its records shuffled and repeated per epoch,
+    or, with ``mixture``, its sources mixed by their weights, each source's
+    own shuffled stream). A pure function of t, so the iterator's position
+    resumes it exactly. With ``num_epochs``, as many batches as
+    ``num_epochs · records / batch_size`` (records of the grouped sources)."""
+    if num_epochs is not None and num_epochs <= 0:
+      raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
+    if seed < 0:
+      raise ValueError(f"seed must be non-negative, got {seed}")
+    quotas = [int(q) for _, q in groups]
+    if sum(quotas) != batch_size or min(quotas, default=0) < 1:
+      raise ValueError(f"group rows {quotas} must be >= 1 each and add up to {batch_size}")
+    weights = validate_mixture(mixture, self.source_names) if mixture is not None else None
+    streams, total, seen = [], 0, set()
+    for k, (sources, _) in enumerate(groups):
+      unknown = sorted(set(sources) - set(self.source_names))
+      if unknown or not sources or seen & set(sources):
+        raise ValueError(
+          f"group {k}: sources {sorted(sources)} must be non-empty, disjoint from the "
+          f"other groups' and in the data {list(self.source_names)}"
+        )
+      seen |= set(sources)
+      ids = [self.source_names.index(s) for s in sources]
+      members = np.flatnonzero(np.isin(self.source_ids, ids))
+      total += len(members)
+
+      def stream(m, stream_id):
+        ds = grain.MapDataset.range(len(m)).repeat(None)
+        return ds.map_with_index(_EpochShuffle(m, seed, stream_id, shuffle))
+
+      if weights is None:
+        streams.append(stream(members, 1_000_003 + k))
+        continue
+      missing = sorted(set(sources) - set(weights))
+      if missing:
+        raise ValueError(f"group {k}: sources {missing} have no mixture weight")
+      parts = [stream(np.flatnonzero(self.source_ids == i), 1 + i) for i in ids]
+      streams.append(grain.MapDataset.mix(parts, [weights[s] for s in sources]))
+    num = None if num_epochs is None else max(1, num_epochs * total // batch_size)
+
+    def batch_ids(t: int, _: Any) -> np.ndarray:
+      return np.concatenate(
+        [np.array([s[t * q + j] for j in range(q)], np.int64) for s, q in zip(streams, quotas)]
+      )
+
+    ds = grain.MapDataset.range(1).repeat(None) if num is None else grain.MapDataset.range(num)
+    return ds.map_with_index(batch_ids)
+
   def dataset(
     self,
     batch_size: int,
@@ -523,6 +582,7 @@ class PromptData:
     mixture: Mapping[str, float] | None = None,
     num_threads: int = 0,
     mixture_schedules: Mapping[str, Any] | None = None,
+    groups: Sequence[tuple[Sequence[str], int]] | None = None,
   ) -> grain.IterDataset:
     """The grain pipeline behind :meth:`iterator`.
 
@@ -546,6 +606,12 @@ class PromptData:
         global batches: the weight of a named source of ``mixture`` at batch
         t (a curriculum over difficulty levels); each draw then picks its
         source from that batch's weights (:class:`_ScheduledMix`).
+      groups: optional ``[(sources, rows), ...]`` (multi-teacher OPD): every
+        global batch is group 0's ``rows`` records, then group 1's, ... (the
+        rows add up to ``batch_size``), each group drawn from its own stream
+        over its sources (weighted by ``mixture`` where given, else its records
+        shuffled together); see :meth:`_group_batches`. Not with
+        ``mixture_schedules``; ``drop_remainder`` is implied.
 
     Returns:
       A ``grain.IterDataset`` of this process's share of global batches.
@@ -575,8 +641,14 @@ class PromptData:
       batch["valid"] = np.arange(start, start + local) < n_valid
       return batch
 
-    ds = self._index_dataset(seed, num_epochs, shuffle, mixture, mixture_schedules, batch_size)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(to_batch)
+    if groups is not None:
+      if mixture_schedules:
+        raise ValueError("mixture schedules cannot be combined with per-group row quotas")
+      ds = self._group_batches(seed, num_epochs, shuffle, mixture, groups, batch_size)
+      ds = ds.map(to_batch)
+    else:
+      ds = self._index_dataset(seed, num_epochs, shuffle, mixture, mixture_schedules, batch_size)
+      ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(to_batch)
     return ds.to_iter_dataset(
       grain.ReadOptions(
         num_threads=num_threads,
