@@ -8,12 +8,16 @@ accuracy from the first to the last logged eval, beside the teacher's
 
     gap recovered = (end - start) / (teacher - start),
 
-the steps run, generated tokens per second (sum of ``num_tokens`` over the sum
-of ``step_time_s`` of the logged steps) and where the run's files are.
+the per-token reverse KL from the first to the last logged step (the
+``reverse_kl`` token metric, or the loss itself when it is ``reverse_kl`` with
+token-mean aggregation), the steps run, generated tokens per second (the
+logged steps' mean ``num_tokens`` times the steps run, over the loop's wall
+time, evals and logging included) and where the run's files are.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -54,25 +58,55 @@ def eval_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return out
 
 
-def throughput(records: list[dict[str, Any]]) -> tuple[int, float, float | None]:
-  """``(last step, generated tokens, tokens per second)`` over the logged
-  training steps (records with ``num_tokens`` and ``step_time_s``)."""
-  steps = [r for r in records if "num_tokens" in r and "step_time_s" in r]
-  last = max((r["step"] for r in records), default=0)
-  tokens = sum(float(r["num_tokens"]) for r in steps)
-  secs = sum(float(r["step_time_s"]) for r in steps)
-  return last, tokens, (tokens / secs if secs > 0 else None)
+def kl_curve(records: list[dict[str, Any]], config: dict | None = None) -> list[tuple]:
+  """``[(step, per-token reverse KL)]``: the ``reverse_kl`` metric, else the
+  loss when ``config`` (the saved ``config.json``) has the token-mean
+  ``reverse_kl`` loss; ``[]`` otherwise."""
+  loss = (config or {}).get("loss", {})
+  key = KL_KEY
+  if not any(KL_KEY in r for r in records):
+    exact = loss.get("name") == "reverse_kl" and loss.get("aggregation") == "token_mean"
+    if not exact:
+      return []
+    key = "loss"
+  return [(r["step"], r[key]) for r in records if key in r and "num_tokens" in r]
+
+
+def throughput(
+  records: list[dict[str, Any]], loop_s: float | None, loop_steps: int | None
+) -> tuple[float | None, float | None]:
+  """``(generated tokens, tokens per second)`` of the loop: the logged steps'
+  mean ``num_tokens`` times ``loop_steps``, over ``loop_s`` (None when
+  unknown)."""
+  logged = [float(r["num_tokens"]) for r in records if "num_tokens" in r]
+  if not logged or not loop_steps:
+    return None, None
+  tokens = sum(logged) / len(logged) * loop_steps
+  return tokens, (tokens / loop_s if loop_s else None)
 
 
 def _pct(x: float | None) -> str:
   return "  -  " if x is None else f"{100 * x:5.1f}%"
 
 
-def summarize(workdir: str, *, status: str = "finished", png: bool = True) -> str:
+def summarize(
+  workdir: str,
+  *,
+  status: str = "finished",
+  loop_s: float | None = None,
+  loop_steps: int | None = None,
+  png: bool = True,
+) -> str:
   """The closing summary of the run in ``workdir`` (text; ``png``: also
-  writes ``workdir/summary.png``)."""
-  records = read_metrics(workdir) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else []
-  last, tokens, tok_s = throughput(records)
+  writes ``workdir/summary.png``). ``loop_s`` / ``loop_steps``: wall time and
+  steps of this process's loop (the tokens per second)."""
+  has = lambda name: os.path.exists(os.path.join(workdir, name))
+  records = read_metrics(workdir) if has("metrics.jsonl") else []
+  config = {}
+  if has("config.json"):
+    with open(os.path.join(workdir, "config.json")) as f:
+      config = json.load(f)
+  last = max((r["step"] for r in records), default=0)
   lines = [f"== run summary: {status} at step {last} =="]
   table = eval_table(records)
   if table:
@@ -86,11 +120,21 @@ def summarize(workdir: str, *, status: str = "finished", png: bool = True) -> st
     lines.append(
       "  (greedy accuracy at the first and last eval; gap = (end - start) / (teacher - start))"
     )
-  kl = [(r["step"], r[KL_KEY]) for r in records if KL_KEY in r]
+  kl = kl_curve(records, config)
   if kl:
-    lines.append(f"per-token reverse KL: {kl[0][1]:.4f} (step {kl[0][0]}) -> {kl[-1][1]:.4f}")
-  rate = "-" if tok_s is None else f"{tok_s:,.0f}"
-  lines.append(f"steps: {last}; generated tokens: {tokens:,.0f} ({rate} tokens/s in the steps)")
+    lines.append(
+      f"per-token reverse KL(student || teacher): {kl[0][1]:.4f} (step {kl[0][0]}) -> "
+      f"{kl[-1][1]:.4f} (step {kl[-1][0]})"
+    )
+  tokens, tok_s = throughput(records, loop_s, loop_steps)
+  line = f"steps: {last}"
+  if tokens is not None:
+    line += f"; generated tokens: ~{tokens:,.0f}"
+  if tok_s is not None:
+    line += (
+      f" in {loop_s:.0f} s, {tok_s:,.0f} tokens/s (loop wall time, evals and logging included)"
+    )
+  lines.append(line)
   where = [
     ("metrics", "metrics.jsonl"),
     ("tensorboard", "tensorboard"),
@@ -103,12 +147,12 @@ def summarize(workdir: str, *, status: str = "finished", png: bool = True) -> st
       lines.append(f"{label + ':':<14}{path}")
   if png and records:
     path = os.path.join(workdir, PNG_NAME)
-    plot(records, table, path)
+    plot(records, table, kl, path)
     lines.append(f"{'plot:':<14}{path}")
   return "\n".join(lines)
 
 
-def plot(records: list[dict[str, Any]], table: list[dict[str, Any]], path: str) -> None:
+def plot(records: list[dict[str, Any]], table: list[dict[str, Any]], kl: list, path: str) -> None:
   """Eval accuracy (teacher dashed) and per-token reverse KL over steps."""
   import matplotlib
 
@@ -127,7 +171,6 @@ def plot(records: list[dict[str, Any]], table: list[dict[str, Any]], path: str) 
   ax1.set(xlabel="step", ylabel="eval accuracy", ylim=(-0.02, 1.02), title="eval accuracy")
   if table:
     ax1.legend(fontsize=7)
-  kl = [(r["step"], r[KL_KEY]) for r in records if KL_KEY in r]
   if kl:
     ax2.plot(*zip(*kl), color="C3")
   ax2.set(xlabel="step", ylabel="nats / token", title="per-token reverse KL")

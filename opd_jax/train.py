@@ -972,6 +972,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if run.evals and start == 0 and (s.eval_at_start or s.eval_teacher):
     writer.write(0, start_evals(run, state))
   preempt, peak = checkpointing.PreemptionFlag(), peak_flops(config)
+  t_loop = time.time()
   try:
     status, last, state = _loop(run, state, start, hooks, saved, ckpt, preempt, peak)
   finally:
@@ -979,6 +980,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     preempt.restore_handler()
     ckpt.close()
     writer.close()
+  loop = dict(loop_s=time.time() - t_loop, loop_steps=int(last["step"]) - start)
   # --- Export.
   if status == "finished" and s.export_hf:
     from opd_jax.models import to_hf
@@ -989,7 +991,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if is_main and s.summary:
     from opd_jax import summary
 
-    print(summary.summarize(workdir, status=status), flush=True)
+    print(summary.summarize(workdir, status=status, **loop), flush=True)
   return {
     **last,
     "status": status,
