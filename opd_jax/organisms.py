@@ -225,8 +225,9 @@ def train_organism(
 # -----------------------------------------------------------------------------
 # The quickstart: a teacher with new capability (level 3 solved), a smaller
 # student that knows the easy levels and a little of level 3 (above zero, far
-# below the teacher), both trained here in about a minute; OPD then closes
-# most of the level-3 gap (README: the three-seed check).
+# below the teacher), both trained here by the driver's SFT mode; OPD then
+# closes most of the level-3 gap (README: the three-seed check,
+# experiments/quickstart_check.py).
 
 
 @dataclasses.dataclass(frozen=True)
