@@ -233,6 +233,11 @@ def base_config() -> ml_collections.ConfigDict:
     dict(coordinator_address="", num_processes=1, process_id=-1, local_device_ids="")
   )
   c.progress_bar = True
+  c.name = ""  # the run's label (progress bar, closing summary); "": "opd"
+  c.summary = True  # a closing summary on the terminal and summary.png in the workdir
+  # Evaluate the teacher once at the start (``teacher/eval/*`` at step 0,
+  # the summary's gap recovery); needs a teacher and config.evals.
+  c.eval_teacher = False
   # Off-policy cold start: SFT on verified teacher rollouts for `steps` steps,
   # then OPD, in one run (one workdir, one checkpoint lineage).
   c.cold_start = ml_collections.ConfigDict(

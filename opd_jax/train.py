@@ -267,6 +267,9 @@ class Settings:
   max_nonfinite_steps: int  # non-finite steps in a row (each skipped) that stop the run
   export_hf: bool
   progress_bar: bool
+  name: str  # the progress bar's label ("": "opd")
+  summary: bool  # the closing summary (summary.py)
+  eval_teacher: bool  # the evals on the teacher once at the start
   peak_flops: float  # 0: from the device kind
   student: ModelSpec
   teacher: ModelSpec
@@ -388,6 +391,9 @@ def settings_of(config) -> Settings:
     max_nonfinite_steps=f("max_nonfinite_steps", int),
     export_hf=f("export_hf", bool),
     progress_bar=f("progress_bar", bool),
+    name=f("name", str, ""),
+    summary=f("summary", bool, False),
+    eval_teacher=f("eval_teacher", bool, False),
     peak_flops=f("peak_flops", float),
     student=student,
     teacher=model_spec(config.teacher, "teacher"),
@@ -1280,13 +1286,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     total=s.total_steps,
     initial=start,
     disable=not (is_main and s.progress_bar),
-    desc="opd",
+    desc=s.name or "opd",
     dynamic_ncols=True,
   )
   hooks, saved = _hooks(run, ckpt, writer, bar)
-  if run.evals and start == 0 and s.eval_at_start:
-    writer.write(0, run_evals(s, run.evals, run.student(state), run.tokenizer))
+  if run.evals and start == 0 and (s.eval_at_start or s.eval_teacher):
+    writer.write(0, start_evals(run, state))
   preempt, peak = checkpointing.PreemptionFlag(), peak_flops(s)
+  t_loop = time.time()
   try:
     status, last, state = _loop(run, state, start, hooks, saved, ckpt, preempt, peak)
   finally:
@@ -1294,6 +1301,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     preempt.restore_handler()
     ckpt.close()
     writer.close()
+  loop = dict(loop_s=time.time() - t_loop, loop_steps=int(last["step"]) - start)
   # --- Export.
   if status == "finished" and s.export_hf:
     from opd_jax.models import to_hf
@@ -1301,11 +1309,35 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     to_hf(run.student(state), os.path.join(workdir, "export_hf"))
     if is_main:
       run.tokenizer.save_pretrained(os.path.join(workdir, "export_hf"))
+  if is_main and s.summary:
+    from opd_jax import summary
+
+    print(summary.summarize(workdir, status=status, **loop), flush=True)
   return {
     **last,
     "status": status,
     "trace_count": max(p.fn.trace_count() for p in run.phases.values()),
   }
+
+
+def start_evals(run: Run, state) -> dict[str, float]:
+  """Step 0's evals: the student's (``config.eval_at_start``) and the
+  teacher's as ``teacher/eval/*`` (``config.eval_teacher``)."""
+  s, out = run.settings, {}
+  if s.eval_at_start:
+    out.update(run_evals(s, run.evals, run.student(state), run.tokenizer))
+  if s.eval_teacher:
+    if isinstance(run.teacher_graphdef, tuple):
+      raise ValueError("config.eval_teacher is not supported with config.teachers (several)")
+    if run.teacher_graphdef is None:
+      raise ValueError(
+        "config.eval_teacher: this run has no teacher pass (the loss, the metrics "
+        "and the off-policy rows do not read config.teacher)"
+      )
+    teacher = nnx.merge(run.teacher_graphdef, run.phases["opd"].teacher)
+    res = run_evals(s, run.evals, teacher, run.tokenizer)
+    out.update({f"teacher/{k}": v for k, v in res.items()})
+  return out
 
 
 def _loop(run: Run, state, start: int, hooks, saved, ckpt, preempt, peak):

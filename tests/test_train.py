@@ -1647,3 +1647,52 @@ def test_opd_grpo_run_verifies_in_the_step(assets, tmp_path):
   c.loss.task = "nope"
   with pytest.raises(ValueError, match="config.loss.task"):
     build_run(c)
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end_small(tmp_path, monkeypatch, capsys):
+  """The quickstart's whole path at reduced size (organisms 2x64 / 1x64 and
+  a few OPD steps, so it stays well under the full run's ~3 minutes): every
+  phase says what it does, the closing summary has the student's start -> end
+  beside the teacher's, OPD lowers the per-token reverse KL, summary.png is
+  written, and a rerun reuses every asset. The full run's gate (gap recovery
+  >= 50% on every seed) is experiments/quickstart_check.py's, README."""
+  import dataclasses
+
+  from opd_jax import organisms, summary, train
+
+  small = dataclasses.replace(
+    organisms.QUICKSTART,
+    teacher=organisms.Arch(num_layers=2, hidden_size=64),
+    student=organisms.Arch(num_layers=1, hidden_size=64),
+    teacher_steps=60,
+    student_steps=40,
+    teacher_examples=600,
+    student_examples=400,
+    prompt_examples=200,
+    eval_examples=24,
+  )
+  monkeypatch.setattr(organisms, "QUICKSTART", small)
+  c = _load_config_file("configs/quickstart.py", "steps=30")
+  assert c.eval_teacher and c.summary and c.sampling.num_samples == 1
+  c.batch_size, c.eval_every, c.progress_bar = 16, 0, False
+  c.evals.hard.num_examples = 16
+  wd = str(tmp_path / "qs")
+  last = train.train(c, wd)
+  out = capsys.readouterr().out
+  assert last["status"] == "finished" and last["step"] == 30
+  for what in ("tokenizer", "teacher_sft.jsonl", "student_sft.jsonl", "opd_prompts.jsonl"):
+    assert re.search(rf"^made \S*{what} ", out, re.M), what
+  for role in ("teacher (2x64)", "student (1x64)"):
+    assert re.search(rf"^{re.escape(role)}: \d+ SFT steps .* L1 \d+% L2 \d+% L3 \d+%\)$", out, re.M)
+  assert "== run summary: finished at step 30 ==" in out
+  (row,) = summary.eval_table(read_metrics(wd))
+  assert row["start_step"] == 0 and row["end_step"] == 30 and row["teacher"] is not None
+  assert re.search(r"^hard +[\d.]+% -> +[\d.]+% +[\d.]+% ", out, re.M)
+  kl = summary.kl_curve(read_metrics(wd), json.load(open(os.path.join(wd, "config.json"))))
+  assert kl and kl[-1][1] < kl[0][1]  # OPD lowers the student-teacher reverse KL
+  assert os.path.getsize(os.path.join(wd, summary.PNG_NAME)) > 0
+  # A rerun (the finished run resumes at its last step) reuses every asset.
+  train.train(c, wd)
+  out = capsys.readouterr().out
+  assert "made " not in out and out.count("reused ") == 6, out
