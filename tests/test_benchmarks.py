@@ -63,3 +63,28 @@ def test_bench_opd_step_small_runs(tmp_path):
   assert res["cli"]["prompt_len"] == 16 and res["cli"]["logged_tok_s"] > 0
   assert "(target >= 3x)" not in proc.stdout  # no TRL side: no ratio printed
   assert "FLOP" in proc.stdout and "steps/s" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_vmap_sweep_runs():
+  """The vmapped-sweep benchmark prints both sides and their ratio."""
+  proc = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "experiments", "bench_vmap_sweep.py"),
+      "--preset",
+      "tiny",
+      "--points",
+      "2",
+      "--steps",
+      "1",
+    ],
+    cwd=ROOT,
+    env={**os.environ, "PYTHONPATH": ROOT},
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "vmapped (1 call, 2 points)" in proc.stdout
+  assert "vmapped / sequential throughput:" in proc.stdout
