@@ -1014,8 +1014,12 @@ def test_opd_grpo_host_verifier_on_a_mesh_matches_single_device():
 
 
 def test_opd_grpo_config_errors():
+  # The verifier comes once the tokenizer is known: the step refuses to be made without it.
+  no_verifier = opd_step.OPDConfig(sampling=_sampling(), loss="opd_grpo")
   with pytest.raises(ValueError, match="verifier"):
-    opd_step.OPDConfig(sampling=_sampling(), loss="opd_grpo")
+    opd_step.check_outcome(no_verifier)
+  with pytest.raises(ValueError, match="needs a verifier"):
+    _build(no_verifier)
   with pytest.raises(ValueError, match="on_policy_fraction=1"):
     opd_step.OPDConfig(
       sampling=_sampling(), loss="opd_grpo", verifier=_EvenFirstToken(), on_policy_fraction=0.5
