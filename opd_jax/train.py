@@ -1357,7 +1357,8 @@ def _loop(run: Run, state, start: int, hooks, saved, ckpt, preempt, peak):
   clock = [time.time()]  # when the previous step's metrics reached the host
 
   def batch_of(step):
-    phase, local = run.phase_at(step), next(run.phase_at(step).it)
+    phase = run.phase_at(step)
+    local = next(phase.it)
     local = trim_prompts(local, prompt_width(local, s.prompt_buckets))
     return phase, global_batch(local, run.sharder, s.batch_size)
 

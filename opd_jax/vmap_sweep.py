@@ -42,7 +42,7 @@ from opd_jax import checkpointing, configs_lib
 from opd_jax import train as train_lib
 from opd_jax.data import restore_iterator_state, save_iterator_state
 from opd_jax.logging_utils import MetricWriter
-from opd_jax.opd_step import host_metrics, make_opd_step
+from opd_jax.opd_step import make_opd_step
 
 # Settings whose values may differ between the points of one program.
 TRACED_TARGETS = (
@@ -190,7 +190,9 @@ def build_vmapped(configs, workdirs, names=None):
 
   jitted = jax.jit(vstep, donate_argnums=(0,))
   jitted.trace_count, jitted.token_metric_names = single.trace_count, single.token_metric_names
-  return run, points, plan, jitted, point_values
+  # The phase's step is the vmapped program's (its metric names and trace count).
+  phases = {**run.phases, "opd": dataclasses.replace(run.phases["opd"], fn=single)}
+  return dataclasses.replace(run, phases=phases), points, plan, jitted, point_values
 
 
 POINTS_AXIS = "points"
@@ -272,7 +274,6 @@ def train_vmapped(
     dynamic_ncols=True,
   )
   phase, last = run.phases["opd"], [{"step": start} for _ in points]
-  names_of = vstep.token_metric_names
   preempt, t_prev = checkpointing.PreemptionFlag(), time.time()
   status = "finished"
   try:
@@ -282,19 +283,18 @@ def train_vmapped(
       )
       t0 = time.time()
       states, metrics = vstep(states, phase.teacher, batches, values)
-      host = [host_metrics(_index(metrics, k), names_of()) for k in range(k_points)]
+      metrics = jax.device_get(metrics)  # every point's, in one transfer
       now = time.time()
       if step == start + 1:
         compile_s = now - t0  # the first call compiles the vmapped program
       dt, t_prev = now - t_prev, now
       evals = s.evals and ((s.eval_every and step % s.eval_every == 0) or step == s.total_steps)
       save = ckpts[0].should_save(step) or step == s.total_steps or preempt.requested()
+      host = [
+        train_lib.step_metrics(run, phase, _index(metrics, k), dt, None) for k in range(k_points)
+      ]
       for k, (p, m) in enumerate(zip(points, host)):
-        m.update(
-          step_time_s=dt,
-          tokens_per_sec=m["num_tokens"] / dt,
-          points_per_program=float(k_points),
-        )
+        m["points_per_program"] = float(k_points)
         if step == start + 1:
           m["compile_time_s"] = compile_s
         if evals:
