@@ -119,6 +119,7 @@ def model_config(path: str = "", **kw) -> ml_collections.ConfigDict:
       attention_key_block=512,
       decode_attention="auto",
       decode_block=128,
+      decode_phase_slots=512,
       decode_contraction="auto",
       key_cache_layout="auto",
       **kw,

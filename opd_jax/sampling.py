@@ -5,12 +5,16 @@ OPD training step, with the student merged from ``(graphdef, state)``):
 
 1. repeat every prompt ``num_samples`` times (rows ``b*n .. b*n+n-1`` belong to
    prompt ``b``);
-2. prefill the left-padded prompts ``[B, P]`` in one call into a fixed cache of
-   ``P + N`` slots (``N = max_new_tokens``);
+2. prefill the left-padded prompts ``[B, P]`` in one call into a cache of
+   ``P + N`` slots (``N = max_new_tokens``), or of the first phase's slots when
+   the model decodes in phases (``decode_attention="phased"``,
+   ``Transformer.cache_lengths``);
 3. ``jax.lax.while_loop``: each iteration samples token ``i`` from the carried
-   hidden state, then runs that one token through the cache (one decode step,
-   attention over the fixed cache; the prefix is never re-run). The loop stops
-   after N tokens or as soon as every row has emitted an EOS.
+   hidden state, then runs that one token through the cache (one decode step;
+   the prefix is never re-run). The loop stops after N tokens or as soon as
+   every row has emitted an EOS. A phased model runs one such loop per phase,
+   the cache grown (one copy) between them, so each step attends over its
+   phase's slots, not all P + N.
 
 The model's parameters enter through ``stop_gradient``: sampled tokens and their
 log-probs are data (the behaviour policy), so a caller may sample inside a
@@ -36,6 +40,7 @@ is >= ``top_p``; the most likely token is always kept).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -344,8 +349,11 @@ def sample(
     return jnp.any(tok[:, None] == eos[None, :], axis=-1)
 
   # Prefill: the whole prompt in one call; only the last slot's hidden state is
-  # kept (left padding puts every row's last real token there).
-  cache = model.init_cache(rows, p + n_new)
+  # kept (left padding puts every row's last real token there). The cache
+  # holds the first phase's slots (all P + N unless the model decodes in
+  # phases: Transformer.cache_lengths).
+  phases = model.cache_lengths(p, n_new)
+  cache = model.init_cache(rows, phases[0])
   h, cache = model.hidden(ids, pmask.astype(jnp.bool_), positions_from_mask(pmask), cache)
   h = sh.constrain(h[:, -1], (_BATCH, "activation_embed"))  # [R, D]
 
@@ -398,12 +406,12 @@ def sample(
   )
   state = (jnp.int32(1), cache, tok, *rest)
 
-  def cond(state):
+  def cond(last, state):
     step, _, _, done = state[:4]
     finished = jnp.all(done)
     if config.loop_axis_name:  # every vmapped point done
       finished = jax.lax.pmin(finished.astype(jnp.int32), config.loop_axis_name) > 0
-    return (step < n_new) & ~finished
+    return (step < last) & ~finished
 
   def body(state):
     step, cache, tok, *rest = state
@@ -412,7 +420,12 @@ def sample(
     h = sh.constrain(h[:, 0], (_BATCH, "activation_embed"))
     return (step + 1, cache, *emit(step, h, *rest))
 
-  state = jax.lax.while_loop(cond, body, state)
+  # One decode loop per cache phase: step `step` writes slot P + step - 1, so
+  # a phase of S slots runs the steps < S - P + 1 (the last phase: all N).
+  for i, slots in enumerate(phases):
+    if i:
+      state = (state[0], model.grow_cache(state[1], slots), *state[2:])
+    state = jax.lax.while_loop(functools.partial(cond, min(n_new, slots - p + 1)), body, state)
   steps, _, _, done, lengths, tokens, logprobs, logprobs_t1 = state
   mask = (jnp.arange(n_new)[None, :] < lengths[:, None]).astype(jnp.int32)
   return SampleOutput(

@@ -148,6 +148,7 @@ class ModelSpec:
   attention_key_block: int
   decode_attention: str
   decode_block: int
+  decode_phase_slots: int
   decode_contraction: str
   key_cache_layout: str
 

@@ -93,6 +93,17 @@ def reference(weights):
     dict(decode_attention="dense", decode_contraction="dot", key_cache_layout="standard"),
     dict(decode_attention="blocked", decode_contraction="auto", key_cache_layout="auto"),
     dict(decode_attention="auto", decode_block=16, scan_layers=True),
+    # Phased: 200 new slots in phases of <= 64 (4 loops) or 7 (29 loops), and
+    # one phase (= dense); with scanned layers and the other layout.
+    dict(decode_attention="phased", decode_phase_slots=64),
+    dict(decode_attention="phased", decode_phase_slots=7, decode_contraction="dot"),
+    dict(decode_attention="phased", decode_phase_slots=512),
+    dict(
+      decode_attention="phased",
+      decode_phase_slots=50,
+      scan_layers=True,
+      key_cache_layout="standard",
+    ),
   ],
 )
 def test_same_samples_as_dense_decode(weights, reference, kw):
@@ -167,7 +178,7 @@ def test_auto_knobs_resolve_per_backend(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert attention_lib.resolve_contraction("auto") == "dot"
   assert attention_lib.resolve_key_layout("auto") == "transposed"
-  assert attention_lib.resolve_decode("auto", scan_layers=False) == "dense"
+  assert attention_lib.resolve_decode("auto", scan_layers=False) == "phased"
   assert attention_lib.resolve_decode("auto", scan_layers=True) == "blocked"
   assert attention_lib.resolve_decode("dense", scan_layers=True) == "dense"
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
@@ -183,6 +194,7 @@ def test_auto_knobs_resolve_per_backend(monkeypatch):
     (dict(decode_attention="blocked", decode_block=0), "decode_block"),
     (dict(decode_contraction="matmul"), "decode_contraction"),
     (dict(key_cache_layout="bksd"), "key_cache_layout"),
+    (dict(decode_attention="phased", decode_phase_slots=0), "decode_phase_slots"),
   ],
 )
 def test_bad_decode_settings_raise(kw, name):
@@ -262,11 +274,50 @@ def test_blocked_decode_step_copies_no_cache(scan):
   assert compiled.memory_analysis().temp_size_in_bytes < key_bytes
 
 
+def test_phase_lengths():
+  """Phases end at P + ceil(k·N/K), K = ceil(N / slots); the last one holds all
+  P + N slots; any decode but "phased" has one fixed cache."""
+  assert attention_lib.phase_lengths(9, 200, "phased", 64) == (59, 109, 159, 209)
+  assert attention_lib.phase_lengths(9, 200, "phased", 512) == (209,)
+  assert attention_lib.phase_lengths(32, 4096, "phased", 512) == tuple(
+    32 + 512 * k for k in range(1, 9)
+  )
+  assert attention_lib.phase_lengths(9, 200, "dense", 64) == (209,)
+  assert attention_lib.phase_lengths(9, 200, "blocked", 64) == (209,)
+  model = make_model(
+    cfg_of(decode_attention="phased", decode_phase_slots=64), peaky_state(cfg_of())
+  )
+  assert model.cache_lengths(9, 200) == (59, 109, 159, 209)
+  cache = model.grow_cache(model.init_cache(4, 59), 109)
+  assert cache.k[0].shape == (4, 2, 8, 109) and cache.v[0].shape == (4, 2, 109, 8)
+  assert cache.valid.shape == (4, 109)
+  with pytest.raises(ValueError, match="grow_cache"):
+    model.grow_cache(cache, 60)
+
+
+def test_phased_sampler_stops_early_on_eos():
+  """A phased sampler whose rows all end in the first phase runs no step of the
+  later phases' loops (``steps`` = the tokens sampled), and its tokens equal the
+  one-phase sampler's."""
+  weights = peaky_state(cfg_of())
+  config = SamplingConfig(max_new_tokens=N_NEW, eos_ids=(5, 11, 17, 23, 29, 31, 37, 41))
+  ids, mask = left_padded_batch(VOCAB, lengths=(P, 3, 6, 1), seed=2)
+  outs = {}
+  for slots in (16, 512):
+    model = make_model(cfg_of(decode_attention="phased", decode_phase_slots=slots), weights)
+    graphdef, state = nnx.split(model)
+    outs[slots] = _jit_sample(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), config)
+  np.testing.assert_array_equal(np.asarray(outs[16].tokens), np.asarray(outs[512].tokens))
+  assert int(outs[16].steps) == int(outs[512].steps) == int(np.max(outs[16].lengths))
+  assert int(outs[16].steps) < N_NEW
+
+
 # ----------------------------------------------------------------------------
 # Greedy parity with transformers.generate through several cache blocks.
 
 
-def test_blocked_greedy_matches_hf_generate(tmp_path):
+@pytest.mark.parametrize("decode", ["blocked", "phased"])  # 29 slots: 8 blocks / 4 phases
+def test_greedy_matches_hf_generate(tmp_path, decode):
   import torch
   import transformers
 
@@ -276,7 +327,7 @@ def test_blocked_greedy_matches_hf_generate(tmp_path):
   hf = transformers.AutoModelForCausalLM.from_pretrained(
     path, dtype=torch.float32, attn_implementation="eager"
   ).eval()
-  model = from_hf(path, decode_attention="blocked", decode_block=4)  # 29 slots, 8 blocks
+  model = from_hf(path, decode_attention=decode, decode_block=4, decode_phase_slots=6)
   ids, mask = left_padded_batch(97, lengths=(6, 3, 9, 1), seed=1)
   n_new = 20
   with torch.no_grad():
@@ -334,11 +385,14 @@ def test_decode_knobs_pass_through_config():
     "auto",
     "auto",
   )
+  assert m.decode_phase_slots == 512
   m.decode_attention, m.decode_block, m.key_cache_layout = "dense", 32, "standard"
+  m.decode_phase_slots = 96
   kw = model_spec(m).kwargs()
   assert (
     kw["decode_attention"],
     kw["decode_block"],
     kw["decode_contraction"],
     kw["key_cache_layout"],
-  ) == ("dense", 32, "auto", "standard")
+    kw["decode_phase_slots"],
+  ) == ("dense", 32, "auto", "standard", 96)

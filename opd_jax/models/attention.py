@@ -25,11 +25,15 @@ them. ``blockwise`` takes the dense path when one tile holds everything
 (T <= attention_block and S <= attention_key_block: the small models).
 
 One query per row over the KV cache (a decode step; ``decode_attention``):
-:func:`decode_blocked` (default; flash-decoding over only the cache blocks
-up to the query's slot, one ``dynamic_slice`` per block, so a scanned
-model reads straight from the stacked cache) or :func:`decode_dense` (every
-allocated slot). Backend choices ``decode_contraction`` / ``key_cache_layout``
-resolve "auto" with :func:`resolve_contraction` / :func:`resolve_key_layout`.
+:func:`decode_blocked` (flash-decoding over only the cache blocks up to the
+query's slot, one ``dynamic_slice`` per block, so a scanned model reads
+straight from the stacked cache), :func:`decode_dense` (every allocated slot)
+or ``phased``: :func:`decode_dense` over a cache that grows in phases of
+``decode_phase_slots`` slots (the sampler runs one decode loop per phase,
+``Transformer.cache_lengths`` / ``grow_cache``), so the work tracks the filled
+length without a per-block loop. Backend choices ``decode_contraction`` /
+``key_cache_layout`` resolve "auto" with :func:`resolve_contraction` /
+:func:`resolve_key_layout`.
 """
 
 from __future__ import annotations
@@ -382,12 +386,14 @@ def attend_many(cfg, qg, keys, values, key_valid, q_slot, dt, aligned: bool, sha
 
 # -- one query per row: decode attention over the KV cache ---------------------
 
-DECODE_IMPLEMENTATIONS = ("auto", "blocked", "dense")
+DECODE_IMPLEMENTATIONS = ("auto", "blocked", "dense", "phased")
 CONTRACTIONS = ("auto", "reduce", "dot")
 KEY_LAYOUTS = ("auto", "transposed", "standard")
 
 
-def validate_decode(decode_attention: str, block: int, contraction: str, key_layout: str) -> None:
+def validate_decode(
+  decode_attention: str, block: int, contraction: str, key_layout: str, phase_slots: int = 512
+) -> None:
   """ValueError naming the setting for an unknown decode choice or block size."""
   if decode_attention not in DECODE_IMPLEMENTATIONS:
     raise ValueError(
@@ -395,6 +401,8 @@ def validate_decode(decode_attention: str, block: int, contraction: str, key_lay
     )
   if decode_attention == "blocked" and block < 1:
     raise ValueError(f"decode_attention='blocked' needs decode_block >= 1, got {block}")
+  if isinstance(phase_slots, bool) or int(phase_slots) != phase_slots or phase_slots < 1:
+    raise ValueError(f"decode_phase_slots must be an int >= 1, got {phase_slots!r}")
   if contraction not in CONTRACTIONS:
     raise ValueError(f"decode_contraction={contraction!r}; expected one of {CONTRACTIONS}")
   if key_layout not in KEY_LAYOUTS:
@@ -404,14 +412,26 @@ def validate_decode(decode_attention: str, block: int, contraction: str, key_lay
 def resolve_decode(decode_attention: str, scan_layers: bool) -> str:
   """``"auto"`` -> ``"blocked"`` (reads only the filled cache blocks) on
   accelerators and for scanned layers (dense decode there indexes the layer's
-  cache out of the stacked carry, a copy of it every step), ``"dense"`` for
+  cache out of the stacked carry, a copy of it every step), ``"phased"`` for
   unrolled layers on XLA:CPU, which copies each ``dynamic_slice``d block
-  before its dot, so reading the whole cache once is faster there
-  (``experiments/bench_sampler.py``: 0.28 vs 0.34 ms per token at 64 new
-  tokens, 2.9 vs 3.7 at 4,096)."""
+  before its dot, so one dense read of a cache that grows in phases is faster
+  there than the block loop (``experiments/bench_sampler.py``; the README's
+  table)."""
   if decode_attention == "auto":
-    return "blocked" if scan_layers or jax.default_backend() != "cpu" else "dense"
+    return "blocked" if scan_layers or jax.default_backend() != "cpu" else "phased"
   return decode_attention
+
+
+def phase_lengths(prompt_len: int, max_new: int, decode: str, phase_slots: int) -> tuple[int, ...]:
+  """Cache sizes of the sampler's decode phases for P = ``prompt_len`` prompt
+  slots and N = ``max_new`` new ones: ``(P + N,)`` (one fixed cache) unless
+  ``decode`` (resolved) is ``"phased"``: K = ceil(N / phase_slots) phases,
+  phase k (1-based) ending at P + ceil(k·N / K) slots. Decode attention work
+  is then Σ_k (N/K)·(P + kN/K) ≈ N·P + N²(K + 1)/(2K) instead of N·(P + N)."""
+  if decode != "phased":
+    return (prompt_len + max_new,)
+  k = -(-max_new // phase_slots)
+  return tuple(prompt_len + -(-i * max_new // k) for i in range(1, k + 1))
 
 
 def resolve_contraction(contraction: str) -> str:

@@ -63,13 +63,16 @@ class ModelConfig:
   scan_layers: bool = False  # layers stacked [L, ...] and run as one lax.scan
   # One-query (decode) attention over the KV cache, models/attention.py:
   # "blocked" (flash-decoding over the filled cache blocks of decode_block
-  # slots) or "dense" (every allocated slot); "auto": dense for unrolled layers
-  # on XLA:CPU, blocked elsewhere. Backend choices ("auto" picks per backend,
-  # attention.resolve_*): scores and p·v as dot_general or
-  # multiply-reduce ("dot" / "reduce"), keys cached [B, K, Dh, S] or
-  # [B, K, S, Dh] ("transposed" on XLA:CPU / "standard" elsewhere).
+  # slots), "dense" (every allocated slot) or "phased" (dense over a cache
+  # that grows by decode_phase_slots slots per phase, one decode loop per
+  # phase); "auto": phased for unrolled layers on XLA:CPU, blocked elsewhere.
+  # Backend choices ("auto" picks per backend, attention.resolve_*): scores
+  # and p·v as dot_general or multiply-reduce ("dot" / "reduce"), keys cached
+  # [B, K, Dh, S] or [B, K, S, Dh] ("transposed" on XLA:CPU / "standard"
+  # elsewhere).
   decode_attention: str = "auto"
   decode_block: int = 128
+  decode_phase_slots: int = 512
   decode_contraction: str = "auto"
   key_cache_layout: str = "auto"
   hf_config_json: str = dataclasses.field(default="{}", compare=False, repr=False)
@@ -89,7 +92,11 @@ class ModelConfig:
         raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {DTYPES}")
     attention_lib.validate(self.attention, self.attention_block, self.attention_key_block)
     attention_lib.validate_decode(
-      self.decode_attention, self.decode_block, self.decode_contraction, self.key_cache_layout
+      self.decode_attention,
+      self.decode_block,
+      self.decode_contraction,
+      self.key_cache_layout,
+      self.decode_phase_slots,
     )
     if self.padded_vocab_size == 0:
       object.__setattr__(self, "padded_vocab_size", self.vocab_size)
@@ -161,6 +168,7 @@ class ModelConfig:
     attention_key_block: int = 512,
     decode_attention: str = "auto",
     decode_block: int = 128,
+    decode_phase_slots: int = 512,
     decode_contraction: str = "auto",
     key_cache_layout: str = "auto",
     source: str = "config.json",
@@ -232,6 +240,7 @@ class ModelConfig:
       attention_key_block=attention_key_block,
       decode_attention=decode_attention,
       decode_block=decode_block,
+      decode_phase_slots=decode_phase_slots,
       decode_contraction=decode_contraction,
       key_cache_layout=key_cache_layout,
       hf_config_json=json.dumps(hf, sort_keys=True),

@@ -216,7 +216,8 @@ def config_from_hf(
 
   ``attention``: ``attention`` / ``attention_block`` / ``attention_key_block``
   and the decode knobs ``decode_attention`` / ``decode_block`` /
-  ``decode_contraction`` / ``key_cache_layout`` of :class:`ModelConfig`.
+  ``decode_phase_slots`` / ``decode_contraction`` / ``key_cache_layout`` of
+  :class:`ModelConfig`.
   Raises FileNotFoundError / ValueError naming the config file.
   """
   path = os.fspath(path)

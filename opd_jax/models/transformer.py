@@ -486,6 +486,34 @@ class Transformer(nnx.Module):
       index,
     )
 
+  def cache_lengths(self, prompt_len: int, max_new: int) -> tuple[int, ...]:
+    """Cache sizes of a sampler's decode phases for ``prompt_len`` prompt and
+    ``max_new`` new slots (``attention.phase_lengths``): one fixed cache, or
+    under ``decode_attention`` "phased" a cache that grows per phase."""
+    cfg = self.cfg
+    decode = attention_lib.resolve_decode(cfg.decode_attention, cfg.scan_layers)
+    return attention_lib.phase_lengths(prompt_len, max_new, decode, cfg.decode_phase_slots)
+
+  def grow_cache(self, cache: KVCache, max_len: int) -> KVCache:
+    """``cache`` with empty slots appended up to ``max_len`` (keys, values and
+    ``valid`` padded along the slot axis; ``index`` kept). One copy of the
+    cache per phase of a phased decode, never per step."""
+    extra = max_len - cache.valid.shape[1]
+    if extra < 0:
+      raise ValueError(f"grow_cache: {max_len} slots < the cache's {cache.valid.shape[1]}")
+    if extra == 0:
+      return cache
+    pre = (CACHE_LAYERS_AXIS,) if self.cfg.scan_layers else ()
+    k_axes, v_axes = pre + key_cache_axes(self.cfg), pre + VALUE_CACHE_AXES
+
+    def grow(x, axes):
+      widths = [(0, extra if a == "cache_length" else 0) for a in axes]
+      return self.sharder.constrain(jnp.pad(x, widths), axes)
+
+    k = grow(cache.k, k_axes) if self.cfg.scan_layers else [grow(x, k_axes) for x in cache.k]
+    v = grow(cache.v, v_axes) if self.cfg.scan_layers else [grow(x, v_axes) for x in cache.v]
+    return KVCache(k, v, jnp.pad(cache.valid, ((0, 0), (0, extra))), cache.index)
+
   def decode(self, input_ids, attention_mask, positions, cache: KVCache):
     """Runs T new tokens through the cache -> (float32 logits ``[B,T,V]``, cache)."""
     h, cache = self.hidden(input_ids, attention_mask, positions, cache)
