@@ -147,6 +147,26 @@ def _stack(trees):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+def stacked_shardings(state):
+  """Shardings of K stacked copies of ``state``: each leaf's own, with the
+  points axis (leading, unsharded) in front."""
+
+  def of(x):
+    sh = x.sharding
+    if isinstance(sh, jax.sharding.NamedSharding):
+      return jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(None, *sh.spec))
+    return sh
+
+  return jax.tree.map(of, state)
+
+
+def stack_states(run, states):
+  """K per-point states -> one stacked state placed on
+  :func:`stacked_shardings` (the vmapped step's input and output shardings,
+  so its first call's program is the only one)."""
+  return jax.device_put(_stack(states), stacked_shardings(run.state))
+
+
 def _index(tree, k: int):
   return jax.tree.map(lambda x: x[k], tree)
 
@@ -183,12 +203,22 @@ def build_vmapped(configs, workdirs, names=None):
     )
   single = vmappable_step(run)
 
+  shardings = stacked_shardings(run.state)
+
   def vstep(states, teacher, batches, values):
     return jax.vmap(lambda s, b, v: single.step_fn(s, teacher, b, v), axis_name=POINTS_AXIS)(
       states, batches, values
     )
 
-  jitted = jax.jit(vstep, donate_argnums=(0,))
+  # The states go in and come out on the same shardings (stack_states places
+  # the first ones there): one compiled program, however the outputs would
+  # otherwise be normalised (on a 1-device mesh XLA reports every spec as P()).
+  jitted = jax.jit(
+    vstep,
+    donate_argnums=(0,),
+    in_shardings=(shardings, None, None, None),
+    out_shardings=(shardings, None),
+  )
   jitted.trace_count, jitted.token_metric_names = single.trace_count, single.token_metric_names
   # The phase's step is the vmapped program's (its metric names and trace count).
   phases = {**run.phases, "opd": dataclasses.replace(run.phases["opd"], fn=single)}
@@ -226,7 +256,7 @@ def vmappable_step(run):
 def initial_states(run, points):
   """K copies of the run's initial state, each with its point's RNG."""
   states = [dataclasses.replace(run.state, rng=jax.random.PRNGKey(p.settings.seed)) for p in points]
-  return _stack(states)
+  return stack_states(run, states)
 
 
 def train_vmapped(
@@ -256,7 +286,7 @@ def train_vmapped(
   if common:
     start = max(common)
     restored = [c.restore(abstract, start) for c in ckpts]
-    states = _stack([r[0] for r in restored])
+    states = stack_states(run, [r[0] for r in restored])
     for it, r in zip(iters, restored):
       restore_iterator_state(it, r[1]["opd"])
   writers = [MetricWriter(p.workdir) for p in points]
@@ -326,4 +356,10 @@ def train_vmapped(
       c.close()
     for w in writers:
       w.close()
-  return [{**m, "status": status, "trace_count": vstep.trace_count()} for m in last]
+  # Programs compiled for the vmapped step (1: no recompilation after the
+  # first call, e.g. from inputs placed differently from its outputs).
+  compiles = vstep._cache_size()
+  return [
+    {**m, "status": status, "trace_count": vstep.trace_count(), "compile_count": compiles}
+    for m in last
+  ]

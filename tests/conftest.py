@@ -29,7 +29,7 @@ TORCH_MODULES = ("test_hf_io.py",)
 TORCH_TESTS = (
   "test_greedy_matches_hf_generate",
   "test_process_logits_matches_hf_warpers",
-  "test_blocked_greedy_matches_hf_generate",
+  "test_bench_sampler_runs",
 )
 collect_ignore = list(TORCH_MODULES) if os.environ.get("OPD_SKIP_TORCH_TESTS") == "1" else []
 

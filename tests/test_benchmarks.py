@@ -88,3 +88,44 @@ def test_bench_vmap_sweep_runs():
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "vmapped (1 call, 2 points)" in proc.stdout
   assert "vmapped / sequential throughput:" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_sampler_runs():
+  """experiments/bench_sampler.py with two decode choices side by side (tiny
+  model, short decodes): greedy parity with generate and one row per choice."""
+  proc = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "experiments", "bench_sampler.py"),
+      "--new-tokens",
+      "16",
+      "40",
+      "--decode-attention",
+      "phased",
+      "dense",
+      "--decode-phase-slots",
+      "16",
+      "--repeats",
+      "1",
+      "--parity-tokens",
+      "8",
+      "--batch",
+      "2",
+    ],
+    cwd=ROOT,
+    env={**os.environ, "PYTHONPATH": ROOT},
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
+  assert out.count("identical") == 2, out
+  rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["16"], ["40"])]
+  assert [(r[0], r[1]) for r in rows] == [
+    ("16", "phased"),
+    ("16", "dense"),
+    ("40", "phased"),
+    ("40", "dense"),
+  ], out

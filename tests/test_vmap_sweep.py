@@ -70,6 +70,7 @@ def test_vmapped_points_equal_single_runs_and_resume(assets, tmp_path):
   assert [r["step"] for r in first] == [2, 2, 2]
   res = train_vmapped(list(cs.values()), vdirs)
   assert [r["status"] for r in res] == ["finished"] * 3 and res[0]["trace_count"] == 1
+  assert first[0]["compile_count"] == res[0]["compile_count"] == 1  # fresh and restored
   np.testing.assert_allclose([r["lr"] for r in res], [1e-3, 3e-3, 1e-3], rtol=1e-6)
   plan = plan_sweep(list(cs.values()), list(cs))
   for name, c in cs.items():
