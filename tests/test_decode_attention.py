@@ -104,6 +104,8 @@ def reference(weights):
       scan_layers=True,
       key_cache_layout="standard",
     ),
+    # The Pallas GPU kernel (interpret mode off GPU), over a cache of 224 slots.
+    dict(decode_attention="pallas_gpu", key_cache_layout="standard"),
   ],
 )
 def test_same_samples_as_dense_decode(weights, reference, kw):
@@ -155,6 +157,50 @@ def test_decode_blocked_equals_dense(layout, contraction):
     for i in (11, 12, 20, 36):
       for l, stacked in ((1, False), (2, True)):
         np.testing.assert_allclose(blocked(i, l, stacked), dense(i, l), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("slots", [64, 224, 768])
+def test_decode_pallas_gpu_equals_dense(slots):
+  """The Pallas GPU decode kernel (interpret mode) == decode_dense for query
+  slots in the first / a middle / the last key split, rows with left pads,
+  both key layouts."""
+  rng = np.random.default_rng(slots)
+  b, kh, g, dh = 3, 2, 2, 16
+  q = jnp.asarray(rng.standard_normal((b, kh, g, dh)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((b, kh, slots, dh)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((b, kh, slots, dh)), jnp.float32)
+  pads = np.array([0, 3, 17])
+  for index in (20, slots // 2, slots - 1):
+    valid = jnp.asarray((np.arange(slots)[None] >= pads[:, None]) & (np.arange(slots) <= index))
+    ref = attention_lib.decode_dense(q, k, v, valid, index, jnp.float32, "dot", "standard")
+    for layout, keys in (("standard", k), ("transposed", jnp.swapaxes(k, 2, 3))):
+      got = attention_lib.decode_pallas_gpu(q, keys, v, valid, index, jnp.float32, layout)
+      np.testing.assert_allclose(got, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_decode_pallas_gpu_sharded_equals_one_device():
+  """On a 2x2x2 mesh the kernel runs per shard (rows over data x fsdp, kv
+  heads over tensor) under shard_map: the same output as without a mesh."""
+  from opd_jax.sharding import Sharder, make_mesh
+
+  rng = np.random.default_rng(1)
+  b, kh, g, dh, slots = 4, 2, 2, 16, 64
+  q = jnp.asarray(rng.standard_normal((b, kh, g, dh)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((b, kh, slots, dh)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((b, kh, slots, dh)), jnp.float32)
+  valid = jnp.asarray((np.arange(slots)[None] >= np.array([0, 5, 9, 30])[:, None]))
+  sh = Sharder(make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+  fn = jax.jit(
+    lambda q, k, v, valid, sharder: attention_lib.decode_pallas_gpu(
+      q, k, v, valid, 40, jnp.float32, "standard", sharder
+    ),
+    static_argnums=4,
+  )
+  want = fn(q, k, v, valid, None)
+  cache = sh.named(("cache_batch", "cache_kv_heads", None, None), k.shape)
+  got = fn(jax.device_put(q, cache), jax.device_put(k, cache), jax.device_put(v, cache), valid, sh)
+  assert len(got.sharding.device_set) == 8
+  np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_contraction_and_layout_knobs_match():
@@ -283,6 +329,10 @@ def test_phase_lengths():
     32 + 512 * k for k in range(1, 9)
   )
   assert attention_lib.phase_lengths(9, 200, "dense", 64) == (209,)
+  # pallas_gpu: one cache of 16·splits·m slots, a split per 256 (at most 16).
+  assert attention_lib.phase_lengths(9, 200, "pallas_gpu", 64) == (224,)
+  assert attention_lib.phase_lengths(32, 1000, "pallas_gpu", 64) == (1040,)  # 5 splits
+  assert attention_lib.phase_lengths(32, 8192, "pallas_gpu", 64) == (8448,)
   assert attention_lib.phase_lengths(9, 200, "blocked", 64) == (209,)
   model = make_model(
     cfg_of(decode_attention="phased", decode_phase_slots=64), peaky_state(cfg_of())

@@ -27,11 +27,14 @@ them. ``blockwise`` takes the dense path when one tile holds everything
 One query per row over the KV cache (a decode step; ``decode_attention``):
 :func:`decode_blocked` (flash-decoding over only the cache blocks up to the
 query's slot, one ``dynamic_slice`` per block, so a scanned model reads
-straight from the stacked cache), :func:`decode_dense` (every allocated slot)
-or ``phased``: :func:`decode_dense` over a cache that grows in phases of
+straight from the stacked cache), :func:`decode_dense` (every allocated slot),
+``phased``: :func:`decode_dense` over a cache that grows in phases of
 ``decode_phase_slots`` slots (the sampler runs one decode loop per phase,
 ``Transformer.cache_lengths`` / ``grow_cache``), so the work tracks the filled
-length without a per-block loop. Backend choices ``decode_contraction`` /
+length without a per-block loop, or ``pallas_gpu``: the Pallas GPU (Triton)
+split-K decode kernel (:func:`decode_pallas_gpu`; interpret mode off GPU).
+TPU decode uses ``blocked`` (Pallas TPU's paged kernels take a paged cache
+and no left padding). Backend choices ``decode_contraction`` /
 ``key_cache_layout`` resolve "auto" with :func:`resolve_contraction` /
 :func:`resolve_key_layout`.
 """
@@ -39,6 +42,7 @@ length without a per-block loop. Backend choices ``decode_contraction`` /
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -386,7 +390,7 @@ def attend_many(cfg, qg, keys, values, key_valid, q_slot, dt, aligned: bool, sha
 
 # -- one query per row: decode attention over the KV cache ---------------------
 
-DECODE_IMPLEMENTATIONS = ("auto", "blocked", "dense", "phased")
+DECODE_IMPLEMENTATIONS = ("auto", "blocked", "dense", "phased", "pallas_gpu")
 CONTRACTIONS = ("auto", "reduce", "dot")
 KEY_LAYOUTS = ("auto", "transposed", "standard")
 
@@ -428,6 +432,8 @@ def phase_lengths(prompt_len: int, max_new: int, decode: str, phase_slots: int) 
   ``decode`` (resolved) is ``"phased"``: K = ceil(N / phase_slots) phases,
   phase k (1-based) ending at P + ceil(k·N / K) slots. Decode attention work
   is then Σ_k (N/K)·(P + kN/K) ≈ N·P + N²(K + 1)/(2K) instead of N·(P + N)."""
+  if decode == "pallas_gpu":  # the kernel's key splits need S = k_splits·16·m
+    return (_round_up(prompt_len + max_new, 16 * _gpu_key_splits(prompt_len + max_new)),)
   if decode != "phased":
     return (prompt_len + max_new,)
   k = -(-max_new // phase_slots)
@@ -453,6 +459,68 @@ def resolve_key_layout(key_layout: str) -> str:
   if key_layout == "auto":
     return "transposed" if jax.default_backend() == "cpu" else "standard"
   return key_layout
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _gpu_key_splits(slots: int) -> int:
+  """Key splits of the Pallas GPU decode kernel for ``slots`` cache slots:
+  one per 256 slots, 1 to 16 (each split >= 16 slots, as the kernel needs)."""
+  return max(1, min(16, -(-slots // 256)))
+
+
+def decode_pallas_gpu(
+  q, cache_k, cache_v, key_valid, index, dt, key_layout="standard", sharder=None
+):
+  """The Pallas GPU (Triton) decode-attention kernel,
+  ``jax.experimental.pallas.ops.gpu.decode_attention.gqa``: split-K flash
+  decoding over the slots ``[start_b, index]`` of each row b, with start_b its
+  first valid slot (the sampler's valid slots are contiguous: left pads, then
+  the prompt and every generated token). q ``[B, K, G, Dh]``, one layer's
+  cache (S a multiple of 16·splits: ``phase_lengths`` sizes it); returns
+  ``[B, K, G, Dh]`` in dt. Off GPU it runs in Pallas interpret mode (exact,
+  slow: for tests). With a mesh (``sharder``) the kernel runs per shard under
+  ``shard_map``, rows and kv heads split as the cache (XLA does not partition
+  a Pallas call)."""
+  from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode
+
+  b, kh, g, dh = q.shape
+  s = key_valid.shape[1]
+  splits = _gpu_key_splits(s)
+  if s % (16 * splits):
+    raise ValueError(f"decode_attention='pallas_gpu' needs a cache of 16·{splits}·m slots, got {s}")
+  if key_layout == "transposed":
+    cache_k = jnp.swapaxes(cache_k, 2, 3)
+  start = jnp.argmax(key_valid, axis=1).astype(jnp.int32)  # first valid slot per row
+  end = jnp.broadcast_to(jnp.asarray(index, jnp.int32) + 1, (b,))
+
+  def kernel(q, k, v, start, end):
+    rows, heads = q.shape[:2]
+    out = pallas_decode.gqa(
+      q.reshape(rows, heads * g, dh),
+      jnp.swapaxes(k, 1, 2),  # [B, S, K, Dh], as the kernel takes them
+      jnp.swapaxes(v, 1, 2),
+      start_idx=start,
+      kv_seq_len=end,
+      block_k=math.gcd(s // splits, 128),
+      k_splits=splits,
+      interpret=jax.default_backend() != "gpu",
+    )
+    return out.reshape(rows, heads, g, dh)
+
+  if sharder is not None and sharder.mesh is not None:
+    spec = sharder.spec(("cache_batch", "cache_kv_heads", None, None), cache_v.shape)
+    rows = jax.sharding.PartitionSpec(spec[0])
+    kernel = jax.shard_map(
+      kernel,
+      mesh=sharder.mesh,
+      in_specs=(spec, spec, spec, rows, rows),
+      out_specs=spec,
+      check_vma=False,
+    )
+  return kernel(q, cache_k, cache_v, start, end).astype(dt)
 
 
 def _precision():

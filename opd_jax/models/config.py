@@ -65,7 +65,8 @@ class ModelConfig:
   # "blocked" (flash-decoding over the filled cache blocks of decode_block
   # slots), "dense" (every allocated slot) or "phased" (dense over a cache
   # that grows by decode_phase_slots slots per phase, one decode loop per
-  # phase); "auto": phased for unrolled layers on XLA:CPU, blocked elsewhere.
+  # phase) or "pallas_gpu" (the Pallas GPU decode kernel); "auto": phased for
+  # unrolled layers on XLA:CPU, blocked elsewhere.
   # Backend choices ("auto" picks per backend, attention.resolve_*): scores
   # and p·v as dot_general or multiply-reduce ("dot" / "reduce"), keys cached
   # [B, K, Dh, S] or [B, K, S, Dh] ("transposed" on XLA:CPU / "standard"

@@ -226,9 +226,22 @@ class Attention(nnx.Module):
       ck = sh.constrain(ck, pre + key_cache_axes(cfg))
       cv = sh.constrain(cv, pre + VALUE_CACHE_AXES)
       new_kv = (ck, cv)
-      if (
-        t == 1 and attention_lib.resolve_decode(cfg.decode_attention, cfg.scan_layers) == "blocked"
-      ):
+      decode = attention_lib.resolve_decode(cfg.decode_attention, cfg.scan_layers)
+      if t == 1 and decode == "pallas_gpu":
+        if layer is not None:
+          ck = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False)
+          cv = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False)
+        out = attention_lib.decode_pallas_gpu(
+          qg[:, 0],
+          ck,
+          cv,
+          key_valid,
+          q_start,
+          dt,
+          "transposed" if transposed else "standard",
+          sh,
+        )[:, None]
+      elif t == 1 and decode == "blocked":
         out = attention_lib.decode_blocked(
           qg[:, 0],
           ck,
