@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -484,7 +485,9 @@ def decode_pallas_gpu(
   slow: for tests). With a mesh (``sharder``) the kernel runs per shard under
   ``shard_map``, rows and kv heads split as the cache (XLA does not partition
   a Pallas call)."""
-  from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode
+  with warnings.catch_warnings():  # jax >= 0.12 marks its bundled kernels deprecated
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode
 
   b, kh, g, dh = q.shape
   s = key_valid.shape[1]

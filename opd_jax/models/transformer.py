@@ -227,21 +227,8 @@ class Attention(nnx.Module):
       cv = sh.constrain(cv, pre + VALUE_CACHE_AXES)
       new_kv = (ck, cv)
       decode = attention_lib.resolve_decode(cfg.decode_attention, cfg.scan_layers)
-      if t == 1 and decode == "pallas_gpu":
-        if layer is not None:
-          ck = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False)
-          cv = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False)
-        out = attention_lib.decode_pallas_gpu(
-          qg[:, 0],
-          ck,
-          cv,
-          key_valid,
-          q_start,
-          dt,
-          "transposed" if transposed else "standard",
-          sh,
-        )[:, None]
-      elif t == 1 and decode == "blocked":
+      layout = "transposed" if transposed else "standard"
+      if t == 1 and decode == "blocked":
         out = attention_lib.decode_blocked(
           qg[:, 0],
           ck,
@@ -251,7 +238,7 @@ class Attention(nnx.Module):
           dt,
           cfg.decode_block,
           attention_lib.resolve_contraction(cfg.decode_contraction),
-          "transposed" if transposed else "standard",
+          layout,
           layer,
         )[:, None]
       else:
@@ -259,7 +246,11 @@ class Attention(nnx.Module):
           ck = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False)
           cv = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False)
         keys, values = ck.astype(dt), cv.astype(dt)
-        if t == 1:
+        if t == 1 and decode == "pallas_gpu":
+          out = attention_lib.decode_pallas_gpu(
+            qg[:, 0], keys, values, key_valid, q_start, dt, layout, sh
+          )[:, None]
+        elif t == 1:
           out = attention_lib.decode_dense(
             qg[:, 0],
             keys,
@@ -268,7 +259,7 @@ class Attention(nnx.Module):
             q_start,
             dt,
             attention_lib.resolve_contraction(cfg.decode_contraction),
-            "transposed" if transposed else "standard",
+            layout,
           )[:, None]
         else:
           out = _attend(
