@@ -219,7 +219,9 @@ def check_schedules(cfg: OPDConfig) -> None:
     return
   loss_fn = losses_lib.get_loss(cfg.loss, dict(cfg.loss_kwargs))
   logits = jax.ShapeDtypeStruct((1, 1, 2), jnp.float32)
-  rows = losses_lib.row_inputs(cfg.loss, jax.ShapeDtypeStruct((1, 1), jnp.bool_))
+  rows = losses_lib.row_inputs(
+    cfg.loss, jax.ShapeDtypeStruct((1, 1), jnp.bool_), loss_kwargs=dict(cfg.loss_kwargs)
+  )
   try:
     jax.eval_shape(
       lambda s, hp, r: losses_lib.logits_value_and_grad(loss_fn)(
@@ -588,6 +590,59 @@ def chunked_divergence(
   return divergence(h_s, w_s)
 
 
+def sequence_log_probs(
+  h_s,
+  w_s,
+  h_t,
+  w_t,
+  tokens,
+  mask,
+  *,
+  vocab: int,
+  chunk: int,
+  sharder: Sharder,
+  student_temperature=1.0,
+  teacher_temperature=1.0,
+  chunk_budget_mib: float = 1024.0,
+):
+  """Each row's mean log p(y_t) and log q(y_t) over its response tokens:
+  (``[R]``, ``[R]``) = Σ_t m·log p(y_t) / max(Σ_t m, 1), at the given
+  temperatures, forward only (stop-gradient). h_s ``[R, N, Ds]``, h_t
+  ``[R, N, Dt]``, w ``[D, V']``, tokens / mask ``[R, N]``. A ``lax.scan`` over
+  position chunks as in :func:`chunked_divergence` (one chunk's ``[R, C, V]``
+  logits of each model at a time; ``chunk=0``: auto), for losses that read
+  sequence statistics (:func:`losses.needs_sequence_logps`)."""
+  r, n = tokens.shape
+  vmin = min(w_s.shape[-1], w_t.shape[-1])
+  if chunk == 0:
+    chunk = auto_loss_chunk(r, n, vmin, sharder, budget_mib=chunk_budget_mib, metrics=False)
+  num_chunks = max(1, math.ceil(n / chunk))
+  chunk = math.ceil(n / num_chunks)
+  n_pad = num_chunks * chunk
+  sg = jax.lax.stop_gradient
+  ws = _gather_unembedding(sg(w_s[:, :vmin]), sharder)
+  wt = _gather_unembedding(sg(w_t[:, :vmin]), sharder)
+  chunk_axes = lambda a: (None, "activation_batch") + (None,) * (a.ndim - 2)
+  to_chunks = lambda a: sharder.constrain(
+    _to_chunks(_pad_time(a, n_pad), chunk), chunk_axes(a) + (None,)
+  )
+  m = mask.astype(jnp.float32)
+  xs = tuple(to_chunks(a) for a in (sg(h_s), sg(h_t), tokens, m))
+
+  def body(carry, x):
+    hs, ht, y, mm = x
+    ls = sharder.constrain(_project(hs, ws, vocab), LOGIT_AXES)
+    lt = sharder.constrain(_project(ht, wt, vocab), LOGIT_AXES)
+    lp = losses_lib.token_log_probs(ls, y, student_temperature)
+    lq = losses_lib.token_log_probs(lt, y, teacher_temperature)
+    return (carry[0] + jnp.sum(mm * lp, axis=1), carry[1] + jnp.sum(mm * lq, axis=1)), None
+
+  zeros = jnp.zeros((r,), jnp.float32)
+  (sp, sq), _ = jax.lax.scan(body, (zeros, zeros), xs)
+  count = jnp.maximum(jnp.sum(m, axis=1), 1.0)
+  return sg(sp / count), sg(sq / count)
+
+
 def _repeat(x: jax.Array, n: int) -> jax.Array:
   return x if n == 1 else jnp.repeat(x, n, axis=0)
 
@@ -796,6 +851,76 @@ def build_completions(student, teacher, batch, rng, cfg: OPDConfig, hparams=None
   return out
 
 
+def distillm2_anchors(
+  student, teacher, batches, rng, cfg: OPDConfig, *, vocab_size: int, sharder: Sharder | None = None
+) -> dict[str, float]:
+  """DistiLLM-2's adaptive-α anchors from the (initial) models: {"anchor_teacher":
+  Δ0_t, "anchor_student": Δ0_s} to set in ``config.loss`` (see
+  :func:`losses.distillm2`). Over the rows of ``batches`` (an iterable of
+  step batches; e.g. the first logging window's), each batch's completions
+  made as the step makes them (:func:`build_completions`, key
+  ``fold_in(rng, i)``), the mean over teacher-response rows of
+  exp(mean_t log q(y_t)) − exp(mean_t log p(y_t)) and over student rows of
+  exp(mean_t log p) − exp(mean_t log q) (the official trainer's anchors: the
+  mean of those batch means over its first logging window; here the mean
+  over all rows with response tokens). A role with no rows gives None."""
+  sharder = sharder or Sharder()
+  run_cfg = dataclasses.replace(
+    cfg,
+    sampling=dataclasses.replace(cfg.sampling, vocab_size=vocab_size),
+    teacher_sampling=None
+    if cfg.teacher_sampling is None
+    else dataclasses.replace(cfg.teacher_sampling, vocab_size=vocab_size),
+  )
+  ts, tt = losses_lib.loss_temperatures(cfg.loss, dict(cfg.loss_kwargs))
+  s_gd, s_state = nnx.split(student)
+  t_gd, t_state = nnx.split(teacher)
+
+  @jax.jit
+  def gaps(s_state, t_state, batch, key):
+    st, te = nnx.merge(s_gd, s_state), nnx.merge(t_gd, t_state)
+    comp = build_completions(st, te, batch, key, run_cfg)
+    p, n = comp["prompt_ids"].shape[1], comp["tokens"].shape[1]
+    ids, mask, pos = full_sequence(
+      comp["prompt_ids"], comp["prompt_mask"], comp["tokens"], comp["mask"]
+    )
+    hidden = lambda model: model.hidden(ids, mask, pos)[0][:, p - 1 : p - 1 + n]
+    lp, lq = sequence_log_probs(
+      hidden(st),
+      st.unembedding(),
+      hidden(te),
+      te.unembedding(),
+      comp["tokens"],
+      comp["mask"],
+      vocab=vocab_size,
+      chunk=cfg.loss_chunk,
+      sharder=sharder,
+      student_temperature=ts,
+      teacher_temperature=tt,
+      chunk_budget_mib=cfg.loss_chunk_budget_mib,
+    )
+    has = comp["mask"].any(axis=1)
+    gap = jnp.exp(lp) - jnp.exp(lq)  # student-response orientation
+    on = comp["on_policy"]
+    return jnp.stack(
+      [
+        jnp.sum(jnp.where(has & ~on, -gap, 0.0)),
+        jnp.sum((has & ~on).astype(jnp.float32)),
+        jnp.sum(jnp.where(has & on, gap, 0.0)),
+        jnp.sum((has & on).astype(jnp.float32)),
+      ]
+    )
+
+  total = np.zeros(4)
+  for i, batch in enumerate(batches):
+    total += np.asarray(gaps(s_state, t_state, batch, jax.random.fold_in(rng, i)), np.float64)
+  mean = lambda a, c: float(a / c) if c > 0 else None
+  return {
+    "anchor_teacher": mean(total[0], total[1]),
+    "anchor_student": mean(total[2], total[3]),
+  }
+
+
 def teacher_segments(cfg: OPDConfig, batch_size: int) -> tuple[tuple[str, int, int], ...]:
   """``(name, first prompt, prompts)`` of each teacher of ``cfg.teachers`` in a
   batch of ``batch_size`` prompts (contiguous, in order; rows r = prompt·n ..
@@ -904,17 +1029,40 @@ def make_opd_step(
       reward = jnp.asarray(cfg.verifier(comp["tokens"], comp["mask"], x["answer_ids"]), jnp.float32)
       outcome = (reward, x["prompt_index"])
     per_row = lambda v: None if v is None else jnp.broadcast_to(v[:, None], comp["mask"].shape)
-    loss_inputs = losses_lib.row_inputs(
-      cfg.loss,
-      per_row(comp["on_policy"]),
-      *((per_row(outcome[0]), per_row(outcome[1])) if outcome else ()),
-    )
+    loss_hparams = {k[len("loss.") :]: v for k, v in hparams.items() if k.startswith("loss.")}
+    loss_kwargs = dict(cfg.loss_kwargs)
 
     def loss_of(params):
       model = nnx.merge(student_graphdef, params)
       h_s, _ = model.hidden(ids, mask, pos)
+      h_s = h_s[:, p - 1 : p - 1 + n]
+      seq = {}
+      if losses_lib.needs_sequence_logps(cfg.loss, loss_kwargs):  # forward-only pre-pass
+        ts, tt = losses_lib.loss_temperatures(cfg.loss, {**loss_kwargs, **loss_hparams})
+        lp, lq = sequence_log_probs(
+          h_s,
+          model.unembedding(),
+          h_t,
+          w_t,
+          comp["tokens"],
+          comp["mask"],
+          vocab=vocab_size,
+          chunk=cfg.loss_chunk,
+          sharder=sharder,
+          student_temperature=ts,
+          teacher_temperature=tt,
+          chunk_budget_mib=cfg.loss_chunk_budget_mib,
+        )
+        seq = dict(seq_logp=per_row(lp), seq_logq=per_row(lq))
+      loss_inputs = losses_lib.row_inputs(
+        cfg.loss,
+        per_row(comp["on_policy"]),
+        *((per_row(outcome[0]), per_row(outcome[1])) if outcome else ()),
+        loss_kwargs=loss_kwargs,
+        **seq,
+      )
       return chunked_divergence(
-        h_s[:, p - 1 : p - 1 + n],
+        h_s,
         model.unembedding(),
         h_t,
         w_t,
@@ -930,7 +1078,7 @@ def make_opd_step(
         sharder=sharder,
         chunk_budget_mib=cfg.loss_chunk_budget_mib,
         loss_inputs=loss_inputs,
-        loss_hparams={k[len("loss.") :]: v for k, v in hparams.items() if k.startswith("loss.")},
+        loss_hparams=loss_hparams,
       )
 
     (loss, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
