@@ -629,12 +629,18 @@ def distillm2(
       mean over the first logging window of the batch-mean gaps on teacher
       (chosen) and student (rejected) rows, i.e. a statistic of the
       (near-)initial models, and runs base α until then;
-      ``opd_step.distillm2_anchors`` computes that statistic from the
-      initial models on given batches, to be set in the config. (As quoted,
-      the official lookup reads ``self._stored_metrics['logps_logqs/chosen']``
-      off the split-keyed metrics dict, which would fall back to base α via
-      its bare ``except``; the evident intent, implemented here, is the
-      logged window mean.) Official defaults: α_t = α_s = 0.1.
+      ``opd_step.distillm2_anchors`` (CLI: ``experiments/distillm2_anchors.py``)
+      computes that statistic from the initial models on the run's first
+      batches (mean over rows, not of per-batch means), to be set in the
+      config. Readings: the official repo itself was not readable here; the
+      trainer code was read from a third-party copy of ``distillm_trainer.py``
+      (``get_batch_logps`` / ``log``). There the anchor lookup reads
+      ``self._stored_metrics['logps_logqs/chosen']`` off the split-keyed
+      metrics dict, which would fall back to base α through a bare
+      ``except``; implemented is the evident intent, the logged window mean.
+      The official α is computed for every row and used by the term of the
+      row's role only, as here; its log-probs are at τ = 1 (here: the loss's
+      temperatures). Official defaults: α_t = α_s = 0.1.
   With off_policy_source="dataset" the dataset responses take the
   teacher-response role. Reduction is the step's aggregation (the official
   code averages per sequence, = aggregation "sequence_mean"). ``tokens`` is

@@ -1036,7 +1036,7 @@ def make_opd_step(
       model = nnx.merge(student_graphdef, params)
       h_s, _ = model.hidden(ids, mask, pos)
       h_s = h_s[:, p - 1 : p - 1 + n]
-      seq = {}
+      seq, seq_rows = {}, ()
       if losses_lib.needs_sequence_logps(cfg.loss, loss_kwargs):  # forward-only pre-pass
         ts, tt = losses_lib.loss_temperatures(cfg.loss, {**loss_kwargs, **loss_hparams})
         lp, lq = sequence_log_probs(
@@ -1053,7 +1053,7 @@ def make_opd_step(
           teacher_temperature=tt,
           chunk_budget_mib=cfg.loss_chunk_budget_mib,
         )
-        seq = dict(seq_logp=per_row(lp), seq_logq=per_row(lq))
+        seq, seq_rows = dict(seq_logp=per_row(lp), seq_logq=per_row(lq)), (lp, lq)
       loss_inputs = losses_lib.row_inputs(
         cfg.loss,
         per_row(comp["on_policy"]),
@@ -1061,7 +1061,7 @@ def make_opd_step(
         loss_kwargs=loss_kwargs,
         **seq,
       )
-      return chunked_divergence(
+      total, sums = chunked_divergence(
         h_s,
         model.unembedding(),
         h_t,
@@ -1080,8 +1080,9 @@ def make_opd_step(
         loss_inputs=loss_inputs,
         loss_hparams=loss_hparams,
       )
+      return total, (sums, seq_rows)
 
-    (loss, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+    (loss, (sums, seq_rows)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     on = comp["on_policy"].astype(jnp.float32)
     stats = dict(
       loss=loss,
@@ -1093,6 +1094,16 @@ def make_opd_step(
     )
     if outcome is not None:
       stats.update(outcome_stats(cfg, *outcome, comp["mask"], hparams))
+    if seq_rows:  # the rows' sequence-level gaps (DistiLLM-2's Δ_i), per role
+      gap = jnp.exp(seq_rows[0]) - jnp.exp(seq_rows[1])  # p − q
+      has = comp["mask"].any(axis=1)
+      on_b = comp["on_policy"]
+      stats.update(
+        gap_on=jnp.sum(jnp.where(has & on_b, gap, 0.0)),
+        gap_off=jnp.sum(jnp.where(has & ~on_b, -gap, 0.0)),
+        gap_rows_on=jnp.sum((has & on_b).astype(jnp.float32)),
+        gap_rows_off=jnp.sum((has & ~on_b).astype(jnp.float32)),
+      )
     if cfg.metrics:
       stats["sums"] = sums
     return grads, stats
@@ -1230,6 +1241,9 @@ def make_opd_step(
     if token_arrays:
       out["token_metrics"] = jnp.concatenate(token_arrays)
       metric_names[0] = tuple(token_names)
+    if "gap_on" in stats:  # sequence pre-pass: mean Δ_i per row role (official logs)
+      out["seq_gap/student_rows"] = stats["gap_on"] / jnp.maximum(stats["gap_rows_on"], 1.0)
+      out["seq_gap/teacher_rows"] = stats["gap_off"] / jnp.maximum(stats["gap_rows_off"], 1.0)
     if "outcome_reward" in stats:  # OPD + outcome reward: the advantage's two parts
       tokens = jnp.maximum(stats["num_tokens"], 1.0)
       out["outcome/reward_mean"] = stats["outcome_reward"] / rows

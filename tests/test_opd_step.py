@@ -863,6 +863,9 @@ def test_distillm2_adaptive_alpha_step_matches_hand_computation():
   srkl = (p * (lp - np.log(a_s * p + (1 - a_s) * q))).sum(-1)
   per_tok = np.where(on[:, None], 1.2 * srkl, 0.8 * skl)
   np.testing.assert_allclose(m["loss"], (per_tok * mask).sum() / mask.sum(), rtol=5e-5)
+  has = mask.any(1)  # the logged mean gaps per role (the official trainer's metrics)
+  np.testing.assert_allclose(m["seq_gap/teacher_rows"], (eq - ep)[~on & has].mean(), rtol=1e-4)
+  np.testing.assert_allclose(m["seq_gap/student_rows"], (ep - eq)[on & has].mean(), rtol=1e-4)
 
 
 def _lam_completions(cfg, gd_s, sp, gd_t, tp, batch, rng, lam):
