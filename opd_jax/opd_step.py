@@ -444,6 +444,7 @@ def chunked_divergence(
   chunk_budget_mib: float = 1024.0,
   loss_inputs=None,
   loss_hparams=None,
+  sequence_logps=None,
 ):
   """Σ_t weights·loss_t over a sequence, in chunks, plus metric sums.
 
@@ -468,7 +469,12 @@ def chunked_divergence(
   row role ``on_policy``, :func:`losses.row_inputs`), chunked like the tokens
   and passed to the loss as keywords. ``loss_hparams``: optional dict of
   scalar (traced) loss keywords, e.g. scheduled values, overriding the bound
-  ones.
+  ones. ``sequence_logps``: optional (mask ``[R, N]``, τ_s, τ_t) for a loss
+  that reads each row's sequence-mean log-probs
+  (:func:`losses.needs_sequence_logps`): a forward-only pre-pass scan over
+  the same chunks and gathered unembeddings (:func:`sequence_log_probs`)
+  computes them first; the loss gets ``seq_logp`` / ``seq_logq``, and they
+  come back as a third output {"seq_logp", "seq_logq"} of ``[R]`` arrays.
   """
   r, n = tokens.shape
   extra_names = tuple(sorted(loss_inputs or {}))
@@ -481,8 +487,8 @@ def chunked_divergence(
   chunk = math.ceil(n / num_chunks)
   n_pad = num_chunks * chunk
   has_teacher = h_t is not None
-  if metrics and not has_teacher:
-    raise ValueError("token metrics need a teacher")
+  if (metrics or sequence_logps is not None) and not has_teacher:
+    raise ValueError("token metrics and sequence log-probs need a teacher")
   weight_axes = WEIGHT_AXES
   if has_teacher:
     w_t = _gather_unembedding(jax.lax.stop_gradient(w_t[:, :vmin]), sharder)
@@ -518,11 +524,29 @@ def chunked_divergence(
 
   def run(h_s, w_s, with_grad: bool):
     ws = _gather_unembedding(w_s[:, :vmin], sharder)
+    hs_chunks = to_chunks(h_s)
+    names, seq, xs = extra_names, {}, consts
+    if sequence_logps is not None:  # rows' sequence means first, same chunks and weights
+      m = sequence_logps[0].astype(jnp.float32)
+      sp, sq = _sequence_scan(
+        (hs_chunks, consts[0], consts[1], to_chunks(m)),
+        ws,
+        w_t,
+        vocab=vocab,
+        sharder=sharder,
+        ts=sequence_logps[1],
+        tt=sequence_logps[2],
+      )
+      count = jnp.maximum(jnp.sum(m, axis=1), 1.0)
+      seq = dict(seq_logp=sp / count, seq_logq=sq / count)
+      per_row = lambda v: to_chunks(jnp.broadcast_to(v[:, None], (r, n)))
+      names = extra_names + tuple(seq)
+      xs = consts + tuple(per_row(v) for v in seq.values())
 
     def body(carry, x):
       total, sums, dw_acc = carry
       hs, ht, y, w, mm, pos = x[:6]
-      extra = dict(zip(extra_names, x[6:]), **(loss_hparams or {}))
+      extra = dict(zip(names, x[6:]), **(loss_hparams or {}))
       ls = sharder.constrain(_project(hs, ws, vocab), LOGIT_AXES)
       lt = sharder.constrain(_project(ht, w_t, vocab), LOGIT_AXES) if has_teacher else None
       dhs = None
@@ -557,29 +581,28 @@ def chunked_divergence(
         )
       return (total + value, sums, dw_acc), dhs
 
-    hs_chunks = to_chunks(h_s)
     dw0 = (
       sharder.constrain(jnp.zeros((w_s.shape[0], vmin), jnp.float32), weight_axes)
       if with_grad
       else jnp.zeros((), jnp.float32)
     )
     (total, sums, dw), dhs = jax.lax.scan(
-      body, (jnp.zeros((), jnp.float32), sums0, dw0), (hs_chunks,) + consts
+      body, (jnp.zeros((), jnp.float32), sums0, dw0), (hs_chunks,) + xs
     )
     if not with_grad:
-      return total, sums
+      return total, sums, seq
     dhs = sharder.constrain(dhs, (None, "activation_batch", None, None))
     dh = jnp.moveaxis(dhs, 0, 1).reshape((r, n_pad) + h_s.shape[2:])[:, :n]
     dw = jnp.pad(dw, [(0, 0), (0, w_s.shape[-1] - vmin)]) if w_s.shape[-1] > vmin else dw
-    return total, sums, dh, sharder.constrain(dw.astype(w_s.dtype), weight_axes)
+    return total, sums, seq, dh, sharder.constrain(dw.astype(w_s.dtype), weight_axes)
 
   @jax.custom_vjp
   def divergence(h_s, w_s):
     return run(h_s, w_s, with_grad=False)
 
   def divergence_fwd(h_s, w_s):
-    total, sums, dh, dw = run(h_s, w_s, with_grad=True)
-    return (total, sums), (dh, dw)
+    total, sums, seq, dh, dw = run(h_s, w_s, with_grad=True)
+    return (total, sums, seq), (dh, dw)
 
   def divergence_bwd(residuals, cotangents):
     dh, dw = residuals
@@ -587,7 +610,27 @@ def chunked_divergence(
     return (g.astype(dh.dtype) * dh, g.astype(dw.dtype) * dw)
 
   divergence.defvjp(divergence_fwd, divergence_bwd)
-  return divergence(h_s, w_s)
+  total, sums, seq = divergence(h_s, w_s)
+  return (total, sums) if sequence_logps is None else (total, sums, seq)
+
+
+def _sequence_scan(xs, ws, wt, *, vocab: int, sharder: Sharder, ts, tt):
+  """Σ_t m·log p(y_t), Σ_t m·log q(y_t) per row ([R] each) over position
+  chunks ``xs`` = (h_s, h_t, tokens, mask) chunked ``[K, R, C, ...]``, with the
+  gathered unembeddings ``ws`` / ``wt``; forward only."""
+
+  def body(carry, x):
+    hs, ht, y, mm = x
+    ls = sharder.constrain(_project(hs, ws, vocab), LOGIT_AXES)
+    lt = sharder.constrain(_project(ht, wt, vocab), LOGIT_AXES)
+    lp = losses_lib.token_log_probs(ls, y, ts)
+    lq = losses_lib.token_log_probs(lt, y, tt)
+    return (carry[0] + jnp.sum(mm * lp, axis=1), carry[1] + jnp.sum(mm * lq, axis=1)), None
+
+  zeros = jnp.zeros((xs[2].shape[1],), jnp.float32)
+  sg = jax.lax.stop_gradient
+  (sp, sq), _ = jax.lax.scan(body, (zeros, zeros), tuple(sg(x) for x in xs))
+  return sg(sp), sg(sq)
 
 
 def sequence_log_probs(
@@ -610,8 +653,9 @@ def sequence_log_probs(
   temperatures, forward only (stop-gradient). h_s ``[R, N, Ds]``, h_t
   ``[R, N, Dt]``, w ``[D, V']``, tokens / mask ``[R, N]``. A ``lax.scan`` over
   position chunks as in :func:`chunked_divergence` (one chunk's ``[R, C, V]``
-  logits of each model at a time; ``chunk=0``: auto), for losses that read
-  sequence statistics (:func:`losses.needs_sequence_logps`)."""
+  logits of each model at a time; ``chunk=0``: auto). The step runs the same
+  pre-pass inside :func:`chunked_divergence` (``sequence_logps``), on the
+  unembeddings it gathers anyway."""
   r, n = tokens.shape
   vmin = min(w_s.shape[-1], w_t.shape[-1])
   if chunk == 0:
@@ -627,20 +671,12 @@ def sequence_log_probs(
     _to_chunks(_pad_time(a, n_pad), chunk), chunk_axes(a) + (None,)
   )
   m = mask.astype(jnp.float32)
-  xs = tuple(to_chunks(a) for a in (sg(h_s), sg(h_t), tokens, m))
-
-  def body(carry, x):
-    hs, ht, y, mm = x
-    ls = sharder.constrain(_project(hs, ws, vocab), LOGIT_AXES)
-    lt = sharder.constrain(_project(ht, wt, vocab), LOGIT_AXES)
-    lp = losses_lib.token_log_probs(ls, y, student_temperature)
-    lq = losses_lib.token_log_probs(lt, y, teacher_temperature)
-    return (carry[0] + jnp.sum(mm * lp, axis=1), carry[1] + jnp.sum(mm * lq, axis=1)), None
-
-  zeros = jnp.zeros((r,), jnp.float32)
-  (sp, sq), _ = jax.lax.scan(body, (zeros, zeros), xs)
+  xs = tuple(to_chunks(a) for a in (h_s, h_t, tokens, m))
+  sp, sq = _sequence_scan(
+    xs, ws, wt, vocab=vocab, sharder=sharder, ts=student_temperature, tt=teacher_temperature
+  )
   count = jnp.maximum(jnp.sum(m, axis=1), 1.0)
-  return sg(sp / count), sg(sq / count)
+  return sp / count, sq / count
 
 
 def _repeat(x: jax.Array, n: int) -> jax.Array:
@@ -1036,32 +1072,16 @@ def make_opd_step(
       model = nnx.merge(student_graphdef, params)
       h_s, _ = model.hidden(ids, mask, pos)
       h_s = h_s[:, p - 1 : p - 1 + n]
-      seq, seq_rows = {}, ()
-      if losses_lib.needs_sequence_logps(cfg.loss, loss_kwargs):  # forward-only pre-pass
+      seq_in = None
+      if losses_lib.needs_sequence_logps(cfg.loss, loss_kwargs):  # pre-pass in the scan
         ts, tt = losses_lib.loss_temperatures(cfg.loss, {**loss_kwargs, **loss_hparams})
-        lp, lq = sequence_log_probs(
-          h_s,
-          model.unembedding(),
-          h_t,
-          w_t,
-          comp["tokens"],
-          comp["mask"],
-          vocab=vocab_size,
-          chunk=cfg.loss_chunk,
-          sharder=sharder,
-          student_temperature=ts,
-          teacher_temperature=tt,
-          chunk_budget_mib=cfg.loss_chunk_budget_mib,
-        )
-        seq, seq_rows = dict(seq_logp=per_row(lp), seq_logq=per_row(lq)), (lp, lq)
+        seq_in = (comp["mask"], ts, tt)
       loss_inputs = losses_lib.row_inputs(
         cfg.loss,
         per_row(comp["on_policy"]),
         *((per_row(outcome[0]), per_row(outcome[1])) if outcome else ()),
-        loss_kwargs=loss_kwargs,
-        **seq,
       )
-      total, sums = chunked_divergence(
+      out = chunked_divergence(
         h_s,
         model.unembedding(),
         h_t,
@@ -1079,8 +1099,10 @@ def make_opd_step(
         chunk_budget_mib=cfg.loss_chunk_budget_mib,
         loss_inputs=loss_inputs,
         loss_hparams=loss_hparams,
+        sequence_logps=seq_in,
       )
-      return total, (sums, seq_rows)
+      total, sums, seq = out if seq_in is not None else (*out, {})
+      return total, (sums, tuple(seq.values()))
 
     (loss, (sums, seq_rows)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     on = comp["on_policy"].astype(jnp.float32)
