@@ -11,7 +11,9 @@ One XLA program per step (no host round trip):
    per-token divergence are formed chunk by chunk over the sequence in a
    ``lax.scan`` whose custom VJP forms the gradient in the same pass, so no
    ``[B, T, V]`` array of either model is ever live and no head is recomputed;
-   token-level alignment metrics ride along in the same chunks;
+   token-level alignment metrics ride along in the same chunks; a loss that
+   reads each row's sequence-mean log-probs (DistiLLM-2's adaptive α) gets a
+   forward-only pre-pass over the same chunks first;
 4. an optax update is applied to the student only.
 
 With ``micro_batches`` = M > 1, steps 1-3 run in a ``lax.scan`` over M equal
