@@ -489,8 +489,10 @@ def chunked_divergence(
   chunk = math.ceil(n / num_chunks)
   n_pad = num_chunks * chunk
   has_teacher = h_t is not None
-  if (metrics or sequence_logps is not None) and not has_teacher:
-    raise ValueError("token metrics and sequence log-probs need a teacher")
+  if metrics and not has_teacher:
+    raise ValueError("token metrics need a teacher")
+  if sequence_logps is not None and not has_teacher:
+    raise ValueError("sequence log-probs (sequence_logps) need a teacher")
   weight_axes = WEIGHT_AXES
   if has_teacher:
     w_t = _gather_unembedding(jax.lax.stop_gradient(w_t[:, :vmin]), sharder)
