@@ -65,6 +65,7 @@ def test_anchors_of_the_initial_models_then_an_adaptive_run(assets, tmp_path):  
   assert np.isfinite(float(m["loss"]))
 
 
+@pytest.mark.slow
 def test_anchors_errors(assets, tmp_path):  # noqa: F811
   measure = _script().measure
   with pytest.raises(ValueError, match="distillm2"):

@@ -793,6 +793,7 @@ def _np_distillm2_alpha(gap, base, anchor):
   return np.minimum(np.maximum(1 - (1 - base) * anchor / (gap + 1e-5), 0.01), base)
 
 
+@pytest.mark.slow
 def test_distillm2_adaptive_alpha_step_matches_hand_computation():
   """Adaptive α through the whole step: the anchors from
   ``distillm2_anchors`` on the initial models (= the float64 role means of
