@@ -92,11 +92,14 @@ def opd_step_flops(
   *,
   on_policy_rows: int | None = None,
   teacher_sampled_rows: int = 0,
+  sequence_prepass: bool = False,
 ) -> dict[str, int]:
   """Model FLOPs of one OPD step (module docstring), all devices together.
 
   ``on_policy_rows`` (default: all ``rows``) are sampled by the student,
   ``teacher_sampled_rows`` by the teacher; ``teacher=None``: no teacher pass.
+  ``sequence_prepass``: the loss reads the rows' sequence-mean log-probs
+  (DistiLLM-2's adaptive α), one more forward head(R·N) of each model.
   Returns ``sampling``, ``teacher``, ``student_fwd_bwd`` and their ``total``.
   """
   r, p, n = rows, prompt_len, new_tokens
@@ -110,6 +113,9 @@ def opd_step_flops(
   if teacher is not None:
     out["sampling"] += sampling_flops(teacher, teacher_sampled_rows, p, n, vocab)
     out["teacher"] = forward_flops(teacher, r * t, t) + head_flops(teacher, r * n, vocab)
+  if sequence_prepass:
+    out["student_fwd_bwd"] += head_flops(student, r * n, vocab)
+    out["teacher"] += head_flops(teacher, r * n, vocab)
   out["total"] = out["sampling"] + out["teacher"] + out["student_fwd_bwd"]
   return out
 
@@ -121,6 +127,7 @@ def step_flops(
   ``batch_size`` prompts of ``prompt_len`` tokens: R = batch·num_samples,
   N = max_new_tokens, λ·R rows on-policy (``opd_step.split_rows``; all R, and
   all R teacher-sampled with that source, when λ is scheduled)."""
+  from opd_jax.losses import needs_sequence_logps
   from opd_jax.opd_step import lambda_scheduled, split_rows
 
   if cfg.teachers and isinstance(teacher, (tuple, list)):  # multi-teacher: per teacher's rows
@@ -144,4 +151,5 @@ def step_flops(
     vocab,
     on_policy_rows=on,
     teacher_sampled_rows=by_teacher,
+    sequence_prepass=needs_sequence_logps(cfg.loss, dict(cfg.loss_kwargs)),
   )

@@ -30,6 +30,7 @@ gradient.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -43,11 +44,16 @@ from opd_jax.registry import Registry
 # needs_teacher: reads teacher logits; row_role: reads ``on_policy`` [B, C] bool
 # (True where the position's row is a student sample); outcome: reads
 # ``outcome_reward`` [B, C] f32 (the verifier's reward of the row's completion)
-# and ``outcome_group`` [B, C] int32 (the row's prompt: GRPO groups), all
-# constant along C and passed by the step.
-LOSSES = Registry("loss", needs_teacher=True, row_role=False, outcome=False)
+# and ``outcome_group`` [B, C] int32 (the row's prompt: GRPO groups);
+# sequence_logps: the name of the loss's bool keyword that, when True, makes it
+# read ``seq_logp`` / ``seq_logq`` [B, C] f32 (the row's mean log p(y_t) / log
+# q(y_t) over its response tokens, at the loss's temperatures; no gradient),
+# or "" (never). All constant along C and passed by the step.
+LOSSES = Registry("loss", needs_teacher=True, row_role=False, outcome=False, sequence_logps="")
 OUTCOME_INPUTS = ("outcome_reward", "outcome_group")
-ROW_INPUTS = ("on_policy",) + OUTCOME_INPUTS  # per-position inputs the step passes, never config
+SEQUENCE_INPUTS = ("seq_logp", "seq_logq")
+# Per-position inputs the step passes, never config.
+ROW_INPUTS = ("on_policy",) + OUTCOME_INPUTS + SEQUENCE_INPUTS
 
 _TOPK_STRATEGIES = ("student", "teacher", "union", "intersection")
 _TOPK_WEIGHTS = ("student", "teacher", "none")
@@ -499,16 +505,88 @@ def topk_opd(
 # ----------------------------------------------------------------------------
 
 
-@LOSSES.register("distillm2", row_role=True)
+_DISTILLM2_EPS = 1e-5  # the official code's denominator guard
+_DISTILLM2_ALPHA_MIN = 0.01  # the official clip floor
+
+
+def distillm2_alpha(gap: jax.Array, base: float | jax.Array, anchor: float | jax.Array):
+  """DistiLLM-2's adaptive skew coefficient per row (official ``distillm_v2``
+  ``get_batch_logps``), elementwise:
+
+    α_i = clip(1 − (1 − α_0)·Δ_0 / (Δ_i + 1e-5), 0.01, α_0)
+
+  with ``gap`` Δ_i the row's sequence-level probability gap, ``base`` α_0 and
+  ``anchor`` Δ_0 (see :func:`distillm2`). α_i = α_0 at Δ_i = Δ_0, falls to
+  0.01 as the gap closes (Δ_i ≤ 0.9·Δ_0·(1 − α_0)/0.99 or so), never exceeds
+  α_0 (wider gaps, negative gaps); a 0/0 (Δ_0 = 0, Δ_i = −1e-5) reads as α_0.
+  No gradient (a coefficient)."""
+  gap = jax.lax.stop_gradient(jnp.asarray(gap, jnp.float32))
+  num = (1.0 - jnp.asarray(base, jnp.float32)) * jnp.asarray(anchor, jnp.float32)
+  den = gap + _DISTILLM2_EPS
+  ratio = jnp.where(num == 0, 0.0, num / jnp.where(den == 0, 1.0, den))
+  ratio = jnp.where((num != 0) & (den == 0), jnp.sign(num) * jnp.inf, ratio)
+  alpha = jnp.minimum(jnp.maximum(1.0 - ratio, _DISTILLM2_ALPHA_MIN), base)
+  return jax.lax.stop_gradient(alpha)
+
+
+def _check_distillm2(alpha_teacher, alpha_student, beta, adaptive_alpha, anchors, on_policy, seq):
+  _check_range("alpha_teacher", alpha_teacher, 0.0, 1.0, hi_open=True)
+  _check_range("alpha_student", alpha_student, 0.0, 1.0, hi_open=True)
+  _check_range("beta", beta, 0.0, 2.0)
+  if not isinstance(adaptive_alpha, bool):
+    raise ValueError(f"adaptive_alpha={adaptive_alpha!r} must be a bool")
+  if on_policy is None:
+    raise ValueError(
+      "distillm2 needs on_policy (the row role, [B, C] bool; the OPD step passes it)"
+    )
+  if not adaptive_alpha:
+    return
+  for arg, value in zip(("anchor_teacher", "anchor_student"), anchors):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+      if value is None or isinstance(value, (bool, str)):
+        raise ValueError(f"{arg}={value!r} must be a number")
+      continue  # traced (a schedule / sweep point)
+    if not (math.isfinite(value) and value > 0):
+      raise ValueError(
+        f"distillm2 with adaptive_alpha=True needs {arg} > 0 (got {value!r}; 0 = unset): "
+        "the anchor gap Δ_0 of that row role, a statistic of the initial models "
+        "(opd_step.distillm2_anchors)"
+      )
+  if any(v is None for v in seq):
+    raise ValueError(
+      "distillm2 with adaptive_alpha=True needs seq_logp and seq_logq "
+      "([B, C]; the step passes them)"
+    )
+
+
+def _distillm2_alphas(
+  alpha_teacher, alpha_student, adaptive_alpha, anchor_teacher, anchor_student, seq_logp, seq_logq
+):
+  """(α_t, α_s): the base numbers, or per position [B, C, 1] (adaptive α)."""
+  if not adaptive_alpha:
+    return alpha_teacher, alpha_student
+  pt = jnp.exp(jax.lax.stop_gradient(jnp.asarray(seq_logp, jnp.float32)))
+  qt = jnp.exp(jax.lax.stop_gradient(jnp.asarray(seq_logq, jnp.float32)))
+  a_t = distillm2_alpha(qt - pt, alpha_teacher, anchor_teacher)  # teacher response: q − p
+  a_s = distillm2_alpha(pt - qt, alpha_student, anchor_student)  # student response: p − q
+  return a_t[..., None], a_s[..., None]
+
+
+@LOSSES.register("distillm2", row_role=True, sequence_logps="adaptive_alpha")
 def distillm2(
   student_logits,
   teacher_logits,
   tokens=None,
   *,
   on_policy=None,
+  seq_logp=None,
+  seq_logq=None,
   alpha_teacher: float = 0.1,
   alpha_student: float = 0.1,
   beta: float = 1.0,
+  adaptive_alpha: bool = False,
+  anchor_teacher: float = 0.0,
+  anchor_student: float = 0.0,
   student_temperature: float = 1.0,
   teacher_temperature: float = 1.0,
 ) -> jax.Array:
@@ -531,31 +609,51 @@ def distillm2(
       schedule over steps: ``config.schedules =
       distillm2_beta_schedule(T)`` = ``"loss.beta=linear:1.0:1.5:0:T/2"``
       (exact for even T; tested against the formula).
-    * adaptive α, per sample i (reading of the official code; the paper's
-      curriculum-based α update): α_i = clip(1 − (1 − α_0)·Δ_0 / (Δ_i + 1e-5),
-      0.01, α_0), Δ_i = exp(mean_t log q(y_t)) − exp(mean_t log p(y_t)) on a
-      teacher response (swapped on a student response) and Δ_0 a fixed
-      anchor gap. NOT implemented: it needs each row's sequence-mean token
-      log-probs of both models before the per-token pass (an extra head pass
-      over the sequence in our chunked step) and the anchor Δ_0 precomputed
-      from the initial models over the dataset; the released defaults run
-      without it (base α), which is what this loss computes.
+    * adaptive α (``adaptive_alpha=True``; the paper's curriculum-based α,
+      read from the official ``get_batch_logps``): per row i,
+        α_t,i = clip(1 − (1 − α_t)·Δ0_t / (Δ_i + 1e-5), 0.01, α_t),
+          Δ_i = exp(mean_t log q(y_t)) − exp(mean_t log p(y_t))   (teacher rows),
+        α_s,i = clip(1 − (1 − α_s)·Δ0_s / (Δ_i + 1e-5), 0.01, α_s),
+          Δ_i = exp(mean_t log p(y_t)) − exp(mean_t log q(y_t))   (student rows)
+      (:func:`distillm2_alpha`): the sequence-level gap between the two
+      models' geometric-mean token probabilities of the row's response. The
+      means come in as ``seq_logp`` / ``seq_logq`` [B, C] (the row's mean over
+      its response tokens, at these temperatures; the step computes them in a
+      forward-only pre-pass over the sequence, no gradient: α is a
+      coefficient). α_i = α_0 at the anchor gap and drops towards 0.01 as the
+      student closes the gap: a per-sample curriculum as training goes on.
+      The anchors ``anchor_teacher`` Δ0_t / ``anchor_student`` Δ0_s are fixed
+      config numbers here: 0 (the default) means unset, and adaptive_alpha=True
+      needs both > 0 (ValueError naming the one missing).
+      The official trainer sets them once, at its first log() call, to the
+      mean over the first logging window of the batch-mean gaps on teacher
+      (chosen) and student (rejected) rows, i.e. a statistic of the
+      (near-)initial models, and runs base α until then;
+      ``opd_step.distillm2_anchors`` (CLI: ``experiments/distillm2_anchors.py``)
+      computes that statistic from the initial models on the run's first
+      batches (mean over rows, not of per-batch means), to be set in the
+      config. Readings: the official repo itself was not readable here; the
+      trainer code was read from a third-party copy of ``distillm_trainer.py``
+      (``get_batch_logps`` / ``log``). There the anchor lookup reads
+      ``self._stored_metrics['logps_logqs/chosen']`` off the split-keyed
+      metrics dict, which would fall back to base α through a bare
+      ``except``; implemented is the evident intent, the logged window mean.
+      The official α is computed for every row and used by the term of the
+      row's role only, as here; its log-probs are at τ = 1 (here: the loss's
+      temperatures). Official defaults: α_t = α_s = 0.1.
   With off_policy_source="dataset" the dataset responses take the
   teacher-response role. Reduction is the step's aggregation (the official
   code averages per sequence, = aggregation "sequence_mean"). ``tokens`` is
   unused.
   """
   del tokens
-  _check_range("alpha_teacher", alpha_teacher, 0.0, 1.0, hi_open=True)
-  _check_range("alpha_student", alpha_student, 0.0, 1.0, hi_open=True)
-  _check_range("beta", beta, 0.0, 2.0)
-  if on_policy is None:
-    raise ValueError(
-      "distillm2 needs on_policy (the row role, [B, C] bool; the OPD step passes it)"
-    )
+  anchors = (anchor_teacher, anchor_student)
+  seq = (seq_logp, seq_logq)
+  _check_distillm2(alpha_teacher, alpha_student, beta, adaptive_alpha, anchors, on_policy, seq)
+  a_t, a_s = _distillm2_alphas(alpha_teacher, alpha_student, adaptive_alpha, *anchors, *seq)
   logp, logq = _log_probs(student_logits, teacher_logits, student_temperature, teacher_temperature)
-  teacher_term = _kl(logq, _log_mixture(logq, logp, alpha_teacher))
-  student_term = _kl(logp, _log_mixture(jax.lax.stop_gradient(logp), logq, alpha_student))
+  teacher_term = _kl(logq, _log_mixture(logq, logp, a_t))
+  student_term = _kl(logp, _log_mixture(jax.lax.stop_gradient(logp), logq, a_s))
   return jnp.where(jnp.asarray(on_policy, bool), beta * student_term, (2.0 - beta) * teacher_term)
 
 
@@ -842,22 +940,70 @@ def needs_outcome(name: str) -> bool:
   return bool(LOSSES.info(name)["outcome"])
 
 
+def needs_sequence_logps(name: str, kwargs: Mapping[str, Any] | None = None) -> bool:
+  """Whether loss ``name`` with keyword settings ``kwargs`` reads the rows'
+  sequence-mean log-probs ``seq_logp`` / ``seq_logq`` ([B, C]): its
+  registered switch keyword (``sequence_logps`` fact) is True in ``kwargs``
+  (or by default)."""
+  switch = LOSSES.info(name)["sequence_logps"]
+  if not switch:
+    return False
+  default = inspect.signature(LOSSES.get(name)).parameters[switch].default
+  return (dict(kwargs or {})).get(switch, default) is True
+
+
 def row_inputs(
-  name: str, on_policy: jax.Array, outcome_reward=None, outcome_group=None
+  name: str,
+  on_policy: jax.Array,
+  outcome_reward=None,
+  outcome_group=None,
+  *,
+  loss_kwargs: Mapping[str, Any] | None = None,
+  seq_logp=None,
+  seq_logq=None,
 ) -> dict[str, jax.Array]:
-  """The per-position keyword inputs loss ``name`` reads: {"on_policy":
-  on_policy} for a row-role loss, {"outcome_reward", "outcome_group"} for an
-  outcome loss, else {} (all [B, C]). For an abstract ``on_policy``
-  (``jax.ShapeDtypeStruct``) missing outcome inputs are made abstract too."""
+  """The per-position keyword inputs loss ``name`` (with ``loss_kwargs``)
+  reads: {"on_policy": on_policy} for a row-role loss, {"outcome_reward",
+  "outcome_group"} for an outcome loss, {"seq_logp", "seq_logq"} when
+  :func:`needs_sequence_logps`, else {} (all [B, C]). For an abstract
+  ``on_policy`` (``jax.ShapeDtypeStruct``) missing inputs are made abstract
+  too."""
   out = {"on_policy": on_policy} if needs_row_role(name) else {}
+  abstract = isinstance(on_policy, jax.ShapeDtypeStruct)
+  f32 = lambda dt=jnp.float32: jax.ShapeDtypeStruct(on_policy.shape, dt)
   if needs_outcome(name):
     if outcome_reward is None or outcome_group is None:
-      if not isinstance(on_policy, jax.ShapeDtypeStruct):
+      if not abstract:
         raise ValueError(f"loss {name!r} needs outcome_reward and outcome_group ([B, C])")
-      outcome_reward = jax.ShapeDtypeStruct(on_policy.shape, jnp.float32)
-      outcome_group = jax.ShapeDtypeStruct(on_policy.shape, jnp.int32)
+      outcome_reward, outcome_group = f32(), f32(jnp.int32)
     out.update(outcome_reward=outcome_reward, outcome_group=outcome_group)
+  if needs_sequence_logps(name, loss_kwargs):
+    if seq_logp is None or seq_logq is None:
+      if not abstract:
+        raise ValueError(f"loss {name!r} with {dict(loss_kwargs or {})} needs seq_logp, seq_logq")
+      seq_logp, seq_logq = f32(), f32()
+    out.update(seq_logp=seq_logp, seq_logq=seq_logq)
   return out
+
+
+def token_log_probs(logits: jax.Array, tokens: jax.Array, temperature: float = 1.0) -> jax.Array:
+  """log softmax(logits/τ)[y] -> [...] for logits [..., V] and ids [...], as a
+  masked sum over V (no gather along a possibly sharded vocabulary)."""
+  a = _scaled(logits, temperature)
+  m, z = log_normalizer(a)
+  hit = jnp.arange(a.shape[-1]) == jnp.asarray(tokens, jnp.int32)[..., None]
+  return jnp.sum(jnp.where(hit, a - m, 0.0), axis=-1) - z[..., 0]
+
+
+def loss_temperatures(name: str, kwargs: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
+  """(student, teacher) temperature of loss ``name`` under ``kwargs`` (its
+  defaults where unset)."""
+  params = inspect.signature(LOSSES.get(name)).parameters
+  kw = dict(kwargs or {})
+  return tuple(
+    kw.get(k, params[k].default if k in params else 1.0)
+    for k in ("student_temperature", "teacher_temperature")
+  )
 
 
 def get_loss(name: str, kwargs: Mapping[str, Any] | None = None) -> Callable[..., Any]:
@@ -870,7 +1016,7 @@ def get_loss(name: str, kwargs: Mapping[str, Any] | None = None) -> Callable[...
   fn = LOSSES.build(name, kwargs, exclude=ROW_INPUTS)
   logits = jax.ShapeDtypeStruct((1, 1, 2), jnp.float32)
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  rows = row_inputs(name, jax.ShapeDtypeStruct((1, 1), jnp.bool_))
+  rows = row_inputs(name, jax.ShapeDtypeStruct((1, 1), jnp.bool_), loss_kwargs=kwargs)
   jax.eval_shape(
     lambda s, t, y, r: fn(s, t, y, **r),
     logits,
@@ -1094,9 +1240,14 @@ def _distillm2_rule(
   *,
   top_k_fn: TopK,
   on_policy=None,
+  seq_logp=None,
+  seq_logq=None,
   alpha_teacher: float = 0.1,
   alpha_student: float = 0.1,
   beta: float = 1.0,
+  adaptive_alpha: bool = False,
+  anchor_teacher: float = 0.0,
+  anchor_student: float = 0.0,
   student_temperature: float = 1.0,
   teacher_temperature: float = 1.0,
 ):
@@ -1105,27 +1256,25 @@ def _distillm2_rule(
       −(1 − α_t)·pullback(q·p/m);
     student rows, m' = α_s·sg(p) + (1 − α_s)·q (constant):
       τ_s·∂KL(p‖m')/∂s = pullback(p·(log p − log m'))
-  (:func:`_softmax_pullback`), scaled by (2 − β) / β and c."""
+  (:func:`_softmax_pullback`), scaled by (2 − β) / β and c. α_t / α_s are the
+  base numbers or, with adaptive α, per-row constants [B, C, 1]."""
   del tokens, top_k_fn
-  _check_range("alpha_teacher", alpha_teacher, 0.0, 1.0, hi_open=True)
-  _check_range("alpha_student", alpha_student, 0.0, 1.0, hi_open=True)
-  _check_range("beta", beta, 0.0, 2.0)
-  if on_policy is None:
-    raise ValueError(
-      "distillm2 needs on_policy (the row role, [B, C] bool; the OPD step passes it)"
-    )
+  anchors = (anchor_teacher, anchor_student)
+  seq = (seq_logp, seq_logq)
+  _check_distillm2(alpha_teacher, alpha_student, beta, adaptive_alpha, anchors, on_policy, seq)
+  a_t, a_s = _distillm2_alphas(alpha_teacher, alpha_student, adaptive_alpha, *anchors, *seq)
   logp, logq, p, q = _parts_log_probs(
     student_logits, teacher_logits, student_temperature, teacher_temperature
   )
   on = jnp.asarray(on_policy, bool)
   # Teacher term KL(q ‖ m).
-  logm = _log_mixture(logq, logp, alpha_teacher)
+  logm = _log_mixture(logq, logp, a_t)
   dq = jnp.where(q > 0, logq - logm, 0.0)
   teacher_value = jnp.sum(jnp.where(q > 0, q * dq, 0.0), axis=-1)
   rho = jnp.where(q > 0, q * jnp.exp(jnp.where(q > 0, logp - logm, 0.0)), 0.0)
-  teacher_grad = -(1.0 - jnp.asarray(alpha_teacher, jnp.float32)) * _softmax_pullback(rho, p)
+  teacher_grad = -(1.0 - jnp.asarray(a_t, jnp.float32)) * _softmax_pullback(rho, p)
   # Student term KL(p ‖ m').
-  logm2 = _log_mixture(logp, logq, alpha_student)
+  logm2 = _log_mixture(logp, logq, a_s)
   dp = jnp.where(p > 0, logp - logm2, 0.0)
   student_value = jnp.sum(jnp.where(p > 0, p * dp, 0.0), axis=-1)
   student_grad = _softmax_pullback(jnp.where(p > 0, p * dp, 0.0), p)

@@ -11,7 +11,9 @@ One XLA program per step (no host round trip):
    per-token divergence are formed chunk by chunk over the sequence in a
    ``lax.scan`` whose custom VJP forms the gradient in the same pass, so no
    ``[B, T, V]`` array of either model is ever live and no head is recomputed;
-   token-level alignment metrics ride along in the same chunks;
+   token-level alignment metrics ride along in the same chunks; a loss that
+   reads each row's sequence-mean log-probs (DistiLLM-2's adaptive α) gets a
+   forward-only pre-pass over the same chunks first;
 4. an optax update is applied to the student only.
 
 With ``micro_batches`` = M > 1, steps 1-3 run in a ``lax.scan`` over M equal
@@ -219,7 +221,9 @@ def check_schedules(cfg: OPDConfig) -> None:
     return
   loss_fn = losses_lib.get_loss(cfg.loss, dict(cfg.loss_kwargs))
   logits = jax.ShapeDtypeStruct((1, 1, 2), jnp.float32)
-  rows = losses_lib.row_inputs(cfg.loss, jax.ShapeDtypeStruct((1, 1), jnp.bool_))
+  rows = losses_lib.row_inputs(
+    cfg.loss, jax.ShapeDtypeStruct((1, 1), jnp.bool_), loss_kwargs=dict(cfg.loss_kwargs)
+  )
   try:
     jax.eval_shape(
       lambda s, hp, r: losses_lib.logits_value_and_grad(loss_fn)(
@@ -442,6 +446,7 @@ def chunked_divergence(
   chunk_budget_mib: float = 1024.0,
   loss_inputs=None,
   loss_hparams=None,
+  sequence_logps=None,
 ):
   """Σ_t weights·loss_t over a sequence, in chunks, plus metric sums.
 
@@ -466,7 +471,12 @@ def chunked_divergence(
   row role ``on_policy``, :func:`losses.row_inputs`), chunked like the tokens
   and passed to the loss as keywords. ``loss_hparams``: optional dict of
   scalar (traced) loss keywords, e.g. scheduled values, overriding the bound
-  ones.
+  ones. ``sequence_logps``: optional (mask ``[R, N]``, τ_s, τ_t) for a loss
+  that reads each row's sequence-mean log-probs
+  (:func:`losses.needs_sequence_logps`): a forward-only pre-pass scan over
+  the same chunks and gathered unembeddings (:func:`sequence_log_probs`)
+  computes them first; the loss gets ``seq_logp`` / ``seq_logq``, and they
+  come back as a third output {"seq_logp", "seq_logq"} of ``[R]`` arrays.
   """
   r, n = tokens.shape
   extra_names = tuple(sorted(loss_inputs or {}))
@@ -481,6 +491,8 @@ def chunked_divergence(
   has_teacher = h_t is not None
   if metrics and not has_teacher:
     raise ValueError("token metrics need a teacher")
+  if sequence_logps is not None and not has_teacher:
+    raise ValueError("sequence log-probs (sequence_logps) need a teacher")
   weight_axes = WEIGHT_AXES
   if has_teacher:
     w_t = _gather_unembedding(jax.lax.stop_gradient(w_t[:, :vmin]), sharder)
@@ -516,11 +528,29 @@ def chunked_divergence(
 
   def run(h_s, w_s, with_grad: bool):
     ws = _gather_unembedding(w_s[:, :vmin], sharder)
+    hs_chunks = to_chunks(h_s)
+    names, seq, xs = extra_names, {}, consts
+    if sequence_logps is not None:  # rows' sequence means first, same chunks and weights
+      m = sequence_logps[0].astype(jnp.float32)
+      sp, sq = _sequence_scan(
+        (hs_chunks, consts[0], consts[1], to_chunks(m)),
+        ws,
+        w_t,
+        vocab=vocab,
+        sharder=sharder,
+        ts=sequence_logps[1],
+        tt=sequence_logps[2],
+      )
+      count = jnp.maximum(jnp.sum(m, axis=1), 1.0)
+      seq = dict(seq_logp=sp / count, seq_logq=sq / count)
+      per_row = lambda v: to_chunks(jnp.broadcast_to(v[:, None], (r, n)))
+      names = extra_names + tuple(seq)
+      xs = consts + tuple(per_row(v) for v in seq.values())
 
     def body(carry, x):
       total, sums, dw_acc = carry
       hs, ht, y, w, mm, pos = x[:6]
-      extra = dict(zip(extra_names, x[6:]), **(loss_hparams or {}))
+      extra = dict(zip(names, x[6:]), **(loss_hparams or {}))
       ls = sharder.constrain(_project(hs, ws, vocab), LOGIT_AXES)
       lt = sharder.constrain(_project(ht, w_t, vocab), LOGIT_AXES) if has_teacher else None
       dhs = None
@@ -555,29 +585,28 @@ def chunked_divergence(
         )
       return (total + value, sums, dw_acc), dhs
 
-    hs_chunks = to_chunks(h_s)
     dw0 = (
       sharder.constrain(jnp.zeros((w_s.shape[0], vmin), jnp.float32), weight_axes)
       if with_grad
       else jnp.zeros((), jnp.float32)
     )
     (total, sums, dw), dhs = jax.lax.scan(
-      body, (jnp.zeros((), jnp.float32), sums0, dw0), (hs_chunks,) + consts
+      body, (jnp.zeros((), jnp.float32), sums0, dw0), (hs_chunks,) + xs
     )
     if not with_grad:
-      return total, sums
+      return total, sums, seq
     dhs = sharder.constrain(dhs, (None, "activation_batch", None, None))
     dh = jnp.moveaxis(dhs, 0, 1).reshape((r, n_pad) + h_s.shape[2:])[:, :n]
     dw = jnp.pad(dw, [(0, 0), (0, w_s.shape[-1] - vmin)]) if w_s.shape[-1] > vmin else dw
-    return total, sums, dh, sharder.constrain(dw.astype(w_s.dtype), weight_axes)
+    return total, sums, seq, dh, sharder.constrain(dw.astype(w_s.dtype), weight_axes)
 
   @jax.custom_vjp
   def divergence(h_s, w_s):
     return run(h_s, w_s, with_grad=False)
 
   def divergence_fwd(h_s, w_s):
-    total, sums, dh, dw = run(h_s, w_s, with_grad=True)
-    return (total, sums), (dh, dw)
+    total, sums, seq, dh, dw = run(h_s, w_s, with_grad=True)
+    return (total, sums, seq), (dh, dw)
 
   def divergence_bwd(residuals, cotangents):
     dh, dw = residuals
@@ -585,7 +614,73 @@ def chunked_divergence(
     return (g.astype(dh.dtype) * dh, g.astype(dw.dtype) * dw)
 
   divergence.defvjp(divergence_fwd, divergence_bwd)
-  return divergence(h_s, w_s)
+  total, sums, seq = divergence(h_s, w_s)
+  return (total, sums) if sequence_logps is None else (total, sums, seq)
+
+
+def _sequence_scan(xs, ws, wt, *, vocab: int, sharder: Sharder, ts, tt):
+  """Σ_t m·log p(y_t), Σ_t m·log q(y_t) per row ([R] each) over position
+  chunks ``xs`` = (h_s, h_t, tokens, mask) chunked ``[K, R, C, ...]``, with the
+  gathered unembeddings ``ws`` / ``wt``; forward only."""
+
+  def body(carry, x):
+    hs, ht, y, mm = x
+    ls = sharder.constrain(_project(hs, ws, vocab), LOGIT_AXES)
+    lt = sharder.constrain(_project(ht, wt, vocab), LOGIT_AXES)
+    lp = losses_lib.token_log_probs(ls, y, ts)
+    lq = losses_lib.token_log_probs(lt, y, tt)
+    return (carry[0] + jnp.sum(mm * lp, axis=1), carry[1] + jnp.sum(mm * lq, axis=1)), None
+
+  zeros = jnp.zeros((xs[2].shape[1],), jnp.float32)
+  sg = jax.lax.stop_gradient
+  (sp, sq), _ = jax.lax.scan(body, (zeros, zeros), tuple(sg(x) for x in xs))
+  return sg(sp), sg(sq)
+
+
+def sequence_log_probs(
+  h_s,
+  w_s,
+  h_t,
+  w_t,
+  tokens,
+  mask,
+  *,
+  vocab: int,
+  chunk: int,
+  sharder: Sharder,
+  student_temperature=1.0,
+  teacher_temperature=1.0,
+  chunk_budget_mib: float = 1024.0,
+):
+  """Each row's mean log p(y_t) and log q(y_t) over its response tokens:
+  (``[R]``, ``[R]``) = Σ_t m·log p(y_t) / max(Σ_t m, 1), at the given
+  temperatures, forward only (stop-gradient). h_s ``[R, N, Ds]``, h_t
+  ``[R, N, Dt]``, w ``[D, V']``, tokens / mask ``[R, N]``. A ``lax.scan`` over
+  position chunks as in :func:`chunked_divergence` (one chunk's ``[R, C, V]``
+  logits of each model at a time; ``chunk=0``: auto). The step runs the same
+  pre-pass inside :func:`chunked_divergence` (``sequence_logps``), on the
+  unembeddings it gathers anyway."""
+  r, n = tokens.shape
+  vmin = min(w_s.shape[-1], w_t.shape[-1])
+  if chunk == 0:
+    chunk = auto_loss_chunk(r, n, vmin, sharder, budget_mib=chunk_budget_mib, metrics=False)
+  num_chunks = max(1, math.ceil(n / chunk))
+  chunk = math.ceil(n / num_chunks)
+  n_pad = num_chunks * chunk
+  sg = jax.lax.stop_gradient
+  ws = _gather_unembedding(sg(w_s[:, :vmin]), sharder)
+  wt = _gather_unembedding(sg(w_t[:, :vmin]), sharder)
+  chunk_axes = lambda a: (None, "activation_batch") + (None,) * (a.ndim - 2)
+  to_chunks = lambda a: sharder.constrain(
+    _to_chunks(_pad_time(a, n_pad), chunk), chunk_axes(a) + (None,)
+  )
+  m = mask.astype(jnp.float32)
+  xs = tuple(to_chunks(a) for a in (h_s, h_t, tokens, m))
+  sp, sq = _sequence_scan(
+    xs, ws, wt, vocab=vocab, sharder=sharder, ts=student_temperature, tt=teacher_temperature
+  )
+  count = jnp.maximum(jnp.sum(m, axis=1), 1.0)
+  return sp / count, sq / count
 
 
 def _repeat(x: jax.Array, n: int) -> jax.Array:
@@ -796,6 +891,76 @@ def build_completions(student, teacher, batch, rng, cfg: OPDConfig, hparams=None
   return out
 
 
+def distillm2_anchors(
+  student, teacher, batches, rng, cfg: OPDConfig, *, vocab_size: int, sharder: Sharder | None = None
+) -> dict[str, float]:
+  """DistiLLM-2's adaptive-α anchors from the (initial) models: {"anchor_teacher":
+  Δ0_t, "anchor_student": Δ0_s} to set in ``config.loss`` (see
+  :func:`losses.distillm2`). Over the rows of ``batches`` (an iterable of
+  step batches; e.g. the first logging window's), each batch's completions
+  made as the step makes them (:func:`build_completions`, key
+  ``fold_in(rng, i)``), the mean over teacher-response rows of
+  exp(mean_t log q(y_t)) − exp(mean_t log p(y_t)) and over student rows of
+  exp(mean_t log p) − exp(mean_t log q) (the official trainer's anchors: the
+  mean of those batch means over its first logging window; here the mean
+  over all rows with response tokens). A role with no rows gives None."""
+  sharder = sharder or Sharder()
+  run_cfg = dataclasses.replace(
+    cfg,
+    sampling=dataclasses.replace(cfg.sampling, vocab_size=vocab_size),
+    teacher_sampling=None
+    if cfg.teacher_sampling is None
+    else dataclasses.replace(cfg.teacher_sampling, vocab_size=vocab_size),
+  )
+  ts, tt = losses_lib.loss_temperatures(cfg.loss, dict(cfg.loss_kwargs))
+  s_gd, s_state = nnx.split(student)
+  t_gd, t_state = nnx.split(teacher)
+
+  @jax.jit
+  def gaps(s_state, t_state, batch, key):
+    st, te = nnx.merge(s_gd, s_state), nnx.merge(t_gd, t_state)
+    comp = build_completions(st, te, batch, key, run_cfg)
+    p, n = comp["prompt_ids"].shape[1], comp["tokens"].shape[1]
+    ids, mask, pos = full_sequence(
+      comp["prompt_ids"], comp["prompt_mask"], comp["tokens"], comp["mask"]
+    )
+    hidden = lambda model: model.hidden(ids, mask, pos)[0][:, p - 1 : p - 1 + n]
+    lp, lq = sequence_log_probs(
+      hidden(st),
+      st.unembedding(),
+      hidden(te),
+      te.unembedding(),
+      comp["tokens"],
+      comp["mask"],
+      vocab=vocab_size,
+      chunk=cfg.loss_chunk,
+      sharder=sharder,
+      student_temperature=ts,
+      teacher_temperature=tt,
+      chunk_budget_mib=cfg.loss_chunk_budget_mib,
+    )
+    has = comp["mask"].any(axis=1)
+    gap = jnp.exp(lp) - jnp.exp(lq)  # student-response orientation
+    on = comp["on_policy"]
+    return jnp.stack(
+      [
+        jnp.sum(jnp.where(has & ~on, -gap, 0.0)),
+        jnp.sum((has & ~on).astype(jnp.float32)),
+        jnp.sum(jnp.where(has & on, gap, 0.0)),
+        jnp.sum((has & on).astype(jnp.float32)),
+      ]
+    )
+
+  total = np.zeros(4)
+  for i, batch in enumerate(batches):
+    total += np.asarray(gaps(s_state, t_state, batch, jax.random.fold_in(rng, i)), np.float64)
+  mean = lambda a, c: float(a / c) if c > 0 else None
+  return {
+    "anchor_teacher": mean(total[0], total[1]),
+    "anchor_student": mean(total[2], total[3]),
+  }
+
+
 def teacher_segments(cfg: OPDConfig, batch_size: int) -> tuple[tuple[str, int, int], ...]:
   """``(name, first prompt, prompts)`` of each teacher of ``cfg.teachers`` in a
   batch of ``batch_size`` prompts (contiguous, in order; rows r = prompt·n ..
@@ -904,17 +1069,24 @@ def make_opd_step(
       reward = jnp.asarray(cfg.verifier(comp["tokens"], comp["mask"], x["answer_ids"]), jnp.float32)
       outcome = (reward, x["prompt_index"])
     per_row = lambda v: None if v is None else jnp.broadcast_to(v[:, None], comp["mask"].shape)
-    loss_inputs = losses_lib.row_inputs(
-      cfg.loss,
-      per_row(comp["on_policy"]),
-      *((per_row(outcome[0]), per_row(outcome[1])) if outcome else ()),
-    )
+    loss_hparams = {k[len("loss.") :]: v for k, v in hparams.items() if k.startswith("loss.")}
+    loss_kwargs = dict(cfg.loss_kwargs)
 
     def loss_of(params):
       model = nnx.merge(student_graphdef, params)
       h_s, _ = model.hidden(ids, mask, pos)
-      return chunked_divergence(
-        h_s[:, p - 1 : p - 1 + n],
+      h_s = h_s[:, p - 1 : p - 1 + n]
+      seq_in = None
+      if losses_lib.needs_sequence_logps(cfg.loss, loss_kwargs):  # pre-pass in the scan
+        ts, tt = losses_lib.loss_temperatures(cfg.loss, {**loss_kwargs, **loss_hparams})
+        seq_in = (comp["mask"], ts, tt)
+      loss_inputs = losses_lib.row_inputs(
+        cfg.loss,
+        per_row(comp["on_policy"]),
+        *((per_row(outcome[0]), per_row(outcome[1])) if outcome else ()),
+      )
+      out = chunked_divergence(
+        h_s,
         model.unembedding(),
         h_t,
         w_t,
@@ -930,10 +1102,13 @@ def make_opd_step(
         sharder=sharder,
         chunk_budget_mib=cfg.loss_chunk_budget_mib,
         loss_inputs=loss_inputs,
-        loss_hparams={k[len("loss.") :]: v for k, v in hparams.items() if k.startswith("loss.")},
+        loss_hparams=loss_hparams,
+        sequence_logps=seq_in,
       )
+      total, sums, seq = out if seq_in is not None else (*out, {})
+      return total, (sums, tuple(seq.values()))
 
-    (loss, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+    (loss, (sums, seq_rows)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     on = comp["on_policy"].astype(jnp.float32)
     stats = dict(
       loss=loss,
@@ -945,6 +1120,16 @@ def make_opd_step(
     )
     if outcome is not None:
       stats.update(outcome_stats(cfg, *outcome, comp["mask"], hparams))
+    if seq_rows:  # the rows' sequence-level gaps (DistiLLM-2's Δ_i), per role
+      gap = jnp.exp(seq_rows[0]) - jnp.exp(seq_rows[1])  # p − q
+      has = comp["mask"].any(axis=1)
+      on_b = comp["on_policy"]
+      stats.update(
+        gap_on=jnp.sum(jnp.where(has & on_b, gap, 0.0)),
+        gap_off=jnp.sum(jnp.where(has & ~on_b, -gap, 0.0)),
+        gap_rows_on=jnp.sum((has & on_b).astype(jnp.float32)),
+        gap_rows_off=jnp.sum((has & ~on_b).astype(jnp.float32)),
+      )
     if cfg.metrics:
       stats["sums"] = sums
     return grads, stats
@@ -1082,6 +1267,9 @@ def make_opd_step(
     if token_arrays:
       out["token_metrics"] = jnp.concatenate(token_arrays)
       metric_names[0] = tuple(token_names)
+    if "gap_on" in stats:  # sequence pre-pass: mean Δ_i per row role (official logs)
+      out["seq_gap/student_rows"] = stats["gap_on"] / jnp.maximum(stats["gap_rows_on"], 1.0)
+      out["seq_gap/teacher_rows"] = stats["gap_off"] / jnp.maximum(stats["gap_rows_off"], 1.0)
     if "outcome_reward" in stats:  # OPD + outcome reward: the advantage's two parts
       tokens = jnp.maximum(stats["num_tokens"], 1.0)
       out["outcome/reward_mean"] = stats["outcome_reward"] / rows

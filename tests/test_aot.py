@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -187,6 +188,17 @@ def test_flop_model_terms():
   )
   got = flops_lib.step_flops(cfg, c, c, batch_size=2, prompt_len=p, vocab=v)
   assert got == flops_lib.opd_step_flops(c, c, 4, p, n, v, on_policy_rows=2, teacher_sampled_rows=2)
+  # DistiLLM-2's adaptive α: one more forward head pass of each model.
+  kw = {"adaptive_alpha": True, "anchor_teacher": 0.1, "anchor_student": 0.1}
+  dm2 = flops_lib.step_flops(
+    dataclasses.replace(cfg, loss="distillm2", loss_kwargs=kw),
+    c,
+    c,
+    batch_size=2,
+    prompt_len=p,
+    vocab=v,
+  )
+  assert dm2["total"] == got["total"] + 2 * flops_lib.head_flops(c, 4 * n, v)
 
 
 def test_peak_flops_table():

@@ -186,11 +186,40 @@ def ref_opd_grpo(
   return distill - alpha * adv[:, None] * np_take(np_log_softmax(s, ts), tok)
 
 
-def ref_distillm2(s_sg, s, t, tok, ts, tt, alpha_teacher=0.1, alpha_student=0.1, beta=1.0):
+# Sequence-mean log-probs of each row's response (the step's pre-pass; given
+# here): row 0 (student sample) gap p − q = 0.09, row 1 (teacher) q − p = 0.17.
+SEQ_LOGP = np.log(np.array([[0.5] * C, [0.6] * C]))
+SEQ_LOGQ = np.log(np.array([[0.41] * C, [0.77] * C]))
+
+
+def np_distillm2_alpha(gap, base, anchor):
+  """The official adaptive α, float64: clip(1 − (1 − α0)·Δ0/(Δ + 1e-5), 0.01, α0)."""
+  return np.minimum(np.maximum(1 - (1 - base) * anchor / (gap + 1e-5), 0.01), base)
+
+
+def ref_distillm2(
+  s_sg,
+  s,
+  t,
+  tok,
+  ts,
+  tt,
+  alpha_teacher=0.1,
+  alpha_student=0.1,
+  beta=1.0,
+  adaptive_alpha=False,
+  anchor_teacher=0.0,
+  anchor_student=0.0,
+):
   p, q = np.exp(np_log_softmax(s, ts)), np.exp(np_log_softmax(t, tt))
   p_sg = np.exp(np_log_softmax(s_sg, ts))
-  teacher = np_kl(np_log(q), np_log(alpha_teacher * q + (1 - alpha_teacher) * p))
-  student = np_kl(np_log(p), np_log(alpha_student * p_sg + (1 - alpha_student) * q))
+  a_t, a_s = alpha_teacher, alpha_student
+  if adaptive_alpha:
+    ep, eq = np.exp(SEQ_LOGP), np.exp(SEQ_LOGQ)
+    a_t = np_distillm2_alpha(eq - ep, alpha_teacher, anchor_teacher)[..., None]
+    a_s = np_distillm2_alpha(ep - eq, alpha_student, anchor_student)[..., None]
+  teacher = np_kl(np_log(q), np_log(a_t * q + (1 - a_t) * p))
+  student = np_kl(np_log(p), np_log(a_s * p_sg + (1 - a_s) * q))
   return np.where(ON_POLICY, beta * student, (2 - beta) * teacher)
 
 
@@ -268,6 +297,22 @@ CASES = [
   ("distillm2", {}),
   ("distillm2", {"alpha_teacher": 0.3, "alpha_student": 0.0}),
   ("distillm2", {"beta": 1.5, "alpha_student": 0.4}),
+  # Adaptive α: both rows inside the clip (α_t = 0.177, α_s = 0.333) ...
+  (
+    "distillm2",
+    {
+      "adaptive_alpha": True,
+      "alpha_teacher": 0.3,
+      "alpha_student": 0.4,
+      "anchor_teacher": 0.2,
+      "anchor_student": 0.1,
+    },
+  ),
+  # ... and both clipped (α_t = 0.01 floor, α_s = α_0 = 0.1).
+  (
+    "distillm2",
+    {"adaptive_alpha": True, "anchor_teacher": 0.5, "anchor_student": 0.05, "beta": 1.3},
+  ),
   ("todi", {}),
   ("todi", {"beta": 2.5}),
   ("todi", {"beta": 0.0}),
@@ -281,17 +326,26 @@ CASES = [
 CASE_IDS = [f"{n}-{kw}" for n, kw in CASES]
 
 
-def _rows(name):
+def _rows(name, kwargs=None):
   """The row inputs the step passes to loss ``name`` (ON_POLICY here)."""
   return losses.row_inputs(
-    name, jnp.asarray(ON_POLICY), jnp.asarray(OUTCOME_REWARD), jnp.asarray(OUTCOME_GROUP)
+    name,
+    jnp.asarray(ON_POLICY),
+    jnp.asarray(OUTCOME_REWARD),
+    jnp.asarray(OUTCOME_GROUP),
+    loss_kwargs=kwargs,
+    seq_logp=jnp.asarray(SEQ_LOGP, jnp.float32),
+    seq_logq=jnp.asarray(SEQ_LOGQ, jnp.float32),
   )
 
 
 def _call(name, kwargs, s, t, tok, ts, tt):
   fn = losses.get_loss(name, dict(kwargs, student_temperature=ts, teacher_temperature=tt))
   return fn(
-    jnp.asarray(s), None if name == "sft" else jnp.asarray(t), jnp.asarray(tok), **_rows(name)
+    jnp.asarray(s),
+    None if name == "sft" else jnp.asarray(t),
+    jnp.asarray(tok),
+    **_rows(name, kwargs),
   )
 
 
@@ -347,7 +401,7 @@ def test_logits_value_and_grad_matches_autodiff(name, kwargs, temps):
   ts, tt = temps
   fn = losses.get_loss(name, dict(kwargs, student_temperature=ts, teacher_temperature=tt))
   t_in = None if name == "sft" else jnp.asarray(t)
-  rows = _rows(name)
+  rows = _rows(name, kwargs)
   want, vjp = jax.vjp(lambda s_: fn(s_, t_in, jnp.asarray(tok), **rows), jnp.asarray(s))
   got, g = jax.jit(losses.logits_value_and_grad(fn))(
     jnp.asarray(s), t_in, jnp.asarray(tok), c, **rows
@@ -383,7 +437,7 @@ def test_no_nan_extreme_temperatures():
   for name, kwargs in CASES:
     for ts, tt in [(0.05, 3.0), (3.0, 0.05)]:
       fn = losses.get_loss(name, dict(kwargs, student_temperature=ts, teacher_temperature=tt))
-      val, g = jax.value_and_grad(lambda x: jnp.sum(fn(x, t, tok, **_rows(name))))(s)
+      val, g = jax.value_and_grad(lambda x: jnp.sum(fn(x, t, tok, **_rows(name, kwargs))))(s)
       assert np.isfinite(val), (name, kwargs, ts, tt)
       assert np.all(np.isfinite(g)), (name, kwargs, ts, tt)
 
@@ -709,6 +763,57 @@ def test_row_role_is_not_a_setting():
 
   assert "on_policy" not in configs_lib.loss_config("distillm2")
   assert configs_lib.loss_config("distillm2").alpha_student == 0.1
+
+
+def test_distillm2_adaptive_alpha_formula():
+  """α_i = clip(1 − (1 − α0)·Δ0/(Δ_i + 1e-5), 0.01, α0) against float64, over
+  gaps inside, below and above the clip range and negative; α0 at Δ = Δ0;
+  a 0/0 reads as α0; no gradient flows into the gap."""
+  gaps = np.array([-0.3, -1e-5, 0.0, 0.05, 0.16, 0.18, 0.2, 0.5, 1.0])
+  for base, anchor in ((0.1, 0.2), (0.3, 0.2), (0.5, 0.0), (0.2, -0.1)):
+    got = np.asarray(losses.distillm2_alpha(jnp.asarray(gaps, jnp.float32), base, anchor))
+    with np.errstate(divide="ignore", invalid="ignore"):
+      want = np.nan_to_num(np_distillm2_alpha(gaps, base, anchor), nan=base)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(losses.distillm2_alpha(0.2, 0.1, 0.2), 0.1, rtol=1e-4)
+  g = jax.grad(lambda x: jnp.sum(losses.distillm2_alpha(x, 0.3, 0.2)))(jnp.asarray([0.17]))
+  assert np.all(np.asarray(g) == 0)
+
+
+def test_distillm2_adaptive_alpha_settings():
+  """adaptive_alpha=False ignores the sequence inputs and anchors (the step
+  computes no pre-pass); True needs both anchors > 0 and the inputs; bad
+  settings are a ValueError naming them when the loss is made."""
+  kw = {"adaptive_alpha": True, "anchor_teacher": 0.2, "anchor_student": 0.1}
+  assert losses.needs_sequence_logps("distillm2", kw)
+  assert not losses.needs_sequence_logps("distillm2")
+  assert not losses.needs_sequence_logps("distillm2", {"anchor_teacher": 0.2})
+  assert not losses.needs_sequence_logps("reverse_kl")
+  assert set(losses.row_inputs("distillm2", jnp.asarray(ON_POLICY))) == {"on_policy"}
+  losses.get_loss("distillm2", kw)
+  for bad, name in (
+    ({"adaptive_alpha": True}, "anchor_teacher"),
+    ({"adaptive_alpha": True, "anchor_teacher": 0.2}, "anchor_student"),
+    (dict(kw, anchor_student=-0.1), "anchor_student"),
+    (dict(kw, anchor_teacher=float("inf")), "anchor_teacher"),
+    (dict(kw, adaptive_alpha=1), "adaptive_alpha"),
+  ):
+    with pytest.raises(ValueError, match=name):
+      losses.get_loss("distillm2", bad)
+  with pytest.raises(ValueError, match="seq_logp"):
+    losses.row_inputs("distillm2", jnp.asarray(ON_POLICY), loss_kwargs=kw)
+  from opd_jax import configs_lib
+
+  cfg = configs_lib.loss_config("distillm2")
+  assert "seq_logp" not in cfg and cfg.adaptive_alpha is False and cfg.anchor_teacher == 0.0
+  # Off, the anchors and sequence inputs change nothing.
+  s, t, tok = (jnp.asarray(a) for a in _inputs(16))
+  on = jnp.asarray(ON_POLICY)
+  base = losses.distillm2(s, t, on_policy=on, alpha_teacher=0.2)
+  other = losses.distillm2(
+    s, t, on_policy=on, alpha_teacher=0.2, anchor_teacher=0.3, seq_logp=on * 1.0, seq_logq=on * 0.0
+  )
+  np.testing.assert_array_equal(base, other)
 
 
 def test_todi_endpoints():

@@ -376,14 +376,23 @@ def _divergence_inputs(seed=0, r=3, n=10, ds=8, dt=12, vs=20, vt=24):
   return h_s, w_s, h_t, w_t, tokens, weights, metric_mask
 
 
-def _row_inputs(loss, r, n):
+def _row_inputs(loss, r, n, kwargs=None):
   """Row roles for a row-role loss (distillm2): even rows on-policy; outcome
   inputs for an outcome loss (opd_grpo): rows in prompt pairs, every third
-  row rewarded."""
+  row rewarded; sequence means (adaptive α): gaps 0.05·row."""
   per_row = lambda v: jnp.broadcast_to(v[:, None], (r, n))
   on = per_row(jnp.arange(r) % 2 == 0)
   reward = per_row((jnp.arange(r) % 3 == 0).astype(jnp.float32))
-  return losses_lib.row_inputs(loss, on, reward, per_row(jnp.arange(r, dtype=jnp.int32) // 2))
+  seq_p = 0.5 + 0.05 * jnp.arange(r) * jnp.where(jnp.arange(r) % 2 == 0, 1.0, -1.0)
+  return losses_lib.row_inputs(
+    loss,
+    on,
+    reward,
+    per_row(jnp.arange(r, dtype=jnp.int32) // 2),
+    loss_kwargs=kwargs,
+    seq_logp=per_row(jnp.log(seq_p)),
+    seq_logq=per_row(jnp.full((r,), jnp.log(0.5))),
+  )
 
 
 @pytest.mark.parametrize(
@@ -457,6 +466,10 @@ def test_chunked_divergence_matches_unchunked_reference(loss):
     ("topk_opd", {"k": 3, "strategy": "union"}),
     ("reverse_kl", {}),
     ("distillm2", {"beta": 1.2}),
+    (
+      "distillm2",
+      {"adaptive_alpha": True, "alpha_teacher": 0.3, "anchor_teacher": 0.1, "anchor_student": 0.1},
+    ),
     ("todi", {}),
     ("akl", {}),
     ("opd_grpo", {"alpha": 0.5, "reward": "topk", "k": 3}),
@@ -468,7 +481,7 @@ def test_chunked_divergence_sharded_matches_unsharded(loss, kwargs):
   value, metric sums and gradients equal the unsharded ones."""
   h_s, w_s, h_t, w_t, tokens, weights, mm = _divergence_inputs(r=4)
   loss_fn = losses_lib.get_loss(loss, kwargs)
-  rows = _row_inputs(loss, *tokens.shape)
+  rows = _row_inputs(loss, *tokens.shape, kwargs)
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
 
   def run(sharder):
@@ -497,6 +510,61 @@ def test_chunked_divergence_sharded_matches_unsharded(loss, kwargs):
   want, got = run(Sharder()), run(Sharder(mesh))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_log_probs_matches_numpy_and_sharded():
+  """The forward-only pre-pass: each row's mean log p(y) / log q(y) over its
+  masked tokens at the given temperatures (padded vocabulary columns
+  excluded), chunked (N=10 in chunks of 4) == float64 numpy, sharded ==
+  unsharded; no gradient flows through it."""
+  h_s, w_s, h_t, w_t, tokens, _, mm = _divergence_inputs(r=4)
+  vocab = 18
+  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+
+  def run(sharder, h_s):
+    return opd_step.sequence_log_probs(
+      h_s,
+      w_s,
+      h_t,
+      w_t,
+      tokens,
+      mm > 0,
+      vocab=vocab,
+      chunk=4,
+      sharder=sharder,
+      student_temperature=0.8,
+      teacher_temperature=1.3,
+    )
+
+  lp, lq = jax.jit(lambda h: run(Sharder(), h))(h_s)
+  ls = np.einsum("rnd,dv->rnv", h_s, w_s[:, :vocab]) / 0.8
+  lt = np.einsum("rnd,dv->rnv", h_t, w_t[:, :vocab]) / 1.3
+  tok, m = np.asarray(tokens), np.asarray(mm)
+  for got, logits in ((lp, ls), (lq, lt)):
+    ly = np.take_along_axis(_log_softmax_np(logits), tok[..., None], -1)[..., 0]
+    np.testing.assert_allclose(got, (ly * m).sum(1) / m.sum(1), rtol=1e-5)
+  sharded = jax.jit(lambda h: run(Sharder(mesh), h))(h_s)
+  np.testing.assert_allclose(sharded, (lp, lq), rtol=1e-5, atol=1e-6)
+  g = jax.grad(lambda h: jnp.sum(run(Sharder(), h)[0]))(h_s)
+  assert np.all(np.asarray(g) == 0)
+
+
+@pytest.mark.slow
+def test_distillm2_adaptive_alpha_sharded_micro_batches_match_single_device():
+  """Adaptive α (the per-row pre-pass in every group) on a data x fsdp x
+  tensor mesh with M = 2 == one device, M = 1."""
+  cfg = _base_cfg(
+    on_policy_fraction=0.5,
+    off_policy_source="teacher",
+    metrics=False,
+    loss="distillm2",
+    loss_kwargs={"adaptive_alpha": True, "anchor_teacher": 1e-3, "anchor_student": 2e-4},
+    teacher_sampling=SamplingConfig(max_new_tokens=3, temperature=0.7, eos_ids=EOS),
+  )
+  ref = _one_step(cfg, _batch())
+  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  got = _one_step(dataclasses.replace(cfg, micro_batches=2), _batch(), mesh=mesh)
+  _assert_same_step(*ref, *got)
 
 
 # ----------------------------------------------------------------------------
@@ -711,6 +779,94 @@ def test_distillm2_step_picks_term_by_row_role():
   per_tok = np.where(on[:, None], 1.3 * srkl, 0.7 * skl)
   mask = comp["mask"].astype(bool)
   np.testing.assert_allclose(m["loss"], (per_tok * mask).sum() / mask.sum(), rtol=5e-5)
+
+
+def _seq_means_np(lp, comp):
+  """Each row's mean log-prob of its completion tokens, float64 [R]."""
+  tok = comp["tokens"].astype(np.int64)
+  m = comp["mask"].astype(np.float64)
+  lp_y = np.take_along_axis(lp, tok[..., None], -1)[..., 0]
+  return (lp_y * m).sum(1) / np.maximum(m.sum(1), 1.0)
+
+
+def _np_distillm2_alpha(gap, base, anchor):
+  return np.minimum(np.maximum(1 - (1 - base) * anchor / (gap + 1e-5), 0.01), base)
+
+
+@pytest.mark.slow
+def test_distillm2_adaptive_alpha_step_matches_hand_computation():
+  """Adaptive α through the whole step: the anchors from
+  ``distillm2_anchors`` on the initial models (= the float64 role means of
+  the gaps of its completions), per-row α_i from the float64 sequence means
+  of both models on the step's completions (at the loss temperatures), and
+  the step's loss equals the token mean of the per-row terms with those α_i
+  (not the base α's)."""
+  kw = {"alpha_teacher": 0.3, "alpha_student": 0.4, "beta": 1.2, "student_temperature": 0.9}
+  base_cfg = _base_cfg(
+    on_policy_fraction=0.5,
+    off_policy_source="teacher",
+    metrics=False,
+    loss="distillm2",
+    loss_kwargs=kw,
+    teacher_sampling=SamplingConfig(max_new_tokens=N_NEW, temperature=0.7, eos_ids=EOS),
+  )
+  student = create_model(SCFG, seed=SEED, sharder=Sharder())
+  gd_t, t_params = nnx.split(create_model(TCFG, seed=1, sharder=Sharder()))
+  gd_s, s_params = nnx.split(student)
+  key = jax.random.key(7)
+  anchors = opd_step.distillm2_anchors(
+    student, nnx.merge(gd_t, t_params), [_batch()], key, base_cfg, vocab_size=VOCAB
+  )
+  # The anchors: role means of the gaps on build_completions(fold_in(key, 0)).
+  c0 = _host(
+    jax.jit(
+      lambda sp, tp: opd_step.build_completions(
+        nnx.merge(gd_s, sp), nnx.merge(gd_t, tp), _batch(), jax.random.fold_in(key, 0), base_cfg
+      )
+    )(s_params, t_params)
+  )
+  ep = np.exp(
+    _seq_means_np(_log_softmax_np(_completion_logits(gd_s, s_params, c0, VOCAB) / 0.9), c0)
+  )
+  eq = np.exp(_seq_means_np(_log_softmax_np(_completion_logits(gd_t, t_params, c0, VOCAB)), c0))
+  on0, has0 = c0["on_policy"].astype(bool), c0["mask"].any(1)
+  np.testing.assert_allclose(anchors["anchor_teacher"], (eq - ep)[~on0 & has0].mean(), rtol=1e-4)
+  np.testing.assert_allclose(anchors["anchor_student"], (ep - eq)[on0 & has0].mean(), rtol=1e-4)
+
+  # The step's own completions (its first key), to place the anchors so that
+  # the largest gap of each role falls inside the clip range (Δ = Δ0 / 1.1).
+  b = _build(base_cfg, teacher_params=(gd_t, t_params))  # not run: its state's key
+  params0 = jax.tree.map(jnp.asarray, _host(b["state"].params))
+  rng0 = jnp.asarray(np.array(b["state"].rng))
+  comp = _completions(base_cfg, b["gd_s"], params0, gd_t, t_params, _batch(), rng0)
+  on = comp["on_policy"].astype(bool)
+  lp = _log_softmax_np(_completion_logits(b["gd_s"], params0, comp, VOCAB) / 0.9)
+  lq = _log_softmax_np(_completion_logits(gd_t, t_params, comp, VOCAB))
+  ep, eq = np.exp(_seq_means_np(lp, comp)), np.exp(_seq_means_np(lq, comp))
+  anchors = {
+    "anchor_teacher": 1.1 * float((eq - ep)[~on].max()),
+    "anchor_student": 1.1 * float((ep - eq)[on].max()),
+  }
+  loss_kwargs = dict(kw, adaptive_alpha=True, **anchors)
+  cfg = dataclasses.replace(base_cfg, loss_kwargs=tuple(sorted(loss_kwargs.items())))
+  b = _build(cfg, teacher_params=(gd_t, t_params))
+  _, m = b["step"](b["state"], b["t_params"], _batch())
+  m = _metrics(b["step"], m)
+  a_t = _np_distillm2_alpha(eq - ep, 0.3, anchors["anchor_teacher"])[:, None, None]
+  a_s = _np_distillm2_alpha(ep - eq, 0.4, anchors["anchor_student"])[:, None, None]
+  mask = comp["mask"].astype(bool)
+  alphas = np.where(on, a_s[:, 0, 0], a_t[:, 0, 0])
+  base = np.where(on, 0.4, 0.3)
+  for role in (on, ~on):  # each role has an α strictly inside (0.01, α0)
+    assert np.any((alphas[role] > 0.011) & (alphas[role] < base[role] - 1e-3)), alphas
+  p, q = np.exp(lp), np.exp(lq)
+  skl = (q * (lq - np.log(a_t * q + (1 - a_t) * p))).sum(-1)
+  srkl = (p * (lp - np.log(a_s * p + (1 - a_s) * q))).sum(-1)
+  per_tok = np.where(on[:, None], 1.2 * srkl, 0.8 * skl)
+  np.testing.assert_allclose(m["loss"], (per_tok * mask).sum() / mask.sum(), rtol=5e-5)
+  has = mask.any(1)  # the logged mean gaps per role (the official trainer's metrics)
+  np.testing.assert_allclose(m["seq_gap/teacher_rows"], (eq - ep)[~on & has].mean(), rtol=1e-4)
+  np.testing.assert_allclose(m["seq_gap/student_rows"], (ep - eq)[on & has].mean(), rtol=1e-4)
 
 
 def _lam_completions(cfg, gd_s, sp, gd_t, tp, batch, rng, lam):

@@ -41,6 +41,23 @@ def get_sweep():
       {"off_policy_source": "teacher", "schedules": "loss.beta=linear:1.0:1.5:0:40"},
     )
   )
+  # ... and with its adaptive α. The anchors are the quickstart's initial models'
+  # gaps (seed 0, first 4 batches, tree 47a08b0's organisms), measured with
+  #   python experiments/distillm2_anchors.py \
+  #     --config=configs/quickstart.py:loss=distillm2,lam=0.5 \
+  #     --config.off_policy_source=teacher --workdir=/tmp/anchors --batches=4
+  runs.append(
+    (
+      "loss=distillm2,adaptive_alpha",
+      "loss=distillm2,lam=0.5",
+      {
+        "off_policy_source": "teacher",
+        "loss.adaptive_alpha": True,
+        "loss.anchor_teacher": 0.0751,
+        "loss.anchor_student": 0.2165,
+      },
+    )
+  )
   # OPD + the arithmetic task's verified outcome (GRPO over the 2 samples of a prompt).
   runs.append(("loss=opd_grpo", "loss=opd_grpo", {"loss.alpha": 1.0}))
   for lam in (0.5, 0.0):
