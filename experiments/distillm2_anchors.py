@@ -13,57 +13,34 @@ run's λ mix) and prints the two overrides
 (``opd_step.distillm2_anchors``: the mean over teacher-response rows of
 exp(mean log q) − exp(mean log p), and over student rows of exp(mean log p)
 − exp(mean log q), at the loss's temperatures) to pass, with
-``--config.loss.adaptive_alpha=True``, to the training run. The official
-trainer takes them from its first logging window; this reads the models the
-run starts from (with a cold start: measure on the cold-started student).
+``--config.loss.adaptive_alpha=True``, to the training run. A run with
+adaptive α and the anchors unset measures them itself at start-up on its
+first ``log_every`` batches (the official trainer's first logging window);
+this script is for fixing them across runs, or for a cold start (measure on
+the cold-started student).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 
-import jax
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
-from opd_jax import configs_lib, opd_step, train
+from opd_jax import configs_lib, train
 
 
 def measure(config, workdir: str, num_batches: int = 1, seed: int = 0) -> dict[str, float]:
   """{"anchor_teacher", "anchor_student"} of ``config``'s initial models over
-  its first ``num_batches`` batches (ValueError when a role has no rows, e.g.
-  λ = 1, or for a multi-teacher run)."""
+  its first ``num_batches`` batches (``train.measure_distillm2_anchors`` on
+  the resolved config; ValueError when a role has no rows, e.g. λ = 1, or
+  for a multi-teacher run)."""
   if config.loss.name != "distillm2":
     raise ValueError(f"config.loss.name={config.loss.name!r}: anchors are distillm2's")
-  if num_batches < 1:
-    raise ValueError(f"num_batches must be >= 1, got {num_batches}")
-  config = train.resolve_config(config, os.path.abspath(workdir))
-  # The step config must validate before the anchors exist.
   config = configs_lib.updated(config, {"loss.adaptive_alpha": False})
-  run = train.build_run(config, compile_phases=False)
-  if isinstance(run.teacher_graphdef, tuple):
-    raise ValueError("distillm2 anchors: multi-teacher runs are not supported")
-  phase, s = run.phases["opd"], run.settings
-  batches = []
-  for local in itertools.islice(phase.it, num_batches):
-    local = train.trim_prompts(local, train.prompt_width(local, s.prompt_buckets))
-    batches.append(train.global_batch(local, run.sharder, s.batch_size))
-  anchors = opd_step.distillm2_anchors(
-    run.student(run.state),
-    nnx.merge(run.teacher_graphdef, phase.teacher),
-    batches,
-    jax.random.key(seed),
-    phase.cfg,
-    vocab_size=run.vocab,
-    sharder=run.sharder,
-  )
-  missing = [k for k, v in anchors.items() if v is None]
-  if missing:
-    raise ValueError(f"distillm2 anchors: no rows for {missing} (needs 0 < on_policy_fraction < 1)")
-  return anchors
+  config = train.resolve_config(config, os.path.abspath(workdir))
+  return train.measure_distillm2_anchors(config, num_batches, seed)
 
 
 def main(argv):

@@ -623,17 +623,21 @@ def distillm2(
       coefficient). α_i = α_0 at the anchor gap and drops towards 0.01 as the
       student closes the gap: a per-sample curriculum as training goes on.
       The anchors ``anchor_teacher`` Δ0_t / ``anchor_student`` Δ0_s are fixed
-      config numbers here: 0 (the default) means unset, and adaptive_alpha=True
-      needs both > 0 (ValueError naming the one missing).
+      numbers in the step: this function needs both > 0 (ValueError naming
+      the one missing); left 0 (unset) in a run's config, the driver measures
+      them at start-up on the run's first logging window with the initial
+      models (``train.measure_distillm2_anchors``) and saves them in the
+      resolved config (a resume reads them back).
       The official trainer sets them once, at its first log() call, to the
       mean over the first logging window of the batch-mean gaps on teacher
       (chosen) and student (rejected) rows, i.e. a statistic of the
       (near-)initial models, and runs base α until then;
       ``opd_step.distillm2_anchors`` (CLI: ``experiments/distillm2_anchors.py``)
       computes that statistic from the initial models on the run's first
-      batches (mean over rows, not of per-batch means), to be set in the
-      config. Readings: the official repo itself was not readable here; the
-      trainer code was read from a third-party copy of ``distillm_trainer.py``
+      batches (mean over rows, not of per-batch means) before the first
+      step, so every step uses the adaptive α. Readings: the official repo
+      itself was not readable here; the trainer code was read from a
+      third-party copy of ``distillm_trainer.py``
       (``get_batch_logps`` / ``log``). There the anchor lookup reads
       ``self._stored_metrics['logps_logqs/chosen']`` off the split-keyed
       metrics dict, which would fall back to base α through a bare

@@ -17,6 +17,7 @@ checkpoint).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import numbers
 import os
@@ -43,6 +44,7 @@ from opd_jax.opd_step import (
   OPDConfig,
   TrainState,
   common_vocab_size,
+  distillm2_anchors,
   host_metrics,
   init_train_state,
   make_opd_step,
@@ -71,7 +73,83 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
     config = configs_lib.updated(
       config, {"cold_start.rollouts_file": os.path.join(workdir, "cold_start_rollouts.jsonl")}
     )
-  return config
+  return _resolve_distillm2_anchors(config, workdir)
+
+
+_ANCHORS = ("anchor_teacher", "anchor_student")
+
+
+def _resolve_distillm2_anchors(config, workdir: str):
+  """DistiLLM-2's adaptive α with an anchor left unset (0): measured as the
+  official trainer does, on the run's first logging window (its first
+  ``log_every`` batches) with the initial models
+  (:func:`measure_distillm2_anchors`), and written into the resolved config;
+  a resumed run (checkpoints in the workdir) reads the ones its first start
+  saved. A run with a cold start must set them (measured on the cold-started
+  student: ``experiments/distillm2_anchors.py``)."""
+  loss = config.loss
+  if loss.get("name") != "distillm2" or loss.get("adaptive_alpha", False) is not True:
+    return config
+  unset = [k for k in _ANCHORS if not loss.get(k, 0.0)]
+  if not unset:
+    return config
+  anchors, saved = None, os.path.join(workdir, "config.json")
+  ckpts = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(ckpts) and os.listdir(ckpts) and os.path.exists(saved):
+    with open(saved) as f:
+      previous = json.load(f)["loss"]
+    anchors = {k: float(previous.get(k) or 0.0) for k in _ANCHORS}
+  if anchors is None:
+    if config.cold_start.steps > 0:
+      raise ValueError(
+        f"config.loss.{' / '.join(unset)} unset with a cold start: measure the anchors on the "
+        "cold-started student (experiments/distillm2_anchors.py) and set them"
+      )
+    off = configs_lib.updated(config, {"loss.adaptive_alpha": False})
+    anchors = measure_distillm2_anchors(off, num_batches=max(1, int(config.log_every)))
+  bad = {k: anchors[k] for k in unset if not anchors[k] or anchors[k] <= 0}
+  if bad:
+    raise ValueError(
+      f"config.loss: measured DistiLLM-2 anchors {bad} are not > 0 (the student does not trail "
+      "the teacher on that row role): set them explicitly"
+    )
+  absl_logging.info("distillm2 adaptive α anchors: %s", {k: anchors[k] for k in unset})
+  return configs_lib.updated(config, {f"loss.{k}": anchors[k] for k in unset})
+
+
+def measure_distillm2_anchors(config, num_batches: int = 1, seed: int = 0) -> dict[str, float]:
+  """DistiLLM-2's adaptive-α anchors {"anchor_teacher", "anchor_student"} of a
+  resolved ``config``'s initial models over its first ``num_batches`` step
+  batches (``opd_step.distillm2_anchors``: completions made as the step
+  makes them, key ``seed``). ValueError when a role has no rows (needs
+  0 < on_policy_fraction < 1) or for a multi-teacher run."""
+  if config.loss.name != "distillm2":
+    raise ValueError(f"config.loss.name={config.loss.name!r}: anchors are distillm2's")
+  if num_batches < 1:
+    raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+  # The step config must validate before the anchors exist.
+  config = configs_lib.updated(config, {"loss.adaptive_alpha": False})
+  run = build_run(config, compile_phases=False)
+  if isinstance(run.teacher_graphdef, tuple):
+    raise ValueError("distillm2 anchors: multi-teacher runs are not supported")
+  phase, s = run.phases["opd"], run.settings
+  batches = []
+  for local in itertools.islice(phase.it, num_batches):
+    local = trim_prompts(local, prompt_width(local, s.prompt_buckets))
+    batches.append(global_batch(local, run.sharder, s.batch_size))
+  anchors = distillm2_anchors(
+    run.student(run.state),
+    nnx.merge(run.teacher_graphdef, phase.teacher),
+    batches,
+    jax.random.key(seed),
+    phase.cfg,
+    vocab_size=run.vocab,
+    sharder=run.sharder,
+  )
+  missing = [k for k, v in anchors.items() if v is None]
+  if missing:
+    raise ValueError(f"distillm2 anchors: no rows for {missing} (needs 0 < on_policy_fraction < 1)")
+  return anchors
 
 
 class NonFiniteError(RuntimeError):

@@ -4,6 +4,7 @@ run's initial models, then a run with adaptive α that validates and steps."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 
@@ -80,3 +81,53 @@ def test_anchors_errors(assets, tmp_path):  # noqa: F811
   c.loss.adaptive_alpha = True
   with pytest.raises(ValueError, match="anchor_teacher"):
     train.build_run(c, abstract=True)
+
+
+@pytest.mark.slow
+def test_unset_anchors_are_measured_at_start_up_and_kept_on_resume(
+  assets,  # noqa: F811
+  tmp_path,
+  monkeypatch,
+):
+  """A run with adaptive α and the anchors unset measures them on its first
+  logging window (``log_every`` batches), saves them in the resolved config,
+  and a resumed run reads them back instead of measuring again; measured
+  anchors that are not > 0 and a cold start without anchors are start-up
+  errors naming the settings."""
+  calls = []
+  real = train.measure_distillm2_anchors
+
+  def measure(config, num_batches=1, seed=0):
+    calls.append(num_batches)
+    got = real(config, num_batches, seed)
+    # Random tiny models may invert a gap; the run needs Δ0 > 0.
+    return {k: abs(v) for k, v in got.items()}
+
+  monkeypatch.setattr(train, "measure_distillm2_anchors", measure)
+  c = _config(assets, total_steps=2, log_every=2)
+  c.loss.adaptive_alpha = True
+  workdir = str(tmp_path / "run")
+  first = train.train(c, workdir)
+  assert first["status"] == "finished" and calls == [2]
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)["loss"]
+  assert saved["anchor_teacher"] > 0 and saved["anchor_student"] > 0
+  c3 = _config(assets, total_steps=3, log_every=2)
+  c3.loss.adaptive_alpha = True
+  assert train.train(c3, workdir)["step"] == 3 and calls == [2]  # resumed: not measured again
+  with open(os.path.join(workdir, "config.json")) as f:
+    again = json.load(f)["loss"]
+  assert (again["anchor_teacher"], again["anchor_student"]) == (
+    saved["anchor_teacher"],
+    saved["anchor_student"],
+  )
+  monkeypatch.setattr(
+    train,
+    "measure_distillm2_anchors",
+    lambda *a, **k: dict(anchor_teacher=-0.1, anchor_student=0.2),
+  )
+  with pytest.raises(ValueError, match="anchor_teacher.*not > 0"):
+    train.resolve_config(c, str(tmp_path / "neg"))
+  c.cold_start.steps = 2
+  with pytest.raises(ValueError, match="anchor_teacher / anchor_student unset with a cold start"):
+    train.resolve_config(c, str(tmp_path / "cold"))
