@@ -42,7 +42,11 @@ def parse_args(argv=None):
   )
   p.add_argument("--decode-block", type=int, default=128, help="ModelConfig.decode_block")
   p.add_argument(
-    "--decode-phase-slots", type=int, default=512, help="ModelConfig.decode_phase_slots"
+    "--decode-phase-slots",
+    type=int,
+    nargs="+",
+    default=[512],
+    help="ModelConfig.decode_phase_slots; several: one phased row each",
   )
   p.add_argument(
     "--decode-contraction",
@@ -151,19 +155,25 @@ def main(argv=None):
     f"heads, mlp {args.intermediate}, vocab {args.vocab}; batch {args.batch} x prompt "
     f"{args.prompt_len} (left-padded); float32; sampling T={args.temperature}, no EOS; "
     f"decode_attention={' / '.join(args.decode_attention)} (block {args.decode_block}, "
-    f"phase slots {args.decode_phase_slots}, contraction {args.decode_contraction})"
+    f"phase slots {', '.join(map(str, args.decode_phase_slots))}, "
+    f"contraction {args.decode_contraction})"
   )
   with tempfile.TemporaryDirectory() as tmp:
     hf = build_hf_model(args, tmp)
+    variants = [
+      (f"{c}/{n}" if c == "phased" and len(args.decode_phase_slots) > 1 else c, c, n)
+      for c in args.decode_attention
+      for n in (args.decode_phase_slots if c == "phased" else args.decode_phase_slots[:1])
+    ]
     models = {
-      choice: from_hf(
+      label: from_hf(
         tmp,
         decode_attention=choice,
         decode_block=args.decode_block,
-        decode_phase_slots=args.decode_phase_slots,
+        decode_phase_slots=slots,
         decode_contraction=args.decode_contraction,
       )
-      for choice in args.decode_attention
+      for label, choice, slots in variants
     }
   ids, mask = make_batch(args)
 
@@ -208,7 +218,7 @@ def main(argv=None):
       speedup = hf_s / ours_s
       first.setdefault(c, speedup)
       print(
-        f"{n:>6} {c:>8} | {toks / ours_s:>11.0f} {1e3 * ours_s / n:>9.3f} "
+        f"{n:>6} {c:>11} | {toks / ours_s:>11.0f} {1e3 * ours_s / n:>9.3f} "
         f"{compile_s:>9.2f} | "
         f"{toks / hf_s:>9.0f} {1e3 * hf_s / n:>9.3f} | {speedup:>6.1f}x {speedup / first[c]:>6.2f}"
       )
