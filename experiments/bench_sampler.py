@@ -190,7 +190,7 @@ def main(argv=None):
 
   hf_generate(hf, ids, mask, 8, greedy=False)  # warm-up
   header = (
-    f"{'N':>6} {'decode':>8} | {'ours tok/s':>11} {'ms/token':>9} {'compile s':>9} | "
+    f"{'N':>6} {'decode':>11} | {'ours tok/s':>11} {'ms/token':>9} {'compile s':>9} | "
     f"{'HF tok/s':>9} {'ms/token':>9} | {'speedup':>7} {'vs N0':>6}"
   )
   print(header)
