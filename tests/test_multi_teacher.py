@@ -8,6 +8,7 @@ architecture) is the default teacher (level 2)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -192,10 +193,13 @@ def test_multi_teacher_config_builds():
   assert c.teachers.low.dtype == "bfloat16" and c.teachers.high.default
   c.teachers.low.path, c.teachers.high.path = "low_dir", "high_dir"
   high, low = _specs(c)  # in name order (a ConfigDict's keys are sorted)
-  assert (low.rows, high.rows) == (8, 8) and dict(low.model)["dtype"] == "bfloat16"
+  # data.mixture sets the quotas: 64 prompts, 2/8 for low (levels 1-2), 6/8 for high.
+  assert (low.rows, high.rows) == (16, 48) and dict(low.model)["dtype"] == "bfloat16"
   assert dict(high.model)["dtype"] == "float32"
-  sources = [f"arithmetic/L{i}" for i in (1, 2, 3, 4)]
-  assert teachers.groups((high, low), sources) == [(tuple(sources[2:]), 8), (tuple(sources[:2]), 8)]
+  sources = [f"arithmetic/L{i}" for i in (1, 2, 3)]
+  mixture = c.data.mixture.to_dict()
+  want = [(tuple(sources[2:]), 48), (tuple(sources[:2]), 16)]
+  assert teachers.groups((high, low), sources, mixture) == want
   with pytest.raises(Exception, match="nope"):
     _load_config(None, "--config.teachers.nope.path=x")
 
@@ -231,11 +235,14 @@ def test_multi_teacher_config_runs_with_tiny_organisms(tmp_path, monkeypatch):
   from opd_jax.train import train
 
   tiny = organisms.Arch(num_layers=1, hidden_size=32)
-  small = dict(low=tiny, high=tiny, student=tiny, max_new_tokens=24)
+  small = dict(low=tiny, high=tiny, student=tiny, max_new_tokens=24, eval_examples=8)
   small.update(low_steps=2, high_steps=2, student_steps=2, teacher_examples=64)
-  monkeypatch.setattr(organisms, "MULTI_TEACHER", {**organisms.MULTI_TEACHER, **small})
+  small.update(student_examples=64, prompt_examples=200)
+  monkeypatch.setattr(
+    organisms, "MULTI_TEACHER", dataclasses.replace(organisms.MULTI_TEACHER, **small)
+  )
   c = _load_config("steps=2")
-  c.progress_bar = False
+  c.progress_bar, c.batch_size = False, 8  # 2 low + 6 high prompts
   c.evals.low.num_examples = c.evals.high.num_examples = 8
   last = train(c, str(tmp_path / "run"))
   assert last["status"] == "finished" and last["step"] == 2
