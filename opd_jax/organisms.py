@@ -350,25 +350,38 @@ def prepare_quickstart(
 
 
 # -----------------------------------------------------------------------------
-# Multi-teacher OPD: two teachers, each strong on its own level range, and a
-# student that knows the low range only; the prompts carry their level as source
-# ("arithmetic/L<n>"), so the driver routes each row to its level's teacher.
+# Multi-teacher OPD: two teachers, each strong on its own level range and
+# trained on that range only, and a student built like the quickstart's (the
+# low range and a little of the high one: above zero, far below teacher
+# ``high``); the prompts carry their level as source ("arithmetic/L<n>"), so
+# the driver routes each row to its range's teacher.
 
-MULTI_TEACHER = dict(
-  low_levels=(1, 2),
-  high_levels=(3, 4),
-  student_levels=(1, 2),
-  low=Arch(num_layers=3, hidden_size=96),
-  high=Arch(num_layers=4, hidden_size=128),
-  student=Arch(num_layers=2, hidden_size=64),
-  low_steps=400,
-  high_steps=400,
-  student_steps=600,
-  teacher_examples=4000,
-  student_examples=2000,
-  max_prompt_len=12,
-  max_new_tokens=48,
-)
+
+@dataclasses.dataclass(frozen=True)
+class MultiTeacher:
+  """The multi-teacher run's organisms and data (seeds are offsets from
+  ``config.seed``)."""
+
+  low_levels: tuple[int, ...] = (1, 2)  # teacher ``low``'s skill (and the student's)
+  high_levels: tuple[int, ...] = (3,)  # teacher ``high``'s skill (the student's gap)
+  low: Arch = Arch(num_layers=3, hidden_size=128)
+  high: Arch = Arch(num_layers=3, hidden_size=128)
+  student: Arch = Arch(num_layers=2, hidden_size=128)
+  low_steps: int = 400
+  high_steps: int = 500
+  student_steps: int = 300
+  sft_lr: float = 3e-3
+  sft_batch: int = 32
+  teacher_examples: int = 4000  # each teacher's, on its own levels only
+  student_examples: int = 4000
+  student_high_fraction: float = 0.2  # of the student's examples on the high levels
+  prompt_examples: int = 3000  # OPD prompts, spread over all levels
+  eval_examples: int = 96  # per organism eval, over all levels
+  max_prompt_len: int = 12
+  max_new_tokens: int = 40
+
+
+MULTI_TEACHER = MultiTeacher()
 
 
 def multi_teacher_sources(levels: Sequence[int], task: str = "arithmetic") -> str:
@@ -377,31 +390,55 @@ def multi_teacher_sources(levels: Sequence[int], task: str = "arithmetic") -> st
   return ",".join(f"{task}/L{level}" for level in levels)
 
 
-@PREPARERS.register("multi_teacher")
-def prepare_multi_teacher(
-  config: ml_collections.ConfigDict, workdir: str, train_fn: TrainFn
-) -> ml_collections.ConfigDict:
-  """Makes (or finds) the multi-teacher run's tokenizer, prompts (tagged by
-  level), teachers ``low`` (levels 1-2) and ``high`` (levels 3-4) and the
-  student (levels 1-2) under ``workdir/assets``; returns ``config`` pointed at
-  them (a copy; ``config.teachers.low`` / ``high`` must exist)."""
-  q = MULTI_TEACHER
-  assets = os.path.join(workdir, "assets")
-  os.makedirs(assets, exist_ok=True)
+def _lv(levels: Sequence[int]) -> str:
+  return "level " + "+".join(map(str, levels))
+
+
+def _multi_teacher_organisms(
+  config: ml_collections.ConfigDict, assets: str, train_fn: TrainFn, roles: Sequence[str]
+) -> tuple[str, dict[str, str]]:
+  """The tokenizer and the organisms ``roles`` (of "low", "high",
+  "student") under ``assets``, made or reused: (tokenizer dir, {role: HF
+  export})."""
+  q, seed = MULTI_TEACHER, int(config.seed)
   tok_dir = os.path.join(assets, "tokenizer")
   tokenizer = ensure_tokenizer(tok_dir)
-  p, n = q["max_prompt_len"], q["max_new_tokens"]
-  levels = q["low_levels"] + q["high_levels"]
-  prompts = ensure_task_data(
-    os.path.join(assets, "opd_prompts.jsonl"), n=2000, seed=3, levels=levels
+  levels = q.low_levels + q.high_levels
+  n_high = int(round(q.student_high_fraction * q.student_examples))
+  plan = (
+    ("low", q.low, q.low_steps, (q.teacher_examples, q.low_levels, None), _lv(q.low_levels)),
+    ("high", q.high, q.high_steps, (q.teacher_examples, q.high_levels, None), _lv(q.high_levels)),
+    (
+      "student",
+      q.student,
+      q.student_steps,
+      (q.student_examples - n_high, q.low_levels, (n_high, q.high_levels)),
+      f"{_lv(q.low_levels)}, {n_high} of them {_lv(q.high_levels)}",
+    ),
   )
-
-  def organism(name: str, arch: Arch, levels, steps: int, n_examples: int, seed: int) -> str:
-    data = ensure_task_data(
-      os.path.join(assets, f"{name}_sft.jsonl"), n=n_examples, seed=10 + seed, levels=levels
+  evals = {
+    "all": configs_lib.eval_config(
+      levels="+".join(map(str, levels)),
+      num_examples=q.eval_examples,
+      max_new_tokens=q.max_new_tokens,
     )
-    init = ensure_random_model(os.path.join(assets, f"{name}_init"), arch, tokenizer, seed)
-    return train_organism(
+  }
+  organisms = {}
+  for i, (name, arch, steps, (count, data_levels, extra), what) in enumerate(plan):
+    if name not in roles:
+      continue
+    data = _data(
+      os.path.join(assets, f"{name}_sft.jsonl"),
+      f"{name} SFT examples, {what}",
+      n=count,
+      seed=1000 * seed + 10 + i,
+      levels=data_levels,
+      extra=extra,
+    )
+    init = ensure_random_model(
+      os.path.join(assets, f"{name}_init"), arch, tokenizer, 1000 * seed + 1 + i
+    )
+    organisms[name] = train_organism(
       os.path.join(assets, f"{name}_sft"),
       train_fn,
       sft_config(
@@ -409,28 +446,88 @@ def prepare_multi_teacher(
         tokenizer=tok_dir,
         data_file=data,
         steps=steps,
-        lr=3e-3,
-        batch_size=32,
-        max_prompt_len=p,
-        max_new_tokens=n,
+        lr=q.sft_lr,
+        batch_size=q.sft_batch,
+        max_prompt_len=q.max_prompt_len,
+        max_new_tokens=q.max_new_tokens,
+        seed=seed,
+        evals=evals,
+        name=f"{name} sft",
+        progress_bar=bool(config.get("progress_bar", True)),
       ),
+      label=f"{name} ({arch.num_layers}x{arch.hidden_size})",
     )
+  return tok_dir, organisms
 
-  low = organism("low", q["low"], q["low_levels"], q["low_steps"], q["teacher_examples"], 1)
-  high = organism("high", q["high"], q["high_levels"], q["high_steps"], q["teacher_examples"], 2)
-  student = organism(
-    "student", q["student"], q["student_levels"], q["student_steps"], q["student_examples"], 3
+
+def _assets_dir(workdir: str, config: ml_collections.ConfigDict) -> str:
+  assets = os.path.join(workdir, "assets")
+  os.makedirs(assets, exist_ok=True)
+  _say(f"multi-teacher assets under {assets} (seed {int(config.seed)})")
+  return assets
+
+
+@PREPARERS.register("multi_teacher")
+def prepare_multi_teacher(
+  config: ml_collections.ConfigDict, workdir: str, train_fn: TrainFn
+) -> ml_collections.ConfigDict:
+  """Makes (or finds) the multi-teacher run's tokenizer, prompts (tagged by
+  level), teachers ``low`` (trained on the low levels only) and ``high`` (the
+  high levels only) and the student (low levels, a fifth of its examples on
+  the high ones) under ``workdir/assets``; returns ``config`` pointed at them
+  (a copy; ``config.teachers.low`` / ``high`` must exist)."""
+  q, assets = MULTI_TEACHER, _assets_dir(workdir, config)
+  levels = q.low_levels + q.high_levels
+  prompts = _data(
+    os.path.join(assets, "opd_prompts.jsonl"),
+    f"OPD prompts, {_lv(levels)}, tagged by level",
+    n=q.prompt_examples,
+    seed=1000 * int(config.seed) + 3,
+    levels=levels,
+  )
+  tok_dir, organisms = _multi_teacher_organisms(
+    config, assets, train_fn, ("low", "high", "student")
   )
   return configs_lib.updated(
     config,
     {
-      "student.path": student,
-      "teachers.low.path": low,
-      "teachers.high.path": high,
+      "student.path": organisms["student"],
+      "teachers.low.path": organisms["low"],
+      "teachers.high.path": organisms["high"],
       "tokenizer": tok_dir,
       "data.train_files": prompts,
       "data.source_field": "source",
-      "data.max_prompt_len": p,
-      "sampling.max_new_tokens": n,
+      "data.max_prompt_len": q.max_prompt_len,
+      "sampling.max_new_tokens": q.max_new_tokens,
+    },
+  )
+
+
+@PREPARERS.register("multi_teacher_high")
+def prepare_multi_teacher_high(
+  config: ml_collections.ConfigDict, workdir: str, train_fn: TrainFn
+) -> ml_collections.ConfigDict:
+  """Single-teacher OPD on the multi-teacher run's gap: its student and
+  teacher ``high`` (the same assets: made or reused under ``workdir/assets``)
+  and prompts on the high levels only; returns ``config`` pointed at them
+  (``config.teacher.path``; a copy)."""
+  q, assets = MULTI_TEACHER, _assets_dir(workdir, config)
+  prompts = _data(
+    os.path.join(assets, "opd_prompts_high.jsonl"),
+    f"OPD prompts, {_lv(q.high_levels)}",
+    n=q.prompt_examples,
+    seed=1000 * int(config.seed) + 4,
+    levels=q.high_levels,
+  )
+  tok_dir, organisms = _multi_teacher_organisms(config, assets, train_fn, ("high", "student"))
+  return configs_lib.updated(
+    config,
+    {
+      "student.path": organisms["student"],
+      "teacher.path": organisms["high"],
+      "tokenizer": tok_dir,
+      "data.train_files": prompts,
+      "data.max_prompt_len": q.max_prompt_len,
+      "sampling.max_new_tokens": q.max_new_tokens,
     },
   )

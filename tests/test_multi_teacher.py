@@ -8,6 +8,7 @@ architecture) is the default teacher (level 2)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -169,12 +170,13 @@ def test_multi_teacher_cli_end_to_end(assets, tmp_path):
   assert saved["teachers"]["one"]["sources"] == L1 and saved["teachers"]["two"]["default"]
 
 
-def _load_config(arg=None, *flags):
-  """configs/multi_teacher.py through the driver's flag parsing (locked)."""
+def _load_config(arg=None, *flags, file="configs/multi_teacher.py"):
+  """configs/multi_teacher.py (or ``file``) through the driver's flag parsing
+  (locked)."""
   from absl import flags as absl_flags
   from ml_collections import config_flags
 
-  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs/multi_teacher.py")
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), file)
   argv = ["opd_jax.train", f"--config={path}" + (f":{arg}" if arg else ""), *flags]
   fv = absl_flags.FlagValues()
   config_flags.DEFINE_config_file(
@@ -192,10 +194,13 @@ def test_multi_teacher_config_builds():
   assert c.teachers.low.dtype == "bfloat16" and c.teachers.high.default
   c.teachers.low.path, c.teachers.high.path = "low_dir", "high_dir"
   high, low = _specs(c)  # in name order (a ConfigDict's keys are sorted)
-  assert (low.rows, high.rows) == (8, 8) and dict(low.model)["dtype"] == "bfloat16"
+  # data.mixture sets the quotas: 64 prompts, 2/8 for low (levels 1-2), 6/8 for high.
+  assert (low.rows, high.rows) == (16, 48) and dict(low.model)["dtype"] == "bfloat16"
   assert dict(high.model)["dtype"] == "float32"
-  sources = [f"arithmetic/L{i}" for i in (1, 2, 3, 4)]
-  assert teachers.groups((high, low), sources) == [(tuple(sources[2:]), 8), (tuple(sources[:2]), 8)]
+  sources = [f"arithmetic/L{i}" for i in (1, 2, 3)]
+  mixture = c.data.mixture.to_dict()
+  want = [(tuple(sources[2:]), 48), (tuple(sources[:2]), 16)]
+  assert teachers.groups((high, low), sources, mixture) == want
   with pytest.raises(Exception, match="nope"):
     _load_config(None, "--config.teachers.nope.path=x")
 
@@ -222,20 +227,29 @@ def test_multi_teacher_lowers_abstract(assets):
   assert phase.flops == want > 0
 
 
+def _tiny_organisms(monkeypatch):
+  """organisms.MULTI_TEACHER shrunk to a few steps of one-layer models."""
+  from opd_jax import organisms
+
+  tiny = organisms.Arch(num_layers=1, hidden_size=32)
+  small = dict(low=tiny, high=tiny, student=tiny, max_new_tokens=24, eval_examples=8)
+  small.update(low_steps=2, high_steps=2, student_steps=2, teacher_examples=64)
+  small.update(student_examples=64, prompt_examples=200)
+  monkeypatch.setattr(
+    organisms, "MULTI_TEACHER", dataclasses.replace(organisms.MULTI_TEACHER, **small)
+  )
+
+
 @pytest.mark.slow
 def test_multi_teacher_config_runs_with_tiny_organisms(tmp_path, monkeypatch):
   """configs/multi_teacher.py out of the box (its preparer makes the
   tokenizer, tagged prompts, both teachers and the student), with the
   organisms shrunk to a few steps of one-layer models."""
-  from opd_jax import organisms
   from opd_jax.train import train
 
-  tiny = organisms.Arch(num_layers=1, hidden_size=32)
-  small = dict(low=tiny, high=tiny, student=tiny, max_new_tokens=24)
-  small.update(low_steps=2, high_steps=2, student_steps=2, teacher_examples=64)
-  monkeypatch.setattr(organisms, "MULTI_TEACHER", {**organisms.MULTI_TEACHER, **small})
+  _tiny_organisms(monkeypatch)
   c = _load_config("steps=2")
-  c.progress_bar = False
+  c.progress_bar, c.batch_size = False, 8  # 2 low + 6 high prompts
   c.evals.low.num_examples = c.evals.high.num_examples = 8
   last = train(c, str(tmp_path / "run"))
   assert last["status"] == "finished" and last["step"] == 2
@@ -248,3 +262,49 @@ def test_multi_teacher_config_runs_with_tiny_organisms(tmp_path, monkeypatch):
     os.path.isfile(os.path.join(saved["teachers"][t]["path"], "config.json"))
     for t in ("low", "high")
   )
+
+
+def test_quickstart_grpo_config_builds():
+  """configs/quickstart_grpo.py: opd_grpo on GRPO groups of 4 samples at
+  temperature 1, λ = 1, the organisms picked by name (an unknown one is an
+  error naming the setting)."""
+  c = _load_config("alpha=0.5", file="configs/quickstart_grpo.py")
+  assert (c.prepare, c.loss.name, c.loss.alpha, c.loss.reward) == (
+    "multi_teacher_high",
+    "opd_grpo",
+    0.5,
+    "topk",
+  )
+  assert c.sampling.num_samples == 4 and c.sampling.temperature == 1.0
+  assert c.on_policy_fraction == 1.0 and c.eval_teacher
+  assert _load_config("organisms=quickstart", file="configs/quickstart_grpo.py").prepare == (
+    "quickstart"
+  )
+  with pytest.raises(Exception, match="organisms='nope'"):  # absl wraps the ValueError
+    _load_config("organisms=nope", file="configs/quickstart_grpo.py")
+
+
+@pytest.mark.slow
+def test_quickstart_grpo_runs_on_multi_teacher_high(tmp_path, monkeypatch):
+  """configs/quickstart_grpo.py out of the box on tiny organisms: the
+  ``multi_teacher_high`` preparer makes the student and teacher ``high`` only
+  (no ``low``) and high-level prompts; the verifier's outcome metrics are
+  logged and the teacher is evaluated at the start."""
+  from opd_jax.train import train
+
+  _tiny_organisms(monkeypatch)
+  c = _load_config("steps=2,prompts=4", file="configs/quickstart_grpo.py")
+  c.progress_bar, c.evals.hard.num_examples = False, 8
+  wd = tmp_path / "run"
+  last = train(c, str(wd))
+  assert last["status"] == "finished" and last["step"] == 2
+  assert 0.0 <= last["outcome/reward_mean"] <= 1.0
+  assert "eval/hard/accuracy" in last
+  assert not os.path.exists(wd / "assets" / "low_sft")
+  with open(wd / "config.json") as f:
+    saved = json.load(f)
+  assert saved["teacher"]["path"] == str(wd / "assets" / "high_sft" / "export_hf")
+  with open(saved["data"]["train_files"]) as f:
+    assert {json.loads(line)["level"] for line in f} == {3}
+  with open(wd / "metrics.jsonl") as f:
+    assert any("teacher/eval/hard/accuracy" in json.loads(line) for line in f)
