@@ -20,11 +20,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from opd_jax import configs_lib
-from opd_jax.models import ModelConfig, create_model, to_hf
+from opd_jax.models import ModelConfig, abstract_model, create_model, to_hf
 from opd_jax.registry import Registry
 from opd_jax.tasks import get_task, write_jsonl
 
@@ -81,11 +83,35 @@ def ensure_tokenizer(path: str):
   return AutoTokenizer.from_pretrained(path)
 
 
-def ensure_random_model(path: str, arch: Arch, tokenizer, seed: int) -> str:
-  """A random-init model saved in HF format (with the tokenizer beside it)."""
+def numpy_init_model(cfg: ModelConfig, seed: int):
+  """A random-init model with :func:`create_model`'s initialisation (RMSNorm
+  scales 1, biases 0, every other parameter N(0, 0.02^2)), drawn by numpy:
+  nothing is compiled (XLA's threefry init costs seconds of compile on CPU)."""
+  graphdef, state = nnx.split(abstract_model(cfg))
+  rng = np.random.default_rng(seed)
+
+  def init(path, x):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "weight":  # RMSNorm scale
+      return np.ones(x.shape, x.dtype)
+    if name.endswith("bias"):
+      return np.zeros(x.shape, x.dtype)
+    return (0.02 * rng.standard_normal(x.shape)).astype(x.dtype)
+
+  pure = jax.tree_util.tree_map_with_path(init, nnx.to_pure_dict(state))
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
+  return nnx.merge(graphdef, state)
+
+
+def ensure_random_model(
+  path: str, arch: Arch, tokenizer, seed: int, numpy_init: bool = False
+) -> str:
+  """A random-init model saved in HF format (with the tokenizer beside it);
+  ``numpy_init``: drawn by :func:`numpy_init_model` (no compile)."""
   if not is_done(path):
     cfg = arch.model_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
-    to_hf(create_model(cfg, seed=seed), path)
+    make = numpy_init_model if numpy_init else lambda c, seed: create_model(c, seed=seed)
+    to_hf(make(cfg, seed=seed), path)
     if jax.process_index() == 0:
       tokenizer.save_pretrained(path)
   return path
@@ -240,8 +266,8 @@ class Quickstart:
   hard: tuple[int, ...] = (3,)
   teacher: Arch = Arch(num_layers=3, hidden_size=128)
   student: Arch = Arch(num_layers=2, hidden_size=128)
-  teacher_steps: int = 600
-  student_steps: int = 300
+  teacher_steps: int = 400
+  student_steps: int = 250
   sft_lr: float = 3e-3
   sft_batch: int = 32
   teacher_examples: int = 6000
@@ -249,8 +275,8 @@ class Quickstart:
   student_hard_fraction: float = 0.2  # of the student's examples on the hard levels
   prompt_examples: int = 2000  # OPD prompts, all on the hard levels
   eval_examples: int = 96  # per organism eval, over all levels
-  max_prompt_len: int = 12
-  max_new_tokens: int = 40
+  max_prompt_len: int = 8
+  max_new_tokens: int = 38
 
 
 QUICKSTART = Quickstart()
@@ -321,7 +347,7 @@ def prepare_quickstart(
       os.path.join(assets, f"{role}_sft"),
       train_fn,
       sft_config(
-        init=ensure_random_model(init, arch, tokenizer, 1000 * seed + 1 + i),
+        init=ensure_random_model(init, arch, tokenizer, 1000 * seed + 1 + i, numpy_init=True),
         tokenizer=tok_dir,
         data_file=data,
         steps=steps,
