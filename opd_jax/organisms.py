@@ -266,8 +266,8 @@ class Quickstart:
   hard: tuple[int, ...] = (3,)
   teacher: Arch = Arch(num_layers=3, hidden_size=128)
   student: Arch = Arch(num_layers=2, hidden_size=128)
-  teacher_steps: int = 400
-  student_steps: int = 250
+  teacher_steps: int = 600
+  student_steps: int = 300
   sft_lr: float = 3e-3
   sft_batch: int = 32
   teacher_examples: int = 6000
