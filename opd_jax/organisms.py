@@ -20,13 +20,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from opd_jax import configs_lib
-from opd_jax.models import ModelConfig, abstract_model, create_model, to_hf
+from opd_jax.models import ModelConfig, create_model, to_hf
 from opd_jax.registry import Registry
 from opd_jax.tasks import get_task, write_jsonl
 
@@ -83,35 +81,11 @@ def ensure_tokenizer(path: str):
   return AutoTokenizer.from_pretrained(path)
 
 
-def numpy_init_model(cfg: ModelConfig, seed: int):
-  """A random-init model with :func:`create_model`'s initialisation (RMSNorm
-  scales 1, biases 0, every other parameter N(0, 0.02^2)), drawn by numpy:
-  nothing is compiled (XLA's threefry init costs seconds of compile on CPU)."""
-  graphdef, state = nnx.split(abstract_model(cfg))
-  rng = np.random.default_rng(seed)
-
-  def init(path, x):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name == "weight":  # RMSNorm scale
-      return np.ones(x.shape, x.dtype)
-    if name.endswith("bias"):
-      return np.zeros(x.shape, x.dtype)
-    return (0.02 * rng.standard_normal(x.shape)).astype(x.dtype)
-
-  pure = jax.tree_util.tree_map_with_path(init, nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
-  return nnx.merge(graphdef, state)
-
-
-def ensure_random_model(
-  path: str, arch: Arch, tokenizer, seed: int, numpy_init: bool = False
-) -> str:
-  """A random-init model saved in HF format (with the tokenizer beside it);
-  ``numpy_init``: drawn by :func:`numpy_init_model` (no compile)."""
+def ensure_random_model(path: str, arch: Arch, tokenizer, seed: int) -> str:
+  """A random-init model saved in HF format (with the tokenizer beside it)."""
   if not is_done(path):
     cfg = arch.model_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
-    make = numpy_init_model if numpy_init else lambda c, seed: create_model(c, seed=seed)
-    to_hf(make(cfg, seed=seed), path)
+    to_hf(create_model(cfg, seed=seed), path)
     if jax.process_index() == 0:
       tokenizer.save_pretrained(path)
   return path
@@ -275,8 +249,10 @@ class Quickstart:
   student_hard_fraction: float = 0.2  # of the student's examples on the hard levels
   prompt_examples: int = 2000  # OPD prompts, all on the hard levels
   eval_examples: int = 96  # per organism eval, over all levels
+  # The longest prompt (level 3, "727+389=") is 8 tokens: one prompt width, so each
+  # phase compiles one step (a wider max_prompt_len also compiles its own bucket).
   max_prompt_len: int = 8
-  max_new_tokens: int = 38
+  max_new_tokens: int = 38  # a level-3 completion is <= 36 tokens, EOS included
 
 
 QUICKSTART = Quickstart()
@@ -347,7 +323,7 @@ def prepare_quickstart(
       os.path.join(assets, f"{role}_sft"),
       train_fn,
       sft_config(
-        init=ensure_random_model(init, arch, tokenizer, 1000 * seed + 1 + i, numpy_init=True),
+        init=ensure_random_model(init, arch, tokenizer, 1000 * seed + 1 + i),
         tokenizer=tok_dir,
         data_file=data,
         steps=steps,
