@@ -18,7 +18,7 @@ def get_config(arg=None):
   c.seed = a.seed  # also the organisms' and their data's seeds
   c.batch_size = 64  # prompts per step
   c.sampling.num_samples = 1  # a near-deterministic student: more prompts beat more samples
-  c.sampling.max_new_tokens = 38  # a level-3 answer is <= 36 tokens (EOS included)
+  c.sampling.max_new_tokens = 40
   c.sampling.temperature = 1.0
   c.on_policy_fraction = a.lam
   c.loss = configs_lib.loss_config(a.loss, chunk=20)
