@@ -4,7 +4,7 @@
 
 from scratch (organisms included: the first run's cost) and prints the student's
 hard-level (level 3) greedy accuracy at the start and the end of OPD, the
-teacher's, the gap recovered and the run's wall time.
+teacher's, the gap recovered and the run's wall and CPU (user + sys) seconds.
 
 Gate (written before the first three-seed run, commit "quickstart_check"):
 gap recovery = (end - start) / (teacher - start) >= 50% on EVERY seed, and the
