@@ -4,7 +4,7 @@
 
 from scratch (organisms included: the first run's cost) and prints the student's
 hard-level (level 3) greedy accuracy at the start and the end of OPD, the
-teacher's, the gap recovered and the run's wall time.
+teacher's, the gap recovered and the run's wall and CPU (user + sys) seconds.
 
 Gate (written before the first three-seed run, commit "quickstart_check"):
 gap recovery = (end - start) / (teacher - start) >= 50% on EVERY seed, and the
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -55,13 +56,15 @@ def run_seed(seed: int, root: str, extra: list[str]) -> dict:
     *extra,
   ]
   load = os.getloadavg()[0]
-  t0 = time.time()
+  t0, r0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
   with open(os.path.join(root, f"seed_{seed}.log"), "w") as log:
     proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-  wall = time.time() - t0
+  wall, r1 = time.time() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+  cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)  # the run's user + sys
   if proc.returncode:
     raise SystemExit(f"seed {seed}: the run failed (rc {proc.returncode}); see {log.name}")
-  return dict(seed=seed, wall_s=wall, load=(load + os.getloadavg()[0]) / 2, **result_of(workdir))
+  load = (load + os.getloadavg()[0]) / 2
+  return dict(seed=seed, wall_s=wall, cpu_s=cpu, load=load, **result_of(workdir))
 
 
 def main() -> int:
@@ -73,8 +76,8 @@ def main() -> int:
   root = args.keep or tempfile.mkdtemp(prefix="quickstart_check_")
   os.makedirs(root, exist_ok=True)
   print(f"runs under {root}; gate: gap recovery >= {GATE:.0%} on every seed", flush=True)
-  print("| seed | start | end | teacher | gap recovered | wall s | load avg |")
-  print("|---|---|---|---|---|---|---|", flush=True)
+  print("| seed | start | end | teacher | gap recovered | wall s | CPU s (user+sys) | load avg |")
+  print("|---|---|---|---|---|---|---|---|", flush=True)
   rows = []
   for seed in [int(s) for s in args.seeds.split(",") if s]:
     r = run_seed(seed, root, args.overrides)
@@ -82,7 +85,7 @@ def main() -> int:
     gap = "n/a" if r["gap"] is None else f"{100 * r['gap']:.0f}%"
     print(
       f"| {seed} | {100 * r['start']:.1f}% | {100 * r['end']:.1f}% | {100 * r['teacher']:.1f}% "
-      f"| {gap} | {r['wall_s']:.0f} | {r['load']:.1f} |",
+      f"| {gap} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['load']:.1f} |",
       flush=True,
     )
   ok = all(r["gap"] is not None and r["gap"] >= GATE for r in rows)

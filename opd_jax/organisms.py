@@ -249,7 +249,9 @@ class Quickstart:
   student_hard_fraction: float = 0.2  # of the student's examples on the hard levels
   prompt_examples: int = 2000  # OPD prompts, all on the hard levels
   eval_examples: int = 96  # per organism eval, over all levels
-  max_prompt_len: int = 12
+  # The longest prompt (level 3, "727+389=") is 8 tokens: one prompt width, so each
+  # phase compiles one step (a wider max_prompt_len also compiles its own bucket).
+  max_prompt_len: int = 8
   max_new_tokens: int = 40
 
 
