@@ -7,7 +7,10 @@ Each run gets its own workdir ``<root>/<name>``; the shared quickstart assets ar
 made once under ``<root>/_assets`` (``--config.prepare`` finds them there).
 """
 
+from opd_jax.losses import distillm2_beta_schedule
+
 BASE = "configs/quickstart.py"
+STEPS = 400  # the quickstart's total_steps
 
 
 def get_sweep():
@@ -33,12 +36,12 @@ def get_sweep():
       {"off_policy_source": "teacher", "loss.alpha_teacher": 0.1, "loss.alpha_student": 0.1},
     )
   )
-  # ... and with the official gradual β (1 -> 1.5 over the first half of the 80 steps).
+  # ... and with the official gradual β (1 -> 1.5 over the first half of the run's steps).
   runs.append(
     (
       "loss=distillm2,gradual_beta",
       "loss=distillm2,lam=0.5",
-      {"off_policy_source": "teacher", "schedules": "loss.beta=linear:1.0:1.5:0:40"},
+      {"off_policy_source": "teacher", "schedules": distillm2_beta_schedule(STEPS)},
     )
   )
   # ... and with its adaptive α. The anchors are the quickstart's initial models'
@@ -58,8 +61,15 @@ def get_sweep():
       },
     )
   )
-  # OPD + the arithmetic task's verified outcome (GRPO over the 2 samples of a prompt).
-  runs.append(("loss=opd_grpo", "loss=opd_grpo", {"loss.alpha": 1.0}))
+  # OPD + the arithmetic task's verified outcome (GRPO over 4 samples of each of 16
+  # prompts: the quickstart's one sample per prompt gives no group variance).
+  runs.append(
+    (
+      "loss=opd_grpo",
+      "loss=opd_grpo",
+      {"loss.alpha": 1.0, "sampling.num_samples": 4, "batch_size": 16},
+    )
+  )
   for lam in (0.5, 0.0):
     runs.append((f"lam={lam}", f"loss=reverse_kl,lam={lam}", {}))
   for temp in (0.7, 1.3):
