@@ -891,6 +891,18 @@ def build_completions(student, teacher, batch, rng, cfg: OPDConfig, hparams=None
   return out
 
 
+def with_vocab_size(cfg: OPDConfig, vocab_size: int) -> OPDConfig:
+  """``cfg`` whose samplers never draw ids >= ``vocab_size`` (the common
+  vocabulary: padded embedding rows are never sampled)."""
+  return dataclasses.replace(
+    cfg,
+    sampling=dataclasses.replace(cfg.sampling, vocab_size=vocab_size),
+    teacher_sampling=None
+    if cfg.teacher_sampling is None
+    else dataclasses.replace(cfg.teacher_sampling, vocab_size=vocab_size),
+  )
+
+
 def distillm2_anchors(
   student, teacher, batches, rng, cfg: OPDConfig, *, vocab_size: int, sharder: Sharder | None = None
 ) -> dict[str, float]:
@@ -905,13 +917,7 @@ def distillm2_anchors(
   mean of those batch means over its first logging window; here the mean
   over all rows with response tokens). A role with no rows gives None."""
   sharder = sharder or Sharder()
-  run_cfg = dataclasses.replace(
-    cfg,
-    sampling=dataclasses.replace(cfg.sampling, vocab_size=vocab_size),
-    teacher_sampling=None
-    if cfg.teacher_sampling is None
-    else dataclasses.replace(cfg.teacher_sampling, vocab_size=vocab_size),
-  )
+  run_cfg = with_vocab_size(cfg, vocab_size)
   ts, tt = losses_lib.loss_temperatures(cfg.loss, dict(cfg.loss_kwargs))
   s_gd, s_state = nnx.split(student)
   t_gd, t_state = nnx.split(teacher)
@@ -1029,14 +1035,7 @@ def make_opd_step(
   """
   check_outcome(cfg)
   loss_fn = losses_lib.get_loss(cfg.loss, dict(cfg.loss_kwargs))
-  # Never sample ids outside the common vocabulary (padded embedding rows).
-  run_cfg = dataclasses.replace(
-    cfg,
-    sampling=dataclasses.replace(cfg.sampling, vocab_size=vocab_size),
-    teacher_sampling=None
-    if cfg.teacher_sampling is None
-    else dataclasses.replace(cfg.teacher_sampling, vocab_size=vocab_size),
-  )
+  run_cfg = with_vocab_size(cfg, vocab_size)
   traces = [0]
   metric_names: list[tuple[str, ...]] = [()]
 
