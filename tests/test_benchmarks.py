@@ -14,32 +14,28 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
-def test_bench_opd_step_small_runs(tmp_path):
-  out = tmp_path / "bench.json"
+def _run_bench(script: str, *args: str, timeout: int = 900) -> str:
+  """Runs ``experiments/<script>`` with ``args``; its stdout (exit code 0 asserted)."""
   proc = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(ROOT, "experiments", "bench_opd_step.py"),
-      "--preset",
-      "small",
-      "--no-trl",
-      "--steps",
-      "2",
-      "--profile",
-      "--profile-repeats",
-      "1",
-      "--cli",
-      "--json",
-      str(out),
-    ],
+    [sys.executable, os.path.join(ROOT, "experiments", script), *args],
     cwd=ROOT,
     env={**os.environ, "PYTHONPATH": ROOT},
     capture_output=True,
     text=True,
-    timeout=900,
+    timeout=timeout,
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_opd_step_small_runs(tmp_path):
+  out = tmp_path / "bench.json"
+  stdout = _run_bench(
+    "bench_opd_step.py",
+    *("--preset", "small", "--no-trl", "--steps", "2", "--profile", "--profile-repeats", "1"),
+    *("--cli", "--json", str(out)),
+  )
   (res,) = json.loads(out.read_text())
   assert res["gen_tokens"] == 8 * 64
   fl = res["flops"]
@@ -61,66 +57,28 @@ def test_bench_opd_step_small_runs(tmp_path):
   assert len(cli["deltas"]) == 4 and all(w > 0 for w, _ in cli["deltas"])
   assert cli["last"]["num_tokens"] == 512 and cli["last"]["prompt_len"] == 16
   assert res["cli"]["prompt_len"] == 16 and res["cli"]["logged_tok_s"] > 0
-  assert "/ TRL, steps/s" not in proc.stdout  # no TRL side: no ratio printed
-  assert "FLOP" in proc.stdout and "steps/s" in proc.stdout
+  assert "/ TRL, steps/s" not in stdout  # no TRL side: no ratio printed
+  assert "FLOP" in stdout and "steps/s" in stdout
 
 
 @pytest.mark.slow
 def test_bench_vmap_sweep_runs():
   """The vmapped-sweep benchmark prints both sides and their ratio."""
-  proc = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(ROOT, "experiments", "bench_vmap_sweep.py"),
-      "--preset",
-      "tiny",
-      "--points",
-      "2",
-      "--steps",
-      "1",
-    ],
-    cwd=ROOT,
-    env={**os.environ, "PYTHONPATH": ROOT},
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert "vmapped (1 call, 2 points)" in proc.stdout
-  assert "vmapped / sequential throughput:" in proc.stdout
+  out = _run_bench("bench_vmap_sweep.py", "--preset", "tiny", "--points", "2", "--steps", "1")
+  assert "vmapped (1 call, 2 points)" in out
+  assert "vmapped / sequential throughput:" in out
 
 
 @pytest.mark.slow
 def test_bench_sampler_runs():
   """experiments/bench_sampler.py with two decode choices side by side (tiny
   model, short decodes): greedy parity with generate and one row per choice."""
-  proc = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(ROOT, "experiments", "bench_sampler.py"),
-      "--new-tokens",
-      "16",
-      "40",
-      "--decode-attention",
-      "phased",
-      "dense",
-      "--decode-phase-slots",
-      "16",
-      "--repeats",
-      "1",
-      "--parity-tokens",
-      "8",
-      "--batch",
-      "2",
-    ],
-    cwd=ROOT,
-    env={**os.environ, "PYTHONPATH": ROOT},
-    capture_output=True,
-    text=True,
+  out = _run_bench(
+    "bench_sampler.py",
+    *("--new-tokens", "16", "40", "--decode-attention", "phased", "dense"),
+    *("--decode-phase-slots", "16", "--repeats", "1", "--parity-tokens", "8", "--batch", "2"),
     timeout=600,
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = proc.stdout
   assert out.count("identical") == 2, out
   rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["16"], ["40"])]
   assert [(r[0], r[1]) for r in rows] == [
