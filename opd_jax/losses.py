@@ -30,7 +30,6 @@ gradient.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -952,8 +951,7 @@ def needs_sequence_logps(name: str, kwargs: Mapping[str, Any] | None = None) -> 
   switch = LOSSES.info(name)["sequence_logps"]
   if not switch:
     return False
-  default = inspect.signature(LOSSES.get(name)).parameters[switch].default
-  return (dict(kwargs or {})).get(switch, default) is True
+  return {**LOSSES.keyword_defaults(name), **dict(kwargs or {})}[switch] is True
 
 
 def row_inputs(
@@ -1002,12 +1000,8 @@ def token_log_probs(logits: jax.Array, tokens: jax.Array, temperature: float = 1
 def loss_temperatures(name: str, kwargs: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
   """(student, teacher) temperature of loss ``name`` under ``kwargs`` (its
   defaults where unset)."""
-  params = inspect.signature(LOSSES.get(name)).parameters
-  kw = dict(kwargs or {})
-  return tuple(
-    kw.get(k, params[k].default if k in params else 1.0)
-    for k in ("student_temperature", "teacher_temperature")
-  )
+  kw = {**LOSSES.keyword_defaults(name), **dict(kwargs or {})}
+  return tuple(kw.get(k, 1.0) for k in ("student_temperature", "teacher_temperature"))
 
 
 def get_loss(name: str, kwargs: Mapping[str, Any] | None = None) -> Callable[..., Any]:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -209,8 +208,7 @@ def check_schedules(cfg: OPDConfig) -> None:
       raise ValueError(
         f"schedules: {target!r}: loss {cfg.loss!r} has no keyword {name!r}; valid: {valid}"
       )
-    fn = losses_lib.LOSSES.get(cfg.loss)
-    current = dict(cfg.loss_kwargs).get(name, inspect.signature(fn).parameters[name].default)
+    current = {**losses_lib.LOSSES.keyword_defaults(cfg.loss), **dict(cfg.loss_kwargs)}[name]
     if isinstance(current, bool) or not isinstance(current, (int, float)):
       raise ValueError(
         f"schedules: {target!r}: loss keyword {name!r} is not numeric "
@@ -263,9 +261,7 @@ def check_outcome(cfg: OPDConfig, require_verifier: bool = True) -> None:
 def outcome_stats(cfg: OPDConfig, reward, group, mask, hparams=None) -> dict[str, jax.Array]:
   """Additive sums for the outcome metrics of one group of rows: reward [G],
   group [G] (prompt of each row), mask [G, N] (completion tokens)."""
-  params = inspect.signature(losses_lib.LOSSES.get(cfg.loss)).parameters
-  kw = {k: p.default for k, p in params.items() if p.kind == p.KEYWORD_ONLY}
-  kw.update(cfg.loss_kwargs)
+  kw = {**losses_lib.LOSSES.keyword_defaults(cfg.loss), **dict(cfg.loss_kwargs)}
   alpha = (hparams or {}).get("loss.alpha", kw["alpha"])
   adv, zero = losses_lib.grpo_advantages(
     reward, group, eps=kw["eps"], norm_by_std=kw["norm_by_std"]
@@ -390,6 +386,24 @@ def sharded_top_k(sharder: Sharder, x: jax.Array, k: int) -> tuple[jax.Array, ja
 WEIGHT_AXES = ("embed", "vocab")
 
 
+def _position_chunks(r, n, vocab, chunk, sharder, budget_mib, metrics):
+  """``(n_pad, to_chunks)`` for a scan over the N positions of R rows in
+  chunks of at most ``chunk`` (0: :func:`auto_loss_chunk`): ceil(N / C) chunks
+  of equal length <= C, so padding stays < one per chunk (N=64, C=256 -> one
+  chunk of 64, not 256; N=100, C=64 -> 2 x 50); ``to_chunks`` pads ``[R, N,
+  ...]`` to n_pad and reshapes it to ``[K, R, C, ...]``, rows sharded."""
+  if chunk == 0:
+    chunk = auto_loss_chunk(r, n, vocab, sharder, budget_mib=budget_mib, metrics=metrics)
+  num_chunks = max(1, math.ceil(n / chunk))
+  chunk = math.ceil(n / num_chunks)
+  n_pad = num_chunks * chunk
+  chunk_axes = lambda a: (None, "activation_batch") + (None,) * (a.ndim - 2)
+  to_chunks = lambda a: sharder.constrain(
+    _to_chunks(_pad_time(a, n_pad), chunk), chunk_axes(a) + (None,)
+  )
+  return n_pad, to_chunks
+
+
 def _gather_unembedding(w: jax.Array, sharder: Sharder) -> jax.Array:
   """``[D, V]`` unembedding on its parameter sharding -> D gathered (vocab
   stays on ``vocab``), once before the scan rather than per use in the body."""
@@ -481,13 +495,7 @@ def chunked_divergence(
   r, n = tokens.shape
   extra_names = tuple(sorted(loss_inputs or {}))
   vmin = min(w_s.shape[-1], w_t.shape[-1]) if h_t is not None else w_s.shape[-1]
-  if chunk == 0:
-    chunk = auto_loss_chunk(r, n, vmin, sharder, budget_mib=chunk_budget_mib, metrics=metrics)
-  # ceil(N / C) chunks of equal length <= C: padding stays < one per chunk
-  # (N=64, C=256 -> one chunk of 64, not 256; N=100, C=64 -> 2 x 50).
-  num_chunks = max(1, math.ceil(n / chunk))
-  chunk = math.ceil(n / num_chunks)
-  n_pad = num_chunks * chunk
+  n_pad, to_chunks = _position_chunks(r, n, vmin, chunk, sharder, chunk_budget_mib, metrics)
   has_teacher = h_t is not None
   if metrics and not has_teacher:
     raise ValueError("token metrics need a teacher")
@@ -501,10 +509,6 @@ def chunked_divergence(
   top_k_fn = lambda x, k: sharded_top_k(sharder, x, k)
   value_and_grad = losses_lib.logits_value_and_grad(loss_fn, top_k_fn)
   positions = jnp.broadcast_to(jnp.arange(n_pad, dtype=jnp.int32), (r, n_pad))
-  chunk_axes = lambda a: (None, "activation_batch") + (None,) * (a.ndim - 2)
-  to_chunks = lambda a: sharder.constrain(
-    _to_chunks(_pad_time(a, n_pad), chunk), chunk_axes(a) + (None,)
-  )
   consts = tuple(
     to_chunks(a)
     for a in (jax.lax.stop_gradient(h_t), tokens, weights, metric_mask, positions)
@@ -662,18 +666,10 @@ def sequence_log_probs(
   unembeddings it gathers anyway."""
   r, n = tokens.shape
   vmin = min(w_s.shape[-1], w_t.shape[-1])
-  if chunk == 0:
-    chunk = auto_loss_chunk(r, n, vmin, sharder, budget_mib=chunk_budget_mib, metrics=False)
-  num_chunks = max(1, math.ceil(n / chunk))
-  chunk = math.ceil(n / num_chunks)
-  n_pad = num_chunks * chunk
+  _, to_chunks = _position_chunks(r, n, vmin, chunk, sharder, chunk_budget_mib, False)
   sg = jax.lax.stop_gradient
   ws = _gather_unembedding(sg(w_s[:, :vmin]), sharder)
   wt = _gather_unembedding(sg(w_t[:, :vmin]), sharder)
-  chunk_axes = lambda a: (None, "activation_batch") + (None,) * (a.ndim - 2)
-  to_chunks = lambda a: sharder.constrain(
-    _to_chunks(_pad_time(a, n_pad), chunk), chunk_axes(a) + (None,)
-  )
   m = mask.astype(jnp.float32)
   xs = tuple(to_chunks(a) for a in (h_s, h_t, tokens, m))
   sp, sq = _sequence_scan(
@@ -945,26 +941,34 @@ def distillm2_anchors(
       teacher_temperature=tt,
       chunk_budget_mib=cfg.loss_chunk_budget_mib,
     )
-    has = comp["mask"].any(axis=1)
-    gap = jnp.exp(lp) - jnp.exp(lq)  # student-response orientation
-    on = comp["on_policy"]
-    return jnp.stack(
-      [
-        jnp.sum(jnp.where(has & ~on, -gap, 0.0)),
-        jnp.sum((has & ~on).astype(jnp.float32)),
-        jnp.sum(jnp.where(has & on, gap, 0.0)),
-        jnp.sum((has & on).astype(jnp.float32)),
-      ]
-    )
+    return role_gap_sums(lp, lq, comp["mask"], comp["on_policy"])
 
-  total = np.zeros(4)
+  total = dict.fromkeys(("gap_on", "gap_off", "gap_rows_on", "gap_rows_off"), 0.0)
   for i, batch in enumerate(batches):
-    total += np.asarray(gaps(s_state, t_state, batch, jax.random.fold_in(rng, i)), np.float64)
+    got = jax.device_get(gaps(s_state, t_state, batch, jax.random.fold_in(rng, i)))
+    total = {k: v + np.float64(got[k]) for k, v in total.items()}
   mean = lambda a, c: float(a / c) if c > 0 else None
   return {
-    "anchor_teacher": mean(total[0], total[1]),
-    "anchor_student": mean(total[2], total[3]),
+    "anchor_teacher": mean(total["gap_off"], total["gap_rows_off"]),
+    "anchor_student": mean(total["gap_on"], total["gap_rows_on"]),
   }
+
+
+def role_gap_sums(seq_logp, seq_logq, mask, on_policy) -> dict[str, jax.Array]:
+  """Sums of DistiLLM-2's sequence-level gaps Δ_i per row role over the rows
+  with response tokens: ``gap_on`` Σ exp(seq_logp) − exp(seq_logq) over
+  student rows, ``gap_off`` Σ exp(seq_logq) − exp(seq_logp) over teacher rows,
+  and their row counts ``gap_rows_on`` / ``gap_rows_off``. seq_logp /
+  seq_logq / on_policy ``[R]``, mask ``[R, N]``."""
+  has = mask.any(axis=1)
+  gap = jnp.exp(seq_logp) - jnp.exp(seq_logq)  # p − q: the student-response orientation
+  on, off = has & on_policy, has & ~on_policy
+  return dict(
+    gap_on=jnp.sum(jnp.where(on, gap, 0.0)),
+    gap_off=jnp.sum(jnp.where(off, -gap, 0.0)),
+    gap_rows_on=jnp.sum(on.astype(jnp.float32)),
+    gap_rows_off=jnp.sum(off.astype(jnp.float32)),
+  )
 
 
 def teacher_segments(cfg: OPDConfig, batch_size: int) -> tuple[tuple[str, int, int], ...]:
@@ -1070,22 +1074,21 @@ def make_opd_step(
     per_row = lambda v: None if v is None else jnp.broadcast_to(v[:, None], comp["mask"].shape)
     loss_hparams = {k[len("loss.") :]: v for k, v in hparams.items() if k.startswith("loss.")}
     loss_kwargs = dict(cfg.loss_kwargs)
+    loss_inputs = losses_lib.row_inputs(
+      cfg.loss,
+      per_row(comp["on_policy"]),
+      *((per_row(outcome[0]), per_row(outcome[1])) if outcome else ()),
+    )
+    seq_in = None
+    if losses_lib.needs_sequence_logps(cfg.loss, loss_kwargs):  # pre-pass in the scan
+      ts, tt = losses_lib.loss_temperatures(cfg.loss, {**loss_kwargs, **loss_hparams})
+      seq_in = (comp["mask"], ts, tt)
 
     def loss_of(params):
       model = nnx.merge(student_graphdef, params)
       h_s, _ = model.hidden(ids, mask, pos)
-      h_s = h_s[:, p - 1 : p - 1 + n]
-      seq_in = None
-      if losses_lib.needs_sequence_logps(cfg.loss, loss_kwargs):  # pre-pass in the scan
-        ts, tt = losses_lib.loss_temperatures(cfg.loss, {**loss_kwargs, **loss_hparams})
-        seq_in = (comp["mask"], ts, tt)
-      loss_inputs = losses_lib.row_inputs(
-        cfg.loss,
-        per_row(comp["on_policy"]),
-        *((per_row(outcome[0]), per_row(outcome[1])) if outcome else ()),
-      )
       out = chunked_divergence(
-        h_s,
+        h_s[:, p - 1 : p - 1 + n],
         model.unembedding(),
         h_t,
         w_t,
@@ -1120,15 +1123,7 @@ def make_opd_step(
     if outcome is not None:
       stats.update(outcome_stats(cfg, *outcome, comp["mask"], hparams))
     if seq_rows:  # the rows' sequence-level gaps (DistiLLM-2's Δ_i), per role
-      gap = jnp.exp(seq_rows[0]) - jnp.exp(seq_rows[1])  # p − q
-      has = comp["mask"].any(axis=1)
-      on_b = comp["on_policy"]
-      stats.update(
-        gap_on=jnp.sum(jnp.where(has & on_b, gap, 0.0)),
-        gap_off=jnp.sum(jnp.where(has & ~on_b, -gap, 0.0)),
-        gap_rows_on=jnp.sum((has & on_b).astype(jnp.float32)),
-        gap_rows_off=jnp.sum((has & ~on_b).astype(jnp.float32)),
-      )
+      stats.update(role_gap_sums(*seq_rows, comp["mask"], comp["on_policy"]))
     if cfg.metrics:
       stats["sums"] = sums
     return grads, stats

@@ -64,10 +64,13 @@ class Registry:
     return self._items[name]
 
   def valid_kwargs(self, name: str, exclude: tuple[str, ...] = ()) -> list[str]:
+    return [k for k in self.keyword_defaults(name) if k not in exclude]
+
+  def keyword_defaults(self, name: str) -> dict[str, Any]:
+    """``name``'s keyword-only arguments with their defaults (what unset
+    config keys mean)."""
     sig = inspect.signature(self.get(name))
-    return [
-      p.name for p in sig.parameters.values() if p.kind == p.KEYWORD_ONLY and p.name not in exclude
-    ]
+    return {p.name: p.default for p in sig.parameters.values() if p.kind == p.KEYWORD_ONLY}
 
   def check_kwargs(
     self, name: str, kwargs: Mapping[str, Any], exclude: tuple[str, ...] = ()

@@ -105,8 +105,7 @@ def _resolve_distillm2_anchors(config, workdir: str):
         f"config.loss.{' / '.join(unset)} unset with a cold start: measure the anchors on the "
         "cold-started student (experiments/distillm2_anchors.py) and set them"
       )
-    off = configs_lib.updated(config, {"loss.adaptive_alpha": False})
-    anchors = measure_distillm2_anchors(off, num_batches=max(1, int(config.log_every)))
+    anchors = measure_distillm2_anchors(config, num_batches=max(1, int(config.log_every)))
   bad = {k: anchors[k] for k in unset if not anchors[k] or anchors[k] <= 0}
   if bad:
     raise ValueError(
