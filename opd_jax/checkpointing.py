@@ -20,6 +20,8 @@ import time
 import warnings
 from typing import Any
 
+import logging as std_logging
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -53,6 +55,38 @@ def _quiet_closed_loop_callbacks() -> None:
 
   quiet._opd_quiet = True
   sys.unraisablehook = quiet
+
+
+class _FailedReadTasks(std_logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" records for the
+  other reads of a checkpoint whose restore already failed: orbax gives up at
+  the first failed read, its sibling reads of the same files fail as well and
+  are garbage-collected unawaited, each logging a TensorStore traceback. The
+  failure itself is reported once (step, path, error); records for any other
+  task pass through."""
+
+  def __init__(self):
+    super().__init__()
+    self.paths: set[str] = set()
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    message = str(record.msg)
+    if not message.startswith("Task exception was never retrieved"):
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    text = message + (str(error) if error is not None else "")
+    return not any(path in text for path in self.paths)
+
+
+_FAILED_READS = _FailedReadTasks()
+
+
+def _quiet_failed_read_tasks(path: str) -> None:
+  """Registers ``path`` (a checkpoint whose restore failed) with the filter."""
+  logger = std_logging.getLogger("asyncio")
+  if _FAILED_READS not in logger.filters:
+    logger.addFilter(_FAILED_READS)
+  _FAILED_READS.paths.add(os.path.join(path, ""))
 
 
 class Checkpointer:
@@ -132,6 +166,7 @@ class Checkpointer:
         out = (s, *self.restore(abstract_state, s))
       except Exception as e:  # pylint: disable=broad-except  (TensorStore, JSON, structure)
         warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
+        _quiet_failed_read_tasks(self.step_path(s))
         failed.append(f"checkpoint {s} ({self.step_path(s)}): {_short(e)}")
         logging.warning("cannot restore %s; trying the previous checkpoint", failed[-1])
         continue

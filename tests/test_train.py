@@ -1191,6 +1191,49 @@ def _damage(step_dir: str) -> None:
   assert n, f"no data files under {step_dir}/state"
 
 
+def test_orphaned_reads_of_a_failed_restore_log_nothing(tmp_path):
+  """asyncio's "Task exception was never retrieved" record for a read task of a
+  checkpoint whose restore failed is dropped (the failure is reported once,
+  with its step and path); the same record for any other task still logs."""
+  import asyncio
+  import gc
+  import logging
+
+  from opd_jax import checkpointing
+
+  failed = str(tmp_path / "checkpoints" / "6")
+  checkpointing._quiet_failed_read_tasks(failed)
+  records = []
+
+  class Keep(logging.Handler):
+    def emit(self, record):
+      records.append(record.getMessage())
+
+  keep = Keep()
+  logger = logging.getLogger("asyncio")
+  logger.addHandler(keep)
+
+  async def read(path):
+    raise ValueError(f"DATA_LOSS: Error reading {path}/state/d/0: bad b-tree node")
+
+  def orphan(path):
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(read(path))
+    loop.run_until_complete(asyncio.sleep(0))
+    assert task.done()
+    loop.close()
+    del task
+    gc.collect()
+
+  try:
+    orphan(failed)
+    assert records == []
+    orphan(str(tmp_path / "elsewhere"))
+    assert len(records) == 1 and records[0].startswith("Task exception was never retrieved")
+  finally:
+    logger.removeHandler(keep)
+
+
 def test_restore_skips_damaged_checkpoints(tmp_path):
   """The newest checkpoint that reads back whole is restored; a damaged one
   is reported and moved aside; none readable, or a missing
