@@ -11,6 +11,7 @@ driver saves at the next step boundary and exits cleanly.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import shutil
 import signal
@@ -19,8 +20,6 @@ import threading
 import time
 import warnings
 from typing import Any
-
-import logging as std_logging
 
 import jax
 import numpy as np

@@ -215,6 +215,97 @@ def test_write_jsonl_roundtrip(task, tmp_path):
 # Tokenizer.
 
 
+def _template_regex(template: str) -> re.Pattern:
+  """A step template of ar.PHRASINGS as a regex with named number groups."""
+  out, i = "", 0
+  for m in re.finditer(r"\{(\w)(:02d)?\}", template):
+    out += re.escape(template[i : m.start()])
+    out += (
+      f"(?P<{m.group(1)}>\\d\\d)"
+      if m.group(2)
+      else (f"(?P<{m.group(1)}>[a-z])" if m.group(1) == "p" else f"(?P<{m.group(1)}>\\d)")
+    )
+    i = m.end()
+  return re.compile(out + re.escape(template[i:]))
+
+
+@pytest.mark.parametrize("pattern", ar.PATTERNS)
+def test_phrasings_draw_every_template_and_keep_the_arithmetic(pattern):
+  """phrasings=4: the problems are those of phrasings=1; every step is one of
+  the pattern's templates with the column's digits, carry and sum; all four
+  templates occur; the answer line and the first character class (digit in
+  A, place letter in B) are unchanged; a seed gives the same completions."""
+  plain = ar.ArithmeticTask().generate(300, seed=3, levels=(2, 3, 4), pattern=pattern)
+  task = ar.ArithmeticTask(phrasings=4)
+  varied = task.generate(300, seed=3, levels=(2, 3, 4), pattern=pattern)
+  assert [e["prompt"] for e in varied] == [e["prompt"] for e in plain]
+  assert varied == task.generate(300, seed=3, levels=(2, 3, 4), pattern=pattern)
+  regexes = [_template_regex(t) for t in ar.PHRASINGS[pattern]]
+  used = set()
+  for e, e0 in zip(varied, plain):
+    a, b = _operands(e["prompt"])
+    *steps, ans = e["completion"].split(";" if pattern == "A" else "|")
+    assert ans == e0["completion"].split(";" if pattern == "A" else "|")[-1] == f"ans={a + b}"
+    assert task.score(e, e["completion"]) == 1.0
+    assert e["completion"][0].isdigit() == (pattern == "A")
+    carry = 0
+    for i, step in enumerate(steps):
+      x, y = (a // 10**i) % 10, (b // 10**i) % 10
+      if pattern == "B" and i == len(steps) - 1 and carry and x == y == 0 and 10**i > max(a, b):
+        finals = [ar._FINAL_CARRY_B[k].format(p=ar.PLACES[i]) for k in range(4)]
+        assert step in finals, step
+        continue
+      hits = [k for k, r in enumerate(regexes) if r.fullmatch(step)]
+      assert len(hits) == 1, (step, hits)
+      used.add(hits[0])
+      g = regexes[hits[0]].fullmatch(step).groupdict()
+      s = x + y + carry
+      assert (int(g["x"]), int(g["y"]), int(g["c"])) == (x, y, carry), step
+      assert int(g.get("s", s)) == s and int(g.get("d", s % 10)) == s % 10, step
+      if pattern == "B":
+        assert g["p"] == ar.PLACES[i]
+      carry = s // 10
+  assert used == {0, 1, 2, 3}
+
+
+def test_phrasings_validation():
+  with pytest.raises(ValueError, match=r"phrasings must be in 1\.\.4"):
+    ar.ArithmeticTask(phrasings=5)
+  with pytest.raises(ValueError, match="pass rng"):
+    ar.solve(12, 34, phrasings=2)
+  assert get_task("arithmetic", phrasings=2).phrasings == 2
+  assert ar.solve(47, 85, "A", phrasings=1) == "7+5+0=12;4+8+1=13;ans=132"
+
+
+def test_bpe_tokenizer_round_trips_with_single_digit_tokens(tmp_path):
+  """A byte-level BPE trained on phrased completions: > 260 tokens (specials
+  + bytes + merges), each digit its own token, words merged with their
+  leading space, exact round trip on every training text, the saved files
+  encode the same; a vocab_size without room for merges is an error."""
+  from transformers import PreTrainedTokenizerFast
+
+  from opd_jax.tasks.tokenizer import build_bpe_tokenizer
+
+  task = ar.ArithmeticTask(phrasings=4)
+  texts = [
+    e["prompt"] + e["completion"]
+    for p in ar.PATTERNS
+    for e in task.generate(400, seed=0, levels=(1, 2, 3), pattern=p)
+  ]
+  tok = build_bpe_tokenizer(tmp_path / "bpe", texts, vocab_size=400)
+  assert 260 < len(tok) <= 400
+  assert [tok.convert_ids_to_tokens(i) for i in range(4)] == list(SPECIAL_TOKENS)
+  loaded = PreTrainedTokenizerFast.from_pretrained(tmp_path / "bpe")
+  for text in texts[::7]:
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and loaded.encode(text) == ids
+    pieces = [tok.decode([i]) for i in ids]
+    assert all(len(q) == 1 for q in pieces if any(ch.isdigit() for ch in q)), pieces
+  assert len(tok.encode(" carry")) == 1 and len(tok.encode(" plus")) == 1
+  with pytest.raises(ValueError, match="vocab_size must be > 260"):
+    build_bpe_tokenizer(tmp_path / "small", texts, vocab_size=200)
+
+
 def test_tokenizer_files_and_autoload(tok_dir):
   from transformers import AutoTokenizer
 

@@ -20,6 +20,21 @@ The two patterns differ from the first completion character on (a digit vs.
 ``u``), so a model trained on one assigns low probability to the other's
 tokens, while both are equally verifiable by the shared answer line.
 
+**Phrasings** (``phrasings=k``, default 1 = the formats above): each step is
+written in one of the first ``k`` templates of its pattern
+(:data:`PHRASINGS`), drawn per step by the example's own generator, e.g. with
+``k = 3`` in pattern A::
+
+    7+5+0=12;4 plus 8 carry 1 is 13;ans=132
+
+so the data has genuine choice points: a model that learns it spreads its
+next-token mass over the templates at every step's start (entropy up to
+log k there), where the one-phrasing data is near-deterministic. Every
+template of a pattern starts with that pattern's first character class (a
+digit in A, the place letter in B), keeps the step's numbers in the same
+order of computation and leaves the answer line alone, so the patterns stay
+distinguishable from the first character and verification is unchanged.
+
 Train / eval splits are hash based: a problem belongs to ``"eval"`` iff a
 stable hash of its prompt falls in the first ``eval_fraction`` of buckets, so
 the two splits can never share a prompt, whatever the seeds.
@@ -46,6 +61,25 @@ ALL_LEVELS = (1, 2, 3, 4, 5, 6)
 PLACES = "uthkmnpqrvwxyz"
 MAX_LEVEL = len(PLACES) - 1
 ANSWER_MARKER = "ans="
+# Step templates per pattern; index 0 is the one-phrasing format. Fields: x, y
+# (the top / bottom operand's digit), c (incoming carry), s (x + y + c), d
+# (s mod 10), p (pattern B's place letter).
+PHRASINGS = {
+  "A": (
+    "{x}+{y}+{c}={s:02d}",
+    "{x} plus {y} carry {c} is {s:02d}",
+    "{x}+{y} with {c} makes {s:02d}",
+    "{x} and {y} and {c} give {s:02d}",
+  ),
+  "B": (
+    "{p}{c}:{y}+{x}>{d}",
+    "{p} carry {c}: {y} and {x} write {d}",
+    "{p}{c}, {y} with {x} puts {d}",
+    "{p} in {c} sum {y} {x} out {d}",
+  ),
+}
+# Pattern B's final-carry step, per template (same order as PHRASINGS["B"]).
+_FINAL_CARRY_B = ("{p}1:>1", "{p} carry 1: write 1", "{p}1, puts 1", "{p} in 1 out 1")
 
 _ANSWER_RE = re.compile(r"ans\s*=\s*(-?\d+)")
 _HASH_BUCKETS = 1 << 20
@@ -62,33 +96,49 @@ def _digits(x: int, width: int) -> list[int]:
   return [(x // 10**i) % 10 for i in range(width)]
 
 
-def solve(a: int, b: int, pattern: str = "A") -> str:
-  """Reference scratchpad for ``a + b`` (non-negative ints) in ``pattern``."""
+def _check_phrasings(phrasings: int) -> int:
+  phrasings = int(phrasings)
+  k = min(len(t) for t in PHRASINGS.values())
+  if not 1 <= phrasings <= k:
+    raise ValueError(f"phrasings must be in 1..{k} (templates per pattern), got {phrasings}")
+  return phrasings
+
+
+def solve(
+  a: int,
+  b: int,
+  pattern: str = "A",
+  *,
+  phrasings: int = 1,
+  rng: np.random.Generator | None = None,
+) -> str:
+  """Reference scratchpad for ``a + b`` (non-negative ints) in ``pattern``.
+
+  With ``phrasings = k > 1`` each step's template is drawn uniformly from the
+  pattern's first ``k`` (:data:`PHRASINGS`) with ``rng`` (required then)."""
   if a < 0 or b < 0:
     raise ValueError(f"operands must be non-negative, got {a}, {b}")
-  width = max(len(str(a)), len(str(b)))
-  da, db = _digits(a, width), _digits(b, width)
-  steps, carry = [], 0
-  if pattern == "A":
-    for x, y in zip(da, db):
-      s = x + y + carry
-      steps.append(f"{x}+{y}+{carry}={s:02d}")
-      carry = s // 10
-    sep = ";"
-  elif pattern == "B":
-    if width > MAX_LEVEL:
-      raise ValueError(f"pattern B supports at most {MAX_LEVEL} digits, got {width}")
-    for i, (x, y) in enumerate(zip(da, db)):
-      s = x + y + carry
-      steps.append(f"{PLACES[i]}{carry}:{y}+{x}>{s % 10}")
-      carry = s // 10
-    if carry:
-      steps.append(f"{PLACES[width]}1:>1")
-    sep = "|"
-  else:
+  if pattern not in PATTERNS:
     raise ValueError(f"unknown pattern {pattern!r}; valid patterns: {PATTERNS}")
+  phrasings = _check_phrasings(phrasings)
+  if phrasings > 1 and rng is None:
+    raise ValueError("phrasings > 1 draws each step's template: pass rng")
+  width = max(len(str(a)), len(str(b)))
+  if pattern == "B" and width > MAX_LEVEL:
+    raise ValueError(f"pattern B supports at most {MAX_LEVEL} digits, got {width}")
+  da, db = _digits(a, width), _digits(b, width)
+  pick = (lambda: int(rng.integers(phrasings))) if phrasings > 1 else (lambda: 0)
+  templates = PHRASINGS[pattern]
+  steps, carry = [], 0
+  for i, (x, y) in enumerate(zip(da, db)):
+    s = x + y + carry
+    p = PLACES[i] if pattern == "B" else ""
+    steps.append(templates[pick()].format(x=x, y=y, c=carry, s=s, d=s % 10, p=p))
+    carry = s // 10
+  if pattern == "B" and carry:
+    steps.append(_FINAL_CARRY_B[pick()].format(p=PLACES[width]))
   steps.append(f"{ANSWER_MARKER}{a + b}")
-  return sep.join(steps)
+  return (";" if pattern == "A" else "|").join(steps)
 
 
 def extract_answer(text: str | None) -> str | None:
@@ -125,14 +175,18 @@ class ArithmeticTask:
   Attributes:
     levels: default levels of :meth:`generate` (digit counts).
     eval_fraction: share of all problems (by prompt hash) held out for eval.
+    phrasings: step templates per pattern the completions draw from (1: the
+      fixed formats; see the module docstring).
   """
 
   levels: tuple[int, ...] = ALL_LEVELS
   eval_fraction: float = 0.1
   name: str = "arithmetic"
+  phrasings: int = 1
 
   def __post_init__(self):
     object.__setattr__(self, "levels", self._check_levels(self.levels))
+    object.__setattr__(self, "phrasings", _check_phrasings(self.phrasings))
     if not 0.0 < self.eval_fraction < 1.0:
       raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
 
@@ -177,13 +231,18 @@ class ArithmeticTask:
     return out
 
   def make_example(
-    self, a: int, b: int, pattern: str = "A", level: int | None = None
+    self,
+    a: int,
+    b: int,
+    pattern: str = "A",
+    level: int | None = None,
+    rng: np.random.Generator | None = None,
   ) -> dict[str, Any]:
-    """The example dict of problem ``a + b``."""
+    """The example dict of problem ``a + b`` (``rng`` draws the phrasings)."""
     level = level or max(len(str(a)), len(str(b)))
     return {
       "prompt": prompt_for(a, b),
-      "completion": solve(a, b, pattern),
+      "completion": solve(a, b, pattern, phrasings=self.phrasings, rng=rng),
       "answer": str(a + b),
       "level": int(level),
       "source": f"{self.name}/L{level}",
@@ -201,8 +260,9 @@ class ArithmeticTask:
   ) -> list[dict[str, Any]]:
     """``n`` examples, spread evenly over ``levels``, in shuffled order.
 
-    Deterministic in ``(seed, levels, split, n)``; the pattern only changes the
-    completions, so two patterns with one seed give the same problems. Prompts
+    Deterministic in ``(seed, levels, split, n)``; the pattern and the
+    phrasings only change the completions, so they give the same problems for
+    one seed (the phrasings draw from their own generator per level). Prompts
     are unique unless ``n`` exceeds a level's problem count (level 1 has 100
     problems over both splits, level 2 8,100).
     """
@@ -219,8 +279,9 @@ class ArithmeticTask:
     examples = []
     for level, count in zip(levels, _level_counts(n, len(levels))):
       rng = np.random.default_rng([seed, level, split_id])
+      words = np.random.default_rng([seed, level, split_id, 7_919]) if self.phrasings > 1 else None
       for a, b in self._problems(level, count, rng, split):
-        examples.append(self.make_example(a, b, pattern, level))
+        examples.append(self.make_example(a, b, pattern, level, words))
     order = np.random.default_rng([seed, 1_000_003, split_id]).permutation(len(examples))
     return [examples[i] for i in order]
 
@@ -244,6 +305,8 @@ class ArithmeticTask:
 
 
 @TASKS.register("arithmetic")
-def arithmetic(*, levels: Sequence[int] = ALL_LEVELS, eval_fraction: float = 0.1) -> ArithmeticTask:
+def arithmetic(
+  *, levels: Sequence[int] = ALL_LEVELS, eval_fraction: float = 0.1, phrasings: int = 1
+) -> ArithmeticTask:
   """Registered factory of :class:`ArithmeticTask`."""
-  return ArithmeticTask(levels=tuple(levels), eval_fraction=eval_fraction)
+  return ArithmeticTask(levels=tuple(levels), eval_fraction=eval_fraction, phrasings=phrasings)
