@@ -26,7 +26,7 @@ import numpy as np
 from opd_jax import configs_lib
 from opd_jax.models import ModelConfig, create_model, to_hf
 from opd_jax.registry import Registry
-from opd_jax.tasks import get_task, write_jsonl
+from opd_jax.tasks import get_task, read_jsonl, write_jsonl
 
 # ``train_fn(config, workdir) -> last metrics``: the driver's ``train``.
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict]
@@ -71,13 +71,20 @@ def is_done(path: str) -> bool:
   return os.path.exists(os.path.join(path, "config.json"))
 
 
-def ensure_tokenizer(path: str):
+def ensure_tokenizer(path: str, *, bpe_from: Sequence[str] = (), vocab_size: int = 512):
+  """The tokenizer at ``path``, built once: character level, or a byte-level
+  BPE of ``vocab_size`` trained on the text of the JSONL files ``bpe_from``
+  (their prompts and completions)."""
   from transformers import AutoTokenizer
 
   if not os.path.exists(os.path.join(path, "tokenizer.json")):
-    from opd_jax.tasks.tokenizer import build_tokenizer
+    from opd_jax.tasks.tokenizer import build_bpe_tokenizer, build_tokenizer
 
-    build_tokenizer(path)
+    if bpe_from:
+      texts = [r["prompt"] + r.get("completion", "") for f in bpe_from for r in read_jsonl(f)]
+      build_bpe_tokenizer(path, texts, vocab_size=vocab_size)
+    else:
+      build_tokenizer(path)
   return AutoTokenizer.from_pretrained(path)
 
 
@@ -101,11 +108,13 @@ def ensure_task_data(
   split: str = "train",
   task: str = "arithmetic",
   extra: tuple[int, Sequence[int]] | None = None,
+  phrasings: int = 1,
 ) -> str:
   """``n`` examples over ``levels`` (+ ``extra = (n2, levels2)`` more, mixed
-  in at random positions), written once."""
+  in at random positions), written once; ``phrasings > 1``: the arithmetic
+  task's varied step templates (:mod:`opd_jax.tasks.arithmetic`)."""
   if not os.path.exists(path):
-    t = get_task(task)
+    t = get_task(task, **({"phrasings": phrasings} if phrasings != 1 else {}))
     examples = t.generate(n, seed=seed, levels=tuple(levels), pattern=pattern, split=split)
     if extra and extra[0]:
       more = t.generate(

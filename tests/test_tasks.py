@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 
@@ -304,6 +305,32 @@ def test_bpe_tokenizer_round_trips_with_single_digit_tokens(tmp_path):
   assert len(tok.encode(" carry")) == 1 and len(tok.encode(" plus")) == 1
   with pytest.raises(ValueError, match="vocab_size must be > 260"):
     build_bpe_tokenizer(tmp_path / "small", texts, vocab_size=200)
+
+
+def test_organism_assets_with_phrasings_and_a_bpe_tokenizer(tmp_path):
+  """organisms.ensure_task_data(phrasings=3) writes phrased completions (the
+  problems of phrasings=1), ensure_tokenizer(bpe_from=...) trains a BPE on
+  that file once and loads it back (a second call reuses the files)."""
+  from opd_jax import organisms
+
+  plain = organisms.ensure_task_data(str(tmp_path / "a.jsonl"), n=60, seed=1, levels=(2, 3))
+  varied = organisms.ensure_task_data(
+    str(tmp_path / "b.jsonl"), n=60, seed=1, levels=(2, 3), phrasings=3
+  )
+  rows0, rows = read_jsonl(plain), read_jsonl(varied)
+  assert [r["prompt"] for r in rows] == [r["prompt"] for r in rows0]
+  assert any(" plus " in r["completion"] or " with " in r["completion"] for r in rows)
+  assert not any(" " in r["completion"] for r in rows0)
+  tok_dir = str(tmp_path / "tok")
+  tok = organisms.ensure_tokenizer(tok_dir, bpe_from=[varied], vocab_size=300)
+  assert (
+    260 < len(tok) <= 300 and tok.decode(tok.encode(rows[0]["completion"])) == rows[0]["completion"]
+  )
+  mtime = os.path.getmtime(os.path.join(tok_dir, "tokenizer.json"))
+  again = organisms.ensure_tokenizer(tok_dir, bpe_from=[varied], vocab_size=300)
+  assert (
+    len(again) == len(tok) and os.path.getmtime(os.path.join(tok_dir, "tokenizer.json")) == mtime
+  )
 
 
 def test_tokenizer_files_and_autoload(tok_dir):
