@@ -164,17 +164,23 @@ def test_smoke_reseeded_runs_beside_the_default_seeds(smoke_repro):
   assert len(f1["teachers"]["teacher_new"]["runs"]) == 2
   with open(os.path.join(smoke_repro, "results", "summary.json")) as f:
     assert json.load(f)["seeds"] == [0]
+  # one finding alone on seed 1: its gates (the supervised bound of seed 1)
+  # come first, then it reuses seed 1's runs
   env = {**os.environ, "PYTHONPATH": ROOT}
-  script = os.path.join(EXPERIMENTS, "f3_overlap_dynamics.py")
-  proc = subprocess.run(
-    [sys.executable, script, f"--workdir={smoke_repro}", "--smoke", "--seeds=1"],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "[repro] run " not in proc.stdout  # seed 1's runs exist
+  for script in ("f3_overlap_dynamics", "learnability", "f3_overlap_dynamics"):
+    proc = subprocess.run(
+      [sys.executable, os.path.join(EXPERIMENTS, f"{script}.py")]
+      + [f"--workdir={smoke_repro}", "--smoke", "--seeds=1"],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+    if not os.path.exists(os.path.join(smoke_repro, "results", "seeds_1", "learnability.json")):
+      assert proc.returncode != 0 and "run experiments/learnability.py --seeds=1" in proc.stderr
+      continue
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[repro] run " not in proc.stdout  # seed 1's runs exist
   with open(os.path.join(smoke_repro, "results", "seeds_1", "f3_overlap_dynamics.json")) as f:
     assert json.load(f)["seeds"] == [1]
