@@ -148,7 +148,7 @@ class Gates:
 # Values from the README's organism table (student 100/100/98/9%, teacher_new
 # and teacher_b 100% on every level, teacher_same 92% on level 4) and the
 # issue's audit (a rebuild gave the student 53% on level 3 and 3% on level 4;
-# teacher_same is not "nothing new"; SFT at the OPD budget clears ~5% of the
+# teacher_same is not "nothing new"; SFT at the OPD budget clears 3-9% of the
 # gap). The current full-size organisms fail the teacher_same gate and the
 # supervised bound, by design: the redesigned organisms must meet them.
 GATES = Gates(
