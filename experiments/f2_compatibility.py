@@ -3,19 +3,18 @@
 OPD from teacher_new (pattern A, same capability) does. Answers are scored by
 the shared ``ans=`` line, so a switch to pattern B would count as success.
 
-  python experiments/f2_compatibility.py --workdir=runs/repro [--smoke]
+  python experiments/f2_compatibility.py --workdir=runs/repro [--smoke] [--seeds=3,4,5]
 """
 
 from __future__ import annotations
 
-import miniature
 import repro_lib as R
 
 TEACHERS = ("teacher_new", "teacher_b")
 
 
-def main(workdir: str, smoke: bool = False) -> dict:
-  m = miniature.miniature(smoke)
+def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
+  m = R.setting(workdir, smoke, seeds)
   orgs = R.organisms_table(workdir)
   out = {"teachers": {}}
   curves = {}
@@ -56,7 +55,7 @@ def main(workdir: str, smoke: bool = False) -> dict:
     ax.set_xlabel("OPD step")
   axes[0].legend(fontsize=7)
   fig.suptitle("Thinking-pattern compatibility (dashed: the teacher's own accuracy)")
-  R.save(workdir, "f2_compatibility", out, fig)
+  R.save(workdir, "f2_compatibility", out, fig, m, smoke)
   return out
 
 

@@ -3,19 +3,18 @@
 successful OPD run (from teacher_new) and stays flat or falls in failing ones
 (teacher_same, teacher_b). Reads the runs of findings 1 and 2.
 
-  python experiments/f3_overlap_dynamics.py --workdir=runs/repro [--smoke]
+  python experiments/f3_overlap_dynamics.py --workdir=runs/repro [--smoke] [--seeds=3,4,5]
 """
 
 from __future__ import annotations
 
-import miniature
 import repro_lib as R
 
 TEACHERS = ("teacher_new", "teacher_same", "teacher_b")
 
 
-def main(workdir: str, smoke: bool = False) -> dict:
-  m = miniature.miniature(smoke)
+def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
+  m = R.setting(workdir, smoke, seeds)
   out = {"teachers": {}}
   import matplotlib.pyplot as plt
 
@@ -41,7 +40,7 @@ def main(workdir: str, smoke: bool = False) -> dict:
   ax.set_title("Top-16 overlap ratio over training")
   ax.legend(fontsize=7)
   out["window"] = "first and last 10% of OPD steps"
-  R.save(workdir, "f3_overlap_dynamics", out, fig)
+  R.save(workdir, "f3_overlap_dynamics", out, fig, m, smoke)
   return out
 
 

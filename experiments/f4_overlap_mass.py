@@ -3,20 +3,19 @@ holds ≥ 97% of both models' probability mass: Σ_{S∩T} p_t (Eq. 9) and
 Σ_{S∩T} q_t (Eq. 10), averaged over student-generated tokens, with each
 model's own top-16 mass beside them. Reads the runs of findings 1 and 2.
 
-  python experiments/f4_overlap_mass.py --workdir=runs/repro [--smoke]
+  python experiments/f4_overlap_mass.py --workdir=runs/repro [--smoke] [--seeds=3,4,5]
 """
 
 from __future__ import annotations
 
-import miniature
 import repro_lib as R
 
 TEACHERS = ("teacher_new", "teacher_same", "teacher_b")
 KEYS = ("overlap_mass_student", "overlap_mass_teacher", "topk_mass_student", "topk_mass_teacher")
 
 
-def main(workdir: str, smoke: bool = False) -> dict:
-  m = miniature.miniature(smoke)
+def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
+  m = R.setting(workdir, smoke, seeds)
   out = {"teachers": {}, "window": "last 10% of OPD steps (start: first 10%)"}
   import matplotlib.pyplot as plt
 
@@ -38,7 +37,7 @@ def main(workdir: str, smoke: bool = False) -> dict:
     ax.set_xlabel("OPD step")
   axes[0].set_ylabel("overlap mass (10-step mean)")
   axes[0].legend(fontsize=7)
-  R.save(workdir, "f4_overlap_mass", out, fig)
+  R.save(workdir, "f4_overlap_mass", out, fig, m, smoke)
   return out
 
 

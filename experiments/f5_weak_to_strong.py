@@ -4,20 +4,19 @@ the teacher: the student organism (easy levels, 2x128) or teacher_same (easy
 levels, same size as the strong one). OPD pulls the strong student's accuracy
 down toward the weak teacher's, whichever weak teacher.
 
-  python experiments/f5_weak_to_strong.py --workdir=runs/repro [--smoke]
+  python experiments/f5_weak_to_strong.py --workdir=runs/repro [--smoke] [--seeds=3,4,5]
 """
 
 from __future__ import annotations
 
-import miniature
 import repro_lib as R
 
 STRONG = "teacher_new"
 WEAK = ("student", "teacher_same")
 
 
-def main(workdir: str, smoke: bool = False) -> dict:
-  m = miniature.miniature(smoke)
+def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
+  m = R.setting(workdir, smoke, seeds)
   orgs = R.organisms_table(workdir)
   out = {
     "strong_student": STRONG,
@@ -50,7 +49,7 @@ def main(workdir: str, smoke: bool = False) -> dict:
   ax.set_ylabel(f"strong student's accuracy, levels {list(m.hard)}")
   ax.set_title("Weak-to-strong reverse distillation\n(dashed: the weak teacher itself)", fontsize=9)
   ax.legend(fontsize=7)
-  R.save(workdir, "f5_weak_to_strong", out, fig)
+  R.save(workdir, "f5_weak_to_strong", out, fig, m, smoke)
   return out
 
 

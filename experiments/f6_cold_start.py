@@ -5,19 +5,18 @@ OPD steps as the plain run of finding 2. Compares the hard-level accuracy of
 plain OPD from teacher_b, the cold-start checkpoint (end of SFT) and cold
 start + OPD.
 
-  python experiments/f6_cold_start.py --workdir=runs/repro [--smoke]
+  python experiments/f6_cold_start.py --workdir=runs/repro [--smoke] [--seeds=3,4,5]
 """
 
 from __future__ import annotations
 
-import miniature
 import repro_lib as R
 
 TEACHER = "teacher_b"
 
 
-def main(workdir: str, smoke: bool = False) -> dict:
-  m = miniature.miniature(smoke)
+def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
+  m = R.setting(workdir, smoke, seeds)
   orgs = R.organisms_table(workdir)
   n = m.cold_start_steps
   plain = [R.run_opd(workdir, smoke, teacher=TEACHER, seed=s) for s in R.seeds_of(m)]
@@ -76,7 +75,7 @@ def main(workdir: str, smoke: bool = False) -> dict:
   bx.set_ylabel("overlap ratio (10-step mean)")
   bx.legend(fontsize=7)
   fig.suptitle("Off-policy cold start recovers OPD from an incompatible teacher?")
-  R.save(workdir, "f6_cold_start", out, fig)
+  R.save(workdir, "f6_cold_start", out, fig, m, smoke)
   return out
 
 

@@ -5,7 +5,7 @@ student avg@4: prompts the teacher solves and the student does not), keep the
 top third, and compare OPD from teacher_new on the selected prompts against
 OPD on prompts drawn at random from the whole pool, at equal steps.
 
-  python experiments/f7_prompt_selection.py --workdir=runs/repro [--smoke]
+  python experiments/f7_prompt_selection.py --workdir=runs/repro [--smoke] [--seeds=3,4,5]
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def level_histogram(path: str) -> dict[int, int]:
   )
 
 
-def main(workdir: str, smoke: bool = False) -> dict:
-  m = miniature.miniature(smoke)
+def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
+  m = R.setting(workdir, smoke, seeds)
   paths = miniature.miniature_paths(R.assets_dir(workdir))
   selected = select_prompts(workdir, m)
   with open(os.path.join(os.path.dirname(selected), "summary.json")) as f:
@@ -113,7 +113,7 @@ def main(workdir: str, smoke: bool = False) -> dict:
   bx.set_ylabel("share of prompts")
   bx.legend(fontsize=7)
   fig.suptitle("Teacher-aligned prompt selection vs random prompts")
-  R.save(workdir, "f7_prompt_selection", out, fig)
+  R.save(workdir, "f7_prompt_selection", out, fig, m, smoke)
   return out
 
 

@@ -5,14 +5,13 @@ ratio (Eq. 6), entropy gap |H(q) − H(p)| (Eq. 8), teacher overlap mass
 of OPD steps, for the successful run (teacher_new) and a failing one
 (teacher_b). Does alignment degrade deeper into the response?
 
-  python experiments/f8_long_horizon.py --workdir=runs/repro [--smoke]
+  python experiments/f8_long_horizon.py --workdir=runs/repro [--smoke] [--seeds=3,4,5]
 """
 
 from __future__ import annotations
 
 import re
 
-import miniature
 import numpy as np
 import repro_lib as R
 
@@ -41,8 +40,8 @@ def chunk_profile(rundir: str, metric: str, start_frac: float, end_frac: float):
   return starts, values, counts
 
 
-def main(workdir: str, smoke: bool = False) -> dict:
-  m = miniature.miniature(smoke)
+def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
+  m = R.setting(workdir, smoke, seeds)
   out = {"teachers": {}, "chunk_tokens": 8}
   import matplotlib.pyplot as plt
 
@@ -77,13 +76,16 @@ def main(workdir: str, smoke: bool = False) -> dict:
       late = res[f"{metric}_late"]["mean"]
       if len(late) >= 2:
         res[f"{metric}_late_first_vs_last_chunk"] = [late[0], late[-1]]
+        # the same per seed (mean over seeds = the pair above)
+        res[f"{metric}_late_first_chunk"] = R.mean_std(vals[:, 0])
+        res[f"{metric}_late_last_chunk"] = R.mean_std(vals[:, -1])
     out["teachers"][teacher] = res
   for ax, metric in zip(axes, METRICS):
     ax.set_title(metric, fontsize=9)
     ax.set_xlabel("response position (chunk start)")
   axes[0].legend(fontsize=6)
   fig.suptitle("Alignment by response position (early vs late in training)")
-  R.save(workdir, "f8_long_horizon", out, fig)
+  R.save(workdir, "f8_long_horizon", out, fig, m, smoke)
   return out
 
 

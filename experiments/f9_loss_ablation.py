@@ -4,7 +4,7 @@ reward), forward KL, JSD(β = 0.5), skew KL (α = 0.1) and top-k OPD (k = 16),
 side by side; the runs come from one sweep config,
 ``configs/sweeps/repro_losses.py``.
 
-  python experiments/f9_loss_ablation.py --workdir=runs/repro [--smoke]
+  python experiments/f9_loss_ablation.py --workdir=runs/repro [--smoke] [--seeds=3,4,5]
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import miniature
 import numpy as np
 import repro_lib as R
 
@@ -28,8 +27,8 @@ def load_sweep():
   return module
 
 
-def main(workdir: str, smoke: bool = False) -> dict:
-  m = miniature.miniature(smoke)
+def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
+  m = R.setting(workdir, smoke, seeds)
   sweep = load_sweep()
   _, runs = sweep.get_sweep(seeds=R.seeds_of(m), smoke=smoke)
   by_loss: dict[str, list[str]] = {}
@@ -71,7 +70,7 @@ def main(workdir: str, smoke: bool = False) -> dict:
     x.set_xlabel("OPD step")
   bx.legend(fontsize=6)
   fig.suptitle(f"Loss ablation, student ← teacher_new ({len(R.seeds_of(m))} seeds)")
-  R.save(workdir, "f9_loss_ablation", out, fig)
+  R.save(workdir, "f9_loss_ablation", out, fig, m, smoke)
   return out
 
 

@@ -96,8 +96,151 @@ MINIATURE_SMOKE = Miniature(
 )
 
 
-def miniature(smoke: bool = False) -> Miniature:
-  return MINIATURE_SMOKE if smoke else MINIATURE
+def miniature(smoke: bool = False, seeds: Sequence[int] | None = None) -> Miniature:
+  """The settings (``seeds``: the OPD run seeds, default ``Miniature.seeds``)."""
+  m = MINIATURE_SMOKE if smoke else MINIATURE
+  if seeds is None:
+    return m
+  seeds = tuple(int(s) for s in seeds)
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f"--seeds must be distinct integers, got {seeds}")
+  return dataclasses.replace(m, seeds=seeds)
+
+
+# -----------------------------------------------------------------------------
+# Calibration gates, committed before the runs they judge (issue #14). A run
+# whose organisms or supervised bound fail a gate stops with a message naming
+# the organism, the level, the measured and the required value; no verdict is
+# produced (``experiments/organisms.py``, ``experiments/learnability.py``).
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelGate:
+  """One organism's greedy accuracy on each level of ``levels`` (``"easy"``,
+  ``"hard"``, ``"all"``: the Miniature's level sets) must be ≥ ``at_least``,
+  ≤ ``at_most``, and within ``within`` (absolute) of organism ``near``'s
+  accuracy on the same level, whichever of them are set."""
+
+  organism: str
+  levels: str
+  at_least: float | None = None
+  at_most: float | None = None
+  near: str | None = None
+  within: float | None = None
+  why: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Gates:
+  """``levels``: per-level organism gates (after SFT). ``retrain_tolerance``:
+  a retraining of an organism with the same seeds must give every level's
+  accuracy within this (absolute) of the first. ``min_supervised_share``:
+  SFT of the student on teacher_new's data at exactly the OPD budget must
+  clear at least this share of the hard-level gap (None: not gated, with
+  ``skip_reason``)."""
+
+  levels: tuple[LevelGate, ...]
+  retrain_tolerance: float
+  min_supervised_share: float | None
+  skip_reason: str = ""
+
+
+# Values from the README's organism table (student 100/100/98/9%, teacher_new
+# and teacher_b 100% on every level, teacher_same 92% on level 4) and the
+# issue's audit (a rebuild gave the student 53% on level 3 and 3% on level 4;
+# teacher_same is not "nothing new"; SFT at the OPD budget clears 3-9% of the
+# gap). The current full-size organisms fail the teacher_same gate and the
+# supervised bound, by design: the redesigned organisms must meet them.
+GATES = Gates(
+  levels=(
+    LevelGate("student", "easy", at_least=0.95, why="the student knows its levels"),
+    LevelGate(
+      "student",
+      "hard",
+      at_least=0.02,
+      at_most=0.25,
+      why="weak but not at zero on the hard level (a 0% student gave OPD no signal; "
+      "≤ 25% leaves a gap of ≥ 70 points to recover)",
+    ),
+    LevelGate("teacher_new", "all", at_least=0.95, why="the new capability is there"),
+    LevelGate("teacher_b", "all", at_least=0.95, why="accurate in the other pattern"),
+    LevelGate("teacher_same", "easy", at_least=0.95, why="as good as the student on its levels"),
+    LevelGate(
+      "teacher_same",
+      "hard",
+      near="student",
+      within=0.10,
+      why="nothing new: within 10 points of the student where the student has (almost) no data",
+    ),
+  ),
+  # One from-scratch rebuild differed by ≤ 6 points (teacher_same level 4:
+  # 86% vs 92%; multi-threaded CPU reductions are not bitwise reproducible
+  # across processes); 8 points is 5 of the 64 problems per level.
+  retrain_tolerance=0.08,
+  # Finding 1 "reproduces" at a hard-level gap recovery ≥ 30%; a verdict
+  # needs supervision at the same budget to reach past it with margin.
+  min_supervised_share=0.5,
+)
+# Smoke: the tiny organisms (width 32/48, 100-200 SFT steps) are near 0% on
+# every level, so nothing can be calibrated: the smoke spec only runs the
+# check (accuracies within [0, 1]); the 4-step supervised bound is reported,
+# not gated. Retraining in one process repeats the same programs on the same
+# data order; a tolerance of one problem (of 8 per level) allows for
+# non-bitwise CPU reductions.
+GATES_SMOKE = Gates(
+  levels=(
+    LevelGate("teacher_new", "all", at_least=0.0, at_most=1.0, why="smoke: code path only"),
+    LevelGate("student", "all", at_least=0.0, at_most=1.0, why="smoke: code path only"),
+  ),
+  retrain_tolerance=0.125,
+  min_supervised_share=None,
+  skip_reason="smoke: 4 SFT steps cannot show a supervised bound; reported, not gated",
+)
+
+
+def gates(smoke: bool = False) -> Gates:
+  return GATES_SMOKE if smoke else GATES
+
+
+def level_set(m: Miniature, name: str) -> tuple[int, ...]:
+  return {"easy": m.easy, "hard": m.hard, "all": m.levels}[name]
+
+
+def check_organisms(m: Miniature, g: Gates, accuracy: dict[str, dict[int, float]]) -> list[str]:
+  """The failed organism gates (empty: all pass), one line each naming the
+  organism, the level, the measured and the required accuracy.
+  ``accuracy[organism][level]``: greedy accuracy in [0, 1]."""
+  failures = []
+  for gate in g.levels:
+    for L in level_set(m, gate.levels):
+      acc = accuracy[gate.organism][L]
+      head = f"{gate.organism} level {L}: measured {100 * acc:.1f}%"
+      if gate.at_least is not None and acc < gate.at_least:
+        failures.append(f"{head}, required ≥ {100 * gate.at_least:.1f}% ({gate.why})")
+      if gate.at_most is not None and acc > gate.at_most:
+        failures.append(f"{head}, required ≤ {100 * gate.at_most:.1f}% ({gate.why})")
+      if gate.near is not None:
+        ref = accuracy[gate.near][L]
+        if abs(acc - ref) > gate.within + 1e-9:
+          failures.append(
+            f"{head}, required within {100 * gate.within:.1f} points of {gate.near} "
+            f"({100 * ref:.1f}%) ({gate.why})"
+          )
+  return failures
+
+
+def check_retrain(
+  first: dict[str, dict[int, float]], second: dict[str, dict[int, float]], tolerance: float
+) -> list[str]:
+  """The organism levels whose accuracy moved by more than ``tolerance``
+  between two trainings with the same seeds (empty: reproducible)."""
+  return [
+    f"{name} level {L}: {100 * a:.1f}% then {100 * second[name][L]:.1f}%, "
+    f"tolerance {100 * tolerance:.1f} points"
+    for name, accs in first.items()
+    for L, a in accs.items()
+    if abs(second[name][L] - a) > tolerance + 1e-9
+  ]
 
 
 # name -> (architecture role, thinking pattern, SFT data key of miniature_paths)
@@ -135,9 +278,17 @@ def miniature_eval(m: Miniature, levels: Sequence[int] | None = None) -> ml_coll
 def prepare_miniature(assets: str, m: Miniature = MINIATURE) -> dict[str, str]:
   """Makes (or finds) the tokenizer, data and organisms of the miniature
   under ``assets``; returns :func:`miniature_paths`."""
+  paths = prepare_data(assets, m)
+  for name in ORGANISMS:
+    train_miniature_organism(assets, m, name)
+  return paths
+
+
+def prepare_data(assets: str, m: Miniature = MINIATURE) -> dict[str, str]:
+  """Makes (or finds) the tokenizer and data files of the miniature."""
   paths = miniature_paths(assets)
   os.makedirs(os.path.join(assets, "data"), exist_ok=True)
-  tokenizer = ensure_tokenizer(paths["tokenizer"])
+  ensure_tokenizer(paths["tokenizer"])
   n_hard = int(round(m.student_hard_fraction * m.student_examples))
   ensure_task_data(
     paths["student_sft"],
@@ -152,28 +303,37 @@ def prepare_miniature(assets: str, m: Miniature = MINIATURE) -> dict[str, str]:
   )
   ensure_task_data(paths["opd_prompts"], n=m.prompt_examples, seed=3, levels=m.levels)
   ensure_task_data(paths["prompt_pool"], n=m.pool_examples, seed=4, levels=m.pool_levels)
-  evals = {"all": miniature_eval(m, sorted(set(m.levels) | set(m.pool_levels)))}
-  for i, (name, (role, _, data_key)) in enumerate(ORGANISMS.items()):
-    arch = m.student if role == "student" else m.teacher
-    steps = m.student_steps if role == "student" else m.teacher_steps
-    init = ensure_random_model(os.path.join(assets, f"{name}_init"), arch, tokenizer, 10 + i)
-    train_organism(
-      os.path.join(assets, name),
-      _train,
-      sft_config(
-        init=init,
-        tokenizer=paths["tokenizer"],
-        data_file=paths[data_key],
-        steps=steps,
-        lr=m.sft_lr,
-        batch_size=m.sft_batch,
-        max_prompt_len=m.max_prompt_len,
-        max_new_tokens=m.max_new_tokens,
-        seed=i,
-        evals=evals,
-      ),
-    )
   return paths
+
+
+def train_miniature_organism(assets: str, m: Miniature, name: str, out: str | None = None) -> str:
+  """SFT-trains organism ``name`` (data and tokenizer of :func:`prepare_miniature`
+  under ``assets``) in ``out`` (default ``assets/name``), with its fixed seeds;
+  returns its HF export."""
+  paths = miniature_paths(assets)
+  i = list(ORGANISMS).index(name)
+  role, _, data_key = ORGANISMS[name]
+  arch = m.student if role == "student" else m.teacher
+  steps = m.student_steps if role == "student" else m.teacher_steps
+  init = ensure_random_model(
+    os.path.join(assets, f"{name}_init"), arch, ensure_tokenizer(paths["tokenizer"]), 10 + i
+  )
+  return train_organism(
+    out or os.path.join(assets, name),
+    _train,
+    sft_config(
+      init=init,
+      tokenizer=paths["tokenizer"],
+      data_file=paths[data_key],
+      steps=steps,
+      lr=m.sft_lr,
+      batch_size=m.sft_batch,
+      max_prompt_len=m.max_prompt_len,
+      max_new_tokens=m.max_new_tokens,
+      seed=i,
+      evals={"all": miniature_eval(m, sorted(set(m.levels) | set(m.pool_levels)))},
+    ),
+  )
 
 
 def _train(config, workdir):

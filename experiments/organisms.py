@@ -11,17 +11,55 @@ Each is SFT-trained by this repo's driver and exported in HF format under
 ``WORKDIR/organisms``; per-level accuracies go to ``results/organisms.json``
 and ``figures/organisms.png``.
 
-  python experiments/organisms.py --workdir=runs/repro [--smoke]
+Calibration gate: each organism's per-level accuracy is checked against
+``miniature.gates(smoke)`` (committed before the runs they judge); the result
+is recorded under ``gates`` in organisms.json, and a failure stops the script
+(and every finding, which reads the record) with one line per failed level:
+organism, level, measured, required. ``--retrain-check`` also retrains every
+organism with the same seeds under ``organisms/retrain/`` and gates the
+per-level difference at ``retrain_tolerance``. ``--seeds`` is accepted for a
+uniform CLI; the organisms do not depend on the OPD seeds.
+
+  python experiments/organisms.py --workdir=runs/repro [--smoke] [--retrain-check]
 """
 
 from __future__ import annotations
+
+import os
 
 import miniature
 import repro_lib as R
 
 
-def main(workdir: str, smoke: bool = False) -> dict:
+def accuracies(sft_workdir: str, levels) -> dict[int, float]:
+  """Per-level greedy accuracy of an organism's final SFT eval."""
+  last = R.final_eval(sft_workdir)
+  return {L: last[f"eval/all/acc/level_{L}"] for L in levels}
+
+
+def retrain_check(workdir: str, m: miniature.Miniature, tolerance: float) -> dict:
+  """Retrains every organism with its seeds under ``organisms/retrain/<name>``
+  and compares per-level accuracies with the first training."""
+  assets = R.assets_dir(workdir)
+  levels = sorted(set(m.levels) | set(m.pool_levels))
+  first, second = {}, {}
+  for name in miniature.ORGANISMS:
+    out = os.path.join(assets, "retrain", name)
+    miniature.train_miniature_organism(assets, m, name, out=out)
+    first[name] = accuracies(R.organism_workdir(workdir, name), levels)
+    second[name] = accuracies(out, levels)
+  failures = miniature.check_retrain(first, second, tolerance)
+  return {
+    "status": "failed" if failures else "passed",
+    "tolerance": tolerance,
+    "failures": failures,
+    "retrained": second,
+  }
+
+
+def main(workdir: str, smoke: bool = False, seeds=None, retrain: bool = False) -> dict:
   m = miniature.miniature(smoke)
+  g = miniature.gates(smoke)
   miniature.prepare_miniature(R.assets_dir(workdir), m)
   levels = sorted(set(m.levels) | set(m.pool_levels))
   table = {}
@@ -51,9 +89,28 @@ def main(workdir: str, smoke: bool = False) -> dict:
   ax.set_ylabel("greedy accuracy")
   ax.set_title("Model organisms (levels above %d unseen by all)" % max(m.levels))
   ax.legend(fontsize=7)
-  R.save(workdir, "organisms", {"setting": R.setting_dict(m), "organisms": table}, fig)
+  failures = miniature.check_organisms(m, g, {k: v["accuracy"] for k, v in table.items()})
+  gates = {
+    "status": "failed" if failures else "passed",
+    "failures": failures,
+    "spec": R.setting_dict(g),
+  }
+  if retrain:
+    gates["retrain"] = retrain_check(workdir, m, g.retrain_tolerance)
+    if gates["retrain"]["failures"]:
+      gates["status"] = "failed"
+      failures = failures + ["retraining: " + f for f in gates["retrain"]["failures"]]
+      gates["failures"] = failures
+  data = {"setting": R.setting_dict(m), "organisms": table, "gates": gates}
+  R.save(workdir, "organisms", data, fig)
+  R.require_gate(gates, "organisms", "organisms.py")
   return table
 
 
 if __name__ == "__main__":
-  R.cli(main, __doc__)
+  p = R.parser(__doc__)
+  p.add_argument("--retrain-check", action="store_true", help="retrain and gate reproducibility")
+  args = p.parse_args()
+  R.headless()
+  R.setup_jax(args.workdir)
+  R.print_json(main(args.workdir, args.smoke, args.seeds, args.retrain_check))

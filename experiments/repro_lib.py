@@ -3,9 +3,14 @@
 Layout of a reproduction workdir::
 
   organisms/          tokenizer, data, SFT workdirs of the organisms (+ export_hf)
-  runs/<name>/        one OPD run each (configs/repro.py), resumable
-  results/<fig>.json  the numbers of each figure
+  runs/<name>/        one OPD run each (configs/repro.py), resumable; names end
+                      in ``_s<seed>``, so runs of other ``--seeds`` live beside
+  learnability/<name>/  the supervised-bound SFT runs (experiments/learnability.py)
+  results/<fig>.json  the numbers of each figure (key ``seeds``: the OPD seeds)
   figures/<fig>.png   the figures
+  results/seeds_3_4_5/, figures/seeds_3_4_5/   the same for a non-default
+                      ``--seeds`` list (organisms.json stays at the top: the
+                      organisms do not depend on the OPD seeds)
 
 A run is skipped once its ``DONE`` marker exists; an interrupted run resumes
 from its checkpoint (the driver does that), so the whole reproduction is
@@ -46,7 +51,24 @@ def parser(doc: str) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True)
   p.add_argument("--smoke", action="store_true", help="CI-sized: tiny organisms, few steps")
+  p.add_argument(
+    "--seeds",
+    type=parse_seeds,
+    default=None,
+    help="comma-separated OPD run seeds, e.g. 3,4,5 (default: miniature.Miniature.seeds)",
+  )
   return p
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+  """``"3,4,5"`` -> (3, 4, 5); distinct non-negative integers."""
+  try:
+    seeds = tuple(int(x) for x in text.split(",") if x.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"--seeds: comma-separated integers, got {text!r}") from None
+  if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+    raise argparse.ArgumentTypeError(f"--seeds: distinct non-negative integers, got {text!r}")
+  return seeds
 
 
 def headless() -> None:
@@ -138,10 +160,17 @@ def run_opd(
 
   name = name or run_name(**arg)
   rundir = os.path.join(os.path.abspath(workdir), "runs", name)
+  return run_once(rundir, lambda: opd_config(workdir, smoke, arg, overrides), train)
+
+
+def run_once(rundir: str, make_config, train) -> str:
+  """Runs ``train(make_config(), rundir)`` unless its ``DONE`` marker exists
+  (an interrupted run resumes from its checkpoint); returns ``rundir``."""
+  name = os.path.basename(rundir)
   done = os.path.join(rundir, "DONE")
   if not os.path.exists(done):
     print(f"[repro] run {name}", flush=True)
-    last = train(opd_config(workdir, smoke, arg, overrides), rundir)
+    last = train(make_config(), rundir)
     if last.get("status") != "finished":
       raise SystemExit(f"run {name} stopped ({last.get('status')}); rerun to resume")
     with open(done, "w") as f:
@@ -151,6 +180,35 @@ def run_opd(
 
 def seeds_of(m: miniature.Miniature) -> tuple[int, ...]:
   return tuple(m.seeds)
+
+
+def seed_tag(m: miniature.Miniature, smoke: bool) -> str:
+  """ "" for the default seeds, else ``seeds_3_4_5``: where results go."""
+  if tuple(m.seeds) == miniature.miniature(smoke).seeds:
+    return ""
+  return "seeds_" + "_".join(map(str, m.seeds))
+
+
+def setting(workdir: str, smoke: bool, seeds: Sequence[int] | None = None) -> miniature.Miniature:
+  """The settings of a finding with OPD seeds ``seeds``, once its calibration
+  gates have passed: the organisms' (``results/organisms.json``) and the
+  supervised bound's (``learnability.json`` of these seeds). A failed or
+  missing gate stops the script (SystemExit): no verdict from uncalibrated
+  organisms."""
+  m = miniature.miniature(smoke, seeds)
+  require_gate(load(workdir, "organisms").get("gates"), "organisms", "organisms.py")
+  opts = "" if seeds is None else " --seeds=" + ",".join(map(str, m.seeds))
+  bound = load(workdir, "learnability", m, smoke, missing=f"run experiments/learnability.py{opts}")
+  require_gate(bound.get("gate"), "supervised bound", "learnability.py")
+  return m
+
+
+def require_gate(record: Mapping[str, Any] | None, what: str, script: str) -> None:
+  if not record:
+    raise SystemExit(f"calibration gate ({what}) not recorded: rerun experiments/{script}")
+  if record["status"] not in ("passed", "skipped"):
+    lines = "\n  ".join(record.get("failures", []))
+    raise SystemExit(f"calibration gate ({what}) failed, no verdict:\n  {lines}")
 
 
 # -----------------------------------------------------------------------------
@@ -230,24 +288,55 @@ def gap_recovery(after: float, student: float, teacher: float) -> float:
 
 
 def organisms_table(workdir: str) -> dict[str, Any]:
-  with open(os.path.join(workdir, "results", "organisms.json")) as f:
-    return json.load(f)["organisms"]
+  return load(workdir, "organisms")["organisms"]
+
+
+def results_dir(workdir: str, m: miniature.Miniature | None = None, smoke: bool = False) -> str:
+  """``workdir/results`` (``m`` None or default seeds), else its seed subfolder."""
+  return os.path.join(workdir, "results", seed_tag(m, smoke) if m is not None else "")
+
+
+def load(
+  workdir: str,
+  name: str,
+  m: miniature.Miniature | None = None,
+  smoke: bool = False,
+  missing: str = "",
+) -> dict[str, Any]:
+  """``results/[seeds_…/]<name>.json`` as written by :func:`save`."""
+  path = os.path.join(results_dir(workdir, m, smoke), f"{name}.json")
+  if not os.path.exists(path):
+    raise SystemExit(f"{path} missing" + (f": {missing}" if missing else ""))
+  with open(path) as f:
+    return json.load(f)
 
 
 # -----------------------------------------------------------------------------
 # Writing results.
 
 
-def save(workdir: str, name: str, data: Mapping[str, Any], fig=None) -> None:
+def save(
+  workdir: str,
+  name: str,
+  data: Mapping[str, Any],
+  fig=None,
+  m: miniature.Miniature | None = None,
+  smoke: bool = False,
+) -> None:
+  """Writes ``results/<name>.json`` (+ ``figures/<name>.png``); with ``m``,
+  records its OPD ``seeds`` and writes under :func:`seed_tag`'s subfolder."""
+  tag = seed_tag(m, smoke) if m is not None else ""
+  if m is not None:
+    data = {**data, "seeds": list(m.seeds)}
   for sub in ("results", "figures"):
-    os.makedirs(os.path.join(workdir, sub), exist_ok=True)
-  tmp = os.path.join(workdir, "results", f".{name}.json.tmp")
+    os.makedirs(os.path.join(workdir, sub, tag), exist_ok=True)
+  tmp = os.path.join(workdir, "results", tag, f".{name}.json.tmp")
   with open(tmp, "w") as f:
     json.dump(_finite(data), f, indent=2, default=_json_default, allow_nan=False)
-  os.replace(tmp, os.path.join(workdir, "results", f"{name}.json"))
+  os.replace(tmp, os.path.join(workdir, "results", tag, f"{name}.json"))
   if fig is not None:
     fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "figures", f"{name}.png"), dpi=120)
+    fig.savefig(os.path.join(workdir, "figures", tag, f"{name}.png"), dpi=120)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -296,6 +385,19 @@ def curve_band(
   ax.fill_between(steps, mu - sd, mu + sd, color=color, alpha=0.2)
 
 
+def seed_slice(res: Any, i: int) -> Any:
+  """``res`` with every :func:`mean_std` record replaced by seed ``i``'s value
+  alone (mean = values[i], std 0, n 1): the results one seed would give."""
+  if isinstance(res, dict):
+    if {"mean", "std", "n", "values"} <= set(res) and isinstance(res["values"], list):
+      v = res["values"][i]
+      return {**res, "mean": v, "std": 0.0, "n": 1, "values": [v]}
+    return {k: seed_slice(v, i) for k, v in res.items()}
+  if isinstance(res, (list, tuple)):
+    return [seed_slice(v, i) for v in res]
+  return res
+
+
 def seed_runs(workdir: str, smoke: bool, m: miniature.Miniature, **arg: Any):
   """One run per seed of ``m``: (run dirs, evals at step 0, final evals)."""
   runs = [run_opd(workdir, smoke, seed=s, **arg) for s in seeds_of(m)]
@@ -303,8 +405,8 @@ def seed_runs(workdir: str, smoke: bool, m: miniature.Miniature, **arg: Any):
 
 
 def cli(main, doc: str) -> None:
-  """``python experiments/<finding>.py --workdir=DIR [--smoke]``."""
+  """``python experiments/<finding>.py --workdir=DIR [--smoke] [--seeds=3,4,5]``."""
   args = parser(doc).parse_args()
   headless()
   setup_jax(args.workdir)
-  print_json(main(args.workdir, args.smoke))
+  print_json(main(args.workdir, args.smoke, args.seeds))

@@ -3,11 +3,31 @@ organisms (SFT), every OPD run, figures, the numbers, and the results table.
 
   python experiments/reproduce.py --workdir=runs/repro           # ≤ 60 min, 2-core CPU
   python experiments/reproduce.py --workdir=/tmp/repro --smoke   # CI: tiny, all code paths
+  python experiments/reproduce.py --workdir=runs/repro --seeds=0,1,2,3,4,5   # reseeded
 
 Resumable: finished runs are skipped, interrupted ones resume from their
 checkpoints. Writes ``results/*.json``, ``figures/*.png``, ``results/summary.json``
 (paper claim, paper number, our number, verdict per finding) and
 ``results/results.md`` (the same as a Markdown table, pasted into the README).
+With a non-default ``--seeds`` list the runs of the new seeds go beside the
+others in ``runs/`` (run names end in ``_s<seed>``) and the results under
+``results/seeds_<a>_<b>…/`` (figures likewise); every results file records
+its ``seeds``.
+
+Calibration gates (``miniature.gates``): the organisms stage and the
+learnability stage (the supervised bound) stop the reproduction when a gate
+fails; no finding gives a verdict then.
+
+Seed robustness (the rule, fixed before any reseeded run): with n ≥ 2 seeds,
+every finding's verdict is also computed on each seed alone
+(:func:`repro_lib.seed_slice`: the same criteria on that seed's numbers, std
+0; so finding 7's "more than one std apart" becomes "higher" per seed). A
+finding is **fragile** when its per-seed verdicts and its pooled verdict
+(mean over the seeds) are not all the same outcome (reproduces / does not
+reproduce; the reason in brackets is ignored), else **robust**; descriptive
+rows are "descriptive", one seed is "single seed". A verdict that holds on the
+committed seeds but not on others is thus caught by rerunning with the
+committed seeds plus new ones (``--seeds=0,1,2,3,4,5``: runs 0-2 are reused).
 """
 
 from __future__ import annotations
@@ -17,10 +37,12 @@ import json
 import os
 import time
 
+import miniature
 import repro_lib as R
 
 STAGES = (
   "organisms",
+  "learnability",
   "f1_gap_recovery",
   "f2_compatibility",
   "f3_overlap_dynamics",
@@ -62,7 +84,8 @@ def summarize(res: dict) -> list[dict]:
       ours=(
         f"hard-level gap recovery from teacher_new {pct(new['hard_gap_recovery'])} "
         f"(acc {pct(new['student_hard_accuracy'], 0)} → {pct(new['hard_accuracy_after'], 0)}, "
-        f"teacher {100 * new['teacher_hard_accuracy']:.0f}%){long_txt}"
+        f"teacher {100 * new['teacher_hard_accuracy']:.0f}%){long_txt}; supervised bound "
+        f"(SFT on teacher_new's data, same budget) {pct(res['learnability']['hard_gap_recovery'])}"
       ),
       verdict=_verdict(new["hard_gap_recovery"]["mean"] >= 0.3),
     )
@@ -171,7 +194,8 @@ def summarize(res: dict) -> list[dict]:
     )
   )
   f8 = res["f8_long_horizon"]["teachers"]["teacher_new"]
-  first_last = f8.get("overlap_ratio_late_first_vs_last_chunk", [float("nan")] * 2)
+  nan = {"mean": float("nan")}
+  first_last = [f8.get(f"overlap_ratio_late_{c}_chunk", nan)["mean"] for c in ("first", "last")]
   rows.append(
     dict(
       finding="8. Long horizon: later response positions align worse",
@@ -207,29 +231,72 @@ def _contrast(success: float, failure: float) -> str:
   return _verdict(failure < 0.5 * success)
 
 
-def markdown(rows: list[dict]) -> str:
-  lines = ["| finding | paper | ours (mean ± std over seeds) | verdict |", "|---|---|---|---|"]
+def outcome(verdict: str) -> str:
+  """ "does not reproduce (the contrasting run …)" -> "does not reproduce"."""
+  return verdict.split(" (")[0]
+
+
+def robustness(pooled: str, per_seed: list[str]) -> str:
+  """The seed-robustness rule (module docstring): "descriptive", "single
+  seed", "fragile" (the pooled and per-seed outcomes differ) or "robust"."""
+  if outcome(pooled) == "descriptive":
+    return "descriptive"
+  if len(per_seed) < 2:
+    return "single seed"
+  return "robust" if len({outcome(v) for v in [pooled, *per_seed]}) == 1 else "fragile"
+
+
+def with_seeds(rows: list[dict], per_seed_rows: dict[int, list[dict]]) -> list[dict]:
+  """``rows`` with each finding's per-seed verdicts and :func:`robustness`."""
+  out = []
+  for i, r in enumerate(rows):
+    per_seed = {s: rs[i]["verdict"] for s, rs in per_seed_rows.items()}
+    out.append(
+      {**r, "per_seed": per_seed, "robustness": robustness(r["verdict"], list(per_seed.values()))}
+    )
+  return out
+
+
+def markdown(rows: list[dict], seeds=None) -> str:
+  over = "seeds " + ", ".join(map(str, seeds)) if seeds else "seeds"
+  lines = [f"| finding | paper | ours (mean ± std over {over}) | verdict |", "|---|---|---|---|"]
   for r in rows:
-    lines.append(f"| {r['finding']} | {r['paper']} | {r['ours']} | {r['verdict']} |")
+    verdict = r["verdict"]
+    if r.get("robustness") == "fragile":
+      marks = ", ".join(
+        f"s{s} {'✓' if outcome(v) == 'reproduces' else '✗'}" for s, v in r["per_seed"].items()
+      )
+      verdict += f"; **fragile** across seeds ({marks})"
+    lines.append(f"| {r['finding']} | {r['paper']} | {r['ours']} | {verdict} |")
   return "\n".join(lines) + "\n"
 
 
-def main(workdir: str, smoke: bool = False, stages=STAGES) -> dict:
+def main(workdir: str, smoke: bool = False, stages=STAGES, seeds=None) -> dict:
   os.makedirs(workdir, exist_ok=True)
   R.headless()
   R.setup_jax(workdir)
+  m = miniature.miniature(smoke, seeds)
   results, timings = {}, {}
   for stage in stages:
     t0 = time.time()
     print(f"[repro] === {stage} ===", flush=True)
-    results[stage] = importlib.import_module(stage).main(workdir, smoke)
+    results[stage] = importlib.import_module(stage).main(workdir, smoke, seeds)
     timings[stage] = time.time() - t0
     print(f"[repro] {stage}: {timings[stage]:.0f} s", flush=True)
-  rows = summarize(results) if set(STAGES) <= set(stages) else []
-  summary = {"smoke": smoke, "timings_s": timings, "total_s": sum(timings.values()), "rows": rows}
-  R.save(workdir, "summary", summary)
-  with open(os.path.join(workdir, "results", "results.md"), "w") as f:
-    f.write(markdown(rows))
+  rows = []
+  if set(STAGES) <= set(stages):
+    per_seed = {s: summarize(R.seed_slice(results, i)) for i, s in enumerate(m.seeds)}
+    rows = with_seeds(summarize(results), per_seed)
+  summary = {
+    "smoke": smoke,
+    "timings_s": timings,
+    "total_s": sum(timings.values()),
+    "robustness_rule": "fragile: the pooled and per-seed verdict outcomes differ",
+    "rows": rows,
+  }
+  R.save(workdir, "summary", summary, None, m, smoke)
+  with open(os.path.join(R.results_dir(workdir, m, smoke), "results.md"), "w") as f:
+    f.write(markdown(rows, m.seeds))
   print(markdown(rows))
   print(json.dumps(timings, indent=2))
   return summary
@@ -239,4 +306,4 @@ if __name__ == "__main__":
   p = R.parser(__doc__)
   p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset")
   args = p.parse_args()
-  main(args.workdir, args.smoke, tuple(s for s in args.stages.split(",") if s))
+  main(args.workdir, args.smoke, tuple(s for s in args.stages.split(",") if s), args.seeds)

@@ -137,3 +137,50 @@ def test_analysis_notebook_executes_on_smoke_runs(smoke_repro):
     "image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs
   )
   assert images >= 2 + len(FIGURES)
+
+
+def test_smoke_reseeded_runs_beside_the_default_seeds(smoke_repro):
+  """``--seeds=0,1``: seed 0's runs are reused, seed 1's are added beside them,
+  the results (with per-seed verdicts) go to results/seeds_0_1/ and the
+  default results stay; a finding script's CLI takes ``--seeds`` too."""
+  runs_dir = os.path.join(smoke_repro, "runs")
+  before = {
+    r: os.path.getmtime(os.path.join(runs_dir, r, "metrics.jsonl")) for r in os.listdir(runs_dir)
+  }
+  proc = _run(smoke_repro, "--seeds=0,1")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  runs = os.listdir(runs_dir)
+  assert {r for r in runs if r.endswith("_s1")} and all(r.endswith("_s0") for r in before)
+  assert {r: os.path.getmtime(os.path.join(runs_dir, r, "metrics.jsonl")) for r in before} == before
+  with open(os.path.join(smoke_repro, "results", "seeds_0_1", "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["seeds"] == [0, 1] and len(summary["rows"]) == 10
+  for r in summary["rows"]:
+    assert set(r["per_seed"]) == {"0", "1"}, r
+    assert r["robustness"] in ("robust", "fragile", "descriptive"), r
+  with open(os.path.join(smoke_repro, "results", "seeds_0_1", "f1_gap_recovery.json")) as f:
+    f1 = json.load(f)
+  assert f1["seeds"] == [0, 1] and f1["supervised_bound"]["n"] == 2
+  assert len(f1["teachers"]["teacher_new"]["runs"]) == 2
+  with open(os.path.join(smoke_repro, "results", "summary.json")) as f:
+    assert json.load(f)["seeds"] == [0]
+  # one finding alone on seed 1: its gates (the supervised bound of seed 1)
+  # come first, then it reuses seed 1's runs
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  for script in ("f3_overlap_dynamics", "learnability", "f3_overlap_dynamics"):
+    proc = subprocess.run(
+      [sys.executable, os.path.join(EXPERIMENTS, f"{script}.py")]
+      + [f"--workdir={smoke_repro}", "--smoke", "--seeds=1"],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+    if not os.path.exists(os.path.join(smoke_repro, "results", "seeds_1", "learnability.json")):
+      assert proc.returncode != 0 and "run experiments/learnability.py --seeds=1" in proc.stderr
+      continue
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[repro] run " not in proc.stdout  # seed 1's runs exist
+  with open(os.path.join(smoke_repro, "results", "seeds_1", "f3_overlap_dynamics.json")) as f:
+    assert json.load(f)["seeds"] == [1]
