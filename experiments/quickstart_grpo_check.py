@@ -18,7 +18,7 @@ Claim checked (exit 1 otherwise), on every seed: for every α > 0 the outcome
 reward of the last window is above the first window's and, when α = 0 is
 among ``--alphas``, above α = 0's last window.
 
-  python experiments/quickstart_grpo_check.py --seeds=0,1,2 --alphas=1,0 [--args=steps=80] \
+  python experiments/quickstart_grpo_check.py --seeds=0,1,2 --alphas=4,0 [--args=steps=80] \
     [--keep=DIR] [--assets=DIR/seed_{seed}/assets]
 """
 
@@ -60,8 +60,14 @@ def result_of(workdir: str, window: int) -> dict:
 
 def finished(workdir: str) -> bool:
   """Whether ``workdir`` holds a finished run (``--keep``: a rerun skips it)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  return os.path.exists(path) and '"status": "finished"' in open(path).read()
+  paths = [os.path.join(workdir, f) for f in ("config.json", "metrics.jsonl")]
+  if not all(map(os.path.exists, paths)):
+    return False
+  with open(paths[0]) as f:
+    total = json.load(f)["total_steps"]
+  with open(paths[1]) as f:
+    steps = [json.loads(x).get("step", 0) for x in f if x.strip()]
+  return bool(steps) and max(steps) >= total
 
 
 def run(seed: int, alpha: float, root: str, args: str, window: int, assets, extra) -> dict:
@@ -97,10 +103,10 @@ def holds(rows: list[dict]) -> bool:
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--seeds", default="0", help="comma-separated seeds (0,1,2)")
-  parser.add_argument("--alphas", default="1,0")
+  parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+  parser.add_argument("--alphas", default="4,0")
   parser.add_argument("--args", default="", help="more config args (steps=100,lr=1e-3)")
-  parser.add_argument("--window", type=int, default=20, help="steps averaged at start / end")
+  parser.add_argument("--window", type=int, default=10, help="steps averaged at start / end")
   parser.add_argument("--keep", default="", help="run under this dir (default: a temp dir)")
   parser.add_argument(
     "--assets", default="", help="an assets dir to reuse (linked into each; {seed}: the seed)"
