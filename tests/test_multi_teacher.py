@@ -270,16 +270,15 @@ def test_quickstart_grpo_config_builds():
   error naming the setting)."""
   c = _load_config("alpha=0.5", file="configs/quickstart_grpo.py")
   assert (c.prepare, c.loss.name, c.loss.alpha, c.loss.reward) == (
-    "multi_teacher_high",
+    "quickstart",
     "opd_grpo",
     0.5,
     "topk",
   )
   assert c.sampling.num_samples == 4 and c.sampling.temperature == 1.0
   assert c.on_policy_fraction == 1.0 and c.eval_teacher
-  assert _load_config("organisms=quickstart", file="configs/quickstart_grpo.py").prepare == (
-    "quickstart"
-  )
+  high = _load_config("organisms=multi_teacher_high", file="configs/quickstart_grpo.py")
+  assert high.prepare == "multi_teacher_high"
   with pytest.raises(Exception, match="organisms='nope'"):  # absl wraps the ValueError
     _load_config("organisms=nope", file="configs/quickstart_grpo.py")
 
@@ -293,7 +292,9 @@ def test_quickstart_grpo_runs_on_multi_teacher_high(tmp_path, monkeypatch):
   from opd_jax.train import train
 
   _tiny_organisms(monkeypatch)
-  c = _load_config("steps=2,prompts=4", file="configs/quickstart_grpo.py")
+  c = _load_config(
+    "organisms=multi_teacher_high,steps=2,prompts=4", file="configs/quickstart_grpo.py"
+  )
   c.progress_bar, c.evals.hard.num_examples = False, 8
   wd = tmp_path / "run"
   last = train(c, str(wd))
