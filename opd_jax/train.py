@@ -1555,10 +1555,36 @@ def _hooks(run: Run, ckpt, writer: MetricWriter, bar) -> tuple[list[Hook], list[
   ], saved
 
 
+# glibc mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD.
+_MALLOPT = ((-1, 1 << 30), (-2, 64 << 20), (-3, 32 << 20))
+
+
+def tune_malloc() -> bool:
+  """Keeps freed heap memory mapped (glibc only; elsewhere a no-op, False).
+
+  XLA:CPU allocates its temporaries afresh every execution; glibc's defaults
+  hand freed blocks above 128 KiB back to the kernel (``munmap``, heap trim),
+  so every step faults its pages in again (quickstart student SFT step:
+  ~17,000 page faults, ~20-30% of its CPU time). Trim threshold 1 GiB, top pad
+  64 MiB, blocks below 32 MiB on the heap: ~1,300 faults a step, same results.
+  """
+  import ctypes
+  import ctypes.util
+
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    mallopt = libc.mallopt
+  except (OSError, AttributeError):
+    return False
+  return all(mallopt(param, value) == 1 for param, value in _MALLOPT)
+
+
 def main(argv):
   del argv
   from absl import flags, logging
 
+  if "tune_malloc" not in flags.FLAGS or flags.FLAGS.tune_malloc:
+    tune_malloc()
   if not flags.FLAGS["verbosity"].present:  # orbax/absl INFO is very chatty
     logging.set_verbosity(logging.WARNING)
   config = flags.FLAGS.config
@@ -1585,6 +1611,7 @@ def run():
       "config", None, "config file (get_config(arg))", lock_config=True
     )
     flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs)")
+    flags.DEFINE_bool("tune_malloc", True, "glibc: keep freed heap memory mapped (tune_malloc)")
     flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)
 
