@@ -121,10 +121,12 @@ class HFEvaluator:
   ``train.run_evals`` (the run's eval set, sampler settings and student knobs)."""
 
   def __init__(self, config):
+    from transformers import AutoTokenizer
+
     from opd_jax import train
 
     self.settings = train.settings_of(config)
-    self.tokenizer = train._tokenizer(self.settings)  # pylint: disable=protected-access
+    self.tokenizer = AutoTokenizer.from_pretrained(self.settings.tokenizer)
     s_cfg = train.model_config_of(self.settings.student)
     self.cache = train.prepare_evals(self.settings, s_cfg, self.tokenizer)
 
@@ -236,11 +238,21 @@ def run_trl(config, out_dir: str, eval_steps: Sequence[int]) -> dict[str, Any]:
     callbacks=[Evals()],
   )
   trainer.remove_callback(PrinterCallback)  # one log line per step otherwise
+  seen: list[str] = []  # the prompts TRL generated for, in order
+  generate = trainer._generate  # pylint: disable=protected-access
+
+  def recording_generate(batch_prompts, *a, **kw):
+    seen.extend(batch_prompts)
+    return generate(batch_prompts, *a, **kw)
+
+  trainer._generate = recording_generate  # pylint: disable=protected-access
   t0 = time.time()
   trainer.train()
   wall = time.time() - t0
   if trainer.state.global_step != s["steps"]:
     raise RuntimeError(f"TRL ran {trainer.state.global_step} steps, expected {s['steps']}")
+  if seen != prompts:
+    raise RuntimeError("TRL did not train on our driver's prompts in our order")
   losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
   result = dict(
     trainer=f"trl {trl.__version__} DistillationTrainer",
