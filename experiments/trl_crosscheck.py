@@ -200,6 +200,8 @@ def run_trl(config, out_dir: str, eval_steps: Sequence[int]) -> dict[str, Any]:
         model.eval()
         evals.append(evaluate(model, int(state.global_step)))
         model.train(was)
+        acc = evals[-1].get("eval/all/accuracy", float("nan"))
+        print(f"[trl] step {state.global_step}: accuracy {100 * acc:.1f}%", flush=True)
 
   targs = trl.DistillationConfig(
     output_dir=os.path.join(out_dir, "trainer"),
