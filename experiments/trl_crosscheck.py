@@ -158,23 +158,25 @@ def _optimizer(model, s: Mapping[str, Any]):
   import torch
 
   params = [p for p in model.parameters() if p.requires_grad]
-  decay = [p for p in params if p.ndim >= 2 or not s["decay_matrices_only"]]
-  rest = [p for p in params if not (p.ndim >= 2 or not s["decay_matrices_only"])]
-  groups = [{"params": decay, "weight_decay": s["weight_decay"]}]
-  if rest:
-    groups.append({"params": rest, "weight_decay": 0.0})
+  decays = [p.ndim >= 2 or not s["decay_matrices_only"] for p in params]
+  groups = [
+    {"params": [p for p, d in zip(params, decays) if d == want], "weight_decay": wd}
+    for want, wd in ((True, s["weight_decay"]), (False, 0.0))
+  ]
+  groups = [g for g in groups if g["params"]]
   return torch.optim.AdamW(groups, lr=s["lr"], betas=(s["b1"], s["b2"]), eps=s["eps"])
 
 
 def run_trl(config, out_dir: str, eval_steps: Sequence[int]) -> dict[str, Any]:
   """TRL's on-policy distillation with our run's settings; evaluates with
   :class:`HFEvaluator` at ``eval_steps`` (0: before training). Cached in
-  ``out_dir/result.json``."""
+  ``out_dir/result.json`` (reused for the same settings and eval steps)."""
+  s = trl_settings(config)
   done = os.path.join(out_dir, "result.json")
   if os.path.exists(done):
     with open(done) as f:
       cached = json.load(f)
-    if cached["eval_steps"] == list(eval_steps):
+    if cached["eval_steps"] == list(eval_steps) and cached["settings"] == s:
       return cached
   import torch
   import transformers
@@ -183,7 +185,6 @@ def run_trl(config, out_dir: str, eval_steps: Sequence[int]) -> dict[str, Any]:
   from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback
 
   _quiet_hf()
-  s = trl_settings(config)
   evaluate = HFEvaluator(config)
   rows = s["prompts_per_step"] * s["num_samples"]
   prompts = prompt_stream(evaluate.settings, evaluate.tokenizer, s["steps"], s["num_samples"])
