@@ -12,7 +12,8 @@ Rows are routed by the prompts' ``source`` field (``arithmetic/L<n>``):
 ``low`` lists levels 1-2, ``high`` is the default teacher (every other
 source); ``data.mixture`` weighs the sources so each batch of 64 holds 16
 prompts for ``low`` and 48 for ``high`` (the skill to learn). The recipe is
-the quickstart's (reverse KL, 1 sample per prompt, lr 2e-3, 400 steps).
+the quickstart's earlier one (reverse KL, 1 sample per prompt, lr 2e-3 constant, 400
+steps).
 Metrics are logged per teacher as ``teacher/<name>/<metric>``.
 """
 

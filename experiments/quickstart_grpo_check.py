@@ -1,12 +1,14 @@
-"""OPD + outcome reward on the quickstart's organisms (issue #16): for each
-seed and each α runs
+"""OPD + outcome reward on the quickstart's organisms (issue #16; its teacher
+at 600 SFT steps): for each seed and each α runs
 
   python -m opd_jax.train --config=configs/quickstart_grpo.py:seed=S,alpha=A,<args> \
     --workdir=<root>/seed_S/alpha_A
 
 (a seed's organisms are made once, in its first run's workdir, and linked
 into its other runs; ``--assets`` links existing assets dirs instead, with
-``{seed}`` replaced by the seed) and prints, per seed and α, the outcome
+``{seed}`` replaced by the seed: made by the same preparer, since the default
+``organisms=quickstart_teacher600`` has a longer-trained teacher than the
+quickstart's own assets) and prints, per seed and α, the outcome
 reward (share of correct samples: the verifier's, inside the step) and the
 share of GRPO groups with zero reward variance, each averaged over the first
 and the last ``--window`` steps, and the greedy level-3 accuracy at the first

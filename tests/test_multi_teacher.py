@@ -270,13 +270,16 @@ def test_quickstart_grpo_config_builds():
   error naming the setting)."""
   c = _load_config("alpha=0.5", file="configs/quickstart_grpo.py")
   assert (c.prepare, c.loss.name, c.loss.alpha, c.loss.reward) == (
-    "quickstart",
+    "quickstart_teacher600",
     "opd_grpo",
     0.5,
     "topk",
   )
   assert c.sampling.num_samples == 4 and c.sampling.temperature == 1.0
   assert c.on_policy_fraction == 1.0 and c.eval_teacher
+  assert _load_config("organisms=quickstart", file="configs/quickstart_grpo.py").prepare == (
+    "quickstart"
+  )
   high = _load_config("organisms=multi_teacher_high", file="configs/quickstart_grpo.py")
   assert high.prepare == "multi_teacher_high"
   with pytest.raises(Exception, match="organisms='nope'"):  # absl wraps the ValueError

@@ -470,6 +470,7 @@ def test_sweep_prints_parseable_commands(tmp_path, monkeypatch):
         node = node[part]
       assert node == value, (line, key)
     _step_config(config)  # loss kwargs valid for the loss
+    assert config.total_steps == sweep.STEPS, line  # schedules over STEPS span the run
     assert not os.path.exists(workdir)  # printed, not run
   assert {"reverse_kl", "jsd", "topk_opd", "distillm2", "todi", "akl"} <= names
 

@@ -10,7 +10,7 @@ made once under ``<root>/_assets`` (``--config.prepare`` finds them there).
 from opd_jax.losses import distillm2_beta_schedule
 
 BASE = "configs/quickstart.py"
-STEPS = 400  # the quickstart's total_steps
+STEPS = 150  # the quickstart's total_steps (the gradual β spans the run; tested)
 
 
 def get_sweep():
