@@ -52,8 +52,6 @@ from opd_jax.models.transformer import positions_from_mask
 from opd_jax.sharding import Sharder
 
 _BATCH = "activation_batch"
-
-
 PREFIX_SUMS = ("auto", "matmul", "cumsum")
 
 
@@ -303,28 +301,6 @@ def _check_inputs(model, prompt_ids, prompt_mask, config: SamplingConfig):
     )
 
 
-def _all_done(done: jax.Array, sh: Sharder) -> jax.Array:
-  """``jnp.all(done)`` (``done``: bool ``[R]``), one answer on every device.
-
-  The decode loop's exit must be the same on every device of the mesh, or
-  their collectives wait for each other until XLA aborts the process. Under
-  GSPMD each copy of ``done`` replicated over non-batch axes (tensor) decides
-  for its own devices; seen on 8 CPU devices, (data, fsdp, tensor) = (2, 2, 2):
-  one copy left the loop, the rest waited in its collectives (rendezvous
-  termination, intermittent). A ``pmin`` over every mesh axis makes the exit
-  one decision.
-  """
-  if sh.mesh is None:
-    return jnp.all(done)
-
-  def local(d):
-    return jax.lax.pmin(jnp.all(d).astype(jnp.int32), tuple(sh.mesh.axis_names))
-
-  spec = sh.spec((_BATCH,), done.shape)
-  out = jax.sharding.PartitionSpec()
-  return jax.shard_map(local, mesh=sh.mesh, in_specs=spec, out_specs=out, check_vma=False)(done) > 0
-
-
 def sample(
   model: Any,
   prompt_ids: jax.Array,
@@ -432,7 +408,7 @@ def sample(
 
   def cond(last, state):
     step, _, _, done = state[:4]
-    finished = _all_done(done, sh)
+    finished = jnp.all(done)
     if config.loop_axis_name:  # every vmapped point done
       finished = jax.lax.pmin(finished.astype(jnp.int32), config.loop_axis_name) > 0
     return (step < last) & ~finished

@@ -559,35 +559,3 @@ def test_precomputed_uniforms_match_key_and_split_rows(model):
     run(state, ids, mask, u[:, 1:])
   with pytest.raises(ValueError, match="needs rng or uniforms"):
     sample(model, ids, mask, None, config)
-
-
-@pytest.mark.parametrize("tensor_copy_done", [(True, True), (True, False), (False, False)])
-def test_decode_loop_exit_is_one_decision_on_every_device(tensor_copy_done):
-  """``sampling._all_done``: the decode loop's exit is the same on all 8
-  devices even when the copies of ``done`` that the tensor axis replicates
-  disagree (built here on purpose: each tensor index holds its own copy).
-  ``jnp.all`` on such an array answers per copy (the test checks that it
-  would), which let one copy leave the loop while the others waited in its
-  collectives until XLA aborted the process."""
-  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  sh = Sharder(mesh)
-  P = jax.sharding.PartitionSpec
-  copies = jnp.array(tensor_copy_done)
-
-  def make_done():
-    def local():  # every row of this device's copy: its tensor index's value
-      return jnp.full((2,), copies[jax.lax.axis_index("tensor")])
-
-    return jax.shard_map(
-      local, mesh=mesh, in_specs=(), out_specs=P(("data", "fsdp")), check_vma=False
-    )()
-
-  def per_device(f):
-    out = jax.jit(lambda: f(make_done()), out_shardings=sh.replicated())()
-    return {bool(s.data) for s in out.addressable_shards}
-
-  naive = per_device(jnp.all)
-  agreed = per_device(lambda d: sampling_lib._all_done(d, sh))
-  assert agreed == {all(tensor_copy_done)}
-  if len(set(tensor_copy_done)) > 1:
-    assert naive == {True, False}  # the copies answer for themselves without it
