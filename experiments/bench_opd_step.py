@@ -78,7 +78,9 @@ if __name__ == "__main__":
   import jax as _jax
 
   if _ns.num_cpu_devices:
-    _jax.config.update("jax_num_cpu_devices", _ns.num_cpu_devices)
+    from opd_jax import sharding as _sharding
+
+    _sharding.simulate_cpu_devices(_ns.num_cpu_devices)
   # XLA:CPU sizes its intra-op pool (YNN/XNN dots) from the CPUs schedulable
   # at client creation: create it under a narrowed affinity, then restore the
   # affinity so the OS may still place our threads on any idle core.
@@ -94,7 +96,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from opd_jax import aot, configs_lib, opd_step
+from opd_jax import aot, configs_lib, opd_step, sharding
 from opd_jax import losses as losses_lib
 from opd_jax import sampling as sampling_lib
 from opd_jax import train as train_lib
@@ -393,6 +395,7 @@ def bench_cli(ctx: dict[str, Any], n_steps: int, args) -> None:
     env["XLA_FLAGS"] = (
       env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.num_cpu_devices}"
     ).strip()
+    env.setdefault("PJRT_NPROC", str(sharding.cpu_pool_threads(args.num_cpu_devices)))
   one_cpu = (
     (lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})) if args.threads == 1 else None
   )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,6 +59,31 @@ def _as_tuple(axes: Any) -> tuple[str, ...]:
   if isinstance(axes, str):
     return (axes,)
   return tuple(axes)
+
+
+# XLA:CPU runs every simulated device's program on one shared pool of
+# max(PJRT_NPROC or the CPU count, devices) threads, and an in-process
+# collective holds its thread until all devices have arrived. One device may
+# run two independent collectives at once on two threads (seen on 8 devices:
+# device 0 in a collective-permute and, on a second thread, in the decode
+# loop's all-reduce), so with one thread per device the last device finds no
+# thread and the rest wait until XLA aborts the process ("Termination timeout
+# ... of 40 seconds exceeded"). Four threads a device leave room for that.
+CPU_THREADS_PER_DEVICE = 4
+
+
+def cpu_pool_threads(num_devices: int) -> int:
+  """Threads (``PJRT_NPROC``) for ``num_devices`` simulated CPU devices."""
+  return max(CPU_THREADS_PER_DEVICE * num_devices, os.cpu_count() or 1)
+
+
+def simulate_cpu_devices(num_devices: int) -> None:
+  """``num_devices`` CPU devices (``jax_num_cpu_devices``) whose collectives
+  cannot starve each other of threads (``PJRT_NPROC``, unless already set).
+  Call before the first device use: the pool is sized when the backend starts.
+  """
+  os.environ.setdefault("PJRT_NPROC", str(cpu_pool_threads(num_devices)))
+  jax.config.update("jax_num_cpu_devices", num_devices)
 
 
 def make_mesh(

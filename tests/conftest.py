@@ -1,4 +1,5 @@
-"""Test set-up: 8 simulated CPU devices for mesh tests, float32 matmuls.
+"""Test set-up: 8 simulated CPU devices for mesh tests (on a thread pool their
+collectives cannot starve: ``sharding.simulate_cpu_devices``), float32 matmuls.
 
 Compilation dominates this suite's run time on a 2-core CPU, so tests run with
 XLA's backend optimisation level 0 (same numerics, roughly half the compile
@@ -17,7 +18,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
 
 import jax  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 8)
+from opd_jax import sharding  # noqa: E402
+
+sharding.simulate_cpu_devices(8)
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402

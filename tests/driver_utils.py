@@ -34,6 +34,8 @@ from typing import Any
 
 import pytest
 
+from opd_jax import sharding
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 
@@ -233,6 +235,7 @@ def driver_env(num_devices: int = 1, **extra: str) -> dict[str, str]:
   ).split()
   if num_devices > 1:
     flags.append(f"--xla_force_host_platform_device_count={num_devices}")
+    env.setdefault("PJRT_NPROC", str(sharding.cpu_pool_threads(num_devices)))
   env["XLA_FLAGS"] = " ".join(flags)
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH", "")]))
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
