@@ -1190,13 +1190,16 @@ def test_opd_grpo_short_run_raises_the_outcome_reward():
   """Teacher = the student's initial weights (distillation reward ≈ 0 at the
   start), 3-token completions, 40 SGD steps: with α = 4 the share of rewarded
   completions (first token even) rises above its start and above the α = 0
-  control run (same samples' seeds), which stays near its start."""
+  control run (same samples' seeds), which stays near its start. lr 0.1: at
+  lr 1.0 the reward rose and fell back on one AMD EPYC machine (0.59 -> 0.55: the
+  test failed there); at 0.1 it rises by 0.23-0.27 under XLA opt levels 0 and 2 and fast
+  math alike."""
   sh = Sharder()
   gd_t, t_params = nnx.split(create_model(SCFG, seed=SEED, sharder=sh))
 
   def run(alpha):
     cfg = _grpo_cfg(new_tokens=3, loss_kwargs={"alpha": alpha}, metrics=False)
-    opt = {"name": "sgd", "lr": 1.0, "grad_clip": 0}
+    opt = {"name": "sgd", "lr": 0.1, "grad_clip": 0}
     b = _build(cfg, opt=opt, teacher_params=(gd_t, t_params))
     state, rewards = b["state"], []
     for _ in range(40):
