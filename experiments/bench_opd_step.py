@@ -395,7 +395,7 @@ def bench_cli(ctx: dict[str, Any], n_steps: int, args) -> None:
     env["XLA_FLAGS"] = (
       env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.num_cpu_devices}"
     ).strip()
-    env.setdefault("PJRT_NPROC", str(sharding.cpu_pool_threads(args.num_cpu_devices)))
+    sharding.size_cpu_pool(env, args.num_cpu_devices)
   one_cpu = (
     (lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})) if args.threads == 1 else None
   )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import jax
@@ -72,17 +72,19 @@ def _as_tuple(axes: Any) -> tuple[str, ...]:
 CPU_THREADS_PER_DEVICE = 4
 
 
-def cpu_pool_threads(num_devices: int) -> int:
-  """Threads (``PJRT_NPROC``) for ``num_devices`` simulated CPU devices."""
-  return max(CPU_THREADS_PER_DEVICE * num_devices, os.cpu_count() or 1)
+def size_cpu_pool(env: MutableMapping[str, str], num_devices: int) -> None:
+  """Sets ``env["PJRT_NPROC"]`` (unless already set) to the pool of
+  max(4 * ``num_devices``, CPUs) threads that ``num_devices`` simulated CPU
+  devices need: ``os.environ`` for this process, a subprocess's env for it."""
+  env.setdefault("PJRT_NPROC", str(max(CPU_THREADS_PER_DEVICE * num_devices, os.cpu_count() or 1)))
 
 
 def simulate_cpu_devices(num_devices: int) -> None:
   """``num_devices`` CPU devices (``jax_num_cpu_devices``) whose collectives
-  cannot starve each other of threads (``PJRT_NPROC``, unless already set).
-  Call before the first device use: the pool is sized when the backend starts.
+  cannot starve each other of threads (:func:`size_cpu_pool`). Call before
+  the first device use: the pool is sized when the backend starts.
   """
-  os.environ.setdefault("PJRT_NPROC", str(cpu_pool_threads(num_devices)))
+  size_cpu_pool(os.environ, num_devices)
   jax.config.update("jax_num_cpu_devices", num_devices)
 
 

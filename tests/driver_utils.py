@@ -235,7 +235,7 @@ def driver_env(num_devices: int = 1, **extra: str) -> dict[str, str]:
   ).split()
   if num_devices > 1:
     flags.append(f"--xla_force_host_platform_device_count={num_devices}")
-    env.setdefault("PJRT_NPROC", str(sharding.cpu_pool_threads(num_devices)))
+    sharding.size_cpu_pool(env, num_devices)
   env["XLA_FLAGS"] = " ".join(flags)
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH", "")]))
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -33,7 +33,7 @@ def test_suite_pool_has_room_for_concurrent_collectives():
   """conftest's 8 devices run on 4 threads each: with one thread a device
   (XLA's default here), a device running two collectives at once left the
   last device without a thread and XLA aborted the process
-  (test_multi_teacher_micro_batches_and_sharded_match, 2 of 8 runs; 0 of 14
+  (test_multi_teacher_micro_batches_and_sharded_match, 2 of 8 runs; 0 of 26
   with 32 threads)."""
   assert jax.device_count() == 8
   assert _pool_threads() >= sharding.CPU_THREADS_PER_DEVICE * 8
