@@ -108,8 +108,11 @@ def main(argv=None):
       for name, w in zip(names, workdirs):
         print(f"  {name}: {w}")
       return
+    from opd_jax.train import tune_malloc, use_cpu_sync_dispatch
     from opd_jax.vmap_sweep import train_vmapped
 
+    tune_malloc()  # the host tuning of the CLI (opd_jax.train.main)
+    use_cpu_sync_dispatch()
     for name, res in zip(names, train_vmapped(configs, workdirs, names)):
       keys = [k for k in sorted(res) if k in ("step", "status", "loss") or k.startswith("eval/")]
       print(json.dumps({"point": name, **{k: res[k] for k in keys}}), flush=True)
