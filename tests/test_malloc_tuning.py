@@ -1,4 +1,4 @@
-"""train.tune_malloc and train.use_cpu_sync_dispatch: the host tuning the driver does at start-up."""
+"""train.tune_malloc, train.use_cpu_sync_dispatch: the driver's host tuning at start-up."""
 
 import platform
 
