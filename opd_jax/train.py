@@ -1569,15 +1569,19 @@ def tune_malloc() -> bool:
   pad 64 MiB, blocks below 32 MiB on the heap: ~500 faults a step, same results.
   Every setting is tried; True iff glibc took them all.
   """
+  mallopt = _glibc_mallopt()
+  return mallopt is not None and all([mallopt(p, v) == 1 for p, v in _MALLOPT])
+
+
+def _glibc_mallopt():
+  """glibc's ``mallopt`` (None elsewhere)."""
   import ctypes
   import ctypes.util
 
   try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = libc.mallopt
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
   except (OSError, AttributeError):
-    return False
-  return all([mallopt(param, value) == 1 for param, value in _MALLOPT])
+    return None
 
 
 # glibc M_MMAP_MAX: 0 = never mmap, every block from the heap.
@@ -1588,7 +1592,8 @@ def use_cpu_sync_dispatch() -> bool:
   """On one CPU device: XLA:CPU runs each execution on the calling thread
   (``jax_cpu_enable_async_dispatch=False``) and glibc serves every block from
   the heap (``M_MMAP_MAX=0``), so a step's temporaries are reused, not
-  faulted in afresh every execution. True iff it took effect.
+  faulted in afresh every execution. True iff both took effect (off glibc
+  only the dispatch does).
 
   Why: with async dispatch a worker thread allocates the step's temporary
   buffer from its own glibc arena, whose heaps hold at most 64 MiB; a larger
@@ -1603,9 +1608,6 @@ def use_cpu_sync_dispatch() -> bool:
   ``--xla_force_host_platform_device_count``: their collectives need the
   worker threads), on accelerators or off glibc.
   """
-  import ctypes
-  import ctypes.util
-
   from jax._src import xla_bridge
 
   forced = re.findall(
@@ -1617,11 +1619,8 @@ def use_cpu_sync_dispatch() -> bool:
   jax.config.update("jax_cpu_enable_async_dispatch", False)
   if jax.default_backend() != "cpu":  # starts the backends, with the setting above
     return False
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    return libc.mallopt(*_NO_MMAP) == 1
-  except (OSError, AttributeError):
-    return False
+  mallopt = _glibc_mallopt()
+  return mallopt is not None and mallopt(*_NO_MMAP) == 1
 
 
 def main(argv):
@@ -1631,7 +1630,7 @@ def main(argv):
   if "tune_malloc" not in flags.FLAGS or flags.FLAGS.tune_malloc:
     tune_malloc()
   config = flags.FLAGS.config
-  single_process = int(config.distributed.get("num_processes", 1)) <= 1
+  single_process = distributed_spec(config).num_processes <= 1
   if single_process and ("cpu_sync_dispatch" not in flags.FLAGS or flags.FLAGS.cpu_sync_dispatch):
     use_cpu_sync_dispatch()  # before anything starts the backends
   if not flags.FLAGS["verbosity"].present:  # orbax/absl INFO is very chatty
