@@ -10,12 +10,15 @@ The constants are pilot-tuned for this task; the library's building blocks
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 from collections.abc import Sequence
 
 import ml_collections
 
 from opd_jax import configs_lib
+from opd_jax.tasks import read_jsonl, write_jsonl
 from opd_jax.organisms import (
   Arch,
   ensure_random_model,
@@ -45,6 +48,13 @@ class Miniature:
   # signal to move; see the README's Results section).
   student_hard_fraction: float = 0.03
   pool_levels: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
+  # Data of the redesign (issue #14): every scratchpad step is written in one
+  # of ``phrasings`` templates (genuine choice points: the next-token mass
+  # spreads over the templates at each step's start), tokenized by a
+  # byte-level BPE of up to ``bpe_vocab`` tokens trained on the SFT text
+  # (digits one token each; 0: the character-level tokenizer).
+  phrasings: int = 3
+  bpe_vocab: int = 512
   student: Arch = Arch(num_layers=2, hidden_size=128)
   teacher: Arch = Arch(num_layers=4, hidden_size=128)
   student_steps: int = 600
@@ -55,17 +65,25 @@ class Miniature:
   teacher_examples: int = 8000
   prompt_examples: int = 4000
   pool_examples: int = 1536
+  # BPE tokens: prompts of level 6 are 14; completions of level 4 are at most
+  # 55 (pattern A) / 70 (pattern B) with three phrasings.
   max_prompt_len: int = 14
-  max_new_tokens: int = 56
+  max_new_tokens: int = 72
   # OPD runs (paper: 64 prompts x 4 samples, T = 1, AdamW constant lr, clip 1).
-  opd_steps: int = 150
-  opd_batch: int = 16
-  num_samples: int = 2
-  opd_lr: float = 3e-4
-  eval_every: int = 25
+  # The budget is where supervision succeeds (the issue's audit: SFT at 150
+  # steps x 32 rows lifted level 4 from 3% to 6-12%, 450 steps at lr 1e-3 to
+  # 44%); one sample per prompt, as the near-deterministic student's second
+  # sample was a near-duplicate (32 x 1 beat 16 x 2).
+  opd_steps: int = 450
+  opd_batch: int = 32
+  num_samples: int = 1
+  opd_lr: float = 1e-3
+  eval_every: int = 50
   eval_per_level: int = 64
   seeds: tuple[int, ...] = (0, 1, 2)
-  cold_start_steps: int = 100
+  # A third of the OPD budget: long enough to install pattern B (SFT on
+  # teacher_new's data moved level 4 by ~80 points in 250 steps of 32 rows).
+  cold_start_steps: int = 150
   cold_start_prompts: int = 1024
   selection_fraction: float = 1 / 3
 
@@ -84,10 +102,14 @@ MINIATURE_SMOKE = Miniature(
   teacher_examples=1024,
   prompt_examples=256,
   pool_examples=48,
+  phrasings=2,
+  bpe_vocab=300,
   max_prompt_len=8,
   max_new_tokens=32,
   opd_steps=4,
   opd_batch=4,
+  num_samples=2,
+  opd_lr=3e-4,
   eval_every=2,
   eval_per_level=8,
   seeds=(0,),
@@ -247,15 +269,82 @@ def check_retrain(
 ORGANISMS = {
   "student": ("student", "A", "student_sft"),
   "teacher_new": ("teacher", "A", "teacher_sft"),
-  "teacher_same": ("teacher", "A", "student_sft"),
+  # The student's data without its hard-level examples: the same knowledge,
+  # more capacity (trained on the student's full data it reached 92-94% on
+  # level 4 from 3% of level-4 examples: not "nothing new").
+  "teacher_same": ("teacher", "A", "student_easy_sft"),
   "teacher_b": ("teacher", "B", "teacher_b_sft"),
 }
+
+
+DATA_KEYS = (
+  "student_sft",
+  "student_easy_sft",
+  "teacher_sft",
+  "teacher_b_sft",
+  "opd_prompts",
+  "prompt_pool",
+)
+# The settings that make the assets (data, tokenizer, organisms): assets made
+# with other values are refused (``check_assets``), never silently reused.
+ASSET_FIELDS = (
+  "levels",
+  "easy",
+  "hard",
+  "student_hard_fraction",
+  "pool_levels",
+  "phrasings",
+  "bpe_vocab",
+  "student",
+  "teacher",
+  "student_steps",
+  "teacher_steps",
+  "sft_lr",
+  "sft_batch",
+  "student_examples",
+  "teacher_examples",
+  "prompt_examples",
+  "pool_examples",
+  "max_prompt_len",
+  "max_new_tokens",
+)
+
+
+def asset_setting(m: Miniature) -> dict:
+  """The :data:`ASSET_FIELDS` of ``m`` as JSON-ready values."""
+  return json.loads(json.dumps({f: dataclasses.asdict(m)[f] for f in ASSET_FIELDS}))
+
+
+def check_assets(assets: str, m: Miniature) -> None:
+  """Records ``m``'s asset settings in ``assets/miniature.json`` on first
+  use; raises ValueError naming the differing settings when the assets there
+  were made with others (e.g. a workdir of an earlier organism design)."""
+  path = os.path.join(assets, "miniature.json")
+  want = asset_setting(m)
+  if os.path.exists(path):
+    with open(path) as f:
+      have = json.load(f)
+    diff = [f"{k}: {have.get(k)!r} there, {v!r} now" for k, v in want.items() if have.get(k) != v]
+    if diff:
+      raise ValueError(
+        f"the organisms under {assets} were made with other settings ({'; '.join(diff)}): "
+        "use a new --workdir"
+      )
+  elif os.path.isdir(os.path.join(assets, "data")):
+    raise ValueError(
+      f"{assets} holds organisms of an earlier design (no miniature.json): use a new --workdir"
+    )
+  else:
+    os.makedirs(assets, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(want, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def miniature_paths(assets: str) -> dict[str, str]:
   """Where the miniature's tokenizer, data files and organisms live."""
   d = {"tokenizer": os.path.join(assets, "tokenizer")}
-  for key in ("student_sft", "teacher_sft", "teacher_b_sft", "opd_prompts", "prompt_pool"):
+  for key in DATA_KEYS:
     d[key] = os.path.join(assets, "data", f"{key}.jsonl")
   for name in ORGANISMS:
     d[name] = os.path.join(assets, name, "export_hf")
@@ -287,22 +376,29 @@ def prepare_miniature(assets: str, m: Miniature = MINIATURE) -> dict[str, str]:
 def prepare_data(assets: str, m: Miniature = MINIATURE) -> dict[str, str]:
   """Makes (or finds) the tokenizer and data files of the miniature."""
   paths = miniature_paths(assets)
+  check_assets(assets, m)
   os.makedirs(os.path.join(assets, "data"), exist_ok=True)
-  ensure_tokenizer(paths["tokenizer"])
   n_hard = int(round(m.student_hard_fraction * m.student_examples))
-  ensure_task_data(
+  data = functools.partial(ensure_task_data, phrasings=m.phrasings)
+  data(
     paths["student_sft"],
     n=m.student_examples - n_hard,
     seed=2,
     levels=m.easy,
     extra=(n_hard, m.hard),
   )
-  ensure_task_data(paths["teacher_sft"], n=m.teacher_examples, seed=1, levels=m.levels)
-  ensure_task_data(
-    paths["teacher_b_sft"], n=m.teacher_examples, seed=1, levels=m.levels, pattern="B"
-  )
-  ensure_task_data(paths["opd_prompts"], n=m.prompt_examples, seed=3, levels=m.levels)
-  ensure_task_data(paths["prompt_pool"], n=m.pool_examples, seed=4, levels=m.pool_levels)
+  if not os.path.exists(paths["student_easy_sft"]):  # the same rows, minus the hard levels
+    rows = read_jsonl(paths["student_sft"])
+    write_jsonl(paths["student_easy_sft"], [r for r in rows if r["level"] not in m.hard])
+  data(paths["teacher_sft"], n=m.teacher_examples, seed=1, levels=m.levels)
+  data(paths["teacher_b_sft"], n=m.teacher_examples, seed=1, levels=m.levels, pattern="B")
+  data(paths["opd_prompts"], n=m.prompt_examples, seed=3, levels=m.levels)
+  data(paths["prompt_pool"], n=m.pool_examples, seed=4, levels=m.pool_levels)
+  sft_text = [paths[k] for k in ("student_sft", "teacher_sft", "teacher_b_sft")]
+  if m.bpe_vocab:
+    ensure_tokenizer(paths["tokenizer"], bpe_from=sft_text, vocab_size=m.bpe_vocab)
+  else:
+    ensure_tokenizer(paths["tokenizer"])
   return paths
 
 

@@ -1,9 +1,15 @@
 """Trains (or finds) the model organisms of the miniature reproduction.
 
-  student       2x128, pattern A, easy levels 1-3
+  student       2x128, pattern A, easy levels 1-3 (+ 3% level-4 examples)
   teacher_new   4x128, pattern A, levels 1-4 (new capability: level 4)
-  teacher_same  4x128, pattern A, the student's data (higher score, nothing new)
+  teacher_same  4x128, pattern A, the student's easy-level data (more capacity,
+                nothing new)
   teacher_b     4x128, pattern B, levels 1-4 (capable, other thinking pattern)
+
+All data is phrased (``Miniature.phrasings`` templates per step) and tokenized
+by a BPE trained on it (``Miniature.bpe_vocab``); the settings that made the
+organisms are recorded in ``organisms/miniature.json`` and a workdir made with
+others is refused.
   strong/weak pair for reverse distillation: teacher_new (strong student)
                 distilled from student (weak teacher), see f5_weak_to_strong.py
 

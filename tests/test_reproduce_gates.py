@@ -225,3 +225,51 @@ def test_retraining_a_smoke_organism_gives_the_same_accuracies(tmp_path):
   assert miniature.check_retrain(*accs, miniature.GATES_SMOKE.retrain_tolerance) == []
   losses = [[r["loss"] for r in R.records(d) if "loss" in r] for d in dirs]
   assert len(losses[0]) >= 5 and losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_miniature_data_is_phrased_bpe_and_teacher_same_lacks_the_hard_level(tmp_path):
+  """The redesigned data (smoke sizes): teacher_same's file is the student's
+  easy-level examples in the same order without its hard-level ones; the
+  tokenizer is a BPE trained on the data, larger than the character one, with
+  exact round trips; completions draw from more than one phrasing."""
+  from transformers import AutoTokenizer
+
+  from opd_jax.tasks import read_jsonl
+
+  m = miniature.MINIATURE_SMOKE
+  assert m.phrasings > 1 and m.bpe_vocab
+  paths = miniature.prepare_data(str(tmp_path / "organisms"), m)
+  student = read_jsonl(paths["student_sft"])
+  easy = read_jsonl(paths["student_easy_sft"])
+  hard = [r for r in student if r["level"] in m.hard]
+  assert hard and not any(r["level"] in m.hard for r in easy)
+  assert [r for r in student if r["level"] not in m.hard] == easy
+  assert miniature.ORGANISMS["teacher_same"][2] == "student_easy_sft"
+  tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
+  with open(os.path.join(paths["tokenizer"], "tokenizer.json")) as f:
+    assert json.load(f)["model"]["type"] == "BPE"
+  assert len(tok) > 260
+  rows = read_jsonl(paths["teacher_sft"])
+  for r in rows[:50]:
+    text = r["prompt"] + r["completion"]
+    assert tok.decode(tok(text)["input_ids"]) == text
+  assert len({r["completion"].split(";")[0].strip("0123456789") for r in rows}) > 1
+
+
+def test_assets_of_other_settings_are_refused(tmp_path):
+  """``check_assets`` records the asset settings once and names every
+  setting that differs when a workdir made with others is reused; a workdir
+  of the earlier design (data, no record) is refused too."""
+  m = miniature.MINIATURE_SMOKE
+  assets = str(tmp_path / "organisms")
+  miniature.check_assets(assets, m)
+  miniature.check_assets(assets, m)  # same settings: fine
+  with open(os.path.join(assets, "miniature.json")) as f:
+    assert json.load(f)["phrasings"] == m.phrasings
+  other = miniature.dataclasses.replace(m, phrasings=1, bpe_vocab=0)
+  with pytest.raises(ValueError, match=r"phrasings: 2 there, 1 now; bpe_vocab: 300 there, 0 now"):
+    miniature.check_assets(assets, other)
+  old = tmp_path / "old" / "organisms"
+  (old / "data").mkdir(parents=True)
+  with pytest.raises(ValueError, match="earlier design"):
+    miniature.check_assets(str(old), m)
