@@ -18,7 +18,6 @@ from collections.abc import Sequence
 import ml_collections
 
 from opd_jax import configs_lib
-from opd_jax.tasks import read_jsonl, write_jsonl
 from opd_jax.organisms import (
   Arch,
   ensure_random_model,
@@ -27,6 +26,7 @@ from opd_jax.organisms import (
   sft_config,
   train_organism,
 )
+from opd_jax.tasks import read_jsonl, write_jsonl
 
 
 @dataclasses.dataclass(frozen=True)
