@@ -312,7 +312,8 @@ ASSET_FIELDS = (
 
 def asset_setting(m: Miniature) -> dict:
   """The :data:`ASSET_FIELDS` of ``m`` as JSON-ready values."""
-  return json.loads(json.dumps({f: dataclasses.asdict(m)[f] for f in ASSET_FIELDS}))
+  fields = dataclasses.asdict(m)
+  return json.loads(json.dumps({f: fields[f] for f in ASSET_FIELDS}))
 
 
 def check_assets(assets: str, m: Miniature) -> None:
@@ -395,10 +396,10 @@ def prepare_data(assets: str, m: Miniature = MINIATURE) -> dict[str, str]:
   data(paths["opd_prompts"], n=m.prompt_examples, seed=3, levels=m.levels)
   data(paths["prompt_pool"], n=m.pool_examples, seed=4, levels=m.pool_levels)
   sft_text = [paths[k] for k in ("student_sft", "teacher_sft", "teacher_b_sft")]
-  if m.bpe_vocab:
-    ensure_tokenizer(paths["tokenizer"], bpe_from=sft_text, vocab_size=m.bpe_vocab)
-  else:
-    ensure_tokenizer(paths["tokenizer"])
+  # bpe_vocab 0: no BPE text, the character-level tokenizer.
+  ensure_tokenizer(
+    paths["tokenizer"], bpe_from=sft_text if m.bpe_vocab else (), vocab_size=m.bpe_vocab
+  )
   return paths
 
 

@@ -5,13 +5,13 @@
   teacher_same  4x128, pattern A, the student's easy-level data (more capacity,
                 nothing new)
   teacher_b     4x128, pattern B, levels 1-4 (capable, other thinking pattern)
+  strong/weak pair for reverse distillation: teacher_new (strong student)
+                distilled from student (weak teacher), see f5_weak_to_strong.py
 
 All data is phrased (``Miniature.phrasings`` templates per step) and tokenized
 by a BPE trained on it (``Miniature.bpe_vocab``); the settings that made the
 organisms are recorded in ``organisms/miniature.json`` and a workdir made with
 others is refused.
-  strong/weak pair for reverse distillation: teacher_new (strong student)
-                distilled from student (weak teacher), see f5_weak_to_strong.py
 
 Each is SFT-trained by this repo's driver and exported in HF format under
 ``WORKDIR/organisms``; per-level accuracies go to ``results/organisms.json``
