@@ -26,6 +26,18 @@ TEACHERS = ("teacher_new", "teacher_same")
 LONG_BUDGET = 2
 
 
+def runs(m) -> list[dict]:
+  """:func:`repro_lib.run_opd` arguments of every run: each teacher per seed,
+  and at 2x the steps on the first seed."""
+  return [dict(teacher=t, seed=s) for t in TEACHERS for s in m.seeds] + [
+    dict(teacher=t, seed=m.seeds[0], steps=LONG_BUDGET * m.opd_steps) for t in TEACHERS
+  ]
+
+
+def jobs(workdir: str, smoke: bool = False, seeds=None) -> list:
+  """The OPD runs of :func:`runs` as :class:`repro_lib.Job` s."""
+  return R.opd_jobs(workdir, smoke, runs(R.setting(workdir, smoke, seeds)))
+
 def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
   m = R.setting(workdir, smoke, seeds)
   orgs = R.organisms_table(workdir)
@@ -128,4 +140,4 @@ def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
 
 
 if __name__ == "__main__":
-  R.cli(main, __doc__)
+  R.cli(main, __doc__, jobs)

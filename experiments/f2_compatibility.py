@@ -13,6 +13,15 @@ import repro_lib as R
 TEACHERS = ("teacher_new", "teacher_b")
 
 
+def runs(m) -> list[dict]:
+  """:func:`repro_lib.run_opd` arguments of every run: each teacher per seed."""
+  return [dict(teacher=t, seed=s) for t in TEACHERS for s in m.seeds]
+
+
+def jobs(workdir: str, smoke: bool = False, seeds=None) -> list:
+  """The OPD runs of :func:`runs` as :class:`repro_lib.Job` s."""
+  return R.opd_jobs(workdir, smoke, runs(R.setting(workdir, smoke, seeds)))
+
 def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
   m = R.setting(workdir, smoke, seeds)
   orgs = R.organisms_table(workdir)
@@ -60,4 +69,4 @@ def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
 
 
 if __name__ == "__main__":
-  R.cli(main, __doc__)
+  R.cli(main, __doc__, jobs)

@@ -14,6 +14,15 @@ TEACHERS = ("teacher_new", "teacher_same", "teacher_b")
 KEYS = ("overlap_mass_student", "overlap_mass_teacher", "topk_mass_student", "topk_mass_teacher")
 
 
+def runs(m) -> list[dict]:
+  """:func:`repro_lib.run_opd` arguments of every run: each teacher per seed."""
+  return [dict(teacher=t, seed=s) for t in TEACHERS for s in m.seeds]
+
+
+def jobs(workdir: str, smoke: bool = False, seeds=None) -> list:
+  """The OPD runs of :func:`runs` as :class:`repro_lib.Job` s."""
+  return R.opd_jobs(workdir, smoke, runs(R.setting(workdir, smoke, seeds)))
+
 def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
   m = R.setting(workdir, smoke, seeds)
   out = {"teachers": {}, "window": "last 10% of OPD steps (start: first 10%)"}
@@ -42,4 +51,4 @@ def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
 
 
 if __name__ == "__main__":
-  R.cli(main, __doc__)
+  R.cli(main, __doc__, jobs)

@@ -15,6 +15,16 @@ STRONG = "teacher_new"
 WEAK = ("student", "teacher_same")
 
 
+def runs(m) -> list[dict]:
+  """:func:`repro_lib.run_opd` arguments of every run: the strong student
+  from each weak teacher, per seed."""
+  return [dict(student=STRONG, teacher=w, seed=s) for w in WEAK for s in m.seeds]
+
+
+def jobs(workdir: str, smoke: bool = False, seeds=None) -> list:
+  """The OPD runs of :func:`runs` as :class:`repro_lib.Job` s."""
+  return R.opd_jobs(workdir, smoke, runs(R.setting(workdir, smoke, seeds)))
+
 def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
   m = R.setting(workdir, smoke, seeds)
   orgs = R.organisms_table(workdir)
@@ -54,4 +64,4 @@ def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
 
 
 if __name__ == "__main__":
-  R.cli(main, __doc__)
+  R.cli(main, __doc__, jobs)

@@ -15,6 +15,19 @@ import repro_lib as R
 TEACHER = "teacher_b"
 
 
+def runs(m) -> list[dict]:
+  """:func:`repro_lib.run_opd` arguments of every run: plain OPD and cold
+  start + OPD from teacher_b, per seed."""
+  n = m.cold_start_steps
+  return [dict(teacher=TEACHER, seed=s) for s in m.seeds] + [
+    dict(teacher=TEACHER, seed=s, cold_start=n, steps=m.opd_steps + n) for s in m.seeds
+  ]
+
+
+def jobs(workdir: str, smoke: bool = False, seeds=None) -> list:
+  """The OPD runs of :func:`runs` as :class:`repro_lib.Job` s."""
+  return R.opd_jobs(workdir, smoke, runs(R.setting(workdir, smoke, seeds)))
+
 def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
   m = R.setting(workdir, smoke, seeds)
   orgs = R.organisms_table(workdir)
@@ -80,4 +93,4 @@ def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
 
 
 if __name__ == "__main__":
-  R.cli(main, __doc__)
+  R.cli(main, __doc__, jobs)

@@ -23,9 +23,15 @@ from opd_jax import prompt_selection
 TEACHER = "teacher_new"
 
 
+def selection_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "prompt_selection")
+
+
 def select_prompts(workdir: str, m: miniature.Miniature) -> str:
+  """Scores the prompt pool and writes the selected prompts (once); returns
+  their file."""
   paths = miniature.miniature_paths(R.assets_dir(workdir))
-  out_dir = os.path.join(os.path.abspath(workdir), "prompt_selection")
+  out_dir = selection_dir(workdir)
   selected = os.path.join(out_dir, "selected.jsonl")
   if not os.path.exists(os.path.join(out_dir, "summary.json")):
     prompt_selection.run_selection(
@@ -46,6 +52,40 @@ def select_prompts(workdir: str, m: miniature.Miniature) -> str:
   return selected
 
 
+ARMS = ("random_pool", "selected")
+
+
+def arm_prompts(workdir: str, arm: str) -> str:
+  """The prompts of an arm: the whole pool, or the selected ones."""
+  if arm == "selected":
+    return os.path.join(selection_dir(workdir), "selected.jsonl")
+  return "prompt_pool"
+
+
+def runs(workdir: str, m: miniature.Miniature) -> list[dict]:
+  """:func:`repro_lib.run_opd` arguments of every run: each arm per seed."""
+  return [
+    dict(
+      teacher=TEACHER,
+      seed=s,
+      prompts=arm_prompts(workdir, arm),
+      name=R.run_name(teacher=TEACHER, seed=s, prompts=arm),
+    )
+    for arm in ARMS
+    for s in m.seeds
+  ]
+
+
+def jobs(workdir: str, smoke: bool = False, seeds=None) -> list:
+  """The prompt selection, then the OPD runs of :func:`runs` (after it)."""
+  m = R.setting(workdir, smoke, seeds)
+  out = selection_dir(workdir)
+  select = R.Job(
+    out, select_prompts, dict(workdir=workdir, m=m), os.path.join(out, "summary.json"), 100
+  )
+  return [select, *R.opd_jobs(workdir, smoke, runs(workdir, m), after=(out,))]
+
+
 def level_histogram(path: str) -> dict[int, int]:
   return dict(
     sorted(collections.Counter(int(r["level"]) for r in data_lib.read_jsonl(path)).items())
@@ -58,7 +98,8 @@ def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
   selected = select_prompts(workdir, m)
   with open(os.path.join(os.path.dirname(selected), "summary.json")) as f:
     summary = json.load(f)
-  arms = {"random_pool": "prompt_pool", "selected": selected}
+  arms = {arm: arm_prompts(workdir, arm) for arm in ARMS}
+  assert arms["selected"] == selected
   out = {
     "teacher": TEACHER,
     "selection": summary,
@@ -118,4 +159,4 @@ def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
 
 
 if __name__ == "__main__":
-  R.cli(main, __doc__)
+  R.cli(main, __doc__, jobs)

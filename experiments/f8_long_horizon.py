@@ -40,6 +40,15 @@ def chunk_profile(rundir: str, metric: str, start_frac: float, end_frac: float):
   return starts, values, counts
 
 
+def runs(m) -> list[dict]:
+  """:func:`repro_lib.run_opd` arguments of every run: each teacher per seed."""
+  return [dict(teacher=t, seed=s) for t in TEACHERS for s in m.seeds]
+
+
+def jobs(workdir: str, smoke: bool = False, seeds=None) -> list:
+  """The OPD runs of :func:`runs` as :class:`repro_lib.Job` s."""
+  return R.opd_jobs(workdir, smoke, runs(R.setting(workdir, smoke, seeds)))
+
 def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
   m = R.setting(workdir, smoke, seeds)
   out = {"teachers": {}, "chunk_tokens": 8}
@@ -90,4 +99,4 @@ def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
 
 
 if __name__ == "__main__":
-  R.cli(main, __doc__)
+  R.cli(main, __doc__, jobs)

@@ -27,19 +27,30 @@ def load_sweep():
   return module
 
 
-def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
-  m = R.setting(workdir, smoke, seeds)
-  sweep = load_sweep()
-  _, runs = sweep.get_sweep(seeds=R.seeds_of(m), smoke=smoke)
-  by_loss: dict[str, list[str]] = {}
-  kwargs: dict[str, dict] = {}
-  for name, arg, overrides in runs:
+def runs(m, smoke: bool) -> list[dict]:
+  """:func:`repro_lib.run_opd` arguments of every run of the sweep (name,
+  overrides, loss, seed), in the sweep's order."""
+  _, sweep_runs = load_sweep().get_sweep(seeds=R.seeds_of(m), smoke=smoke)
+  out = []
+  for name, arg, overrides in sweep_runs:
     a = dict(configs_lib.parse_arg(arg, loss="", seed=0, smoke=False))
     a.pop("smoke")
-    kwargs[a["loss"]] = dict(overrides)
-    by_loss.setdefault(a["loss"], []).append(
-      R.run_opd(workdir, smoke, name=name, overrides=overrides, **a)
-    )
+    out.append(dict(name=name, overrides=dict(overrides), **a))
+  return out
+
+
+def jobs(workdir: str, smoke: bool = False, seeds=None) -> list:
+  """The OPD runs of :func:`runs` as :class:`repro_lib.Job` s."""
+  return R.opd_jobs(workdir, smoke, runs(R.setting(workdir, smoke, seeds), smoke))
+
+
+def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
+  m = R.setting(workdir, smoke, seeds)
+  by_loss: dict[str, list[str]] = {}
+  kwargs: dict[str, dict] = {}
+  for r in runs(m, smoke):
+    kwargs[r["loss"]] = r["overrides"]
+    by_loss.setdefault(r["loss"], []).append(R.run_opd(workdir, smoke, **r))
   out = {"sweep": os.path.relpath(SWEEP, R.ROOT), "losses": {}}
   import matplotlib.pyplot as plt
 
@@ -75,4 +86,4 @@ def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
 
 
 if __name__ == "__main__":
-  R.cli(main, __doc__)
+  R.cli(main, __doc__, jobs)

@@ -50,22 +50,45 @@ def bound_config(workdir: str, smoke: bool, m: miniature.Miniature, seed: int):
   return c
 
 
-def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
+def bound_rundir(workdir: str, seed: int) -> str:
+  return os.path.join(os.path.abspath(workdir), "learnability", f"student-sft-teacher_sft_s{seed}")
+
+
+def run_bound(workdir: str, smoke: bool, seed: int) -> str:
+  """Runs (or resumes, or skips if done) the supervised-bound SFT of one seed."""
   from opd_jax.train import train
 
+  m = miniature.miniature(smoke)
+  return R.run_once(
+    bound_rundir(workdir, seed), lambda: bound_config(workdir, smoke, m, seed), train
+  )
+
+
+def jobs(workdir: str, smoke: bool = False, seeds=None) -> list:
+  """The SFT run of every seed as :class:`repro_lib.Job` s, after the
+  student's SFT (the organisms' jobs)."""
+  m = miniature.miniature(smoke, seeds)
+  after = (R.organism_workdir(workdir, "student"),)
+  return [
+    R.Job(
+      bound_rundir(workdir, s),
+      run_bound,
+      dict(workdir=workdir, smoke=smoke, seed=s),
+      os.path.join(bound_rundir(workdir, s), "DONE"),
+      m.opd_steps,
+      after,
+    )
+    for s in m.seeds
+  ]
+
+
+def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
   m = miniature.miniature(smoke, seeds)
   g = miniature.gates(smoke)
   R.require_gate(R.load(workdir, "organisms").get("gates"), "organisms", "organisms.py")
   orgs = R.organisms_table(workdir)
   teacher = orgs["teacher_new"]["hard"]
-  runs = [
-    R.run_once(
-      os.path.join(os.path.abspath(workdir), "learnability", f"student-sft-teacher_sft_s{s}"),
-      lambda s=s: bound_config(workdir, smoke, m, s),
-      train,
-    )
-    for s in m.seeds
-  ]
+  runs = [run_bound(workdir, smoke, s) for s in m.seeds]
   before = [R.level_mean(R.final_eval_at(r, 0), m.hard) for r in runs]
   after = [R.level_mean(R.final_eval(r), m.hard) for r in runs]
   share = R.mean_std([R.gap_recovery(a, b, teacher) for a, b in zip(after, before)])
@@ -100,4 +123,4 @@ def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
 
 
 if __name__ == "__main__":
-  R.cli(main, __doc__)
+  R.cli(main, __doc__, jobs)

@@ -43,15 +43,34 @@ def accuracies(sft_workdir: str, levels) -> dict[int, float]:
   return {L: last[f"eval/all/acc/level_{L}"] for L in levels}
 
 
-def retrain_check(workdir: str, m: miniature.Miniature, tolerance: float) -> dict:
+def jobs(workdir: str, smoke: bool = False, seeds=None, retrain: bool = False) -> list:
+  """Makes the data and tokenizer (here, once) and returns the SFT of every
+  organism as :class:`repro_lib.Job` s (``retrain``: their retrainings under
+  ``organisms/retrain/<name>``). Cost: SFT steps, x2 for a teacher."""
+  m = miniature.miniature(smoke)
+  assets = R.assets_dir(workdir)
+  miniature.prepare_data(assets, m)
+  out = []
+  for name in miniature.ORGANISMS:
+    teacher = miniature.ORGANISMS[name][0] != "student"
+    cost = 2 * m.teacher_steps if teacher else m.student_steps
+    d = os.path.join(assets, "retrain", name) if retrain else R.organism_workdir(workdir, name)
+    kwargs = dict(assets=assets, m=m, name=name, out=d)
+    marker = os.path.join(d, "export_hf", "config.json")
+    out.append(R.Job(d, miniature.train_miniature_organism, kwargs, marker, cost))
+  return out
+
+
+def retrain_check(workdir: str, m: miniature.Miniature, tolerance: float, smoke: bool) -> dict:
   """Retrains every organism with its seeds under ``organisms/retrain/<name>``
-  and compares per-level accuracies with the first training."""
+  (in parallel, :func:`repro_lib.run_jobs`) and compares per-level
+  accuracies with the first training."""
   assets = R.assets_dir(workdir)
   levels = sorted(set(m.levels) | set(m.pool_levels))
+  R.run_jobs(workdir, jobs(workdir, smoke, retrain=True))
   first, second = {}, {}
   for name in miniature.ORGANISMS:
     out = os.path.join(assets, "retrain", name)
-    miniature.train_miniature_organism(assets, m, name, out=out)
     first[name] = accuracies(R.organism_workdir(workdir, name), levels)
     second[name] = accuracies(out, levels)
   failures = miniature.check_retrain(first, second, tolerance)
@@ -102,7 +121,7 @@ def main(workdir: str, smoke: bool = False, seeds=None, retrain: bool = False) -
     "spec": R.setting_dict(g),
   }
   if retrain:
-    gates["retrain"] = retrain_check(workdir, m, g.retrain_tolerance)
+    gates["retrain"] = retrain_check(workdir, m, g.retrain_tolerance, smoke)
     if gates["retrain"]["failures"]:
       gates["status"] = "failed"
       failures = failures + ["retraining: " + f for f in gates["retrain"]["failures"]]
@@ -119,4 +138,5 @@ if __name__ == "__main__":
   args = p.parse_args()
   R.headless()
   R.setup_jax(args.workdir)
+  R.run_jobs(args.workdir, jobs(args.workdir, args.smoke), args.workers)
   R.print_json(main(args.workdir, args.smoke, args.seeds, args.retrain_check))

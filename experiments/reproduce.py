@@ -278,26 +278,55 @@ def markdown(rows: list[dict], seeds=None) -> str:
   return "\n".join(lines) + "\n"
 
 
-def main(workdir: str, smoke: bool = False, stages=STAGES, seeds=None) -> dict:
+# Stages whose runs go into one pool together; the calibration gates are
+# checked between the phases (organisms.main, learnability.main), so no OPD
+# run starts from organisms that fail them.
+PHASES = (STAGES[:2], STAGES[2:])
+
+
+def done_runs(workdir: str) -> set[str]:
+  runs = os.path.join(os.path.abspath(workdir), "runs")
+  names = os.listdir(runs) if os.path.isdir(runs) else []
+  return {n for n in names if os.path.exists(os.path.join(runs, n, "DONE"))}
+
+
+def main(workdir: str, smoke: bool = False, stages=STAGES, seeds=None, workers: int = 0) -> dict:
   os.makedirs(workdir, exist_ok=True)
   R.headless()
   R.setup_jax(workdir)
   m = miniature.miniature(smoke, seeds)
-  results, timings = {}, {}
-  for stage in stages:
-    t0 = time.time()
-    print(f"[repro] === {stage} ===", flush=True)
-    results[stage] = importlib.import_module(stage).main(workdir, smoke, seeds)
-    timings[stage] = time.time() - t0
-    print(f"[repro] {stage}: {timings[stage]:.0f} s", flush=True)
+  workers = workers or R.default_workers()
+  results, timings, unplanned = {}, {}, []
+  for phase in PHASES:
+    phase = [s for s in phase if s in stages]
+    if not phase:
+      continue
+    modules = {s: importlib.import_module(s) for s in phase}
+    print(f"[repro] === runs of {', '.join(phase)} ({workers} workers) ===", flush=True)
+    jobs = [j for s in phase for j in modules[s].jobs(workdir, smoke, seeds)]
+    key = f"runs: {phase[0]} … {phase[-1]}" if len(phase) > 1 else f"runs: {phase[0]}"
+    timings[key] = R.run_jobs(workdir, jobs, workers)
+    print(f"[repro] {key}: {timings[key]:.0f} s", flush=True)
+    for stage in phase:
+      t0, before = time.time(), done_runs(workdir)
+      print(f"[repro] === {stage} ===", flush=True)
+      results[stage] = modules[stage].main(workdir, smoke, seeds)
+      # A run the stage's jobs() did not list ran here, sequentially.
+      unplanned += sorted(done_runs(workdir) - before)
+      timings[stage] = time.time() - t0
+      print(f"[repro] {stage}: {timings[stage]:.0f} s", flush=True)
+  if unplanned:
+    print(f"[repro] WARNING: runs missing from the stages' jobs(): {unplanned}", flush=True)
   rows = []
   if set(STAGES) <= set(stages):
     per_seed = {s: summarize(R.seed_slice(results, i)) for i, s in enumerate(m.seeds)}
     rows = with_seeds(summarize(results), per_seed)
   summary = {
     "smoke": smoke,
+    "workers": workers,
     "timings_s": timings,
     "total_s": sum(timings.values()),
+    "unplanned_runs": unplanned,
     "robustness_rule": "fragile: the pooled and per-seed verdict outcomes differ",
     "rows": rows,
   }
@@ -313,4 +342,5 @@ if __name__ == "__main__":
   p = R.parser(__doc__)
   p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset")
   args = p.parse_args()
-  main(args.workdir, args.smoke, tuple(s for s in args.stages.split(",") if s), args.seeds)
+  stages = tuple(s for s in args.stages.split(",") if s)
+  main(args.workdir, args.smoke, stages, args.seeds, args.workers)

@@ -63,6 +63,8 @@ def test_smoke_writes_every_figure_and_number(smoke_repro):
   with open(os.path.join(smoke_repro, "results", "summary.json")) as f:
     summary = json.load(f)
   assert summary["smoke"] is True
+  # every run was listed by its stage's jobs() and ran in the worker pool
+  assert summary["unplanned_runs"] == [] and summary["workers"] >= 1
   assert len(summary["rows"]) == 10
   for r in summary["rows"]:
     assert r["verdict"].split(" (")[0] in ("reproduces", "does not reproduce", "descriptive"), r
