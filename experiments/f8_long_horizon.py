@@ -49,6 +49,7 @@ def jobs(workdir: str, smoke: bool = False, seeds=None) -> list:
   """The OPD runs of :func:`runs` as :class:`repro_lib.Job` s."""
   return R.opd_jobs(workdir, smoke, runs(R.setting(workdir, smoke, seeds)))
 
+
 def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
   m = R.setting(workdir, smoke, seeds)
   out = {"teachers": {}, "chunk_tokens": 8}
