@@ -50,11 +50,6 @@ def bound_config(workdir: str, smoke: bool, m: miniature.Miniature, seed: int):
   return c
 
 
-# Run in this process with XLA's default threads, as the bound was calibrated
-# (repro_lib.run_jobs).
-IN_PROCESS = True
-
-
 def bound_rundir(workdir: str, seed: int) -> str:
   return os.path.join(os.path.abspath(workdir), "learnability", f"student-sft-teacher_sft_s{seed}")
 
@@ -128,4 +123,4 @@ def main(workdir: str, smoke: bool = False, seeds=None) -> dict:
 
 
 if __name__ == "__main__":
-  R.cli(main, __doc__, jobs, in_process=IN_PROCESS)
+  R.cli(main, __doc__, jobs)

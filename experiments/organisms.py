@@ -43,12 +43,6 @@ def accuracies(sft_workdir: str, levels) -> dict[int, float]:
   return {L: last[f"eval/all/acc/level_{L}"] for L in levels}
 
 
-# Trained in this process with XLA's default threads, as the gates were
-# calibrated: a build on single-threaded workers failed them (student level
-# 1: 90.6%, teacher_b level 3: 92.2%; README "Timing").
-IN_PROCESS = True
-
-
 def jobs(workdir: str, smoke: bool = False, seeds=None, retrain: bool = False) -> list:
   """Makes the data and tokenizer (here, once) and returns the SFT of every
   organism as :class:`repro_lib.Job` s (``retrain``: their retrainings under
@@ -73,7 +67,10 @@ def retrain_check(workdir: str, m: miniature.Miniature, tolerance: float, smoke:
   accuracies with the first training."""
   assets = R.assets_dir(workdir)
   levels = sorted(set(m.levels) | set(m.pool_levels))
-  R.run_jobs(workdir, jobs(workdir, smoke, retrain=True), in_process=IN_PROCESS)
+  R.run_jobs(
+    workdir,
+    jobs(workdir, smoke, retrain=True),
+  )
   first, second = {}, {}
   for name in miniature.ORGANISMS:
     out = os.path.join(assets, "retrain", name)
@@ -144,5 +141,5 @@ if __name__ == "__main__":
   args = p.parse_args()
   R.headless()
   R.setup_jax(args.workdir)
-  R.run_jobs(args.workdir, jobs(args.workdir, args.smoke), args.workers, IN_PROCESS)
+  R.run_jobs(args.workdir, jobs(args.workdir, args.smoke), args.workers)
   R.print_json(main(args.workdir, args.smoke, args.seeds, args.retrain_check))

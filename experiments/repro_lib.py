@@ -17,15 +17,13 @@ from its checkpoint (the driver does that), so the whole reproduction is
 resumable at any point.
 
 Every stage lists its runs as :class:`Job` s (``jobs(workdir, smoke, seeds)``
-of each stage module) and :func:`run_jobs` runs the OPD runs in ``--workers``
+of each stage module) and :func:`run_jobs` runs them in ``--workers``
 processes, each pinned to one core with single-threaded XLA (the runs are
 small: on this 2-core CPU an OPD step of a 2x128 student takes 0.12 s on one
 core and 0.14 s on both, so two at once give ~2.3x the throughput of one on
 two threads); the stage's ``main`` then finds them done and only reads them.
 The numbers do not depend on the number of workers: every run is
-single-threaded, whichever worker takes it. The organisms and the supervised
-bound are trained in the calling process with XLA's default threads, as they
-were calibrated (a single-threaded build failed the organism gates).
+single-threaded, whichever worker takes it.
 """
 
 from __future__ import annotations
@@ -253,16 +251,11 @@ def default_workers() -> int:
   return len(os.sched_getaffinity(0))
 
 
-def run_jobs(
-  workdir: str, jobs: Sequence[Job], workers: int = 0, in_process: bool = False
-) -> float:
+def run_jobs(workdir: str, jobs: Sequence[Job], workers: int = 0) -> float:
   """Runs ``jobs`` in ``workers`` processes (0: :func:`default_workers`),
   longest first as their ``after`` allow; returns the wall seconds. Each
   worker is pinned to one core (round robin over the usable ones) and runs
-  XLA single-threaded. A failed job stops the rest (SystemExit naming it).
-  ``in_process``: one after another in this process, XLA's default threads
-  (how the organisms and the supervised bound were calibrated: a build on
-  single-threaded workers failed the organism gates, README "Timing")."""
+  XLA single-threaded. A failed job stops the rest (SystemExit naming it)."""
   by_key: dict[str, Job] = {}
   for j in jobs:
     if not os.path.exists(j.marker):
@@ -270,16 +263,6 @@ def run_jobs(
   if not by_key:
     return 0.0
   t0 = time.time()
-  if in_process:
-    pending = sorted(by_key.values(), key=lambda j: -j.cost)
-    while pending:
-      waiting = {j.key for j in pending}
-      ready = [j for j in pending if not waiting.intersection(j.after)]
-      if not ready:
-        raise RuntimeError(f"jobs wait on each other: {[j.key for j in pending]}")
-      pending.remove(ready[0])
-      ready[0].fn(**ready[0].kwargs)
-    return time.time() - t0
   workers = min(workers or default_workers(), len(by_key))
   ctx = multiprocessing.get_context("spawn")
   cores = ctx.Queue()
@@ -558,12 +541,12 @@ def seed_runs(workdir: str, smoke: bool, m: miniature.Miniature, **arg: Any):
   return runs, [final_eval_at(r, 0) for r in runs], [final_eval(r) for r in runs]
 
 
-def cli(main, doc: str, jobs=None, in_process: bool = False) -> None:
+def cli(main, doc: str, jobs=None) -> None:
   """``python experiments/<finding>.py --workdir=DIR [--smoke] [--seeds=3,4,5]
   [--workers=N]``: the stage's ``jobs`` (:func:`run_jobs`), then its ``main``."""
   args = parser(doc).parse_args()
   headless()
   setup_jax(args.workdir)
   if jobs is not None:
-    run_jobs(args.workdir, jobs(args.workdir, args.smoke, args.seeds), args.workers, in_process)
+    run_jobs(args.workdir, jobs(args.workdir, args.smoke, args.seeds), args.workers)
   print_json(main(args.workdir, args.smoke, args.seeds))

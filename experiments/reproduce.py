@@ -6,11 +6,10 @@ organisms (SFT), every OPD run, figures, the numbers, and the results table.
   python experiments/reproduce.py --workdir=runs/repro --seeds=0,1,2,3,4,5   # reseeded
 
 Runs first, then analysis: each stage lists its runs (``jobs()``) and
-``repro_lib.run_jobs`` runs them in two phases: the organisms and the
-supervised bound in this process (XLA's default threads, as they were
-calibrated), then, once their gates pass, every finding's OPD runs in
-``--workers`` processes (default one per core, each pinned to its core with
-single-threaded XLA; the numbers do not depend on the count); each stage's ``main``
+``repro_lib.run_jobs`` runs them in ``--workers`` processes (default one per
+core, each pinned to its core with single-threaded XLA; the numbers do not
+depend on the count), in two phases: the organisms and the supervised bound,
+then, once their gates pass, every finding's OPD runs; each stage's ``main``
 then reads its runs and writes its figure and numbers. A run a stage did not
 list runs in its ``main`` (sequentially) and is reported in
 ``summary.json`` (``unplanned_runs``).
@@ -315,8 +314,7 @@ def main(workdir: str, smoke: bool = False, stages=STAGES, seeds=None, workers: 
     print(f"[repro] === runs of {', '.join(phase)} ===", flush=True)
     jobs = [j for s in phase for j in modules[s].jobs(workdir, smoke, seeds)]
     key = f"runs: {phase[0]} … {phase[-1]}" if len(phase) > 1 else f"runs: {phase[0]}"
-    in_process = any(getattr(modules[s], "IN_PROCESS", False) for s in phase)
-    timings[key] = R.run_jobs(workdir, jobs, workers, in_process)
+    timings[key] = R.run_jobs(workdir, jobs, workers)
     print(f"[repro] {key}: {timings[key]:.0f} s", flush=True)
     for stage in phase:
       t0, before = time.time(), done_runs(workdir)

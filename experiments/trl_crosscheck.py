@@ -402,7 +402,7 @@ def ensure_organisms(workdir: str, smoke: bool, m: miniature.Miniature) -> dict[
   if not all(os.path.exists(os.path.join(exports[n], "config.json")) for n in names):
     import organisms
 
-    R.run_jobs(workdir, organisms.jobs(workdir, smoke), in_process=organisms.IN_PROCESS)
+    R.run_jobs(workdir, organisms.jobs(workdir, smoke))
     organisms.main(workdir, smoke)
   table = {}
   for name in names:
