@@ -167,24 +167,6 @@ def _optimizer(model, s: Mapping[str, Any]):
   return torch.optim.AdamW(groups, lr=s["lr"], betas=(s["b1"], s["b2"]), eps=s["eps"])
 
 
-def trl_dir(workdir: str, arg: Mapping[str, Any]) -> str:
-  """Where TRL's twin of our run ``arg`` (``run_arg``) writes."""
-  return os.path.join(os.path.abspath(workdir), "trl", R.run_name(**arg))
-
-
-def trl_job(workdir: str, smoke: bool, arg: Mapping[str, Any], torch_threads: int) -> None:
-  """TRL's twin of our (finished) run ``arg``, evaluated at our run's eval
-  steps; a :class:`repro_lib.Job` (``result.json`` caches it)."""
-  import torch
-
-  from opd_jax import train
-
-  torch.set_num_threads(torch_threads)
-  rundir = R.opd_rundir(workdir, **arg)
-  config = train.resolve_config(R.opd_config(workdir, smoke, arg), rundir)
-  run_trl(config, trl_dir(workdir, arg), [int(r["step"]) for r in R.eval_records(rundir)])
-
-
 def run_trl(config, out_dir: str, eval_steps: Sequence[int]) -> dict[str, Any]:
   """TRL's on-policy distillation with our run's settings; evaluates with
   :class:`HFEvaluator` at ``eval_steps`` (0: before training). Cached in
@@ -202,7 +184,6 @@ def run_trl(config, out_dir: str, eval_steps: Sequence[int]) -> dict[str, Any]:
   from datasets import Dataset
   from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback
 
-  print(f"[trl] run {os.path.basename(out_dir)}", flush=True)
   _quiet_hf()
   evaluate = HFEvaluator(config)
   rows = s["prompts_per_step"] * s["num_samples"]
@@ -402,7 +383,6 @@ def ensure_organisms(workdir: str, smoke: bool, m: miniature.Miniature) -> dict[
   if not all(os.path.exists(os.path.join(exports[n], "config.json")) for n in names):
     import organisms
 
-    R.run_jobs(workdir, organisms.jobs(workdir, smoke))
     organisms.main(workdir, smoke)
   table = {}
   for name in names:
@@ -412,38 +392,13 @@ def ensure_organisms(workdir: str, smoke: bool, m: miniature.Miniature) -> dict[
 
 
 def main(
-  workdir: str,
-  smoke: bool = False,
-  seeds: Sequence[int] | None = None,
-  steps: int = 0,
-  torch_threads: int = 1,
+  workdir: str, smoke: bool = False, seeds: Sequence[int] | None = None, steps: int = 0
 ) -> dict[str, Any]:
-  """``torch_threads``: torch's intra-op threads (1: beside another job, two
-  OpenMP threads spun, 33% system time). Our runs are the reproduction's:
-  made (if missing) by :func:`repro_lib.run_jobs`, single-threaded, so they
-  are the very runs finding 1 reads."""
-  import torch
-
   from opd_jax import train
 
-  torch.set_num_threads(torch_threads)
   m = miniature.miniature(smoke)
   seeds = tuple(seeds) if seeds else R.seeds_of(m)
   orgs = ensure_organisms(workdir, smoke, m)
-  args = [run_arg(t, s, steps) for s in seeds for t in TEACHERS]
-  ours_jobs = R.opd_jobs(workdir, smoke, args)
-  trl_jobs = [
-    R.Job(
-      trl_dir(workdir, a),
-      trl_job,
-      dict(workdir=workdir, smoke=smoke, arg=a, torch_threads=torch_threads),
-      os.path.join(trl_dir(workdir, a), "result.json"),
-      3.0 * (steps or m.opd_steps),  # TRL's step: ~3x ours
-      after=(j.key,),  # its eval steps are our run's
-    )
-    for a, j in zip(args, ours_jobs)
-  ]
-  R.run_jobs(workdir, ours_jobs + trl_jobs)
   t_hard = orgs["teacher_new"]["hard"]
   cells: dict[str, list[dict[str, Any]]] = {}
   runs = []
@@ -453,7 +408,9 @@ def main(
       rundir = R.run_opd(workdir, smoke, **arg)
       ours = R.eval_records(rundir)
       config = train.resolve_config(R.opd_config(workdir, smoke, arg), rundir)
-      theirs = run_trl(config, trl_dir(workdir, arg), [int(r["step"]) for r in ours])
+      trl_dir = os.path.join(os.path.abspath(workdir), "trl", R.run_name(**arg))
+      print(f"[trl] run {os.path.basename(trl_dir)}", flush=True)
+      theirs = run_trl(config, trl_dir, [int(r["step"]) for r in ours])
       c = compare(ours, theirs["evals"], m, t_hard, orgs[teacher]["overall"])
       c["loss"] = {
         "ours": _loss_stats([r["loss"] for r in R.records(rundir) if "loss" in r]),
@@ -462,14 +419,7 @@ def main(
       print_table(teacher, seed, c)
       cells.setdefault(teacher, []).append(c)
       runs.append(
-        dict(
-          teacher=teacher,
-          seed=seed,
-          ours=rundir,
-          trl=trl_dir(workdir, arg),
-          trl_s=theirs["train_s"],
-          **c,
-        )
+        dict(teacher=teacher, seed=seed, ours=rundir, trl=trl_dir, trl_s=theirs["train_s"], **c)
       )
   out = {
     "setting": R.setting_dict(m),
@@ -520,14 +470,13 @@ def cli() -> None:
   p.add_argument("--smoke", action="store_true", help="CI-sized: tiny organisms, few steps")
   p.add_argument("--seeds", default="", help="comma-separated seeds (default: the miniature's)")
   p.add_argument("--steps", type=int, default=0, help="OPD steps (default: the miniature's)")
-  p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads")
   args = p.parse_args()
   seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
   if args.steps < 0:
     raise SystemExit(f"--steps={args.steps} must be >= 0")
   R.headless()
   R.setup_jax(args.workdir)
-  main(args.workdir, args.smoke, seeds, args.steps, args.torch_threads)
+  main(args.workdir, args.smoke, seeds, args.steps)
 
 
 if __name__ == "__main__":
