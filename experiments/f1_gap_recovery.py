@@ -34,9 +34,7 @@ def runs(m) -> list[dict]:
   ]
 
 
-def jobs(workdir: str, smoke: bool = False, seeds=None) -> list:
-  """The OPD runs of :func:`runs` as :class:`repro_lib.Job` s."""
-  return R.opd_jobs(workdir, smoke, runs(R.setting(workdir, smoke, seeds)))
+jobs = R.stage_jobs(runs)
 
 
 def main(workdir: str, smoke: bool = False, seeds=None) -> dict:

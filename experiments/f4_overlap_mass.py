@@ -19,9 +19,7 @@ def runs(m) -> list[dict]:
   return [dict(teacher=t, seed=s) for t in TEACHERS for s in m.seeds]
 
 
-def jobs(workdir: str, smoke: bool = False, seeds=None) -> list:
-  """The OPD runs of :func:`runs` as :class:`repro_lib.Job` s."""
-  return R.opd_jobs(workdir, smoke, runs(R.setting(workdir, smoke, seeds)))
+jobs = R.stage_jobs(runs)
 
 
 def main(workdir: str, smoke: bool = False, seeds=None) -> dict:

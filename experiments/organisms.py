@@ -67,10 +67,7 @@ def retrain_check(workdir: str, m: miniature.Miniature, tolerance: float, smoke:
   accuracies with the first training."""
   assets = R.assets_dir(workdir)
   levels = sorted(set(m.levels) | set(m.pool_levels))
-  R.run_jobs(
-    workdir,
-    jobs(workdir, smoke, retrain=True),
-  )
+  R.run_jobs(workdir, jobs(workdir, smoke, retrain=True))
   first, second = {}, {}
   for name in miniature.ORGANISMS:
     out = os.path.join(assets, "retrain", name)

@@ -246,6 +246,17 @@ def opd_jobs(
   return out
 
 
+def stage_jobs(runs: Callable[[miniature.Miniature], Sequence[Mapping[str, Any]]]):
+  """The ``jobs(workdir, smoke, seeds)`` of a finding whose OPD runs are
+  ``runs(m)`` (:func:`run_opd` arguments), once the gates have passed
+  (:func:`setting`)."""
+
+  def jobs(workdir: str, smoke: bool = False, seeds=None) -> list[Job]:
+    return opd_jobs(workdir, smoke, runs(setting(workdir, smoke, seeds)))
+
+  return jobs
+
+
 def default_workers() -> int:
   """One worker per usable core."""
   return len(os.sched_getaffinity(0))

@@ -1,7 +1,7 @@
 """Reproduces the findings of arXiv 2604.13016 in miniature, end to end:
 organisms (SFT), every OPD run, figures, the numbers, and the results table.
 
-  python experiments/reproduce.py --workdir=runs/repro           # ≤ 60 min, 2-core CPU
+  python experiments/reproduce.py --workdir=runs/repro           # ~80 min, 2-core CPU
   python experiments/reproduce.py --workdir=/tmp/repro --smoke   # CI: tiny, all code paths
   python experiments/reproduce.py --workdir=runs/repro --seeds=0,1,2,3,4,5   # reseeded
 
