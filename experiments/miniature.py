@@ -406,17 +406,32 @@ def prepare_data(assets: str, m: Miniature = MINIATURE) -> dict[str, str]:
   return paths
 
 
-def train_miniature_organism(assets: str, m: Miniature, name: str, out: str | None = None) -> str:
+def train_miniature_organism(
+  assets: str,
+  m: Miniature,
+  name: str,
+  out: str | None = None,
+  variant: int = 0,
+  data_file: str | None = None,
+) -> str:
   """SFT-trains organism ``name`` (data and tokenizer of :func:`prepare_miniature`
   under ``assets``) in ``out`` (default ``assets/name``), with its fixed seeds;
-  returns its HF export."""
+  returns its HF export. ``variant`` v > 0 reseeds it (init seed 10 + i + 100v,
+  data-order seed i + 100v, init under ``assets/<name>_init_v<v>``; v = 0 is
+  the committed organism); ``data_file`` replaces its SFT data (pilots)."""
+  if variant < 0:
+    raise ValueError(f"variant must be >= 0, got {variant}")
   paths = miniature_paths(assets)
   i = list(ORGANISMS).index(name)
   role, _, data_key = ORGANISMS[name]
   arch = m.student if role == "student" else m.teacher
   steps = m.student_steps if role == "student" else m.teacher_steps
+  init_dir = f"{name}_init" + (f"_v{variant}" if variant else "")
   init = ensure_random_model(
-    os.path.join(assets, f"{name}_init"), arch, ensure_tokenizer(paths["tokenizer"]), 10 + i
+    os.path.join(assets, init_dir),
+    arch,
+    ensure_tokenizer(paths["tokenizer"]),
+    10 + i + 100 * variant,
   )
   return train_organism(
     out or os.path.join(assets, name),
@@ -424,13 +439,13 @@ def train_miniature_organism(assets: str, m: Miniature, name: str, out: str | No
     sft_config(
       init=init,
       tokenizer=paths["tokenizer"],
-      data_file=paths[data_key],
+      data_file=data_file or paths[data_key],
       steps=steps,
       lr=m.sft_lr,
       batch_size=m.sft_batch,
       max_prompt_len=m.max_prompt_len,
       max_new_tokens=m.max_new_tokens,
-      seed=i,
+      seed=i + 100 * variant,
       evals={"all": miniature_eval(m, sorted(set(m.levels) | set(m.pool_levels)))},
     ),
   )

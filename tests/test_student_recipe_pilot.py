@@ -1,0 +1,84 @@
+"""``experiments/student_recipe_pilot.py``: seed variants of the miniature's
+student (reseeded init and data order), a recipe's steps and hard-row cut,
+and the gates that judge the student."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+import miniature  # noqa: E402
+import repro_lib as R  # noqa: E402
+import student_recipe_pilot as pilot  # noqa: E402
+
+
+def test_student_gates_name_each_failed_level():
+  m, g = miniature.miniature(), miniature.gates()
+  good = {1: 1.0, 2: 1.0, 3: 0.98, 4: 0.06}
+  assert pilot.check_student(m, g, good, {1: 1.0, 2: 1.0, 3: 1.0, 4: 0.0}) == []
+  # The committed student of the 1,200-step build: one level-1 problem missed.
+  fails = pilot.check_student(m, g, {**good, 1: 0.906}, None)
+  assert len(fails) == 1 and fails[0].startswith("student level 1: measured 90.6%")
+  # Level 4 above teacher_same's window (teacher_same at 0%), still under 25%.
+  fails = pilot.check_student(m, g, {**good, 4: 0.141}, {1: 1.0, 2: 1.0, 3: 1.0, 4: 0.0})
+  assert len(fails) == 1 and fails[0].startswith("teacher_same level 4")
+  # Without teacher_same only the student's own gates apply.
+  assert pilot.check_student(m, g, {**good, 4: 0.141}, None) == []
+
+
+def test_variant_must_not_be_negative(tmp_path):
+  with pytest.raises(ValueError, match="variant must be >= 0"):
+    miniature.train_miniature_organism(
+      str(tmp_path), miniature.miniature(True), "student", variant=-1
+    )
+
+
+def test_pilot_needs_built_data(tmp_path):
+  with pytest.raises(SystemExit, match="no built organism data"):
+    pilot.main([f"--workdir={tmp_path}", "--smoke", "--variants=0"])
+
+
+@pytest.mark.slow
+def test_smoke_pilot_trains_reseeded_students(tmp_path):
+  from safetensors.numpy import load_file
+
+  m = miniature.miniature(True)
+  workdir = str(tmp_path / "w")
+  assets = R.assets_dir(workdir)
+  miniature.prepare_data(assets, m)
+  out = str(tmp_path / "pilot")
+  summary = pilot.main(
+    [
+      f"--workdir={workdir}",
+      "--smoke",
+      "--variants=0,1",
+      "--steps=3",
+      "--hard-rows=2",
+      f"--out={out}",
+    ]
+  )
+  with open(os.path.join(out, "pilot.json")) as f:
+    assert json.load(f) == json.loads(json.dumps(summary))
+  assert summary["recipe"] == {"student_steps": 3, "hard_rows": 2}
+  # The smoke gates only run the check: every variant passes, so it is adopted.
+  assert summary["adopt"] is True and set(summary["variants"]) == {0, 1}
+  for v in (0, 1):
+    rows = [json.loads(line) for line in open(os.path.join(out, f"v{v}", "metrics.jsonl"))]
+    assert max(r["step"] for r in rows) == 3
+  # The cut data keeps exactly 2 hard rows and every easy row.
+  full = [json.loads(line) for line in open(miniature.miniature_paths(assets)["student_sft"])]
+  cut = [json.loads(line) for line in open(os.path.join(out, "student_sft_hard2.jsonl"))]
+  assert sum(r["level"] in m.hard for r in cut) == 2
+  assert len(cut) == len(full) - sum(r["level"] in m.hard for r in full) + 2
+  # Variant 1 has its own init (seed 10 + 100), variant 0 the committed one.
+  w0 = load_file(os.path.join(assets, "student_init", "model.safetensors"))
+  w1 = load_file(os.path.join(assets, "student_init_v1", "model.safetensors"))
+  assert w0.keys() == w1.keys()
+  assert any(not np.array_equal(w0[k], w1[k]) for k in w0)
