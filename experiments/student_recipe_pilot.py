@@ -25,6 +25,7 @@ import json
 import os
 
 import miniature
+import organisms
 import repro_lib as R
 
 from opd_jax.tasks import read_jsonl, write_jsonl
@@ -100,14 +101,12 @@ def main(argv=None) -> dict:
   same_dir = R.organism_workdir(args.workdir, "teacher_same")
   teacher_same = None
   if os.path.exists(os.path.join(same_dir, "metrics.jsonl")):
-    last = R.final_eval(same_dir)
-    teacher_same = {L: last[f"eval/all/acc/level_{L}"] for L in levels}
+    teacher_same = organisms.accuracies(same_dir, levels)
   results = {}
   for v in variants:
     d = os.path.join(out, f"v{v}")
     miniature.train_miniature_organism(assets, m, "student", out=d, variant=v, data_file=data_file)
-    last = R.final_eval(d)
-    acc = {L: last[f"eval/all/acc/level_{L}"] for L in levels}
+    acc = organisms.accuracies(d, levels)
     failures = check_student(m, g, acc, teacher_same)
     results[v] = {"accuracy": acc, "failures": failures}
     shown = " / ".join(f"{100 * acc[L]:.1f}" for L in m.levels)
