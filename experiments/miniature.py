@@ -413,12 +413,15 @@ def train_miniature_organism(
   out: str | None = None,
   variant: int = 0,
   data_file: str | None = None,
+  init_tag: str = "",
 ) -> str:
   """SFT-trains organism ``name`` (data and tokenizer of :func:`prepare_miniature`
   under ``assets``) in ``out`` (default ``assets/name``), with its fixed seeds;
   returns its HF export. ``variant`` v > 0 reseeds it (init seed 10 + i + 100v,
   data-order seed i + 100v, init under ``assets/<name>_init_v<v>``; v = 0 is
-  the committed organism); ``data_file`` replaces its SFT data (pilots)."""
+  the committed organism); ``data_file`` replaces its SFT data and
+  ``init_tag`` names its init apart (``<name>_init_<tag>[_v<v>]``: pilots of
+  another architecture)."""
   if variant < 0:
     raise ValueError(f"variant must be >= 0, got {variant}")
   paths = miniature_paths(assets)
@@ -426,7 +429,9 @@ def train_miniature_organism(
   role, _, data_key = ORGANISMS[name]
   arch = m.student if role == "student" else m.teacher
   steps = m.student_steps if role == "student" else m.teacher_steps
-  init_dir = f"{name}_init" + (f"_v{variant}" if variant else "")
+  init_dir = (
+    f"{name}_init" + (f"_{init_tag}" if init_tag else "") + (f"_v{variant}" if variant else "")
+  )
   init = ensure_random_model(
     os.path.join(assets, init_dir),
     arch,

@@ -3,14 +3,15 @@
 Trains the miniature's student (``miniature.train_miniature_organism``) with
 seed variants v (init seed 10 + 100v, data-order seed 100v; v = 0 is the
 committed student) on a built workdir's data and tokenizer, optionally with
-other SFT steps or fewer hard-level rows, and checks each against the
+other SFT steps, fewer hard-level rows, another peak lr or depth, and checks each against the
 student's gates in ``miniature.gates`` (and teacher_same's hard-level window,
 which depends on the student, when the workdir has teacher_same). A recipe
 is adopted only if every variant passes (README "Student-recipe pilots");
 pilots are written down before they run and reported whatever they give.
 
   python experiments/student_recipe_pilot.py --workdir=runs/repro \
-      --variants=0,1,2 [--steps=1200] [--hard-rows=40] [--out=DIR] [--smoke]
+      --variants=0,1,2 [--steps=1200] [--hard-rows=40] [--lr=1e-3] [--layers=3] \
+      [--out=DIR] [--smoke]
 
 Prints one line per variant (per-level accuracy, failed gates) and writes
 ``OUT/pilot.json``. Variants run one after another in this process (start
@@ -31,8 +32,15 @@ import repro_lib as R
 from opd_jax.tasks import read_jsonl, write_jsonl
 
 
-def recipe_name(steps: int, hard_rows: int | None) -> str:
-  return f"steps{steps}" + ("" if hard_rows is None else f"_hard{hard_rows}")
+def recipe_name(
+  steps: int, hard_rows: int | None, lr: float | None = None, layers: int | None = None
+) -> str:
+  return (
+    f"steps{steps}"
+    + ("" if hard_rows is None else f"_hard{hard_rows}")
+    + ("" if lr is None else f"_lr{lr:g}")
+    + ("" if layers is None else f"_layers{layers}")
+  )
 
 
 def student_data(assets: str, m: miniature.Miniature, hard_rows: int | None, out: str) -> str:
@@ -75,16 +83,26 @@ def main(argv=None) -> dict:
   ap.add_argument("--variants", default="0,1,2")
   ap.add_argument("--steps", type=int, default=0, help="student SFT steps (0: the Miniature's)")
   ap.add_argument("--hard-rows", type=int, default=-1, help="hard-level rows kept (-1: all)")
+  ap.add_argument("--lr", type=float, default=0.0, help="student SFT peak lr (0: the Miniature's)")
+  ap.add_argument("--layers", type=int, default=0, help="student depth (0: the Miniature's)")
   ap.add_argument("--out", default="", help="default WORKDIR/pilots/student_<recipe>")
   ap.add_argument("--smoke", action="store_true")
   args = ap.parse_args(argv)
   m, g = miniature.miniature(args.smoke), miniature.gates(args.smoke)
   if args.steps:
     m = dataclasses.replace(m, student_steps=args.steps)
+  if args.lr < 0:
+    raise SystemExit(f"--lr must be > 0 (or 0: the Miniature's), got {args.lr}")
+  if args.layers < 0:
+    raise SystemExit(f"--layers must be >= 1 (or 0: the Miniature's), got {args.layers}")
+  if args.lr:
+    m = dataclasses.replace(m, sft_lr=args.lr)  # only the student is trained here
+  if args.layers:
+    m = dataclasses.replace(m, student=dataclasses.replace(m.student, num_layers=args.layers))
   hard_rows = None if args.hard_rows < 0 else args.hard_rows
   variants = [int(v) for v in args.variants.split(",") if v]
   assets = R.assets_dir(args.workdir)
-  name = recipe_name(m.student_steps, hard_rows)
+  name = recipe_name(m.student_steps, hard_rows, args.lr or None, args.layers or None)
   out = os.path.abspath(args.out or os.path.join(args.workdir, "pilots", f"student_{name}"))
   os.makedirs(out, exist_ok=True)
   # The workdir's data and tokenizer as built (its organisms' SFT steps may
@@ -105,7 +123,15 @@ def main(argv=None) -> dict:
   results = {}
   for v in variants:
     d = os.path.join(out, f"v{v}")
-    miniature.train_miniature_organism(assets, m, "student", out=d, variant=v, data_file=data_file)
+    miniature.train_miniature_organism(
+      assets,
+      m,
+      "student",
+      out=d,
+      variant=v,
+      data_file=data_file,
+      init_tag=f"layers{args.layers}" if args.layers else "",
+    )
     acc = organisms.accuracies(d, levels)
     failures = check_student(m, g, acc, teacher_same)
     results[v] = {"accuracy": acc, "failures": failures}
@@ -116,7 +142,12 @@ def main(argv=None) -> dict:
       flush=True,
     )
   summary = {
-    "recipe": {"student_steps": m.student_steps, "hard_rows": hard_rows},
+    "recipe": {
+      "student_steps": m.student_steps,
+      "hard_rows": hard_rows,
+      "lr": m.sft_lr,
+      "student_layers": m.student.num_layers,
+    },
     "variants": results,
     "adopt": all(not r["failures"] for r in results.values()),
   }

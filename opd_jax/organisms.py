@@ -89,8 +89,27 @@ def ensure_tokenizer(path: str, *, bpe_from: Sequence[str] = (), vocab_size: int
 
 
 def ensure_random_model(path: str, arch: Arch, tokenizer, seed: int) -> str:
-  """A random-init model saved in HF format (with the tokenizer beside it)."""
-  if not is_done(path):
+  """A random-init model saved in HF format (with the tokenizer beside it).
+  A model already at ``path`` is reused only if it has ``arch``'s shape
+  (ValueError naming the difference otherwise: another arch needs its own
+  path)."""
+  if is_done(path):
+    with open(os.path.join(path, "config.json")) as f:
+      saved = json.load(f)
+    want = {
+      "num_hidden_layers": arch.num_layers,
+      "hidden_size": arch.hidden_size,
+      "num_attention_heads": arch.num_heads,
+      "num_key_value_heads": arch.num_kv_heads,
+      "intermediate_size": arch.mlp_ratio * arch.hidden_size,
+    }
+    diff = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
+    if diff:
+      raise ValueError(
+        f"{path} holds another architecture than {arch} "
+        f"(saved vs wanted: {diff}); give this one its own init path"
+      )
+  else:
     cfg = arch.model_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     to_hf(create_model(cfg, seed=seed), path)
     if jax.process_index() == 0:

@@ -87,3 +87,21 @@ def test_bench_sampler_runs():
     ("40", "phased"),
     ("40", "dense"),
   ], out
+
+
+def test_bench_decode_layouts_runs():
+  """experiments/bench_decode_layouts.py at a tiny size: every layout's scores
+  equal the transposed cache's (checked in the script) and each gets a row."""
+  out = _run_bench(
+    "bench_decode_layouts.py",
+    *("--slots", "128", "--layers", "1", "--chunks", "32", "64"),
+    *("--rounds", "1", "--calls", "1"),
+    timeout=300,
+  )
+  names = [line.strip().split("  ")[0] for line in out.splitlines()[1:]]
+  assert names == ["transposed", "chunked 32", "chunked 64", "read"], out
+
+
+def test_bench_decode_layouts_rejects_uneven_chunks():
+  with pytest.raises(AssertionError, match="must be a multiple"):
+    _run_bench("bench_decode_layouts.py", "--slots", "100", "--chunks", "64", timeout=300)

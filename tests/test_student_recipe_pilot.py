@@ -40,6 +40,28 @@ def test_variant_must_not_be_negative(tmp_path):
     )
 
 
+def test_recipe_names_and_lr_check(tmp_path):
+  assert pilot.recipe_name(600, None) == "steps600"
+  assert pilot.recipe_name(1200, 40, 1e-3) == "steps1200_hard40_lr0.001"
+  assert pilot.recipe_name(1200, 40, None, 3) == "steps1200_hard40_layers3"
+  with pytest.raises(SystemExit, match="--lr must be > 0"):
+    pilot.main([f"--workdir={tmp_path}", "--smoke", "--variants=0", "--lr=-1"])
+  with pytest.raises(SystemExit, match="--layers must be >= 1"):
+    pilot.main([f"--workdir={tmp_path}", "--smoke", "--variants=0", "--layers=-2"])
+
+
+def test_random_init_of_another_arch_is_refused(tmp_path):
+  """A pilot of another depth must not silently reuse a cached init."""
+  from opd_jax import organisms as O
+
+  tok = O.ensure_tokenizer(str(tmp_path / "tok"))
+  path = str(tmp_path / "init")
+  O.ensure_random_model(path, O.Arch(num_layers=1, hidden_size=32), tok, seed=1)
+  assert O.ensure_random_model(path, O.Arch(num_layers=1, hidden_size=32), tok, seed=1) == path
+  with pytest.raises(ValueError, match="another architecture.*num_hidden_layers.*\\(1, 2\\)"):
+    O.ensure_random_model(path, O.Arch(num_layers=2, hidden_size=32), tok, seed=1)
+
+
 def test_pilot_needs_built_data(tmp_path):
   with pytest.raises(SystemExit, match="no built organism data"):
     pilot.main([f"--workdir={tmp_path}", "--smoke", "--variants=0"])
@@ -61,17 +83,26 @@ def test_smoke_pilot_trains_reseeded_students(tmp_path):
       "--variants=0,1",
       "--steps=3",
       "--hard-rows=2",
+      "--lr=2e-3",
       f"--out={out}",
     ]
   )
   with open(os.path.join(out, "pilot.json")) as f:
     assert json.load(f) == json.loads(json.dumps(summary))
-  assert summary["recipe"] == {"student_steps": 3, "hard_rows": 2}
+  assert summary["recipe"] == {
+    "student_steps": 3,
+    "hard_rows": 2,
+    "lr": 2e-3,
+    "student_layers": m.student.num_layers,
+  }
   # The smoke gates only run the check: every variant passes, so it is adopted.
   assert summary["adopt"] is True and set(summary["variants"]) == {0, 1}
   for v in (0, 1):
     rows = [json.loads(line) for line in open(os.path.join(out, f"v{v}", "metrics.jsonl"))]
     assert max(r["step"] for r in rows) == 3
+    # The recipe's peak lr, not the Miniature's (smoke: 3e-3), is what trained it.
+    with open(os.path.join(out, f"v{v}", "config.json")) as f:
+      assert json.load(f)["optimizer"]["lr"] == 2e-3
   # The cut data keeps exactly 2 hard rows and every easy row.
   full = [json.loads(line) for line in open(miniature.miniature_paths(assets)["student_sft"])]
   cut = [json.loads(line) for line in open(os.path.join(out, "student_sft_hard2.jsonl"))]
