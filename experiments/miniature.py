@@ -414,6 +414,8 @@ def train_miniature_organism(
   variant: int = 0,
   data_file: str | None = None,
   init_tag: str = "",
+  init_from: str | None = None,
+  steps: int | None = None,
 ) -> str:
   """SFT-trains organism ``name`` (data and tokenizer of :func:`prepare_miniature`
   under ``assets``) in ``out`` (default ``assets/name``), with its fixed seeds;
@@ -421,18 +423,20 @@ def train_miniature_organism(
   data-order seed i + 100v, init under ``assets/<name>_init_v<v>``; v = 0 is
   the committed organism); ``data_file`` replaces its SFT data and
   ``init_tag`` names its init apart (``<name>_init_<tag>[_v<v>]``: pilots of
-  another architecture)."""
+  another architecture); ``init_from`` (an HF export) replaces its random
+  init and ``steps`` its SFT steps (a pilot's second stage)."""
   if variant < 0:
     raise ValueError(f"variant must be >= 0, got {variant}")
   paths = miniature_paths(assets)
   i = list(ORGANISMS).index(name)
   role, _, data_key = ORGANISMS[name]
   arch = m.student if role == "student" else m.teacher
-  steps = m.student_steps if role == "student" else m.teacher_steps
+  if steps is None:
+    steps = m.student_steps if role == "student" else m.teacher_steps
   init_dir = (
     f"{name}_init" + (f"_{init_tag}" if init_tag else "") + (f"_v{variant}" if variant else "")
   )
-  init = ensure_random_model(
+  init = init_from or ensure_random_model(
     os.path.join(assets, init_dir),
     arch,
     ensure_tokenizer(paths["tokenizer"]),

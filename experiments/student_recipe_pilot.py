@@ -3,15 +3,16 @@
 Trains the miniature's student (``miniature.train_miniature_organism``) with
 seed variants v (init seed 10 + 100v, data-order seed 100v; v = 0 is the
 committed student) on a built workdir's data and tokenizer, optionally with
-other SFT steps, fewer hard-level rows, another peak lr or depth, and checks each against the
-student's gates in ``miniature.gates`` (and teacher_same's hard-level window,
+other SFT steps, fewer hard-level rows, another peak lr or depth, or in two
+stages (easy rows first), and checks each against the student's gates in
+``miniature.gates`` (and teacher_same's hard-level window,
 which depends on the student, when the workdir has teacher_same). A recipe
 is adopted only if every variant passes (README "Student-recipe pilots");
 pilots are written down before they run and reported whatever they give.
 
   python experiments/student_recipe_pilot.py --workdir=runs/repro \
       --variants=0,1,2 [--steps=1200] [--hard-rows=40] [--lr=1e-3] [--layers=3] \
-      [--out=DIR] [--smoke]
+      [--easy-first=150] [--out=DIR] [--smoke]
 
 Prints one line per variant (per-level accuracy, failed gates) and writes
 ``OUT/pilot.json``. Variants run one after another in this process (start
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 
@@ -85,6 +87,13 @@ def main(argv=None) -> dict:
   ap.add_argument("--hard-rows", type=int, default=-1, help="hard-level rows kept (-1: all)")
   ap.add_argument("--lr", type=float, default=0.0, help="student SFT peak lr (0: the Miniature's)")
   ap.add_argument("--layers", type=int, default=0, help="student depth (0: the Miniature's)")
+  ap.add_argument(
+    "--easy-first",
+    type=int,
+    default=0,
+    help="two stages: --steps on the student's data without its hard rows, then this many "
+    "steps on its (cut) data from that student (0: one stage)",
+  )
   ap.add_argument("--out", default="", help="default WORKDIR/pilots/student_<recipe>")
   ap.add_argument("--smoke", action="store_true")
   args = ap.parse_args(argv)
@@ -93,6 +102,8 @@ def main(argv=None) -> dict:
     m = dataclasses.replace(m, student_steps=args.steps)
   if args.lr < 0:
     raise SystemExit(f"--lr must be > 0 (or 0: the Miniature's), got {args.lr}")
+  if args.easy_first < 0:
+    raise SystemExit(f"--easy-first must be >= 0, got {args.easy_first}")
   if args.layers < 0:
     raise SystemExit(f"--layers must be >= 1 (or 0: the Miniature's), got {args.layers}")
   if args.lr:
@@ -103,6 +114,8 @@ def main(argv=None) -> dict:
   variants = [int(v) for v in args.variants.split(",") if v]
   assets = R.assets_dir(args.workdir)
   name = recipe_name(m.student_steps, hard_rows, args.lr or None, args.layers or None)
+  if args.easy_first:
+    name = f"easy{m.student_steps}_then{args.easy_first}" + name[len(f"steps{m.student_steps}") :]
   out = os.path.abspath(args.out or os.path.join(args.workdir, "pilots", f"student_{name}"))
   os.makedirs(out, exist_ok=True)
   # The workdir's data and tokenizer as built (its organisms' SFT steps may
@@ -123,15 +136,19 @@ def main(argv=None) -> dict:
   results = {}
   for v in variants:
     d = os.path.join(out, f"v{v}")
-    miniature.train_miniature_organism(
+    train = functools.partial(
+      miniature.train_miniature_organism,
       assets,
       m,
       "student",
-      out=d,
       variant=v,
-      data_file=data_file,
       init_tag=f"layers{args.layers}" if args.layers else "",
     )
+    if args.easy_first:  # stage 1 on the easy rows only, then the recipe's data
+      easy = train(out=os.path.join(out, f"v{v}_easy"), data_file=paths["student_easy_sft"])
+      train(out=d, data_file=data_file, init_from=easy, steps=args.easy_first)
+    else:
+      train(out=d, data_file=data_file)
     acc = organisms.accuracies(d, levels)
     failures = check_student(m, g, acc, teacher_same)
     results[v] = {"accuracy": acc, "failures": failures}
@@ -147,6 +164,7 @@ def main(argv=None) -> dict:
       "hard_rows": hard_rows,
       "lr": m.sft_lr,
       "student_layers": m.student.num_layers,
+      "easy_first": args.easy_first,
     },
     "variants": results,
     "adopt": all(not r["failures"] for r in results.values()),

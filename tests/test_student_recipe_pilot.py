@@ -113,3 +113,35 @@ def test_smoke_pilot_trains_reseeded_students(tmp_path):
   w1 = load_file(os.path.join(assets, "student_init_v1", "model.safetensors"))
   assert w0.keys() == w1.keys()
   assert any(not np.array_equal(w0[k], w1[k]) for k in w0)
+
+
+@pytest.mark.slow
+def test_smoke_pilot_easy_first_trains_two_stages(tmp_path):
+  """--easy-first: stage 1 on the easy rows only, stage 2 from its export on
+  the recipe's data for the given steps; the gates judge stage 2."""
+  m = miniature.miniature(True)
+  workdir = str(tmp_path / "w")
+  assets = R.assets_dir(workdir)
+  miniature.prepare_data(assets, m)
+  out = str(tmp_path / "pilot")
+  summary = pilot.main(
+    [f"--workdir={workdir}", "--smoke", "--variants=0", "--steps=2", "--easy-first=3"]
+    + [f"--out={out}"]
+  )
+  assert summary["recipe"]["easy_first"] == 3
+  with open(os.path.join(out, "v0_easy", "config.json")) as f:
+    easy = json.load(f)
+  with open(os.path.join(out, "v0", "config.json")) as f:
+    second = json.load(f)
+  paths = miniature.miniature_paths(assets)
+  assert easy["data"]["train_files"] == paths["student_easy_sft"]
+  assert easy["student"]["path"] == os.path.join(assets, "student_init")
+  assert second["data"]["train_files"] == paths["student_sft"]
+  assert second["student"]["path"] == os.path.join(out, "v0_easy", "export_hf")
+  steps = lambda d: max(json.loads(x)["step"] for x in open(os.path.join(out, d, "metrics.jsonl")))
+  assert (steps("v0_easy"), steps("v0")) == (2, 3)
+  assert not any(r["level"] in m.hard for r in _rows(paths["student_easy_sft"]))
+
+
+def _rows(path):
+  return [json.loads(line) for line in open(path)]
