@@ -35,10 +35,14 @@ from opd_jax.tasks import read_jsonl, write_jsonl
 
 
 def recipe_name(
-  steps: int, hard_rows: int | None, lr: float | None = None, layers: int | None = None
+  steps: int,
+  hard_rows: int | None,
+  lr: float | None = None,
+  layers: int | None = None,
+  easy_first: int = 0,
 ) -> str:
   return (
-    f"steps{steps}"
+    (f"easy{steps}_then{easy_first}" if easy_first else f"steps{steps}")
     + ("" if hard_rows is None else f"_hard{hard_rows}")
     + ("" if lr is None else f"_lr{lr:g}")
     + ("" if layers is None else f"_layers{layers}")
@@ -113,9 +117,9 @@ def main(argv=None) -> dict:
   hard_rows = None if args.hard_rows < 0 else args.hard_rows
   variants = [int(v) for v in args.variants.split(",") if v]
   assets = R.assets_dir(args.workdir)
-  name = recipe_name(m.student_steps, hard_rows, args.lr or None, args.layers or None)
-  if args.easy_first:
-    name = f"easy{m.student_steps}_then{args.easy_first}" + name[len(f"steps{m.student_steps}") :]
+  name = recipe_name(
+    m.student_steps, hard_rows, args.lr or None, args.layers or None, args.easy_first
+  )
   out = os.path.abspath(args.out or os.path.join(args.workdir, "pilots", f"student_{name}"))
   os.makedirs(out, exist_ok=True)
   # The workdir's data and tokenizer as built (its organisms' SFT steps may

@@ -44,6 +44,7 @@ def test_recipe_names_and_lr_check(tmp_path):
   assert pilot.recipe_name(600, None) == "steps600"
   assert pilot.recipe_name(1200, 40, 1e-3) == "steps1200_hard40_lr0.001"
   assert pilot.recipe_name(1200, 40, None, 3) == "steps1200_hard40_layers3"
+  assert pilot.recipe_name(1200, None, None, 3, 150) == "easy1200_then150_layers3"
   with pytest.raises(SystemExit, match="--lr must be > 0"):
     pilot.main([f"--workdir={tmp_path}", "--smoke", "--variants=0", "--lr=-1"])
   with pytest.raises(SystemExit, match="--layers must be >= 1"):
