@@ -12,7 +12,7 @@ pilots are written down before they run and reported whatever they give.
 
   python experiments/student_recipe_pilot.py --workdir=runs/repro \
       --variants=0,1,2 [--steps=1200] [--hard-rows=40] [--lr=1e-3] [--layers=3] \
-      [--easy-first=150] [--out=DIR] [--smoke]
+      [--easy-first=150] [--gate-eval=512] [--out=DIR] [--smoke]
 
 Prints one line per variant (per-level accuracy, failed gates) and writes
 ``OUT/pilot.json``. Variants run one after another in this process (start
@@ -98,6 +98,13 @@ def main(argv=None) -> dict:
     help="two stages: --steps on the student's data without its hard rows, then this many "
     "steps on its (cut) data from that student (0: one stage)",
   )
+  ap.add_argument(
+    "--gate-eval",
+    type=int,
+    default=0,
+    help="judge the gates on this many eval problems per level (students and teacher_same "
+    "re-evaluated, organisms.accuracies_at; 0: the runs' own evals)",
+  )
   ap.add_argument("--out", default="", help="default WORKDIR/pilots/student_<recipe>")
   ap.add_argument("--smoke", action="store_true")
   args = ap.parse_args(argv)
@@ -106,6 +113,8 @@ def main(argv=None) -> dict:
     m = dataclasses.replace(m, student_steps=args.steps)
   if args.lr < 0:
     raise SystemExit(f"--lr must be > 0 (or 0: the Miniature's), got {args.lr}")
+  if args.gate_eval < 0:
+    raise SystemExit(f"--gate-eval must be >= 0, got {args.gate_eval}")
   if args.easy_first < 0:
     raise SystemExit(f"--easy-first must be >= 0, got {args.easy_first}")
   if args.layers < 0:
@@ -135,8 +144,13 @@ def main(argv=None) -> dict:
   levels = sorted(set(m.levels) | set(m.pool_levels))
   same_dir = R.organism_workdir(args.workdir, "teacher_same")
   teacher_same = None
+  measure = (
+    (lambda d: organisms.accuracies_at(d, args.gate_eval))
+    if args.gate_eval
+    else (lambda d: organisms.accuracies(d, levels))
+  )
   if os.path.exists(os.path.join(same_dir, "metrics.jsonl")):
-    teacher_same = organisms.accuracies(same_dir, levels)
+    teacher_same = measure(same_dir)
   results = {}
   for v in variants:
     d = os.path.join(out, f"v{v}")
@@ -153,7 +167,7 @@ def main(argv=None) -> dict:
       train(out=d, data_file=data_file, init_from=easy, steps=args.easy_first)
     else:
       train(out=d, data_file=data_file)
-    acc = organisms.accuracies(d, levels)
+    acc = measure(d)
     failures = check_student(m, g, acc, teacher_same)
     results[v] = {"accuracy": acc, "failures": failures}
     shown = " / ".join(f"{100 * acc[L]:.1f}" for L in m.levels)
@@ -169,6 +183,7 @@ def main(argv=None) -> dict:
       "lr": m.sft_lr,
       "student_layers": m.student.num_layers,
       "easy_first": args.easy_first,
+      "gate_eval_per_level": args.gate_eval or None,
     },
     "variants": results,
     "adopt": all(not r["failures"] for r in results.values()),

@@ -127,7 +127,7 @@ def test_smoke_pilot_easy_first_trains_two_stages(tmp_path):
   out = str(tmp_path / "pilot")
   summary = pilot.main(
     [f"--workdir={workdir}", "--smoke", "--variants=0", "--steps=2", "--easy-first=3"]
-    + [f"--out={out}"]
+    + [f"--out={out}", "--gate-eval=4"]
   )
   assert summary["recipe"]["easy_first"] == 3
   with open(os.path.join(out, "v0_easy", "config.json")) as f:
@@ -142,6 +142,14 @@ def test_smoke_pilot_easy_first_trains_two_stages(tmp_path):
   steps = lambda d: max(json.loads(x)["step"] for x in open(os.path.join(out, d, "metrics.jsonl")))
   assert (steps("v0_easy"), steps("v0")) == (2, 3)
   assert not any(r["level"] in m.hard for r in _rows(paths["student_easy_sft"]))
+  # --gate-eval: the gates read a re-evaluation of the export at 4 problems per
+  # level; at the run's own size it reproduces the run's final eval exactly.
+  import organisms
+
+  d = os.path.join(out, "v0")
+  assert summary["variants"][0]["accuracy"] == organisms.accuracies_at(d, 4)
+  levels = sorted(set(m.levels) | set(m.pool_levels))
+  assert organisms.accuracies_at(d, m.eval_per_level) == organisms.accuracies(d, levels)
 
 
 def _rows(path):
