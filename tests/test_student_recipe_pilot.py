@@ -95,6 +95,8 @@ def test_smoke_pilot_trains_reseeded_students(tmp_path):
     "hard_rows": 2,
     "lr": 2e-3,
     "student_layers": m.student.num_layers,
+    "easy_first": 0,
+    "gate_eval_per_level": None,
   }
   # The smoke gates only run the check: every variant passes, so it is adopted.
   assert summary["adopt"] is True and set(summary["variants"]) == {0, 1}
