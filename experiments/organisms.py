@@ -31,9 +31,11 @@ uniform CLI; the organisms do not depend on the OPD seeds.
 
 from __future__ import annotations
 
+import json
 import os
 
 import miniature
+import ml_collections
 import repro_lib as R
 
 
@@ -48,24 +50,12 @@ def accuracies_at(sft_workdir: str, per_level: int) -> dict[int, float]:
   problems of each level of its run's eval (same task, levels, eval seed and
   sampler settings as the run's own, ``num_examples`` scaled): the gate's
   measurement when the run's eval is too coarse for it."""
-  import json
-
-  import ml_collections
-  from transformers import AutoTokenizer
-
-  from opd_jax import train
-  from opd_jax.models import from_hf
-
   with open(os.path.join(sft_workdir, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
   levels = [int(x) for x in config.evals.all.levels.split("+")]
   config.evals.all.num_examples = per_level * len(levels)
   config.student.path = os.path.join(sft_workdir, "export_hf")
-  settings = train.settings_of(config)
-  tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer)
-  cache = train.prepare_evals(settings, train.model_config_of(settings.student), tokenizer)
-  model = from_hf(config.student.path, **settings.student.kwargs())
-  res = train.run_evals(settings, cache, model, tokenizer)
+  res = R.ExportEvaluator(config)(config.student.path)
   return {L: res[f"eval/all/acc/level_{L}"] for L in levels}
 
 

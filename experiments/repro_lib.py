@@ -355,6 +355,30 @@ def require_gate(record: Mapping[str, Any] | None, what: str, script: str) -> No
 # Reading runs.
 
 
+class ExportEvaluator:
+  """This repo's evals of a run's ``config`` (``config.evals``, its sampler
+  settings and student knobs) on HF exports: ``from_hf`` -> ``train.run_evals``;
+  examples read once, at construction."""
+
+  def __init__(self, config):
+    from transformers import AutoTokenizer
+
+    from opd_jax import train
+
+    self.settings = train.settings_of(config)
+    self.tokenizer = AutoTokenizer.from_pretrained(self.settings.tokenizer)
+    s_cfg = train.model_config_of(self.settings.student)
+    self.cache = train.prepare_evals(self.settings, s_cfg, self.tokenizer)
+
+  def __call__(self, export: str) -> dict[str, float]:
+    """``eval/<name>/<metric>`` of the HF export at ``export``."""
+    from opd_jax import train
+    from opd_jax.models import from_hf
+
+    model = from_hf(export, **self.settings.student.kwargs())
+    return train.run_evals(self.settings, self.cache, model, self.tokenizer)
+
+
 def records(rundir: str) -> list[dict[str, Any]]:
   return read_metrics(rundir)
 

@@ -116,28 +116,14 @@ def prompt_stream(settings, tokenizer, steps: int, num_samples: int) -> list[str
 # TRL.
 
 
-class HFEvaluator:
+class HFEvaluator(R.ExportEvaluator):
   """OUR evaluator on a PyTorch model: ``save_pretrained`` -> ``from_hf`` ->
   ``train.run_evals`` (the run's eval set, sampler settings and student knobs)."""
 
-  def __init__(self, config):
-    from transformers import AutoTokenizer
-
-    from opd_jax import train
-
-    self.settings = train.settings_of(config)
-    self.tokenizer = AutoTokenizer.from_pretrained(self.settings.tokenizer)
-    s_cfg = train.model_config_of(self.settings.student)
-    self.cache = train.prepare_evals(self.settings, s_cfg, self.tokenizer)
-
   def __call__(self, model, step: int) -> dict[str, float]:
-    from opd_jax import train
-    from opd_jax.models import from_hf
-
     with tempfile.TemporaryDirectory(prefix="trl_eval_") as d:
       model.save_pretrained(d, safe_serialization=True)
-      ours = from_hf(d, **self.settings.student.kwargs())
-    return {"step": step, **train.run_evals(self.settings, self.cache, ours, self.tokenizer)}
+      return {"step": step, **super().__call__(d)}
 
 
 def _quiet_hf() -> None:
