@@ -63,6 +63,16 @@ def test_random_init_of_another_arch_is_refused(tmp_path):
     O.ensure_random_model(path, O.Arch(num_layers=2, hidden_size=32), tok, seed=1)
 
 
+def _smoke_workdir(tmp_path):
+  """The smoke Miniature, a workdir with its data built, its assets dir and a
+  pilot output dir."""
+  m = miniature.miniature(True)
+  workdir = str(tmp_path / "w")
+  assets = R.assets_dir(workdir)
+  miniature.prepare_data(assets, m)
+  return m, workdir, assets, str(tmp_path / "pilot")
+
+
 def test_pilot_needs_built_data(tmp_path):
   with pytest.raises(SystemExit, match="no built organism data"):
     pilot.main([f"--workdir={tmp_path}", "--smoke", "--variants=0"])
@@ -72,11 +82,7 @@ def test_pilot_needs_built_data(tmp_path):
 def test_smoke_pilot_trains_reseeded_students(tmp_path):
   from safetensors.numpy import load_file
 
-  m = miniature.miniature(True)
-  workdir = str(tmp_path / "w")
-  assets = R.assets_dir(workdir)
-  miniature.prepare_data(assets, m)
-  out = str(tmp_path / "pilot")
+  m, workdir, assets, out = _smoke_workdir(tmp_path)
   summary = pilot.main(
     [
       f"--workdir={workdir}",
@@ -122,11 +128,7 @@ def test_smoke_pilot_trains_reseeded_students(tmp_path):
 def test_smoke_pilot_easy_first_trains_two_stages(tmp_path):
   """--easy-first: stage 1 on the easy rows only, stage 2 from its export on
   the recipe's data for the given steps; the gates judge stage 2."""
-  m = miniature.miniature(True)
-  workdir = str(tmp_path / "w")
-  assets = R.assets_dir(workdir)
-  miniature.prepare_data(assets, m)
-  out = str(tmp_path / "pilot")
+  m, workdir, assets, out = _smoke_workdir(tmp_path)
   summary = pilot.main(
     [f"--workdir={workdir}", "--smoke", "--variants=0", "--steps=2", "--easy-first=3"]
     + [f"--out={out}", "--gate-eval=4"]
